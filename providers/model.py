@@ -1,0 +1,76 @@
+"""The provider-neutral wire model: messages, tools, tool calls and responses.
+
+Providers translate these to and from each vendor's format; nothing else sees vendor types.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stickyray.turns import Usage
+
+__all__ = ["ChatMessage", "ModelResponse", "Provider", "ToolCall", "ToolSpec"]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ToolCall(_Wire):
+    """A model's request to run one tool."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolSpec(_Wire):
+    """A tool offered to the model: name, what it does, JSON schema of its arguments."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ChatMessage(_Wire):
+    """One message of a model conversation."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_call_id: str | None = None
+
+
+class ModelResponse(_Wire):
+    """A model's answer: text, tool calls or both, and the tokens it used."""
+
+    text: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    usage: Usage = Usage()
+    model: str = ""
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """Something that answers a conversation with text or tool calls."""
+
+    name: str
+
+    async def complete(
+        self,
+        *,
+        agent: str,
+        model: str,
+        messages: list[ChatMessage],
+        tools: list[ToolSpec],
+        temperature: float,
+        max_tokens: int | None = None,
+    ) -> ModelResponse:
+        """One model call. Raises ProviderError once its retries are spent."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...

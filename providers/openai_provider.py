@@ -1,0 +1,124 @@
+"""OpenAI Chat Completions through the official ``openai`` SDK."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import openai
+
+from providers.model import ChatMessage, ModelResponse, ToolCall, ToolSpec
+from stickyray.errors import ProviderError
+from stickyray.turns import Usage
+
+__all__ = ["OpenAIProvider"]
+
+log = logging.getLogger(__name__)
+
+AGENT_HEADER = "X-Stickyray-Agent"
+
+
+def _to_openai(message: ChatMessage) -> dict[str, Any]:
+    if message.role == "tool":
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["content"] = message.content or None
+        out["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+            }
+            for call in message.tool_calls
+        ]
+    return out
+
+
+def _parse_arguments(raw: str | None) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError:
+        # The loop hands this back to the model as a tool error instead of failing the turn.
+        return {"_invalid_json": raw}
+    return parsed if isinstance(parsed, dict) else {"_value": parsed}
+
+
+class OpenAIProvider:
+    """A Provider on ``openai.AsyncOpenAI``; the SDK does timeouts and retries with backoff."""
+
+    name = "openai"
+
+    def __init__(self, client: openai.AsyncOpenAI) -> None:
+        self._client = client
+
+    @classmethod
+    def from_settings(
+        cls, api_key: str, base_url: str | None, timeout_s: float, max_retries: int
+    ) -> OpenAIProvider:
+        """A provider with its own client."""
+        client = openai.AsyncOpenAI(
+            api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=max_retries
+        )
+        return cls(client)
+
+    async def complete(
+        self,
+        *,
+        agent: str,
+        model: str,
+        messages: list[ChatMessage],
+        tools: list[ToolSpec],
+        temperature: float,
+        max_tokens: int | None = None,
+    ) -> ModelResponse:
+        kwargs: dict[str, Any] = {}
+        if tools:
+            kwargs["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.name,
+                        "description": t.description,
+                        "parameters": t.parameters,
+                    },
+                }
+                for t in tools
+            ]
+        if max_tokens is not None:
+            kwargs["max_completion_tokens"] = max_tokens
+        try:
+            response = await self._client.chat.completions.create(
+                model=model,
+                messages=[_to_openai(m) for m in messages],  # type: ignore[misc]
+                temperature=temperature,
+                extra_headers={AGENT_HEADER: agent},
+                **kwargs,
+            )
+        except openai.APIError as exc:
+            raise ProviderError("openai", agent, f"{type(exc).__name__}: {exc}") from None
+        if not response.choices:
+            raise ProviderError("openai", agent, "response has no choices")
+        choice = response.choices[0].message
+        calls = [
+            ToolCall(
+                id=c.id, name=c.function.name, arguments=_parse_arguments(c.function.arguments)
+            )
+            for c in (choice.tool_calls or [])
+            if c.type == "function"
+        ]
+        usage = Usage()
+        if response.usage is not None:
+            usage = Usage(
+                input_tokens=response.usage.prompt_tokens,
+                output_tokens=response.usage.completion_tokens,
+            )
+        return ModelResponse(
+            text=choice.content or "", tool_calls=calls, usage=usage, model=response.model
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()

@@ -1,0 +1,140 @@
+"""One agent's loop: prompt, model call, tool calls, repeat; handoffs end the loop.
+
+A plain class, so it runs in unit tests without Ray; ``serve_app.deployments`` wraps it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from providers.model import ChatMessage, Provider, ToolCall, ToolSpec
+from serve_app.tools import Tool
+from stickyray.config import AgentConfig, TeamConfig
+from stickyray.turns import AgentRequest, AgentResult, Usage
+
+__all__ = ["RETURN_TOOL", "TRANSFER_PREFIX", "Agent"]
+
+log = logging.getLogger(__name__)
+
+TRANSFER_PREFIX = "transfer_to_"
+RETURN_TOOL = "return_to_supervisor"
+_REASON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "reason": {"type": "string", "description": "Why the conversation moves, in a sentence."}
+    },
+    "required": ["reason"],
+}
+
+
+class Agent:
+    """Runs one agent for one request."""
+
+    def __init__(
+        self, config: AgentConfig, team: TeamConfig, provider: Provider, tools: list[Tool]
+    ) -> None:
+        self.config = config
+        self._team = team
+        self._provider = provider
+        self._tools = {t.name: t for t in tools}
+        self._handoffs: dict[str, str] = {
+            f"{TRANSFER_PREFIX}{name}": name for name in team.handoff_targets(config.name)
+        }
+        if team.can_return(config.name):
+            self._handoffs[RETURN_TOOL] = team.supervisor.name
+        self._specs = self._build_specs()
+
+    def _build_specs(self) -> list[ToolSpec]:
+        specs = []
+        for tool_name, target in self._handoffs.items():
+            agent = self._team.agent(target)
+            if tool_name == RETURN_TOOL:
+                description = (
+                    "Give the conversation back to the supervisor when the user's request is "
+                    "outside your area."
+                )
+            else:
+                description = f"Hand the conversation to the {target} agent: {agent.description}"
+            specs.append(
+                ToolSpec(name=tool_name, description=description, parameters=_REASON_SCHEMA)
+            )
+        specs.extend(t.spec() for t in self._tools.values())
+        return specs
+
+    @property
+    def tool_specs(self) -> list[ToolSpec]:
+        """Every tool the model is offered, handoffs first."""
+        return list(self._specs)
+
+    def build_messages(self, request: AgentRequest) -> list[ChatMessage]:
+        """System prompt, the thread's short-term buffer, then the new message."""
+        system = self.config.instructions.strip() or self.config.description
+        system += f"\n\nYou are the {self.config.name} agent."
+        if request.handoff_reason:
+            system += f" The conversation was handed to you because: {request.handoff_reason}"
+        messages = [ChatMessage(role="system", content=system)]
+        for entry in request.buffer:
+            messages.append(ChatMessage(role=entry.role, content=entry.text))
+        messages.append(ChatMessage(role="user", content=request.text))
+        return messages
+
+    async def run(self, request: AgentRequest) -> AgentResult:
+        """Loop until the model answers, hands off, or runs out of iterations."""
+        name = self.config.name
+        messages = self.build_messages(request)
+        usage = Usage()
+        tool_log: list[str] = []
+        for iteration in range(1, self.config.max_iterations + 1):
+            response = await self._provider.complete(
+                agent=name,
+                model=self.config.model_name,
+                messages=messages,
+                tools=self._specs,
+                temperature=self.config.temperature,
+                max_tokens=self.config.max_tokens,
+            )
+            usage = usage + response.usage
+            handoff = next((c for c in response.tool_calls if c.name in self._handoffs), None)
+            if handoff is not None:
+                return AgentResult(
+                    agent=name,
+                    handoff_to=self._handoffs[handoff.name],
+                    handoff_reason=str(handoff.arguments.get("reason", "")),
+                    usage=usage,
+                    llm_calls=iteration,
+                    tool_calls=tool_log,
+                )
+            if not response.tool_calls:
+                return AgentResult(
+                    agent=name,
+                    reply=response.text,
+                    usage=usage,
+                    llm_calls=iteration,
+                    tool_calls=tool_log,
+                )
+            messages.append(
+                ChatMessage(role="assistant", content=response.text, tool_calls=response.tool_calls)
+            )
+            for call in response.tool_calls:
+                tool_log.append(call.name)
+                messages.append(
+                    ChatMessage(role="tool", tool_call_id=call.id, content=await self._run(call))
+                )
+        log.warning("agent %s hit max_iterations=%d", name, self.config.max_iterations)
+        return AgentResult(
+            agent=name,
+            reply=(
+                f"Sorry, the {name} agent could not finish this request within "
+                f"{self.config.max_iterations} steps. Please rephrase or try again."
+            ),
+            usage=usage,
+            llm_calls=self.config.max_iterations,
+            tool_calls=tool_log,
+            error="max_iterations",
+        )
+
+    async def _run(self, call: ToolCall) -> str:
+        tool = self._tools.get(call.name)
+        if tool is None:
+            return f"error: there is no tool called {call.name!r}"
+        return await tool.run(call.arguments)

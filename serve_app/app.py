@@ -1,0 +1,45 @@
+"""Builds the Serve application from a team configuration."""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from serve_app.deployments import agent_deployment, embedder_deployment
+from serve_app.ingress import INGRESS_DEPLOYMENT, Ingress
+from serve_app.tools import ToolError, resolve_tools
+from stickyray.config import TeamConfig
+from stickyray.errors import ConfigError
+from stickyray.settings import Settings
+
+__all__ = ["APP_NAME", "build_app", "check_tools"]
+
+APP_NAME = "stickyray"
+
+
+def check_tools(team: TeamConfig) -> None:
+    """Resolve every agent's tools now, so a bad reference stops start-up with its field."""
+    for agent in team.agents:
+        try:
+            resolve_tools(agent.tools)
+        except ToolError as exc:
+            raise ConfigError(f"agent {agent.name!r} tools: {exc}") from None
+
+
+def build_app(team: TeamConfig, settings: Settings, app_name: str = APP_NAME) -> Application:
+    """The ingress bound to one deployment per agent (and the embedder if any agent is offline)."""
+    check_tools(team)
+    needs_embedder = any(a.provider == "offline" for a in team.agents)
+    embedder = embedder_deployment().bind() if needs_embedder else None
+    agents = {
+        agent.name: agent_deployment(agent).bind(agent.name, team, settings, embedder)
+        for agent in team.agents
+    }
+    from ray import serve
+
+    ingress = serve.deployment(
+        name=INGRESS_DEPLOYMENT,
+        num_replicas=team.ingress.num_replicas,
+        max_ongoing_requests=team.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    )(Ingress)
+    return ingress.bind(team, settings, agents, app_name)

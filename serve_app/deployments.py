@@ -1,0 +1,102 @@
+"""The Ray Serve deployments behind the ingress: one per agent, plus the shared embedder.
+
+The classes are plain; ``agent_deployment`` and ``embedder_deployment`` apply the Serve options
+from ``agents.yaml`` so each agent scales on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve import Deployment
+
+from memory.embedders import LocalEmbedder
+from providers.factory import build_provider
+from serve_app.agent import Agent
+from serve_app.tools import resolve_tools
+from stickyray.config import AgentConfig, TeamConfig
+from stickyray.settings import Settings
+from stickyray.turns import AgentRequest, AgentResult
+
+__all__ = [
+    "EMBEDDER_DEPLOYMENT",
+    "AgentDeployment",
+    "EmbedderDeployment",
+    "HandleEmbedder",
+    "agent_deployment",
+    "embedder_deployment",
+]
+
+EMBEDDER_DEPLOYMENT = "Embedder"
+
+
+class HandleEmbedder:
+    """An Embedder that asks the shared embedder deployment, so one process holds the model."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    @property
+    def dimension(self) -> int:
+        return 384
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        vectors: np.ndarray = await self._handle.embed.remote(list(texts))
+        return vectors
+
+
+class EmbedderDeployment:
+    """Serves the local embedding model to every offline agent."""
+
+    def __init__(self) -> None:
+        self._embedder = LocalEmbedder()
+        # Load the model now, so the first routed message does not pay for it.
+        self._embedder.embed_sync(["warm up"])
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        """Normalised embeddings of ``texts``."""
+        return await self._embedder.embed(texts)
+
+
+class AgentDeployment:
+    """One agent of the team, answering AgentRequests from thread actors."""
+
+    def __init__(
+        self, agent_name: str, team: TeamConfig, settings: Settings, embedder: Any | None
+    ) -> None:
+        config = team.agent(agent_name)
+        provider = build_provider(
+            config, team, settings, HandleEmbedder(embedder) if embedder is not None else None
+        )
+        self._agent = Agent(config, team, provider, resolve_tools(config.tools))
+
+    async def run(self, request: AgentRequest) -> AgentResult:
+        """Run the agent loop for one request."""
+        return await self._agent.run(request)
+
+
+def agent_deployment(config: AgentConfig) -> Deployment:
+    """The Serve deployment of ``config``, named after the agent, with its scaling settings."""
+    options: dict[str, Any] = {
+        "name": config.name,
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": config.num_cpus},
+    }
+    if config.autoscaling_config is not None:
+        options["autoscaling_config"] = config.autoscaling_config.model_dump(exclude_none=True)
+    else:
+        options["num_replicas"] = config.num_replicas or 1
+    return serve.deployment(**options)(AgentDeployment)
+
+
+def embedder_deployment() -> Deployment:
+    """The shared embedder: one replica, whose CPU is the model's."""
+    return serve.deployment(
+        name=EMBEDDER_DEPLOYMENT,
+        num_replicas=1,
+        max_ongoing_requests=256,
+        ray_actor_options={"num_cpus": 0},
+    )(EmbedderDeployment)

@@ -1,0 +1,262 @@
+"""The HTTP API: FastAPI behind Ray Serve. Validates, normalises, hands turns to threads."""
+
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from ray import serve
+from ray.exceptions import RayError, RayTaskError
+
+from actors.checkpoint import RedisCheckpointStore, connect_redis
+from actors.directory import ThreadDirectory
+from actors.key import ThreadKey
+from stickyray.config import TeamConfig
+from stickyray.errors import (
+    CheckpointConflict,
+    InvalidThreadKey,
+    ProviderError,
+    StickyrayError,
+    StoreUnavailable,
+)
+from stickyray.settings import Settings
+from stickyray.turns import InboundMessage, ThreadSnapshot, TurnResult
+
+__all__ = ["INGRESS_DEPLOYMENT", "Ingress", "MessageIn", "api"]
+
+log = logging.getLogger(__name__)
+
+INGRESS_DEPLOYMENT = "StickyrayIngress"
+_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$"
+
+api = FastAPI(
+    title="stickyray",
+    description="Sticky multi-agent assistant runtime: send messages to conversation threads.",
+    version="0.1.0",
+)
+
+
+class MessageIn(BaseModel):
+    """A user message for a thread."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, description="What the user wrote.")
+    message_id: str | None = Field(
+        default=None,
+        pattern=_ID_PATTERN,
+        description="Client id of the message; generated when absent.",
+    )
+    user_id: str | None = Field(default=None, max_length=128)
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("text must not be blank")
+        return value
+
+
+class AgentInfo(BaseModel):
+    """An agent as GET /v1/agents shows it."""
+
+    name: str
+    role: str
+    description: str
+    provider: str
+    model: str
+    replicas: int
+
+
+class Health(BaseModel):
+    """Result of GET /healthz."""
+
+    status: str
+    checks: dict[str, str]
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # Name each field plainly ("body.text: ...") as well as FastAPI's structured detail.
+    messages = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err.get("loc", ()))
+        messages.append(f"{field}: {err.get('msg')}")
+    return JSONResponse(
+        status_code=422,
+        content={"error": "; ".join(messages), "detail": _jsonable(exc.errors())},
+    )
+
+
+def _jsonable(errors: Any) -> Any:
+    out = []
+    for err in errors:
+        item = {k: v for k, v in err.items() if k in ("loc", "msg", "type")}
+        out.append(item)
+    return out
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """Unwrap Ray's task-error wrapping (possibly nested) down to the error raised."""
+    while isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    return exc
+
+
+def _http_error(exc: BaseException) -> HTTPException:
+    cause = _root_cause(exc)
+    if isinstance(cause, StoreUnavailable):
+        return HTTPException(503, f"{cause.store} is unavailable; the message was not processed")
+    if isinstance(cause, ProviderError):
+        return HTTPException(502, str(cause))
+    if isinstance(cause, CheckpointConflict):
+        return HTTPException(409, f"{cause}; retry the message")
+    if isinstance(cause, StickyrayError):
+        return HTTPException(500, str(cause))
+    if isinstance(cause, RayError):
+        return HTTPException(503, f"the thread is temporarily unavailable: {type(cause).__name__}")
+    log.exception("unexpected error in a turn", exc_info=cause)
+    return HTTPException(500, f"internal error: {type(cause).__name__}")
+
+
+def _key(thread_id: str) -> ThreadKey:
+    try:
+        return ThreadKey.of(thread_id)
+    except InvalidThreadKey as exc:
+        raise HTTPException(422, f"path.thread_id: {exc.reason}") from None
+
+
+ThreadIdPath = Path(description="The conversation thread.", max_length=128)
+
+
+@serve.ingress(api)
+class Ingress:
+    """Routes HTTP requests to thread actors through the directory."""
+
+    def __init__(
+        self,
+        team: TeamConfig,
+        settings: Settings,
+        agent_handles: dict[str, Any],
+        app_name: str,
+    ) -> None:
+        assert settings.redis_url, "the CLI resolves the Redis URL before deploying"
+        self._team = team
+        self._app_name = app_name
+        self._store = RedisCheckpointStore(connect_redis(settings.redis_url))
+        self._directory = ThreadDirectory(team, settings.redis_url, agent_handles)
+
+    @api.post("/v1/threads/{thread_id}/messages", response_model=TurnResult)
+    async def post_message(self, body: MessageIn, thread_id: str = ThreadIdPath) -> TurnResult:
+        """Send a message; the thread's active agent (or the supervisor) answers."""
+        key = _key(thread_id)
+        size = len(body.text.encode("utf-8"))
+        limit = self._team.threads.max_message_bytes
+        if size > limit:
+            raise HTTPException(413, f"body.text: {size} bytes is over the limit of {limit}")
+        message = InboundMessage(
+            text=body.text,
+            message_id=body.message_id or uuid.uuid4().hex,
+            user_id=body.user_id,
+        )
+        try:
+            return await self._directory.send(key, message)
+        except Exception as exc:
+            raise _http_error(exc) from None
+
+    @api.get("/v1/threads/{thread_id}", response_model=ThreadSnapshot)
+    async def get_thread(self, thread_id: str = ThreadIdPath) -> ThreadSnapshot:
+        """The thread's active agent (null = supervisor), turn count and recent messages."""
+        key = _key(thread_id)
+        try:
+            checkpoint = await self._store.load(key)
+        except StoreUnavailable as exc:
+            raise _http_error(exc) from None
+        if checkpoint is None:
+            raise HTTPException(404, f"thread {thread_id!r} not found")
+        return ThreadSnapshot(
+            thread_id=thread_id,
+            active_agent=checkpoint.active_agent,
+            turns=checkpoint.turn,
+            buffer=checkpoint.buffer,
+            version=checkpoint.version,
+        )
+
+    @api.post("/v1/threads/{thread_id}/reset", response_model=TurnResult)
+    async def reset_thread(self, thread_id: str = ThreadIdPath) -> TurnResult:
+        """Clear the thread's active agent and recent messages (same as typing /reset)."""
+        key = _key(thread_id)
+        try:
+            if await self._store.load(key) is None:
+                raise HTTPException(404, f"thread {thread_id!r} not found")
+            message = InboundMessage(text="/reset", message_id=uuid.uuid4().hex)
+            return await self._directory.send(key, message)
+        except HTTPException:
+            raise
+        except Exception as exc:
+            raise _http_error(exc) from None
+
+    @api.get("/v1/agents", response_model=list[AgentInfo])
+    async def list_agents(self) -> list[AgentInfo]:
+        """Every agent with its role and how many replicas are running."""
+        running = await asyncio.to_thread(self._running_replicas)
+        return [
+            AgentInfo(
+                name=agent.name,
+                role="supervisor" if agent.name == self._team.supervisor.name else "specialist",
+                description=agent.description,
+                provider=agent.provider,
+                model=agent.model_name,
+                replicas=running.get(agent.name, 0),
+            )
+            for agent in self._team.agents
+        ]
+
+    def _running_replicas(self) -> dict[str, int]:
+        app = serve.status().applications.get(self._app_name)
+        if app is None:
+            return {}
+        return {
+            name: sum(
+                n
+                for state, n in d.replica_states.items()
+                if str(state) in ("RUNNING", "ReplicaState.RUNNING")
+            )
+            for name, d in app.deployments.items()
+        }
+
+    @api.get("/healthz", response_model=Health)
+    async def healthz(self) -> JSONResponse:
+        """200 when Ray, the Serve app and Redis are up; 503 naming the part that is not."""
+        checks: dict[str, str] = {}
+        try:
+            await self._store.ping()
+            checks["redis"] = "ok"
+        except StoreUnavailable as exc:
+            checks["redis"] = f"down: {exc.detail}"
+        try:
+            checks.update(await asyncio.to_thread(self._serve_checks))
+        except Exception as exc:  # the controller itself is unreachable
+            checks["ray"] = f"down: {type(exc).__name__}: {exc}"
+        ok = all(v == "ok" for v in checks.values())
+        body = Health(status="ok" if ok else "unavailable", checks=checks)
+        return JSONResponse(status_code=200 if ok else 503, content=body.model_dump())
+
+    def _serve_checks(self) -> dict[str, str]:
+        app = serve.status().applications.get(self._app_name)
+        checks = {"ray": "ok"}
+        if app is None:
+            checks["serve_app"] = f"down: application {self._app_name!r} is not deployed"
+            return checks
+        bad = [
+            f"{name} {d.status.value if hasattr(d.status, 'value') else d.status}"
+            for name, d in app.deployments.items()
+            if str(getattr(d.status, "value", d.status)) != "HEALTHY"
+        ]
+        checks["serve_app"] = "ok" if not bad else "down: " + ", ".join(bad)
+        return checks

@@ -1,0 +1,107 @@
+"""Tools an agent can call: resolved from ``agents.yaml`` names, described by JSON schema.
+
+A tool is a plain Python function with type hints. ``agents.yaml`` names it either by a
+built-in name (``current_time``) or by import path (``mypackage.tools:lookup_order``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError, create_model
+
+from providers.model import ToolSpec
+
+__all__ = ["Tool", "ToolError", "resolve_tool", "resolve_tools"]
+
+
+class ToolError(Exception):
+    """A tool reference cannot be resolved."""
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A callable with the schema the model sees."""
+
+    name: str
+    description: str
+    func: Callable[..., Any]
+
+    def spec(self) -> ToolSpec:
+        """The ToolSpec offered to the model."""
+        return ToolSpec(name=self.name, description=self.description, parameters=self._schema())
+
+    def _args_model(self) -> Any:
+        fields: dict[str, Any] = {}
+        for param in inspect.signature(self.func).parameters.values():
+            annotation = (
+                param.annotation if param.annotation is not inspect.Parameter.empty else Any
+            )
+            default = param.default if param.default is not inspect.Parameter.empty else ...
+            fields[param.name] = (annotation, default)
+        return create_model(f"{self.name}_args", **fields)
+
+    def _schema(self) -> dict[str, Any]:
+        schema = self._args_model().model_json_schema()
+        schema.pop("title", None)
+        return schema
+
+    async def run(self, arguments: dict[str, Any]) -> str:
+        """Validate arguments, call the function, render the result as text for the model.
+
+        Errors become text too: the model can correct itself, the turn does not fail.
+        """
+        try:
+            args = self._args_model().model_validate(arguments)
+        except ValidationError as exc:
+            return f"error: invalid arguments for {self.name}: {exc.errors()}"
+        kwargs = {name: getattr(args, name) for name in type(args).model_fields}
+        try:
+            if inspect.iscoroutinefunction(self.func):
+                result = await self.func(**kwargs)
+            else:
+                result = await asyncio.to_thread(self.func, **kwargs)
+        except Exception as exc:  # a tool's failure is reported to the model, not raised
+            return f"error: {self.name} failed: {type(exc).__name__}: {exc}"
+        return result if isinstance(result, str) else repr(result)
+
+
+def current_time(timezone: str = "UTC") -> str:
+    """The current date and time in ISO 8601 (only UTC is supported)."""
+    if timezone.upper() != "UTC":
+        return f"only UTC is supported, not {timezone}"
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+BUILTIN_TOOLS: dict[str, Callable[..., Any]] = {"current_time": current_time}
+
+
+def resolve_tool(ref: str) -> Tool:
+    """A built-in name or ``module:function`` to a Tool; ToolError says what is wrong."""
+    if ref in BUILTIN_TOOLS:
+        func = BUILTIN_TOOLS[ref]
+    elif ":" in ref:
+        module_name, _, attr = ref.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ToolError(f"tool {ref!r}: cannot import {module_name!r}: {exc}") from None
+        func = getattr(module, attr, None)
+        if not callable(func):
+            raise ToolError(f"tool {ref!r}: {module_name!r} has no function {attr!r}")
+    else:
+        known = ", ".join(sorted(BUILTIN_TOOLS))
+        raise ToolError(f"unknown tool {ref!r}: use a built-in ({known}) or 'module:function'")
+    description = inspect.getdoc(func) or func.__name__
+    return Tool(name=func.__name__, description=description.splitlines()[0], func=func)
+
+
+def resolve_tools(refs: list[str]) -> list[Tool]:
+    """Resolve every reference of one agent."""
+    return [resolve_tool(ref) for ref in refs]

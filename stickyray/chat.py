@@ -1,0 +1,41 @@
+"""``stickyray chat``: a terminal client that shows which agent answered each turn."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+
+import httpx
+
+__all__ = ["run_chat"]
+
+
+def run_chat(url: str, thread: str | None, stdin: object = None) -> int:
+    """Read lines from stdin, send each to the thread, print the agent and reply."""
+    thread_id = thread or f"chat-{uuid.uuid4().hex[:8]}"
+    source = stdin or sys.stdin
+    print(f"thread {thread_id} at {url}  (/help for commands, Ctrl-D to quit)")
+    with httpx.Client(base_url=url, timeout=120) as client:
+        while True:
+            if source is sys.stdin:
+                print("you> ", end="", flush=True)
+            line = source.readline()  # type: ignore[attr-defined]
+            if not line:
+                print()
+                return 0
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                response = client.post(f"/v1/threads/{thread_id}/messages", json={"text": text})
+            except httpx.HTTPError as exc:
+                print(f"error: cannot reach {url}: {exc}", file=sys.stderr)
+                return 1
+            if response.status_code != 200:
+                print(f"error {response.status_code}: {response.text}", file=sys.stderr)
+                continue
+            body = response.json()
+            for handoff in body.get("handoffs", []):
+                print(f"  ({handoff['from']} -> {handoff['to']}: {handoff['reason']})")
+            who = body.get("agent") or "stickyray"
+            print(f"[{who}] {body['reply']}", flush=True)

@@ -1,0 +1,146 @@
+"""The ``stickyray`` command: ``serve``, ``chat``, ``check`` and ``fake-llm``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from stickyray.errors import ConfigError
+
+__all__ = ["main"]
+
+log = logging.getLogger("stickyray")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from providers.factory import check_credentials
+    from serve_app.app import check_tools
+    from stickyray.config import load_config, sample_config_path
+    from stickyray.settings import load_settings
+
+    # Everything that can be wrong in the user's files is checked before Ray starts.
+    try:
+        settings = load_settings()
+        path = args.config or settings.config or sample_config_path()
+        team = load_config(path)
+        check_credentials(team, settings)
+        check_tools(team)
+    except ConfigError as exc:
+        print(f"stickyray: {exc}", file=sys.stderr)
+        return 2
+    host = args.host or settings.host
+    port = args.port or settings.port
+
+    import ray
+    from ray import serve
+
+    from serve_app.app import APP_NAME, build_app
+    from stickyray.embedded_redis import EmbeddedRedis
+
+    embedded: EmbeddedRedis | None = None
+    redis_url = settings.redis_url
+    if redis_url is None:
+        embedded = EmbeddedRedis(settings.data_dir / "redis", settings.redis_appendfsync)
+        redis_url = embedded.start()
+        print(f"stickyray: embedded Redis with data in {settings.data_dir / 'redis'}")
+    settings = settings.model_copy(update={"redis_url": redis_url})
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    # RAY_ADDRESS unset: a new local cluster, never a stranger's cluster found by accident.
+    ray.init(
+        address=settings.ray_address or "local", namespace="stickyray", logging_level="WARNING"
+    )
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(team, settings), name=APP_NAME, route_prefix="/")
+        print(
+            f"stickyray: serving {path} at http://{host}:{port} (docs at /docs); Ctrl-C to stop",
+            flush=True,
+        )
+        stop.wait()
+        print("stickyray: shutting down", flush=True)
+    finally:
+        if settings.ray_address:
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
+        ray.shutdown()
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from stickyray.config import load_config
+
+    try:
+        team = load_config(args.config)
+    except ConfigError as exc:
+        print(f"stickyray: {exc}", file=sys.stderr)
+        return 2
+    names = ", ".join(s.name for s in team.specialists)
+    print(f"{args.config}: ok (supervisor {team.supervisor.name}; specialists {names})")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from stickyray.chat import run_chat
+
+    return run_chat(args.url, args.thread)
+
+
+def _fake_llm(args: argparse.Namespace) -> int:
+    from stickyray.testing.fake_llm import main as fake_main
+
+    return fake_main(args.rest)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stickyray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start Ray, Redis and the app; serve HTTP until Ctrl-C")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        help="agents.yaml (default: STICKYRAY_CONFIG, else the shipped customer-assistant sample)",
+    )
+    serve.add_argument("--host", help="bind address (default: STICKYRAY_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default: STICKYRAY_PORT or 8000)")
+    serve.set_defaults(func=_serve)
+
+    chat = sub.add_parser("chat", help="talk to a running server from the terminal")
+    chat.add_argument("thread", nargs="?", help="thread id (default: a new one)")
+    chat.add_argument("--url", default="http://127.0.0.1:8000", help="server URL")
+    chat.set_defaults(func=_chat)
+
+    check = sub.add_parser("check", help="validate an agents.yaml without starting anything")
+    check.add_argument("config", type=Path)
+    check.set_defaults(func=_check)
+
+    fake = sub.add_parser(
+        "fake-llm", help="run the fake OpenAI/Anthropic server (for tests)", add_help=False
+    )
+    fake.add_argument("rest", nargs=argparse.REMAINDER)
+    fake.set_defaults(func=_fake_llm)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``stickyray`` command."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args = _parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The team configuration (``agents.yaml``): one supervisor, its specialists, thread settings.
+
+Every model forbids unknown keys, so a typo is an error that names the field instead of a
+silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stickyray.errors import ConfigError
+
+__all__ = [
+    "AgentConfig",
+    "AutoscalingConfig",
+    "IngressConfig",
+    "TeamConfig",
+    "ThreadsConfig",
+    "load_config",
+    "sample_config_path",
+]
+
+AGENT_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
+ProviderName = Literal["openai", "anthropic", "offline"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling for one deployment (a subset of Serve's own settings)."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=16.0, gt=0)
+    upscale_delay_s: float = Field(default=5.0, ge=0)
+    downscale_delay_s: float = Field(default=60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class AgentConfig(_Strict):
+    """One agent: its prompt, model, handoffs and how Ray Serve scales it."""
+
+    name: str = Field(pattern=AGENT_NAME_PATTERN)
+    description: str = Field(min_length=1)
+    instructions: str = ""
+    provider: ProviderName = "offline"
+    model: str | None = None
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    max_iterations: int = Field(default=6, ge=1, le=50)
+    max_tokens: int = Field(default=1024, ge=1)
+    handoffs: list[str] | None = None
+    can_return_to_supervisor: bool = True
+    tools: list[str] = Field(default_factory=list)
+    # Serve scaling. An agent replica spends its time waiting on the model, so it can hold
+    # far more turns at once than Serve's default of 5 ongoing requests.
+    num_replicas: int | None = Field(default=None, ge=1)
+    autoscaling_config: AutoscalingConfig | None = None
+    max_ongoing_requests: int = Field(default=100, ge=1)
+    num_cpus: float = Field(default=0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> AgentConfig:
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set num_replicas or autoscaling_config, not both")
+        if self.provider != "offline" and not self.model:
+            raise ValueError(f"model is required for provider {self.provider!r}")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The model to ask for; the offline provider names its embedding model."""
+        return self.model or "offline-all-MiniLM-L6-v2"
+
+
+class ThreadsConfig(_Strict):
+    """How thread actors keep conversations."""
+
+    buffer_size: int = Field(default=20, ge=1, le=10_000)
+    max_handoffs_per_turn: int = Field(default=3, ge=0, le=10)
+    max_message_bytes: int = Field(default=16 * 1024, ge=1)
+
+
+class IngressConfig(_Strict):
+    """Scaling of the HTTP ingress deployment."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    max_ongoing_requests: int = Field(default=500, ge=1)
+
+
+class TeamConfig(_Strict):
+    """The whole ``agents.yaml``."""
+
+    supervisor: AgentConfig
+    specialists: list[AgentConfig] = Field(min_length=1)
+    threads: ThreadsConfig = ThreadsConfig()
+    ingress: IngressConfig = IngressConfig()
+
+    @model_validator(mode="after")
+    def _check_names(self) -> TeamConfig:
+        names = [self.supervisor.name, *(s.name for s in self.specialists)]
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise ValueError(f"agent name {name!r} is used twice")
+            seen.add(name)
+        specialists = {s.name for s in self.specialists}
+        for agent in [self.supervisor, *self.specialists]:
+            for target in agent.handoffs or []:
+                if target == agent.name:
+                    raise ValueError(f"agent {agent.name!r} lists itself in handoffs")
+                if target not in specialists:
+                    raise ValueError(
+                        f"agent {agent.name!r} hands off to unknown agent {target!r}; "
+                        f"known specialists: {', '.join(sorted(specialists))}"
+                    )
+        return self
+
+    @property
+    def agents(self) -> list[AgentConfig]:
+        """Supervisor first, then specialists in file order."""
+        return [self.supervisor, *self.specialists]
+
+    def agent(self, name: str) -> AgentConfig:
+        """The agent called ``name``; KeyError if there is none."""
+        for agent in self.agents:
+            if agent.name == name:
+                return agent
+        raise KeyError(name)
+
+    def handoff_targets(self, name: str) -> list[str]:
+        """Who ``name`` may hand to; the supervisor defaults to every specialist."""
+        agent = self.agent(name)
+        if agent.handoffs is not None:
+            return list(agent.handoffs)
+        if agent.name == self.supervisor.name:
+            return [s.name for s in self.specialists]
+        return []
+
+    def can_return(self, name: str) -> bool:
+        """Whether ``name`` offers the return_to_supervisor tool."""
+        return name != self.supervisor.name and self.agent(name).can_return_to_supervisor
+
+
+def sample_config_path() -> Path:
+    """The shipped customer-assistant configuration used when no config is given."""
+    return Path(str(resources.files("stickyray") / "sample_agents.yaml"))
+
+
+def _format_errors(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for err in exc.errors():
+        field = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: Path) -> TeamConfig:
+    """Validate already-parsed YAML/JSON data; errors name ``source`` and the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
+    try:
+        return TeamConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+
+
+def load_config(path: Path | str | None = None) -> TeamConfig:
+    """Load and validate ``agents.yaml``; ``None`` loads the shipped sample."""
+    source = Path(path) if path is not None else sample_config_path()
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read configuration: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    return parse_config(data, source)

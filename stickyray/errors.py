@@ -1,0 +1,78 @@
+"""The one exception hierarchy of stickyray.
+
+Every class here can cross a Ray process boundary: each passes all of its constructor
+arguments to ``super().__init__`` so the default pickling rebuilds it intact.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointConflict",
+    "ConfigError",
+    "InvalidThreadKey",
+    "ProviderError",
+    "StickyrayError",
+    "StoreUnavailable",
+]
+
+
+class StickyrayError(Exception):
+    """Base class of every error stickyray raises on purpose."""
+
+
+class ConfigError(StickyrayError):
+    """A configuration file or environment setting is wrong; the message says where and how."""
+
+
+class InvalidThreadKey(StickyrayError, ValueError):
+    """A tenant or thread id does not match the allowed format."""
+
+    def __init__(self, field: str, value: str, reason: str) -> None:
+        super().__init__(field, value, reason)
+        self.field = field
+        self.value = value
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"invalid {self.field} {self.value!r}: {self.reason}"
+
+
+class CheckpointConflict(StickyrayError):
+    """A checkpoint write lost its compare-and-set: the thread was written since it was read."""
+
+    def __init__(self, thread: str, expected_version: int, found_version: int) -> None:
+        super().__init__(thread, expected_version, found_version)
+        self.thread = thread
+        self.expected_version = expected_version
+        self.found_version = found_version
+
+    def __str__(self) -> str:
+        return (
+            f"checkpoint conflict on {self.thread}: expected version {self.expected_version}, "
+            f"store has {self.found_version}"
+        )
+
+
+class StoreUnavailable(StickyrayError):
+    """A backing store (Redis, Postgres) cannot be reached."""
+
+    def __init__(self, store: str, detail: str) -> None:
+        super().__init__(store, detail)
+        self.store = store
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.store} is unavailable: {self.detail}"
+
+
+class ProviderError(StickyrayError):
+    """An LLM provider call failed after its retries."""
+
+    def __init__(self, provider: str, agent: str, detail: str) -> None:
+        super().__init__(provider, agent, detail)
+        self.provider = provider
+        self.agent = agent
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.provider} call for agent {self.agent!r} failed: {self.detail}"

@@ -1,0 +1,102 @@
+"""The records a turn carries between ingress, thread actor and agent deployments.
+
+They are pydantic models so they validate at the edges and pickle across Ray processes.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from memory.buffer import BufferEntry
+
+__all__ = [
+    "AgentRequest",
+    "AgentResult",
+    "Handoff",
+    "InboundMessage",
+    "ThreadSnapshot",
+    "TurnResult",
+    "Usage",
+]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Usage(_Record):
+    """Tokens spent by model calls."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+        )
+
+
+class InboundMessage(_Record):
+    """A user message accepted by the ingress, normalised from any channel."""
+
+    text: str
+    message_id: str
+    user_id: str | None = None
+    channel: str = "api"
+
+
+class Handoff(_Record):
+    """One change of agent inside a turn. ``to`` is the agent that takes over."""
+
+    from_agent: str = Field(alias="from", serialization_alias="from")
+    to: str
+    reason: str = ""
+
+
+class AgentRequest(_Record):
+    """What a thread actor asks of one agent deployment."""
+
+    thread: str
+    turn: int
+    text: str
+    user_id: str | None = None
+    buffer: list[BufferEntry] = Field(default_factory=list)
+    handoff_reason: str | None = None
+
+
+class AgentResult(_Record):
+    """An agent's answer: a reply, or a handoff to another agent, with what it cost."""
+
+    agent: str
+    reply: str | None = None
+    handoff_to: str | None = None
+    handoff_reason: str = ""
+    usage: Usage = Usage()
+    llm_calls: int = 0
+    tool_calls: list[str] = Field(default_factory=list)
+    error: str | None = None
+
+
+class TurnResult(_Record):
+    """The outcome of one inbound message, as the API returns it."""
+
+    thread_id: str
+    message_id: str
+    turn: int
+    agent: str | None
+    reply: str
+    handoffs: list[Handoff] = Field(default_factory=list)
+    usage: Usage = Usage()
+    command: str | None = None
+    error: str | None = None
+
+
+class ThreadSnapshot(_Record):
+    """The visible state of a thread."""
+
+    thread_id: str
+    active_agent: str | None
+    turns: int
+    buffer: list[BufferEntry]
+    version: int

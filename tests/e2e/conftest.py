@@ -1,0 +1,104 @@
+"""End-to-end fixtures: one local Ray cluster with Serve for the session, apps per module."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from stickyray.config import TeamConfig, parse_config
+from stickyray.settings import Settings
+from tests.conftest import free_port
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from actors.directory import NAMESPACE  # noqa: E402
+from serve_app.app import build_app  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def serve_url() -> Iterator[str]:
+    """A local Ray cluster with Serve's HTTP proxy on a free port."""
+    ray.init(address="local", namespace=NAMESPACE, logging_level="WARNING")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def kill_thread_actors() -> int:
+    """Kill every thread actor (they are detached, so nothing else would)."""
+    killed = 0
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith("thread/"):
+            try:
+                ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE))
+                killed += 1
+            except ValueError:
+                pass
+    return killed
+
+
+def live_thread_actors(thread_id: str | None = None) -> list[str]:
+    """Names of live thread actors (for one thread id when given)."""
+    names = [
+        e["name"]
+        for e in ray.util.list_named_actors(all_namespaces=True)
+        if e["namespace"] == NAMESPACE and e["name"].startswith("thread/")
+    ]
+    if thread_id is not None:
+        names = [n for n in names if n.rsplit("/", 1)[-1] == thread_id]
+    return names
+
+
+@dataclass
+class App:
+    """A deployed stickyray app and an HTTP client for it."""
+
+    name: str
+    url: str
+    team: TeamConfig
+
+    def client(self, timeout: float = 60.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+    def async_client(self, timeout: float = 60.0) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=timeout)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll ``condition`` until it holds (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def deploy(serve_url: str, settings: Settings) -> Iterator[Callable[[dict], App]]:
+    """Deploy apps from config dicts; they and their thread actors go at module end."""
+    names: list[str] = []
+
+    def _deploy(config: dict) -> App:
+        team = parse_config(config, source=__import__("pathlib").Path("<test>"))
+        name = f"t{uuid.uuid4().hex[:8]}"
+        serve.run(build_app(team, settings, app_name=name), name=name, route_prefix=f"/{name}")
+        names.append(name)
+        return App(name=name, url=f"{serve_url}/{name}", team=team)
+
+    yield _deploy
+    for name in names:
+        serve.delete(name)
+    kill_thread_actors()
+
+
+def new_thread() -> str:
+    """A thread id no other test uses."""
+    return f"th-{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,133 @@
+"""The agent loop with the real openai and anthropic SDKs against the fake LLM server."""
+
+from __future__ import annotations
+
+import pytest
+
+from memory.buffer import BufferEntry
+from providers.anthropic_provider import AnthropicProvider
+from providers.factory import build_provider, check_credentials
+from providers.openai_provider import OpenAIProvider
+from serve_app.agent import Agent
+from serve_app.tools import ToolError, resolve_tool, resolve_tools
+from stickyray.config import parse_config
+from stickyray.errors import ConfigError, ProviderError
+from stickyray.settings import Settings
+from stickyray.testing import FakeLLMServer, FakeReply
+from stickyray.turns import AgentRequest
+from tests.e2e.teams import openai_team
+
+
+def team(provider: str, tools: list[str] | None = None):
+    data = openai_team(provider=provider, model="m-test")
+    data["specialists"][1]["tools"] = tools or []
+    data["specialists"][1]["max_iterations"] = 3
+    return parse_config(data, source=__import__("pathlib").Path("<test>"))
+
+
+def provider_for(kind: str, fake: FakeLLMServer):
+    if kind == "openai":
+        return OpenAIProvider.from_settings("k", fake.openai_base_url, 10, 0)
+    return AnthropicProvider.from_settings("k", fake.anthropic_base_url, 10, 0)
+
+
+def request(text: str, buffer: list[BufferEntry] | None = None) -> AgentRequest:
+    return AgentRequest(thread="default/t", turn=2, text=text, buffer=buffer or [])
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_tool_calls_run_and_feed_back(kind: str, fake_llm: FakeLLMServer) -> None:
+    cfg = team(kind, tools=["current_time"])
+    agent = Agent(
+        cfg.agent("bookings"), cfg, provider_for(kind, fake_llm), resolve_tools(["current_time"])
+    )
+    fake_llm.on(
+        agent="bookings",
+        after_tool_result=True,
+        reply=lambda r: FakeReply.text(f"it is {r.tool_results[-1]}"),
+    )
+    fake_llm.on(agent="bookings", reply=FakeReply.tool_call("current_time", {"timezone": "UTC"}))
+    result = await agent.run(
+        request("what time is it?", [BufferEntry(role="user", text="hi", turn=1)])
+    )
+    assert result.reply is not None and result.reply.startswith("it is 20")
+    assert result.tool_calls == ["current_time"] and result.llm_calls == 2
+    assert result.usage.input_tokens > 0 and result.usage.output_tokens > 0
+    first = fake_llm.requests[0]
+    assert {"current_time", "return_to_supervisor"} <= set(first.tools)
+    assert first.api == kind
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_handoff_tool_ends_the_loop(kind: str, fake_llm: FakeLLMServer) -> None:
+    cfg = team(kind)
+    agent = Agent(cfg.supervisor, cfg, provider_for(kind, fake_llm), [])
+    assert {t.name for t in agent.tool_specs} == {
+        "transfer_to_invoices",
+        "transfer_to_bookings",
+        "transfer_to_support",
+    }
+    fake_llm.on(
+        agent="triage", reply=FakeReply.tool_call("transfer_to_support", {"reason": "crash"})
+    )
+    result = await agent.run(request("the app crashes"))
+    assert (result.handoff_to, result.handoff_reason, result.reply) == ("support", "crash", None)
+
+
+async def test_max_iterations_gives_a_clear_reply(fake_llm: FakeLLMServer) -> None:
+    cfg = team("openai", tools=["current_time"])
+    agent = Agent(
+        cfg.agent("bookings"),
+        cfg,
+        provider_for("openai", fake_llm),
+        resolve_tools(["current_time"]),
+    )
+    fake_llm.on(agent="bookings", reply=FakeReply.tool_call("current_time", {}))
+    result = await agent.run(request("loop forever"))
+    assert result.error == "max_iterations" and "3 steps" in (result.reply or "")
+    assert len(fake_llm.requests) == 3
+
+
+async def test_unknown_tool_and_bad_arguments_go_back_to_the_model(fake_llm: FakeLLMServer) -> None:
+    cfg = team("openai", tools=["current_time"])
+    agent = Agent(
+        cfg.agent("bookings"),
+        cfg,
+        provider_for("openai", fake_llm),
+        resolve_tools(["current_time"]),
+    )
+    fake_llm.queue(FakeReply.tool_call("no_such_tool", {}))
+    fake_llm.queue(FakeReply.tool_call("current_time", {"timezone": ["not", "a", "string"]}))
+    fake_llm.queue(FakeReply.text("done"))
+    result = await agent.run(request("go"))
+    assert result.reply == "done"
+    results = fake_llm.requests[-1].tool_results
+    assert "no tool called 'no_such_tool'" in str(results[0])
+    assert "invalid arguments" in str(results[1])
+    fake_llm.assert_complete()
+
+
+async def test_provider_errors_surface_as_provider_error(fake_llm: FakeLLMServer) -> None:
+    cfg = team("openai")
+    agent = Agent(cfg.agent("bookings"), cfg, provider_for("openai", fake_llm), [])
+    fake_llm.on(agent="bookings", reply=FakeReply.error(500, "boom"))
+    with pytest.raises(ProviderError, match="openai call for agent 'bookings'"):
+        await agent.run(request("hi"))
+
+
+def test_tool_references_resolve_or_explain() -> None:
+    assert resolve_tool("current_time").name == "current_time"
+    assert resolve_tool("serve_app.tools:current_time").spec().parameters["properties"]["timezone"]
+    with pytest.raises(ToolError, match="unknown tool"):
+        resolve_tool("nope")
+    with pytest.raises(ToolError, match="cannot import"):
+        resolve_tool("no_such_module:f")
+
+
+def test_missing_api_key_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+        check_credentials(team("openai"), Settings(openai_api_key=None))
+    with pytest.raises(ConfigError, match="ANTHROPIC_API_KEY"):
+        check_credentials(team("anthropic"), Settings(anthropic_api_key=None))
+    with pytest.raises(ConfigError, match="embedder"):
+        build_provider(team("offline").supervisor, team("offline"), Settings(), None)

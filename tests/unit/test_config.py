@@ -1,0 +1,73 @@
+"""agents.yaml validation: errors name the file, the field and what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stickyray.config import load_config, sample_config_path
+from stickyray.errors import ConfigError
+from stickyray.settings import load_settings
+from tests.e2e.teams import openai_team
+
+
+def write(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "agents.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_sample_config_loads() -> None:
+    team = load_config(None)
+    assert team.supervisor.name == "triage"
+    assert {s.name for s in team.specialists} == {"invoices", "bookings", "support"}
+    assert team.handoff_targets("triage") == ["invoices", "bookings", "support"]
+    assert team.handoff_targets("invoices") == ["support"]
+    assert team.can_return("bookings") and not team.can_return("triage")
+    assert sample_config_path().exists()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda t: t["supervisor"].update(temprature=1), "supervisor.temprature: Extra inputs"),
+        (lambda t: t["specialists"][0].update(handoffs=["ghost"]), "unknown agent 'ghost'"),
+        (lambda t: t["specialists"][0].update(handoffs=["invoices"]), "lists itself"),
+        (lambda t: t["specialists"][1].update(name="invoices"), "used twice"),
+        (lambda t: t["specialists"][1].update(autoscaling_config={"max_replicas": 2}), "not both"),
+        (lambda t: t["specialists"][2].pop("model"), "model is required"),
+        (lambda t: t["specialists"][2].update(provider="gemini"), "specialists.2.provider"),
+        (lambda t: t["supervisor"].update(name="Bad Name"), "supervisor.name"),
+        (lambda t: t["threads"].update(buffer_size=0), "threads.buffer_size"),
+        (lambda t: t.update(specialists=[]), "specialists"),
+    ],
+)
+def test_bad_configs_name_the_field(tmp_path: Path, mutate, expected: str) -> None:
+    team = openai_team()
+    mutate(team)
+    path = write(tmp_path, team)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "supervisor: [unclosed"))
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(write(tmp_path, "- a list"))
+
+
+def test_environment_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STICKYRAY_PORT", "eighty")
+    with pytest.raises(ConfigError, match="STICKYRAY_PORT"):
+        load_settings()
+    monkeypatch.setenv("STICKYRAY_PORT", "8080")
+    monkeypatch.setenv("REDIS_URL", "redis://example:6379/0")
+    settings = load_settings()
+    assert settings.port == 8080 and settings.redis_url == "redis://example:6379/0"

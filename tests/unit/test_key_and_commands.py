@@ -1,0 +1,60 @@
+"""Thread keys and user commands."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from actors.commands import parse_command, run_command
+from actors.key import ThreadKey
+from stickyray.config import load_config
+from stickyray.errors import CheckpointConflict, InvalidThreadKey, ProviderError, StoreUnavailable
+
+
+def test_thread_key_validates_and_renders_once() -> None:
+    key = ThreadKey.of("whatsapp:+34600111222")
+    assert key.tenant == "default"
+    assert key.actor_name == "thread/default/whatsapp:+34600111222"
+    assert key.redis_key("checkpoint") == "stickyray:{default/whatsapp:+34600111222}:checkpoint"
+    for bad in ("", "has space", "a/b", "x" * 129, "-leading"):
+        with pytest.raises(InvalidThreadKey) as err:
+            ThreadKey.of(bad)
+        assert err.value.field == "thread_id"
+    with pytest.raises(InvalidThreadKey):
+        ThreadKey("bad tenant", "t1")
+
+
+def test_errors_survive_pickling() -> None:
+    for exc in (
+        InvalidThreadKey("thread_id", "a b", "no spaces"),
+        CheckpointConflict("default/t", 3, 5),
+        StoreUnavailable("redis", "connection refused"),
+        ProviderError("openai", "triage", "timeout"),
+    ):
+        again = pickle.loads(pickle.dumps(exc))
+        assert type(again) is type(exc) and str(again) == str(exc)
+
+
+def test_parse_command() -> None:
+    assert parse_command("/supervisor") == "supervisor"
+    assert parse_command("  /STATUS  ") == "status"
+    assert parse_command("/foo bar baz") == "foo"
+    assert parse_command("/path/to/file is broken") is None
+    assert parse_command("hello /status") is None
+    assert parse_command("/") is None
+
+
+def test_commands_against_state() -> None:
+    team = load_config(None)
+    out = run_command("supervisor", active_agent="bookings", turns=4, team=team)
+    assert out.back_to_supervisor and not out.clear_buffer and "triage" in out.reply
+    assert not run_command("supervisor", active_agent=None, turns=4, team=team).changes_state
+    status = run_command("status", active_agent="bookings", turns=4, team=team)
+    assert "bookings" in status.reply and "4" in status.reply and not status.changes_state
+    reset = run_command("reset", active_agent="bookings", turns=4, team=team)
+    assert reset.back_to_supervisor and reset.clear_buffer
+    agents = run_command("agents", active_agent=None, turns=0, team=team).reply
+    assert all(name in agents for name in ("triage", "invoices", "bookings", "support"))
+    unknown = run_command("bogus", active_agent=None, turns=0, team=team).reply
+    assert "Unknown command /bogus" in unknown and "/help" in unknown

@@ -80,13 +80,16 @@ class AnthropicProvider:
         model: str,
         messages: list[ChatMessage],
         tools: list[ToolSpec],
-        temperature: float,
+        temperature: float | None,
         max_tokens: int | None = None,
     ) -> ModelResponse:
         system, wire = to_anthropic(messages)
         kwargs: dict[str, Any] = {}
         if system:
             kwargs["system"] = system
+        if temperature is not None:
+            # Not a named parameter of this SDK version; the API still accepts it.
+            kwargs["extra_body"] = {"temperature": temperature}
         if tools:
             kwargs["tools"] = [
                 {"name": t.name, "description": t.description, "input_schema": t.parameters}
@@ -97,7 +100,6 @@ class AnthropicProvider:
                 model=model,
                 max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
                 messages=wire,  # type: ignore[arg-type]
-                temperature=temperature,
                 extra_headers={AGENT_HEADER: agent},
                 **kwargs,
             )

@@ -65,7 +65,7 @@ class Provider(Protocol):
         model: str,
         messages: list[ChatMessage],
         tools: list[ToolSpec],
-        temperature: float,
+        temperature: float | None,
         max_tokens: int | None = None,
     ) -> ModelResponse:
         """One model call. Raises ProviderError once its retries are spent."""

@@ -65,7 +65,7 @@ class OfflineProvider:
         model: str,
         messages: list[ChatMessage],
         tools: list[ToolSpec],
-        temperature: float,
+        temperature: float | None,
         max_tokens: int | None = None,
     ) -> ModelResponse:
         last = messages[-1] if messages else None

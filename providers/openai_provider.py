@@ -72,7 +72,7 @@ class OpenAIProvider:
         model: str,
         messages: list[ChatMessage],
         tools: list[ToolSpec],
-        temperature: float,
+        temperature: float | None,
         max_tokens: int | None = None,
     ) -> ModelResponse:
         kwargs: dict[str, Any] = {}
@@ -90,11 +90,12 @@ class OpenAIProvider:
             ]
         if max_tokens is not None:
             kwargs["max_completion_tokens"] = max_tokens
+        if temperature is not None:
+            kwargs["temperature"] = temperature
         try:
             response = await self._client.chat.completions.create(
                 model=model,
                 messages=[_to_openai(m) for m in messages],  # type: ignore[misc]
-                temperature=temperature,
                 extra_headers={AGENT_HEADER: agent},
                 **kwargs,
             )

@@ -49,9 +49,6 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"stickyray: embedded Redis with data in {settings.data_dir / 'redis'}")
     settings = settings.model_copy(update={"redis_url": redis_url})
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     # RAY_ADDRESS unset: a new local cluster, never a stranger's cluster found by accident.
     ray.init(
         address=settings.ray_address or "local", namespace="stickyray", logging_level="WARNING"
@@ -59,6 +56,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(team, settings), name=APP_NAME, route_prefix="/")
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         print(
             f"stickyray: serving {path} at http://{host}:{port} (docs at /docs); Ctrl-C to stop",
             flush=True,

@@ -58,7 +58,8 @@ class AgentConfig(_Strict):
     instructions: str = ""
     provider: ProviderName = "offline"
     model: str | None = None
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    # None leaves sampling to the provider's default (some models reject the parameter).
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_iterations: int = Field(default=6, ge=1, le=50)
     max_tokens: int = Field(default=1024, ge=1)
     handoffs: list[str] | None = None

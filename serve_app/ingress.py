@@ -1,6 +1,5 @@
 """The HTTP API: FastAPI behind Ray Serve. Validates, normalises, hands turns to threads."""
 
-
 import asyncio
 import logging
 import uuid

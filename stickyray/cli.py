@@ -17,7 +17,7 @@ log = logging.getLogger("stickyray")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from providers.factory import check_credentials
+    from providers.factory import check_providers
     from serve_app.app import check_tools
     from stickyray.config import load_config, sample_config_path
     from stickyray.settings import load_settings
@@ -27,7 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = load_settings()
         path = args.config or settings.config or sample_config_path()
         team = load_config(path)
-        check_credentials(team, settings)
+        check_providers(team, settings)
         check_tools(team)
     except ConfigError as exc:
         print(f"stickyray: {exc}", file=sys.stderr)
@@ -49,16 +49,18 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"stickyray: embedded Redis with data in {settings.data_dir / 'redis'}")
     settings = settings.model_copy(update={"redis_url": redis_url})
 
-    # RAY_ADDRESS unset: a new local cluster, never a stranger's cluster found by accident.
-    ray.init(
-        address=settings.ray_address or "local", namespace="stickyray", logging_level="WARNING"
-    )
+    # A stop request during start-up is honoured once the app is up, so the shutdown below
+    # always runs against a settled deployment.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
+        # RAY_ADDRESS unset: a new local cluster, never a stranger's cluster found by accident.
+        ray.init(
+            address=settings.ray_address or "local", namespace="stickyray", logging_level="WARNING"
+        )
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(team, settings), name=APP_NAME, route_prefix="/")
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
         print(
             f"stickyray: serving {path} at http://{host}:{port} (docs at /docs); Ctrl-C to stop",
             flush=True,
@@ -66,11 +68,12 @@ def _serve(args: argparse.Namespace) -> int:
         stop.wait()
         print("stickyray: shutting down", flush=True)
     finally:
-        if settings.ray_address:
-            serve.delete(APP_NAME)
-        else:
-            serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            if settings.ray_address:
+                serve.delete(APP_NAME)
+            else:
+                serve.shutdown()
+            ray.shutdown()
         if embedded is not None:
             embedded.stop()
     return 0

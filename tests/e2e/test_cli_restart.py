@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -72,19 +73,28 @@ class Server:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        wait_for(self._healthy, timeout=180, what="stickyray serve to become healthy")
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        wait_for(self._ready, timeout=180, what="stickyray serve to print its URL")
+        assert httpx.get(f"{self.url}/healthz", timeout=10).status_code == 200
 
-    def _healthy(self) -> bool:
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def _ready(self) -> bool:
         if self.proc.poll() is not None:
-            raise AssertionError(f"serve exited early:\n{self.proc.stdout.read()}")  # type: ignore[union-attr]
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+            self._reader.join(timeout=10)
+            raise AssertionError("serve exited early:\n" + "".join(self.lines))
+        return any(f"at {self.url}" in line for line in self.lines)
 
     def stop(self) -> str:
         self.proc.send_signal(signal.SIGINT)
-        out, _ = self.proc.communicate(timeout=120)
+        self.proc.wait(timeout=120)
+        self._reader.join(timeout=10)
+        out = "".join(self.lines)
         assert self.proc.returncode == 0, out
         return out
 

@@ -6,7 +6,7 @@ import pytest
 
 from memory.buffer import BufferEntry
 from providers.anthropic_provider import AnthropicProvider
-from providers.factory import build_provider, check_credentials
+from providers.factory import build_provider, check_providers
 from providers.openai_provider import OpenAIProvider
 from serve_app.agent import Agent
 from serve_app.tools import ToolError, resolve_tool, resolve_tools
@@ -126,8 +126,8 @@ def test_tool_references_resolve_or_explain() -> None:
 
 def test_missing_api_key_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
-        check_credentials(team("openai"), Settings(openai_api_key=None))
+        check_providers(team("openai"), Settings(openai_api_key=None))
     with pytest.raises(ConfigError, match="ANTHROPIC_API_KEY"):
-        check_credentials(team("anthropic"), Settings(anthropic_api_key=None))
+        check_providers(team("anthropic"), Settings(anthropic_api_key=None))
     with pytest.raises(ConfigError, match="embedder"):
         build_provider(team("offline").supervisor, team("offline"), Settings(), None)

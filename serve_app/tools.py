@@ -92,9 +92,10 @@ def resolve_tool(ref: str) -> Tool:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise ToolError(f"tool {ref!r}: cannot import {module_name!r}: {exc}") from None
-        func = getattr(module, attr, None)
-        if not callable(func):
+        found = getattr(module, attr, None)
+        if not callable(found):
             raise ToolError(f"tool {ref!r}: {module_name!r} has no function {attr!r}")
+        func = found
     else:
         known = ", ".join(sorted(BUILTIN_TOOLS))
         raise ToolError(f"unknown tool {ref!r}: use a built-in ({known}) or 'module:function'")

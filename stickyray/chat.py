@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 import uuid
+from typing import TextIO
 
 import httpx
 
 __all__ = ["run_chat"]
 
 
-def run_chat(url: str, thread: str | None, stdin: object = None) -> int:
+def run_chat(url: str, thread: str | None, stdin: TextIO | None = None) -> int:
     """Read lines from stdin, send each to the thread, print the agent and reply."""
     thread_id = thread or f"chat-{uuid.uuid4().hex[:8]}"
     source = stdin or sys.stdin
@@ -19,7 +20,7 @@ def run_chat(url: str, thread: str | None, stdin: object = None) -> int:
         while True:
             if source is sys.stdin:
                 print("you> ", end="", flush=True)
-            line = source.readline()  # type: ignore[attr-defined]
+            line = source.readline()
             if not line:
                 print()
                 return 0

@@ -57,7 +57,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         # RAY_ADDRESS unset: a new local cluster, never a stranger's cluster found by accident.
         ray.init(
-            address=settings.ray_address or "local", namespace="stickyray", logging_level="WARNING"
+            address=settings.ray_address or "local",
+            namespace="stickyray",
+            logging_level=logging.WARNING,
         )
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(team, settings), name=APP_NAME, route_prefix="/")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 
 import pytest
 from ray import serve
 from ray.util.state import list_actors
 
 from actors.key import ThreadKey
+from stickyray.chat import run_chat
 from stickyray.testing import FakeLLMServer, FakeReply
 from tests.e2e.conftest import App, live_thread_actors, new_thread
 from tests.e2e.teams import openai_team
@@ -205,3 +207,14 @@ def test_each_agent_is_its_own_deployment_with_its_replicas(app: App) -> None:
     assert agents["bookings"]["replicas"] == 2
     assert agents["triage"]["role"] == "supervisor" and agents["support"]["role"] == "specialist"
     assert health.status_code == 200 and health.json()["checks"]["redis"] == "ok"
+
+
+def test_chat_client_shows_which_agent_answered(app: App, fake_llm: FakeLLMServer, capsys) -> None:
+    script(fake_llm)
+    thread = new_thread()
+    assert run_chat(app.url, thread, stdin=io.StringIO("book a table\n\n/status\n")) == 0
+    out = capsys.readouterr().out
+    assert f"thread {thread}" in out
+    assert "(triage -> bookings: wants a booking)" in out
+    assert "[bookings] bookings says: book a table" in out
+    assert "[stickyray] Active agent: bookings" in out

@@ -131,3 +131,14 @@ def test_missing_api_key_is_a_config_error() -> None:
         check_providers(team("anthropic"), Settings(anthropic_api_key=None))
     with pytest.raises(ConfigError, match="embedder"):
         build_provider(team("offline").supervisor, team("offline"), Settings(), None)
+
+
+async def test_transient_errors_are_retried_with_backoff(fake_llm: FakeLLMServer) -> None:
+    cfg = team("openai")
+    provider = OpenAIProvider.from_settings("k", fake_llm.openai_base_url, 10, max_retries=2)
+    agent = Agent(cfg.agent("bookings"), cfg, provider, [])
+    fake_llm.queue(FakeReply.error(503, "overloaded"), FakeReply.text("recovered"))
+    result = await agent.run(request("hi"))
+    assert result.reply == "recovered"
+    assert len(fake_llm.requests) == 2
+    fake_llm.assert_complete()

@@ -1,20 +1,17 @@
-"""Conversation-thread actors: identity, turn logic, checkpoints and the thread directory."""
+"""Conversation-thread actors: identity, turn logic, stores and the thread directory."""
 
-from actors.checkpoint import (
-    Checkpoint,
-    CheckpointStore,
-    InMemoryCheckpointStore,
-    RedisCheckpointStore,
-)
 from actors.key import ThreadKey
+from actors.redis_store import RedisThreadStore
+from actors.store import Checkpoint, InMemoryThreadStore, ThreadStore, ThreadView
 from actors.thread import AgentCaller, Thread
 
 __all__ = [
     "AgentCaller",
     "Checkpoint",
-    "CheckpointStore",
-    "InMemoryCheckpointStore",
-    "RedisCheckpointStore",
+    "InMemoryThreadStore",
+    "RedisThreadStore",
     "Thread",
     "ThreadKey",
+    "ThreadStore",
+    "ThreadView",
 ]

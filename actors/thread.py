@@ -1,20 +1,33 @@
-"""The conversation thread: one turn at a time, sticky active agent, checkpoint after each turn.
+"""The conversation thread: one turn at a time, sticky active agent, nothing lost.
 
-``Thread`` is a plain class (unit-tested with an in-memory store and in-process agents);
-``ThreadActor`` is what Ray runs, one named actor per thread (see ``actors.directory``).
+A message is accepted (recorded in the store with the next turn number) before its turn runs;
+the turn's outcome, the new checkpoint and the message's stored reply are then written in one
+atomic, fenced commit. A new incarnation resolves a turn its predecessor left pending: it
+runs it again once, and records it as failed if that incarnation died too.
+
+``Thread`` is a plain class (unit-tested with the in-memory store and in-process agents);
+``actors.thread_actor.ThreadActor`` is what Ray runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
-from actors.checkpoint import Checkpoint, CheckpointStore
 from actors.commands import parse_command, run_command
 from actors.key import ThreadKey
+from actors.store import Checkpoint, Incarnation, PendingTurn, ThreadStore
 from memory.buffer import BufferEntry, ShortTermBuffer
 from stickyray.config import TeamConfig
+from stickyray.errors import (
+    CheckpointConflict,
+    StoreUnavailable,
+    ThreadFenced,
+    ThreadPassivated,
+)
 from stickyray.turns import (
     AgentRequest,
     AgentResult,
@@ -25,9 +38,15 @@ from stickyray.turns import (
     Usage,
 )
 
-__all__ = ["AgentCaller", "Thread"]
+__all__ = ["MAX_TURN_ATTEMPTS", "AgentCaller", "Thread"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A turn whose actor died this many times is recorded as failed instead of run again, so a
+# message that kills its actor cannot take the thread down forever.
+MAX_TURN_ATTEMPTS = 2
 
 
 class AgentCaller(Protocol):
@@ -39,40 +58,68 @@ class AgentCaller(Protocol):
 
 
 class Thread:
-    """State and turn logic of one conversation thread."""
+    """State and turn logic of one conversation thread (one incarnation of it)."""
 
     def __init__(
         self,
         key: ThreadKey,
         team: TeamConfig,
-        store: CheckpointStore,
+        store: ThreadStore,
         agents: AgentCaller,
-        checkpoint: Checkpoint | None = None,
+        incarnation: Incarnation,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.key = key
         self._team = team
         self._store = store
         self._agents = agents
+        self._clock = clock
         self._lock = asyncio.Lock()
-        ckpt = checkpoint or Checkpoint()
+        self._fenced = False
+        self._closed = False
+        self._stale = False
+        self._adopt(incarnation)
+        self.last_active = clock()
+
+    def _adopt(self, incarnation: Incarnation) -> None:
+        ckpt = incarnation.checkpoint
         # An agent removed from the config since the checkpoint falls back to the supervisor.
-        known = {a.name for a in team.specialists}
+        known = {a.name for a in self._team.specialists}
+        self._epoch = incarnation.epoch
         self._active = ckpt.active_agent if ckpt.active_agent in known else None
-        self._buffer = ShortTermBuffer(team.threads.buffer_size, ckpt.buffer)
+        self._buffer = ShortTermBuffer(self._team.threads.buffer_size, ckpt.buffer)
         self._turns = ckpt.turn
         self._version = ckpt.version
 
     @classmethod
-    async def restore(
-        cls, key: ThreadKey, team: TeamConfig, store: CheckpointStore, agents: AgentCaller
+    async def open(
+        cls,
+        key: ThreadKey,
+        team: TeamConfig,
+        store: ThreadStore,
+        agents: AgentCaller,
+        clock: Callable[[], float] = time.time,
     ) -> Thread:
-        """A thread resumed from its latest checkpoint (or new if it has none)."""
-        return cls(key, team, store, agents, await store.load(key))
+        """A new incarnation: takes an epoch, restores the checkpoint, resolves a pending turn."""
+        incarnation = await store.open(key)
+        thread = cls(key, team, store, agents, incarnation, clock)
+        await thread._resolve(incarnation.pending)
+        return thread
+
+    @property
+    def epoch(self) -> int:
+        """This incarnation's fencing token."""
+        return self._epoch
 
     @property
     def active_agent(self) -> str | None:
         """The specialist that answers follow-ups; None means the supervisor."""
         return self._active
+
+    @property
+    def busy(self) -> bool:
+        """Whether a message is being handled or waiting."""
+        return self._lock.locked()
 
     def snapshot(self) -> ThreadSnapshot:
         """The thread's visible state."""
@@ -84,21 +131,75 @@ class Thread:
             version=self._version,
         )
 
-    async def handle(self, message: InboundMessage) -> TurnResult:
-        """Run one message. Messages queue on the lock, so turns never interleave."""
+    async def close(self) -> None:
+        """Stop serving after the turn in progress (passivation). Idempotent."""
         async with self._lock:
+            self._closed = True
+
+    async def handle(self, message: InboundMessage) -> TurnResult:
+        """Handle one message. Messages queue on the lock, so turns never interleave."""
+        async with self._lock:
+            self.last_active = self._clock()
+            if self._fenced:
+                raise ThreadFenced(str(self.key), self._epoch)
+            if self._closed:
+                raise ThreadPassivated(str(self.key))
+            if self._stale:
+                await self._reopen()
             command = parse_command(message.text)
             if command is not None:
                 return await self._command(command, message)
-            return await self._turn(message)
+            accepted = await self._guard(self._store.accept(self.key, self._epoch, message))
+            if isinstance(accepted, TurnResult):
+                return accepted  # a retry: the first delivery's stored result, no new turn
+            return await self._run(message, accepted)
+
+    async def _guard(self, write: Awaitable[T]) -> T:
+        """Await a store write; remember why it failed so the next message can recover."""
+        try:
+            return await write
+        except ThreadFenced:
+            self._fenced = True
+            raise
+        except (StoreUnavailable, CheckpointConflict):
+            self._stale = True
+            raise
+
+    async def _reopen(self) -> None:
+        incarnation = await self._guard(self._store.open(self.key))
+        self._adopt(incarnation)
+        self._stale = False
+        await self._resolve(incarnation.pending)
+
+    async def _resolve(self, pending: PendingTurn | None) -> None:
+        if pending is None:
+            return
+        if pending.attempts > MAX_TURN_ATTEMPTS:
+            log.warning(
+                "thread %s turn %d failed after %d attempts",
+                self.key,
+                pending.seq,
+                pending.attempts - 1,
+            )
+            reason = (
+                f"the thread's actor stopped during this turn {pending.attempts - 1} times; "
+                "the turn was abandoned"
+            )
+            await self._record_failure(pending.message, pending.seq, reason)
+            return
+        log.info(
+            "thread %s: completing turn %d left by a previous incarnation", self.key, pending.seq
+        )
+        await self._run(pending.message, pending.seq)
 
     async def _command(self, name: str, message: InboundMessage) -> TurnResult:
         outcome = run_command(name, active_agent=self._active, turns=self._turns, team=self._team)
-        if outcome.changes_state:
-            buffer = [] if outcome.clear_buffer else self._buffer.entries()
-            await self._commit(
-                None if outcome.back_to_supervisor else self._active, buffer, self._turns
-            )
+        if outcome.clear_buffer:
+            checkpoint = Checkpoint(version=self._version + 1)
+            await self._guard(self._store.reset(self.key, self._epoch, checkpoint))
+            self._adopt_checkpoint(checkpoint)
+        elif outcome.back_to_supervisor:
+            await self._commit(None, self._buffer.entries(), self._turns, None)
         return TurnResult(
             thread_id=self.key.thread_id,
             message_id=message.message_id,
@@ -106,17 +207,48 @@ class Thread:
             agent=None,
             reply=outcome.reply,
             command=name,
+            completed_at=self._clock(),
         )
 
-    async def _turn(self, message: InboundMessage) -> TurnResult:
-        turn = self._turns + 1
+    async def _run(self, message: InboundMessage, turn: int) -> TurnResult:
+        try:
+            result, active = await self._execute(message, turn)
+        except Exception as exc:  # any failure of an accepted turn is recorded, not lost
+            log.warning("thread %s turn %d failed: %s", self.key, turn, type(exc).__name__)
+            return await self._record_failure(message, turn, f"{type(exc).__name__}: {exc}")
+        buffer = self._buffer.entries()
+        buffer.append(BufferEntry(role="user", text=message.text, turn=turn))
+        buffer.append(
+            BufferEntry(role="assistant", text=result.reply, turn=turn, agent=result.agent)
+        )
+        await self._commit(active, buffer, turn, result)
+        return result
+
+    async def _record_failure(self, message: InboundMessage, turn: int, reason: str) -> TurnResult:
+        result = TurnResult(
+            thread_id=self.key.thread_id,
+            message_id=message.message_id,
+            turn=turn,
+            agent=None,
+            reply="Sorry, something went wrong and this message could not be answered. "
+            "Please send it again.",
+            status="failed",
+            error=reason,
+            completed_at=self._clock(),
+        )
+        buffer = self._buffer.entries()
+        buffer.append(BufferEntry(role="user", text=message.text, turn=turn))
+        await self._commit(self._active, buffer, turn, result)
+        return result
+
+    async def _execute(self, message: InboundMessage, turn: int) -> tuple[TurnResult, str | None]:
+        """Call agents, following handoffs; returns the result and the new active agent."""
         supervisor = self._team.supervisor.name
         agent = self._active or supervisor
         limit = self._team.threads.max_handoffs_per_turn
         handoffs: list[Handoff] = []
         usage = Usage()
         reason: str | None = None
-        error: str | None = None
         while True:
             request = AgentRequest(
                 thread=str(self.key),
@@ -129,8 +261,6 @@ class Thread:
             result = await self._agents(agent, request)
             usage = usage + result.usage
             if result.handoff_to is None:
-                reply = result.reply or ""
-                error = result.error
                 break
             if len(handoffs) >= limit:
                 log.warning("thread %s turn %d exceeded %d handoffs", self.key, turn, limit)
@@ -139,39 +269,58 @@ class Thread:
                     "without an answer, so I stopped. Please rephrase it, or type /supervisor "
                     "to start over."
                 )
-                error = "handoff_limit"
-                agent = self._active or supervisor
-                break
+                return self._result(
+                    message, turn, agent, reply, handoffs, usage, "handoff_limit", "failed"
+                ), self._active
             handoffs.append(
                 Handoff(from_agent=agent, to=result.handoff_to, reason=result.handoff_reason)
             )
             agent, reason = result.handoff_to, result.handoff_reason
-        buffer = self._buffer.entries()
-        buffer.append(BufferEntry(role="user", text=message.text, turn=turn))
-        buffer.append(BufferEntry(role="assistant", text=reply, turn=turn, agent=agent))
         active = None if agent == supervisor else agent
-        if error == "handoff_limit":
-            active = self._active
-        await self._commit(active, buffer, turn)
+        turn_result = self._result(
+            message, turn, agent, result.reply or "", handoffs, usage, result.error, "completed"
+        )
+        return turn_result, active
+
+    def _result(
+        self,
+        message: InboundMessage,
+        turn: int,
+        agent: str,
+        reply: str,
+        handoffs: list[Handoff],
+        usage: Usage,
+        error: str | None,
+        status: str,
+    ) -> TurnResult:
         return TurnResult(
             thread_id=self.key.thread_id,
             message_id=message.message_id,
             turn=turn,
             agent=agent,
             reply=reply,
+            status="failed" if status == "failed" else "completed",
             handoffs=handoffs,
             usage=usage,
             error=error,
+            completed_at=self._clock(),
         )
 
-    async def _commit(self, active: str | None, buffer: list[BufferEntry], turn: int) -> None:
-        """Checkpoint first, then adopt the state: a failed write leaves the thread unchanged."""
-        window = buffer[-self._buffer.max_messages :]
+    async def _commit(
+        self, active: str | None, buffer: list[BufferEntry], turn: int, result: TurnResult | None
+    ) -> None:
+        """Store first, then adopt: a failed write leaves the in-memory thread unchanged."""
         checkpoint = Checkpoint(
-            active_agent=active, buffer=window, turn=turn, version=self._version + 1
+            active_agent=active,
+            buffer=buffer[-self._buffer.max_messages :],
+            turn=turn,
+            version=self._version + 1,
         )
-        await self._store.save(self.key, checkpoint)
-        self._active = active
-        self._buffer = ShortTermBuffer(self._buffer.max_messages, window)
-        self._turns = turn
+        await self._guard(self._store.commit(self.key, self._epoch, checkpoint, result))
+        self._adopt_checkpoint(checkpoint)
+
+    def _adopt_checkpoint(self, checkpoint: Checkpoint) -> None:
+        self._active = checkpoint.active_agent
+        self._buffer = ShortTermBuffer(self._buffer.max_messages, checkpoint.buffer)
+        self._turns = checkpoint.turn
         self._version = checkpoint.version

@@ -1,21 +1,35 @@
-"""The Ray actor that hosts one ``Thread``. Created only by ``actors.directory``."""
+"""The Ray actor that hosts one ``Thread``. Created only by ``actors.directory``.
+
+It registers with its node's live set before it counts as alive (passivating the least
+recently used threads if the node is over ``max_live_threads``), opens the thread (new epoch,
+checkpoint restored, a pending turn resolved), and passivates itself after
+``idle_timeout_s`` without messages.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from typing import Any
 
+import ray
+
 from actors.agent_client import ServeAgentCaller
-from actors.checkpoint import RedisCheckpointStore, connect_redis
 from actors.key import ThreadKey
+from actors.liveness import LiveThreads
+from actors.redis_store import RedisThreadStore, connect_redis
 from actors.thread import Thread
 from stickyray.config import TeamConfig
 from stickyray.turns import InboundMessage, ThreadSnapshot, TurnResult
 
 __all__ = ["ThreadActor"]
 
+log = logging.getLogger(__name__)
+
 
 class ThreadActor:
-    """One conversation thread as a Ray actor; restores from its checkpoint on construction."""
+    """One conversation thread as a Ray actor."""
 
     async def __init__(  # type: ignore[misc]
         self,
@@ -23,16 +37,68 @@ class ThreadActor:
         team: TeamConfig,
         redis_url: str,
         agent_handles: dict[str, Any],
-        checkpoint_ttl_s: int,
     ) -> None:
+        from actors.directory import passivate_actor  # the directory owns name -> actor
+
+        threads = team.threads
+        self._key = key
         self._redis = connect_redis(redis_url)
-        store = RedisCheckpointStore(self._redis, ttl_s=checkpoint_ttl_s)
-        self._thread = await Thread.restore(key, team, store, ServeAgentCaller(agent_handles))
+        node_id = ray.get_runtime_context().get_node_id()
+        self._live = LiveThreads(self._redis, node_id, threads.max_live_threads)
+        victims = await self._live.activate(key.actor_name)
+        if victims:
+            log.info("passivating %d least recently used threads for %s", len(victims), key)
+            await asyncio.gather(*(passivate_actor(name) for name in victims))
+        store = RedisThreadStore(
+            self._redis, ttl_s=threads.checkpoint_ttl_s, message_id_ttl_s=threads.message_id_ttl_s
+        )
+        self._thread = await Thread.open(key, team, store, ServeAgentCaller(agent_handles))
+        self._idle_timeout_s = threads.idle_timeout_s
+        self._passivating = False
+        self._idle_watch = asyncio.get_running_loop().create_task(self._watch_idle())
 
     async def handle(self, message: InboundMessage) -> TurnResult:
         """Run one message through the thread."""
-        return await self._thread.handle(message)
+        result = await self._thread.handle(message)
+        try:
+            await self._live.touch(self._key.actor_name)
+        except Exception:  # LRU order is best effort; the turn is already stored
+            log.debug("could not refresh live set", exc_info=True)
+        return result
 
     async def snapshot(self) -> ThreadSnapshot:
         """The thread's in-memory state."""
         return self._thread.snapshot()
+
+    async def epoch(self) -> int:
+        """The incarnation's fencing token."""
+        return self._thread.epoch
+
+    async def passivate(self) -> None:
+        """Finish the turn in progress and leave the live set; the caller then kills the actor.
+
+        Messages that arrive meanwhile get ThreadPassivated; the directory re-sends them to
+        the next incarnation. (``exit_actor`` is not used: with Serve handles open, a graceful
+        worker exit can take a minute before Ray releases the actor's name.)
+        """
+        self._passivating = True
+        await self._thread.close()
+        try:
+            await self._live.remove(self._key.actor_name)
+        except Exception:
+            log.debug("could not leave live set", exc_info=True)
+        self._idle_watch.cancel()
+
+    async def _watch_idle(self) -> None:
+        # A timer, not a wait for a condition: it wakes a few times per timeout to compare.
+        interval = min(max(self._idle_timeout_s / 4, 0.05), 30.0)
+        while True:
+            await asyncio.sleep(interval)
+            idle = time.time() - self._thread.last_active
+            if idle >= self._idle_timeout_s and not self._thread.busy and not self._passivating:
+                log.info("thread %s idle for %.0f s: passivating", self._key, idle)
+                self._passivating = True
+                await self._thread.close()
+                await self._live.remove(self._key.actor_name)
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                return

@@ -5,16 +5,16 @@ import logging
 import uuid
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Path, Request
+from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import RayError
 
-from actors.checkpoint import RedisCheckpointStore, connect_redis
-from actors.directory import ThreadDirectory
+from actors.directory import ThreadDirectory, root_cause
 from actors.key import ThreadKey
+from actors.redis_store import RedisThreadStore, connect_redis
 from stickyray.config import TeamConfig
 from stickyray.errors import (
     CheckpointConflict,
@@ -72,6 +72,13 @@ class AgentInfo(BaseModel):
     replicas: int
 
 
+class TurnHistory(BaseModel):
+    """Result of GET /v1/threads/{thread_id}/turns."""
+
+    thread_id: str
+    turns: list[TurnResult]
+
+
 class Health(BaseModel):
     """Result of GET /healthz."""
 
@@ -100,15 +107,8 @@ def _jsonable(errors: Any) -> Any:
     return out
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """Unwrap Ray's task-error wrapping (possibly nested) down to the error raised."""
-    while isinstance(exc, RayTaskError) and exc.cause is not None:
-        exc = exc.cause
-    return exc
-
-
 def _http_error(exc: BaseException) -> HTTPException:
-    cause = _root_cause(exc)
+    cause = root_cause(exc)
     if isinstance(cause, StoreUnavailable):
         return HTTPException(503, f"{cause.store} is unavailable; the message was not processed")
     if isinstance(cause, ProviderError):
@@ -147,8 +147,17 @@ class Ingress:
         assert settings.redis_url, "the CLI resolves the Redis URL before deploying"
         self._team = team
         self._app_name = app_name
-        self._store = RedisCheckpointStore(connect_redis(settings.redis_url))
+        self._store = RedisThreadStore(connect_redis(settings.redis_url))
         self._directory = ThreadDirectory(team, settings.redis_url, agent_handles)
+
+    async def _failure(self, exc: BaseException) -> HTTPException:
+        # An actor that could not start usually means Redis is down: say so.
+        if isinstance(root_cause(exc), RayError):
+            try:
+                await self._store.ping()
+            except StoreUnavailable as down:
+                return _http_error(down)
+        return _http_error(exc)
 
     @api.post("/v1/threads/{thread_id}/messages", response_model=TurnResult)
     async def post_message(self, body: MessageIn, thread_id: str = ThreadIdPath) -> TurnResult:
@@ -166,7 +175,7 @@ class Ingress:
         try:
             return await self._directory.send(key, message)
         except Exception as exc:
-            raise _http_error(exc) from None
+            raise await self._failure(exc) from None
 
     @api.get("/v1/threads/{thread_id}", response_model=ThreadSnapshot)
     async def get_thread(self, thread_id: str = ThreadIdPath) -> ThreadSnapshot:
@@ -186,9 +195,26 @@ class Ingress:
             version=checkpoint.version,
         )
 
+    @api.get("/v1/threads/{thread_id}/turns", response_model=TurnHistory)
+    async def get_turns(
+        self,
+        thread_id: str = ThreadIdPath,
+        after: int = Query(default=0, ge=0, description="Only turns after this number."),
+        limit: int = Query(default=100, ge=1, le=1000),
+    ) -> TurnHistory:
+        """Every turn of the thread in order: message id, agent, status, reply, error."""
+        key = _key(thread_id)
+        try:
+            if await self._store.load(key) is None:
+                raise HTTPException(404, f"thread {thread_id!r} not found")
+            turns = await self._store.turns(key, after=after, limit=limit)
+        except StoreUnavailable as exc:
+            raise _http_error(exc) from None
+        return TurnHistory(thread_id=thread_id, turns=turns)
+
     @api.post("/v1/threads/{thread_id}/reset", response_model=TurnResult)
     async def reset_thread(self, thread_id: str = ThreadIdPath) -> TurnResult:
-        """Clear the thread's active agent and recent messages (same as typing /reset)."""
+        """Delete the thread's history and recent messages; the supervisor answers next."""
         key = _key(thread_id)
         try:
             if await self._store.load(key) is None:
@@ -198,7 +224,7 @@ class Ingress:
         except HTTPException:
             raise
         except Exception as exc:
-            raise _http_error(exc) from None
+            raise await self._failure(exc) from None
 
     @api.get("/v1/agents", response_model=list[AgentInfo])
     async def list_agents(self) -> list[AgentInfo]:

@@ -92,6 +92,14 @@ class ThreadsConfig(_Strict):
     buffer_size: int = Field(default=20, ge=1, le=10_000)
     max_handoffs_per_turn: int = Field(default=3, ge=0, le=10)
     max_message_bytes: int = Field(default=16 * 1024, ge=1)
+    # Retention: a thread's stored state lives this long after its last turn.
+    checkpoint_ttl_s: int = Field(default=30 * 24 * 3600, ge=60)
+    # A retried message id returns its first reply for this long.
+    message_id_ttl_s: int = Field(default=24 * 3600, ge=1)
+    # Passivation: an actor idle this long checkpoints and exits; at most this many live
+    # thread actors per node, the least recently used making room for new ones.
+    idle_timeout_s: float = Field(default=300.0, gt=0)
+    max_live_threads: int = Field(default=1000, ge=1)
 
 
 class IngressConfig(_Strict):

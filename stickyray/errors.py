@@ -13,6 +13,8 @@ __all__ = [
     "ProviderError",
     "StickyrayError",
     "StoreUnavailable",
+    "ThreadFenced",
+    "ThreadPassivated",
 ]
 
 
@@ -76,3 +78,26 @@ class ProviderError(StickyrayError):
 
     def __str__(self) -> str:
         return f"{self.provider} call for agent {self.agent!r} failed: {self.detail}"
+
+
+class ThreadFenced(StickyrayError):
+    """A newer incarnation of the thread exists; this one must stop serving it."""
+
+    def __init__(self, thread: str, epoch: int) -> None:
+        super().__init__(thread, epoch)
+        self.thread = thread
+        self.epoch = epoch
+
+    def __str__(self) -> str:
+        return f"thread {self.thread}: incarnation {self.epoch} was superseded"
+
+
+class ThreadPassivated(StickyrayError):
+    """The thread's actor is shutting down; the message must go to its next incarnation."""
+
+    def __init__(self, thread: str) -> None:
+        super().__init__(thread)
+        self.thread = thread
+
+    def __str__(self) -> str:
+        return f"thread {self.thread} is passivating"

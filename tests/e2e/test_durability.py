@@ -1,0 +1,220 @@
+"""Thread actors that lose nothing: retries, races, fencing, crashes, passivation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import uuid
+
+import pytest
+import ray
+import redis
+from ray.util.state import list_actors
+
+from actors.directory import NAMESPACE
+from actors.key import ThreadKey
+from actors.thread_actor import ThreadActor
+from stickyray.testing import FakeLLMServer, FakeReply
+from tests.e2e.conftest import App, live_thread_actors, new_thread, wait_for
+from tests.e2e.teams import openai_team
+
+
+@pytest.fixture(scope="module")
+def app(deploy) -> App:
+    return deploy(openai_team())
+
+
+def route_to_bookings(fake: FakeLLMServer) -> None:
+    fake.on(agent="triage", reply=FakeReply.tool_call("transfer_to_bookings", {"reason": "b"}))
+    fake.on(agent="bookings", reply=lambda r: FakeReply.text(f"booked: {r.last_user_text}"))
+
+
+def send(client, thread: str, text: str, message_id: str | None = None) -> dict:
+    body = {"text": text} | ({"message_id": message_id} if message_id else {})
+    response = client.post(f"/v1/threads/{thread}/messages", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def epoch_in_redis(redis_url: str, thread: str) -> int:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return int(client.get(ThreadKey.of(thread).redis_key("epoch")) or 0)
+    finally:
+        client.close()
+
+
+async def test_same_message_id_five_times_is_one_turn(app: App, fake_llm: FakeLLMServer) -> None:
+    route_to_bookings(fake_llm)
+    thread = new_thread()
+    async with app.async_client() as client:
+        await client.post(f"/v1/threads/{thread}/messages", json={"text": "book"})
+        before = fake_llm.count(agent="bookings")
+
+        async def post(mid: str):
+            body = {"text": "for 2 people", "message_id": mid}
+            return await client.post(f"/v1/threads/{thread}/messages", json=body)
+
+        sequential = [await post("retry-seq") for _ in range(5)]
+        concurrent = await asyncio.gather(*(post("retry-par") for _ in range(5)))
+        history = (await client.get(f"/v1/threads/{thread}/turns")).json()["turns"]
+    for batch in (sequential, concurrent):
+        assert all(r.status_code == 200 for r in batch)
+        assert len({r.text for r in batch}) == 1, "five identical replies"
+    assert sequential[0].json()["turn"] == 2 and concurrent[0].json()["turn"] == 3
+    assert fake_llm.count(agent="bookings") - before == 2, "one model call per message id"
+    assert [t["message_id"] for t in history[1:]] == ["retry-seq", "retry-par"]
+
+
+async def test_fifty_concurrent_first_messages_make_one_actor_and_one_epoch(
+    app: App, fake_llm: FakeLLMServer, redis_url: str
+) -> None:
+    route_to_bookings(fake_llm)
+    thread = new_thread()
+    async with app.async_client(timeout=120) as client:
+        responses = await asyncio.gather(
+            *(
+                client.post(f"/v1/threads/{thread}/messages", json={"text": f"m{i}"})
+                for i in range(50)
+            )
+        )
+    assert sorted(r.json()["turn"] for r in responses) == list(range(1, 51))
+    name = ThreadKey.of(thread).actor_name
+    assert live_thread_actors(thread) == [name]
+    assert len(list_actors(filters=[("name", "=", name)], detail=True)) == 1
+    assert epoch_in_redis(redis_url, thread) == 1
+
+
+def test_killed_actor_recovers_with_everything(app: App, fake_llm: FakeLLMServer) -> None:
+    route_to_bookings(fake_llm)
+    thread = new_thread()
+    name = ThreadKey.of(thread).actor_name
+    with app.client() as client:
+        send(client, thread, "book a table")
+        send(client, thread, "for two")
+        before = client.get(f"/v1/threads/{thread}").json()
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        after_kill = send(client, thread, "at nine")
+        assert (after_kill["turn"], after_kill["agent"], after_kill["handoffs"]) == (
+            3,
+            "bookings",
+            [],
+        )
+        # Now the hard way: SIGKILL the worker process itself.
+        (info,) = list_actors(filters=[("name", "=", name), ("state", "=", "ALIVE")], detail=True)
+        os.kill(info.pid, signal.SIGKILL)
+        after_sigkill = send(client, thread, "thanks")
+        state = client.get(f"/v1/threads/{thread}").json()
+    assert (after_sigkill["turn"], after_sigkill["agent"]) == (4, "bookings")
+    assert state["buffer"][: len(before["buffer"])] == before["buffer"]
+    assert fake_llm.count(agent="triage") == 1
+
+
+def test_stale_incarnation_is_fenced(app: App, fake_llm: FakeLLMServer, redis_url: str) -> None:
+    route_to_bookings(fake_llm)
+    thread = new_thread()
+    key = ThreadKey.of(thread)
+    with app.client() as client:
+        send(client, thread, "book")
+        # Force a second incarnation beside the named one (as a zombie or split brain would).
+        usurper = (
+            ray.remote(ThreadActor)
+            .options(name=f"usurper-{uuid.uuid4().hex[:6]}", namespace=NAMESPACE, num_cpus=0)
+            .remote(key, app.team, redis_url, {})
+        )
+        assert ray.get(usurper.epoch.remote()) == 2
+        # The named actor (epoch 1) is now stale: its write is refused, it stops serving,
+        # and the directory delivers the message to a fresh incarnation instead.
+        reply = send(client, thread, "for two")
+        assert (reply["turn"], reply["agent"]) == (2, "bookings")
+        history = client.get(f"/v1/threads/{thread}/turns").json()["turns"]
+        state = client.get(f"/v1/threads/{thread}").json()
+    assert epoch_in_redis(redis_url, thread) == 3
+    with pytest.raises(Exception, match="superseded"):
+        ray.get(
+            usurper.handle.remote(
+                __import__("stickyray.turns", fromlist=["InboundMessage"]).InboundMessage(
+                    text="late", message_id="late"
+                )
+            )
+        )
+    assert [t["turn"] for t in history] == [1, 2]
+    assert state["version"] == 2 and state["turns"] == 2
+    ray.kill(usurper)
+
+
+@pytest.fixture(scope="module")
+def small_app(deploy) -> App:
+    team = openai_team()
+    team["threads"].update(max_live_threads=5, idle_timeout_s=600)
+    return deploy(team)
+
+
+class LiveCounter:
+    """Polls Ray's actor list in the background and keeps the highest live count seen."""
+
+    def __init__(self, thread_ids: set[str]) -> None:
+        self.names = {ThreadKey.of(t).actor_name for t in thread_ids}
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            alive = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+            live = sum(1 for a in alive if a.name in self.names)
+            self.peak = max(self.peak, live)
+            self.samples += 1
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> LiveCounter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def test_live_actors_stay_under_the_cap(small_app: App, fake_llm: FakeLLMServer) -> None:
+    route_to_bookings(fake_llm)
+    threads = [new_thread() for _ in range(30)]
+
+    async def conversation(client, thread: str) -> None:
+        for i in range(3):
+            r = await client.post(f"/v1/threads/{thread}/messages", json={"text": f"book {i}"})
+            assert r.status_code == 200, r.text
+            assert r.json()["turn"] == i + 1
+
+    with LiveCounter(set(threads)) as counter:
+        async with small_app.async_client(timeout=300) as client:
+            for start in range(0, 30, 3):  # three conversations at a time
+                await asyncio.gather(*(conversation(client, t) for t in threads[start : start + 3]))
+            states = [(await client.get(f"/v1/threads/{t}")).json() for t in threads]
+    print(f"live thread actors: peak {counter.peak} over {counter.samples} samples (cap 5)")
+    assert counter.samples > 10
+    assert 0 < counter.peak <= 5
+    assert all(s["turns"] == 3 and s["active_agent"] == "bookings" for s in states)
+    assert all(len(s["buffer"]) == 6 for s in states)
+
+
+@pytest.fixture(scope="module")
+def idle_app(deploy) -> App:
+    team = openai_team()
+    team["threads"].update(idle_timeout_s=1)
+    return deploy(team)
+
+
+def test_idle_actor_exits_and_comes_back(idle_app: App, fake_llm: FakeLLMServer) -> None:
+    route_to_bookings(fake_llm)
+    thread = new_thread()
+    with idle_app.client() as client:
+        send(client, thread, "book")
+        assert live_thread_actors(thread)
+        wait_for(lambda: not live_thread_actors(thread), timeout=30, what="idle passivation")
+        back = send(client, thread, "still there?")
+    assert (back["turn"], back["agent"], back["handoffs"]) == (2, "bookings", [])
+    assert fake_llm.count(agent="triage") == 1

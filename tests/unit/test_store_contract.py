@@ -1,0 +1,175 @@
+"""One contract for every thread store: in-memory and Redis (a real redis-server)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from actors.key import ThreadKey
+from actors.redis_store import RedisThreadStore, connect_redis
+from actors.store import Checkpoint, InMemoryThreadStore
+from memory.buffer import BufferEntry
+from stickyray.errors import CheckpointConflict, StoreUnavailable, ThreadFenced
+from stickyray.turns import InboundMessage, TurnResult
+
+Store = InMemoryThreadStore | RedisThreadStore
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield InMemoryThreadStore()
+        return
+    url = request.getfixturevalue("redis_url")
+    async with RedisThreadStore.from_url(url, ttl_s=3600) as redis_store:
+        await redis_store.setup()
+        yield redis_store
+
+
+def fresh() -> ThreadKey:
+    return ThreadKey.of(f"contract-{uuid.uuid4().hex[:12]}")
+
+
+def msg(mid: str, text: str = "hi") -> InboundMessage:
+    return InboundMessage(text=text, message_id=mid)
+
+
+def done(key: ThreadKey, mid: str, turn: int, reply: str = "ok") -> TurnResult:
+    return TurnResult(
+        thread_id=key.thread_id, message_id=mid, turn=turn, agent="bookings", reply=reply
+    )
+
+
+def ckpt(turn: int, version: int, active: str | None = "bookings") -> Checkpoint:
+    return Checkpoint(
+        active_agent=active,
+        buffer=[BufferEntry(role="user", text=f"m{turn}", turn=turn)],
+        turn=turn,
+        version=version,
+    )
+
+
+async def test_open_new_thread(store: Store) -> None:
+    key = fresh()
+    first = await store.open(key)
+    assert (first.epoch, first.checkpoint, first.pending) == (1, Checkpoint(), None)
+    assert (await store.open(key)).epoch == 2
+    assert await store.load(key) is None
+    assert await store.turns(key) == []
+
+
+async def test_accept_commit_and_history(store: Store) -> None:
+    key = fresh()
+    epoch = (await store.open(key)).epoch
+    assert await store.accept(key, epoch, msg("a")) == 1
+    await store.commit(key, epoch, ckpt(1, 1), done(key, "a", 1))
+    assert await store.accept(key, epoch, msg("b")) == 2
+    await store.commit(key, epoch, ckpt(2, 2), done(key, "b", 2, reply="second"))
+    loaded = await store.load(key)
+    assert loaded is not None and (loaded.turn, loaded.version) == (2, 2)
+    history = await store.turns(key)
+    assert [(t.turn, t.message_id, t.reply) for t in history] == [
+        (1, "a", "ok"),
+        (2, "b", "second"),
+    ]
+    assert [t.turn for t in await store.turns(key, after=1, limit=5)] == [2]
+    assert [t.turn for t in await store.turns(key, after=0, limit=1)] == [1]
+
+
+async def test_a_seen_message_id_returns_the_stored_result(store: Store) -> None:
+    key = fresh()
+    epoch = (await store.open(key)).epoch
+    assert await store.accept(key, epoch, msg("a")) == 1
+    await store.commit(key, epoch, ckpt(1, 1), done(key, "a", 1, reply="first reply"))
+    again = await store.accept(key, epoch, msg("a", text="different text, same id"))
+    assert isinstance(again, TurnResult) and again.reply == "first reply" and again.turn == 1
+    assert (await store.load(key)).turn == 1  # type: ignore[union-attr]
+
+
+async def test_pending_turn_survives_a_new_incarnation(store: Store) -> None:
+    key = fresh()
+    epoch = (await store.open(key)).epoch
+    assert await store.accept(key, epoch, msg("a", "lost?")) == 1
+    reopened = await store.open(key)
+    assert reopened.pending is not None
+    assert (reopened.pending.seq, reopened.pending.message.text) == (1, "lost?")
+    assert reopened.pending.attempts == 2
+    assert (await store.open(key)).pending.attempts == 3  # type: ignore[union-attr]
+
+
+async def test_stale_epoch_is_fenced_everywhere(store: Store) -> None:
+    key = fresh()
+    old = (await store.open(key)).epoch
+    new = (await store.open(key)).epoch
+    with pytest.raises(ThreadFenced):
+        await store.accept(key, old, msg("a"))
+    assert await store.accept(key, new, msg("a")) == 1
+    with pytest.raises(ThreadFenced):
+        await store.commit(key, old, ckpt(1, 1), done(key, "a", 1))
+    with pytest.raises(ThreadFenced):
+        await store.reset(key, old, Checkpoint(version=1))
+    await store.commit(key, new, ckpt(1, 1), done(key, "a", 1))
+    assert (await store.load(key)).version == 1  # type: ignore[union-attr]
+
+
+async def test_version_is_compare_and_set(store: Store) -> None:
+    key = fresh()
+    epoch = (await store.open(key)).epoch
+    await store.commit(key, epoch, ckpt(0, 1), None)
+    with pytest.raises(CheckpointConflict) as err:
+        await store.commit(key, epoch, ckpt(0, 1), None)
+    assert err.value.found_version == 1
+    with pytest.raises(CheckpointConflict):
+        await store.commit(key, epoch, ckpt(0, 3), None)
+
+
+async def test_reset_deletes_history_and_message_ids(store: Store) -> None:
+    key = fresh()
+    epoch = (await store.open(key)).epoch
+    await store.accept(key, epoch, msg("a"))
+    await store.commit(key, epoch, ckpt(1, 1), done(key, "a", 1))
+    await store.reset(key, epoch, Checkpoint(version=2))
+    assert await store.turns(key) == []
+    loaded = await store.load(key)
+    assert loaded is not None and (loaded.turn, loaded.buffer, loaded.version) == (0, [], 2)
+    assert await store.accept(key, epoch, msg("a")) == 1  # the id is forgotten too
+
+
+async def test_message_ids_expire() -> None:
+    now = [1000.0]
+    store = InMemoryThreadStore(message_id_ttl_s=60, clock=lambda: now[0])
+    key = fresh()
+    epoch = (await store.open(key)).epoch
+    await store.accept(key, epoch, msg("a"))
+    await store.commit(key, epoch, ckpt(1, 1), done(key, "a", 1))
+    now[0] += 61
+    assert await store.accept(key, epoch, msg("a")) == 2
+
+
+async def test_redis_message_ids_expire_and_keys_have_ttls(redis_url: str) -> None:
+    key = fresh()
+    async with RedisThreadStore.from_url(redis_url, ttl_s=120, message_id_ttl_s=1) as store:
+        epoch = (await store.open(key)).epoch
+        await store.accept(key, epoch, msg("a"))
+        await store.commit(key, epoch, ckpt(1, 1), done(key, "a", 1))
+        client = connect_redis(redis_url)
+        try:
+            for part in ("epoch", "checkpoint", "turns", "msgs"):
+                assert 0 < await client.ttl(key.redis_key(part)) <= 120
+            # Age the id's acceptance time instead of waiting for it.
+            await client.zadd(key.redis_key("msgidx"), {"a": 0})
+        finally:
+            await client.aclose()
+        assert await store.accept(key, epoch, msg("a")) == 2
+
+
+async def test_unreachable_redis_is_store_unavailable(tmp_path) -> None:
+    async with RedisThreadStore.from_url(f"unix://{tmp_path}/no.sock") as store:
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+        with pytest.raises(StoreUnavailable):
+            await store.open(ThreadKey.of("x"))
+        with pytest.raises(StoreUnavailable):
+            await store.load(ThreadKey.of("x"))

@@ -144,13 +144,13 @@ class ThreadDirectory:
                 return result
             except Exception as exc:
                 cause = root_cause(exc)
-                if not isinstance(cause, _GONE) or _creation_failed(cause):
+                if not isinstance(cause, _GONE):
                     raise
                 self.forget(key, actor)
                 if isinstance(cause, ThreadFenced):
                     # A superseded incarnation must not keep the name; its state is safe.
                     ray.kill(actor, no_restart=True)
-                if delivery == _MAX_DELIVERIES:
+                if _creation_failed(cause) or delivery == _MAX_DELIVERIES:
                     raise
                 log.info("thread %s: %s; delivering again", key, type(cause).__name__)
                 await asyncio.sleep(delay)  # back off while Ray releases the old name

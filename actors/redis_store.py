@@ -19,6 +19,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -106,9 +108,17 @@ _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def connect_redis(url: str) -> aioredis.Redis:
-    """An asyncio Redis client for ``url`` (redis://, rediss:// or unix://)."""
+    """An asyncio Redis client for ``url`` (redis://, rediss:// or unix://).
+
+    Retries are short: a dropped connection is re-dialled at once, but an outage must turn
+    into a quick 503, not a request that hangs through seconds of backoff.
+    """
     return aioredis.from_url(
-        url, socket_connect_timeout=2.0, socket_timeout=5.0, health_check_interval=30
+        url,
+        socket_connect_timeout=2.0,
+        socket_timeout=5.0,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
     )
 
 

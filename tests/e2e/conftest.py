@@ -24,7 +24,8 @@ from serve_app.app import build_app  # noqa: E402
 @pytest.fixture(scope="session")
 def serve_url() -> Iterator[str]:
     """A local Ray cluster with Serve's HTTP proxy on a free port."""
-    ray.init(address="local", namespace=NAMESPACE, logging_level="WARNING")
+    # Worker logs stay in Ray's log files (and the dashboard) instead of flooding test output.
+    ray.init(address="local", namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"

@@ -218,3 +218,28 @@ def test_idle_actor_exits_and_comes_back(idle_app: App, fake_llm: FakeLLMServer)
         back = send(client, thread, "still there?")
     assert (back["turn"], back["agent"], back["handoffs"]) == (2, "bookings", [])
     assert fake_llm.count(agent="triage") == 1
+
+
+def test_history_lists_every_turn_and_reset_deletes_it(app: App, fake_llm: FakeLLMServer) -> None:
+    route_to_bookings(fake_llm)
+    thread = new_thread()
+    with app.client() as client:
+        assert client.get(f"/v1/threads/{thread}/turns").status_code == 404
+        for i in range(1, 5):
+            send(client, thread, f"message {i}", message_id=f"m{i}")
+        turns = client.get(f"/v1/threads/{thread}/turns").json()["turns"]
+        page = client.get(f"/v1/threads/{thread}/turns", params={"after": 2, "limit": 1}).json()
+        bad = client.get(f"/v1/threads/{thread}/turns", params={"limit": 0})
+        reset = client.post(f"/v1/threads/{thread}/reset")
+        after_reset = client.get(f"/v1/threads/{thread}/turns").json()["turns"]
+        again = send(client, thread, "message 1", message_id="m1")
+    assert [(t["turn"], t["message_id"], t["agent"], t["status"]) for t in turns] == [
+        (i, f"m{i}", "bookings", "completed") for i in range(1, 5)
+    ]
+    assert turns[0]["reply"] == "booked: message 1"
+    assert turns[0]["handoffs"] == [{"from": "triage", "to": "bookings", "reason": "b"}]
+    assert [t["turn"] for t in page["turns"]] == [3]
+    assert bad.status_code == 422 and "limit" in bad.text
+    assert reset.status_code == 200 and after_reset == []
+    # Reset deleted the stored state, message ids included: m1 is a new first turn.
+    assert (again["turn"], again["agent"], again["handoffs"] != []) == (1, "bookings", True)

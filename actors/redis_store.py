@@ -45,11 +45,23 @@ return {epoch, redis.call('HGET', KEYS[2], 'data') or false,
         redis.call('HMGET', KEYS[3], 'seq', 'message', 'attempts')}
 """
 
-# ARGV: epoch, message id, message JSON, now, message-id ttl, ttl.
-_ACCEPT = """
+# Every write starts here: ARGV[1] is the writer's epoch, refused unless it is current.
+_FENCE = """
 if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then
   return {'fenced'}
 end
+"""
+
+# And a checkpoint write goes on here: ARGV[2] is the new version, which must follow the stored one.
+_CAS = """
+local found = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
+if found ~= tonumber(ARGV[2]) - 1 then
+  return {'conflict', found}
+end
+"""
+
+# ARGV: epoch, message id, message JSON, now, message-id ttl, ttl.
+_ACCEPT = _FENCE + """
 local expired = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', ARGV[4] - ARGV[5], 'LIMIT', 0, 100)
 if #expired > 0 then
   redis.call('HDEL', KEYS[5], unpack(expired))
@@ -71,14 +83,7 @@ return {'accepted', seq}
 """
 
 # ARGV: epoch, new version, turn, checkpoint JSON, ttl, message id ('' = no turn), result JSON.
-_COMMIT = """
-if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then
-  return {'fenced'}
-end
-local found = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
-if found ~= tonumber(ARGV[2]) - 1 then
-  return {'conflict', found}
-end
+_COMMIT = _FENCE + _CAS + """
 redis.call('HSET', KEYS[2], 'version', ARGV[2], 'turn', ARGV[3], 'data', ARGV[4])
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[4], ARGV[3], ARGV[7])
@@ -90,14 +95,7 @@ return {'ok'}
 """
 
 # ARGV: epoch, new version, checkpoint JSON, ttl.
-_RESET = """
-if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then
-  return {'fenced'}
-end
-local found = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
-if found ~= tonumber(ARGV[2]) - 1 then
-  return {'conflict', found}
-end
+_RESET = _FENCE + _CAS + """
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 redis.call('HSET', KEYS[2], 'version', ARGV[2], 'turn', 0, 'data', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[4])

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,39 +17,7 @@ import openai
 import pytest
 
 from stickyray.testing import FakeLLMServer, FakeReply, FakeRequest, FakeToolCall
-
-AGENT = {"X-Stickyray-Agent": "bookings"}
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeLLMServer]:
-    with FakeLLMServer() as server:
-        yield server
-
-
-@pytest.fixture
-def oai(fake: FakeLLMServer) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=fake.openai_base_url, api_key="test", max_retries=0, default_headers=AGENT
-    )
-
-
-@pytest.fixture
-def claude(fake: FakeLLMServer) -> anthropic.Anthropic:
-    return anthropic.Anthropic(
-        base_url=fake.anthropic_base_url, api_key="test", max_retries=0, default_headers=AGENT
-    )
-
-
-def ask_openai(client: openai.OpenAI, text: str = "hello there", **kwargs: Any) -> Any:
-    messages: Any = [{"role": "user", "content": text}]
-    return client.chat.completions.create(model="gpt-test", messages=messages, **kwargs)
-
-
-def ask_claude(client: anthropic.Anthropic, text: str = "hello there", **kwargs: Any) -> Any:
-    messages: Any = [{"role": "user", "content": text}]
-    return client.messages.create(model="claude-test", max_tokens=64, messages=messages, **kwargs)
-
+from tests.unit.fake_clients import AGENT, ask_claude, ask_openai
 
 # -- scripting ---------------------------------------------------------------------------------
 

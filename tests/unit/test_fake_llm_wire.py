@@ -3,53 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import anthropic
 import openai
-import pytest
 
 from stickyray.testing import FakeLLMServer, FakeReply
+from tests.unit.fake_clients import ask_claude, ask_openai
 
 WEATHER_TOOL_OPENAI: Any = {
     "type": "function",
     "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}},
 }
 WEATHER_TOOL_ANTHROPIC: Any = {"name": "get_weather", "input_schema": {"type": "object"}}
-AGENT = {"X-Stickyray-Agent": "bookings"}
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeLLMServer]:
-    with FakeLLMServer() as server:
-        yield server
-
-
-@pytest.fixture
-def oai(fake: FakeLLMServer) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=fake.openai_base_url, api_key="test", max_retries=0, default_headers=AGENT
-    )
-
-
-@pytest.fixture
-def claude(fake: FakeLLMServer) -> anthropic.Anthropic:
-    return anthropic.Anthropic(
-        base_url=fake.anthropic_base_url, api_key="test", max_retries=0, default_headers=AGENT
-    )
-
-
-def ask_openai(client: openai.OpenAI, text: str = "hello there", **kwargs: Any) -> Any:
-    messages: Any = [{"role": "user", "content": text}]
-    return client.chat.completions.create(model="gpt-test", messages=messages, **kwargs)
-
-
-def ask_claude(client: anthropic.Anthropic, text: str = "hello there", **kwargs: Any) -> Any:
-    messages: Any = [{"role": "user", "content": text}]
-    return client.messages.create(model="claude-test", max_tokens=64, messages=messages, **kwargs)
-
-
 # -- OpenAI wire format ------------------------------------------------------------------------
 
 

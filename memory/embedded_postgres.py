@@ -1,0 +1,116 @@
+"""A real Postgres 16 with pgvector for machines without one, through ``pgserver``.
+
+The server listens on a unix socket only (no TCP port), in the data directory when the path
+is short enough and otherwise under pgserver's runtime directory. ``start()`` returns a URL
+for a login role that is neither a superuser nor BYPASSRLS: superusers skip row-level
+security even on FORCE'd tables, so connecting as ``postgres`` would quietly take down the
+second tenant wall that :class:`memory.postgres.PostgresMemoryStore` relies on.
+
+Run as root, pgserver creates a system user ``pgserver`` (``useradd``) to own the data and
+run the server, and widens the permissions of every parent directory of the data directory
+(``g+rx,o+rx``) so that user can reach it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EmbeddedPostgres"]
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+# Run by psql as the superuser. pgvector 0.6 is not a trusted extension, so the vector
+# extension is created here: the application role could not do it, and its migration's
+# CREATE EXTENSION IF NOT EXISTS is then a no-op.
+_BOOTSTRAP = """
+SELECT 'CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS'
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}')\\gexec
+SELECT 'CREATE DATABASE {database} OWNER {role}'
+ WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{database}')\\gexec
+\\connect {database}
+CREATE EXTENSION IF NOT EXISTS vector;
+"""
+
+
+class EmbeddedPostgres:
+    """Starts Postgres with its data in ``data_dir``; ``start()`` returns an asyncpg URL."""
+
+    def __init__(
+        self, data_dir: Path, database: str = "stickyray", role: str = "stickyray"
+    ) -> None:
+        for what, name in (("database", database), ("role", role)):
+            if not _NAME.match(name):
+                raise ValueError(f"{what} name {name!r} must match {_NAME.pattern}")
+        self._data_dir = data_dir
+        self._database = database
+        self._role = role
+        self._server: Any = None
+
+    @property
+    def url(self) -> str:
+        """``postgresql://`` URL of the application role and database (after ``start``)."""
+        return self._uri(self._role, self._database)
+
+    @property
+    def admin_url(self) -> str:
+        """URL of the ``postgres`` superuser (after ``start``); bypasses row-level security."""
+        return self._uri("postgres", self._database)
+
+    def _uri(self, user: str, database: str) -> str:
+        if self._server is None:
+            raise RuntimeError("EmbeddedPostgres is not started")
+        # postgresql://user:@/database?host=/socket/dir: asyncpg and psql both read the
+        # host query parameter as "the unix socket in that directory".
+        uri: str = self._server.get_postmaster_info().get_uri(user=user, database=database)
+        return uri
+
+    def start(self) -> str:
+        """Start the server (or reuse the one serving ``data_dir``), bootstrap, return ``url``."""
+        import pgserver
+
+        self._data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._forget_dead_handles()
+        self._server = pgserver.get_server(self._data_dir, cleanup_mode="stop")
+        script = _BOOTSTRAP.format(role=self._role, database=self._database)
+        self._psql(self._uri("postgres", "postgres"), script)
+        log.info("embedded Postgres at %s (data in %s)", self.url, self._data_dir)
+        return self.url
+
+    def _forget_dead_handles(self) -> None:
+        # pgserver stops the server when the last process holding a handle lets go, and
+        # counts holders in this file. A holder killed with SIGKILL never lets go, so without
+        # this every later stop() would leave the server running.
+        import psutil
+
+        handles = self._data_dir / ".handle_pids.json"
+        if handles.exists():
+            pids = json.loads(handles.read_text())
+            handles.write_text(json.dumps([pid for pid in pids if psutil.pid_exists(pid)]))
+
+    def _psql(self, uri: str, script: str) -> None:
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        # ON_ERROR_STOP: without it psql reports a failed statement and still exits 0.
+        done = subprocess.run(
+            [str(POSTGRES_BIN_PATH / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", uri],
+            input=script,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"bootstrapping embedded Postgres failed: {done.stderr.strip()}")
+
+    def stop(self) -> None:
+        """Stop the server, unless another process still holds a pgserver handle on it."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.cleanup()  # cleanup_mode="stop": stops, keeps the data

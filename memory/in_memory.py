@@ -1,0 +1,209 @@
+"""The in-memory MemoryStore: exact cosine search over numpy, for tests and single processes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+from memory.long_term import (
+    CoreBlock,
+    MemoryHit,
+    MemoryKind,
+    MemoryRecord,
+    NewMemory,
+    SearchWeights,
+    combined_score,
+)
+
+__all__ = [
+    "InMemoryMemoryStore",
+    "check_new",
+    "core_block",
+    "new_records",
+    "now_utc",
+    "rank",
+    "unit_rows",
+]
+
+
+def now_utc() -> datetime:
+    """The current time, timezone-aware in UTC: the default clock of every memory store."""
+    return datetime.now(UTC)
+
+
+def unit_rows(embeddings: np.ndarray, dimension: int) -> np.ndarray:
+    """``embeddings`` as an (n, dimension) float32 array of L2-normalised rows.
+
+    A single vector becomes one row. Embedders promise unit rows, but a store's cosine maths
+    is only right if they are, so every store normalises again rather than trust it.
+    """
+    rows = np.asarray(embeddings, dtype=np.float32)
+    if rows.ndim == 1:
+        rows = rows[np.newaxis, :]
+    if rows.ndim != 2 or rows.shape[1] != dimension:
+        raise ValueError(
+            f"store holds {dimension}-dimensional embeddings, "
+            f"got an array of shape {tuple(np.shape(embeddings))}"
+        )
+    if not np.isfinite(rows).all():
+        raise ValueError("embeddings must be finite")
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise ValueError("embeddings must not be zero vectors (cosine is undefined)")
+    return np.ascontiguousarray(rows / norms, dtype=np.float32)
+
+
+def core_block(label: str, value: str, limit: int, now: datetime) -> CoreBlock:
+    """A validated core block; ValueError naming the label and limit if ``value`` is too long."""
+    if limit < 1:
+        raise ValueError(f"core block {label!r}: limit must be at least 1, got {limit}")
+    if len(value) > limit:
+        raise ValueError(
+            f"core block {label!r} is {len(value)} characters, over its limit of {limit}"
+        )
+    return CoreBlock(label=label, value=value, limit=limit, updated_at=now)
+
+
+def check_new(memories: list[NewMemory], embeddings: np.ndarray, dimension: int) -> np.ndarray:
+    """The unit rows of ``embeddings``, checked to be one per memory."""
+    rows = unit_rows(embeddings, dimension)
+    if rows.shape[0] != len(memories):
+        raise ValueError(f"{len(memories)} memories but {rows.shape[0]} embeddings")
+    return rows
+
+
+def new_records(
+    tenant: str, user_id: str, memories: list[NewMemory], now: datetime
+) -> list[MemoryRecord]:
+    """The records of freshly added memories, with new ids and no accesses yet."""
+    return [
+        MemoryRecord(
+            id=str(uuid.uuid4()),
+            tenant=tenant,
+            user_id=user_id,
+            agent=memory.agent,
+            kind=memory.kind,
+            content=memory.content,
+            importance=memory.importance,
+            created_at=now,
+            last_accessed_at=now,
+            access_count=0,
+            metadata=dict(memory.metadata),
+        )
+        for memory in memories
+    ]
+
+
+def rank(scored: list[tuple[float, MemoryRecord, float]], k: int) -> list[MemoryHit]:
+    """The k best of (score, record, similarity) triples, best first; ties broken by id."""
+    scored.sort(key=lambda t: (-t[0], t[1].id))
+    return [MemoryHit(memory=rec, similarity=sim, score=score) for score, rec, sim in scored[:k]]
+
+
+@dataclass
+class _Scope:
+    """The memories of one (tenant, user): records[i] has the embedding vectors[i]."""
+
+    dimension: int
+    records: list[MemoryRecord] = field(default_factory=list)
+    vectors: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vectors = np.empty((0, self.dimension), dtype=np.float32)
+
+
+class InMemoryMemoryStore:
+    """MemoryStore in a dict: exact search, so it is also the reference the others are held to."""
+
+    def __init__(self, dimension: int = 384, clock: Callable[[], datetime] = now_utc) -> None:
+        if dimension < 1:
+            raise ValueError(f"dimension must be at least 1, got {dimension}")
+        self._dimension = dimension
+        self._clock = clock
+        self._scopes: dict[tuple[str, str], _Scope] = {}
+        self._core: dict[tuple[str, str], dict[str, CoreBlock]] = {}
+
+    @property
+    def dimension(self) -> int:
+        """Length of the embeddings this store holds."""
+        return self._dimension
+
+    async def add(
+        self, tenant: str, user_id: str, memories: list[NewMemory], embeddings: np.ndarray
+    ) -> list[MemoryRecord]:
+        """Store memories with their (n, dimension) embeddings; returns the stored records."""
+        rows = check_new(memories, embeddings, self._dimension)
+        records = new_records(tenant, user_id, memories, self._clock())
+        scope = self._scopes.setdefault((tenant, user_id), _Scope(self._dimension))
+        scope.records.extend(records)
+        scope.vectors = np.vstack([scope.vectors, rows])
+        return records
+
+    async def search(
+        self,
+        tenant: str,
+        user_id: str,
+        embedding: np.ndarray,
+        k: int,
+        kinds: list[MemoryKind] | None = None,
+        agent: str | None = None,
+        weights: SearchWeights | None = None,
+    ) -> list[MemoryHit]:
+        """The k best memories of (tenant, user) by combined score, best first."""
+        query = unit_rows(embedding, self._dimension)[0]
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        scope = self._scopes.get((tenant, user_id))
+        if scope is None or k == 0:
+            return []
+        weights = weights or SearchWeights()
+        now = self._clock()
+        similarities = np.clip(scope.vectors @ query, -1.0, 1.0)
+        scored: list[tuple[float, MemoryRecord, float]] = []
+        for record, similarity in zip(scope.records, similarities.tolist(), strict=True):
+            if kinds is not None and record.kind not in kinds:
+                continue
+            if agent is not None and record.agent not in (None, agent):
+                continue
+            score = combined_score(
+                similarity, record.importance, record.kind, record.created_at, now, weights
+            )
+            scored.append((score, record, similarity))
+        hits = rank(scored, k)
+        touched = {hit.memory.id for hit in hits}
+        for i, record in enumerate(scope.records):
+            if record.id in touched:
+                scope.records[i] = record.model_copy(
+                    update={"access_count": record.access_count + 1, "last_accessed_at": now}
+                )
+        by_id = {record.id: record for record in scope.records if record.id in touched}
+        return [hit.model_copy(update={"memory": by_id[hit.memory.id]}) for hit in hits]
+
+    async def delete(self, tenant: str, user_id: str, memory_id: str) -> bool:
+        """Delete one memory; False if (tenant, user) has no memory with that id."""
+        scope = self._scopes.get((tenant, user_id))
+        if scope is None:
+            return False
+        for i, record in enumerate(scope.records):
+            if record.id == memory_id:
+                del scope.records[i]
+                scope.vectors = np.delete(scope.vectors, i, axis=0)
+                return True
+        return False
+
+    async def get_core(self, tenant: str, user_id: str) -> list[CoreBlock]:
+        """Every core block of (tenant, user), by label."""
+        blocks = self._core.get((tenant, user_id), {})
+        return [blocks[label] for label in sorted(blocks)]
+
+    async def put_core(
+        self, tenant: str, user_id: str, label: str, value: str, limit: int
+    ) -> CoreBlock:
+        """Create or replace a core block; ValueError if ``value`` is over ``limit`` chars."""
+        block = core_block(label, value, limit, self._clock())
+        self._core.setdefault((tenant, user_id), {})[label] = block
+        return block

@@ -1,0 +1,331 @@
+"""One contract for every long-term memory store: in-memory and Postgres (pgvector, pgserver).
+
+The Postgres store shares the session's database with every other test, so each test works
+in a tenant of its own; the Postgres-only tests at the end cover setup and outages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import numpy as np
+import pytest
+
+from memory.embedded_postgres import EmbeddedPostgres
+from memory.in_memory import InMemoryMemoryStore
+from memory.long_term import MemoryStore, NewMemory, SearchWeights
+from memory.postgres import MIGRATIONS, PostgresMemoryStore, init_connection
+from stickyray.errors import StoreUnavailable
+
+DIM = 384
+Store = InMemoryMemoryStore | PostgresMemoryStore
+
+
+class Clock:
+    """A clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2025, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(params=["memory", "postgres"])
+async def store(request: pytest.FixtureRequest, clock: Clock) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield InMemoryMemoryStore(DIM, clock=clock)
+        return
+    url = request.getfixturevalue("postgres_url")
+    async with PostgresMemoryStore.from_url(url, DIM, pool_size=2, clock=clock) as pg:
+        await pg.setup()
+        yield pg
+
+
+def scope() -> tuple[str, str]:
+    """A tenant no other test uses, and a user."""
+    return f"tenant-{uuid.uuid4().hex[:10]}", "user-1"
+
+
+def axis(i: int) -> np.ndarray:
+    v = np.zeros(DIM, dtype=np.float32)
+    v[i] = 1.0
+    return v
+
+
+def tilted(cos: float, j: int) -> np.ndarray:
+    """A unit vector at cosine ``cos`` from axis 0, leaning towards axis ``j``."""
+    return (cos * axis(0) + np.sqrt(1.0 - cos**2) * axis(j)).astype(np.float32)
+
+
+def stack(vectors: list[np.ndarray]) -> np.ndarray:
+    return np.stack(vectors).astype(np.float32)
+
+
+def contents(hits: list) -> list[str]:
+    return [hit.memory.content for hit in hits]
+
+
+async def test_store_satisfies_the_protocol(store: Store) -> None:
+    assert isinstance(store, MemoryStore)
+    assert store.dimension == DIM
+
+
+async def test_add_returns_records_that_search_finds(store: Store, clock: Clock) -> None:
+    tenant, user = scope()
+    new = [
+        NewMemory(content="likes tea", kind="episodic", agent="bookings", importance=0.3),
+        NewMemory(content="is vegan", metadata={"source": "chat", "turn": 2}),
+    ]
+    records = await store.add(tenant, user, new, stack([axis(0), axis(1)]) * 3.0)
+    assert [(r.tenant, r.user_id, r.content, r.kind) for r in records] == [
+        (tenant, user, "likes tea", "episodic"),
+        (tenant, user, "is vegan", "semantic"),
+    ]
+    assert records[0].agent == "bookings" and records[0].importance == 0.3
+    assert records[1].metadata == {"source": "chat", "turn": 2}
+    assert {r.created_at for r in records} == {clock.now} == {r.last_accessed_at for r in records}
+    assert [r.access_count for r in records] == [0, 0] and records[0].id != records[1].id
+
+    (hit,) = await store.search(tenant, user, axis(1), k=1)
+    assert hit.similarity == pytest.approx(1.0, abs=1e-5)  # stored rows were normalised
+    assert hit.memory.model_copy(update={"access_count": 0}) == records[1]
+
+
+async def test_search_returns_exactly_k_best_first(store: Store) -> None:
+    tenant, user = scope()
+    cosines = [0.99 - 0.015 * i for i in range(60)]
+    await store.add(
+        tenant,
+        user,
+        [NewMemory(content=f"m{i}") for i in range(60)],
+        stack([tilted(c, i + 1) for i, c in enumerate(cosines)]),
+    )
+    hits = await store.search(tenant, user, axis(0), k=10)
+    assert contents(hits) == [f"m{i}" for i in range(10)]
+    assert [h.similarity for h in hits] == pytest.approx(cosines[:10], abs=1e-4)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    for k in (1, 25, 60):
+        assert len(await store.search(tenant, user, axis(0), k=k)) == k
+    assert len(await store.search(tenant, user, axis(0), k=100)) == 60
+    assert await store.search(tenant, user, axis(0), k=0) == []
+    assert await store.search(tenant, "nobody", axis(0), k=5) == []
+
+
+async def test_kind_filter_still_returns_k(store: Store) -> None:
+    tenant, user = scope()
+    # Sixty near semantic memories crowd the few far episodic ones out of any index pass.
+    near = [NewMemory(content=f"fact {i}") for i in range(60)]
+    far = [NewMemory(content=f"event {i}", kind="episodic") for i in range(12)]
+    vectors = [tilted(0.95 - 0.001 * i, i + 1) for i in range(60)]
+    vectors += [tilted(0.2 - 0.01 * i, 100 + i) for i in range(12)]
+    await store.add(tenant, user, near + far, stack(vectors))
+
+    episodic = await store.search(tenant, user, axis(0), k=10, kinds=["episodic"])
+    assert contents(episodic) == [f"event {i}" for i in range(10)]
+    semantic = await store.search(tenant, user, axis(0), k=10, kinds=["semantic"])
+    assert {h.memory.kind for h in semantic} == {"semantic"} and len(semantic) == 10
+    both = await store.search(tenant, user, axis(0), k=72, kinds=["episodic", "semantic"])
+    assert len(both) == 72
+
+
+async def test_agent_filter_keeps_that_agent_and_agentless(store: Store) -> None:
+    tenant, user = scope()
+    new, vectors = [], []
+    for n, (agent, cos) in enumerate([("billing", 0.95), ("bookings", 0.6), (None, 0.3)]):
+        for i in range(5):
+            new.append(NewMemory(content=f"{agent}-{i}", agent=agent))
+            vectors.append(tilted(cos - 0.01 * i, 10 * n + i + 1))
+    await store.add(tenant, user, new, stack(vectors))
+
+    hits = await store.search(tenant, user, axis(0), k=10, agent="bookings")
+    assert contents(hits) == [f"bookings-{i}" for i in range(5)] + [f"None-{i}" for i in range(5)]
+    assert len(await store.search(tenant, user, axis(0), k=15)) == 15
+    assert len(await store.search(tenant, user, axis(0), k=15, agent="bookings")) == 10
+
+
+async def test_tenants_and_users_see_only_their_own(store: Store) -> None:
+    tenant, user = scope()
+    other_tenant, _ = scope()
+    scopes = [(tenant, user), (tenant, "user-2"), (other_tenant, user)]
+    for t, u in scopes:
+        await store.add(t, u, [NewMemory(content=f"{t}/{u}")], stack([axis(0)]))
+    for t, u in scopes:
+        hits = await store.search(t, u, axis(0), k=10)
+        assert contents(hits) == [f"{t}/{u}"]
+        assert (hits[0].memory.tenant, hits[0].memory.user_id) == (t, u)
+
+    await store.put_core(tenant, user, "persona", "mine", 100)
+    assert await store.get_core(other_tenant, user) == []
+    assert await store.get_core(tenant, "user-2") == []
+
+
+@pytest.mark.parametrize("kind", ["episodic", "semantic"])
+async def test_only_episodic_memories_decay(store: Store, clock: Clock, kind: str) -> None:
+    tenant, user = scope()
+    await store.add(tenant, user, [NewMemory(content="old", kind=kind)], stack([tilted(0.8, 1)]))
+    clock.advance(days=30)  # one default half-life
+    await store.add(tenant, user, [NewMemory(content="new", kind=kind)], stack([tilted(0.8, 2)]))
+
+    hits = await store.search(tenant, user, axis(0), k=2)
+    by_content = {h.memory.content: h.score for h in hits}
+    if kind == "episodic":
+        assert contents(hits) == ["new", "old"]
+        # 0.8 similarity + 0.2 * recency + 0.1 * 0.5 importance; recency halves in 30 days.
+        assert by_content == pytest.approx({"new": 1.05, "old": 0.95}, abs=1e-4)
+    else:
+        assert by_content == pytest.approx({"new": 1.05, "old": 1.05}, abs=1e-4)
+
+
+async def test_importance_weighs_in(store: Store) -> None:
+    tenant, user = scope()
+    new = [
+        NewMemory(content="important", importance=0.9),
+        NewMemory(content="trivial", importance=0.1),
+    ]
+    await store.add(tenant, user, new, stack([tilted(0.80, 1), tilted(0.82, 2)]))
+    assert contents(await store.search(tenant, user, axis(0), k=2)) == ["important", "trivial"]
+    unweighted = SearchWeights(importance=0.0)
+    hits = await store.search(tenant, user, axis(0), k=2, weights=unweighted)
+    assert contents(hits) == ["trivial", "important"]
+
+
+async def test_delete(store: Store) -> None:
+    tenant, user = scope()
+    other, _ = scope()
+    kept, gone = await store.add(
+        tenant, user, [NewMemory(content="kept"), NewMemory(content="gone")], stack([axis(0)] * 2)
+    )
+    assert await store.delete(tenant, user, gone.id) is True
+    assert await store.delete(tenant, user, gone.id) is False
+    assert contents(await store.search(tenant, user, axis(0), k=5)) == ["kept"]
+    assert await store.delete(other, user, kept.id) is False  # another tenant's id
+    assert await store.delete(tenant, "user-2", kept.id) is False  # another user's id
+    assert await store.delete(tenant, user, "not-a-uuid") is False
+    assert await store.delete(tenant, user, str(uuid.uuid4())) is False
+    assert contents(await store.search(tenant, user, axis(0), k=5)) == ["kept"]
+
+
+async def test_core_blocks(store: Store, clock: Clock) -> None:
+    tenant, user = scope()
+    assert await store.get_core(tenant, user) == []
+    await store.put_core(tenant, user, "user_profile", "Name: Ana", 50)
+    persona = await store.put_core(tenant, user, "persona", "helpful", 100)
+    assert (persona.label, persona.value, persona.limit, persona.updated_at) == (
+        "persona",
+        "helpful",
+        100,
+        clock.now,
+    )
+    clock.advance(minutes=5)
+    replaced = await store.put_core(tenant, user, "user_profile", "Name: Ana Lopez", 60)
+    assert await store.get_core(tenant, user) == [persona, replaced]
+    assert (replaced.limit, replaced.updated_at) == (60, clock.now)
+
+    with pytest.raises(ValueError, match=r"'persona'.*limit of 100"):
+        await store.put_core(tenant, user, "persona", "x" * 101, 100)
+    with pytest.raises(ValueError):
+        await store.put_core(tenant, user, "Not A Label", "x", 100)
+    assert await store.get_core(tenant, user) == [persona, replaced]
+
+
+async def test_hits_count_as_accesses(store: Store, clock: Clock) -> None:
+    tenant, user = scope()
+    created = clock.now
+    await store.add(
+        tenant, user, [NewMemory(content="a"), NewMemory(content="b")], stack([axis(0), axis(1)])
+    )
+    clock.advance(hours=1)
+    await store.search(tenant, user, axis(0), k=1)
+    clock.advance(hours=1)
+    (hit,) = await store.search(tenant, user, axis(0), k=1)
+    assert (hit.memory.content, hit.memory.access_count) == ("a", 2)
+    assert (hit.memory.created_at, hit.memory.last_accessed_at) == (created, clock.now)
+    (hit,) = await store.search(tenant, user, axis(1), k=1)
+    assert (hit.memory.content, hit.memory.access_count) == ("b", 1)  # misses did not count
+
+
+async def test_embeddings_must_have_the_store_width(store: Store) -> None:
+    tenant, user = scope()
+    one = [NewMemory(content="x")]
+    with pytest.raises(ValueError, match="384-dimensional"):
+        await store.add(tenant, user, one, np.ones((1, 16), dtype=np.float32))
+    with pytest.raises(ValueError, match="1 memories but 2 embeddings"):
+        await store.add(tenant, user, one, stack([axis(0), axis(1)]))
+    with pytest.raises(ValueError, match="zero"):
+        await store.add(tenant, user, one, np.zeros((1, DIM), dtype=np.float32))
+    with pytest.raises(ValueError, match="384-dimensional"):
+        await store.search(tenant, user, np.ones(16, dtype=np.float32), k=1)
+
+
+# Postgres only: setup and outages.
+
+
+async def test_setup_refuses_another_dimension(postgres_url: str) -> None:
+    async with PostgresMemoryStore.from_url(postgres_url, DIM) as store:
+        await store.setup()
+    async with PostgresMemoryStore.from_url(postgres_url, 1536) as store:
+        with pytest.raises(ValueError, match="store holds 384-dimensional embeddings, embedder"):
+            await store.setup()
+
+
+async def test_concurrent_setups_apply_each_migration_once(postgres_url: str) -> None:
+    schema = f"setup_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(postgres_url)
+    await admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        # Unqualified names resolve to the empty schema first; `vector` still lives in public.
+        pool = await asyncpg.create_pool(
+            postgres_url,
+            min_size=4,
+            max_size=4,
+            init=init_connection,
+            server_settings={"search_path": f"{schema}, public"},
+        )
+        try:
+            stores = [PostgresMemoryStore(pool, 8) for _ in range(4)]
+            await asyncio.gather(*(s.setup() for s in stores))
+            versions = await pool.fetch(f"SELECT version FROM {schema}.stickyray_migrations")
+            assert sorted(r["version"] for r in versions) == [m.version for m in MIGRATIONS]
+            tenant, user = scope()
+            await stores[0].add(tenant, user, [NewMemory(content="x")], np.ones((1, 8)))
+            assert len(await stores[1].search(tenant, user, np.ones(8), k=1)) == 1
+        finally:
+            await pool.close()
+    finally:
+        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        await admin.close()
+
+
+async def test_unreachable_postgres_is_store_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(StoreUnavailable, match="postgres is unavailable"):
+        async with PostgresMemoryStore.from_url(f"postgresql://x@/db?host={tmp_path}"):
+            pass
+
+
+async def test_postgres_going_away_is_store_unavailable(tmp_path: Path) -> None:
+    pytest.importorskip("pgserver")
+    server = EmbeddedPostgres(tmp_path / "pg")
+    try:
+        async with PostgresMemoryStore.from_url(server.start(), DIM) as store:
+            await store.setup()
+            tenant, user = scope()
+            await store.add(tenant, user, [NewMemory(content="x")], stack([axis(0)]))
+            server.stop()
+            with pytest.raises(StoreUnavailable):
+                await store.search(tenant, user, axis(0), k=1)
+    finally:
+        server.stop()

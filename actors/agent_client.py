@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stickyray.turns import AgentRequest, AgentResult
+from stickyray.turns import AgentRequest, AgentResult, CompressRequest
 
 __all__ = ["ServeAgentCaller"]
 
@@ -18,3 +18,7 @@ class ServeAgentCaller:
     async def __call__(self, agent: str, request: AgentRequest) -> AgentResult:
         result: AgentResult = await self._handles[agent].run.remote(request)
         return result
+
+    async def compress(self, agent: str, request: CompressRequest) -> str | None:
+        memory_id: str | None = await self._handles[agent].compress.remote(request)
+        return memory_id

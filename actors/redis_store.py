@@ -61,7 +61,9 @@ end
 """
 
 # ARGV: epoch, message id, message JSON, now, message-id ttl, ttl.
-_ACCEPT = _FENCE + """
+_ACCEPT = (
+    _FENCE
+    + """
 local expired = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', ARGV[4] - ARGV[5], 'LIMIT', 0, 100)
 if #expired > 0 then
   redis.call('HDEL', KEYS[5], unpack(expired))
@@ -81,9 +83,13 @@ redis.call('ZADD', KEYS[6], ARGV[4], ARGV[2])
 for i = 3, 6 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
 return {'accepted', seq}
 """
+)
 
 # ARGV: epoch, new version, turn, checkpoint JSON, ttl, message id ('' = no turn), result JSON.
-_COMMIT = _FENCE + _CAS + """
+_COMMIT = (
+    _FENCE
+    + _CAS
+    + """
 redis.call('HSET', KEYS[2], 'version', ARGV[2], 'turn', ARGV[3], 'data', ARGV[4])
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[4], ARGV[3], ARGV[7])
@@ -93,14 +99,19 @@ end
 for i = 1, 6 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 return {'ok'}
 """
+)
 
 # ARGV: epoch, new version, checkpoint JSON, ttl.
-_RESET = _FENCE + _CAS + """
+_RESET = (
+    _FENCE
+    + _CAS
+    + """
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 redis.call('HSET', KEYS[2], 'version', ARGV[2], 'turn', 0, 'data', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return {'ok'}
 """
+)
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 

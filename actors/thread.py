@@ -31,6 +31,7 @@ from stickyray.errors import (
 from stickyray.turns import (
     AgentRequest,
     AgentResult,
+    CompressRequest,
     Handoff,
     InboundMessage,
     ThreadSnapshot,
@@ -48,12 +49,19 @@ T = TypeVar("T")
 # message that kills its actor cannot take the thread down forever.
 MAX_TURN_ATTEMPTS = 2
 
+# Trimming is ``_compact``'s job; this cap only bounds memory if compression keeps failing.
+_BUFFER_CAP = 4
+
 
 class AgentCaller(Protocol):
     """Runs an agent by name: Serve handles in production, plain objects in unit tests."""
 
     async def __call__(self, agent: str, request: AgentRequest) -> AgentResult:
         """The agent's result for ``request``."""
+        ...
+
+    async def compress(self, agent: str, request: CompressRequest) -> str | None:
+        """Have ``agent`` keep messages leaving the buffer as a memory; its id, or None."""
         ...
 
 
@@ -87,7 +95,7 @@ class Thread:
         known = {a.name for a in self._team.specialists}
         self._epoch = incarnation.epoch
         self._active = ckpt.active_agent if ckpt.active_agent in known else None
-        self._buffer = ShortTermBuffer(self._team.threads.buffer_size, ckpt.buffer)
+        self._buffer = ShortTermBuffer(_BUFFER_CAP * self._team.threads.buffer_size, ckpt.buffer)
         self._turns = ckpt.turn
         self._version = ckpt.version
 
@@ -221,8 +229,42 @@ class Thread:
         buffer.append(
             BufferEntry(role="assistant", text=result.reply, turn=turn, agent=result.agent)
         )
+        buffer = await self._compact(buffer, active, message)
         await self._commit(active, buffer, turn, result)
         return result
+
+    async def _compact(
+        self, buffer: list[BufferEntry], active: str | None, message: InboundMessage
+    ) -> list[BufferEntry]:
+        """Trim the buffer to the active agent's window, keeping what leaves as a memory.
+
+        Messages leave only once the agent has stored them (when it compresses); if that
+        fails they stay, and the next turn tries again.
+        """
+        limit = self._team.buffer_limit(active)
+        if len(buffer) <= limit:
+            return buffer
+        leaving, kept = buffer[:-limit], buffer[-limit:]
+        agent = self._team.agent(active) if active else self._team.supervisor
+        if agent.memory is None or not agent.memory.compression:
+            return kept
+        request = CompressRequest(
+            thread=str(self.key),
+            tenant=self.key.tenant,
+            user_id=message.user_id or f"thread:{self.key}",
+            messages=leaving,
+        )
+        try:
+            await self._agents.compress(agent.name, request)
+        except Exception as exc:  # keep the messages; nothing leaves without its memory
+            log.warning(
+                "thread %s: compression failed (%s); keeping %d messages",
+                self.key,
+                type(exc).__name__,
+                len(leaving),
+            )
+            return buffer
+        return kept
 
     async def _record_failure(self, message: InboundMessage, turn: int, reason: str) -> TurnResult:
         result = TurnResult(
@@ -254,6 +296,7 @@ class Thread:
                 thread=str(self.key),
                 turn=turn,
                 text=message.text,
+                tenant=self.key.tenant,
                 user_id=message.user_id,
                 buffer=self._buffer.entries(),
                 handoff_reason=reason,
@@ -311,10 +354,7 @@ class Thread:
     ) -> None:
         """Store first, then adopt: a failed write leaves the in-memory thread unchanged."""
         checkpoint = Checkpoint(
-            active_agent=active,
-            buffer=buffer[-self._buffer.max_messages :],
-            turn=turn,
-            version=self._version + 1,
+            active_agent=active, buffer=buffer, turn=turn, version=self._version + 1
         )
         await self._guard(self._store.commit(self.key, self._epoch, checkpoint, result))
         self._adopt_checkpoint(checkpoint)

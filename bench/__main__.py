@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import thread_actors
+from bench import memory_search, thread_actors
 
-BENCHMARKS = {"threads": thread_actors.main}
+BENCHMARKS = {"threads": thread_actors.main, "memory": memory_search.main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Embedder", "LocalEmbedder", "cosine_scores"]
+__all__ = ["Embedder", "LocalEmbedder", "OpenAIEmbedder", "cosine_scores"]
 
 
 @runtime_checkable
@@ -87,3 +87,44 @@ class LocalEmbedder:
         # One encode at a time: the model is not re-entrant and the CPU is the bottleneck anyway.
         async with self._lock:
             return await asyncio.to_thread(self.embed_sync, list(texts))
+
+
+class OpenAIEmbedder:
+    """Embeddings through the official ``openai`` SDK (text-embedding-3-small by default).
+
+    The base URL is configurable like the chat provider's; results are cached per text (LRU).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        model: str = "text-embedding-3-small",
+        dimension: int = 1536,
+        cache_size: int = 10_000,
+    ) -> None:
+        self._client = client
+        self._model = model
+        self._dimension = dimension
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+
+    @property
+    def dimension(self) -> int:
+        return self._dimension
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if missing:
+            response = await self._client.embeddings.create(
+                model=self._model, input=missing, dimensions=self._dimension
+            )
+            for item in response.data:
+                vector = np.asarray(item.embedding, dtype=np.float32)
+                self._cache[missing[item.index]] = vector / (np.linalg.norm(vector) or 1.0)
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        for text in texts:
+            self._cache.move_to_end(text)
+        if not texts:
+            return np.zeros((0, self._dimension), np.float32)
+        return np.stack([self._cache[t] for t in texts])

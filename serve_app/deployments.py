@@ -7,19 +7,24 @@ from ``agents.yaml`` so each agent scales on its own.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from typing import Any
 
 import numpy as np
 from ray import serve
 from ray.serve import Deployment
 
-from memory.embedders import LocalEmbedder
+from memory.embedders import Embedder, LocalEmbedder, OpenAIEmbedder
+from memory.long_term import SearchWeights
+from memory.service import LongTermMemory
 from providers.factory import build_provider
 from serve_app.agent import Agent
+from serve_app.agent_memory import AgentMemory
 from serve_app.tools import resolve_tools
 from stickyray.config import AgentConfig, TeamConfig
+from stickyray.errors import ConfigError
 from stickyray.settings import Settings
-from stickyray.turns import AgentRequest, AgentResult
+from stickyray.turns import AgentRequest, AgentResult, CompressRequest
 
 __all__ = [
     "EMBEDDER_DEPLOYMENT",
@@ -28,6 +33,7 @@ __all__ = [
     "HandleEmbedder",
     "agent_deployment",
     "embedder_deployment",
+    "open_memory",
 ]
 
 EMBEDDER_DEPLOYMENT = "Embedder"
@@ -61,21 +67,71 @@ class EmbedderDeployment:
         return await self._embedder.embed(texts)
 
 
+async def open_memory(
+    team: TeamConfig, settings: Settings, embedder: Any | None, stack: AsyncExitStack
+) -> LongTermMemory | None:
+    """The team's long-term memory on ``DATABASE_URL``, or None when no agent uses memory.
+
+    Connections close with ``stack``.
+    """
+    if not team.uses_memory:
+        return None
+    if not settings.database_url:
+        raise ConfigError("long-term memory needs DATABASE_URL (the CLI sets it when embedded)")
+    config = team.memory
+    from memory.postgres import PostgresMemoryStore
+
+    store = await stack.enter_async_context(
+        PostgresMemoryStore.from_url(settings.database_url, dimension=config.embedding_dimension)
+    )
+    vectors: Embedder
+    if config.embedder == "openai":
+        import openai
+
+        assert settings.openai_api_key is not None, "checked by check_providers"
+        client = openai.AsyncOpenAI(
+            api_key=settings.openai_api_key.get_secret_value(),
+            base_url=settings.openai_base_url,
+            timeout=settings.llm_timeout_s,
+            max_retries=settings.llm_max_retries,
+        )
+        vectors = OpenAIEmbedder(client, config.embedding_model, config.embedding_dimension)
+    else:
+        assert embedder is not None, "build_app binds the embedder for local memory"
+        vectors = HandleEmbedder(embedder)
+    weights = SearchWeights(
+        similarity=config.similarity_weight,
+        recency=config.recency_weight,
+        importance=config.importance_weight,
+    )
+    return LongTermMemory(store, vectors, weights)
+
+
 class AgentDeployment:
     """One agent of the team, answering AgentRequests from thread actors."""
 
-    def __init__(
+    async def __init__(  # type: ignore[misc]
         self, agent_name: str, team: TeamConfig, settings: Settings, embedder: Any | None
     ) -> None:
         config = team.agent(agent_name)
         provider = build_provider(
             config, team, settings, HandleEmbedder(embedder) if embedder is not None else None
         )
-        self._agent = Agent(config, team, provider, resolve_tools(config.tools))
+        self._stack = AsyncExitStack()
+        memory = None
+        if config.memory is not None:
+            long_term = await open_memory(team, settings, embedder, self._stack)
+            assert long_term is not None
+            memory = AgentMemory(config, long_term)
+        self._agent = Agent(config, team, provider, resolve_tools(config.tools), memory)
 
     async def run(self, request: AgentRequest) -> AgentResult:
         """Run the agent loop for one request."""
         return await self._agent.run(request)
+
+    async def compress(self, request: CompressRequest) -> str | None:
+        """Keep messages leaving a thread's buffer as an episodic memory."""
+        return await self._agent.compress(request)
 
 
 def agent_deployment(config: AgentConfig) -> Deployment:

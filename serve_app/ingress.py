@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import uuid
+from contextlib import AsyncExitStack
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request
@@ -15,6 +16,8 @@ from ray.exceptions import RayError
 from actors.directory import ThreadDirectory, root_cause
 from actors.key import ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
+from serve_app.deployments import open_memory
+from serve_app.memory_api import router as memory_router
 from stickyray.config import TeamConfig
 from stickyray.errors import (
     CheckpointConflict,
@@ -38,6 +41,7 @@ api = FastAPI(
     description="Sticky multi-agent assistant runtime: send messages to conversation threads.",
     version="0.1.0",
 )
+api.include_router(memory_router)
 
 
 class MessageIn(BaseModel):
@@ -137,18 +141,24 @@ ThreadIdPath = Path(description="The conversation thread.", max_length=128)
 class Ingress:
     """Routes HTTP requests to thread actors through the directory."""
 
-    def __init__(
+    async def __init__(  # type: ignore[misc]
         self,
         team: TeamConfig,
         settings: Settings,
         agent_handles: dict[str, Any],
         app_name: str,
+        embedder: Any | None = None,
     ) -> None:
         assert settings.redis_url, "the CLI resolves the Redis URL before deploying"
         self._team = team
         self._app_name = app_name
         self._store = RedisThreadStore(connect_redis(settings.redis_url))
         self._directory = ThreadDirectory(team, settings.redis_url, agent_handles)
+        self._stack = AsyncExitStack()
+        api.state.memory = await open_memory(team, settings, embedder, self._stack)
+        api.state.core_block_limit = max(
+            (a.memory.core_block_limit for a in team.agents if a.memory), default=2000
+        )
 
     async def _failure(self, exc: BaseException) -> HTTPException:
         # An actor that could not start usually means Redis is down: say so.

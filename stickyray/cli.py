@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from stickyray.errors import ConfigError
 
@@ -42,12 +43,21 @@ def _serve(args: argparse.Namespace) -> int:
     from stickyray.embedded_redis import EmbeddedRedis
 
     embedded: EmbeddedRedis | None = None
+    postgres: Any = None
     redis_url = settings.redis_url
     if redis_url is None:
         embedded = EmbeddedRedis(settings.data_dir / "redis", settings.redis_appendfsync)
         redis_url = embedded.start()
         print(f"stickyray: embedded Redis with data in {settings.data_dir / 'redis'}")
     settings = settings.model_copy(update={"redis_url": redis_url})
+    if team.uses_memory:
+        try:
+            settings, postgres = _start_memory(team, settings)
+        except (ConfigError, ValueError) as exc:
+            if embedded is not None:
+                embedded.stop()
+            print(f"stickyray: {exc}", file=sys.stderr)
+            return 2
 
     # A stop request during start-up is honoured once the app is up, so the shutdown below
     # always runs against a settled deployment.
@@ -78,7 +88,38 @@ def _serve(args: argparse.Namespace) -> int:
             ray.shutdown()
         if embedded is not None:
             embedded.stop()
+        if postgres is not None:
+            postgres.stop()
     return 0
+
+
+def _start_memory(team: Any, settings: Any) -> tuple[Any, Any]:
+    """Start the embedded Postgres when DATABASE_URL is unset, and run the migrations."""
+    import asyncio
+
+    from memory.postgres import PostgresMemoryStore
+
+    postgres = None
+    url = settings.database_url
+    if url is None:
+        from memory.embedded_postgres import EmbeddedPostgres
+
+        postgres = EmbeddedPostgres(settings.data_dir / "postgres")
+        url = postgres.start()
+        print(f"stickyray: embedded Postgres with data in {settings.data_dir / 'postgres'}")
+
+    async def migrate() -> None:
+        dimension = team.memory.embedding_dimension
+        async with PostgresMemoryStore.from_url(url, dimension=dimension) as store:
+            await store.setup()
+
+    try:
+        asyncio.run(migrate())
+    except BaseException:
+        if postgres is not None:
+            postgres.stop()
+        raise
+    return settings.model_copy(update={"database_url": url}), postgres
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -17,8 +17,10 @@ from stickyray.errors import ConfigError
 
 __all__ = [
     "AgentConfig",
+    "AgentMemoryConfig",
     "AutoscalingConfig",
     "IngressConfig",
+    "MemoryConfig",
     "TeamConfig",
     "ThreadsConfig",
     "load_config",
@@ -50,6 +52,19 @@ class AutoscalingConfig(_Strict):
         return self
 
 
+class AgentMemoryConfig(_Strict):
+    """An agent's long-term memory: what it is shown each turn and what it may do."""
+
+    # The thread keeps at most this many recent messages while this agent is active; older
+    # ones are summarised into an episodic memory (compression) before they leave.
+    short_window: int | None = Field(default=None, ge=2, le=10_000)
+    top_k: int = Field(default=5, ge=0, le=50)
+    compression: bool = True
+    decay_half_life_days: float = Field(default=30.0, gt=0)
+    tools: bool = True
+    core_block_limit: int = Field(default=2000, ge=1, le=100_000)
+
+
 class AgentConfig(_Strict):
     """One agent: its prompt, model, handoffs and how Ray Serve scales it."""
 
@@ -65,6 +80,7 @@ class AgentConfig(_Strict):
     handoffs: list[str] | None = None
     can_return_to_supervisor: bool = True
     tools: list[str] = Field(default_factory=list)
+    memory: AgentMemoryConfig | None = None
     # Serve scaling. An agent replica spends its time waiting on the model, so it can hold
     # far more turns at once than Serve's default of 5 ongoing requests.
     num_replicas: int | None = Field(default=None, ge=1)
@@ -102,6 +118,30 @@ class ThreadsConfig(_Strict):
     max_live_threads: int = Field(default=1000, ge=1)
 
 
+class MemoryConfig(_Strict):
+    """Long-term memory for the whole team: the embedder and how search scores combine."""
+
+    embedder: Literal["local", "openai"] = "local"
+    embedding_model: str = "text-embedding-3-small"
+    dimension: int | None = Field(default=None, ge=1, le=16_000)
+    similarity_weight: float = Field(default=1.0, ge=0)
+    recency_weight: float = Field(default=0.2, ge=0)
+    importance_weight: float = Field(default=0.1, ge=0)
+
+    @property
+    def embedding_dimension(self) -> int:
+        """384 for the local model; the configured (default 1536) for OpenAI."""
+        if self.embedder == "local":
+            return 384
+        return self.dimension or 1536
+
+    @model_validator(mode="after")
+    def _check(self) -> MemoryConfig:
+        if self.embedder == "local" and self.dimension not in (None, 384):
+            raise ValueError("the local embedder (all-MiniLM-L6-v2) gives 384 dimensions")
+        return self
+
+
 class IngressConfig(_Strict):
     """Scaling of the HTTP ingress deployment."""
 
@@ -115,6 +155,7 @@ class TeamConfig(_Strict):
     supervisor: AgentConfig
     specialists: list[AgentConfig] = Field(min_length=1)
     threads: ThreadsConfig = ThreadsConfig()
+    memory: MemoryConfig = MemoryConfig()
     ingress: IngressConfig = IngressConfig()
 
     @model_validator(mode="after")
@@ -157,6 +198,18 @@ class TeamConfig(_Strict):
         if agent.name == self.supervisor.name:
             return [s.name for s in self.specialists]
         return []
+
+    @property
+    def uses_memory(self) -> bool:
+        """Whether any agent has long-term memory (so a database is needed)."""
+        return any(a.memory is not None for a in self.agents)
+
+    def buffer_limit(self, active: str | None) -> int:
+        """How many messages the thread keeps while ``active`` (None = supervisor) answers."""
+        agent = self.agent(active) if active else self.supervisor
+        if agent.memory is not None and agent.memory.short_window is not None:
+            return min(agent.memory.short_window, self.threads.buffer_size)
+        return self.threads.buffer_size
 
     def can_return(self, name: str) -> bool:
         """Whether ``name`` offers the return_to_supervisor tool."""

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path(".stickyray"), alias="STICKYRAY_DATA_DIR")
     redis_url: str | None = Field(default=None, alias="REDIS_URL")
     redis_appendfsync: str = Field(default="everysec", alias="STICKYRAY_REDIS_APPENDFSYNC")
+    database_url: str | None = Field(default=None, alias="DATABASE_URL")
     ray_address: str | None = Field(default=None, alias="RAY_ADDRESS")
     host: str = Field(default="127.0.0.1", alias="STICKYRAY_HOST")
     port: int = Field(default=8000, ge=1, le=65535, alias="STICKYRAY_PORT")

@@ -14,6 +14,7 @@ from memory.buffer import BufferEntry
 __all__ = [
     "AgentRequest",
     "AgentResult",
+    "CompressRequest",
     "Handoff",
     "InboundMessage",
     "ThreadSnapshot",
@@ -57,14 +58,27 @@ class Handoff(_Record):
 
 
 class AgentRequest(_Record):
-    """What a thread actor asks of one agent deployment."""
+    """What a thread actor asks of one agent deployment.
+
+    ``user_id`` scopes long-term memory; a message without one is scoped to its thread.
+    """
 
     thread: str
     turn: int
     text: str
+    tenant: str = "default"
     user_id: str | None = None
     buffer: list[BufferEntry] = Field(default_factory=list)
     handoff_reason: str | None = None
+
+
+class CompressRequest(_Record):
+    """Messages about to leave a thread's buffer, to be kept as an episodic memory."""
+
+    thread: str
+    tenant: str
+    user_id: str
+    messages: list[BufferEntry]
 
 
 class AgentResult(_Record):

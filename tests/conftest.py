@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from memory.embedded_postgres import EmbeddedPostgres
 from stickyray.embedded_redis import EmbeddedRedis
 from stickyray.settings import Settings
 from stickyray.testing import FakeLLMServer
@@ -54,6 +55,19 @@ def redis_url(embedded_redis: EmbeddedRedis) -> str:
 
 
 @pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a real Postgres 16 + pgvector 0.6 (pgserver) shared by the session.
+
+    It logs in as an ordinary role: a superuser would skip the row-level security under test.
+    """
+    server = EmbeddedPostgres(Path(tmp_path_factory.mktemp("postgres")) / "data")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def fake_llm_server() -> Iterator[FakeLLMServer]:
     """The fake OpenAI/Anthropic server, shared by the session."""
     with FakeLLMServer() as fake:
@@ -74,10 +88,11 @@ def fake_llm(fake_llm_server: FakeLLMServer) -> Iterator[FakeLLMServer]:
 
 
 @pytest.fixture(scope="session")
-def settings(redis_url: str, fake_llm_server: FakeLLMServer) -> Settings:
+def settings(redis_url: str, postgres_url: str, fake_llm_server: FakeLLMServer) -> Settings:
     """Settings that point every provider at the fake server."""
     return Settings(
         redis_url=redis_url,
+        database_url=postgres_url,
         openai_api_key="test-key",
         openai_base_url=fake_llm_server.openai_base_url,
         anthropic_api_key="test-key",

@@ -6,7 +6,9 @@ SSE frames out. Nothing here knows about rules, recording or HTTP.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -237,3 +239,33 @@ def reply_stream(
 
 def _frame(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
+
+
+def fake_embedding(text: str, dimensions: int) -> list[float]:
+    """A deterministic unit vector: hashed words, so texts sharing words are similar."""
+    vector = [0.0] * dimensions
+    for word in text.lower().split():
+        digest = hashlib.blake2b(word.strip(".,;:!?\"'()").encode(), digest_size=8).digest()
+        slot = int.from_bytes(digest[:4], "little") % dimensions
+        vector[slot] += 1.0 if digest[4] & 1 else -1.0
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [v / norm for v in vector]
+
+
+def embeddings_body(body: dict[str, Any]) -> dict[str, Any]:
+    """A `create embeddings` response for ``body`` (a string or a list of strings)."""
+    inputs = body.get("input", [])
+    texts = [inputs] if isinstance(inputs, str) else [str(t) for t in inputs]
+    dimensions = int(body.get("dimensions") or 1536)
+    return {
+        "object": "list",
+        "model": body.get("model", "fake-embedding"),
+        "data": [
+            {"object": "embedding", "index": i, "embedding": fake_embedding(t, dimensions)}
+            for i, t in enumerate(texts)
+        ],
+        "usage": {
+            "prompt_tokens": sum(len(t.split()) for t in texts),
+            "total_tokens": sum(len(t.split()) for t in texts),
+        },
+    }

@@ -102,6 +102,7 @@ class FakeLLMServer:
         self._rules: list[FakeRule] = []
         self._queue: deque[FakeRule] = deque()
         self._requests: deque[FakeRequest] = deque(maxlen=max_recorded)
+        self.embedding_requests = 0  # POST /v1/embeddings calls (not recorded as requests)
         self._seq = itertools.count(1)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -124,6 +125,7 @@ class FakeLLMServer:
                 Route("/v1/chat/completions", self._openai, methods=["POST"]),
                 Route("/v1/messages", self._anthropic, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
+                Route("/v1/embeddings", self._embeddings, methods=["POST"]),
             ]
         )
         config = uvicorn.Config(
@@ -305,6 +307,12 @@ class FakeLLMServer:
         with self._lock:
             ids = sorted({"fake-model", *(r.model for r in self._requests if r.model)})
         return JSONResponse(_fake_openai.models_body(ids))
+
+    async def _embeddings(self, request: Request) -> Response:
+        body = await request.json()
+        with self._lock:
+            self.embedding_requests += 1
+        return JSONResponse(_fake_openai.embeddings_body(body))
 
     async def _handle(self, request: Request, api: Api, wire: _Wire) -> Response:
         try:

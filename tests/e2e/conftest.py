@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from memory.postgres import PostgresMemoryStore
 from stickyray.config import TeamConfig, parse_config
 from stickyray.settings import Settings
 from tests.conftest import free_port
@@ -89,6 +91,8 @@ def deploy(serve_url: str, settings: Settings) -> Iterator[Callable[[dict], App]
 
     def _deploy(config: dict) -> App:
         team = parse_config(config, source=__import__("pathlib").Path("<test>"))
+        if team.uses_memory:
+            asyncio.run(_migrate(settings.database_url, team.memory.embedding_dimension))
         name = f"t{uuid.uuid4().hex[:8]}"
         serve.run(build_app(team, settings, app_name=name), name=name, route_prefix=f"/{name}")
         names.append(name)
@@ -98,6 +102,13 @@ def deploy(serve_url: str, settings: Settings) -> Iterator[Callable[[dict], App]
     for name in names:
         serve.delete(name)
     kill_thread_actors()
+
+
+async def _migrate(url: str | None, dimension: int) -> None:
+    """What ``stickyray serve`` does before deploying: the memory store's migrations."""
+    assert url is not None
+    async with PostgresMemoryStore.from_url(url, dimension=dimension) as store:
+        await store.setup()
 
 
 def new_thread() -> str:

@@ -44,3 +44,11 @@ def openai_team(provider: str = "openai", model: str = "gpt-test") -> dict[str, 
         ],
         "threads": {"buffer_size": 60, "max_handoffs_per_turn": 3, "max_message_bytes": 1024},
     }
+
+
+def memory_team(short_window: int = 6) -> dict[str, Any]:
+    """The OpenAI team with long-term memory on bookings (OpenAI embeddings, 384 dims)."""
+    team = openai_team()
+    team["specialists"][1]["memory"] = {"short_window": short_window, "top_k": 3}
+    team["memory"] = {"embedder": "openai", "dimension": 384}
+    return team

@@ -218,3 +218,9 @@ def test_chat_client_shows_which_agent_answered(app: App, fake_llm: FakeLLMServe
     assert "(triage -> bookings: wants a booking)" in out
     assert "[bookings] bookings says: book a table" in out
     assert "[stickyray] Active agent: bookings" in out
+
+
+def test_memory_routes_say_when_memory_is_off(app: App) -> None:
+    with app.client() as client:
+        response = client.get("/v1/users/someone/memories", params={"query": "x"})
+    assert response.status_code == 404 and "memory` section" in response.text

@@ -71,3 +71,17 @@ def test_environment_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("REDIS_URL", "redis://example:6379/0")
     settings = load_settings()
     assert settings.port == 8080 and settings.redis_url == "redis://example:6379/0"
+
+
+def test_memory_settings(tmp_path: Path) -> None:
+    team = load_config(None)
+    assert team.uses_memory and team.memory.embedding_dimension == 384
+    assert team.buffer_limit("bookings") == 12 and team.buffer_limit(None) == 20
+    data = openai_team()
+    data["memory"] = {"embedder": "local", "dimension": 1536}
+    with pytest.raises(ConfigError, match="384 dimensions"):
+        load_config(write(tmp_path, data))
+    data["memory"] = {"embedder": "openai", "dimension": 256}
+    data["specialists"][0]["memory"] = {"top_k": 100}
+    with pytest.raises(ConfigError, match="specialists.0.memory.top_k"):
+        load_config(write(tmp_path, data))

@@ -12,7 +12,7 @@ from actors.store import InMemoryThreadStore
 from actors.thread import MAX_TURN_ATTEMPTS, Thread
 from stickyray.config import TeamConfig, load_config
 from stickyray.errors import ProviderError, StoreUnavailable, ThreadFenced, ThreadPassivated
-from stickyray.turns import AgentRequest, AgentResult, InboundMessage, Usage
+from stickyray.turns import AgentRequest, AgentResult, CompressRequest, InboundMessage, Usage
 
 Behaviour = Callable[[AgentRequest], AgentResult]
 KEY = ThreadKey.of("t")
@@ -24,11 +24,19 @@ class Agents:
     def __init__(self, behaviours: dict[str, Behaviour]) -> None:
         self.behaviours = behaviours
         self.calls: list[tuple[str, int]] = []
+        self.compressed: list[tuple[str, list[str]]] = []
+        self.compress_fails = False
 
     async def __call__(self, agent: str, request: AgentRequest) -> AgentResult:
         self.calls.append((agent, request.turn))
         await asyncio.sleep(0)  # let other turns try to interleave
         return self.behaviours[agent](request)
+
+    async def compress(self, agent: str, request: CompressRequest) -> str | None:
+        self.compressed.append((agent, [e.text for e in request.messages]))
+        if self.compress_fails:
+            raise RuntimeError("memory store down")
+        return f"memory-{len(self.compressed)}"
 
 
 def reply(agent: str) -> Behaviour:
@@ -256,3 +264,27 @@ async def test_buffer_keeps_the_last_n_messages(team: TeamConfig) -> None:
     for i in range(5):
         await thread.handle(msg(f"n{i}"))
     assert [e.text for e in thread.snapshot().buffer] == ["n3", "triage: n3", "n4", "triage: n4"]
+
+
+async def test_overflow_is_compressed_before_it_leaves(team: TeamConfig) -> None:
+    data = team.model_dump()
+    data["specialists"][1]["memory"] = {"short_window": 4}  # bookings
+    with_memory = TeamConfig.model_validate(data)
+    agents, store = booking_agents(), InMemoryThreadStore()
+    thread = await Thread.open(KEY, with_memory, store, agents)
+    for text in ("book", "two people", "at nine"):
+        await thread.handle(msg(text))
+    assert agents.compressed == [("bookings", ["book", "bookings: book"])]
+    assert [e.text for e in thread.snapshot().buffer] == [
+        "two people",
+        "bookings: two people",
+        "at nine",
+        "bookings: at nine",
+    ]
+    agents.compress_fails = True
+    await thread.handle(msg("by the window"))
+    assert len(thread.snapshot().buffer) == 6, "nothing leaves without its memory"
+    agents.compress_fails = False
+    await thread.handle(msg("thanks"))
+    assert agents.compressed[-1][1][:2] == ["two people", "bookings: two people"]
+    assert len(thread.snapshot().buffer) == 4

@@ -1,0 +1,96 @@
+"""Long-term memory as agents and the API use it: a store plus an embedder."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from memory.buffer import BufferEntry
+from memory.embedders import Embedder
+from memory.long_term import (
+    CoreBlock,
+    MemoryHit,
+    MemoryKind,
+    MemoryRecord,
+    MemoryStore,
+    NewMemory,
+    SearchWeights,
+)
+
+__all__ = ["LongTermMemory", "extractive_summary"]
+
+
+class LongTermMemory:
+    """Embeds text on the way in and out of a MemoryStore."""
+
+    def __init__(
+        self, store: MemoryStore, embedder: Embedder, weights: SearchWeights | None = None
+    ) -> None:
+        if store.dimension != embedder.dimension:
+            raise ValueError(
+                f"the memory store holds {store.dimension}-dimensional embeddings but the "
+                f"embedder gives {embedder.dimension}; use the embedder the store was built "
+                "with, or a new database"
+            )
+        self.store = store
+        self._embedder = embedder
+        self._weights = weights or SearchWeights()
+
+    async def remember(self, tenant: str, user_id: str, memory: NewMemory) -> MemoryRecord:
+        """Store one memory."""
+        vectors = await self._embedder.embed([memory.content])
+        (record,) = await self.store.add(tenant, user_id, [memory], vectors)
+        return record
+
+    async def recall(
+        self,
+        tenant: str,
+        user_id: str,
+        query: str,
+        k: int,
+        kinds: list[MemoryKind] | None = None,
+        agent: str | None = None,
+        half_life_days: float | None = None,
+    ) -> list[MemoryHit]:
+        """The k memories that best match ``query`` (similarity, recency, importance)."""
+        if k <= 0:
+            return []
+        weights = self._weights
+        if half_life_days is not None:
+            weights = weights.model_copy(update={"half_life_days": half_life_days})
+        (vector,) = await self._embedder.embed([query])
+        return await self.store.search(tenant, user_id, vector, k, kinds, agent, weights)
+
+    async def forget(self, tenant: str, user_id: str, memory_id: str) -> bool:
+        """Delete one memory."""
+        return await self.store.delete(tenant, user_id, memory_id)
+
+    async def core(self, tenant: str, user_id: str) -> list[CoreBlock]:
+        """The user's core blocks."""
+        return await self.store.get_core(tenant, user_id)
+
+    async def set_core(
+        self, tenant: str, user_id: str, label: str, value: str, limit: int
+    ) -> CoreBlock:
+        """Create or replace a core block (ValueError when over ``limit``)."""
+        return await self.store.put_core(tenant, user_id, label, value, limit)
+
+
+def extractive_summary(entries: list[BufferEntry], max_chars: int = 4000) -> str:
+    """A summary with no model: the messages themselves, dated, the user's words first.
+
+    What users tell an assistant (names, ids, preferences) is in their own messages, so
+    those are kept whole while there is room; replies are cut short.
+    """
+    if not entries:
+        return ""
+    turns = sorted({e.turn for e in entries})
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+    lines = [f"Conversation excerpt ({stamp}, turns {turns[0]}-{turns[-1]}):"]
+    for entry in entries:
+        if entry.role == "user":
+            lines.append(f"user: {entry.text}")
+        else:
+            reply = entry.text if len(entry.text) <= 200 else entry.text[:197] + "..."
+            lines.append(f"{entry.agent or 'assistant'}: {reply}")
+    text = "\n".join(lines)
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."

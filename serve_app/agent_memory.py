@@ -1,0 +1,148 @@
+"""An agent's long-term memory in its loop: prompt section, memory tools, compression."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from memory.long_term import NewMemory
+from memory.service import LongTermMemory, extractive_summary
+from providers.model import ChatMessage, Provider, ToolSpec
+from serve_app.tools import Tool
+from stickyray.config import AgentConfig, AgentMemoryConfig
+from stickyray.turns import AgentRequest, CompressRequest
+
+__all__ = ["AgentMemory", "memory_user"]
+
+log = logging.getLogger(__name__)
+
+_SUMMARY_PROMPT = (
+    "Summarise this excerpt of a conversation for your long-term memory. Keep every fact "
+    "about the user (names, numbers, ids, dates, preferences, decisions) word for word; "
+    "drop small talk. Answer with the summary only."
+)
+
+
+def memory_user(request: AgentRequest | CompressRequest) -> str:
+    """Whose memories these are: the user, or the thread for anonymous conversations."""
+    return request.user_id or f"thread:{request.thread}"
+
+
+class AgentMemory:
+    """Long-term memory as one agent sees it."""
+
+    def __init__(self, agent: AgentConfig, memory: LongTermMemory) -> None:
+        assert agent.memory is not None
+        self._agent = agent
+        self._config: AgentMemoryConfig = agent.memory
+        self._memory = memory
+
+    async def prompt_section(self, request: AgentRequest) -> str:
+        """Core blocks and the memories most relevant to the message, for the system prompt."""
+        user = memory_user(request)
+        core = await self._memory.core(request.tenant, user)
+        hits = await self._memory.recall(
+            request.tenant,
+            user,
+            request.text,
+            self._config.top_k,
+            agent=self._agent.name,
+            half_life_days=self._config.decay_half_life_days,
+        )
+        parts = []
+        if core:
+            parts.append("Core memory:\n" + "\n".join(f"[{b.label}] {b.value}" for b in core))
+        if hits:
+            lines = [
+                f"- ({h.memory.created_at:%Y-%m-%d}, {h.memory.kind}) {h.memory.content}"
+                for h in hits
+            ]
+            parts.append("Relevant memories:\n" + "\n".join(lines))
+        return "\n\n".join(parts)
+
+    def tools(self, request: AgentRequest) -> list[Tool]:
+        """memory_search, remember and core_memory_update, bound to this request's user."""
+        if not self._config.tools:
+            return []
+        tenant, user, agent = request.tenant, memory_user(request), self._agent.name
+        memory, limit = self._memory, self._config.core_block_limit
+
+        async def memory_search(query: str, k: int = 5) -> str:
+            """Search your long-term memory of this user."""
+            hits = await memory.recall(tenant, user, query, min(max(k, 1), 20), agent=agent)
+            if not hits:
+                return "no memories found"
+            return "\n".join(f"- ({h.memory.kind}) {h.memory.content}" for h in hits)
+
+        async def remember(content: str, importance: float = 0.5) -> str:
+            """Store a fact about the user in long-term memory."""
+            fact = NewMemory(
+                kind="semantic", content=content, agent=agent, importance=min(max(importance, 0), 1)
+            )
+            record = await memory.remember(tenant, user, fact)
+            return f"remembered (id {record.id})"
+
+        async def core_memory_update(label: str, value: str) -> str:
+            """Replace a core memory block (e.g. user_profile), always shown to you."""
+            block = await memory.set_core(tenant, user, label, value, limit)
+            return f"core block {block.label} updated"
+
+        return [
+            Tool(name=f.__name__, description=(f.__doc__ or f.__name__), func=f)
+            for f in (memory_search, remember, core_memory_update)
+        ]
+
+    def tool_specs(self) -> list[ToolSpec]:
+        """The memory tools' specs (the same for every request)."""
+        probe = AgentRequest(thread="spec", turn=0, text="")
+        return [tool.spec() for tool in self.tools(probe)]
+
+    async def compress(self, request: CompressRequest, provider: Provider) -> str | None:
+        """Keep ``request.messages`` as an episodic memory; returns its id.
+
+        The agent's model writes the summary; the offline provider has no model, so its
+        summary is extractive.
+        """
+        if not self._config.compression or not request.messages:
+            return None
+        summary = ""
+        if provider.name != "offline":
+            excerpt = "\n".join(
+                f"{e.role if e.role == 'user' else (e.agent or 'assistant')}: {e.text}"
+                for e in request.messages
+            )
+            response = await provider.complete(
+                agent=self._agent.name,
+                model=self._agent.model_name,
+                messages=[
+                    ChatMessage(role="system", content=_SUMMARY_PROMPT),
+                    ChatMessage(role="user", content=excerpt),
+                ],
+                tools=[],
+                temperature=None,
+                max_tokens=self._agent.max_tokens,
+            )
+            summary = response.text.strip()
+        if not summary:
+            summary = extractive_summary(request.messages)
+        turns = sorted({e.turn for e in request.messages})
+        metadata: dict[str, Any] = {
+            "source": "compression",
+            "thread": request.thread,
+            "turns": [turns[0], turns[-1]],
+        }
+        record = await self._memory.remember(
+            request.tenant,
+            request.user_id,
+            NewMemory(
+                kind="episodic", content=summary, agent=None, importance=0.5, metadata=metadata
+            ),
+        )
+        log.info(
+            "thread %s: turns %d-%d compressed into memory %s",
+            request.thread,
+            turns[0],
+            turns[-1],
+            record.id,
+        )
+        return record.id

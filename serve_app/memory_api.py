@@ -1,0 +1,138 @@
+"""HTTP routes of long-term memory: a user's memories and core blocks."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from memory.long_term import CORE_LABEL_PATTERN, CoreBlock, MemoryHit, MemoryRecord, NewMemory
+from memory.service import LongTermMemory
+from stickyray.errors import StoreUnavailable
+
+__all__ = ["router"]
+
+_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$"
+TENANT = "default"
+
+router = APIRouter(prefix="/v1/users/{user_id}", tags=["memory"])
+
+UserId = Annotated[str, Path(pattern=_ID_PATTERN, description="Whose memories.")]
+
+
+class MemoryIn(BaseModel):
+    """A memory to store for a user."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    content: str = Field(min_length=1, max_length=8000)
+    kind: Literal["episodic", "semantic"] = "semantic"
+    importance: float = Field(default=0.5, ge=0.0, le=1.0)
+    agent: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class CoreIn(BaseModel):
+    """New text of a core block."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    value: str
+
+
+class MemorySearch(BaseModel):
+    """Result of a memory search."""
+
+    user_id: str
+    memories: list[MemoryHit]
+
+
+def _memory(request: Request) -> tuple[LongTermMemory, int]:
+    memory: LongTermMemory | None = getattr(request.app.state, "memory", None)
+    if memory is None:
+        raise HTTPException(
+            404, "long-term memory is not enabled: give an agent a `memory` section in agents.yaml"
+        )
+    limit: int = request.app.state.core_block_limit
+    return memory, limit
+
+
+def _unavailable(exc: StoreUnavailable) -> HTTPException:
+    return HTTPException(503, f"{exc.store} is unavailable; nothing was changed")
+
+
+@router.get("/memories", response_model=MemorySearch)
+async def search_memories(
+    request: Request,
+    user_id: UserId,
+    query: Annotated[str, Query(min_length=1, description="What to look for.")],
+    k: Annotated[int, Query(ge=1, le=100)] = 10,
+    kind: Annotated[Literal["episodic", "semantic"] | None, Query()] = None,
+) -> MemorySearch:
+    """The user's memories that best match ``query`` (similarity, recency, importance)."""
+    memory, _ = _memory(request)
+    try:
+        hits = await memory.recall(TENANT, user_id, query, k, kinds=[kind] if kind else None)
+    except StoreUnavailable as exc:
+        raise _unavailable(exc) from None
+    return MemorySearch(user_id=user_id, memories=hits)
+
+
+@router.post("/memories", response_model=MemoryRecord, status_code=201)
+async def add_memory(request: Request, user_id: UserId, body: MemoryIn) -> MemoryRecord:
+    """Store a memory for the user."""
+    memory, _ = _memory(request)
+    try:
+        return await memory.remember(TENANT, user_id, NewMemory(**body.model_dump()))
+    except StoreUnavailable as exc:
+        raise _unavailable(exc) from None
+
+
+@router.delete("/memories/{memory_id}", status_code=204)
+async def delete_memory(request: Request, user_id: UserId, memory_id: str) -> Response:
+    """Delete one of the user's memories."""
+    memory, _ = _memory(request)
+    try:
+        valid = str(uuid.UUID(memory_id)) == memory_id.lower()
+    except ValueError:
+        valid = False
+    try:
+        deleted = valid and await memory.forget(TENANT, user_id, memory_id)
+    except StoreUnavailable as exc:
+        raise _unavailable(exc) from None
+    if not deleted:
+        raise HTTPException(404, f"user {user_id!r} has no memory {memory_id!r}")
+    return Response(status_code=204)
+
+
+Label = Annotated[str, Path(pattern=CORE_LABEL_PATTERN, description="e.g. user_profile")]
+
+
+@router.get("/core/{label}", response_model=CoreBlock)
+async def get_core(request: Request, user_id: UserId, label: Label) -> CoreBlock:
+    """One of the user's core blocks."""
+    memory, _ = _memory(request)
+    try:
+        blocks = await memory.core(TENANT, user_id)
+    except StoreUnavailable as exc:
+        raise _unavailable(exc) from None
+    for block in blocks:
+        if block.label == label:
+            return block
+    raise HTTPException(404, f"user {user_id!r} has no core block {label!r}")
+
+
+@router.put("/core/{label}", response_model=CoreBlock)
+async def put_core(request: Request, user_id: UserId, label: Label, body: CoreIn) -> CoreBlock:
+    """Create or replace a core block (its size is limited by the agents' core_block_limit)."""
+    memory, limit = _memory(request)
+    if len(body.value) > limit:
+        raise HTTPException(
+            422, f"body.value: {len(body.value)} characters is over the core block limit {limit}"
+        )
+    try:
+        return await memory.set_core(TENANT, user_id, label, body.value, limit)
+    except StoreUnavailable as exc:
+        raise _unavailable(exc) from None

@@ -1,0 +1,140 @@
+"""Long-term memory end to end: Postgres + pgvector, OpenAI embeddings, the agent's prompt."""
+
+from __future__ import annotations
+
+import pytest
+
+from stickyray.testing import FakeLLMServer, FakeReply
+from tests.e2e.conftest import App, new_thread
+from tests.e2e.teams import memory_team
+
+
+@pytest.fixture(scope="module")
+def app(deploy) -> App:
+    return deploy(memory_team(short_window=6))
+
+
+def script(fake: FakeLLMServer) -> None:
+    fake.on(
+        system_contains="Summarise this excerpt",
+        reply=lambda r: FakeReply.text(f"Summary: {r.last_user_text}"),
+    )
+    fake.on(agent="triage", reply=FakeReply.tool_call("transfer_to_bookings", {"reason": "b"}))
+    fake.on(agent="bookings", reply=FakeReply.text("noted"))
+
+
+def user() -> str:
+    return f"user-{new_thread()}"
+
+
+def test_prompt_has_core_block_and_relevant_memory(app: App, fake_llm: FakeLLMServer) -> None:
+    script(fake_llm)
+    who = user()
+    with app.client() as client:
+        put = client.put(f"/v1/users/{who}/core/user_profile", json={"value": "Name: Ana Lopez"})
+        assert put.status_code == 200 and put.json()["label"] == "user_profile"
+        for content in (
+            "The user prefers WhatsApp for notifications",
+            "The user is allergic to peanuts",
+        ):
+            created = client.post(f"/v1/users/{who}/memories", json={"content": content})
+            assert created.status_code == 201, created.text
+        body = {"text": "book a table; how will you notify me, by WhatsApp?", "user_id": who}
+        assert client.post(f"/v1/threads/{new_thread()}/messages", json=body).status_code == 200
+    system = fake_llm.requests_for(agent="bookings")[-1].system
+    assert "[user_profile] Name: Ana Lopez" in system
+    assert "The user prefers WhatsApp for notifications" in system
+    # The supervisor has no memory section: nothing of the user leaks into its prompt.
+    assert "Ana Lopez" not in fake_llm.requests_for(agent="triage")[-1].system
+
+
+def test_a_fact_from_turn_2_is_recalled_at_turn_40(app: App, fake_llm: FakeLLMServer) -> None:
+    script(fake_llm)
+    who, thread = user(), new_thread()
+    with app.client() as client:
+
+        def say(text: str) -> dict:
+            r = client.post(f"/v1/threads/{thread}/messages", json={"text": text, "user_id": who})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        say("I want to book a table")
+        say("my company's tax id is B-76543210")
+        for n in range(3, 40):
+            say(f"filler message number {n}")
+        state = client.get(f"/v1/threads/{thread}").json()
+        assert all("B-76543210" not in e["text"] for e in state["buffer"]), "left the buffer"
+        assert len(state["buffer"]) <= 6
+        assert say("what is my tax id?")["turn"] == 40
+        found = client.get(
+            f"/v1/users/{who}/memories", params={"query": "tax id", "k": 3, "kind": "episodic"}
+        ).json()
+    assert any("B-76543210" in m["memory"]["content"] for m in found["memories"])
+    (final,) = [
+        r
+        for r in fake_llm.requests_for(agent="bookings")
+        if r.last_user_text == "what is my tax id?"
+    ]
+    assert "B-76543210" in final.system
+    assert not any("B-76543210" in str(m.get("content")) for m in final.messages[1:])
+
+
+def test_memory_tools_write_memories(app: App, fake_llm: FakeLLMServer) -> None:
+    fake_llm.on(agent="triage", reply=FakeReply.tool_call("transfer_to_bookings", {"reason": "b"}))
+    fake_llm.on(agent="bookings", after_tool_result=True, reply=FakeReply.text("saved"))
+    fake_llm.on(
+        agent="bookings",
+        user_contains="vegetarian",
+        reply=FakeReply.tool_calls(
+            [
+                ("remember", {"content": "The user is vegetarian", "importance": 0.9}),
+                ("core_memory_update", {"label": "user_profile", "value": "Vegetarian."}),
+            ]
+        ),
+    )
+    who = user()
+    with app.client() as client:
+        body = {"text": "book dinner, I am vegetarian", "user_id": who}
+        reply = client.post(f"/v1/threads/{new_thread()}/messages", json=body).json()
+        core = client.get(f"/v1/users/{who}/core/user_profile")
+        found = client.get(f"/v1/users/{who}/memories", params={"query": "vegetarian"}).json()
+    assert reply["reply"] == "saved"
+    assert core.status_code == 200 and core.json()["value"] == "Vegetarian."
+    assert found["memories"][0]["memory"]["content"] == "The user is vegetarian"
+    assert found["memories"][0]["memory"]["agent"] == "bookings"
+    tools = set(fake_llm.requests_for(agent="bookings")[0].tools)
+    assert {"memory_search", "remember", "core_memory_update"} <= tools
+
+
+def test_memory_api_validates_and_scopes(app: App, fake_llm: FakeLLMServer) -> None:
+    who, other = user(), user()
+    with app.client() as client:
+        created = client.post(
+            f"/v1/users/{who}/memories", json={"content": "Lives in Porto", "kind": "semantic"}
+        ).json()
+        assert (
+            client.get(f"/v1/users/{other}/memories", params={"query": "Porto"}).json()["memories"]
+            == []
+        )
+        for params, field in [
+            ({}, "query"),
+            ({"query": "x", "k": 0}, "k"),
+            ({"query": "x", "kind": "dream"}, "kind"),
+        ]:
+            bad = client.get(f"/v1/users/{who}/memories", params=params)
+            assert bad.status_code == 422 and field in bad.text, bad.text
+        for body, field in [
+            ({"content": ""}, "content"),
+            ({"content": "x", "importance": 2}, "importance"),
+            ({"content": "x", "colour": 1}, "colour"),
+        ]:
+            bad = client.post(f"/v1/users/{who}/memories", json=body)
+            assert bad.status_code == 422 and field in bad.text, bad.text
+        assert client.delete(f"/v1/users/{other}/memories/{created['id']}").status_code == 404
+        assert client.delete(f"/v1/users/{who}/memories/not-a-uuid").status_code == 404
+        assert client.delete(f"/v1/users/{who}/memories/{created['id']}").status_code == 204
+        assert client.delete(f"/v1/users/{who}/memories/{created['id']}").status_code == 404
+        assert client.get(f"/v1/users/{who}/core/persona").status_code == 404
+        too_long = client.put(f"/v1/users/{who}/core/persona", json={"value": "x" * 5000})
+        assert too_long.status_code == 422 and "value" in too_long.text
+        assert client.put(f"/v1/users/{who}/core/Bad-Label", json={"value": "x"}).status_code == 422

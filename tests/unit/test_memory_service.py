@@ -1,0 +1,45 @@
+"""LongTermMemory over the in-memory store with real embedders (OpenAI SDK on the fake)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from memory.buffer import BufferEntry
+from memory.embedders import OpenAIEmbedder
+from memory.in_memory import InMemoryMemoryStore
+from memory.long_term import NewMemory
+from memory.service import LongTermMemory, extractive_summary
+from stickyray.testing import FakeLLMServer
+
+
+def embedder(fake: FakeLLMServer, dimension: int = 64) -> OpenAIEmbedder:
+    client = openai.AsyncOpenAI(base_url=fake.openai_base_url, api_key="k", max_retries=0)
+    return OpenAIEmbedder(client, dimension=dimension)
+
+
+async def test_remember_and_recall_through_the_openai_sdk(fake_llm: FakeLLMServer) -> None:
+    memory = LongTermMemory(InMemoryMemoryStore(dimension=64), embedder(fake_llm))
+    await memory.remember("t", "u", NewMemory(content="The user's tax id is B-123"))
+    await memory.remember("t", "u", NewMemory(content="Prefers morning appointments"))
+    await memory.remember("t", "other", NewMemory(content="The other user's tax id is Z-9"))
+    hits = await memory.recall("t", "u", "what is my tax id", k=1)
+    assert [h.memory.content for h in hits] == ["The user's tax id is B-123"]
+    calls = fake_llm.embedding_requests
+    await memory.recall("t", "u", "what is my tax id", k=1)
+    assert fake_llm.embedding_requests == calls, "repeated texts come from the LRU cache"
+
+
+def test_dimension_mismatch_is_a_clear_error(fake_llm: FakeLLMServer) -> None:
+    with pytest.raises(ValueError, match="384-dimensional.*gives 64"):
+        LongTermMemory(InMemoryMemoryStore(dimension=384), embedder(fake_llm, 64))
+
+
+def test_extractive_summary_keeps_the_users_words() -> None:
+    entries = [
+        BufferEntry(role="user", text="my tax id is B-123", turn=2),
+        BufferEntry(role="assistant", text="noted " * 100, turn=2, agent="invoices"),
+    ]
+    summary = extractive_summary(entries)
+    assert "turns 2-2" in summary and "user: my tax id is B-123" in summary
+    assert "invoices: noted" in summary and len(summary) < 400

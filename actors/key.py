@@ -7,10 +7,12 @@ from dataclasses import dataclass
 
 from stickyray.errors import InvalidThreadKey
 
-__all__ = ["DEFAULT_TENANT", "ThreadKey"]
+__all__ = ["DEFAULT_TENANT", "ID_PATTERN", "ThreadKey"]
 
 DEFAULT_TENANT = "default"
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$")
+# Tenants, thread ids, user ids and message ids all follow this rule.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$"
+_ID = re.compile(ID_PATTERN)
 _ID_RULE = "1-128 characters: letters, digits and . _ : @ + = -, starting with a letter or digit"
 
 

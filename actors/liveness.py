@@ -75,8 +75,3 @@ class LiveThreads:
         """Unregister ``name``."""
         self._touched.pop(name, None)
         await self._client.zrem(self._key, name)
-
-    async def names(self) -> list[str]:
-        """Registered names, least recently used first."""
-        raw = await self._client.zrange(self._key, 0, -1)
-        return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]

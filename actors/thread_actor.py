@@ -21,7 +21,7 @@ from actors.liveness import LiveThreads
 from actors.redis_store import RedisThreadStore, connect_redis
 from actors.thread import Thread
 from stickyray.config import TeamConfig
-from stickyray.turns import InboundMessage, ThreadSnapshot, TurnResult
+from stickyray.turns import InboundMessage, TurnResult
 
 __all__ = ["ThreadActor"]
 
@@ -65,10 +65,6 @@ class ThreadActor:
         except Exception:  # LRU order is best effort; the turn is already stored
             log.debug("could not refresh live set", exc_info=True)
         return result
-
-    async def snapshot(self) -> ThreadSnapshot:
-        """The thread's in-memory state."""
-        return self._thread.snapshot()
 
     async def epoch(self) -> int:
         """The incarnation's fencing token."""

@@ -27,7 +27,7 @@ import numpy as np
 from asyncpg import exceptions as pgerr
 from pgvector.asyncpg import register_vector
 
-from memory.in_memory import check_new, core_block, new_records, now_utc, rank, unit_rows
+from memory._records import check_new, core_block, new_records, now_utc, rank, unit_rows
 from memory.long_term import (
     CoreBlock,
     MemoryHit,

@@ -14,7 +14,7 @@ from ray import serve
 from ray.exceptions import RayError
 
 from actors.directory import ThreadDirectory, root_cause
-from actors.key import ThreadKey
+from actors.key import ID_PATTERN, ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
 from serve_app.deployments import open_memory
 from serve_app.memory_api import router as memory_router
@@ -34,7 +34,6 @@ __all__ = ["INGRESS_DEPLOYMENT", "Ingress", "MessageIn", "api"]
 log = logging.getLogger(__name__)
 
 INGRESS_DEPLOYMENT = "StickyrayIngress"
-_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$"
 
 api = FastAPI(
     title="stickyray",
@@ -52,7 +51,7 @@ class MessageIn(BaseModel):
     text: str = Field(min_length=1, description="What the user wrote.")
     message_id: str | None = Field(
         default=None,
-        pattern=_ID_PATTERN,
+        pattern=ID_PATTERN,
         description="Client id of the message; generated when absent.",
     )
     user_id: str | None = Field(default=None, max_length=128)
@@ -260,7 +259,7 @@ class Ingress:
             name: sum(
                 n
                 for state, n in d.replica_states.items()
-                if str(state) in ("RUNNING", "ReplicaState.RUNNING")
+                if getattr(state, "value", state) == "RUNNING"
             )
             for name, d in app.deployments.items()
         }

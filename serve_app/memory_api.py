@@ -8,18 +8,18 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from actors.key import DEFAULT_TENANT, ID_PATTERN
 from memory.long_term import CORE_LABEL_PATTERN, CoreBlock, MemoryHit, MemoryRecord, NewMemory
 from memory.service import LongTermMemory
 from stickyray.errors import StoreUnavailable
 
 __all__ = ["router"]
 
-_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$"
-TENANT = "default"
+TENANT = DEFAULT_TENANT
 
 router = APIRouter(prefix="/v1/users/{user_id}", tags=["memory"])
 
-UserId = Annotated[str, Path(pattern=_ID_PATTERN, description="Whose memories.")]
+UserId = Annotated[str, Path(pattern=ID_PATTERN, description="Whose memories.")]
 
 
 class MemoryIn(BaseModel):

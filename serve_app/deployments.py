@@ -20,7 +20,7 @@ from memory.service import LongTermMemory
 from providers.factory import build_provider
 from serve_app.agent import Agent
 from serve_app.agent_memory import AgentMemory
-from serve_app.tools import resolve_tools
+from serve_app.tools import intent_tools, resolve_tools
 from stickyray.config import AgentConfig, TeamConfig
 from stickyray.errors import ConfigError
 from stickyray.settings import Settings
@@ -123,7 +123,8 @@ class AgentDeployment:
             long_term = await open_memory(team, settings, embedder, self._stack)
             assert long_term is not None
             memory = AgentMemory(config, long_term)
-        self._agent = Agent(config, team, provider, resolve_tools(config.tools), memory)
+        tools = resolve_tools(config.tools) + intent_tools(config)
+        self._agent = Agent(config, team, provider, tools, memory)
 
     async def run(self, request: AgentRequest) -> AgentResult:
         """Run the agent loop for one request."""

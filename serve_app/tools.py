@@ -17,8 +17,9 @@ from typing import Any
 from pydantic import ValidationError, create_model
 
 from providers.model import ToolSpec
+from stickyray.config import AgentConfig
 
-__all__ = ["Tool", "ToolError", "resolve_tool", "resolve_tools"]
+__all__ = ["Tool", "ToolError", "intent_tools", "resolve_tool", "resolve_tools"]
 
 
 class ToolError(Exception):
@@ -32,10 +33,13 @@ class Tool:
     name: str
     description: str
     func: Callable[..., Any]
+    # A JSON schema given outright (intents); otherwise it comes from the signature.
+    parameters: dict[str, Any] | None = None
 
     def spec(self) -> ToolSpec:
         """The ToolSpec offered to the model."""
-        return ToolSpec(name=self.name, description=self.description, parameters=self._schema())
+        parameters = self.parameters if self.parameters is not None else self._schema()
+        return ToolSpec(name=self.name, description=self.description, parameters=parameters)
 
     def _args_model(self) -> Any:
         fields: dict[str, Any] = {}
@@ -57,11 +61,17 @@ class Tool:
 
         Errors become text too: the model can correct itself, the turn does not fail.
         """
-        try:
-            args = self._args_model().model_validate(arguments)
-        except ValidationError as exc:
-            return f"error: invalid arguments for {self.name}: {exc.errors()}"
-        kwargs = {name: getattr(args, name) for name in type(args).model_fields}
+        if self.parameters is not None:
+            missing = [n for n in self.parameters.get("required", []) if n not in arguments]
+            if missing:
+                return f"error: {self.name} needs {', '.join(missing)}"
+            kwargs = dict(arguments)
+        else:
+            try:
+                args = self._args_model().model_validate(arguments)
+            except ValidationError as exc:
+                return f"error: invalid arguments for {self.name}: {exc.errors()}"
+            kwargs = {name: getattr(args, name) for name in type(args).model_fields}
         try:
             if inspect.iscoroutinefunction(self.func):
                 result = await self.func(**kwargs)
@@ -106,3 +116,32 @@ def resolve_tool(ref: str) -> Tool:
 def resolve_tools(refs: list[str]) -> list[Tool]:
     """Resolve every reference of one agent."""
     return [resolve_tool(ref) for ref in refs]
+
+
+def intent_tools(agent: AgentConfig) -> list[Tool]:
+    """One tool per intent of ``agent``; calling it records the request (no backend is wired)."""
+    tools = []
+    for intent in agent.intents:
+        slots = [*intent.required_slots, *intent.optional_slots]
+        parameters = {
+            "type": "object",
+            "properties": {
+                slot: {"type": "string", "description": agent.slots.get(slot, slot)}
+                for slot in slots
+            },
+            "required": list(intent.required_slots),
+        }
+
+        def record(_intent: str = intent.name, **values: Any) -> str:
+            filled = ", ".join(f"{k}={v}" for k, v in sorted(values.items()))
+            return f"{_intent} recorded ({filled or 'no details'})"
+
+        tools.append(
+            Tool(
+                name=intent.name,
+                description=intent.description or intent.name,
+                func=record,
+                parameters=parameters,
+            )
+        )
+    return tools

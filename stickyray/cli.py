@@ -141,6 +141,14 @@ def _chat(args: argparse.Namespace) -> int:
     return run_chat(args.url, args.thread)
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from replay.submit import submit_replay
+
+    return submit_replay(
+        args.dialogues, args.agents, args.out, args.address, args.concurrency, args.limit
+    )
+
+
 def _fake_llm(args: argparse.Namespace) -> int:
     from stickyray.testing.fake_llm import main as fake_main
 
@@ -169,6 +177,20 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate an agents.yaml without starting anything")
     check.add_argument("config", type=Path)
     check.set_defaults(func=_check)
+
+    replay = sub.add_parser("replay", help="replay recorded dialogues as a Ray job; report routing")
+    replay.add_argument("dialogues", type=Path, help="JSONL, one dialogue per line")
+    replay.add_argument(
+        "--agents",
+        type=Path,
+        required=True,
+        help="agents.yaml, or agents.json (a list of services)",
+    )
+    replay.add_argument("--address", help="Ray dashboard address (default: a local cluster)")
+    replay.add_argument("--concurrency", type=int, default=8, help="dialogues at once")
+    replay.add_argument("--limit", type=int, help="replay only the first N dialogues")
+    replay.add_argument("--out", type=Path, default=Path("replay-report"), help="report folder")
+    replay.set_defaults(func=_replay)
 
     fake = sub.add_parser(
         "fake-llm", help="run the fake OpenAI/Anthropic server (for tests)", add_help=False

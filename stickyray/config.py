@@ -20,6 +20,7 @@ __all__ = [
     "AgentMemoryConfig",
     "AutoscalingConfig",
     "IngressConfig",
+    "IntentConfig",
     "MemoryConfig",
     "TeamConfig",
     "ThreadsConfig",
@@ -65,6 +66,15 @@ class AgentMemoryConfig(_Strict):
     core_block_limit: int = Field(default=2000, ge=1, le=100_000)
 
 
+class IntentConfig(_Strict):
+    """Something the user can ask an agent to do; offered to the model as a tool."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+    description: str = ""
+    required_slots: list[str] = Field(default_factory=list)
+    optional_slots: list[str] = Field(default_factory=list)
+
+
 class AgentConfig(_Strict):
     """One agent: its prompt, model, handoffs and how Ray Serve scales it."""
 
@@ -80,6 +90,8 @@ class AgentConfig(_Strict):
     handoffs: list[str] | None = None
     can_return_to_supervisor: bool = True
     tools: list[str] = Field(default_factory=list)
+    intents: list[IntentConfig] = Field(default_factory=list)
+    slots: dict[str, str] = Field(default_factory=dict)
     memory: AgentMemoryConfig | None = None
     # Serve scaling. An agent replica spends its time waiting on the model, so it can hold
     # far more turns at once than Serve's default of 5 ongoing requests.

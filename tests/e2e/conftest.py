@@ -24,15 +24,23 @@ from serve_app.app import build_app  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def serve_url() -> Iterator[str]:
-    """A local Ray cluster with Serve's HTTP proxy on a free port."""
+def ray_cluster() -> Iterator[str]:
+    """A local Ray cluster for the session; yields its dashboard (Jobs API) address."""
     # Worker logs stay in Ray's log files (and the dashboard) instead of flooding test output.
-    ray.init(address="local", namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
+    context = ray.init(
+        address="local", namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False
+    )
+    yield f"http://{context.dashboard_url}"
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_cluster: str) -> Iterator[str]:
+    """Serve's HTTP proxy on a free port of the session's cluster."""
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-    ray.shutdown()
 
 
 def kill_thread_actors() -> int:

@@ -1,0 +1,1 @@
+"""Batch replays of recorded conversations, run as Ray jobs, measuring routing."""

@@ -1,0 +1,227 @@
+"""The replay job: deploy the agents, replay each dialogue as a fresh thread, write a report.
+
+Run inside a Ray job (``stickyray replay`` submits it; ``ray job submit -- python -m
+replay.job ...`` works too). It drives the same HTTP ingress and thread directory as live
+traffic: each dialogue is a new thread, its user turns sent in order, dialogues concurrently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel, Field
+
+from replay.dataset import Dialogue, load_dialogues, load_team
+from stickyray.errors import ConfigError
+
+__all__ = ["TurnRecord", "main", "replay_dialogues"]
+
+log = logging.getLogger(__name__)
+
+
+class TurnRecord(BaseModel):
+    """What happened to one replayed user turn."""
+
+    dialogue_id: str
+    index: int
+    labels: list[str] = Field(default_factory=list)
+    agent: str | None = None
+    supervisor_called: bool = False
+    agents_called: list[str] = Field(default_factory=list)
+    handoffs: int = 0
+    returns: int = 0
+    latency_s: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    status: str = "completed"
+    error: str | None = None
+
+
+def _record(
+    dialogue: Dialogue, index: int, body: dict, latency: float, supervisor: str
+) -> TurnRecord:
+    handoffs = body.get("handoffs", [])
+    agent = body.get("agent")
+    called = [h["from"] for h in handoffs] + ([agent] if agent else [])
+    return TurnRecord(
+        dialogue_id=dialogue.dialogue_id,
+        index=index,
+        labels=[s.lower() for s in dialogue.turns[index].services],
+        agent=agent,
+        supervisor_called=supervisor in called,
+        agents_called=called,
+        handoffs=len(handoffs),
+        returns=sum(1 for h in handoffs if h["to"] == supervisor),
+        latency_s=latency,
+        input_tokens=body.get("usage", {}).get("input_tokens", 0),
+        output_tokens=body.get("usage", {}).get("output_tokens", 0),
+        status=body.get("status", "completed"),
+        error=body.get("error"),
+    )
+
+
+async def replay_dialogues(
+    url: str,
+    dialogues: list[Dialogue],
+    supervisor: str,
+    concurrency: int,
+    run_id: str,
+) -> list[TurnRecord]:
+    """Replay every dialogue as its own thread; ``concurrency`` dialogues at a time."""
+    from actors.directory import passivate_actor
+    from actors.key import ThreadKey
+
+    records: list[TurnRecord] = []
+    done = 0
+    started = time.monotonic()
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(client: httpx.AsyncClient, dialogue: Dialogue) -> None:
+        nonlocal done
+        thread = f"replay-{run_id}-{dialogue.dialogue_id}"
+        async with gate:
+            for index, turn in enumerate(dialogue.turns):
+                message_id = f"{dialogue.dialogue_id}-{index}"
+                start = time.perf_counter()
+                try:
+                    response = await client.post(
+                        f"/v1/threads/{thread}/messages",
+                        json={"text": turn.user, "message_id": message_id},
+                    )
+                    response.raise_for_status()
+                    body = response.json()
+                except httpx.HTTPError as exc:
+                    records.append(
+                        TurnRecord(
+                            dialogue_id=dialogue.dialogue_id,
+                            index=index,
+                            labels=[s.lower() for s in turn.services],
+                            status="error",
+                            error=f"{type(exc).__name__}: {exc}"[:300],
+                        )
+                    )
+                    continue
+                records.append(
+                    _record(dialogue, index, body, time.perf_counter() - start, supervisor)
+                )
+            # The conversation is over: free its actor now rather than at the idle timeout.
+            await passivate_actor(ThreadKey.of(thread).actor_name)
+        done += 1
+        if done % 50 == 0 or done == len(dialogues):
+            rate = len(records) / max(time.monotonic() - started, 1e-9)
+            print(
+                f"replayed {done}/{len(dialogues)} dialogues, {len(records)} turns "
+                f"({rate:.1f} turns/s)",
+                flush=True,
+            )
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        await asyncio.gather(*(one(client, d) for d in dialogues))
+    records.sort(key=lambda r: (r.dialogue_id, r.index))
+    return records
+
+
+def _serve_http_port(dashboard_url: str) -> int:
+    """The HTTP port of the cluster's running Serve proxy (from the Serve REST API)."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    base = dashboard_url if dashboard_url.startswith("http") else f"http://{dashboard_url}"
+    details = ServeSubmissionClient(base).get_serve_details()
+    return int(details["http_options"]["port"])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m replay.job", description=__doc__)
+    parser.add_argument("--dialogues", type=Path, required=True)
+    parser.add_argument("--agents", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="Serve's HTTP port if the job has to start Serve",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the replay job."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        team = load_team(args.agents)
+    except ConfigError as exc:
+        print(f"replay: {exc}", file=sys.stderr)
+        return 2
+    dialogues, skipped = load_dialogues(args.dialogues, args.limit)
+    for line in skipped:
+        print(f"replay: skipped line {line.line}: {line.error}", flush=True)
+    print(
+        f"replay: {len(dialogues)} dialogues, {sum(len(d.turns) for d in dialogues)} turns, "
+        f"{len(team.specialists)} specialists",
+        flush=True,
+    )
+
+    import ray
+    from ray import serve
+
+    from replay.report import write_report
+    from serve_app.app import build_app
+    from stickyray.embedded_redis import EmbeddedRedis
+    from stickyray.settings import load_settings
+
+    settings = load_settings()
+    run_id = uuid.uuid4().hex[:8]
+    app_name = f"replay-{run_id}"
+    with ExitStack() as stack:
+        if settings.redis_url is None:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sr-")))
+            redis = EmbeddedRedis(tmp / "redis")
+            settings = settings.model_copy(update={"redis_url": redis.start()})
+            stack.callback(redis.stop)
+        context = ray.init(
+            namespace="stickyray", logging_level=logging.WARNING, log_to_driver=False
+        )
+        stack.callback(ray.shutdown)
+        serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
+        port = _serve_http_port(context.dashboard_url)
+        started = time.monotonic()
+        serve.run(
+            build_app(team, settings, app_name=app_name), name=app_name, route_prefix=f"/{app_name}"
+        )
+        stack.callback(serve.delete, app_name)
+        print(f"replay: app {app_name} deployed in {time.monotonic() - started:.1f} s", flush=True)
+        started = time.monotonic()
+        records = asyncio.run(
+            replay_dialogues(
+                f"http://127.0.0.1:{port}/{app_name}",
+                dialogues,
+                team.supervisor.name,
+                args.concurrency,
+                run_id,
+            )
+        )
+        elapsed = time.monotonic() - started
+        report = write_report(args.out, team, dialogues, records, skipped, elapsed)
+    print(
+        f"replay: accuracy {report['routing']['accuracy']:.3f}, "
+        f"{report['routing']['supervisor_decisions_per_turn']:.3f} supervisor decisions/turn, "
+        f"{elapsed:.0f} s; report in {args.out}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

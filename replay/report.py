@@ -1,0 +1,198 @@
+"""The replay report: routing accuracy and cost, in report.json, report.md and a chart."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from replay.dataset import Dialogue, SkippedLine
+from replay.job import TurnRecord
+from stickyray.config import TeamConfig
+
+__all__ = ["accuracy", "summarize", "write_report"]
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def accuracy(records: list[TurnRecord]) -> tuple[float, int]:
+    """Share of labelled turns answered by one of their labelled agents; and their count."""
+    labelled = [r for r in records if r.labels]
+    right = sum(1 for r in labelled if r.agent in r.labels)
+    return (right / len(labelled) if labelled else 0.0), len(labelled)
+
+
+def _by(records: list[TurnRecord], key: Any) -> dict[str, float]:
+    groups: dict[str, list[TurnRecord]] = defaultdict(list)
+    for record in records:
+        for label in {key(label) for label in record.labels}:
+            groups[label].append(record)
+    out = {}
+    for name, group in sorted(groups.items()):
+        right = sum(1 for r in group if r.agent is not None and key(r.agent) == name)
+        out[name] = round(right / len(group), 4)
+    return out
+
+
+def summarize(
+    team: TeamConfig,
+    dialogues: list[Dialogue],
+    records: list[TurnRecord],
+    skipped: list[SkippedLine],
+    elapsed_s: float,
+    baselines: dict[str, dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """Every figure of the report, as a JSON-able dict."""
+    acc, labelled = accuracy(records)
+    turns = len(records)
+    calls: Counter[str] = Counter()
+    tokens: dict[str, dict[str, int]] = defaultdict(lambda: {"input": 0, "output": 0})
+    for record in records:
+        calls.update(record.agents_called)
+        if record.agent:
+            tokens[record.agent]["input"] += record.input_tokens
+            tokens[record.agent]["output"] += record.output_tokens
+    wrong: dict[str, Counter[str]] = defaultdict(Counter)
+    for record in records:
+        if record.labels and record.agent not in record.labels:
+            wrong[record.labels[0]][record.agent or "(none)"] += 1
+    confusion = {
+        right: {"most_frequent_wrong": c.most_common(1)[0][0], "count": c.most_common(1)[0][1]}
+        for right, c in sorted(wrong.items())
+    }
+    decisions = sum(1 for r in records if r.supervisor_called)
+    latencies = [r.latency_s for r in records if r.status != "error"]
+    runtime = {
+        "accuracy": round(acc, 4),
+        "supervisor_decisions_per_turn": round(decisions / max(turns, 1), 4),
+    }
+    return {
+        "dialogues": len(dialogues),
+        "turns": turns,
+        "labelled_turns": labelled,
+        "skipped_lines": [s.model_dump() for s in skipped],
+        "elapsed_s": round(elapsed_s, 1),
+        "routing": {
+            **runtime,
+            "supervisor_decisions": decisions,
+            "per_service": _by(records, lambda name: name),
+            "per_domain": _by(records, lambda name: name.split("_")[0]),
+            "handoffs": sum(r.handoffs for r in records),
+            "returns_to_supervisor": sum(r.returns for r in records),
+            "confusion": confusion,
+        },
+        "agent_calls": dict(sorted(calls.items())),
+        "tokens": {k: v for k, v in sorted(tokens.items())},
+        "latency_ms": {
+            "p50": round(_pct(latencies, 0.50) * 1000, 1),
+            "p95": round(_pct(latencies, 0.95) * 1000, 1),
+            "p99": round(_pct(latencies, 0.99) * 1000, 1),
+        },
+        "errors": sum(1 for r in records if r.status != "completed"),
+        "strategies": {"sticky with switching (this run)": runtime, **(baselines or {})},
+        "supervisor": team.supervisor.name,
+    }
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    routing = report["routing"]
+    lines = [
+        "# Replay report",
+        "",
+        f"{report['dialogues']} dialogues, {report['turns']} turns "
+        f"({report['labelled_turns']} labelled), {len(report['skipped_lines'])} skipped lines, "
+        f"{report['elapsed_s']} s.",
+        "",
+        "| strategy | accuracy | supervisor decisions / turn |",
+        "| --- | --- | --- |",
+    ]
+    for name, figures in report["strategies"].items():
+        lines.append(
+            f"| {name} | {figures['accuracy']:.3f} | "
+            f"{figures['supervisor_decisions_per_turn']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Handoffs {routing['handoffs']}, returns to the supervisor "
+        f"{routing['returns_to_supervisor']}, errors {report['errors']}.",
+        f"Turn latency p50 {report['latency_ms']['p50']} ms, p95 "
+        f"{report['latency_ms']['p95']} ms, p99 {report['latency_ms']['p99']} ms.",
+        "",
+        "## Accuracy per domain",
+        "",
+        "| domain | accuracy |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {d} | {a:.3f} |" for d, a in routing["per_domain"].items()]
+    lines += ["", "## Accuracy per service", "", "| service | accuracy |", "| --- | --- |"]
+    lines += [f"| {s} | {a:.3f} |" for s, a in routing["per_service"].items()]
+    lines += [
+        "",
+        "## Most frequent wrong agent",
+        "",
+        "| right agent | answered instead | turns |",
+        "| --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r} | {c['most_frequent_wrong']} | {c['count']} |"
+        for r, c in routing["confusion"].items()
+    ]
+    lines += [
+        "",
+        "## Agent calls and tokens",
+        "",
+        "| agent | calls | input tokens | output tokens |",
+        "| --- | --- | --- | --- |",
+    ]
+    for agent, n in report["agent_calls"].items():
+        t = report["tokens"].get(agent, {"input": 0, "output": 0})
+        lines.append(f"| {agent} | {n} | {t['input']} | {t['output']} |")
+    lines += ["", "![accuracy vs supervisor calls](routing.png)", ""]
+    return "\n".join(lines)
+
+
+def _chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, figures in report["strategies"].items():
+        x, y = figures["supervisor_decisions_per_turn"], figures["accuracy"]
+        ax.scatter([x], [y], s=60)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("supervisor decisions per turn")
+    ax.set_ylabel("routing accuracy")
+    ax.set_xlim(0, 1.05)
+    ax.set_ylim(0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.set_title("Routing accuracy vs supervisor calls")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(
+    out: Path,
+    team: TeamConfig,
+    dialogues: list[Dialogue],
+    records: list[TurnRecord],
+    skipped: list[SkippedLine],
+    elapsed_s: float,
+    baselines: dict[str, dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """Write report.json, report.md, routing.png and turns.jsonl into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    report = summarize(team, dialogues, records, skipped, elapsed_s, baselines)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(_markdown(report))
+    (out / "turns.jsonl").write_text("".join(r.model_dump_json() + "\n" for r in records))
+    _chart(report, out / "routing.png")
+    return report

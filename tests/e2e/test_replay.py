@@ -1,0 +1,68 @@
+"""Replays as real Ray jobs on the session's cluster, through the Jobs API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from replay.submit import submit_replay
+from stickyray.cli import main as cli
+
+pytestmark = pytest.mark.slow
+
+DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "sgd-dev"
+
+
+@pytest.fixture(scope="module")
+def slice_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 recorded dialogues with two broken lines among them."""
+    lines = (DATASETS / "dialogues.jsonl").read_text().splitlines()[:20]
+    lines.insert(3, '{"dialogue_id": "broken", "turns": [')
+    lines.insert(10, '{"dialogue_id": "no-turns", "turns": []}')
+    path = tmp_path_factory.mktemp("replay") / "slice.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_replay_job_writes_a_report_that_matches_its_turns(
+    ray_cluster: str, serve_url: str, slice_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    code = submit_replay(
+        slice_file, DATASETS / "agents.json", out, address=ray_cluster, concurrency=4
+    )
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").read_text().startswith("# Replay report")
+    assert (out / "routing.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["dialogues"] == 20
+    assert [s["line"] for s in report["skipped_lines"]] == [4, 11]
+    turns = [json.loads(line) for line in (out / "turns.jsonl").read_text().splitlines()]
+    assert report["turns"] == len(turns) > 0
+    labelled = [t for t in turns if t["labels"]]
+    right = sum(1 for t in labelled if t["agent"] in t["labels"])
+    assert report["labelled_turns"] == len(labelled)
+    assert report["routing"]["accuracy"] == round(right / len(labelled), 4)
+    decisions = sum(1 for t in turns if t["supervisor_called"])
+    assert report["routing"]["supervisor_decisions"] == decisions
+    assert decisions >= 20, "every dialogue starts with a supervisor decision"
+    for key in ("per_service", "per_domain", "confusion", "handoffs", "returns_to_supervisor"):
+        assert key in report["routing"]
+    assert set(report["latency_ms"]) == {"p50", "p95", "p99"}
+    assert "supervisor" in report["agent_calls"]
+    assert len(report["strategies"]) == 3
+    assert report["errors"] == 0
+
+
+def test_missing_agents_file_fails_before_submitting(
+    slice_file: Path, tmp_path: Path, capsys
+) -> None:
+    code = cli(["replay", str(slice_file), "--agents", str(tmp_path / "nope.json")])
+    assert code == 2
+    assert "agents file not found" in capsys.readouterr().err
+    assert (
+        cli(["replay", str(tmp_path / "none.jsonl"), "--agents", str(DATASETS / "agents.json")])
+        == 2
+    )

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import memory_search, thread_actors
+from bench import memory_search, routing_eval, thread_actors
 
-BENCHMARKS = {"threads": thread_actors.main, "memory": memory_search.main}
+BENCHMARKS = {
+    "threads": thread_actors.main,
+    "memory": memory_search.main,
+    "routing": routing_eval.main,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

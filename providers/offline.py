@@ -1,29 +1,54 @@
 """The offline provider: no network, no keys, no language model.
 
-The supervisor routes by semantic similarity between the user's message and each
-specialist's name and description (all-MiniLM-L6-v2), answering with the same
-``transfer_to_<agent>`` tool call an LLM would make. Specialists reply with a fixed text that
-names the agent and says plainly that no model wrote it; when the message is clearly about
-another specialist's topic, they hand over instead.
+Routing uses the evidence router (``providers.routing``) over a local embedding model: the
+supervisor routes a thread on its user messages so far and answers with the same
+``transfer_to_<agent>`` tool call an LLM would make; a specialist checks the recent user
+messages for accumulated evidence that the user moved on, and hands over (directly when it
+may, else back to the supervisor, naming the agent it suggests). Otherwise specialists reply
+with a fixed text that names the agent and says plainly that no model wrote it.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import re
 
-from memory.embedders import Embedder, cosine_scores
+from memory.embedders import Embedder
 from providers.model import ChatMessage, ModelResponse, ToolCall, ToolSpec
+from providers.routing import AgentProfile, EvidenceRouter, IntentProfile
 from stickyray.config import AgentConfig, TeamConfig
 
-__all__ = ["OfflineProvider", "agent_profile"]
+__all__ = ["OfflineProvider", "team_profiles"]
 
 TRANSFER_PREFIX = "transfer_to_"
 RETURN_TOOL = "return_to_supervisor"
+# A specialist handing back names the agent it found; the supervisor takes the hint, so a
+# switch costs one supervisor call and cannot ping-pong.
+_SUGGESTED = re.compile(r"\[suggested: ([a-z][a-z0-9_]*)\]")
 
 
-def agent_profile(agent: AgentConfig) -> str:
-    """The text that stands for an agent when comparing it with a message."""
-    return f"{agent.name.replace('_', ' ')}: {agent.description}"
+def team_profiles(team: TeamConfig) -> list[AgentProfile]:
+    """What the router knows of each specialist: names, descriptions, intents, slots."""
+    return [_profile(agent) for agent in team.specialists]
+
+
+def _profile(agent: AgentConfig) -> AgentProfile:
+    intents = tuple(
+        IntentProfile(
+            name=intent.name,
+            description=intent.description,
+            slots=tuple(
+                agent.slots.get(slot, slot)
+                for slot in [*intent.required_slots, *intent.optional_slots]
+            ),
+        )
+        for intent in agent.intents
+    )
+    return AgentProfile(
+        name=agent.name,
+        description=agent.description,
+        intents=intents,
+        slots=tuple(agent.slots.values()),
+    )
 
 
 class OfflineProvider:
@@ -31,32 +56,10 @@ class OfflineProvider:
 
     name = "offline"
 
-    def __init__(
-        self,
-        agent: AgentConfig,
-        team: TeamConfig,
-        embedder: Embedder,
-        switch_margin: float = 0.2,
-    ) -> None:
+    def __init__(self, agent: AgentConfig, team: TeamConfig, embedder: Embedder) -> None:
         self._agent = agent
         self._team = team
-        self._embedder = embedder
-        self._switch_margin = switch_margin
-        self._specialists = [s.name for s in team.specialists]
-        self._profiles: np.ndarray | None = None
-
-    async def _profile_matrix(self) -> np.ndarray:
-        if self._profiles is None:
-            texts = [agent_profile(self._team.agent(n)) for n in self._specialists]
-            self._profiles = await self._embedder.embed(texts)
-        return self._profiles
-
-    async def scores(self, text: str) -> dict[str, float]:
-        """Similarity of ``text`` to every specialist."""
-        profiles = await self._profile_matrix()
-        query = (await self._embedder.embed([text]))[0]
-        sims = cosine_scores(query, profiles)
-        return {name: float(s) for name, s in zip(self._specialists, sims, strict=True)}
+        self.router = EvidenceRouter(embedder, team_profiles(team))
 
     async def complete(
         self,
@@ -71,45 +74,47 @@ class OfflineProvider:
         last = messages[-1] if messages else None
         if last is not None and last.role == "tool":
             return self._reply(f"Tool results: {last.content}", model)
-        text = next((m.content for m in reversed(messages) if m.role == "user"), "")
+        users = [m.content for m in messages if m.role == "user"]
         offered = {t.name for t in tools}
-        targets = [name for name in self._specialists if f"{TRANSFER_PREFIX}{name}" in offered]
+        targets = [n for n in self.router.agents if f"{TRANSFER_PREFIX}{n}" in offered]
         if agent == self._team.supervisor.name:
-            return await self._route(text, targets, model)
-        return await self._answer(agent, text, targets, RETURN_TOOL in offered, model)
+            system = messages[0].content if messages and messages[0].role == "system" else ""
+            return await self._route(users, targets, system, model)
+        return await self._answer(agent, users, targets, RETURN_TOOL in offered, model)
 
-    async def _route(self, text: str, targets: list[str], model: str) -> ModelResponse:
-        if not targets or not text.strip():
+    async def _route(
+        self, users: list[str], targets: list[str], system: str, model: str
+    ) -> ModelResponse:
+        if not targets or not any(u.strip() for u in users):
             return self._reply(
                 "Hello! I am the triage agent running offline. Tell me what you need help "
                 "with and I will pass you to the right specialist.",
                 model,
             )
-        scores = await self.scores(text)
-        best = max(targets, key=lambda n: scores[n])
-        reason = f"offline router: closest to {best} (similarity {scores[best]:.2f})"
+        hint = _SUGGESTED.search(system)
+        if hint and hint.group(1) in targets:
+            best, reason = hint.group(1), f"offline router: taking the suggestion {hint.group(1)}"
+        else:
+            decision = await self.router.route(users)
+            best = decision.agent if decision.agent in targets else targets[0]
+            reason = f"offline router: {decision.reason}"
         return self._call(f"{TRANSFER_PREFIX}{best}", {"reason": reason}, model)
 
     async def _answer(
-        self, agent: str, text: str, targets: list[str], can_return: bool, model: str
+        self, agent: str, users: list[str], targets: list[str], can_return: bool, model: str
     ) -> ModelResponse:
-        if (targets or can_return) and text.strip():
-            scores = await self.scores(text)
-            own = scores.get(agent, 0.0)
-            other, best = max(
-                ((n, s) for n, s in scores.items() if n != agent),
-                key=lambda item: item[1],
-                default=(None, own),
-            )
-            if other is not None and best - own >= self._switch_margin:
-                reason = (
-                    f"offline router: message is closer to {other} ({best:.2f}) "
-                    f"than to {agent} ({own:.2f})"
-                )
-                if other in targets:
-                    return self._call(f"{TRANSFER_PREFIX}{other}", {"reason": reason}, model)
+        if (targets or can_return) and agent in self.router.agents:
+            decision = await self.router.check(users, agent)
+            if decision is not None and decision.agent != agent:
+                reason = f"offline router: {decision.reason}"
+                if decision.agent in targets:
+                    return self._call(
+                        f"{TRANSFER_PREFIX}{decision.agent}", {"reason": reason}, model
+                    )
                 if can_return:
+                    reason += f" [suggested: {decision.agent}]"
                     return self._call(RETURN_TOOL, {"reason": reason}, model)
+        text = users[-1] if users else ""
         snippet = text if len(text) <= 200 else text[:197] + "..."
         return self._reply(
             f"[{agent}, offline mode] This is an automatic reply: no language model is "

@@ -2,20 +2,25 @@
 
 Every agent is embedded several times: its name and description, each intent (name and
 description), each intent with its slots' descriptions, and each slot description. A message
-scores against an agent as a weighted mix of those views (max over intents, mean of the best
-few slots), so one good intent match counts fully instead of being averaged away. Per message,
-the scores become log-probabilities over agents (a softmax with a temperature): short
-follow-ups such as "yes, 2 people" come out nearly flat and carry little evidence, while a
-clear request is peaked.
+scores against an agent as a weighted mix of those views, each the best match in its view
+(max over intents, max over slots), so one good intent or slot match counts fully instead of
+being averaged away in one long profile text.
 
-``route`` sums that evidence over the thread's user messages (newest weighted most).
-``check`` keeps the active agent unless the exponentially decayed sum, over the recent user
-messages, of the best other agent's log-probability margin over the active one passes a
-threshold while the newest message also leans the same way. One ambiguous message therefore
-does not switch; two or three consistent ones do.
+``route`` picks the agent with the highest decayed mean score over the thread's user messages
+(newest weighted most). ``check`` keeps the active agent unless another one builds up enough
+evidence: per recent user message, the margin of each other agent's score over the active
+one's is accumulated CUSUM-style (``S = max(0, decay * S + margin)``, oldest first), and the
+best other agent takes over when that sum, plus ``distinct_weight`` times how clearly the
+newest message singles it out (its lead over every other agent), passes ``switch_threshold``
+and the newest message leans its way too. Short follow-ups ("yes, 2 people please") have
+small margins and leave the active agent alone; one clear move ("I also need a cab to get
+there") passes at once; a few moderately consistent messages pass together; the clipping at
+zero stops old messages about the active topic from blocking a fresh move. A newest message
+that announces an added request ("also", "too", "another", ...) needs the lower
+``new_request_threshold`` instead.
 
-Both are stateless given the recent user messages: the runtime needs to pass the last
-``RECENT_USER_MESSAGES`` user messages (about ten thread messages).
+Both are stateless given the recent user messages: ``check`` reads the last
+``RECENT_USER_MESSAGES`` (5) user messages, i.e. about ten thread messages.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ __all__ = [
     "RECENT_USER_MESSAGES",
     "AgentProfile",
     "EvidenceRouter",
+    "NEW_REQUEST_CUE",
     "IntentProfile",
     "RouteDecision",
 ]
@@ -42,6 +48,9 @@ RECENT_USER_MESSAGES = 5
 """How many recent user messages ``check`` needs; older ones have decayed to nothing."""
 
 _VIEWS = ("description", "intent", "intent_slots", "slot")
+
+NEW_REQUEST_CUE = r"\b(also|too|as well|in addition|additionally|another)\b"
+"""Words with which users add a request ("I also need a cab"): such a message switches sooner."""
 
 
 def _words(identifier: str) -> str:
@@ -111,7 +120,11 @@ class AgentProfile:
 
 @dataclass(frozen=True)
 class RouteDecision:
-    """Where a thread should go, the per-agent evidence behind it, and why in words."""
+    """Where a thread should go, the per-agent evidence behind it, and why in words.
+
+    ``scores`` are, for ``route``, each agent's decayed mean similarity; for ``check``, each
+    other agent's accumulated margin over the active one.
+    """
 
     agent: str
     scores: dict[str, float]
@@ -119,11 +132,11 @@ class RouteDecision:
 
 
 class EvidenceRouter:
-    """Routes a thread's first turns and decides switches from accumulated evidence.
+    """Routes a thread's first turn and decides switches from accumulated evidence.
 
     The async ``route`` and ``check`` embed (each distinct text once, cached) and call the
-    synchronous ``route_vectors`` / ``check_vectors``, which a benchmark can call directly on
-    pre-embedded messages after ``await prepare()``.
+    synchronous ``route_vectors`` / ``check_vectors``, which a benchmark can also call directly
+    on pre-embedded messages after ``await prepare()``. Thresholds are in cosine units.
     """
 
     def __init__(
@@ -134,29 +147,36 @@ class EvidenceRouter:
         description_weight: float = 1.0,
         intent_weight: float = 1.0,
         intent_slots_weight: float = 1.0,
-        slot_weight: float = 1.0,
-        slot_top_k: int = 3,
-        temperature: float = 0.05,
+        slot_weight: float = 2.0,
+        slot_top_k: int = 1,
         route_decay: float = 0.7,
-        switch_decay: float = 0.5,
-        switch_threshold: float = 2.0,
-        latest_margin: float = 0.5,
+        switch_decay: float = 0.7,
+        switch_threshold: float = 0.3,
+        distinct_weight: float = 1.0,
+        latest_margin: float = 0.025,
+        new_request_threshold: float = 0.25,
+        new_request_cue: str | None = NEW_REQUEST_CUE,
         cache_size: int = 4096,
     ) -> None:
         if not agents:
             raise ValueError("EvidenceRouter needs at least one agent")
+        names = [a.name for a in agents]
+        if len(set(names)) != len(names):
+            raise ValueError(f"agent names must be unique: {names}")
         self._embedder = embedder
         self._agents = list(agents)
-        self._names = [a.name for a in self._agents]
+        self._names = names
         self._weights = np.array(
             [description_weight, intent_weight, intent_slots_weight, slot_weight], np.float32
         )
         self._slot_top_k = slot_top_k
-        self._temperature = temperature
         self._route_decay = route_decay
         self._switch_decay = switch_decay
         self._switch_threshold = switch_threshold
+        self._distinct_weight = distinct_weight
         self._latest_margin = latest_margin
+        self._new_request_threshold = new_request_threshold
+        self._new_request = re.compile(new_request_cue, re.IGNORECASE) if new_request_cue else None
         self._views: list[list[np.ndarray]] | None = None
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
@@ -200,22 +220,30 @@ class EvidenceRouter:
         await self.prepare()
         messages = [m for m in user_messages if m.strip()]
         if not messages:
-            return RouteDecision(self._names[0], {}, "no user message yet: first agent")
+            return RouteDecision(self._names[0], {}, "evidence router: no user message yet")
         return self.route_vectors(await self._embed(messages))
 
     async def check(self, user_messages: list[str], active: str) -> RouteDecision | None:
-        """None to stay with ``active``, else the agent the recent messages moved to."""
+        """None to stay with ``active``, else the agent the recent user messages moved to."""
         await self.prepare()
         messages = [m for m in user_messages if m.strip()][-RECENT_USER_MESSAGES:]
         if not messages:
             return None
-        return self.check_vectors(await self._embed(messages), active)
+        return self.check_vectors(
+            await self._embed(messages), active, new_request=self.is_new_request(messages[-1])
+        )
+
+    def is_new_request(self, message: str) -> bool:
+        """Whether the message announces an additional request ("I also need ...")."""
+        return bool(self._new_request and self._new_request.search(message))
 
     def similarities(self, vectors: np.ndarray) -> np.ndarray:
-        """(messages, agents) similarity: the weighted mix of the views' best matches."""
+        """(messages, agents) scores: the weighted mix of each view's best match."""
         if self._views is None:
             raise RuntimeError("call `await router.prepare()` first")
+        vectors = np.asarray(vectors, np.float32).reshape(-1, self._views[0][0].shape[1])
         out = np.empty((len(vectors), len(self._names)), np.float32)
+        weights = self._weights / self._weights.sum()
         for j, (head, intent, with_slots, slot) in enumerate(self._views):
             slot_sims = vectors @ slot.T
             k = min(self._slot_top_k, slot_sims.shape[1])
@@ -228,49 +256,59 @@ class EvidenceRouter:
                 ],
                 axis=1,
             )
-            out[:, j] = mixed @ self._weights / self._weights.sum()
+            out[:, j] = mixed @ weights
         return out
-
-    def evidence(self, vectors: np.ndarray) -> np.ndarray:
-        """(messages, agents) log-probabilities: how strongly each message points where."""
-        logits = self.similarities(vectors) / self._temperature
-        logits -= logits.max(axis=1, keepdims=True)
-        return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-
-    def _decayed(self, evidence: np.ndarray, decay: float) -> np.ndarray:
-        weights = decay ** np.arange(len(evidence) - 1, -1, -1, dtype=np.float32)
-        return weights @ evidence
 
     def route_vectors(self, vectors: np.ndarray) -> RouteDecision:
         """``route`` on embedded user messages, oldest first."""
-        total = self._decayed(self.evidence(vectors), self._route_decay)
+        sims = self.similarities(vectors)
+        weights = self._route_decay ** np.arange(len(sims) - 1, -1, -1, dtype=np.float32)
+        total = weights @ sims / weights.sum()
         best = int(total.argmax())
-        scores = {n: float(s) for n, s in zip(self._names, total, strict=True)}
-        ranked = np.sort(total)
-        lead = float(ranked[-1] - ranked[-2]) if len(ranked) > 1 else float("inf")
+        runner_up = float(np.sort(total)[-2]) if len(total) > 1 else float("-inf")
         reason = (
-            f"evidence router: {self._names[best]} leads by {lead:.2f} log-odds "
-            f"over {len(vectors)} user message(s)"
+            f"evidence router: closest to {self._names[best]} ({total[best]:.2f}, "
+            f"next {runner_up:.2f}) over {len(sims)} user message(s)"
         )
+        scores = {n: float(s) for n, s in zip(self._names, total, strict=True)}
         return RouteDecision(self._names[best], scores, reason)
 
-    def check_vectors(self, vectors: np.ndarray, active: str) -> RouteDecision | None:
-        """``check`` on embedded recent user messages, oldest first."""
+    def check_vectors(
+        self, vectors: np.ndarray, active: str, *, new_request: bool = False
+    ) -> RouteDecision | None:
+        """``check`` on embedded recent user messages, oldest first.
+
+        ``new_request`` says the newest message announces an added request (see
+        ``is_new_request``); it lowers the threshold to ``new_request_threshold``.
+        """
+        if len(vectors) == 0:
+            return None
         if active not in self._names:
             return self.route_vectors(vectors)
-        evidence = self.evidence(vectors[-RECENT_USER_MESSAGES:])
+        sims = self.similarities(vectors)[-RECENT_USER_MESSAGES:]
         me = self._names.index(active)
-        margins = evidence - evidence[:, me : me + 1]
-        total = self._decayed(margins, self._switch_decay)
-        total[me] = -np.inf
-        best = int(total.argmax())
+        margins = sims - sims[:, me : me + 1]
+        evidence = np.zeros(len(self._names), np.float32)
+        for row in margins:
+            # CUSUM: old messages for the active agent cannot bank negative evidence.
+            evidence = np.maximum(0.0, self._switch_decay * evidence + row)
+        evidence[me] = -np.inf
+        best = int(evidence.argmax())
         latest = float(margins[-1, best])
-        if total[best] < self._switch_threshold or latest < self._latest_margin:
+        # A generic message ("I'd like to make a reservation") may beat the active agent yet
+        # fit several others as well; a real move singles one agent out.
+        distinct = float(sims[-1, best] - np.delete(sims[-1], best).max(initial=-1.0))
+        score = float(evidence[best]) + self._distinct_weight * distinct
+        threshold = self._switch_threshold
+        if new_request:
+            threshold = min(threshold, self._new_request_threshold)
+        if score < threshold or latest < self._latest_margin:
             return None
-        scores = {n: float(s) for n, s in zip(self._names, total, strict=True) if n != active}
+        scores = {n: float(evidence[i]) for i, n in enumerate(self._names) if i != me}
         reason = (
-            f"evidence router: {self._names[best]} beats {active} by {total[best]:.2f} "
-            f"decayed log-odds over {len(vectors)} recent user message(s) "
-            f"(latest {latest:.2f}; threshold {self._switch_threshold:.2f})"
+            f"evidence router: {self._names[best]} over {active}: accumulated margin "
+            f"{evidence[best]:.3f} across {len(sims)} recent user message(s) + "
+            f"{self._distinct_weight:g} x latest lead {distinct:+.3f} = {score:.3f} >= "
+            f"{threshold:.3f} (latest margin {latest:+.3f})"
         )
         return RouteDecision(self._names[best], scores, reason)

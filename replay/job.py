@@ -130,10 +130,12 @@ async def replay_dialogues(
     return records
 
 
-def _serve_http_port(dashboard_url: str) -> int:
+def _serve_http_port(dashboard_url: str | None) -> int:
     """The HTTP port of the cluster's running Serve proxy (from the Serve REST API)."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
+    if not dashboard_url:
+        raise RuntimeError("the Ray cluster has no dashboard to ask for Serve's HTTP port")
     base = dashboard_url if dashboard_url.startswith("http") else f"http://{dashboard_url}"
     details = ServeSubmissionClient(base).get_serve_details()
     return int(details["http_options"]["port"])
@@ -213,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         elapsed = time.monotonic() - started
-        report = write_report(args.out, team, dialogues, records, skipped, elapsed)
+        from replay.baselines import baselines
+
+        compared = baselines(team, dialogues)
+        report = write_report(args.out, team, dialogues, records, skipped, elapsed, compared)
     print(
         f"replay: accuracy {report['routing']['accuracy']:.3f}, "
         f"{report['routing']['supervisor_decisions_per_turn']:.3f} supervisor decisions/turn, "

@@ -16,7 +16,9 @@ from stickyray.errors import ConfigError
 __all__ = ["submit_replay"]
 
 
-def _dashboard(address: str) -> str:
+def _dashboard(address: str | None) -> str:
+    if not address:
+        raise RuntimeError("the Ray cluster has no dashboard, so no Jobs API")
     return address if address.startswith("http") else f"http://{address}"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from providers.model import ChatMessage, Provider, ToolCall, ToolSpec
+from providers.routing import EvidenceRouter
 from serve_app.agent_memory import AgentMemory
 from serve_app.tools import Tool
 from stickyray.config import AgentConfig, TeamConfig
@@ -38,12 +39,14 @@ class Agent:
         provider: Provider,
         tools: list[Tool],
         memory: AgentMemory | None = None,
+        router: EvidenceRouter | None = None,
     ) -> None:
         self.config = config
         self._team = team
         self._provider = provider
         self._tools = {t.name: t for t in tools}
         self._memory = memory
+        self._router = router
         self._handoffs: dict[str, str] = {
             f"{TRANSFER_PREFIX}{name}": name for name in team.handoff_targets(config.name)
         }
@@ -94,6 +97,10 @@ class Agent:
     async def run(self, request: AgentRequest) -> AgentResult:
         """Loop until the model answers, hands off, or runs out of iterations."""
         name = self.config.name
+        if self._router is not None:
+            moved = await self._precheck(request)
+            if moved is not None:
+                return moved
         tools = dict(self._tools)
         memory = ""
         if self._memory is not None:
@@ -152,6 +159,27 @@ class Agent:
             tool_calls=tool_log,
             error="max_iterations",
         )
+
+    async def _precheck(self, request: AgentRequest) -> AgentResult | None:
+        """Hand over without a model call when the recent user messages moved elsewhere."""
+        assert self._router is not None
+        users = [e.text for e in request.buffer if e.role == "user"] + [request.text]
+        decision = await self._router.check(users, self.config.name)
+        if decision is None or decision.agent == self.config.name:
+            return None
+        reason = f"routing pre-check: {decision.reason}"
+        target = f"{TRANSFER_PREFIX}{decision.agent}"
+        if target in self._handoffs:
+            return AgentResult(
+                agent=self.config.name, handoff_to=decision.agent, handoff_reason=reason
+            )
+        if RETURN_TOOL in self._handoffs:
+            return AgentResult(
+                agent=self.config.name,
+                handoff_to=self._team.supervisor.name,
+                handoff_reason=f"{reason} [suggested: {decision.agent}]",
+            )
+        return None
 
     async def compress(self, request: CompressRequest) -> str | None:
         """Keep messages leaving the thread's buffer as an episodic memory (if configured)."""

@@ -28,10 +28,7 @@ def check_tools(team: TeamConfig) -> None:
 def build_app(team: TeamConfig, settings: Settings, app_name: str = APP_NAME) -> Application:
     """The ingress bound to one deployment per agent (and the embedder if any agent is offline)."""
     check_tools(team)
-    needs_embedder = any(a.provider == "offline" for a in team.agents) or (
-        team.uses_memory and team.memory.embedder == "local"
-    )
-    embedder = embedder_deployment().bind() if needs_embedder else None
+    embedder = embedder_deployment().bind() if team.needs_embedder else None
     agents = {
         agent.name: agent_deployment(agent).bind(agent.name, team, settings, embedder)
         for agent in team.agents

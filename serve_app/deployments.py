@@ -18,6 +18,8 @@ from memory.embedders import Embedder, LocalEmbedder, OpenAIEmbedder
 from memory.long_term import SearchWeights
 from memory.service import LongTermMemory
 from providers.factory import build_provider
+from providers.offline import team_profiles
+from providers.routing import EvidenceRouter
 from serve_app.agent import Agent
 from serve_app.agent_memory import AgentMemory
 from serve_app.tools import intent_tools, resolve_tools
@@ -124,7 +126,10 @@ class AgentDeployment:
             assert long_term is not None
             memory = AgentMemory(config, long_term)
         tools = resolve_tools(config.tools) + intent_tools(config)
-        self._agent = Agent(config, team, provider, tools, memory)
+        router = None
+        if team.prechecks(agent_name):
+            router = EvidenceRouter(HandleEmbedder(embedder), team_profiles(team))
+        self._agent = Agent(config, team, provider, tools, memory, router)
 
     async def run(self, request: AgentRequest) -> AgentResult:
         """Run the agent loop for one request."""

@@ -22,6 +22,7 @@ __all__ = [
     "IngressConfig",
     "IntentConfig",
     "MemoryConfig",
+    "RoutingConfig",
     "TeamConfig",
     "ThreadsConfig",
     "load_config",
@@ -154,6 +155,15 @@ class MemoryConfig(_Strict):
         return self
 
 
+class RoutingConfig(_Strict):
+    """Switch detection for specialists backed by a language model."""
+
+    # Before each model call, a specialist runs the offline evidence router over the recent
+    # user messages and hands over at once when the user has clearly moved on: no model call
+    # is spent on a message that belongs elsewhere. Needs the local embedding model.
+    precheck: bool = False
+
+
 class IngressConfig(_Strict):
     """Scaling of the HTTP ingress deployment."""
 
@@ -168,6 +178,7 @@ class TeamConfig(_Strict):
     specialists: list[AgentConfig] = Field(min_length=1)
     threads: ThreadsConfig = ThreadsConfig()
     memory: MemoryConfig = MemoryConfig()
+    routing: RoutingConfig = RoutingConfig()
     ingress: IngressConfig = IngressConfig()
 
     @model_validator(mode="after")
@@ -215,6 +226,21 @@ class TeamConfig(_Strict):
     def uses_memory(self) -> bool:
         """Whether any agent has long-term memory (so a database is needed)."""
         return any(a.memory is not None for a in self.agents)
+
+    def prechecks(self, name: str) -> bool:
+        """Whether specialist ``name`` runs the routing pre-check before its model."""
+        agent = self.agent(name)
+        return (
+            self.routing.precheck and name != self.supervisor.name and agent.provider != "offline"
+        )
+
+    @property
+    def needs_embedder(self) -> bool:
+        """Whether the app must run the local embedding model (offline agents, local memory,
+        routing pre-checks)."""
+        return any(a.provider == "offline" or self.prechecks(a.name) for a in self.agents) or (
+            self.uses_memory and self.memory.embedder == "local"
+        )
 
     def buffer_limit(self, active: str | None) -> int:
         """How many messages the thread keeps while ``active`` (None = supervisor) answers."""

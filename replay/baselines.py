@@ -1,0 +1,90 @@
+"""Routing strategies replayed offline with the runtime's router, to compare against a run.
+
+Each policy takes one dialogue's pre-embedded user turns and returns the agent active for
+each turn and the number of routing decisions (supervisor calls) it took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import numpy as np
+
+from memory.embedders import LocalEmbedder
+from providers.offline import team_profiles
+from providers.routing import RECENT_USER_MESSAGES, EvidenceRouter
+from replay.dataset import Dialogue
+from stickyray.config import TeamConfig
+
+__all__ = ["STRATEGIES", "baselines", "stateless", "sticky", "switching"]
+
+Policy = Callable[[EvidenceRouter, np.ndarray, list[str]], tuple[list[str], int]]
+
+
+def stateless(
+    router: EvidenceRouter, vectors: np.ndarray, texts: list[str]
+) -> tuple[list[str], int]:
+    """Every turn routed on its own message."""
+    return [router.route_vectors(v[None, :]).agent for v in vectors], len(vectors)
+
+
+def sticky(router: EvidenceRouter, vectors: np.ndarray, texts: list[str]) -> tuple[list[str], int]:
+    """The first turn routed, then never switched."""
+    return [router.route_vectors(vectors[:1]).agent] * len(vectors), 1
+
+
+def switching(
+    router: EvidenceRouter, vectors: np.ndarray, texts: list[str]
+) -> tuple[list[str], int]:
+    """The first turn routed, then ``check`` on the recent user messages every turn."""
+    active = router.route_vectors(vectors[:1]).agent
+    agents, decisions = [active], 1
+    for turn in range(1, len(vectors)):
+        recent = vectors[max(0, turn + 1 - RECENT_USER_MESSAGES) : turn + 1]
+        decision = router.check_vectors(
+            recent, active, new_request=router.is_new_request(texts[turn])
+        )
+        if decision is not None:
+            active, decisions = decision.agent, decisions + 1
+        agents.append(active)
+    return agents, decisions
+
+
+STRATEGIES: dict[str, Policy] = {
+    "stateless": stateless,
+    "sticky": sticky,
+    "switching": switching,
+}
+
+
+def baselines(team: TeamConfig, dialogues: list[Dialogue]) -> dict[str, dict[str, float]]:
+    """Accuracy and supervisor decisions per turn of the stateless and never-switch strategies,
+    with the same router and embedding model the offline agents use."""
+    embedder = LocalEmbedder()
+    router = EvidenceRouter(embedder, team_profiles(team))
+    texts = [[t.user for t in d.turns] for d in dialogues]
+    flat = embedder.embed_sync([t for turns in texts for t in turns])
+    out: dict[str, dict[str, float]] = {}
+    asyncio.run(router.prepare())
+    for name, label in (
+        ("stateless", "stateless (route every turn)"),
+        ("sticky", "sticky without return"),
+    ):
+        right = labelled = decisions = turns = at = 0
+        for dialogue, turn_texts in zip(dialogues, texts, strict=True):
+            vectors = flat[at : at + len(turn_texts)]
+            at += len(turn_texts)
+            agents, made = STRATEGIES[name](router, vectors, turn_texts)
+            decisions += made
+            turns += len(turn_texts)
+            for turn, agent in zip(dialogue.turns, agents, strict=True):
+                labels = [s.lower() for s in turn.services]
+                if labels:
+                    labelled += 1
+                    right += agent in labels
+        out[label] = {
+            "accuracy": round(right / max(labelled, 1), 4),
+            "supervisor_decisions_per_turn": round(decisions / max(turns, 1), 4),
+        }
+    return out

@@ -92,3 +92,42 @@ def test_offline_provider_routes_a_booking_question(
     assert follow["agent"] == "bookings" and follow["handoffs"] == []
     assert billing["agent"] == "invoices"
     assert fake_llm.requests == [], "the offline provider must not call any model server"
+
+
+@pytest.fixture(scope="module")
+def precheck_app(deploy) -> App:
+    team = openai_team()
+    team["routing"] = {"precheck": True}
+    team["specialists"][0]["description"] = "Invoices, bills, payments, refunds and charges."
+    team["specialists"][1]["description"] = "Reservations of restaurant tables and hotel rooms."
+    team["specialists"][2]["description"] = "Technical support: login problems and app errors."
+    return deploy(team)
+
+
+def test_llm_specialist_precheck_hands_over_without_a_model_call(
+    precheck_app: App, fake_llm: FakeLLMServer
+) -> None:
+    fake_llm.on(
+        agent="triage",
+        user_contains="refund",
+        reply=FakeReply.tool_call("transfer_to_invoices", {"reason": "billing"}),
+    )
+    fake_llm.on(agent="triage", reply=FakeReply.tool_call("transfer_to_bookings", {"reason": "b"}))
+    fake_llm.on(agent="bookings", reply=FakeReply.text("booked"))
+    fake_llm.on(agent="invoices", reply=FakeReply.text("refund on its way"))
+    thread = new_thread()
+    with precheck_app.client() as client:
+
+        def send(text: str) -> dict:
+            response = client.post(f"/v1/threads/{thread}/messages", json={"text": text})
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        assert send("I want to reserve a table for dinner tonight")["agent"] == "bookings"
+        assert send("yes, 2 people please")["agent"] == "bookings"
+        before = fake_llm.count(agent="bookings")
+        moved = send("I also need a refund, there is a wrong charge on my last invoice")
+    assert moved["agent"] == "invoices"
+    assert moved["handoffs"][0]["from"] == "bookings"
+    assert moved["handoffs"][0]["reason"].startswith("routing pre-check")
+    assert fake_llm.count(agent="bookings") == before, "the pre-check spent no model call"

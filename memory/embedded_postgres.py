@@ -48,7 +48,7 @@ class EmbeddedPostgres:
         for what, name in (("database", database), ("role", role)):
             if not _NAME.match(name):
                 raise ValueError(f"{what} name {name!r} must match {_NAME.pattern}")
-        self._data_dir = data_dir
+        self._data_dir = data_dir.resolve()  # pgserver keeps it; the cwd may change
         self._database = database
         self._role = role
         self._server: Any = None

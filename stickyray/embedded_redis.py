@@ -17,7 +17,9 @@ class EmbeddedRedis:
     def __init__(self, data_dir: Path, appendfsync: str = "everysec") -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError("appendfsync must be always, everysec or no")
-        self._data_dir = data_dir
+        # Absolute: redis-server changes into its data directory, so a relative socket path
+        # would point somewhere else by the time it binds.
+        self._data_dir = data_dir.resolve()
         self._appendfsync = appendfsync
         self._server: Any = None
 

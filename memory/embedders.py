@@ -10,7 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Embedder", "LocalEmbedder", "OpenAIEmbedder", "cosine_scores"]
+__all__ = ["Embedder", "LocalEmbedder", "OpenAIEmbedder"]
 
 
 @runtime_checkable
@@ -25,11 +25,6 @@ class Embedder(Protocol):
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         """A (len(texts), dimension) float32 array of L2-normalised rows."""
         ...
-
-
-def cosine_scores(query: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Cosine similarity of one normalised vector against normalised rows."""
-    return np.asarray(rows @ query, dtype=np.float32)
 
 
 class LocalEmbedder:

@@ -22,7 +22,6 @@ from stickyray.config import TeamConfig
 from stickyray.errors import (
     CheckpointConflict,
     InvalidThreadKey,
-    ProviderError,
     StickyrayError,
     StoreUnavailable,
 )
@@ -114,8 +113,6 @@ def _http_error(exc: BaseException) -> HTTPException:
     cause = root_cause(exc)
     if isinstance(cause, StoreUnavailable):
         return HTTPException(503, f"{cause.store} is unavailable; the message was not processed")
-    if isinstance(cause, ProviderError):
-        return HTTPException(502, str(cause))
     if isinstance(cause, CheckpointConflict):
         return HTTPException(409, f"{cause}; retry the message")
     if isinstance(cause, StickyrayError):

@@ -63,20 +63,23 @@ class LocalEmbedder:
 
     def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
         """Blocking embed; the async method runs this in a worker thread."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        # The rows come from this call's own lookups, never back from the cache: a call with
+        # more distinct texts than the cache holds evicts its own first texts.
+        found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
             vectors = self._load().encode(
                 missing, normalize_embeddings=True, convert_to_numpy=True, batch_size=64
             )
             for text, vector in zip(missing, vectors, strict=True):
-                self._cache[text] = vector.astype(np.float32)
+                found[text] = vector.astype(np.float32)
+                self._cache[text] = found[text]
                 if len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
-        for text in texts:
-            self._cache.move_to_end(text)
-        return (
-            np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
-        )
+        for text in found:
+            if text in self._cache:
+                self._cache.move_to_end(text)
+        return np.stack([found[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         # One encode at a time: the model is not re-entrant and the CPU is the bottleneck anyway.

@@ -80,3 +80,14 @@ async def test_specialist_hands_directly_when_it_may(embedder, team) -> None:
         temperature=0,
     )
     assert [c.name for c in response.tool_calls] == ["transfer_to_support"]
+
+
+def test_embedding_more_texts_than_the_cache_holds(embedder: LocalEmbedder) -> None:
+    small = LocalEmbedder(cache_size=2)
+    small._model = embedder._load()  # share the loaded model; the cache is what is tested
+    texts = [f"sentence number {i}" for i in range(5)] + ["sentence number 0"]
+    vectors = small.embed_sync(texts)
+    assert vectors.shape == (6, 384)
+    assert abs(float(vectors[0] @ vectors[5]) - 1.0) < 1e-5
+    again = small.embed_sync(texts[:3])
+    assert abs(float(again[2] @ vectors[2]) - 1.0) < 1e-5

@@ -1,17 +1,22 @@
 """The thread directory: the one place that maps a thread key to the actor serving it.
 
-Actors are named from the key and created with ``get_if_exists``, so any number of concurrent
-first messages, from any number of ingress replicas, end on one actor. Handles are cached per
-process to skip the named-actor lookup on hot turns. When the actor behind a handle is gone
-(killed, crashed, passivated, fenced) the message is re-sent to the next incarnation with the
-same message id, which the thread deduplicates, so a retry never runs a turn twice.
+Two hosting strategies (``threads.hosting``): ``actor`` names one actor per thread from its
+key; ``pooled`` names ``pool_size`` host actors per app and puts a thread in the host its key
+hashes to (``actors.thread_host``). Either way actors are created with ``get_if_exists``, so
+any number of concurrent first messages, from any number of ingress replicas, end in one
+place. Handles are cached per process to skip the named-actor lookup on hot turns. When the
+thread behind a handle is gone (actor killed, crashed, passivated, fenced) the message is
+re-sent to the next incarnation with the same message id, which the thread deduplicates, so a
+retry never runs a turn twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
+import zlib
 from collections import OrderedDict
 from typing import Any
 
@@ -20,11 +25,21 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from actors.key import ThreadKey
 from actors.thread_actor import ThreadActor
+from actors.thread_host import ThreadHost
 from stickyray.config import TeamConfig
 from stickyray.errors import ThreadFenced, ThreadPassivated
 from stickyray.turns import InboundMessage, TurnResult
 
-__all__ = ["NAMESPACE", "ThreadDirectory", "passivate_actor", "root_cause"]
+__all__ = [
+    "NAMESPACE",
+    "ThreadDirectory",
+    "host_name",
+    "passivate_actor",
+    "passivate_thread",
+    "pool_scope",
+    "release_pool",
+    "root_cause",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +58,7 @@ _ACTOR_OPTIONS: dict[str, Any] = {
 }
 
 _RemoteThreadActor = ray.remote(ThreadActor)
+_RemoteThreadHost = ray.remote(ThreadHost)
 
 _GONE = (ActorDiedError, ActorUnavailableError, ThreadPassivated, ThreadFenced)
 _MAX_DELIVERIES = 10
@@ -88,6 +104,45 @@ async def passivate_actor(name: str, timeout_s: float = 60.0) -> None:
         delay = min(delay * 2, 0.2)
 
 
+def pool_scope(app_name: str, team: TeamConfig) -> str:
+    """The part of host names that belongs to one app and one version of its config.
+
+    A deploy that changes the config gets new hosts; threads move to them on their next
+    message (the new incarnation's epoch fences the old one) and the old hosts idle out.
+    """
+    fingerprint = hashlib.sha1(team.model_dump_json().encode()).hexdigest()[:10]
+    return f"{app_name}/{fingerprint}"
+
+
+def host_name(scope: str, key: ThreadKey, pool_size: int) -> str:
+    """The name of the host actor that carries ``key`` (a stable hash, same in every process)."""
+    index = zlib.crc32(str(key).encode()) % pool_size
+    return f"threadhost/{scope}/{index}"
+
+
+async def passivate_thread(key: ThreadKey, team: TeamConfig, scope: str) -> None:
+    """Close the thread ``key`` now rather than at its idle timeout, whatever the hosting."""
+    if team.threads.hosting == "actor":
+        await passivate_actor(key.actor_name)
+        return
+    host = await asyncio.to_thread(_lookup, host_name(scope, key, team.threads.pool_size))
+    if host is not None:
+        try:
+            await host.passivate.remote(key)
+        except RayActorError:
+            pass  # the host is gone, and the thread with it; its state is stored
+
+
+async def release_pool(team: TeamConfig, scope: str) -> None:
+    """Close every thread of the pool and stop its hosts (the app that used them is gone)."""
+    if team.threads.hosting != "pooled":
+        return
+    for index in range(team.threads.pool_size):
+        host = await asyncio.to_thread(_lookup, f"threadhost/{scope}/{index}")
+        if host is not None:
+            ray.kill(host, no_restart=True)
+
+
 class ThreadDirectory:
     """Finds or creates the thread actor for a key and delivers messages to it."""
 
@@ -96,43 +151,63 @@ class ThreadDirectory:
         team: TeamConfig,
         redis_url: str,
         agent_handles: dict[str, Any],
+        scope: str = "default",
         cache_size: int = 10_000,
     ) -> None:
         self._team = team
         self._redis_url = redis_url
         self._agent_handles = agent_handles
-        self._cache: OrderedDict[ThreadKey, Any] = OrderedDict()
+        self._scope = scope
+        self._pooled = team.threads.hosting == "pooled"
+        # Actor name -> handle: thread actors, or the few hosts of the pool.
+        self._cache: OrderedDict[str, Any] = OrderedDict()
         self._cache_size = cache_size
-        self._creating: dict[ThreadKey, asyncio.Future[Any]] = {}
+        self._creating: dict[str, asyncio.Future[Any]] = {}
 
-    def _get_or_create(self, key: ThreadKey) -> Any:
-        return _RemoteThreadActor.options(name=key.actor_name, **_ACTOR_OPTIONS).remote(
+    def _name(self, key: ThreadKey) -> str:
+        if self._pooled:
+            return host_name(self._scope, key, self._team.threads.pool_size)
+        return key.actor_name
+
+    def _get_or_create(self, key: ThreadKey, name: str) -> Any:
+        if self._pooled:
+            return _RemoteThreadHost.options(name=name, **_ACTOR_OPTIONS).remote(
+                self._team, self._redis_url, self._agent_handles
+            )
+        return _RemoteThreadActor.options(name=name, **_ACTOR_OPTIONS).remote(
             key, self._team, self._redis_url, self._agent_handles
         )
 
     async def actor(self, key: ThreadKey) -> Any:
-        """The actor for ``key``, created (and restored from its checkpoint) if needed."""
-        handle = self._cache.get(key)
+        """The actor serving ``key`` (its own, or its host), created if needed."""
+        name = self._name(key)
+        handle = self._cache.get(name)
         if handle is not None:
-            self._cache.move_to_end(key)
+            self._cache.move_to_end(name)
             return handle
-        pending = self._creating.get(key)
+        pending = self._creating.get(name)
         if pending is None:
-            # One lookup per key per process, however many messages arrive at once; the
+            # One lookup per name per process, however many messages arrive at once; the
             # lookup blocks on the GCS, so it runs off the event loop.
-            pending = asyncio.ensure_future(asyncio.to_thread(self._get_or_create, key))
-            self._creating[key] = pending
-            pending.add_done_callback(lambda _: self._creating.pop(key, None))
+            pending = asyncio.ensure_future(asyncio.to_thread(self._get_or_create, key, name))
+            self._creating[name] = pending
+            pending.add_done_callback(lambda _: self._creating.pop(name, None))
         handle = await pending
-        self._cache[key] = handle
+        self._cache[name] = handle
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return handle
 
     def forget(self, key: ThreadKey, handle: Any) -> None:
         """Drop a cached handle, unless it was already replaced by a newer one."""
-        if self._cache.get(key) is handle:
-            del self._cache[key]
+        name = self._name(key)
+        if self._cache.get(name) is handle:
+            del self._cache[name]
+
+    def _deliver(self, actor: Any, key: ThreadKey, message: InboundMessage) -> Any:
+        if self._pooled:
+            return actor.handle.remote(key, message)
+        return actor.handle.remote(message)
 
     async def send(self, key: ThreadKey, message: InboundMessage) -> TurnResult:
         """Deliver ``message`` to the thread's current incarnation; return the turn's result."""
@@ -140,16 +215,21 @@ class ThreadDirectory:
         for delivery in range(1, _MAX_DELIVERIES + 1):
             actor = await self.actor(key)
             try:
-                result: TurnResult = await actor.handle.remote(message)
+                result: TurnResult = await self._deliver(actor, key, message)
                 return result
             except Exception as exc:
                 cause = root_cause(exc)
                 if not isinstance(cause, _GONE):
                     raise
-                self.forget(key, actor)
-                if isinstance(cause, ThreadFenced):
-                    # A superseded incarnation must not keep the name; its state is safe.
-                    ray.kill(actor, no_restart=True)
+                if self._pooled:
+                    # A host drops a fenced or passivated thread itself and stays.
+                    if not isinstance(cause, ThreadFenced | ThreadPassivated):
+                        self.forget(key, actor)
+                else:
+                    self.forget(key, actor)
+                    if isinstance(cause, ThreadFenced):
+                        # A superseded incarnation must not keep the name; its state is safe.
+                        ray.kill(actor, no_restart=True)
                 if _creation_failed(cause) or delivery == _MAX_DELIVERIES:
                     raise
                 log.info("thread %s: %s; delivering again", key, type(cause).__name__)

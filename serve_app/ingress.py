@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.exceptions import RayError
 
-from actors.directory import ThreadDirectory, root_cause
+from actors.directory import ThreadDirectory, pool_scope, root_cause
 from actors.key import ID_PATTERN, ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
 from serve_app.deployments import open_memory
@@ -149,7 +149,9 @@ class Ingress:
         self._team = team
         self._app_name = app_name
         self._store = RedisThreadStore(connect_redis(settings.redis_url))
-        self._directory = ThreadDirectory(team, settings.redis_url, agent_handles)
+        self._directory = ThreadDirectory(
+            team, settings.redis_url, agent_handles, scope=pool_scope(app_name, team)
+        )
         self._stack = AsyncExitStack()
         api.state.memory = await open_memory(team, settings, embedder, self._stack)
         api.state.core_block_limit = max(

@@ -129,6 +129,12 @@ class ThreadsConfig(_Strict):
     # thread actors per node, the least recently used making room for new ones.
     idle_timeout_s: float = Field(default=300.0, gt=0)
     max_live_threads: int = Field(default=1000, ge=1)
+    # Hosting: "actor" gives every thread its own named actor (an OS process); "pooled" keeps
+    # threads as objects inside `pool_size` named host actors, a thread's host chosen by a hash
+    # of its key. Pooled trades per-thread process isolation for cheap activation, which pays
+    # for many short conversations (replays). `max_live_threads` then caps each host.
+    hosting: Literal["actor", "pooled"] = "actor"
+    pool_size: int = Field(default=4, ge=1, le=1024)
 
 
 class MemoryConfig(_Strict):

@@ -44,10 +44,10 @@ def serve_url(ray_cluster: str) -> Iterator[str]:
 
 
 def kill_thread_actors() -> int:
-    """Kill every thread actor (they are detached, so nothing else would)."""
+    """Kill every thread actor and thread host (they are detached, so nothing else would)."""
     killed = 0
     for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] == NAMESPACE and entry["name"].startswith("thread/"):
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith(("thread/", "threadhost/")):
             try:
                 ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE))
                 killed += 1
@@ -66,6 +66,15 @@ def live_thread_actors(thread_id: str | None = None) -> list[str]:
     if thread_id is not None:
         names = [n for n in names if n.rsplit("/", 1)[-1] == thread_id]
     return names
+
+
+def thread_hosts(app_name: str) -> list[str]:
+    """Names of the live thread hosts of one app (pooled hosting)."""
+    return sorted(
+        e["name"]
+        for e in ray.util.list_named_actors(all_namespaces=True)
+        if e["namespace"] == NAMESPACE and e["name"].startswith(f"threadhost/{app_name}/")
+    )
 
 
 @dataclass

@@ -1,0 +1,131 @@
+"""The pooled hosting strategy: one Ray actor carrying many ``Thread`` objects.
+
+Created only by ``actors.directory`` when ``threads.hosting`` is ``pooled``. A thread lives in
+the host its key hashes to, so every ingress replica finds it in the same place. The turn
+logic is the same ``Thread`` as in a per-thread actor: it opens with a new epoch, restores its
+checkpoint, resolves a pending turn and is fenced by the epoch, so a host crash or a second
+host holding the same thread loses nothing. Threads idle past ``idle_timeout_s`` are closed,
+at most ``max_live_threads`` stay open (the least recently used close first), and a host left
+with no threads for ``idle_timeout_s`` exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import ray
+
+from actors.agent_client import ServeAgentCaller
+from actors.key import ThreadKey
+from actors.redis_store import RedisThreadStore, connect_redis
+from actors.thread import Thread
+from stickyray.config import TeamConfig
+from stickyray.errors import ThreadFenced, ThreadPassivated
+from stickyray.turns import InboundMessage, TurnResult
+
+__all__ = ["ThreadHost"]
+
+log = logging.getLogger(__name__)
+
+
+class ThreadHost:
+    """Many conversation threads in one Ray actor."""
+
+    async def __init__(  # type: ignore[misc]
+        self,
+        team: TeamConfig,
+        redis_url: str,
+        agent_handles: dict[str, Any],
+    ) -> None:
+        threads = team.threads
+        self._team = team
+        self._redis = connect_redis(redis_url)
+        self._store = RedisThreadStore(
+            self._redis, ttl_s=threads.checkpoint_ttl_s, message_id_ttl_s=threads.message_id_ttl_s
+        )
+        self._agents = ServeAgentCaller(agent_handles)
+        self._threads: OrderedDict[ThreadKey, Thread] = OrderedDict()
+        self._opening: dict[ThreadKey, asyncio.Future[Thread]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._cap = threads.max_live_threads
+        self._idle_timeout_s = threads.idle_timeout_s
+        self._empty_since = time.time()
+        self._idle_watch = asyncio.get_running_loop().create_task(self._watch_idle())
+
+    async def handle(self, key: ThreadKey, message: InboundMessage) -> TurnResult:
+        """Run one message through the thread ``key``, opening it here if needed."""
+        thread = await self._thread(key)
+        try:
+            return await thread.handle(message)
+        except (ThreadFenced, ThreadPassivated):
+            # This incarnation is over; the directory delivers again and the next one opens.
+            self._forget(key, thread)
+            raise
+
+    async def passivate(self, key: ThreadKey) -> None:
+        """Close the thread ``key`` after its turn in progress (its state is stored)."""
+        thread = self._threads.get(key)
+        if thread is not None:
+            self._forget(key, thread)
+            await thread.close()
+
+    async def open_threads(self) -> list[ThreadKey]:
+        """The threads open in this host, least recently used first."""
+        return list(self._threads)
+
+    async def _thread(self, key: ThreadKey) -> Thread:
+        thread = self._threads.get(key)
+        if thread is not None:
+            self._threads.move_to_end(key)
+            return thread
+        pending = self._opening.get(key)
+        if pending is None:
+            # One open per key, however many of its messages arrive at once.
+            pending = asyncio.ensure_future(Thread.open(key, self._team, self._store, self._agents))
+            self._opening[key] = pending
+            pending.add_done_callback(lambda _: self._opening.pop(key, None))
+        thread = await pending
+        if self._threads.get(key) is not thread:
+            self._threads[key] = thread
+            self._evict_over_cap()
+        return thread
+
+    def _forget(self, key: ThreadKey, thread: Thread) -> None:
+        if self._threads.get(key) is thread:
+            del self._threads[key]
+            if not self._threads:
+                self._empty_since = time.time()
+
+    def _evict_over_cap(self) -> None:
+        over = len(self._threads) - self._cap
+        if over <= 0:
+            return
+        # Least recently used first; a thread with a turn in progress is never the victim.
+        victims = [(k, t) for k, t in self._threads.items() if not t.busy][:over]
+        for key, thread in victims:
+            self._close_later(key, thread)
+
+    def _close_later(self, key: ThreadKey, thread: Thread) -> None:
+        self._forget(key, thread)
+        task = asyncio.get_running_loop().create_task(thread.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _watch_idle(self) -> None:
+        # A timer, not a wait for a condition: it wakes a few times per timeout to compare.
+        interval = min(max(self._idle_timeout_s / 4, 0.05), 30.0)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            for key, thread in list(self._threads.items()):
+                if now - thread.last_active >= self._idle_timeout_s and not thread.busy:
+                    self._close_later(key, thread)
+            idle = not self._threads and not self._opening
+            if idle and now - self._empty_since >= self._idle_timeout_s:
+                log.info("thread host idle for %.0f s: exiting", now - self._empty_since)
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                return

@@ -21,6 +21,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from replay.dataset import Dialogue, load_dialogues, load_team
+from stickyray.config import TeamConfig
 from stickyray.errors import ConfigError
 
 __all__ = ["TurnRecord", "main", "replay_dialogues"]
@@ -72,13 +73,20 @@ def _record(
 async def replay_dialogues(
     url: str,
     dialogues: list[Dialogue],
-    supervisor: str,
+    team: TeamConfig,
     concurrency: int,
     run_id: str,
+    scope: str,
 ) -> list[TurnRecord]:
-    """Replay every dialogue as its own thread; ``concurrency`` dialogues at a time."""
-    from actors.directory import passivate_actor
+    """Replay every dialogue as its own thread; ``concurrency`` dialogues at a time.
+
+    ``scope`` is the app's thread pool scope (``actors.directory.pool_scope``), used to close
+    each thread as soon as its dialogue ends and to stop the pool's hosts at the end.
+    """
+    from actors.directory import passivate_thread, release_pool
     from actors.key import ThreadKey
+
+    supervisor = team.supervisor.name
 
     records: list[TurnRecord] = []
     done = 0
@@ -114,7 +122,7 @@ async def replay_dialogues(
                     _record(dialogue, index, body, time.perf_counter() - start, supervisor)
                 )
             # The conversation is over: free its actor now rather than at the idle timeout.
-            await passivate_actor(ThreadKey.of(thread).actor_name)
+            await passivate_thread(ThreadKey.of(thread), team, scope)
         done += 1
         if done % 50 == 0 or done == len(dialogues):
             rate = len(records) / max(time.monotonic() - started, 1e-9)
@@ -124,8 +132,11 @@ async def replay_dialogues(
                 flush=True,
             )
 
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        await asyncio.gather(*(one(client, d) for d in dialogues))
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            await asyncio.gather(*(one(client, d) for d in dialogues))
+    finally:
+        await release_pool(team, scope)
     records.sort(key=lambda r: (r.dialogue_id, r.index))
     return records
 
@@ -149,6 +160,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument(
+        "--hosting",
+        choices=["pooled", "actor"],
+        default="pooled",
+        help="threads.hosting for the replay (overrides the agents file)",
+    )
+    parser.add_argument(
         "--http-port",
         type=int,
         default=8000,
@@ -166,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"replay: {exc}", file=sys.stderr)
         return 2
+    threads = team.threads.model_copy(update={"hosting": args.hosting})
+    team = team.model_copy(update={"threads": threads})
     dialogues, skipped = load_dialogues(args.dialogues, args.limit)
     for line in skipped:
         print(f"replay: skipped line {line.line}: {line.error}", flush=True)
@@ -178,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from actors.directory import pool_scope
     from replay.report import write_report
     from serve_app.app import build_app
     from stickyray.embedded_redis import EmbeddedRedis
@@ -209,16 +229,21 @@ def main(argv: list[str] | None = None) -> int:
             replay_dialogues(
                 f"http://127.0.0.1:{port}/{app_name}",
                 dialogues,
-                team.supervisor.name,
+                team,
                 args.concurrency,
                 run_id,
+                pool_scope(app_name, team),
             )
         )
         elapsed = time.monotonic() - started
-        from replay.baselines import baselines
+    # The turns are on disk before the baselines run, so a failure there loses no replay.
+    report = write_report(args.out, team, dialogues, records, skipped, elapsed)
+    from replay.baselines import baselines
 
-        compared = baselines(team, dialogues)
-        report = write_report(args.out, team, dialogues, records, skipped, elapsed, compared)
+    started = time.monotonic()
+    compared = baselines(team, dialogues)
+    report = write_report(args.out, team, dialogues, records, skipped, elapsed, compared)
+    print(f"replay: baselines computed in {time.monotonic() - started:.0f} s", flush=True)
     print(
         f"replay: accuracy {report['routing']['accuracy']:.3f}, "
         f"{report['routing']['supervisor_decisions_per_turn']:.3f} supervisor decisions/turn, "

@@ -46,6 +46,7 @@ def submit_replay(
     address: str | None = None,
     concurrency: int = 8,
     limit: int | None = None,
+    hosting: str = "pooled",
 ) -> int:
     """Submit the replay job and wait for it; the exit code says whether it succeeded.
 
@@ -63,6 +64,11 @@ def submit_replay(
         return 2
     if concurrency < 1:
         print("stickyray: --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"stickyray: --out {out} cannot be a report folder: {exc}", file=sys.stderr)
         return 2
 
     import ray
@@ -86,6 +92,8 @@ def submit_replay(
             str(out.resolve()),
             "--concurrency",
             str(concurrency),
+            "--hosting",
+            hosting,
         ]
         if limit is not None:
             command += ["--limit", str(limit)]

@@ -1,4 +1,4 @@
-"""The ``stickyray`` command: ``serve``, ``chat``, ``check`` and ``fake-llm``."""
+"""The ``stickyray`` command: serve, chat, check, replay, bench and fake-llm."""
 
 from __future__ import annotations
 
@@ -145,8 +145,20 @@ def _replay(args: argparse.Namespace) -> int:
     from replay.submit import submit_replay
 
     return submit_replay(
-        args.dialogues, args.agents, args.out, args.address, args.concurrency, args.limit
+        args.dialogues,
+        args.agents,
+        args.out,
+        args.address,
+        args.concurrency,
+        args.limit,
+        args.hosting,
     )
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from bench.__main__ import main as bench_main
+
+    return bench_main(args.rest)
 
 
 def _fake_llm(args: argparse.Namespace) -> int:
@@ -190,6 +202,12 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--concurrency", type=int, default=8, help="dialogues at once")
     replay.add_argument("--limit", type=int, help="replay only the first N dialogues")
     replay.add_argument("--out", type=Path, default=Path("replay-report"), help="report folder")
+    replay.add_argument(
+        "--hosting",
+        choices=["pooled", "actor"],
+        default="pooled",
+        help="threads as objects in a few host actors (default), or one actor per thread",
+    )
     replay.set_defaults(func=_replay)
 
     fake = sub.add_parser(
@@ -197,6 +215,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     fake.add_argument("rest", nargs=argparse.REMAINDER)
     fake.set_defaults(func=_fake_llm)
+    bench = sub.add_parser(
+        "bench", help="benchmarks: python -m bench [NAME] [--quick]", add_help=False
+    )
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_bench)
     return parser
 
 

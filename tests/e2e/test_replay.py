@@ -7,12 +7,23 @@ from pathlib import Path
 
 import pytest
 
+from actors.directory import NAMESPACE
 from replay.submit import submit_replay
 from stickyray.cli import main as cli
 
 pytestmark = pytest.mark.slow
 
 DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "sgd-dev"
+
+
+def named_actors() -> list[str]:
+    import ray
+
+    return [
+        e["name"]
+        for e in ray.util.list_named_actors(all_namespaces=True)
+        if e["namespace"] == NAMESPACE
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +65,8 @@ def test_replay_job_writes_a_report_that_matches_its_turns(
     assert "supervisor" in report["agent_calls"]
     assert len(report["strategies"]) == 3
     assert report["errors"] == 0
+    # The job replayed on pooled hosts and stopped them when it was done.
+    assert not [n for n in named_actors() if n.startswith(("threadhost/replay-", "thread/default/replay-"))]
 
 
 def test_missing_agents_file_fails_before_submitting(
@@ -66,3 +79,13 @@ def test_missing_agents_file_fails_before_submitting(
         cli(["replay", str(tmp_path / "none.jsonl"), "--agents", str(DATASETS / "agents.json")])
         == 2
     )
+
+
+def test_an_out_folder_that_cannot_be_created_fails_before_submitting(
+    slice_file: Path, tmp_path: Path, capsys
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    argv = ["replay", str(slice_file), "--agents", str(DATASETS / "agents.json")]
+    assert cli([*argv, "--out", str(blocker / "report")]) == 2
+    assert "--out" in capsys.readouterr().err

@@ -1,13 +1,17 @@
-"""``python -m bench NAME [--quick]``: run one benchmark, print its table, save its JSON."""
+"""``python -m bench [NAME] [--quick]``: run a benchmark, print its table, save its JSON.
+
+Without a name it runs ``compare``: stickyray against the raw Ray path and peer frameworks.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from bench import memory_search, routing_eval, thread_actors
+from bench import compare, memory_search, routing_eval, thread_actors
 
 BENCHMARKS = {
+    "compare": compare.main,
     "threads": thread_actors.main,
     "memory": memory_search.main,
     "routing": routing_eval.main,
@@ -16,9 +20,19 @@ BENCHMARKS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("name", choices=sorted(BENCHMARKS))
+    parser.add_argument("name", nargs="?", default="compare", choices=sorted(BENCHMARKS))
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=200.0,
+        help="the fake LLM's latency per call, for compare (default 200)",
+    )
     args = parser.parse_args(argv)
+    if args.latency_ms < 0:
+        parser.error("--latency-ms must be 0 or more")
+    if args.name == "compare":
+        return compare.main(quick=args.quick, latency_s=args.latency_ms / 1000)
     return BENCHMARKS[args.name](quick=args.quick)
 
 

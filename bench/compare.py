@@ -133,7 +133,7 @@ async def measure_raw(
 ) -> dict[str, Any]:
     """Each raw piece on its own, timed from the driver."""
     noop = serve.get_app_handle("bench-noop")
-    actor = PingActor.remote()
+    actor = PingActor.remote()  # type: ignore[attr-defined]
     await actor.ping.remote()
     client = aioredis.Redis.from_url(redis_url)
     llm = AsyncOpenAI(base_url=fake.openai_base_url, api_key="bench", max_retries=0)
@@ -149,7 +149,7 @@ async def measure_raw(
     try:
         for warm in (lambda: http.get("/bench-noop"), noop.ping.remote, actor.ping.remote, chat):
             await warm()
-        result = {
+        result: dict[str, Any] = {
             "http_noop_s": _stats(await _timed(lambda: http.get("/bench-noop"), samples)),
             "actor_call_s": _stats(await _timed(actor.ping.remote, samples)),
             "handle_call_s": _stats(await _timed(noop.ping.remote, samples)),
@@ -186,6 +186,7 @@ def _pid_of(name: str) -> int:
     filters = [("name", "=", name), ("state", "=", "ALIVE")]
     address = ray.get_runtime_context().gcs_address  # this cluster, not any other on the machine
     (actor,) = list_actors(address=address, filters=filters, detail=True)  # type: ignore[arg-type]
+    assert actor.pid is not None, name
     return int(actor.pid)
 
 
@@ -315,8 +316,8 @@ async def _measure_cluster(
 
 
 def _deploy(settings: Settings, fake: FakeLLMServer) -> None:
-    serve.run(Noop.bind(), name="bench-noop", route_prefix="/bench-noop")
-    raw = RawIngress.bind(RawAgent.bind(fake.openai_base_url))
+    serve.run(Noop.bind(), name="bench-noop", route_prefix="/bench-noop")  # type: ignore[attr-defined]
+    raw = RawIngress.bind(RawAgent.bind(fake.openai_base_url))  # type: ignore[attr-defined]
     serve.run(raw, name="bench-raw", route_prefix="/bench-raw")
     for hosting in ("actor", "pooled"):
         name = f"bench-{hosting}"

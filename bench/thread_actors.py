@@ -70,6 +70,7 @@ def _memory(pid: int) -> tuple[float, float]:
 def _thread_pid(thread: str) -> int:
     name = ThreadKey.of(thread).actor_name
     (actor,) = list_actors(filters=[("name", "=", name), ("state", "=", "ALIVE")], detail=True)
+    assert actor.pid is not None, name
     return int(actor.pid)
 
 
@@ -77,7 +78,7 @@ def measure_bare(samples: int) -> dict[str, Any]:
     created, uss, rss, actors = [], [], [], []
     for _ in range(samples):
         start = time.perf_counter()
-        actor = BareActor.remote()
+        actor = BareActor.remote()  # type: ignore[attr-defined]
         pid = ray.get(actor.pid.remote())
         created.append(time.perf_counter() - start)
         actors.append(actor)
@@ -96,7 +97,12 @@ def measure_threads(client: httpx.Client, samples: int, warm_turns: int) -> dict
         response.raise_for_status()
         return time.perf_counter() - start
 
-    new_thread, cold, warm, recovery, uss, rss = [], [], [], [], [], []
+    new_thread: list[float] = []
+    cold: list[float] = []
+    warm: list[float] = []
+    recovery: list[float] = []
+    uss: list[float] = []
+    rss: list[float] = []
     for _ in range(samples):
         thread = f"bench-{uuid.uuid4().hex[:10]}"
         new_thread.append(post(thread, "book a table"))  # creates the actor, routes

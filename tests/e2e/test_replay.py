@@ -66,7 +66,9 @@ def test_replay_job_writes_a_report_that_matches_its_turns(
     assert len(report["strategies"]) == 3
     assert report["errors"] == 0
     # The job replayed on pooled hosts and stopped them when it was done.
-    assert not [n for n in named_actors() if n.startswith(("threadhost/replay-", "thread/default/replay-"))]
+    assert not [
+        n for n in named_actors() if n.startswith(("threadhost/replay-", "thread/default/replay-"))
+    ]
 
 
 def test_missing_agents_file_fails_before_submitting(

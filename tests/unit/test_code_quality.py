@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ["actors", "serve_app", "memory", "providers", "stickyray", "replay"]
+PACKAGES = ["actors", "serve_app", "memory", "providers", "stickyray", "replay", "bench"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -33,7 +33,9 @@ async def open_host(redis_url: str, cap: int) -> ThreadHost:
 
 
 async def status(host: ThreadHost, thread: str) -> str:
-    result = await host.handle(ThreadKey.of(thread), InboundMessage(text="/status", message_id=uuid.uuid4().hex))
+    result = await host.handle(
+        ThreadKey.of(thread), InboundMessage(text="/status", message_id=uuid.uuid4().hex)
+    )
     return result.reply
 
 

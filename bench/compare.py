@@ -20,6 +20,7 @@ a shared 2-core machine drift, the ratios hold.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -41,12 +42,13 @@ from starlette.requests import Request
 
 from actors.directory import NAMESPACE, passivate_actor, passivate_thread, pool_scope
 from actors.key import ThreadKey
+from bench.peers import FakeLLMProcess
 from bench.thread_actors import _memory, _stats, measure_bare
 from serve_app.app import build_app
 from stickyray.config import TeamConfig, parse_config
 from stickyray.embedded_redis import EmbeddedRedis
 from stickyray.settings import Settings
-from stickyray.testing import AGENT_HEADER, FakeLLMServer, FakeReply
+from stickyray.testing import AGENT_HEADER
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -129,14 +131,14 @@ async def _timed(call: Callable[[], Awaitable[Any]], samples: int) -> list[float
 
 
 async def measure_raw(
-    http: httpx.AsyncClient, redis_url: str, fake: FakeLLMServer, samples: int, size: int
+    http: httpx.AsyncClient, redis_url: str, fake: FakeLLMProcess, samples: int, size: int
 ) -> dict[str, Any]:
     """Each raw piece on its own, timed from the driver."""
     noop = serve.get_app_handle("bench-noop")
     actor = PingActor.remote()  # type: ignore[attr-defined]
     await actor.ping.remote()
     client = aioredis.Redis.from_url(redis_url)
-    llm = AsyncOpenAI(base_url=fake.openai_base_url, api_key="bench", max_retries=0)
+    llm = AsyncOpenAI(base_url=fake.url, api_key="bench", max_retries=0)
     value = b"x" * size
 
     async def chat() -> None:
@@ -192,7 +194,7 @@ def _pid_of(name: str) -> int:
 
 async def measure_turns(
     http: httpx.AsyncClient,
-    fake: FakeLLMServer,
+    fake: FakeLLMProcess,
     app: str,
     team: TeamConfig,
     threads: int,
@@ -202,7 +204,7 @@ async def measure_turns(
     prefix = f"/{app}"
     L = fake.latency_s
     first, routed, follow, cold, uss = [], [], [], [], []
-    calls_before = fake.count()
+    calls_before = fake.stats()[0]
     turns = 0
     for _ in range(threads):
         thread = f"bench-{uuid.uuid4().hex[:10]}"
@@ -220,7 +222,7 @@ async def measure_turns(
         turns += 1
         if team.threads.hosting == "actor":
             await passivate_actor(ThreadKey.of(thread).actor_name)
-    calls = fake.count() - calls_before
+    calls = fake.stats()[0] - calls_before
     # The scripted path: two model calls for a first or routed turn, one for the others.
     expected = threads * (2 + 2 + follow_ups + 1)
     if calls != expected:
@@ -285,7 +287,7 @@ def _team(hosting: str) -> TeamConfig:
 
 
 async def _measure_cluster(
-    fake: FakeLLMServer, settings: Settings, port: int, quick: bool
+    fake: FakeLLMProcess, settings: Settings, port: int, quick: bool
 ) -> dict[str, Any]:
     samples = 50 if quick else 300
     threads, follow_ups = (4, 5) if quick else (12, 20)
@@ -315,9 +317,9 @@ async def _measure_cluster(
     return result
 
 
-def _deploy(settings: Settings, fake: FakeLLMServer) -> None:
+def _deploy(settings: Settings, fake: FakeLLMProcess) -> None:
     serve.run(Noop.bind(), name="bench-noop", route_prefix="/bench-noop")  # type: ignore[attr-defined]
-    raw = RawIngress.bind(RawAgent.bind(fake.openai_base_url))  # type: ignore[attr-defined]
+    raw = RawIngress.bind(RawAgent.bind(fake.url))  # type: ignore[attr-defined]
     serve.run(raw, name="bench-raw", route_prefix="/bench-raw")
     for hosting in ("actor", "pooled"):
         name = f"bench-{hosting}"
@@ -354,13 +356,14 @@ def _ratios(r: dict[str, Any]) -> dict[str, float]:
 
 def run(quick: bool = False, latency_s: float = 0.2) -> dict[str, Any]:
     """Measure everything; the peers run after the Ray cluster is gone."""
-    with tempfile.TemporaryDirectory(prefix="sr-bench-") as tmp, FakeLLMServer(latency_s) as fake:
-        fake.on(agent="triage", reply=FakeReply.tool_call("transfer_to_bookings", {"reason": "b"}))
-        fake.on(agent="bookings", reply=FakeReply.text("Booked."))
-        fake.on(agent="raw", reply=FakeReply.text("Booked."))
+    # The fake LLM runs in its own process, as for the peers: in the driver it would share the
+    # GIL with the load-generating HTTP client.
+    fake = FakeLLMProcess(latency_s, "stickyray")
+    with tempfile.TemporaryDirectory(prefix="sr-bench-") as tmp, contextlib.ExitStack() as stack:
+        stack.callback(fake.stop)
         redis = EmbeddedRedis(Path(tmp) / "redis")
         settings = Settings(
-            redis_url=redis.start(), openai_api_key="bench", openai_base_url=fake.openai_base_url
+            redis_url=redis.start(), openai_api_key="bench", openai_base_url=fake.url
         )
         port = _free_port()
         ray.init(address="local", namespace=NAMESPACE, logging_level=logging.ERROR)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "run_peers"]
+__all__ = ["FakeLLMProcess", "main", "run_peers"]
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "bench"
@@ -55,19 +55,29 @@ def _specialist_prompt(name: str) -> str:
 # -- the fake LLM, in its own process ---------------------------------------------------------
 
 
-def _serve_fake(latency_s: float) -> None:
-    """Child process: serve the scripted fake LLM; answer one JSON line per stdin command."""
+def _serve_fake(latency_s: float, script: str = "peers") -> None:
+    """Child process: serve the scripted fake LLM; answer one JSON line per stdin command.
+
+    ``script`` is ``peers`` (agents told apart by their prompts) or ``stickyray`` (by the
+    agent header stickyray sends; ``raw`` is the raw pipeline's agent).
+    """
     from stickyray.testing import FakeLLMServer, FakeReply
 
     # strict: anything off script is an HTTP 500, so the turn fails instead of being measured.
     fake = FakeLLMServer(latency_s, strict=True)
-    fake.on(
-        system_contains="triage agent",
-        has_tool="transfer_to_bookings",
-        after_tool_result=False,
-        reply=FakeReply.tool_call("transfer_to_bookings", {}),
-    )
-    fake.on(system_contains="bookings specialist", reply=FakeReply.text(REPLY))
+    if script == "stickyray":
+        handoff = FakeReply.tool_call("transfer_to_bookings", {"reason": "b"})
+        fake.on(agent="triage", reply=handoff)
+        fake.on(agent="bookings", reply=FakeReply.text(REPLY))
+        fake.on(agent="raw", reply=FakeReply.text(REPLY))
+    else:
+        fake.on(
+            system_contains="triage agent",
+            has_tool="transfer_to_bookings",
+            after_tool_result=False,
+            reply=FakeReply.tool_call("transfer_to_bookings", {}),
+        )
+        fake.on(system_contains="bookings specialist", reply=FakeReply.text(REPLY))
     with fake:
         print(json.dumps(fake.openai_base_url), flush=True)
         for command in sys.stdin:
@@ -80,15 +90,16 @@ def _serve_fake(latency_s: float) -> None:
             print(json.dumps(answer), flush=True)
 
 
-class _FakeLLM:
+class FakeLLMProcess:
     """The fake LLM in a child process: its URL, request count and scripted LLM time.
 
     A plain subprocess rather than multiprocessing, whose spawn would re-run the caller's
     main module.
     """
 
-    def __init__(self, latency_s: float) -> None:
-        code = f"from bench.peers import _serve_fake; _serve_fake({latency_s!r})"
+    def __init__(self, latency_s: float, script: str = "peers") -> None:
+        self.latency_s = latency_s
+        code = f"from bench.peers import _serve_fake; _serve_fake({latency_s!r}, {script!r})"
         self._process = subprocess.Popen(
             [sys.executable, "-c", code],
             stdin=subprocess.PIPE,
@@ -400,7 +411,7 @@ def _expect(calls: int, expected: int, what: str) -> None:
 
 
 async def _timed_turn(
-    runner: _Runner, fake: _FakeLLM, thread: str, text: str, calls: int
+    runner: _Runner, fake: FakeLLMProcess, thread: str, text: str, calls: int
 ) -> tuple[float, float, float]:
     """One turn, alone: latency, latency minus its LLM time, and this process's CPU time.
 
@@ -428,7 +439,7 @@ class _Samples:
     ops: Counter[str] = field(default_factory=Counter)
 
     async def take(
-        self, runner: _Runner, fake: _FakeLLM, thread: str, text: str, calls: int
+        self, runner: _Runner, fake: FakeLLMProcess, thread: str, text: str, calls: int
     ) -> None:
         before = await runner.store_ops()
         latency, overhead, cpu = await _timed_turn(runner, fake, thread, text, calls)
@@ -445,7 +456,7 @@ class _Samples:
 
 
 async def _sequential(
-    runner: _Runner, fake: _FakeLLM, run_id: str, threads: int, follow_ups: int
+    runner: _Runner, fake: FakeLLMProcess, run_id: str, threads: int, follow_ups: int
 ) -> dict[str, Stat]:
     """Latency, overhead, CPU and store operations of first turns and follow-ups, one by one."""
     await _timed_turn(runner, fake, f"{run_id}-warm", FIRST_TEXT, 2)  # imports, connections
@@ -480,7 +491,12 @@ async def _sequential(
 
 
 async def _throughput(
-    runner: _Runner, fake: _FakeLLM, run_id: str, threads: int, follow_ups: int, budget_s: float
+    runner: _Runner,
+    fake: FakeLLMProcess,
+    run_id: str,
+    threads: int,
+    follow_ups: int,
+    budget_s: float,
 ) -> dict[str, Stat]:
     """Follow-up turns per second with `threads` conversations in flight at once."""
     ids = [f"{run_id}-load-{i}" for i in range(threads)]
@@ -540,7 +556,7 @@ async def run_peers(
     seq_threads, seq_follow_ups = (5, 2) if quick else (20, 3)
     load_follow_ups, budget_s = (1, 120.0) if quick else (3, 300.0)
     results: dict[str, dict[str, Stat]] = {}
-    fake = await asyncio.to_thread(_FakeLLM, latency_s)
+    fake = await asyncio.to_thread(FakeLLMProcess, latency_s)
     try:
         async with AsyncExitStack() as stack:
             servers = _Servers(stack, redis_url, database_url)

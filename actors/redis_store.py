@@ -116,19 +116,28 @@ return {'ok'}
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
+# Connections per process (thread actor, host, ingress replica).
+MAX_REDIS_CONNECTIONS = 64
+
+
 def connect_redis(url: str) -> aioredis.Redis:
     """An asyncio Redis client for ``url`` (redis://, rediss:// or unix://).
 
     Retries are short: a dropped connection is re-dialled at once, but an outage must turn
     into a quick 503, not a request that hangs through seconds of backoff.
     """
-    return aioredis.from_url(
+    # A blocking pool: a burst of turns (many threads opening at once in one host) waits for
+    # a connection instead of failing with MaxConnectionsError, which would be a false 503.
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_REDIS_CONNECTIONS,
+        timeout=5.0,
         socket_connect_timeout=2.0,
         socket_timeout=5.0,
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 def _text(value: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -173,3 +174,16 @@ async def test_unreachable_redis_is_store_unavailable(tmp_path) -> None:
             await store.open(ThreadKey.of("x"))
         with pytest.raises(StoreUnavailable):
             await store.load(ThreadKey.of("x"))
+
+
+async def test_a_burst_wider_than_the_pool_waits_for_connections(redis_url: str) -> None:
+    # 200 commands that each hold a connection for 0.1 s: an unbounded burst must queue
+    # on the pool, not fail (a failure would surface as a false "Redis unavailable" 503).
+    client = connect_redis(redis_url)
+    try:
+        results = await asyncio.gather(
+            *(client.blpop([f"burst-{i}"], timeout=0.1) for i in range(200))
+        )
+    finally:
+        await client.aclose()
+    assert results == [None] * 200

@@ -258,8 +258,9 @@ async def measure_throughput(
 
         async def send(thread: str, text: str) -> None:
             async with http.post(path_of(thread), json={"text": text}) as response:
-                response.raise_for_status()
-                await response.read()
+                body = await response.text()
+                if response.status != 200:
+                    raise RuntimeError(f"{thread}: HTTP {response.status}: {body[:300]}")
 
         await asyncio.gather(*(send(t, "book a table") for t in ids))  # every thread is live
 

@@ -68,8 +68,13 @@ class AnthropicProvider:
         cls, api_key: str, base_url: str | None, timeout_s: float, max_retries: int
     ) -> AnthropicProvider:
         """A provider with its own client."""
+        # aiohttp under the SDK, as for OpenAI (httpx's pool is costly with many calls in flight).
         client = anthropic.AsyncAnthropic(
-            api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=max_retries
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout_s,
+            max_retries=max_retries,
+            http_client=anthropic.DefaultAioHttpClient(timeout=timeout_s),
         )
         return cls(client)
 

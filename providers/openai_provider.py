@@ -61,8 +61,14 @@ class OpenAIProvider:
         cls, api_key: str, base_url: str | None, timeout_s: float, max_retries: int
     ) -> OpenAIProvider:
         """A provider with its own client."""
+        # aiohttp under the SDK: httpx's pool scans every open connection per request, which
+        # cost a busy agent replica ~3x the CPU per call at 200 calls in flight (measured).
         client = openai.AsyncOpenAI(
-            api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=max_retries
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout_s,
+            max_retries=max_retries,
+            http_client=openai.DefaultAioHttpClient(timeout=timeout_s),
         )
         return cls(client)
 

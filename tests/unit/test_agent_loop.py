@@ -25,10 +25,24 @@ def team(provider: str, tools: list[str] | None = None):
     return parse_config(data, source=__import__("pathlib").Path("<test>"))
 
 
-def provider_for(kind: str, fake: FakeLLMServer):
+_opened: list = []
+
+
+@pytest.fixture(autouse=True)
+async def close_providers():
+    """Providers hold an HTTP session: close every one a test opened."""
+    yield
+    while _opened:
+        await _opened.pop().aclose()
+
+
+def provider_for(kind: str, fake: FakeLLMServer, max_retries: int = 0):
     if kind == "openai":
-        return OpenAIProvider.from_settings("k", fake.openai_base_url, 10, 0)
-    return AnthropicProvider.from_settings("k", fake.anthropic_base_url, 10, 0)
+        provider = OpenAIProvider.from_settings("k", fake.openai_base_url, 10, max_retries)
+    else:
+        provider = AnthropicProvider.from_settings("k", fake.anthropic_base_url, 10, max_retries)
+    _opened.append(provider)
+    return provider
 
 
 def request(text: str, buffer: list[BufferEntry] | None = None) -> AgentRequest:
@@ -135,7 +149,7 @@ def test_missing_api_key_is_a_config_error() -> None:
 
 async def test_transient_errors_are_retried_with_backoff(fake_llm: FakeLLMServer) -> None:
     cfg = team("openai")
-    provider = OpenAIProvider.from_settings("k", fake_llm.openai_base_url, 10, max_retries=2)
+    provider = provider_for("openai", fake_llm, max_retries=2)
     agent = Agent(cfg.agent("bookings"), cfg, provider, [])
     fake_llm.queue(FakeReply.error(503, "overloaded"), FakeReply.text("recovered"))
     result = await agent.run(request("hi"))

@@ -36,7 +36,7 @@ import httpx
 import psutil
 import ray
 import redis.asyncio as aioredis
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, DefaultAioHttpClient
 from ray import serve
 from ray.util.state import list_actors
 from starlette.requests import Request
@@ -93,7 +93,10 @@ class RawAgent:
     """One model call through the OpenAI SDK, nothing else: the raw pipeline's agent."""
 
     def __init__(self, base_url: str) -> None:
-        self._client = AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0)
+        # The same SDK transport as stickyray's OpenAI provider, so only the pipeline differs.
+        self._client = AsyncOpenAI(
+            base_url=base_url, api_key="bench", max_retries=0, http_client=DefaultAioHttpClient()
+        )
 
     async def reply(self, text: str) -> str:
         response = await self._client.chat.completions.create(

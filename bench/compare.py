@@ -33,10 +33,11 @@ from typing import Any
 
 import aiohttp
 import httpx
+import openai
 import psutil
 import ray
 import redis.asyncio as aioredis
-from openai import AsyncOpenAI, DefaultAioHttpClient
+from openai import AsyncOpenAI
 from ray import serve
 from ray.util.state import list_actors
 from starlette.requests import Request
@@ -95,7 +96,11 @@ class RawAgent:
     def __init__(self, base_url: str) -> None:
         # The same SDK transport as stickyray's OpenAI provider, so only the pipeline differs.
         self._client = AsyncOpenAI(
-            base_url=base_url, api_key="bench", max_retries=0, http_client=DefaultAioHttpClient()
+            base_url=base_url,
+            api_key="bench",
+            max_retries=0,
+            # Through the module: cloudpickle would copy the class itself, and break it.
+            http_client=openai.DefaultAioHttpClient(),
         )
 
     async def reply(self, text: str) -> str:

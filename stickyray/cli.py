@@ -155,16 +155,19 @@ def _replay(args: argparse.Namespace) -> int:
     )
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _bench(argv: list[str]) -> int:
     from bench.__main__ import main as bench_main
 
-    return bench_main(args.rest)
+    return bench_main(argv)
 
 
-def _fake_llm(args: argparse.Namespace) -> int:
+def _fake_llm(argv: list[str]) -> int:
     from stickyray.testing.fake_llm import main as fake_main
 
-    return fake_main(args.rest)
+    return fake_main(argv)
+
+
+_PASS_THROUGH = {"bench": _bench, "fake-llm": _fake_llm}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -214,12 +217,10 @@ def _parser() -> argparse.ArgumentParser:
         "fake-llm", help="run the fake OpenAI/Anthropic server (for tests)", add_help=False
     )
     fake.add_argument("rest", nargs=argparse.REMAINDER)
-    fake.set_defaults(func=_fake_llm)
     bench = sub.add_parser(
         "bench", help="benchmarks: python -m bench [NAME] [--quick]", add_help=False
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=_bench)
     return parser
 
 
@@ -228,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    argv = sys.argv[1:] if argv is None else argv
+    # These hand every argument to their own parser; argparse's REMAINDER would not take
+    # options such as --port that come first.
+    if argv and argv[0] in _PASS_THROUGH:
+        return _PASS_THROUGH[argv[0]](argv[1:])
     args = _parser().parse_args(argv)
     result: int = args.func(args)
     return result

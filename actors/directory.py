@@ -134,7 +134,7 @@ async def passivate_thread(key: ThreadKey, team: TeamConfig, scope: str) -> None
 
 
 async def release_pool(team: TeamConfig, scope: str) -> None:
-    """Close every thread of the pool and stop its hosts (the app that used them is gone)."""
+    """Stop the pool's hosts once the app that used them is gone; their threads are stored."""
     if team.threads.hosting != "pooled":
         return
     for index in range(team.threads.pool_size):

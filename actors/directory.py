@@ -114,10 +114,13 @@ def pool_scope(app_name: str, team: TeamConfig) -> str:
     return f"{app_name}/{fingerprint}"
 
 
+def _host_name(scope: str, index: int) -> str:
+    return f"threadhost/{scope}/{index}"
+
+
 def host_name(scope: str, key: ThreadKey, pool_size: int) -> str:
     """The name of the host actor that carries ``key`` (a stable hash, same in every process)."""
-    index = zlib.crc32(str(key).encode()) % pool_size
-    return f"threadhost/{scope}/{index}"
+    return _host_name(scope, zlib.crc32(str(key).encode()) % pool_size)
 
 
 async def passivate_thread(key: ThreadKey, team: TeamConfig, scope: str) -> None:
@@ -138,7 +141,7 @@ async def release_pool(team: TeamConfig, scope: str) -> None:
     if team.threads.hosting != "pooled":
         return
     for index in range(team.threads.pool_size):
-        host = await asyncio.to_thread(_lookup, f"threadhost/{scope}/{index}")
+        host = await asyncio.to_thread(_lookup, _host_name(scope, index))
         if host is not None:
             ray.kill(host, no_restart=True)
 

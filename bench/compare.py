@@ -44,7 +44,7 @@ from starlette.requests import Request
 
 from actors.directory import NAMESPACE, passivate_actor, passivate_thread, pool_scope
 from actors.key import ThreadKey
-from bench.peers import FakeLLMProcess
+from bench.fake_llm_process import FakeLLMProcess
 from bench.thread_actors import _memory, _stats, measure_bare
 from serve_app.app import build_app
 from stickyray.config import TeamConfig, parse_config

@@ -19,6 +19,17 @@ zero stops old messages about the active topic from blocking a fresh move. A new
 that announces an added request ("also", "too", "another", ...) needs the lower
 ``new_request_threshold`` instead.
 
+Some teams have agents that cover the same ground (two hotel-booking services, two movie
+services): at least ``overlap_share`` of one agent's intents have a counterpart (cosine >=
+``overlap_intent_similarity``) among the other's. Their similarities to a message differ by
+wording more than by meaning, so the margins above cannot tell them apart. Between such
+agents, ``check`` also switches when the newest message is best matched, over every agent's
+intents and slots, by a *distinctive capability* of the other agent: one with no counterpart
+(cosine >= ``counterpart_similarity``) in the active agent and a match of at least
+``capability_match``. "Can I smoke there?" moves a thread to the agent whose slots include
+whether smoking is allowed; "what's the hotel's address?" does not move it, since both have
+an address.
+
 Both are stateless given the recent user messages: ``check`` reads the last
 ``RECENT_USER_MESSAGES`` (5) user messages, i.e. about ten thread messages.
 """
@@ -156,6 +167,10 @@ class EvidenceRouter:
         latest_margin: float = 0.025,
         new_request_threshold: float = 0.25,
         new_request_cue: str | None = NEW_REQUEST_CUE,
+        overlap_intent_similarity: float = 0.7,
+        overlap_share: float = 0.5,
+        counterpart_similarity: float = 0.5,
+        capability_match: float = 0.3,
         cache_size: int = 4096,
     ) -> None:
         if not agents:
@@ -177,7 +192,12 @@ class EvidenceRouter:
         self._latest_margin = latest_margin
         self._new_request_threshold = new_request_threshold
         self._new_request = re.compile(new_request_cue, re.IGNORECASE) if new_request_cue else None
+        self._overlap_intent_similarity = overlap_intent_similarity
+        self._overlap_share = overlap_share
+        self._counterpart_similarity = counterpart_similarity
+        self._capability_match = capability_match
         self._views: list[list[np.ndarray]] | None = None
+        self._capabilities: _Capabilities | None = None
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
 
@@ -185,6 +205,13 @@ class EvidenceRouter:
     def agents(self) -> list[str]:
         """Agent names, in the order of every score vector."""
         return list(self._names)
+
+    def overlapping(self, first: str, second: str) -> bool:
+        """Whether two agents cover the same ground (see the module docstring)."""
+        if self._capabilities is None:
+            raise RuntimeError("call `await router.prepare()` first")
+        i, j = self._names.index(first), self._names.index(second)
+        return bool(self._capabilities.overlapping[i, j])
 
     async def prepare(self) -> None:
         """Embed every agent's views once (later calls are free)."""
@@ -202,6 +229,26 @@ class EvidenceRouter:
                 at += len(views[view])
             out.append(rows)
         self._views = out
+        self._capabilities = self._index_capabilities(out, texts)
+
+    def _index_capabilities(
+        self, views: list[list[np.ndarray]], texts: list[dict[str, list[str]]]
+    ) -> _Capabilities:
+        """Every agent's intents and slots as one matrix, with counterparts and overlaps."""
+        per_agent = [np.concatenate([rows[1], rows[3]]) for rows in views]
+        vectors = np.concatenate(per_agent)
+        owner = np.repeat(np.arange(len(per_agent)), [len(v) for v in per_agent])
+        labels = [t for views in texts for t in [*views["intent"], *views["slot"]]]
+        counterpart = np.stack([(vectors @ v.T).max(axis=1) for v in per_agent], axis=1)
+        intents = [rows[1] for rows in views]
+        overlapping = np.zeros((len(intents), len(intents)), bool)
+        for i, mine in enumerate(intents):
+            for j, theirs in enumerate(intents):
+                if i != j:
+                    close = (mine @ theirs.T) >= self._overlap_intent_similarity
+                    share = max(close.any(axis=1).mean(), close.any(axis=0).mean())
+                    overlapping[i, j] = share >= self._overlap_share
+        return _Capabilities(vectors, owner, labels, counterpart, overlapping)
 
     async def _embed(self, texts: Sequence[str]) -> np.ndarray:
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
@@ -279,7 +326,9 @@ class EvidenceRouter:
         """``check`` on embedded recent user messages, oldest first.
 
         ``new_request`` says the newest message announces an added request (see
-        ``is_new_request``); it lowers the threshold to ``new_request_threshold``.
+        ``is_new_request``); it lowers the threshold to ``new_request_threshold``. When the
+        accumulated evidence does not pass, an overlapping agent's distinctive capability in
+        the newest message still may (see the module docstring).
         """
         if len(vectors) == 0:
             return None
@@ -302,13 +351,53 @@ class EvidenceRouter:
         threshold = self._switch_threshold
         if new_request:
             threshold = min(threshold, self._new_request_threshold)
-        if score < threshold or latest < self._latest_margin:
-            return None
         scores = {n: float(evidence[i]) for i, n in enumerate(self._names) if i != me}
+        if score >= threshold and latest >= self._latest_margin:
+            reason = (
+                f"evidence router: {self._names[best]} over {active}: accumulated margin "
+                f"{evidence[best]:.3f} across {len(sims)} recent user message(s) + "
+                f"{self._distinct_weight:g} x latest lead {distinct:+.3f} = {score:.3f} >= "
+                f"{threshold:.3f} (latest margin {latest:+.3f})"
+            )
+            return RouteDecision(self._names[best], scores, reason)
+        return self._distinctive_switch(np.asarray(vectors[-1], np.float32), me, scores)
+
+    def _distinctive_switch(
+        self, vector: np.ndarray, me: int, scores: dict[str, float]
+    ) -> RouteDecision | None:
+        """The overlapping agent whose distinctive capability the message asks for, if any."""
+        caps = self._capabilities
+        assert caps is not None
+        sims = caps.vectors @ vector.reshape(-1)
+        k = int(sims.argmax())
+        other = int(caps.owner[k])
+        if (
+            other == me
+            or not caps.overlapping[other, me]
+            or sims[k] < self._capability_match
+            or caps.counterpart[k, me] >= self._counterpart_similarity
+        ):
+            return None
+        active, name = self._names[me], self._names[other]
         reason = (
-            f"evidence router: {self._names[best]} over {active}: accumulated margin "
-            f"{evidence[best]:.3f} across {len(sims)} recent user message(s) + "
-            f"{self._distinct_weight:g} x latest lead {distinct:+.3f} = {score:.3f} >= "
-            f"{threshold:.3f} (latest margin {latest:+.3f})"
+            f"evidence router: {name} over {active}: the latest message asks for "
+            f"{caps.labels[k]!r} ({sims[k]:.2f}), which {name} offers and {active} does not "
+            f"(closest {caps.counterpart[k, me]:.2f} < {self._counterpart_similarity:g}); "
+            f"the two agents overlap"
         )
-        return RouteDecision(self._names[best], scores, reason)
+        return RouteDecision(name, scores, reason)
+
+
+@dataclass(frozen=True)
+class _Capabilities:
+    """Every agent's intents and slots, embedded, for the distinctive-capability switch.
+
+    ``counterpart[k, i]`` is capability k's best similarity among agent i's capabilities;
+    ``overlapping[i, j]`` says agents i and j cover the same ground.
+    """
+
+    vectors: np.ndarray
+    owner: np.ndarray
+    labels: list[str]
+    counterpart: np.ndarray
+    overlapping: np.ndarray

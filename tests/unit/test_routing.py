@@ -223,3 +223,111 @@ def test_router_needs_distinct_agents() -> None:
         EvidenceRouter(LocalEmbedder(), [])
     with pytest.raises(ValueError):
         EvidenceRouter(LocalEmbedder(), [AGENTS[0], AGENTS[0]])
+
+
+# Two agents that cover the same ground, worded differently, each with one thing the other
+# lacks: wifi for one, smoking rooms for the other.
+HOTELS = AgentProfile(
+    "hotel_rooms",
+    "Search hotels and reserve rooms",
+    (
+        IntentProfile(
+            "SearchHotel",
+            "Find a hotel in a city",
+            ("City of the hotel", "Star rating of the hotel", "Whether the hotel has wifi"),
+        ),
+        IntentProfile(
+            "ReserveHotel",
+            "Reserve rooms at a hotel for given dates",
+            ("Check-in date", "Number of nights", "Number of rooms"),
+        ),
+    ),
+)
+LODGING = AgentProfile(
+    "lodging_portal",
+    "Accommodation booking portal",
+    (
+        IntentProfile(
+            "SearchHotel",
+            "Look for accommodation in a city",
+            ("City of the accommodation", "Star rating", "Whether smoking is allowed inside"),
+        ),
+        IntentProfile(
+            "ReserveHotel",
+            "Book rooms at the accommodation for given dates",
+            ("Check in date", "Length of stay in nights", "Number of rooms"),
+        ),
+    ),
+)
+STAY = ["I need a hotel in Lisbon for next week"]
+
+
+@pytest.fixture(scope="module")
+def overlap_router() -> EvidenceRouter:
+    return EvidenceRouter(LocalEmbedder(), [*AGENTS, HOTELS, LODGING])
+
+
+@pytest.fixture(scope="module")
+def capability_only(overlap_router) -> EvidenceRouter:
+    """The same agents with accumulated evidence switched off: only the capability rule moves."""
+    return EvidenceRouter(
+        LocalEmbedder(),
+        [*AGENTS, HOTELS, LODGING],
+        switch_threshold=100.0,
+        new_request_threshold=100.0,
+    )
+
+
+async def test_overlapping_agents_are_found_from_their_intents(overlap_router) -> None:
+    await overlap_router.prepare()
+    assert overlap_router.overlapping(HOTELS.name, LODGING.name)
+    assert overlap_router.overlapping(LODGING.name, HOTELS.name)
+    assert not overlap_router.overlapping(HOTELS.name, RESTAURANT)
+    assert not overlap_router.overlapping("taxi_rides", "weather")
+
+
+@pytest.mark.parametrize(
+    ("active", "message", "expected"),
+    [
+        (HOTELS.name, "Can I smoke in the room?", LODGING.name),
+        (LODGING.name, "Is there wifi in the rooms?", HOTELS.name),
+    ],
+)
+async def test_a_distinctive_capability_moves_between_overlapping_agents(
+    overlap_router, capability_only, active: str, message: str, expected: str
+) -> None:
+    thread = [*STAY, "yes, 2 rooms", message]
+    decision = await capability_only.check(thread, active)
+    assert decision is not None
+    assert decision.agent == expected
+    assert "the two agents overlap" in decision.reason
+    # With accumulated evidence on too, the thread moves the same way.
+    both = await overlap_router.check(thread, active)
+    assert both is not None and both.agent == expected
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "What's the address of the hotel?",
+        "Book 2 rooms for 3 nights from Friday",
+        "How many stars does it have?",
+        "yes please",
+    ],
+)
+async def test_what_both_overlapping_agents_offer_does_not_move(
+    overlap_router, capability_only, message: str
+) -> None:
+    for router in (capability_only, overlap_router):
+        for active in (HOTELS.name, LODGING.name):
+            assert await router.check([*STAY, message], active) is None
+
+
+async def test_distinctive_capabilities_only_move_between_overlapping_agents(
+    capability_only,
+) -> None:
+    # Wifi is the hotel agent's alone, but the restaurant agent does not overlap with it.
+    thread = [*BOOKING, "Do they have wifi?"]
+    assert await capability_only.check(thread, RESTAURANT) is None
+    moved = await capability_only.check([*STAY, "Do they have wifi?"], LODGING.name)
+    assert moved is not None and moved.agent == HOTELS.name

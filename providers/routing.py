@@ -238,7 +238,7 @@ class EvidenceRouter:
         per_agent = [np.concatenate([rows[1], rows[3]]) for rows in views]
         vectors = np.concatenate(per_agent)
         owner = np.repeat(np.arange(len(per_agent)), [len(v) for v in per_agent])
-        labels = [t for views in texts for t in [*views["intent"], *views["slot"]]]
+        labels = [t for agent in texts for t in [*agent["intent"], *agent["slot"]]]
         counterpart = np.stack([(vectors @ v.T).max(axis=1) for v in per_agent], axis=1)
         intents = [rows[1] for rows in views]
         overlapping = np.zeros((len(intents), len(intents)), bool)

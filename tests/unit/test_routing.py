@@ -268,7 +268,7 @@ def overlap_router() -> EvidenceRouter:
 
 
 @pytest.fixture(scope="module")
-def capability_only(overlap_router) -> EvidenceRouter:
+def capability_only() -> EvidenceRouter:
     """The same agents with accumulated evidence switched off: only the capability rule moves."""
     return EvidenceRouter(
         LocalEmbedder(),

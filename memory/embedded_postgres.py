@@ -8,14 +8,19 @@ second tenant wall that :class:`memory.postgres.PostgresMemoryStore` relies on.
 
 Run as root, pgserver creates a system user ``pgserver`` (``useradd``) to own the data and
 run the server, and widens the permissions of every parent directory of the data directory
-(``g+rx,o+rx``) so that user can reach it.
+(``g+rx,o+rx``) so that user can reach it. ``useradd`` lives in ``/usr/sbin``, which a
+minimal ``PATH`` (cron, ``env -i``, some CI runners) leaves out; ``start()`` adds the system
+directories to ``PATH`` when it would otherwise not be found.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import pwd
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,8 @@ __all__ = ["EmbeddedPostgres"]
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_SYSTEM_USER = "pgserver"  # the user pgserver creates to run the server as, when root
+_SYSTEM_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 # Run by psql as the superuser. pgvector 0.6 is not a trusted extension, so the vector
 # extension is created here: the application role could not do it, and its migration's
@@ -37,6 +44,32 @@ SELECT 'CREATE DATABASE {database} OWNER {role}'
 \\connect {database}
 CREATE EXTENSION IF NOT EXISTS vector;
 """
+
+
+def ensure_useradd_on_path() -> None:
+    """Put the directory holding ``useradd`` on ``PATH`` when running as root without it.
+
+    pgserver calls ``useradd`` by name the first time it runs as root on a machine; with
+    ``/usr/sbin`` missing from ``PATH`` that fails with a bare FileNotFoundError.
+    """
+    if os.geteuid() != 0 or shutil.which("useradd"):
+        return
+    try:
+        pwd.getpwnam(_SYSTEM_USER)
+        return  # made on an earlier run: pgserver will not call useradd
+    except KeyError:
+        pass
+    for directory in _SYSTEM_DIRS:
+        if os.access(os.path.join(directory, "useradd"), os.X_OK):
+            os.environ["PATH"] = os.pathsep.join(
+                p for p in (os.environ.get("PATH", ""), directory) if p
+            )
+            log.info("added %s to PATH for pgserver's useradd", directory)
+            return
+    raise RuntimeError(
+        "embedded Postgres runs as root and needs `useradd` (package `passwd`) to create its "
+        "system user `pgserver`; install it, or set DATABASE_URL to an existing Postgres"
+    )
 
 
 class EmbeddedPostgres:
@@ -77,6 +110,7 @@ class EmbeddedPostgres:
 
         self._data_dir.parent.mkdir(parents=True, exist_ok=True)
         self._forget_dead_handles()
+        ensure_useradd_on_path()
         self._server = pgserver.get_server(self._data_dir, cleanup_mode="stop")
         script = _BOOTSTRAP.format(role=self._role, database=self._database)
         self._psql(self._uri("postgres", "postgres"), script)

@@ -59,17 +59,15 @@ def ensure_useradd_on_path() -> None:
         return  # made on an earlier run: pgserver will not call useradd
     except KeyError:
         pass
-    for directory in _SYSTEM_DIRS:
-        if os.access(os.path.join(directory, "useradd"), os.X_OK):
-            os.environ["PATH"] = os.pathsep.join(
-                p for p in (os.environ.get("PATH", ""), directory) if p
-            )
-            log.info("added %s to PATH for pgserver's useradd", directory)
-            return
-    raise RuntimeError(
-        "embedded Postgres runs as root and needs `useradd` (package `passwd`) to create its "
-        "system user `pgserver`; install it, or set DATABASE_URL to an existing Postgres"
-    )
+    found = shutil.which("useradd", path=os.pathsep.join(_SYSTEM_DIRS))
+    if found is None:
+        raise RuntimeError(
+            "embedded Postgres runs as root and needs `useradd` (package `passwd`) to create "
+            "its system user `pgserver`; install it, or set DATABASE_URL to an existing Postgres"
+        )
+    directory = os.path.dirname(found)
+    os.environ["PATH"] = os.pathsep.join(p for p in (os.environ.get("PATH", ""), directory) if p)
+    log.info("added %s to PATH for pgserver's useradd", directory)
 
 
 class EmbeddedPostgres:

@@ -101,7 +101,9 @@ async def _kill_one(threads: set[str], hard: bool) -> str | None:
             )
             if not found:
                 return None
-            os.kill(found[0].pid, signal.SIGKILL)
+            pid = found[0].pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
         else:
             try:
                 ray.kill(ray.get_actor(victim, namespace=NAMESPACE), no_restart=True)

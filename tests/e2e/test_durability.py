@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import uuid
+from typing import Any
 
 import pytest
 import ray
@@ -17,6 +18,7 @@ from actors.directory import NAMESPACE
 from actors.key import ThreadKey
 from actors.thread_actor import ThreadActor
 from stickyray.testing import FakeLLMServer, FakeReply
+from stickyray.turns import InboundMessage
 from tests.e2e.conftest import App, live_thread_actors, new_thread, wait_for
 from tests.e2e.teams import openai_team
 
@@ -104,6 +106,7 @@ def test_killed_actor_recovers_with_everything(app: App, fake_llm: FakeLLMServer
         )
         # Now the hard way: SIGKILL the worker process itself.
         (info,) = list_actors(filters=[("name", "=", name), ("state", "=", "ALIVE")], detail=True)
+        assert info.pid is not None
         os.kill(info.pid, signal.SIGKILL)
         after_sigkill = send(client, thread, "thanks")
         state = client.get(f"/v1/threads/{thread}").json()
@@ -119,7 +122,8 @@ def test_stale_incarnation_is_fenced(app: App, fake_llm: FakeLLMServer, redis_ur
     with app.client() as client:
         send(client, thread, "book")
         # Force a second incarnation beside the named one (as a zombie or split brain would).
-        usurper = (
+        # Typed Any: ray's stubs do not see ThreadActor's methods as remote methods.
+        usurper: Any = (
             ray.remote(ThreadActor)
             .options(name=f"usurper-{uuid.uuid4().hex[:6]}", namespace=NAMESPACE, num_cpus=0)
             .remote(key, app.team, redis_url, {})
@@ -133,13 +137,7 @@ def test_stale_incarnation_is_fenced(app: App, fake_llm: FakeLLMServer, redis_ur
         state = client.get(f"/v1/threads/{thread}").json()
     assert epoch_in_redis(redis_url, thread) == 3
     with pytest.raises(Exception, match="superseded"):
-        ray.get(
-            usurper.handle.remote(
-                __import__("stickyray.turns", fromlist=["InboundMessage"]).InboundMessage(
-                    text="late", message_id="late"
-                )
-            )
-        )
+        ray.get(usurper.handle.remote(InboundMessage(text="late", message_id="late")))
     assert [t["turn"] for t in history] == [1, 2]
     assert state["version"] == 2 and state["turns"] == 2
     ray.kill(usurper)

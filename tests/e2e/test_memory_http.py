@@ -116,11 +116,12 @@ def test_memory_api_validates_and_scopes(app: App, fake_llm: FakeLLMServer) -> N
             client.get(f"/v1/users/{other}/memories", params={"query": "Porto"}).json()["memories"]
             == []
         )
-        for params, field in [
+        queries: list[tuple[dict[str, str | int], str]] = [
             ({}, "query"),
             ({"query": "x", "k": 0}, "k"),
             ({"query": "x", "kind": "dream"}, "kind"),
-        ]:
+        ]
+        for params, field in queries:
             bad = client.get(f"/v1/users/{who}/memories", params=params)
             assert bad.status_code == 422 and field in bad.text, bad.text
         for body, field in [

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import uuid
+from typing import Any
 
 import pytest
 import ray
@@ -84,6 +85,7 @@ def test_killed_host_loses_nothing(app: App, fake_llm: FakeLLMServer) -> None:
         )
         name = host_of(app, thread)
         (info,) = list_actors(filters=[("name", "=", name), ("state", "=", "ALIVE")], detail=True)
+        assert info.pid is not None
         os.kill(info.pid, signal.SIGKILL)
         after_sigkill = send(client, thread, "thanks")
         state = client.get(f"/v1/threads/{thread}").json()
@@ -116,7 +118,8 @@ def test_stale_thread_in_a_host_is_fenced_and_reopened(
     key = ThreadKey.of(thread)
     with app.client() as client:
         send(client, thread, "book")
-        usurper = (
+        # Typed Any: ray's stubs do not see ThreadActor's methods as remote methods.
+        usurper: Any = (
             ray.remote(ThreadActor)
             .options(name=f"usurper-{uuid.uuid4().hex[:6]}", namespace=NAMESPACE, num_cpus=0)
             .remote(key, app.team, redis_url, {})

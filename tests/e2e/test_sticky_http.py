@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import Callable
 
 import pytest
 from ray import serve
@@ -11,7 +12,7 @@ from ray.util.state import list_actors
 
 from actors.key import ThreadKey
 from stickyray.chat import run_chat
-from stickyray.testing import FakeLLMServer, FakeReply
+from stickyray.testing import FakeLLMServer, FakeReply, FakeRequest
 from tests.e2e.conftest import App, live_thread_actors, new_thread
 from tests.e2e.teams import openai_team
 
@@ -49,10 +50,12 @@ def script(fake: FakeLLMServer) -> None:
         reply=FakeReply.tool_call("transfer_to_invoices", {"reason": "not mine either"}),
     )
     for agent in ("triage", "bookings", "invoices", "support"):
-        fake.on(
-            agent=agent,
-            reply=lambda req, a=agent: FakeReply.text(f"{a} says: {req.last_user_text}"),
-        )
+        fake.on(agent=agent, reply=_echo_as(agent))
+
+
+def _echo_as(agent: str) -> Callable[[FakeRequest], FakeReply]:
+    """A reply that names the agent that answered and echoes the user's message."""
+    return lambda req: FakeReply.text(f"{agent} says: {req.last_user_text}")
 
 
 def post(client, thread: str, text: str, **extra):

@@ -36,7 +36,10 @@ async def close_providers():
         await _opened.pop().aclose()
 
 
-def provider_for(kind: str, fake: FakeLLMServer, max_retries: int = 0):
+def provider_for(
+    kind: str, fake: FakeLLMServer, max_retries: int = 0
+) -> OpenAIProvider | AnthropicProvider:
+    provider: OpenAIProvider | AnthropicProvider
     if kind == "openai":
         provider = OpenAIProvider.from_settings("k", fake.openai_base_url, 10, max_retries)
     else:

@@ -1,4 +1,4 @@
-"""The house rules hold: ruff and mypy are clean on every package."""
+"""The house rules hold: ruff and mypy are clean on every package and on the tests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ["actors", "serve_app", "memory", "providers", "stickyray", "replay", "bench"]
+PACKAGES = ["actors", "serve_app", "memory", "providers", "stickyray", "replay", "bench", "tests"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -217,7 +217,7 @@ async def test_store_outage_leaves_state_unchanged_and_recovers(team: TeamConfig
     class Flaky(InMemoryThreadStore):
         down = False
 
-        async def commit(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        async def commit(self, *args, **kwargs):
             if self.down:
                 raise StoreUnavailable("redis", "down")
             return await super().commit(*args, **kwargs)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,6 +20,7 @@ from tests.conftest import free_port
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
+from ray.util.state import list_actors  # noqa: E402
 
 from actors.directory import NAMESPACE  # noqa: E402
 from serve_app.app import build_app  # noqa: E402
@@ -54,6 +57,15 @@ def kill_thread_actors() -> int:
             except ValueError:
                 pass
     return killed
+
+
+def sigkill_actor(name: str) -> bool:
+    """SIGKILL the worker process of the one live actor ``name``; False unless exactly one."""
+    found = list_actors(filters=[("name", "=", name), ("state", "=", "ALIVE")], detail=True)
+    if len(found) != 1 or found[0].pid is None:
+        return False
+    os.kill(found[0].pid, signal.SIGKILL)
+    return True
 
 
 def live_thread_actors(thread_id: str | None = None) -> list[str]:

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -17,12 +15,11 @@ from collections.abc import Callable
 import httpx
 import pytest
 import ray
-from ray.util.state import list_actors
 
 from actors.directory import NAMESPACE
 from stickyray.embedded_redis import EmbeddedRedis
 from stickyray.testing import FakeLLMServer, FakeReply
-from tests.e2e.conftest import App, live_thread_actors, new_thread
+from tests.e2e.conftest import App, live_thread_actors, new_thread, sigkill_actor
 from tests.e2e.teams import openai_team
 
 pytestmark = pytest.mark.slow
@@ -96,14 +93,8 @@ async def _kill_one(threads: set[str], hard: bool) -> str | None:
             return None
         victim = random.choice(live)
         if hard:
-            found = list_actors(
-                filters=[("name", "=", victim), ("state", "=", "ALIVE")], detail=True
-            )
-            if not found:
+            if not sigkill_actor(victim):
                 return None
-            pid = found[0].pid
-            assert pid is not None
-            os.kill(pid, signal.SIGKILL)
         else:
             try:
                 ray.kill(ray.get_actor(victim, namespace=NAMESPACE), no_restart=True)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import threading
 import uuid
 from typing import Any
@@ -19,7 +17,7 @@ from actors.key import ThreadKey
 from actors.thread_actor import ThreadActor
 from stickyray.testing import FakeLLMServer, FakeReply
 from stickyray.turns import InboundMessage
-from tests.e2e.conftest import App, live_thread_actors, new_thread, wait_for
+from tests.e2e.conftest import App, live_thread_actors, new_thread, sigkill_actor, wait_for
 from tests.e2e.teams import openai_team
 
 
@@ -105,9 +103,7 @@ def test_killed_actor_recovers_with_everything(app: App, fake_llm: FakeLLMServer
             [],
         )
         # Now the hard way: SIGKILL the worker process itself.
-        (info,) = list_actors(filters=[("name", "=", name), ("state", "=", "ALIVE")], detail=True)
-        assert info.pid is not None
-        os.kill(info.pid, signal.SIGKILL)
+        assert sigkill_actor(name)
         after_sigkill = send(client, thread, "thanks")
         state = client.get(f"/v1/threads/{thread}").json()
     assert (after_sigkill["turn"], after_sigkill["agent"]) == (4, "bookings")

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import uuid
 from typing import Any
 
 import pytest
 import ray
-from ray.util.state import list_actors
 
 from actors.directory import NAMESPACE, passivate_thread, pool_scope
 from actors.key import ThreadKey
@@ -18,7 +15,14 @@ from actors.thread_actor import ThreadActor
 from stickyray.config import TeamConfig
 from stickyray.testing import FakeLLMServer
 from stickyray.turns import InboundMessage
-from tests.e2e.conftest import App, live_thread_actors, new_thread, thread_hosts, wait_for
+from tests.e2e.conftest import (
+    App,
+    live_thread_actors,
+    new_thread,
+    sigkill_actor,
+    thread_hosts,
+    wait_for,
+)
 from tests.e2e.teams import openai_team
 from tests.e2e.test_durability import epoch_in_redis, route_to_bookings, send
 
@@ -84,9 +88,7 @@ def test_killed_host_loses_nothing(app: App, fake_llm: FakeLLMServer) -> None:
             [],
         )
         name = host_of(app, thread)
-        (info,) = list_actors(filters=[("name", "=", name), ("state", "=", "ALIVE")], detail=True)
-        assert info.pid is not None
-        os.kill(info.pid, signal.SIGKILL)
+        assert sigkill_actor(name)
         after_sigkill = send(client, thread, "thanks")
         state = client.get(f"/v1/threads/{thread}").json()
     assert (after_sigkill["turn"], after_sigkill["agent"]) == (4, "bookings")

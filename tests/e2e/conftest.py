@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -23,6 +24,8 @@ from ray import serve  # noqa: E402
 from ray.util.state import list_actors  # noqa: E402
 
 from actors.directory import NAMESPACE  # noqa: E402
+from actors.key import ThreadKey  # noqa: E402
+from actors.thread_actor import ThreadActor  # noqa: E402
 from serve_app.app import build_app  # noqa: E402
 
 
@@ -66,6 +69,18 @@ def sigkill_actor(name: str) -> bool:
         return False
     os.kill(found[0].pid, signal.SIGKILL)
     return True
+
+
+def start_usurper(thread_id: str, team: TeamConfig, redis_url: str) -> Any:
+    """A second, unnamed incarnation of a thread, as a zombie or a split brain would make.
+
+    Typed Any: ray's stubs do not see ThreadActor's methods as remote methods.
+    """
+    return (
+        ray.remote(ThreadActor)
+        .options(name=f"usurper-{uuid.uuid4().hex[:6]}", namespace=NAMESPACE, num_cpus=0)
+        .remote(ThreadKey.of(thread_id), team, redis_url, {})
+    )
 
 
 def live_thread_actors(thread_id: str | None = None) -> list[str]:

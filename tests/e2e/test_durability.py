@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
-from typing import Any
 
 import pytest
 import ray
@@ -14,10 +12,16 @@ from ray.util.state import list_actors
 
 from actors.directory import NAMESPACE
 from actors.key import ThreadKey
-from actors.thread_actor import ThreadActor
 from stickyray.testing import FakeLLMServer, FakeReply
 from stickyray.turns import InboundMessage
-from tests.e2e.conftest import App, live_thread_actors, new_thread, sigkill_actor, wait_for
+from tests.e2e.conftest import (
+    App,
+    live_thread_actors,
+    new_thread,
+    sigkill_actor,
+    start_usurper,
+    wait_for,
+)
 from tests.e2e.teams import openai_team
 
 
@@ -114,16 +118,9 @@ def test_killed_actor_recovers_with_everything(app: App, fake_llm: FakeLLMServer
 def test_stale_incarnation_is_fenced(app: App, fake_llm: FakeLLMServer, redis_url: str) -> None:
     route_to_bookings(fake_llm)
     thread = new_thread()
-    key = ThreadKey.of(thread)
     with app.client() as client:
         send(client, thread, "book")
-        # Force a second incarnation beside the named one (as a zombie or split brain would).
-        # Typed Any: ray's stubs do not see ThreadActor's methods as remote methods.
-        usurper: Any = (
-            ray.remote(ThreadActor)
-            .options(name=f"usurper-{uuid.uuid4().hex[:6]}", namespace=NAMESPACE, num_cpus=0)
-            .remote(key, app.team, redis_url, {})
-        )
+        usurper = start_usurper(thread, app.team, redis_url)
         assert ray.get(usurper.epoch.remote()) == 2
         # The named actor (epoch 1) is now stale: its write is refused, it stops serving,
         # and the directory delivers the message to a fresh incarnation instead.

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from typing import Any
 
 import pytest
 import ray
 
 from actors.directory import NAMESPACE, passivate_thread, pool_scope
 from actors.key import ThreadKey
-from actors.thread_actor import ThreadActor
 from stickyray.config import TeamConfig
 from stickyray.testing import FakeLLMServer
 from stickyray.turns import InboundMessage
@@ -20,6 +17,7 @@ from tests.e2e.conftest import (
     live_thread_actors,
     new_thread,
     sigkill_actor,
+    start_usurper,
     thread_hosts,
     wait_for,
 )
@@ -117,15 +115,9 @@ def test_stale_thread_in_a_host_is_fenced_and_reopened(
 ) -> None:
     route_to_bookings(fake_llm)
     thread = new_thread()
-    key = ThreadKey.of(thread)
     with app.client() as client:
         send(client, thread, "book")
-        # Typed Any: ray's stubs do not see ThreadActor's methods as remote methods.
-        usurper: Any = (
-            ray.remote(ThreadActor)
-            .options(name=f"usurper-{uuid.uuid4().hex[:6]}", namespace=NAMESPACE, num_cpus=0)
-            .remote(key, app.team, redis_url, {})
-        )
+        usurper = start_usurper(thread, app.team, redis_url)
         assert ray.get(usurper.epoch.remote()) == 2
         host = host_of(app, thread)
         # The host's thread (epoch 1) is refused, dropped, and reopened in the same host.

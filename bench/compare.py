@@ -381,7 +381,7 @@ def run(quick: bool = False, latency_s: float = 0.2) -> dict[str, Any]:
         stack.callback(fake.stop)
         redis = EmbeddedRedis(Path(tmp) / "redis")
         settings = Settings(
-            redis_url=redis.start(), openai_api_key="bench", openai_base_url=fake.url
+            REDIS_URL=redis.start(), OPENAI_API_KEY="bench", OPENAI_BASE_URL=fake.url
         )
         port = _free_port()
         ray.init(address="local", namespace=NAMESPACE, logging_level=logging.ERROR)

@@ -141,7 +141,7 @@ def main(quick: bool = False) -> int:
         fake.on(agent="bookings", reply=FakeReply.text("ok"))
         redis = EmbeddedRedis(Path(tmp) / "redis")
         settings = Settings(
-            redis_url=redis.start(), openai_api_key="bench", openai_base_url=fake.openai_base_url
+            REDIS_URL=redis.start(), OPENAI_API_KEY="bench", OPENAI_BASE_URL=fake.openai_base_url
         )
         ray.init(address="local", namespace=NAMESPACE, logging_level=logging.ERROR)
         try:

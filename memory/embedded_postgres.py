@@ -25,7 +25,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EmbeddedPostgres"]
+__all__ = ["EmbeddedPostgres", "prepare_database"]
 
 log = logging.getLogger(__name__)
 
@@ -146,3 +146,34 @@ class EmbeddedPostgres:
             return
         server, self._server = self._server, None
         server.cleanup()  # cleanup_mode="stop": stops, keeps the data
+
+
+def prepare_database(
+    database_url: str | None, data_dir: Path, dimension: int
+) -> tuple[str, EmbeddedPostgres | None]:
+    """The memory database's URL, migrated: ``database_url``, or an embedded server.
+
+    Without a URL, a server is started with its data in ``data_dir``; it is returned so the
+    caller can stop it (``None`` otherwise).
+    """
+    import asyncio
+
+    from memory.postgres import PostgresMemoryStore
+
+    postgres = None
+    url = database_url
+    if url is None:
+        postgres = EmbeddedPostgres(data_dir)
+        url = postgres.start()
+
+    async def migrate(url: str) -> None:
+        async with PostgresMemoryStore.from_url(url, dimension=dimension) as store:
+            await store.setup()
+
+    try:
+        asyncio.run(migrate(url))
+    except BaseException:
+        if postgres is not None:
+            postgres.stop()
+        raise
+    return url, postgres

@@ -6,23 +6,13 @@ from ray.serve import Application
 
 from serve_app.deployments import agent_deployment, embedder_deployment
 from serve_app.ingress import INGRESS_DEPLOYMENT, Ingress
-from serve_app.tools import ToolError, resolve_tools
+from serve_app.tools import check_tools
 from stickyray.config import TeamConfig
-from stickyray.errors import ConfigError
 from stickyray.settings import Settings
 
-__all__ = ["APP_NAME", "build_app", "check_tools"]
+__all__ = ["APP_NAME", "build_app"]
 
 APP_NAME = "stickyray"
-
-
-def check_tools(team: TeamConfig) -> None:
-    """Resolve every agent's tools now, so a bad reference stops start-up with its field."""
-    for agent in team.agents:
-        try:
-            resolve_tools(agent.tools)
-        except ToolError as exc:
-            raise ConfigError(f"agent {agent.name!r} tools: {exc}") from None
 
 
 def build_app(team: TeamConfig, settings: Settings, app_name: str = APP_NAME) -> Application:

@@ -17,9 +17,10 @@ from typing import Any
 from pydantic import ValidationError, create_model
 
 from providers.model import ToolSpec
-from stickyray.config import AgentConfig
+from stickyray.config import AgentConfig, TeamConfig
+from stickyray.errors import ConfigError
 
-__all__ = ["Tool", "ToolError", "intent_tools", "resolve_tool", "resolve_tools"]
+__all__ = ["Tool", "ToolError", "check_tools", "intent_tools", "resolve_tool", "resolve_tools"]
 
 
 class ToolError(Exception):
@@ -100,7 +101,7 @@ def resolve_tool(ref: str) -> Tool:
         module_name, _, attr = ref.partition(":")
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
+        except Exception as exc:  # a bad name, or any error the module raises as it loads
             raise ToolError(f"tool {ref!r}: cannot import {module_name!r}: {exc}") from None
         found = getattr(module, attr, None)
         if not callable(found):
@@ -145,3 +146,12 @@ def intent_tools(agent: AgentConfig) -> list[Tool]:
             )
         )
     return tools
+
+
+def check_tools(team: TeamConfig) -> None:
+    """Resolve every agent's tools now, so a bad reference stops start-up with its field."""
+    for agent in team.agents:
+        try:
+            resolve_tools(agent.tools)
+        except ToolError as exc:
+            raise ConfigError(f"agent {agent.name!r} tools: {exc}") from None

@@ -19,7 +19,7 @@ log = logging.getLogger("stickyray")
 
 def _serve(args: argparse.Namespace) -> int:
     from providers.factory import check_providers
-    from serve_app.app import check_tools
+    from serve_app.tools import check_tools
     from stickyray.config import load_config, sample_config_path
     from stickyray.settings import load_settings
 
@@ -45,19 +45,22 @@ def _serve(args: argparse.Namespace) -> int:
     embedded: EmbeddedRedis | None = None
     postgres: Any = None
     redis_url = settings.redis_url
-    if redis_url is None:
-        embedded = EmbeddedRedis(settings.data_dir / "redis", settings.redis_appendfsync)
-        redis_url = embedded.start()
-        print(f"stickyray: embedded Redis with data in {settings.data_dir / 'redis'}")
-    settings = settings.model_copy(update={"redis_url": redis_url})
-    if team.uses_memory:
-        try:
+    what = "embedded Redis"
+    try:
+        if redis_url is None:
+            embedded = EmbeddedRedis(settings.data_dir / "redis", settings.redis_appendfsync)
+            redis_url = embedded.start()
+            print(f"stickyray: embedded Redis with data in {settings.data_dir / 'redis'}")
+        settings = settings.model_copy(update={"redis_url": redis_url})
+        if team.uses_memory:
+            what = "long-term memory (DATABASE_URL or the embedded Postgres)"
             settings, postgres = _start_memory(team, settings)
-        except (ConfigError, ValueError) as exc:
-            if embedded is not None:
-                embedded.stop()
-            print(f"stickyray: {exc}", file=sys.stderr)
-            return 2
+    except Exception as exc:
+        # Ray has not started: say what could not start and why, and leave nothing running.
+        if embedded is not None:
+            embedded.stop()
+        print(f"stickyray: cannot start {what}: {exc}", file=sys.stderr)
+        return 2
 
     # A stop request during start-up is honoured once the app is up, so the shutdown below
     # always runs against a settled deployment.
@@ -95,38 +98,31 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _start_memory(team: Any, settings: Any) -> tuple[Any, Any]:
     """Start the embedded Postgres when DATABASE_URL is unset, and run the migrations."""
-    import asyncio
+    from memory.embedded_postgres import prepare_database
 
-    from memory.postgres import PostgresMemoryStore
-
-    postgres = None
-    url = settings.database_url
-    if url is None:
-        from memory.embedded_postgres import EmbeddedPostgres
-
-        postgres = EmbeddedPostgres(settings.data_dir / "postgres")
-        url = postgres.start()
-        print(f"stickyray: embedded Postgres with data in {settings.data_dir / 'postgres'}")
-
-    async def migrate() -> None:
-        dimension = team.memory.embedding_dimension
-        async with PostgresMemoryStore.from_url(url, dimension=dimension) as store:
-            await store.setup()
-
-    try:
-        asyncio.run(migrate())
-    except BaseException:
-        if postgres is not None:
-            postgres.stop()
-        raise
+    data_dir = settings.data_dir / "postgres"
+    url, postgres = prepare_database(
+        settings.database_url, data_dir, team.memory.embedding_dimension
+    )
+    if postgres is not None:
+        print(f"stickyray: embedded Postgres with data in {data_dir}")
     return settings.model_copy(update={"database_url": url}), postgres
 
 
+def _port(value: str) -> int:
+    port = int(value) if value.isdigit() else 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1-65535)")
+    return port
+
+
 def _check(args: argparse.Namespace) -> int:
+    from serve_app.tools import check_tools
     from stickyray.config import load_config
 
     try:
         team = load_config(args.config)
+        check_tools(team)
     except ConfigError as exc:
         print(f"stickyray: {exc}", file=sys.stderr)
         return 2
@@ -181,7 +177,9 @@ def _parser() -> argparse.ArgumentParser:
         help="agents.yaml (default: STICKYRAY_CONFIG, else the shipped customer-assistant sample)",
     )
     serve.add_argument("--host", help="bind address (default: STICKYRAY_HOST or 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="HTTP port (default: STICKYRAY_PORT or 8000)")
+    serve.add_argument(
+        "--port", type=_port, help="HTTP port, 1-65535 (default: STICKYRAY_PORT or 8000)"
+    )
     serve.set_defaults(func=_serve)
 
     chat = sub.add_parser("chat", help="talk to a running server from the terminal")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stickyray.errors import ConfigError
@@ -15,16 +16,19 @@ __all__ = ["Settings", "load_settings"]
 class Settings(BaseSettings):
     """Process settings from the environment.
 
-    Variable names are the field names in upper case unless an alias says otherwise
-    (``STICKYRAY_CONFIG``, ``REDIS_URL``, ``RAY_ADDRESS``, ``OPENAI_API_KEY``, ...).
+    Each field is read from its alias only (``STICKYRAY_HOST``, ``REDIS_URL``, ...), and code
+    builds one by alias too: reading fields by name as well would take a generic ``HOST`` or
+    ``PORT`` from the environment and, say, bind the API to every interface.
     """
 
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
 
     config: Path | None = Field(default=None, alias="STICKYRAY_CONFIG")
     data_dir: Path = Field(default=Path(".stickyray"), alias="STICKYRAY_DATA_DIR")
     redis_url: str | None = Field(default=None, alias="REDIS_URL")
-    redis_appendfsync: str = Field(default="everysec", alias="STICKYRAY_REDIS_APPENDFSYNC")
+    redis_appendfsync: Literal["always", "everysec", "no"] = Field(
+        default="everysec", alias="STICKYRAY_REDIS_APPENDFSYNC"
+    )
     database_url: str | None = Field(default=None, alias="DATABASE_URL")
     ray_address: str | None = Field(default=None, alias="RAY_ADDRESS")
     host: str = Field(default="127.0.0.1", alias="STICKYRAY_HOST")
@@ -35,6 +39,14 @@ class Settings(BaseSettings):
     anthropic_base_url: str | None = Field(default=None, alias="ANTHROPIC_BASE_URL")
     llm_timeout_s: float = Field(default=60.0, gt=0, alias="STICKYRAY_LLM_TIMEOUT_S")
     llm_max_retries: int = Field(default=3, ge=0, alias="STICKYRAY_LLM_MAX_RETRIES")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        # redis-py would only say so inside a deployment, after Ray and Serve started.
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return url
 
 
 def load_settings() -> Settings:

@@ -91,13 +91,13 @@ def fake_llm(fake_llm_server: FakeLLMServer) -> Iterator[FakeLLMServer]:
 def settings(redis_url: str, postgres_url: str, fake_llm_server: FakeLLMServer) -> Settings:
     """Settings that point every provider at the fake server."""
     return Settings(
-        redis_url=redis_url,
-        database_url=postgres_url,
-        openai_api_key="test-key",
-        openai_base_url=fake_llm_server.openai_base_url,
-        anthropic_api_key="test-key",
-        anthropic_base_url=fake_llm_server.anthropic_base_url,
-        llm_timeout_s=30.0,
-        llm_max_retries=0,
+        REDIS_URL=redis_url,
+        DATABASE_URL=postgres_url,
+        OPENAI_API_KEY="test-key",
+        OPENAI_BASE_URL=fake_llm_server.openai_base_url,
+        ANTHROPIC_API_KEY="test-key",
+        ANTHROPIC_BASE_URL=fake_llm_server.anthropic_base_url,
+        STICKYRAY_LLM_TIMEOUT_S=30.0,
+        STICKYRAY_LLM_MAX_RETRIES=0,
         data_dir=Path("/nonexistent-data-dir"),
     )

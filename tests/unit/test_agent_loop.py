@@ -139,13 +139,16 @@ def test_tool_references_resolve_or_explain() -> None:
         resolve_tool("nope")
     with pytest.raises(ToolError, match="cannot import"):
         resolve_tool("no_such_module:f")
+    for broken in (":f", ".relative:f"):  # import_module raises ValueError / TypeError
+        with pytest.raises(ToolError, match="cannot import"):
+            resolve_tool(broken)
 
 
 def test_missing_api_key_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
-        check_providers(team("openai"), Settings(openai_api_key=None))
+        check_providers(team("openai"), Settings(OPENAI_API_KEY=None))
     with pytest.raises(ConfigError, match="ANTHROPIC_API_KEY"):
-        check_providers(team("anthropic"), Settings(anthropic_api_key=None))
+        check_providers(team("anthropic"), Settings(ANTHROPIC_API_KEY=None))
     with pytest.raises(ConfigError, match="embedder"):
         build_provider(team("offline").supervisor, team("offline"), Settings(), None)
 

@@ -73,6 +73,37 @@ def test_environment_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -
     assert settings.port == 8080 and settings.redis_url == "redis://example:6379/0"
 
 
+def test_only_the_documented_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Generic names that containers and other tools set must not move or expose the server.
+    for name, value in (("HOST", "0.0.0.0"), ("PORT", "5000"), ("DATA_DIR", "/elsewhere")):
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert (settings.host, settings.port, settings.data_dir) == (
+        "127.0.0.1",
+        8000,
+        Path(".stickyray"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("STICKYRAY_REDIS_APPENDFSYNC", "sometimes"), ("REDIS_URL", "localhost:6379")],
+)
+def test_bad_values_are_caught_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        load_settings()
+
+
+def test_a_config_that_is_not_utf8_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "agents.yaml"
+    path.write_bytes("supervisor: {description: caf\u00e9}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+
+
 def test_memory_settings(tmp_path: Path) -> None:
     team = load_config(None)
     assert team.uses_memory and team.memory.embedding_dimension == 384

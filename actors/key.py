@@ -24,9 +24,9 @@ class ThreadKey:
     thread_id: str
 
     def __post_init__(self) -> None:
-        if not _ID.match(self.tenant):
+        if not _ID.fullmatch(self.tenant):
             raise InvalidThreadKey("tenant", self.tenant, _ID_RULE)
-        if not _ID.match(self.thread_id):
+        if not _ID.fullmatch(self.thread_id):
             raise InvalidThreadKey("thread_id", self.thread_id, _ID_RULE)
 
     @classmethod

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 __all__ = [
     "CoreBlock",
@@ -24,11 +24,42 @@ __all__ = [
     "MemoryStore",
     "NewMemory",
     "SearchWeights",
+    "StorableText",
     "combined_score",
+    "storable_json",
+    "storable_text",
 ]
 
 MemoryKind = Literal["episodic", "semantic"]
 CORE_LABEL_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+
+
+def storable_text(value: str) -> str:
+    """``value`` if Postgres can store it as text, else ValueError saying why not."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters (\\u0000)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (it holds an unpaired surrogate)") from None
+    return value
+
+
+def storable_json(value: Any) -> Any:
+    """``value`` if Postgres can store it as jsonb: finite numbers, storable strings."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"numbers must be finite, got {value}")
+    if isinstance(value, dict):
+        return {storable_text(str(k)): storable_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable_json(v) for v in value]
+    return value
+
+
+StorableText = Annotated[str, AfterValidator(storable_text)]
+"""Text that Postgres accepts: no NUL characters, no unpaired surrogates."""
 
 
 class _Model(BaseModel):
@@ -39,10 +70,10 @@ class NewMemory(_Model):
     """A memory to store; the embedding travels beside it."""
 
     kind: MemoryKind = "semantic"
-    content: str = Field(min_length=1, max_length=8000)
+    content: StorableText = Field(min_length=1, max_length=8000)
     agent: str | None = None
     importance: float = Field(default=0.5, ge=0.0, le=1.0)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] = Field(default_factory=dict)
 
 
 class MemoryRecord(_Model):

@@ -14,6 +14,7 @@ from memory.long_term import (
     MemoryStore,
     NewMemory,
     SearchWeights,
+    storable_text,
 )
 
 __all__ = ["LongTermMemory", "extractive_summary"]
@@ -71,8 +72,8 @@ class LongTermMemory:
     async def set_core(
         self, tenant: str, user_id: str, label: str, value: str, limit: int
     ) -> CoreBlock:
-        """Create or replace a core block (ValueError when over ``limit``)."""
-        return await self.store.put_core(tenant, user_id, label, value, limit)
+        """Create or replace a core block (ValueError when over ``limit`` or not storable)."""
+        return await self.store.put_core(tenant, user_id, label, storable_text(value), limit)
 
 
 def extractive_summary(entries: list[BufferEntry], max_chars: int = 4000) -> str:

@@ -125,6 +125,8 @@ class AgentMemory:
             summary = response.text.strip()
         if not summary:
             summary = extractive_summary(request.messages)
+        # A NUL in a model's reply must not stop every later compression of this thread.
+        summary = summary.replace("\x00", "")
         turns = sorted({e.turn for e in request.messages})
         metadata: dict[str, Any] = {
             "source": "compression",

@@ -12,10 +12,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.exceptions import RayError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.directory import ThreadDirectory, pool_scope, root_cause
 from actors.key import ID_PATTERN, ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
+from memory.long_term import storable_text
 from serve_app.deployments import open_memory
 from serve_app.memory_api import router as memory_router
 from stickyray.config import TeamConfig
@@ -24,6 +26,8 @@ from stickyray.errors import (
     InvalidThreadKey,
     StickyrayError,
     StoreUnavailable,
+    ThreadFenced,
+    ThreadPassivated,
 )
 from stickyray.settings import Settings
 from stickyray.turns import InboundMessage, ThreadSnapshot, TurnResult
@@ -53,14 +57,19 @@ class MessageIn(BaseModel):
         pattern=ID_PATTERN,
         description="Client id of the message; generated when absent.",
     )
-    user_id: str | None = Field(default=None, max_length=128)
+    user_id: str | None = Field(
+        default=None,
+        pattern=ID_PATTERN,
+        description="Whose long-term memory the turn reads and writes; the thread's own if absent.",
+    )
 
     @field_validator("text")
     @classmethod
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("text must not be blank")
-        return value
+        # What is said may end up in long-term memory, so it must be storable there too.
+        return storable_text(value)
 
 
 class AgentInfo(BaseModel):
@@ -101,6 +110,17 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     )
 
 
+@api.exception_handler(StarletteHTTPException)
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Every 4xx and 5xx carries its message in "error", as validation errors do; "detail" is
+    # kept for clients that read FastAPI's default shape.
+    return JSONResponse(
+        status_code=exc.status_code,
+        content={"error": exc.detail, "detail": exc.detail},
+        headers=exc.headers,
+    )
+
+
 def _jsonable(errors: Any) -> Any:
     out = []
     for err in errors:
@@ -115,6 +135,9 @@ def _http_error(exc: BaseException) -> HTTPException:
         return HTTPException(503, f"{cause.store} is unavailable; the message was not processed")
     if isinstance(cause, CheckpointConflict):
         return HTTPException(409, f"{cause}; retry the message")
+    if isinstance(cause, ThreadFenced | ThreadPassivated):
+        # The thread moved while the directory kept redelivering: transient, like a restart.
+        return HTTPException(503, f"the thread is moving: {cause}; retry the message")
     if isinstance(cause, StickyrayError):
         return HTTPException(500, str(cause))
     if isinstance(cause, RayError):

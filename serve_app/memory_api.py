@@ -6,10 +6,18 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from actors.key import DEFAULT_TENANT, ID_PATTERN
-from memory.long_term import CORE_LABEL_PATTERN, CoreBlock, MemoryHit, MemoryRecord, NewMemory
+from memory.long_term import (
+    CORE_LABEL_PATTERN,
+    CoreBlock,
+    MemoryHit,
+    MemoryRecord,
+    NewMemory,
+    StorableText,
+    storable_json,
+)
 from memory.service import LongTermMemory
 from stickyray.errors import StoreUnavailable
 
@@ -27,11 +35,11 @@ class MemoryIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    content: str = Field(min_length=1, max_length=8000)
+    content: StorableText = Field(min_length=1, max_length=8000)
     kind: Literal["episodic", "semantic"] = "semantic"
     importance: float = Field(default=0.5, ge=0.0, le=1.0)
     agent: str | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] = Field(default_factory=dict)
 
 
 class CoreIn(BaseModel):
@@ -39,7 +47,7 @@ class CoreIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    value: str
+    value: StorableText
 
 
 class MemorySearch(BaseModel):

@@ -23,6 +23,8 @@ def app(deploy) -> App:
         ({"text": 5}, 422, "text"),
         ({"text": "hi", "colour": "red"}, 422, "colour"),
         ({"text": "hi", "message_id": "has spaces"}, 422, "message_id"),
+        ({"text": "hi", "user_id": "john doe"}, 422, "user_id"),
+        ({"text": "nul \u0000 inside"}, 422, "NUL"),
         ({"text": "x" * 1025}, 413, "text"),
     ],
 )
@@ -47,7 +49,10 @@ def test_malformed_json_and_bad_thread_ids(app: App, fake_llm: FakeLLMServer) ->
         )
         assert response.status_code == 422 and "json" in response.text.lower()
         bad = client.post("/v1/threads/bad%20id!/messages", json={"text": "hi"})
-        assert bad.status_code == 422 and "thread_id" in bad.text
+        assert bad.status_code == 422 and bad.json()["error"].startswith("path.thread_id")
+        # Python's "$" would let a trailing newline through as a distinct thread.
+        newline = client.post(f"/v1/threads/{thread}%0A/messages", json={"text": "hi"})
+        assert newline.status_code == 422 and "thread_id" in newline.json()["error"]
         assert client.get(f"/v1/threads/{thread}").status_code == 404
         assert client.post(f"/v1/threads/{thread}/reset").status_code == 404
     assert fake_llm.requests == []

@@ -128,9 +128,17 @@ def test_memory_api_validates_and_scopes(app: App, fake_llm: FakeLLMServer) -> N
             ({"content": ""}, "content"),
             ({"content": "x", "importance": 2}, "importance"),
             ({"content": "x", "colour": 1}, "colour"),
+            # Postgres stores neither: they must be a 422, not a 500 from the database.
+            ({"content": "a\u0000b"}, "body.content"),
         ]:
             bad = client.post(f"/v1/users/{who}/memories", json=body)
             assert bad.status_code == 422 and field in bad.text, bad.text
+        nan = client.post(
+            f"/v1/users/{who}/memories",
+            content=b'{"content": "x", "metadata": {"n": NaN}}',  # Python's json reads NaN
+            headers={"content-type": "application/json"},
+        )
+        assert nan.status_code == 422 and "body.metadata" in nan.text, nan.text
         assert client.delete(f"/v1/users/{other}/memories/{created['id']}").status_code == 404
         assert client.delete(f"/v1/users/{who}/memories/not-a-uuid").status_code == 404
         assert client.delete(f"/v1/users/{who}/memories/{created['id']}").status_code == 204
@@ -138,4 +146,6 @@ def test_memory_api_validates_and_scopes(app: App, fake_llm: FakeLLMServer) -> N
         assert client.get(f"/v1/users/{who}/core/persona").status_code == 404
         too_long = client.put(f"/v1/users/{who}/core/persona", json={"value": "x" * 5000})
         assert too_long.status_code == 422 and "value" in too_long.text
+        nul = client.put(f"/v1/users/{who}/core/persona", json={"value": "\u0000"})
+        assert nul.status_code == 422 and "body.value" in nul.json()["error"]
         assert client.put(f"/v1/users/{who}/core/Bad-Label", json={"value": "x"}).status_code == 422

@@ -25,6 +25,14 @@ def test_thread_key_validates_and_renders_once() -> None:
         ThreadKey("bad tenant", "t1")
 
 
+def test_thread_ids_cannot_end_in_a_newline() -> None:
+    for bad in ("alice\n", "alice\nbob", "\nalice"):
+        with pytest.raises(InvalidThreadKey):
+            ThreadKey.of(bad)
+        with pytest.raises(InvalidThreadKey):
+            ThreadKey(tenant=bad, thread_id="alice")
+
+
 def test_errors_survive_pickling() -> None:
     for exc in (
         InvalidThreadKey("thread_id", "a b", "no spaces"),

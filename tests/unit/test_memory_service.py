@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+from pydantic import ValidationError
 
 from memory.buffer import BufferEntry
 from memory.embedders import OpenAIEmbedder
@@ -43,3 +44,23 @@ def test_extractive_summary_keeps_the_users_words() -> None:
     summary = extractive_summary(entries)
     assert "turns 2-2" in summary and "user: my tax id is B-123" in summary
     assert "invoices: noted" in summary and len(summary) < 400
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"content": "a\x00b"}, "content"),
+        ({"content": "lone \ud800"}, "content"),
+        ({"content": "x", "metadata": {"n": float("nan")}}, "metadata"),
+        ({"content": "x", "metadata": {"deep": [{"s": "\x00"}]}}, "metadata"),
+    ],
+)
+def test_memories_postgres_cannot_store_are_refused(fields: dict, field: str) -> None:
+    with pytest.raises(ValidationError, match=field):
+        NewMemory(**fields)
+
+
+async def test_a_core_block_postgres_cannot_store_is_refused(fake_llm: FakeLLMServer) -> None:
+    memory = LongTermMemory(InMemoryMemoryStore(dimension=64), embedder(fake_llm))
+    with pytest.raises(ValueError, match="NUL"):
+        await memory.set_core("t", "u", "persona", "a\x00b", 100)

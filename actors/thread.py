@@ -289,7 +289,7 @@ class Thread:
         agent = self._active or supervisor
         limit = self._team.threads.max_handoffs_per_turn
         handoffs: list[Handoff] = []
-        usage = Usage()
+        usage: dict[str, Usage] = {}
         reason: str | None = None
         while True:
             request = AgentRequest(
@@ -302,7 +302,7 @@ class Thread:
                 handoff_reason=reason,
             )
             result = await self._agents(agent, request)
-            usage = usage + result.usage
+            usage[agent] = usage.get(agent, Usage()) + result.usage
             if result.handoff_to is None:
                 break
             if len(handoffs) >= limit:
@@ -332,7 +332,7 @@ class Thread:
         agent: str,
         reply: str,
         handoffs: list[Handoff],
-        usage: Usage,
+        usage: dict[str, Usage],
         error: str | None,
         status: str,
     ) -> TurnResult:
@@ -344,7 +344,8 @@ class Thread:
             reply=reply,
             status="failed" if status == "failed" else "completed",
             handoffs=handoffs,
-            usage=usage,
+            usage=sum(usage.values(), Usage()),
+            usage_by_agent=usage,
             error=error,
             completed_at=self._clock(),
         )

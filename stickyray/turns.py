@@ -99,7 +99,12 @@ class TurnResult(_Record):
 
     ``status`` is ``failed`` when the turn was accepted but could not produce an answer;
     ``error`` then says why. Commands (``command`` set) are answered but are not turns.
+    ``usage`` is the whole turn's; ``usage_by_agent`` splits it among the agents called.
     """
+
+    # Stored for deduplication and history: an instance still on an older release must read
+    # what a newer one wrote during a rolling deploy.
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
     thread_id: str
     message_id: str
@@ -109,6 +114,7 @@ class TurnResult(_Record):
     status: Literal["completed", "failed"] = "completed"
     handoffs: list[Handoff] = Field(default_factory=list)
     usage: Usage = Usage()
+    usage_by_agent: dict[str, Usage] = Field(default_factory=dict)
     command: str | None = None
     error: str | None = None
     completed_at: float = 0.0

@@ -76,6 +76,9 @@ def test_follow_ups_skip_the_supervisor_until_asked(app: App, fake_llm: FakeLLMS
         ]
         assert first["reply"] == "bookings says: I want to book a table for two"
         assert first["usage"]["input_tokens"] > 0 and first["usage"]["output_tokens"] > 0
+        split = first["usage_by_agent"]
+        assert set(split) == {"triage", "bookings"}
+        assert sum(u["input_tokens"] for u in split.values()) == first["usage"]["input_tokens"]
         assert [r.agent for r in fake_llm.requests] == ["triage", "bookings"]
 
         for turn, text in enumerate(["at 8pm", "2 people", "by the window", "thanks"], start=2):

@@ -46,7 +46,12 @@ def reply(agent: str) -> Behaviour:
 
 
 def hand(agent: str, to: str) -> Behaviour:
-    return lambda req: AgentResult(agent=agent, handoff_to=to, handoff_reason=f"{agent}->{to}")
+    return lambda req: AgentResult(
+        agent=agent,
+        handoff_to=to,
+        handoff_reason=f"{agent}->{to}",
+        usage=Usage(input_tokens=5, output_tokens=1),
+    )
 
 
 def booking_agents() -> Agents:
@@ -67,7 +72,11 @@ async def test_first_turn_routes_then_sticks(team: TeamConfig) -> None:
     thread = await Thread.open(KEY, team, store, agents)
     first = await thread.handle(msg("book a table"))
     assert (first.turn, first.agent, first.status) == (1, "bookings", "completed")
-    assert first.usage == Usage(input_tokens=3, output_tokens=2)
+    assert first.usage == Usage(input_tokens=8, output_tokens=3)
+    assert first.usage_by_agent == {
+        "triage": Usage(input_tokens=5, output_tokens=1),
+        "bookings": Usage(input_tokens=3, output_tokens=2),
+    }
     second = await thread.handle(msg("for two"))
     assert (second.turn, second.agent, second.handoffs) == (2, "bookings", [])
     assert agents.calls == [("triage", 1), ("bookings", 1), ("bookings", 2)]

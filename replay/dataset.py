@@ -7,7 +7,8 @@ A dialogue line::
                 "reference_reply": "..."}]}
 
 Only ``dialogue_id`` and each turn's ``user`` are required; ``services`` (the agents a turn
-addresses) are the labels routing is scored against.
+addresses) are the labels routing is scored against. A dialogue id is any non-empty string,
+unique in the file.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from stickyray.config import TeamConfig, load_config, parse_config
 from stickyray.errors import ConfigError
@@ -59,47 +60,91 @@ def load_dialogues(
     """Read dialogues; a malformed line is reported with its number and skipped."""
     dialogues: list[Dialogue] = []
     skipped: list[SkippedLine] = []
-    for number, line in _lines(path):
+    first_seen: dict[str, int] = {}
+    for number, raw in _lines(path):
         if limit is not None and len(dialogues) >= limit:
             break
         try:
-            dialogues.append(Dialogue.model_validate_json(line))
+            # Decoded line by line, so one bad byte costs its line and not the file.
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            dialogue = Dialogue.model_validate_json(line)
+        except UnicodeDecodeError as exc:
+            skipped.append(SkippedLine(line=number, error=f"line: not UTF-8 ({exc.reason})"))
+            continue
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "line"
             skipped.append(SkippedLine(line=number, error=f"{where}: {first['msg']}"))
+            continue
+        if dialogue.dialogue_id in first_seen:
+            # Its turns would be scored against another dialogue's thread and message ids.
+            seen = first_seen[dialogue.dialogue_id]
+            error = f"dialogue_id: {dialogue.dialogue_id!r} repeats the dialogue on line {seen}"
+            skipped.append(SkippedLine(line=number, error=error))
+            continue
+        first_seen[dialogue.dialogue_id] = number
+        dialogues.append(dialogue)
     return dialogues, skipped
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    with path.open(encoding="utf-8") as handle:
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
             if line.strip():
                 yield number, line
 
 
-def team_from_agents(entries: list[dict[str, Any]], source: Path) -> TeamConfig:
+class _Slot(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1)
+    description: str = ""
+
+
+class _Intent(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    required_slots: list[str] = Field(default_factory=list)
+    optional_slots: list[str] = Field(default_factory=list)
+
+
+class _Service(BaseModel):
+    """One entry of an agents.json list (the SGD schema's fields; others are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    intents: list[_Intent] = Field(default_factory=list)
+    slots: list[_Slot] = Field(default_factory=list)
+
+
+_SERVICES = TypeAdapter(list[_Service])
+
+
+def team_from_agents(entries: list[Any], source: Path) -> TeamConfig:
     """One offline supervisor plus one offline specialist per entry; intents become tools."""
-    specialists = []
-    for entry in entries:
-        specialists.append(
-            {
-                "name": _agent_name(str(entry.get("name", ""))),
-                "description": entry.get("description") or entry.get("name", ""),
-                "instructions": f"You are the {entry.get('name')} agent.",
-                "provider": "offline",
-                "intents": [
-                    {
-                        k: v
-                        for k, v in intent.items()
-                        if k in ("name", "description", "required_slots", "optional_slots")
-                    }
-                    for intent in entry.get("intents", [])
-                ],
-                "slots": {s["name"]: s.get("description", "") for s in entry.get("slots", [])},
-                "max_ongoing_requests": 1000,
-            }
-        )
+    try:
+        services = _SERVICES.validate_python(entries)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+        what = "expected a JSON object" if first["type"] == "model_type" else first["msg"]
+        raise ConfigError(f"{source}: agents{where}: {what}") from None
+    specialists = [
+        {
+            "name": _agent_name(service.name),
+            "description": service.description or service.name,
+            "instructions": f"You are the {service.name} agent.",
+            "provider": "offline",
+            "intents": [intent.model_dump() for intent in service.intents],
+            "slots": {slot.name: slot.description for slot in service.slots},
+            "max_ongoing_requests": 1000,
+        }
+        for service in services
+    ]
     config = {
         "supervisor": {
             "name": "supervisor",
@@ -125,8 +170,8 @@ def load_team(path: Path) -> TeamConfig:
         raise ConfigError(f"{path}: agents file not found")
     if path.suffix.lower() == ".json":
         try:
-            entries = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
+            entries = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid JSON: {exc}") from None
         if not isinstance(entries, list) or not entries:
             raise ConfigError(f"{path}: expected a non-empty JSON list of agents")

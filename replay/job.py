@@ -24,7 +24,7 @@ from replay.dataset import Dialogue, load_dialogues, load_team
 from stickyray.config import TeamConfig
 from stickyray.errors import ConfigError
 
-__all__ = ["TurnRecord", "main", "replay_dialogues"]
+__all__ = ["TurnRecord", "check_inputs", "main", "replay_dialogues"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class TurnRecord(BaseModel):
     latency_s: float = 0.0
     input_tokens: int = 0
     output_tokens: int = 0
+    usage_by_agent: dict[str, dict[str, int]] = Field(default_factory=dict)
     status: str = "completed"
     error: str | None = None
 
@@ -65,6 +66,7 @@ def _record(
         latency_s=latency,
         input_tokens=body.get("usage", {}).get("input_tokens", 0),
         output_tokens=body.get("usage", {}).get("output_tokens", 0),
+        usage_by_agent=body.get("usage_by_agent", {}),
         status=body.get("status", "completed"),
         error=body.get("error"),
     )
@@ -93,21 +95,22 @@ async def replay_dialogues(
     started = time.monotonic()
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(client: httpx.AsyncClient, dialogue: Dialogue) -> None:
+    async def one(client: httpx.AsyncClient, position: int, dialogue: Dialogue) -> None:
         nonlocal done
-        thread = f"replay-{run_id}-{dialogue.dialogue_id}"
+        # Thread and message ids come from positions, not from the dialogue id, which may
+        # hold characters a thread id may not.
+        thread = f"replay-{run_id}-{position}"
         async with gate:
             for index, turn in enumerate(dialogue.turns):
-                message_id = f"{dialogue.dialogue_id}-{index}"
                 start = time.perf_counter()
                 try:
                     response = await client.post(
                         f"/v1/threads/{thread}/messages",
-                        json={"text": turn.user, "message_id": message_id},
+                        json={"text": turn.user, "message_id": f"m{index}"},
                     )
                     response.raise_for_status()
                     body = response.json()
-                except httpx.HTTPError as exc:
+                except (httpx.HTTPError, ValueError) as exc:
                     records.append(
                         TurnRecord(
                             dialogue_id=dialogue.dialogue_id,
@@ -122,7 +125,10 @@ async def replay_dialogues(
                     _record(dialogue, index, body, time.perf_counter() - start, supervisor)
                 )
             # The conversation is over: free its actor now rather than at the idle timeout.
-            await passivate_thread(ThreadKey.of(thread), team, scope)
+            try:
+                await passivate_thread(ThreadKey.of(thread), team, scope)
+            except Exception:  # it still closes at its idle timeout; the replay goes on
+                log.warning("could not close thread %s", thread, exc_info=True)
         done += 1
         if done % 50 == 0 or done == len(dialogues):
             rate = len(records) / max(time.monotonic() - started, 1e-9)
@@ -133,8 +139,11 @@ async def replay_dialogues(
             )
 
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-            await asyncio.gather(*(one(client, d) for d in dialogues))
+        # One connection per dialogue in flight: a smaller pool would queue requests in the
+        # client and count the wait as turn latency.
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+            await asyncio.gather(*(one(client, i, d) for i, d in enumerate(dialogues)))
     finally:
         await release_pool(team, scope)
     records.sort(key=lambda r: (r.dialogue_id, r.index))
@@ -150,6 +159,33 @@ def _serve_http_port(dashboard_url: str | None) -> int:
     base = dashboard_url if dashboard_url.startswith("http") else f"http://{dashboard_url}"
     details = ServeSubmissionClient(base).get_serve_details()
     return int(details["http_options"]["port"])
+
+
+def check_inputs(
+    dialogues: Path, agents: Path, out: Path, concurrency: int, limit: int | None
+) -> TeamConfig:
+    """Everything a replay's user can get wrong, checked before anything is deployed.
+
+    Raises ``ConfigError`` saying what to fix; creates ``out``.
+    """
+    from providers.factory import check_providers
+    from serve_app.tools import check_tools
+    from stickyray.settings import load_settings
+
+    if not dialogues.is_file():
+        raise ConfigError(f"dialogues file not found: {dialogues}")
+    if concurrency < 1:
+        raise ConfigError(f"--concurrency must be at least 1, got {concurrency}")
+    if limit is not None and limit < 0:
+        raise ConfigError(f"--limit must be 0 or more, got {limit}")
+    team = load_team(agents)
+    check_providers(team, load_settings())
+    check_tools(team)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out} cannot be a report folder: {exc}") from None
+    return team
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -179,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
-        team = load_team(args.agents)
+        team = check_inputs(args.dialogues, args.agents, args.out, args.concurrency, args.limit)
     except ConfigError as exc:
         print(f"replay: {exc}", file=sys.stderr)
         return 2
@@ -207,11 +243,22 @@ def main(argv: list[str] | None = None) -> int:
     run_id = uuid.uuid4().hex[:8]
     app_name = f"replay-{run_id}"
     with ExitStack() as stack:
+        # Embedded servers keep their data in a temporary folder: a replay's threads and
+        # memories are not the deployment's.
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sr-")))
         if settings.redis_url is None:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sr-")))
             redis = EmbeddedRedis(tmp / "redis")
             settings = settings.model_copy(update={"redis_url": redis.start()})
             stack.callback(redis.stop)
+        if team.uses_memory:
+            from memory.embedded_postgres import prepare_database
+
+            url, postgres = prepare_database(
+                settings.database_url, tmp / "postgres", team.memory.embedding_dimension
+            )
+            if postgres is not None:
+                stack.callback(postgres.stop)
+            settings = settings.model_copy(update={"database_url": url})
         context = ray.init(
             namespace="stickyray", logging_level=logging.WARNING, log_to_driver=False
         )
@@ -219,10 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
         port = _serve_http_port(context.dashboard_url)
         started = time.monotonic()
+        # Before serve.run: an app that fails to deploy is removed from the cluster too.
+        stack.callback(serve.delete, app_name)
         serve.run(
             build_app(team, settings, app_name=app_name), name=app_name, route_prefix=f"/{app_name}"
         )
-        stack.callback(serve.delete, app_name)
         print(f"replay: app {app_name} deployed in {time.monotonic() - started:.1f} s", flush=True)
         started = time.monotonic()
         records = asyncio.run(

@@ -21,23 +21,42 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def accuracy(records: list[TurnRecord]) -> tuple[float, int]:
-    """Share of labelled turns answered by one of their labelled agents; and their count."""
+def _domain(name: str) -> str:
+    return name.split("_")[0]
+
+
+def accuracy(records: list[TurnRecord], key: Any = None) -> tuple[float, int]:
+    """Share of labelled turns answered by one of their labelled agents; and their count.
+
+    With ``key`` (e.g. the domain of a name), answers and labels are compared through it.
+    """
     labelled = [r for r in records if r.labels]
-    right = sum(1 for r in labelled if r.agent in r.labels)
+    right = sum(1 for r in labelled if _right(r, key))
     return (right / len(labelled) if labelled else 0.0), len(labelled)
 
 
-def _by(records: list[TurnRecord], key: Any) -> dict[str, float]:
+def _right(record: TurnRecord, key: Any = None) -> bool:
+    if record.agent is None:
+        return False
+    if key is None:
+        return record.agent in record.labels
+    return key(record.agent) in {key(label) for label in record.labels}
+
+
+def _by(records: list[TurnRecord], key: Any = None) -> dict[str, float]:
+    """Accuracy over the turns labelled with each service (or each ``key`` of one).
+
+    A turn is right as in ``accuracy``, so a turn addressing two services and answered by
+    either counts as right in both rows.
+    """
     groups: dict[str, list[TurnRecord]] = defaultdict(list)
     for record in records:
-        for label in {key(label) for label in record.labels}:
+        for label in {key(label) if key else label for label in record.labels}:
             groups[label].append(record)
-    out = {}
-    for name, group in sorted(groups.items()):
-        right = sum(1 for r in group if r.agent is not None and key(r.agent) == name)
-        out[name] = round(right / len(group), 4)
-    return out
+    return {
+        name: round(sum(1 for r in group if _right(r, key)) / len(group), 4)
+        for name, group in sorted(groups.items())
+    }
 
 
 def summarize(
@@ -55,9 +74,9 @@ def summarize(
     tokens: dict[str, dict[str, int]] = defaultdict(lambda: {"input": 0, "output": 0})
     for record in records:
         calls.update(record.agents_called)
-        if record.agent:
-            tokens[record.agent]["input"] += record.input_tokens
-            tokens[record.agent]["output"] += record.output_tokens
+        for agent, usage in record.usage_by_agent.items():
+            tokens[agent]["input"] += usage.get("input_tokens", 0)
+            tokens[agent]["output"] += usage.get("output_tokens", 0)
     wrong: dict[str, Counter[str]] = defaultdict(Counter)
     for record in records:
         if record.labels and record.agent not in record.labels:
@@ -81,8 +100,9 @@ def summarize(
         "routing": {
             **runtime,
             "supervisor_decisions": decisions,
-            "per_service": _by(records, lambda name: name),
-            "per_domain": _by(records, lambda name: name.split("_")[0]),
+            "domain_accuracy": round(accuracy(records, _domain)[0], 4),
+            "per_service": _by(records),
+            "per_domain": _by(records, _domain),
             "handoffs": sum(r.handoffs for r in records),
             "returns_to_supervisor": sum(r.returns for r in records),
             "confusion": confusion,
@@ -94,7 +114,8 @@ def summarize(
             "p95": round(_pct(latencies, 0.95) * 1000, 1),
             "p99": round(_pct(latencies, 0.99) * 1000, 1),
         },
-        "errors": sum(1 for r in records if r.status != "completed"),
+        # A completed turn can carry an error too (an agent that ran out of iterations).
+        "errors": sum(1 for r in records if r.status != "completed" or r.error),
         "strategies": {"sticky with switching (this run)": runtime, **(baselines or {})},
         "supervisor": team.supervisor.name,
     }
@@ -119,6 +140,8 @@ def _markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
+        f"Accuracy per domain (an agent of a labelled service's domain answered): "
+        f"{routing['domain_accuracy']:.3f}.",
         f"Handoffs {routing['handoffs']}, returns to the supervisor "
         f"{routing['returns_to_supervisor']}, errors {report['errors']}.",
         f"Turn latency p50 {report['latency_ms']['p50']} ms, p95 "

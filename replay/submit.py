@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from replay.dataset import load_team
+from replay.job import check_inputs
 from stickyray.errors import ConfigError
 
 __all__ = ["submit_replay"]
@@ -54,21 +54,10 @@ def submit_replay(
     one, a local Ray cluster is started for the duration of the replay.
     """
     # Everything the user can get wrong is checked here, before anything is submitted.
-    if not dialogues.is_file():
-        print(f"stickyray: dialogues file not found: {dialogues}", file=sys.stderr)
-        return 2
     try:
-        load_team(agents)
+        check_inputs(dialogues, agents, out, concurrency, limit)
     except ConfigError as exc:
         print(f"stickyray: {exc}", file=sys.stderr)
-        return 2
-    if concurrency < 1:
-        print("stickyray: --concurrency must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"stickyray: --out {out} cannot be a report folder: {exc}", file=sys.stderr)
         return 2
 
     import ray

@@ -28,10 +28,13 @@ def named_actors() -> list[str]:
 
 @pytest.fixture(scope="module")
 def slice_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """20 recorded dialogues with two broken lines among them."""
+    """20 recorded dialogues with three bad lines among them, one id no thread id could be."""
     lines = (DATASETS / "dialogues.jsonl").read_text().splitlines()[:20]
+    first = json.loads(lines[0])
+    lines[0] = json.dumps({**first, "dialogue_id": "café #1 / from the web"})
     lines.insert(3, '{"dialogue_id": "broken", "turns": [')
     lines.insert(10, '{"dialogue_id": "no-turns", "turns": []}')
+    lines.append(lines[-1])  # a repeated dialogue id
     path = tmp_path_factory.mktemp("replay") / "slice.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -49,13 +52,14 @@ def test_replay_job_writes_a_report_that_matches_its_turns(
     assert (out / "report.md").read_text().startswith("# Replay report")
     assert (out / "routing.png").read_bytes()[:4] == b"\x89PNG"
     assert report["dialogues"] == 20
-    assert [s["line"] for s in report["skipped_lines"]] == [4, 11]
+    assert [s["line"] for s in report["skipped_lines"]] == [4, 11, 23]
     turns = [json.loads(line) for line in (out / "turns.jsonl").read_text().splitlines()]
     assert report["turns"] == len(turns) > 0
     labelled = [t for t in turns if t["labels"]]
     right = sum(1 for t in labelled if t["agent"] in t["labels"])
     assert report["labelled_turns"] == len(labelled)
     assert report["routing"]["accuracy"] == round(right / len(labelled), 4)
+    assert {t["dialogue_id"] for t in turns} >= {"café #1 / from the web"}
     decisions = sum(1 for t in turns if t["supervisor_called"])
     assert report["routing"]["supervisor_decisions"] == decisions
     assert decisions >= 20, "every dialogue starts with a supervisor decision"
@@ -91,3 +95,37 @@ def test_an_out_folder_that_cannot_be_created_fails_before_submitting(
     argv = ["replay", str(slice_file), "--agents", str(DATASETS / "agents.json")]
     assert cli([*argv, "--out", str(blocker / "report")]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_an_agents_yaml_with_long_term_memory_replays(
+    ray_cluster: str, serve_url: str, tmp_path: Path
+) -> None:
+    """The sample team (offline, with memory) replays; the job brings its own Postgres."""
+    from stickyray.config import sample_config_path
+
+    dialogues = tmp_path / "two.jsonl"
+    dialogues.write_text(
+        json.dumps(
+            {
+                "dialogue_id": "d1",
+                "turns": [
+                    {"user": "I want to book a table for two tonight", "services": ["bookings"]},
+                    {"user": "yes, at 8pm", "services": ["bookings"]},
+                ],
+            }
+        )
+        + "\n"
+        + json.dumps(
+            {
+                "dialogue_id": "d2",
+                "turns": [{"user": "I was charged twice on my invoice", "services": ["invoices"]}],
+            }
+        )
+        + "\n"
+    )
+    out = tmp_path / "report"
+    code = submit_replay(dialogues, sample_config_path(), out, address=ray_cluster)
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report["dialogues"], report["turns"], report["errors"]) == (2, 3, 0)
+    assert report["routing"]["accuracy"] == 1.0

@@ -1,0 +1,156 @@
+"""Replay inputs and report figures, without Ray: what a bad file costs, how turns are scored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from replay.dataset import load_dialogues, team_from_agents
+from replay.job import TurnRecord, check_inputs
+from replay.report import summarize
+from stickyray.errors import ConfigError
+
+AGENTS = [
+    {
+        "name": "Hotels_1",
+        "description": "Reserve hotel rooms",
+        "intents": [{"name": "ReserveHotel", "description": "Book a room"}],
+        "slots": [{"name": "city", "description": "Where"}],
+    },
+    {"name": "Travel_1", "description": "Find attractions"},
+]
+
+
+def write_lines(path: Path, *lines: bytes) -> Path:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_a_bad_line_costs_that_line_only(tmp_path: Path) -> None:
+    path = write_lines(
+        tmp_path / "d.jsonl",
+        # A byte-order mark does not cost the first line.
+        b'\xef\xbb\xbf{"dialogue_id": "caf\xc3\xa9 #1 / x", "turns": [{"user": "hi"}]}',
+        b'{"dialogue_id": "a", "turns": [{"user": "bad byte \xff"}]}',
+        b'{"dialogue_id": "caf\xc3\xa9 #1 / x", "turns": [{"user": "again"}]}',
+        b"",
+        b'{"dialogue_id": "b", "turns": [{"user": "ok"}]',
+        b'{"dialogue_id": "c", "turns": [{"user": "ok", "services": ["Hotels_1"]}]}',
+    )
+    dialogues, skipped = load_dialogues(path)
+    assert [d.dialogue_id for d in dialogues] == ["café #1 / x", "c"]
+    assert [(s.line, s.error) for s in skipped] == [
+        (2, "line: not UTF-8 (invalid start byte)"),
+        (3, "dialogue_id: 'café #1 / x' repeats the dialogue on line 1"),
+        (5, skipped[2].error),
+    ]
+    assert "EOF" in skipped[2].error or "JSON" in skipped[2].error
+
+
+def test_limit_counts_dialogues_read(tmp_path: Path) -> None:
+    lines = [f'{{"dialogue_id": "d{i}", "turns": [{{"user": "hi"}}]}}'.encode() for i in range(5)]
+    path = write_lines(tmp_path / "d.jsonl", b"{", *lines)
+    dialogues, skipped = load_dialogues(path, limit=2)
+    assert [d.dialogue_id for d in dialogues] == ["d0", "d1"] and len(skipped) == 1
+    assert load_dialogues(path, limit=0)[0] == []
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        (["Hotels_1"], "agents[0]: expected a JSON object"),
+        ([{"name": "x", "intents": ["Find"]}], "agents[0].intents[0]: expected a JSON object"),
+        ([{"name": "x", "slots": [{"description": "d"}]}], "agents[0].slots[0].name: Field"),
+        ([{"description": "no name"}], "agents[0].name: Field required"),
+    ],
+)
+def test_a_malformed_agents_list_names_the_entry(entries: list, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        team_from_agents(entries, Path("agents.json"))
+
+
+def test_an_agents_list_becomes_one_specialist_per_service() -> None:
+    team = team_from_agents(AGENTS, Path("agents.json"))
+    hotels = team.agent("hotels_1")
+    assert [s.name for s in team.specialists] == ["hotels_1", "travel_1"]
+    assert [i.name for i in hotels.intents] == ["ReserveHotel"]
+    assert hotels.slots == {"city": "Where"}
+
+
+def test_inputs_are_checked_before_anything_runs(tmp_path: Path) -> None:
+    dialogues = write_lines(tmp_path / "d.jsonl", b'{"dialogue_id": "a", "turns": [{"user": "x"}]}')
+    agents = tmp_path / "agents.json"
+    agents.write_text('[{"name": "Hotels_1"}]')
+    out = tmp_path / "out"
+
+    def fails(message: str, **changes: object) -> None:
+        args: dict = {
+            "dialogues": dialogues,
+            "agents": agents,
+            "out": out,
+            "concurrency": 4,
+            "limit": None,
+            **changes,
+        }
+        with pytest.raises(ConfigError, match=message):
+            check_inputs(**args)
+
+    fails("dialogues file not found", dialogues=tmp_path / "none.jsonl")
+    fails("agents file not found", agents=tmp_path / "none.json")
+    fails("--concurrency must be at least 1, got 0", concurrency=0)
+    fails("--limit must be 0 or more, got -1", limit=-1)
+    (tmp_path / "a-file").write_text("")
+    fails("--out", out=tmp_path / "a-file" / "report")
+    # A team whose model provider has no key stops here, not after deploying.
+    llm_team = tmp_path / "agents.yaml"
+    llm_team.write_text(
+        "supervisor: {name: triage, description: Routes, provider: openai, model: m}\n"
+        "specialists: [{name: bookings, description: Books, provider: openai, model: m}]\n"
+    )
+    fails("uses provider openai: set OPENAI_API_KEY", agents=llm_team)
+    assert check_inputs(dialogues, agents, out, 4, None).specialists[0].name == "hotels_1"
+    assert out.is_dir()
+
+
+def record(labels: list[str], agent: str | None, **fields: object) -> TurnRecord:
+    return TurnRecord(dialogue_id="d", index=0, labels=labels, agent=agent, **fields)
+
+
+def test_every_accuracy_figure_scores_a_turn_the_same_way() -> None:
+    records = [
+        # Addresses two services and is answered by one of them: right in both rows.
+        record(["hotels_1", "travel_1"], "hotels_1"),
+        record(["hotels_4"], "hotels_1"),  # wrong service, right domain
+        record(["travel_1"], None, status="error", error="HTTPError"),
+        record([], "travel_1"),  # not labelled: not scored
+    ]
+    team = team_from_agents(AGENTS, Path("agents.json"))
+    report = summarize(team, [], records, [], 1.0)
+    routing = report["routing"]
+    assert report["labelled_turns"] == 3
+    assert routing["accuracy"] == round(1 / 3, 4)
+    assert routing["domain_accuracy"] == round(2 / 3, 4)
+    assert routing["per_service"] == {"hotels_1": 1.0, "hotels_4": 0.0, "travel_1": 0.5}
+    assert routing["per_domain"] == {"hotels": 1.0, "travel": 0.5}
+    assert routing["confusion"]["hotels_4"] == {"most_frequent_wrong": "hotels_1", "count": 1}
+
+
+def test_errors_and_tokens_per_agent() -> None:
+    split = {
+        "supervisor": {"input_tokens": 100, "output_tokens": 5},
+        "hotels_1": {"input_tokens": 40, "output_tokens": 20},
+    }
+    records = [
+        record(["hotels_1"], "hotels_1", usage_by_agent=split, input_tokens=140),
+        # Completed, with an answer, but the agent ran out of iterations: an error too.
+        record(["hotels_1"], "hotels_1", error="max_iterations"),
+        record(["hotels_1"], None, status="error", error="HTTPError"),
+    ]
+    team = team_from_agents(AGENTS, Path("agents.json"))
+    report = summarize(team, [], records, [], 1.0)
+    assert report["errors"] == 2
+    assert report["tokens"] == {
+        "hotels_1": {"input": 40, "output": 20},
+        "supervisor": {"input": 100, "output": 5},
+    }

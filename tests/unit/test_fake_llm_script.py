@@ -217,7 +217,9 @@ async def test_200_concurrent_streams() -> None:
             texts = await asyncio.gather(*(stream_one(client, i) for i in range(200)))
             elapsed = time.monotonic() - started
     assert texts == [f"echo n{i}" for i in range(200)]
-    assert elapsed < 5
+    # Served concurrently: one at a time would take 200 x 0.2 s = 40 s. The margin is wide
+    # because this only tells concurrent from serial, on however loaded a machine.
+    assert elapsed < 20
 
 
 def test_command_line_serves_until_sigterm() -> None:

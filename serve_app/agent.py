@@ -9,9 +9,10 @@ import logging
 
 from providers.model import ChatMessage, Provider, ToolCall, ToolSpec
 from providers.routing import EvidenceRouter
-from serve_app.agent_memory import AgentMemory
+from serve_app.agent_memory import MEMORY_TOOLS, AgentMemory
 from serve_app.tools import Tool
 from stickyray.config import AgentConfig, TeamConfig
+from stickyray.errors import ConfigError
 from stickyray.turns import AgentRequest, AgentResult, CompressRequest, Usage
 
 __all__ = ["RETURN_TOOL", "TRANSFER_PREFIX", "Agent"]
@@ -20,6 +21,29 @@ log = logging.getLogger(__name__)
 
 TRANSFER_PREFIX = "transfer_to_"
 RETURN_TOOL = "return_to_supervisor"
+
+
+def check_tool_names(config: AgentConfig, team: TeamConfig, tools: list[Tool]) -> None:
+    """ConfigError when two tools the agent's model would be offered share a name.
+
+    One would silently shadow the other, or the provider would refuse every request.
+    """
+    names = [f"{TRANSFER_PREFIX}{target}" for target in team.handoff_targets(config.name)]
+    if team.can_return(config.name):
+        names.append(RETURN_TOOL)
+    names += [t.name for t in tools]
+    if config.memory is not None and config.memory.tools:
+        names += MEMORY_TOOLS
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError(
+                f"agent {config.name!r} would offer two tools named {name!r} (tools, intents, "
+                "handoffs and memory tools share one namespace): rename one"
+            )
+        seen.add(name)
+
+
 _REASON_SCHEMA = {
     "type": "object",
     "properties": {
@@ -44,6 +68,7 @@ class Agent:
         self.config = config
         self._team = team
         self._provider = provider
+        check_tool_names(config, team, tools)
         self._tools = {t.name: t for t in tools}
         self._memory = memory
         self._router = router

@@ -16,6 +16,9 @@ __all__ = ["AgentMemory", "memory_user"]
 
 log = logging.getLogger(__name__)
 
+MEMORY_TOOLS = ("memory_search", "remember", "core_memory_update")
+"""The tools an agent with ``memory.tools`` is offered, by name."""
+
 _SUMMARY_PROMPT = (
     "Summarise this excerpt of a conversation for your long-term memory. Keep every fact "
     "about the user (names, numbers, ids, dates, preferences, decisions) word for word; "

@@ -149,9 +149,12 @@ def intent_tools(agent: AgentConfig) -> list[Tool]:
 
 
 def check_tools(team: TeamConfig) -> None:
-    """Resolve every agent's tools now, so a bad reference stops start-up with its field."""
+    """Resolve every agent's tools now, so a bad reference or a clash stops start-up."""
+    from serve_app.agent import check_tool_names  # it builds on this module
+
     for agent in team.agents:
         try:
-            resolve_tools(agent.tools)
+            tools = resolve_tools(agent.tools) + intent_tools(agent)
         except ToolError as exc:
             raise ConfigError(f"agent {agent.name!r} tools: {exc}") from None
+        check_tool_names(agent, team, tools)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from serve_app.agent_memory import MEMORY_TOOLS
 from stickyray.testing import FakeLLMServer, FakeReply
 from tests.e2e.conftest import App, new_thread
 from tests.e2e.teams import memory_team
@@ -103,7 +104,7 @@ def test_memory_tools_write_memories(app: App, fake_llm: FakeLLMServer) -> None:
     assert found["memories"][0]["memory"]["content"] == "The user is vegetarian"
     assert found["memories"][0]["memory"]["agent"] == "bookings"
     tools = set(fake_llm.requests_for(agent="bookings")[0].tools)
-    assert {"memory_search", "remember", "core_memory_update"} <= tools
+    assert set(MEMORY_TOOLS) <= tools  # the names start-up checks for clashes
 
 
 def test_memory_api_validates_and_scopes(app: App, fake_llm: FakeLLMServer) -> None:

@@ -94,31 +94,25 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
                 yield number, line
 
 
-class _Slot(BaseModel):
+class _Named(BaseModel):
+    """A slot, and the fields intents and services share with it."""
+
     model_config = ConfigDict(extra="ignore")
 
     name: str = Field(min_length=1)
     description: str = ""
 
 
-class _Intent(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    name: str = Field(min_length=1)
-    description: str = ""
+class _Intent(_Named):
     required_slots: list[str] = Field(default_factory=list)
     optional_slots: list[str] = Field(default_factory=list)
 
 
-class _Service(BaseModel):
+class _Service(_Named):
     """One entry of an agents.json list (the SGD schema's fields; others are ignored)."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    name: str = Field(min_length=1)
-    description: str = ""
     intents: list[_Intent] = Field(default_factory=list)
-    slots: list[_Slot] = Field(default_factory=list)
+    slots: list[_Named] = Field(default_factory=list)
 
 
 _SERVICES = TypeAdapter(list[_Service])

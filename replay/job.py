@@ -139,9 +139,10 @@ async def replay_dialogues(
             )
 
     try:
-        # One connection per dialogue in flight: a smaller pool would queue requests in the
-        # client and count the wait as turn latency.
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        # Room for every dialogue in flight, with headroom: beyond httpx's default of 100, a
+        # larger --concurrency would make requests wait in the client, and the wait would
+        # count as turn latency.
+        limits = httpx.Limits(max_connections=max(100, 2 * concurrency))
         async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
             await asyncio.gather(*(one(client, i, d) for i, d in enumerate(dialogues)))
     finally:

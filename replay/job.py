@@ -163,11 +163,19 @@ def _serve_http_port(dashboard_url: str | None) -> int:
 
 
 def check_inputs(
-    dialogues: Path, agents: Path, out: Path, concurrency: int, limit: int | None
+    dialogues: Path,
+    agents: Path,
+    out: Path,
+    concurrency: int,
+    limit: int | None,
+    *,
+    environment: bool = True,
 ) -> TeamConfig:
     """Everything a replay's user can get wrong, checked before anything is deployed.
 
-    Raises ``ConfigError`` saying what to fix; creates ``out``.
+    Raises ``ConfigError`` saying what to fix; creates ``out``. ``environment=False`` skips
+    what depends on this process's environment (API keys), for a job that will run with
+    another machine's.
     """
     from providers.factory import check_providers
     from serve_app.tools import check_tools
@@ -180,7 +188,8 @@ def check_inputs(
     if limit is not None and limit < 0:
         raise ConfigError(f"--limit must be 0 or more, got {limit}")
     team = load_team(agents)
-    check_providers(team, load_settings())
+    if environment:
+        check_providers(team, load_settings())
     check_tools(team)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,8 @@ def submit_replay(
     """
     # Everything the user can get wrong is checked here, before anything is submitted.
     try:
-        check_inputs(dialogues, agents, out, concurrency, limit)
+        # A job on a given cluster reads that cluster's environment: its keys are checked there.
+        check_inputs(dialogues, agents, out, concurrency, limit, environment=address is None)
     except ConfigError as exc:
         print(f"stickyray: {exc}", file=sys.stderr)
         return 2

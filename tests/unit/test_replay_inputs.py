@@ -109,6 +109,8 @@ def test_inputs_are_checked_before_anything_runs(tmp_path: Path) -> None:
         "specialists: [{name: bookings, description: Books, provider: openai, model: m}]\n"
     )
     fails("uses provider openai: set OPENAI_API_KEY", agents=llm_team)
+    # For a job on another cluster, keys are that cluster's business, checked in the job.
+    assert check_inputs(dialogues, llm_team, out, 4, None, environment=False)
     assert check_inputs(dialogues, agents, out, 4, None).specialists[0].name == "hotels_1"
     assert out.is_dir()
 

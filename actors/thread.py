@@ -160,7 +160,14 @@ class Thread:
             accepted = await self._guard(self._store.accept(self.key, self._epoch, message))
             if isinstance(accepted, TurnResult):
                 return accepted  # a retry: the first delivery's stored result, no new turn
-            return await self._run(message, accepted)
+            try:
+                return await self._run(message, accepted)
+            except asyncio.CancelledError:
+                # The caller went away mid-turn (a client disconnect cancels the request):
+                # the turn is accepted, not committed, and would block every later message.
+                # Reopening before the next one completes it, as after a crash.
+                self._stale = True
+                raise
 
     async def _guard(self, write: Awaitable[T]) -> T:
         """Await a store write; remember why it failed so the next message can recover."""

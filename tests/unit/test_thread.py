@@ -244,6 +244,36 @@ async def test_store_outage_leaves_state_unchanged_and_recovers(team: TeamConfig
     assert [t.message_id for t in await store.turns(KEY)] == ["m1"]
 
 
+class BlockingAgents(Agents):
+    """Agents whose calls hang while ``block`` is set, as a slow model would."""
+
+    block = False
+    started = asyncio.Event()
+
+    async def __call__(self, agent: str, request: AgentRequest) -> AgentResult:
+        if self.block:
+            self.started.set()
+            await asyncio.Event().wait()  # until cancelled
+        return await super().__call__(agent, request)
+
+
+async def test_a_turn_cancelled_midway_is_completed_before_the_next(team: TeamConfig) -> None:
+    agents = BlockingAgents({"triage": hand("triage", "bookings"), "bookings": reply("bookings")})
+    thread = await Thread.open(KEY, team, InMemoryThreadStore(), agents)
+    await thread.handle(msg("book a table"))
+    agents.block = True
+    turn = asyncio.create_task(thread.handle(msg("for two", "m-cancelled")))
+    await agents.started.wait()
+    turn.cancel()  # as when the HTTP client disconnects
+    with pytest.raises(asyncio.CancelledError):
+        await turn
+    agents.block = False
+    after = await thread.handle(msg("at 8pm"))
+    assert (after.turn, after.agent, after.status) == (3, "bookings", "completed")
+    retried = await thread.handle(msg("for two", "m-cancelled"))
+    assert (retried.turn, retried.reply) == (2, "bookings: for two")
+
+
 async def test_stale_incarnation_is_fenced_and_stops_serving(team: TeamConfig) -> None:
     agents, store = booking_agents(), InMemoryThreadStore()
     stale = await Thread.open(KEY, team, store, agents)

@@ -58,14 +58,14 @@ STRATEGIES: dict[str, Policy] = {
 }
 
 
-def baselines(team: TeamConfig, dialogues: list[Dialogue]) -> dict[str, dict[str, float]]:
+def baselines(team: TeamConfig, dialogues: list[Dialogue]) -> dict[str, dict[str, float | None]]:
     """Accuracy and supervisor decisions per turn of the stateless and never-switch strategies,
     with the same router and embedding model the offline agents use."""
     embedder = LocalEmbedder()
     router = EvidenceRouter(embedder, team_profiles(team))
     texts = [[t.user for t in d.turns] for d in dialogues]
     flat = embedder.embed_sync([t for turns in texts for t in turns])
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, float | None]] = {}
     asyncio.run(router.prepare())
     for name, label in (
         ("stateless", "stateless (route every turn)"),
@@ -84,7 +84,7 @@ def baselines(team: TeamConfig, dialogues: list[Dialogue]) -> dict[str, dict[str
                     labelled += 1
                     right += agent in labels
         out[label] = {
-            "accuracy": round(right / max(labelled, 1), 4),
+            "accuracy": round(right / labelled, 4) if labelled else None,
             "supervisor_decisions_per_turn": round(decisions / max(turns, 1), 4),
         }
     return out

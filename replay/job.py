@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from actors.directory import pool_scope
-    from replay.report import write_report
+    from replay.report import figure, write_report
     from serve_app.app import build_app
     from stickyray.embedded_redis import EmbeddedRedis
     from stickyray.settings import load_settings
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(args.out, team, dialogues, records, skipped, elapsed, compared)
     print(f"replay: baselines computed in {time.monotonic() - started:.0f} s", flush=True)
     print(
-        f"replay: accuracy {report['routing']['accuracy']:.3f}, "
+        f"replay: accuracy {figure(report['routing']['accuracy'])}, "
         f"{report['routing']['supervisor_decisions_per_turn']:.3f} supervisor decisions/turn, "
         f"{elapsed:.0f} s; report in {args.out}",
         flush=True,

@@ -11,7 +11,7 @@ from replay.dataset import Dialogue, SkippedLine
 from replay.job import TurnRecord
 from stickyray.config import TeamConfig
 
-__all__ = ["accuracy", "summarize", "write_report"]
+__all__ = ["accuracy", "figure", "summarize", "write_report"]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -25,14 +25,24 @@ def _domain(name: str) -> str:
     return name.split("_")[0]
 
 
-def accuracy(records: list[TurnRecord], key: Any = None) -> tuple[float, int]:
+def accuracy(records: list[TurnRecord], key: Any = None) -> tuple[float | None, int]:
     """Share of labelled turns answered by one of their labelled agents; and their count.
 
     With ``key`` (e.g. the domain of a name), answers and labels are compared through it.
+    ``None`` when no turn is labelled: there is nothing to score, which is not a score of 0.
     """
     labelled = [r for r in records if r.labels]
     right = sum(1 for r in labelled if _right(r, key))
-    return (right / len(labelled) if labelled else 0.0), len(labelled)
+    return (right / len(labelled) if labelled else None), len(labelled)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def figure(value: float | None) -> str:
+    """An accuracy as the report prints it: three decimals, or n/a."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _right(record: TurnRecord, key: Any = None) -> bool:
@@ -65,7 +75,7 @@ def summarize(
     records: list[TurnRecord],
     skipped: list[SkippedLine],
     elapsed_s: float,
-    baselines: dict[str, dict[str, float]] | None = None,
+    baselines: dict[str, dict[str, float | None]] | None = None,
 ) -> dict[str, Any]:
     """Every figure of the report, as a JSON-able dict."""
     acc, labelled = accuracy(records)
@@ -88,7 +98,7 @@ def summarize(
     decisions = sum(1 for r in records if r.supervisor_called)
     latencies = [r.latency_s for r in records if r.status != "error"]
     runtime = {
-        "accuracy": round(acc, 4),
+        "accuracy": _round(acc),
         "supervisor_decisions_per_turn": round(decisions / max(turns, 1), 4),
     }
     return {
@@ -100,7 +110,7 @@ def summarize(
         "routing": {
             **runtime,
             "supervisor_decisions": decisions,
-            "domain_accuracy": round(accuracy(records, _domain)[0], 4),
+            "domain_accuracy": _round(accuracy(records, _domain)[0]),
             "per_service": _by(records),
             "per_domain": _by(records, _domain),
             "handoffs": sum(r.handoffs for r in records),
@@ -135,13 +145,13 @@ def _markdown(report: dict[str, Any]) -> str:
     ]
     for name, figures in report["strategies"].items():
         lines.append(
-            f"| {name} | {figures['accuracy']:.3f} | "
+            f"| {name} | {figure(figures['accuracy'])} | "
             f"{figures['supervisor_decisions_per_turn']:.3f} |"
         )
     lines += [
         "",
         f"Accuracy per domain (an agent of a labelled service's domain answered): "
-        f"{routing['domain_accuracy']:.3f}.",
+        f"{figure(routing['domain_accuracy'])}.",
         f"Handoffs {routing['handoffs']}, returns to the supervisor "
         f"{routing['returns_to_supervisor']}, errors {report['errors']}.",
         f"Turn latency p50 {report['latency_ms']['p50']} ms, p95 "
@@ -189,6 +199,8 @@ def _chart(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name, figures in report["strategies"].items():
         x, y = figures["supervisor_decisions_per_turn"], figures["accuracy"]
+        if y is None:  # no labelled turns: nothing to place on the accuracy axis
+            continue
         ax.scatter([x], [y], s=60)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xlabel("supervisor decisions per turn")
@@ -209,7 +221,7 @@ def write_report(
     records: list[TurnRecord],
     skipped: list[SkippedLine],
     elapsed_s: float,
-    baselines: dict[str, dict[str, float]] | None = None,
+    baselines: dict[str, dict[str, float | None]] | None = None,
 ) -> dict[str, Any]:
     """Write report.json, report.md, routing.png and turns.jsonl into ``out``."""
     out.mkdir(parents=True, exist_ok=True)

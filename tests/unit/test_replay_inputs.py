@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from replay.dataset import load_dialogues, team_from_agents
 from replay.job import TurnRecord, check_inputs
-from replay.report import summarize
+from replay.report import summarize, write_report
 from stickyray.errors import ConfigError
 
 AGENTS = [
@@ -156,3 +157,19 @@ def test_errors_and_tokens_per_agent() -> None:
         "hotels_1": {"input": 40, "output": 20},
         "supervisor": {"input": 100, "output": 5},
     }
+
+
+def test_a_replay_without_labels_has_no_accuracy_rather_than_zero(tmp_path: Path) -> None:
+    records = [record([], "hotels_1"), record([], "supervisor", supervisor_called=True)]
+    team = team_from_agents(AGENTS, Path("agents.json"))
+    unscored = {"accuracy": None, "supervisor_decisions_per_turn": 0.0}
+    report = write_report(tmp_path, team, [], records, [], 1.0, {"stateless": unscored})
+    routing = report["routing"]
+    assert report["labelled_turns"] == 0
+    assert routing["accuracy"] is None and routing["domain_accuracy"] is None
+    assert routing["supervisor_decisions_per_turn"] == 0.5
+    assert json.loads((tmp_path / "report.json").read_text())["routing"]["accuracy"] is None
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| sticky with switching (this run) | n/a | 0.500 |" in markdown
+    assert "| stateless | n/a | 0.000 |" in markdown
+    assert (tmp_path / "routing.png").stat().st_size > 0

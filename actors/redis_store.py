@@ -7,7 +7,8 @@ slot of a Redis Cluster and every script declares all the keys it touches:
 - ``checkpoint``  hash: version, turn, data (Checkpoint JSON)
 - ``pending``     hash: seq, message, attempts; the accepted turn not yet stored
 - ``turns``       hash: turn number -> TurnResult JSON (the history)
-- ``msgs``        hash: message id -> seq, or the TurnResult JSON once stored
+- ``msgs``        hash: message id -> seq, or the TurnResult JSON once stored (a turn's or a
+                  state-changing command's)
 - ``msgidx``      zset: message id scored by acceptance time, to expire ``msgs`` entries
 """
 
@@ -85,30 +86,65 @@ return {'accepted', seq}
 """
 )
 
-# ARGV: epoch, new version, turn, checkpoint JSON, ttl, message id ('' = no turn), result JSON.
+
+# A command's message id, answered before, is not answered again: the stored result stands.
+# ARGV[n] is the message id ('' = none); the script returns the stored value.
+def _seen(n: int) -> str:
+    return f"""
+if ARGV[{n}] ~= '' then
+  local seen = redis.call('HGET', KEYS[5], ARGV[{n}])
+  if seen then
+    return {{'seen', seen}}
+  end
+end
+"""
+
+
+# ARGV: epoch, new version, turn, checkpoint JSON, ttl, message id ('' = none), result JSON,
+# kind ('turn' or 'command'), now. A turn's result resolves the pending turn and joins the
+# history; a command's is only remembered under its message id.
 _COMMIT = (
     _FENCE
+    + """
+if ARGV[8] == 'command' then
+"""
+    + _seen(6)
+    + """
+end
+"""
     + _CAS
     + """
 redis.call('HSET', KEYS[2], 'version', ARGV[2], 'turn', ARGV[3], 'data', ARGV[4])
 if ARGV[6] ~= '' then
-  redis.call('HSET', KEYS[4], ARGV[3], ARGV[7])
   redis.call('HSET', KEYS[5], ARGV[6], ARGV[7])
-  redis.call('DEL', KEYS[3])
+  if ARGV[8] == 'command' then
+    redis.call('ZADD', KEYS[6], ARGV[9], ARGV[6])
+  else
+    redis.call('HSET', KEYS[4], ARGV[3], ARGV[7])
+    redis.call('DEL', KEYS[3])
+  end
 end
 for i = 1, 6 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 return {'ok'}
 """
 )
 
-# ARGV: epoch, new version, checkpoint JSON, ttl.
+# ARGV: epoch, new version, checkpoint JSON, ttl, message id ('' = none), result JSON, now.
+# The reset forgets every message id but its own.
 _RESET = (
     _FENCE
+    + _seen(5)
     + _CAS
     + """
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 redis.call('HSET', KEYS[2], 'version', ARGV[2], 'turn', 0, 'data', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[5], ARGV[5], ARGV[6])
+  redis.call('ZADD', KEYS[6], ARGV[7], ARGV[5])
+  redis.call('EXPIRE', KEYS[5], ARGV[4])
+  redis.call('EXPIRE', KEYS[6], ARGV[4])
+end
 return {'ok'}
 """
 )
@@ -142,6 +178,13 @@ def connect_redis(url: str) -> aioredis.Redis:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _stored(key: ThreadKey, value: Any) -> TurnResult:
+    """A message id's stored value: its result, or the number of its turn still pending."""
+    if _text(value).startswith("{"):
+        return TurnResult.model_validate_json(value)
+    raise RuntimeError(f"turn {_text(value)} of {key} is still pending")
 
 
 class RedisThreadStore:
@@ -218,13 +261,14 @@ class RedisThreadStore:
             raise ThreadFenced(str(key), epoch)
         if status == "accepted":
             return int(rest[0])
-        if status == "seen" and _text(rest[0]).startswith("{"):
-            return TurnResult.model_validate_json(rest[0])
+        if status == "seen":
+            return _stored(key, rest[0])
         raise RuntimeError(f"turn {_text(rest[0])} of {key} is still pending")
 
     async def commit(
         self, key: ThreadKey, epoch: int, checkpoint: Checkpoint, result: TurnResult | None
-    ) -> None:
+    ) -> TurnResult | None:
+        command = result is not None and result.command is not None
         status, *rest = await self._run(
             self._commit,
             key,
@@ -235,23 +279,42 @@ class RedisThreadStore:
             self._ttl_s,
             result.message_id if result is not None else "",
             result.model_dump_json(by_alias=True) if result is not None else "",
+            "command" if command else "turn",
+            time.time(),
         )
-        self._check(_text(status), rest, key, epoch, checkpoint)
+        return self._check(_text(status), rest, key, epoch, checkpoint)
 
-    async def reset(self, key: ThreadKey, epoch: int, checkpoint: Checkpoint) -> None:
+    async def reset(
+        self,
+        key: ThreadKey,
+        epoch: int,
+        checkpoint: Checkpoint,
+        result: TurnResult | None = None,
+    ) -> TurnResult | None:
         status, *rest = await self._run(
-            self._reset, key, epoch, checkpoint.version, checkpoint.model_dump_json(), self._ttl_s
+            self._reset,
+            key,
+            epoch,
+            checkpoint.version,
+            checkpoint.model_dump_json(),
+            self._ttl_s,
+            result.message_id if result is not None else "",
+            result.model_dump_json(by_alias=True) if result is not None else "",
+            time.time(),
         )
-        self._check(_text(status), rest, key, epoch, checkpoint)
+        return self._check(_text(status), rest, key, epoch, checkpoint)
 
     @staticmethod
     def _check(
         status: str, rest: list[Any], key: ThreadKey, epoch: int, checkpoint: Checkpoint
-    ) -> None:
+    ) -> TurnResult | None:
         if status == "fenced":
             raise ThreadFenced(str(key), epoch)
         if status == "conflict":
             raise CheckpointConflict(str(key), checkpoint.version - 1, int(rest[0]))
+        if status == "seen":
+            return _stored(key, rest[0])
+        return None
 
     async def load(self, key: ThreadKey) -> Checkpoint | None:
         try:

@@ -78,15 +78,28 @@ class ThreadStore(Protocol):
 
     async def commit(
         self, key: ThreadKey, epoch: int, checkpoint: Checkpoint, result: TurnResult | None
-    ) -> None:
+    ) -> TurnResult | None:
         """Atomically store the checkpoint and, for a turn, its result (resolving the pending).
 
+        A command's result (``command`` set) is remembered under its message id but is not a
+        turn. If that id was answered before, nothing is written and the stored result is
+        returned: a retried command does not run twice. Otherwise returns None.
         Raises ThreadFenced for a stale epoch, CheckpointConflict for a stale version.
         """
         ...
 
-    async def reset(self, key: ThreadKey, epoch: int, checkpoint: Checkpoint) -> None:
-        """Delete the thread's history and message results; store ``checkpoint``."""
+    async def reset(
+        self,
+        key: ThreadKey,
+        epoch: int,
+        checkpoint: Checkpoint,
+        result: TurnResult | None = None,
+    ) -> TurnResult | None:
+        """Delete the thread's history and message results; store ``checkpoint``.
+
+        ``result`` is the reset command's own, remembered afterwards; like a command's in
+        ``commit``, an id answered before writes nothing and returns the stored result.
+        """
         ...
 
 
@@ -163,26 +176,59 @@ class InMemoryThreadStore:
         data.results[message.message_id] = (now, seq, None)
         return seq
 
-    async def commit(
-        self, key: ThreadKey, epoch: int, checkpoint: Checkpoint, result: TurnResult | None
-    ) -> None:
-        data = self._fence(key, epoch)
+    def _answered(self, key: ThreadKey, data: _ThreadData, message_id: str) -> TurnResult | None:
+        """The stored result of ``message_id``; raises if it is a turn still pending."""
+        seen = data.results.get(message_id)
+        if seen is None:
+            return None
+        if seen[2] is None:
+            raise RuntimeError(f"turn {seen[1]} of {key} is still pending")
+        return seen[2]
+
+    def _cas(self, key: ThreadKey, data: _ThreadData, checkpoint: Checkpoint) -> None:
         found = data.checkpoint.version if data.checkpoint else 0
         if found != checkpoint.version - 1:
             raise CheckpointConflict(str(key), checkpoint.version - 1, found)
         data.checkpoint = checkpoint
+
+    async def commit(
+        self, key: ThreadKey, epoch: int, checkpoint: Checkpoint, result: TurnResult | None
+    ) -> TurnResult | None:
+        data = self._fence(key, epoch)
+        if result is not None and result.command is not None:
+            stored = self._answered(key, data, result.message_id)
+            if stored is not None:
+                return stored
+            self._cas(key, data, checkpoint)
+            data.results[result.message_id] = (self._now(), result.turn, result)
+            return None
+        self._cas(key, data, checkpoint)
         if result is not None:
             data.turns[result.turn] = result
             seen_at, seq, _ = data.results.get(result.message_id, (self._now(), result.turn, None))
             data.results[result.message_id] = (seen_at, seq, result)
             data.pending = None
+        return None
 
-    async def reset(self, key: ThreadKey, epoch: int, checkpoint: Checkpoint) -> None:
+    async def reset(
+        self,
+        key: ThreadKey,
+        epoch: int,
+        checkpoint: Checkpoint,
+        result: TurnResult | None = None,
+    ) -> TurnResult | None:
         data = self._fence(key, epoch)
+        if result is not None:
+            stored = self._answered(key, data, result.message_id)
+            if stored is not None:
+                return stored
+        self._cas(key, data, checkpoint)
         data.turns.clear()
         data.results.clear()
         data.pending = None
-        data.checkpoint = checkpoint
+        if result is not None:
+            data.results[result.message_id] = (self._now(), result.turn, result)
+        return None
 
     async def load(self, key: ThreadKey) -> Checkpoint | None:
         data = self._threads.get(key)

@@ -209,21 +209,26 @@ class Thread:
 
     async def _command(self, name: str, message: InboundMessage) -> TurnResult:
         outcome = run_command(name, active_agent=self._active, turns=self._turns, team=self._team)
-        if outcome.clear_buffer:
-            checkpoint = Checkpoint(version=self._version + 1)
-            await self._guard(self._store.reset(self.key, self._epoch, checkpoint))
-            self._adopt_checkpoint(checkpoint)
-        elif outcome.back_to_supervisor:
-            await self._commit(None, self._buffer.entries(), self._turns, None)
-        return TurnResult(
+        result = TurnResult(
             thread_id=self.key.thread_id,
             message_id=message.message_id,
-            turn=self._turns,
+            turn=0 if outcome.clear_buffer else self._turns,
             agent=None,
             reply=outcome.reply,
             command=name,
             completed_at=self._clock(),
         )
+        # A command that changes the thread is stored with its message id, so a retry gets the
+        # first answer back instead of, say, resetting the turns accepted in between.
+        stored: TurnResult | None = None
+        if outcome.clear_buffer:
+            checkpoint = Checkpoint(version=self._version + 1)
+            stored = await self._guard(self._store.reset(self.key, self._epoch, checkpoint, result))
+            if stored is None:
+                self._adopt_checkpoint(checkpoint)
+        elif outcome.back_to_supervisor:
+            stored = await self._commit(None, self._buffer.entries(), self._turns, result)
+        return stored or result
 
     async def _run(self, message: InboundMessage, turn: int) -> TurnResult:
         try:
@@ -359,13 +364,19 @@ class Thread:
 
     async def _commit(
         self, active: str | None, buffer: list[BufferEntry], turn: int, result: TurnResult | None
-    ) -> None:
-        """Store first, then adopt: a failed write leaves the in-memory thread unchanged."""
+    ) -> TurnResult | None:
+        """Store first, then adopt: a failed write leaves the in-memory thread unchanged.
+
+        Returns the stored result when ``result`` is a command answered before (nothing is
+        written or adopted then).
+        """
         checkpoint = Checkpoint(
             active_agent=active, buffer=buffer, turn=turn, version=self._version + 1
         )
-        await self._guard(self._store.commit(self.key, self._epoch, checkpoint, result))
-        self._adopt_checkpoint(checkpoint)
+        stored = await self._guard(self._store.commit(self.key, self._epoch, checkpoint, result))
+        if stored is None:
+            self._adopt_checkpoint(checkpoint)
+        return stored
 
     def _adopt_checkpoint(self, checkpoint: Checkpoint) -> None:
         self._active = checkpoint.active_agent

@@ -187,3 +187,44 @@ async def test_a_burst_wider_than_the_pool_waits_for_connections(redis_url: str)
     finally:
         await client.aclose()
     assert results == [None] * 200
+
+
+def command(key: ThreadKey, mid: str, turn: int, name: str) -> TurnResult:
+    return TurnResult(
+        thread_id=key.thread_id, message_id=mid, turn=turn, agent=None, reply=name, command=name
+    )
+
+
+async def test_a_command_is_remembered_by_id_but_is_not_a_turn(store: Store) -> None:
+    key = fresh()
+    epoch = (await store.open(key)).epoch
+    await store.accept(key, epoch, msg("a"))
+    await store.commit(key, epoch, ckpt(1, 1), done(key, "a", 1))
+    first = command(key, "c", 1, "supervisor")
+    assert await store.commit(key, epoch, ckpt(1, 2, active=None), first) is None
+    assert [t.message_id for t in await store.turns(key)] == ["a"]
+    # Answered before: nothing is written, not even a checkpoint of the right version.
+    again = command(key, "c", 1, "a different answer")
+    assert await store.commit(key, epoch, ckpt(1, 3, active="x"), again) == first
+    loaded = await store.load(key)
+    assert loaded is not None and (loaded.version, loaded.active_agent) == (2, None)
+    # The id is taken: a turn sent with it gets the command's answer.
+    assert await store.accept(key, epoch, msg("c")) == first
+
+
+async def test_a_reset_remembers_its_own_id(store: Store) -> None:
+    key = fresh()
+    epoch = (await store.open(key)).epoch
+    await store.accept(key, epoch, msg("a"))
+    await store.commit(key, epoch, ckpt(1, 1), done(key, "a", 1))
+    reset = command(key, "r", 0, "reset")
+    assert await store.reset(key, epoch, Checkpoint(version=2), reset) is None
+    assert await store.accept(key, epoch, msg("a")) == 1  # the ids before it are forgotten
+    await store.commit(key, epoch, ckpt(1, 3), done(key, "a", 1))
+    assert await store.reset(key, epoch, Checkpoint(version=4), reset) == reset
+    assert [t.message_id for t in await store.turns(key)] == ["a"]
+    assert (await store.load(key)).version == 3  # type: ignore[union-attr]
+    # An id that belongs to a turn still pending is not a command's to reuse.
+    await store.accept(key, epoch, msg("p"))
+    with pytest.raises(RuntimeError, match="still pending"):
+        await store.reset(key, epoch, Checkpoint(version=4), command(key, "p", 0, "reset"))

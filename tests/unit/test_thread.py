@@ -183,6 +183,27 @@ async def test_commands_change_state_without_agents(team: TeamConfig) -> None:
     assert (await thread.handle(msg("book again"))).turn == 1
 
 
+async def test_a_retried_command_answers_again_without_running_again(team: TeamConfig) -> None:
+    agents, store = booking_agents(), InMemoryThreadStore()
+    thread = await Thread.open(KEY, team, store, agents)
+    await thread.handle(msg("book", mid="m1"))
+    left = await thread.handle(msg("/supervisor", mid="c1"))
+    await thread.handle(msg("book", mid="m2"))  # routed to bookings again
+    assert thread.active_agent == "bookings"
+    # The client did not get the first answer and sends /supervisor again, late.
+    assert await thread.handle(msg("/supervisor", mid="c1")) == left
+    assert thread.active_agent == "bookings"
+    reset = await thread.handle(msg("/reset", mid="r1"))
+    await thread.handle(msg("book", mid="m3"))
+    assert await thread.handle(msg("/reset", mid="r1")) == reset
+    assert thread.snapshot().turns == 1
+    assert [t.message_id for t in await store.turns(KEY)] == ["m3"]
+    # A new incarnation remembers too: the ids are in the store, not the actor.
+    heir = await Thread.open(KEY, team, store, agents)
+    assert await heir.handle(msg("/reset", mid="r1")) == reset
+    assert heir.snapshot().turns == 1
+
+
 async def test_turn_left_pending_is_completed_by_the_next_incarnation(team: TeamConfig) -> None:
     agents, store = booking_agents(), InMemoryThreadStore()
     dead = await Thread.open(KEY, team, store, agents)

@@ -24,9 +24,12 @@ from replay.dataset import Dialogue, load_dialogues, load_team
 from stickyray.config import TeamConfig
 from stickyray.errors import ConfigError
 
-__all__ = ["TurnRecord", "check_inputs", "main", "replay_dialogues"]
+__all__ = ["REPORT_LINE", "TurnRecord", "check_inputs", "main", "replay_dialogues"]
 
 log = logging.getLogger(__name__)
+
+# The log line that carries the packed report (``--report-to-log``) starts with this.
+REPORT_LINE = "stickyray-replay-report: "
 
 
 class TurnRecord(BaseModel):
@@ -212,6 +215,12 @@ def _parser() -> argparse.ArgumentParser:
         help="threads.hosting for the replay (overrides the agents file)",
     )
     parser.add_argument(
+        "--report-to-log",
+        action="store_true",
+        help="also print the report files on one log line, for `stickyray replay` to unpack "
+        "on the machine it runs on",
+    )
+    parser.add_argument(
         "--http-port",
         type=int,
         default=8000,
@@ -244,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from actors.directory import pool_scope
-    from replay.report import figure, write_report
+    from replay.report import figure, pack_report, write_report
     from serve_app.app import build_app
     from stickyray.embedded_redis import EmbeddedRedis
     from stickyray.settings import load_settings
@@ -298,10 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(args.out, team, dialogues, records, skipped, elapsed)
     from replay.baselines import baselines
 
-    started = time.monotonic()
-    compared = baselines(team, dialogues)
-    report = write_report(args.out, team, dialogues, records, skipped, elapsed, compared)
-    print(f"replay: baselines computed in {time.monotonic() - started:.0f} s", flush=True)
+    try:
+        started = time.monotonic()
+        compared = baselines(team, dialogues)
+        report = write_report(args.out, team, dialogues, records, skipped, elapsed, compared)
+        print(f"replay: baselines computed in {time.monotonic() - started:.0f} s", flush=True)
+    finally:
+        if args.report_to_log:
+            print(f"{REPORT_LINE}{pack_report(args.out)}", flush=True)
     print(
         f"replay: accuracy {figure(report['routing']['accuracy'])}, "
         f"{report['routing']['supervisor_decisions_per_turn']:.3f} supervisor decisions/turn, "

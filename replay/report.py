@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -11,7 +14,17 @@ from replay.dataset import Dialogue, SkippedLine
 from replay.job import TurnRecord
 from stickyray.config import TeamConfig
 
-__all__ = ["accuracy", "figure", "summarize", "write_report"]
+__all__ = [
+    "REPORT_FILES",
+    "accuracy",
+    "figure",
+    "pack_report",
+    "summarize",
+    "unpack_report",
+    "write_report",
+]
+
+REPORT_FILES = ("report.json", "report.md", "routing.png", "turns.jsonl")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -231,3 +244,33 @@ def write_report(
     (out / "turns.jsonl").write_text("".join(r.model_dump_json() + "\n" for r in records))
     _chart(report, out / "routing.png")
     return report
+
+
+def pack_report(out: Path) -> str:
+    """The report files of ``out`` as one line of text (base64 of a gzipped tar).
+
+    A job's log is the one channel the Jobs API gives back to whoever submitted it, so this
+    is how a report written on a cluster reaches the machine that asked for it.
+    """
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in REPORT_FILES:
+            if (out / name).is_file():
+                tar.add(out / name, arcname=name)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def unpack_report(packed: str, out: Path) -> list[str]:
+    """Write the files of a ``pack_report`` line into ``out``; returns their names.
+
+    Only the report's own file names are written, whatever else the archive holds.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(packed)), mode="r:gz") as tar:
+        for member in tar.getmembers():
+            source = tar.extractfile(member) if member.isfile() else None
+            if member.name in REPORT_FILES and source is not None:
+                (out / member.name).write_bytes(source.read())
+                written.append(member.name)
+    return written

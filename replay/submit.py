@@ -1,16 +1,22 @@
-"""``stickyray replay``: check the inputs, submit the replay as a Ray job, follow its logs."""
+"""``stickyray replay``: check the inputs, submit the replay as a Ray job, follow its logs.
+
+The inputs go with the job as its working directory; the report comes back in its log.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from replay.job import check_inputs
+from replay.job import REPORT_LINE, check_inputs
+from replay.report import unpack_report
 from stickyray.errors import ConfigError
 
 __all__ = ["submit_replay"]
@@ -22,14 +28,18 @@ def _dashboard(address: str | None) -> str:
     return address if address.startswith("http") else f"http://{address}"
 
 
-def _submit(client: Any, entrypoint: str, name: str, timeout_s: float = 120.0) -> str:
+def _submit(
+    client: Any, entrypoint: str, name: str, working_dir: str, timeout_s: float = 120.0
+) -> str:
     # A freshly started cluster answers "No available agent" until its job agent is up.
     deadline = time.monotonic() + timeout_s
     delay = 0.2
     while True:
         try:
             job_id: str = client.submit_job(
-                entrypoint=entrypoint, metadata={"kind": "stickyray-replay", "dialogues": name}
+                entrypoint=entrypoint,
+                runtime_env={"working_dir": working_dir},
+                metadata={"kind": "stickyray-replay", "dialogues": name},
             )
             return job_id
         except RuntimeError as exc:
@@ -37,6 +47,46 @@ def _submit(client: Any, entrypoint: str, name: str, timeout_s: float = 120.0) -
                 raise
         time.sleep(delay)
         delay = min(delay * 2, 2.0)
+
+
+def _stage(dialogues: Path, agents: Path, folder: Path) -> list[str]:
+    """Copy the inputs into the job's working directory; returns their arguments."""
+    shutil.copyfile(dialogues, folder / "dialogues.jsonl")
+    # The suffix says how the agents file is read (.json list or agents.yaml).
+    staged_agents = f"agents{agents.suffix.lower() or '.yaml'}"
+    shutil.copyfile(agents, folder / staged_agents)
+    return ["--dialogues", "dialogues.jsonl", "--agents", staged_agents]
+
+
+class _LogPrinter:
+    """Prints a job's log as it comes, whole lines only, minus the packed report's line."""
+
+    def __init__(self) -> None:
+        self._partial = ""
+
+    def feed(self, chunk: str) -> None:
+        *lines, self._partial = (self._partial + chunk).split("\n")
+        for line in lines:
+            if not line.startswith(REPORT_LINE):
+                print(line, flush=True)
+
+    def close(self) -> None:
+        if self._partial and not self._partial.startswith(REPORT_LINE):
+            print(self._partial, flush=True)
+        self._partial = ""
+
+
+def _fetch_report(client: Any, job_id: str, out: Path) -> bool:
+    """Unpack the report the job printed into ``out``; False if it printed none."""
+    packed = [
+        line[len(REPORT_LINE) :]
+        for line in client.get_job_logs(job_id).splitlines()
+        if line.startswith(REPORT_LINE)
+    ]
+    if not packed:
+        return False
+    unpack_report(packed[-1], out)
+    return True
 
 
 def submit_replay(
@@ -51,7 +101,9 @@ def submit_replay(
     """Submit the replay job and wait for it; the exit code says whether it succeeded.
 
     ``address`` is the Ray dashboard (Jobs API) address, e.g. ``http://head:8265``; without
-    one, a local Ray cluster is started for the duration of the replay.
+    one, a local Ray cluster is started for the duration of the replay. The inputs travel
+    with the job (its working directory) and the report comes back in its log, so the
+    cluster needs no access to this machine's files, and ``out`` is on this machine.
     """
     # Everything the user can get wrong is checked here, before anything is submitted.
     try:
@@ -70,36 +122,32 @@ def submit_replay(
         address = context.dashboard_url
     try:
         client = JobSubmissionClient(_dashboard(address))
-        command = [
-            sys.executable,
-            "-m",
-            "replay.job",
-            "--dialogues",
-            str(dialogues.resolve()),
-            "--agents",
-            str(agents.resolve()),
-            "--out",
-            str(out.resolve()),
-            "--concurrency",
-            str(concurrency),
-            "--hosting",
-            hosting,
-        ]
-        if limit is not None:
-            command += ["--limit", str(limit)]
-        job_id = _submit(client, shlex.join(command), dialogues.name)
+        with tempfile.TemporaryDirectory(prefix="stickyray-replay-") as staging:
+            # A cluster started here runs this interpreter; another runs its own `python`.
+            python = sys.executable if started_here else "python"
+            command = [python, "-m", "replay.job", *_stage(dialogues, agents, Path(staging))]
+            command += ["--out", "report", "--report-to-log"]
+            command += ["--concurrency", str(concurrency), "--hosting", hosting]
+            if limit is not None:
+                command += ["--limit", str(limit)]
+            job_id = _submit(client, shlex.join(command), dialogues.name, staging)
         print(
             f"stickyray: submitted replay job {job_id} to {_dashboard(address)} "
             "(see it in the dashboard's Jobs view)",
             flush=True,
         )
+        printer = _LogPrinter()
 
         async def follow() -> None:
             async for chunk in client.tail_job_logs(job_id):
-                print(chunk, end="", flush=True)
+                printer.feed(chunk)
+            printer.close()
 
         asyncio.run(follow())
         status = client.get_job_status(job_id)
+        # A job that failed after the replay (in the baselines) still sends what it has.
+        if _fetch_report(client, job_id, out):
+            print(f"stickyray: report in {out}", flush=True)
         print(f"stickyray: replay job {job_id} {status.value}", flush=True)
         return 0 if status == JobStatus.SUCCEEDED else 1
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,6 +33,9 @@ from serve_app.app import build_app  # noqa: E402
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[str]:
     """A local Ray cluster for the session; yields its dashboard (Jobs API) address."""
+    # A job's `python` is this interpreter, as on a cluster whose environment has stickyray
+    # (cluster.yaml starts Ray from its virtualenv), even when pytest runs unactivated.
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
     # Worker logs stay in Ray's log files (and the dashboard) instead of flooding test output.
     context = ray.init(
         address="local", namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from replay.dataset import load_dialogues, team_from_agents
-from replay.job import TurnRecord, check_inputs
-from replay.report import summarize, write_report
+from replay.job import REPORT_LINE, TurnRecord, check_inputs
+from replay.report import pack_report, summarize, unpack_report, write_report
+from replay.submit import _LogPrinter, _stage
 from stickyray.errors import ConfigError
 
 AGENTS = [
@@ -173,3 +177,48 @@ def test_a_replay_without_labels_has_no_accuracy_rather_than_zero(tmp_path: Path
     assert "| sticky with switching (this run) | n/a | 0.500 |" in markdown
     assert "| stateless | n/a | 0.000 |" in markdown
     assert (tmp_path / "routing.png").stat().st_size > 0
+
+
+def test_the_report_travels_in_one_log_line(tmp_path: Path) -> None:
+    records = [record(["hotels_1"], "hotels_1"), record(["hotels_4"], "hotels_1")]
+    team = team_from_agents(AGENTS, Path("agents.json"))
+    written = write_report(tmp_path / "cluster", team, [], records, [], 1.0)
+    packed = pack_report(tmp_path / "cluster")
+    assert "\n" not in packed
+    names = unpack_report(packed, tmp_path / "here")
+    assert sorted(names) == ["report.json", "report.md", "routing.png", "turns.jsonl"]
+    for name in names:
+        assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "cluster" / name).read_bytes()
+    assert json.loads((tmp_path / "here" / "report.json").read_text()) == written
+
+
+def test_unpacking_writes_only_the_report_files(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in ("report.json", "../escaped.txt", "/etc/owned"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+    packed = base64.b64encode(buffer.getvalue()).decode()
+    assert unpack_report(packed, tmp_path / "out") == ["report.json"]
+    assert not (tmp_path / "escaped.txt").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.json"]
+
+
+def test_the_log_is_printed_in_whole_lines_without_the_report(capsys) -> None:
+    printer = _LogPrinter()
+    for chunk in ["replay: 2 dia", "logues\n", REPORT_LINE + "AAAA", "BBBB\nreplay: done", ""]:
+        printer.feed(chunk)
+    printer.close()
+    assert capsys.readouterr().out == "replay: 2 dialogues\nreplay: done\n"
+
+
+def test_inputs_are_staged_under_names_that_keep_their_format(tmp_path: Path) -> None:
+    (tmp_path / "job").mkdir()
+    dialogues, agents = tmp_path / "my dialogues.jsonl", tmp_path / "Team.JSON"
+    dialogues.write_text("{}\n")
+    agents.write_text("[]")
+    args = _stage(dialogues, agents, tmp_path / "job")
+    assert args == ["--dialogues", "dialogues.jsonl", "--agents", "agents.json"]
+    assert (tmp_path / "job" / "agents.json").read_text() == "[]"
+    assert (tmp_path / "job" / "dialogues.jsonl").read_text() == "{}\n"

@@ -54,7 +54,12 @@ def run_command(
     supervisor = team.supervisor.name
     if name == "supervisor":
         if active_agent is None:
-            return CommandOutcome(f"You are already talking to the supervisor ({supervisor}).")
+            # Stored all the same: the write is fenced, so an incarnation that missed a handoff
+            # cannot confirm "already with the supervisor" while the thread stays elsewhere.
+            return CommandOutcome(
+                f"You are already talking to the supervisor ({supervisor}).",
+                back_to_supervisor=True,
+            )
         return CommandOutcome(
             f"Leaving {active_agent}. Your next message goes to the supervisor ({supervisor}).",
             back_to_supervisor=True,

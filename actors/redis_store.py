@@ -22,13 +22,20 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.key import ThreadKey
 from actors.store import Checkpoint, Incarnation, PendingTurn
-from stickyray.errors import CheckpointConflict, StoreUnavailable, ThreadFenced
+from stickyray.errors import CheckpointConflict, StoreUnavailable, ThreadFenced, TurnPending
 from stickyray.turns import InboundMessage, TurnResult
 
 __all__ = ["RedisThreadStore", "connect_redis"]
@@ -150,6 +157,27 @@ return {'ok'}
 )
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+# Redis refusing writes for now: loading, out of memory, a replica after a failover, a
+# script running too long. redis-py raises some as their own classes; inside a script they
+# come back as a ResponseError carrying the code ("... -OOM command not allowed ...").
+_REFUSING = (OutOfMemoryError, ReadOnlyError, MasterDownError, TryAgainError, ClusterDownError)
+_REFUSING_CODES = (
+    "LOADING",
+    "MISCONF",
+    "OOM",
+    "READONLY",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "BUSY",
+)
+
+
+def _refusing(exc: ResponseError) -> bool:
+    text = str(exc)
+    return isinstance(exc, _REFUSING) or any(
+        text.startswith(code) or f"-{code} " in text for code in _REFUSING_CODES
+    )
 
 
 # Connections per process (thread actor, host, ingress replica).
@@ -184,7 +212,7 @@ def _stored(key: ThreadKey, value: Any) -> TurnResult:
     """A message id's stored value: its result, or the number of its turn still pending."""
     if _text(value).startswith("{"):
         return TurnResult.model_validate_json(value)
-    raise RuntimeError(f"turn {_text(value)} of {key} is still pending")
+    raise TurnPending(str(key), int(_text(value)))
 
 
 class RedisThreadStore:
@@ -228,7 +256,8 @@ class RedisThreadStore:
         except _REDIS_DOWN as exc:
             raise StoreUnavailable("redis", str(exc)) from exc
         except ResponseError as exc:
-            if "LOADING" in str(exc) or "MISCONF" in str(exc):
+            # An outage to retry, not a bug in the request.
+            if _refusing(exc):
                 raise StoreUnavailable("redis", str(exc)) from exc
             raise
         return result
@@ -263,7 +292,7 @@ class RedisThreadStore:
             return int(rest[0])
         if status == "seen":
             return _stored(key, rest[0])
-        raise RuntimeError(f"turn {_text(rest[0])} of {key} is still pending")
+        raise TurnPending(str(key), int(_text(rest[0])))
 
     async def commit(
         self, key: ThreadKey, epoch: int, checkpoint: Checkpoint, result: TurnResult | None

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from actors.key import ThreadKey
 from memory.buffer import BufferEntry
-from stickyray.errors import CheckpointConflict, ThreadFenced
+from stickyray.errors import CheckpointConflict, ThreadFenced, TurnPending
 from stickyray.turns import InboundMessage, TurnResult
 
 __all__ = [
@@ -167,10 +167,10 @@ class InMemoryThreadStore:
         if seen is not None:
             _, seq, result = seen
             if result is None:
-                raise RuntimeError(f"turn {seq} of {key} is still pending")
+                raise TurnPending(str(key), seq)
             return result
         if data.pending is not None:
-            raise RuntimeError(f"turn {data.pending.seq} of {key} is still pending")
+            raise TurnPending(str(key), data.pending.seq)
         seq = (data.checkpoint.turn if data.checkpoint else 0) + 1
         data.pending = PendingTurn(seq=seq, message=message)
         data.results[message.message_id] = (now, seq, None)
@@ -182,7 +182,7 @@ class InMemoryThreadStore:
         if seen is None:
             return None
         if seen[2] is None:
-            raise RuntimeError(f"turn {seen[1]} of {key} is still pending")
+            raise TurnPending(str(key), seen[1])
         return seen[2]
 
     def _cas(self, key: ThreadKey, data: _ThreadData, checkpoint: Checkpoint) -> None:

@@ -24,9 +24,9 @@ from memory.buffer import BufferEntry, ShortTermBuffer
 from stickyray.config import TeamConfig
 from stickyray.errors import (
     CheckpointConflict,
-    StoreUnavailable,
     ThreadFenced,
     ThreadPassivated,
+    TurnPending,
 )
 from stickyray.turns import (
     AgentRequest,
@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# A turn whose actor died this many times is recorded as failed instead of run again, so a
-# message that kills its actor cannot take the thread down forever.
+# A turn interrupted this many times (its actor died, its request was cancelled) is recorded
+# as failed instead of run again, so a message that kills its actor cannot take the thread
+# down forever.
 MAX_TURN_ATTEMPTS = 2
 
 # Trimming is ``_compact``'s job; this cap only bounds memory if compression keeps failing.
@@ -152,32 +153,43 @@ class Thread:
                 raise ThreadFenced(str(self.key), self._epoch)
             if self._closed:
                 raise ThreadPassivated(str(self.key))
-            if self._stale:
-                await self._reopen()
-            command = parse_command(message.text)
-            if command is not None:
-                return await self._command(command, message)
-            accepted = await self._guard(self._store.accept(self.key, self._epoch, message))
-            if isinstance(accepted, TurnResult):
-                return accepted  # a retry: the first delivery's stored result, no new turn
             try:
-                return await self._run(message, accepted)
-            except asyncio.CancelledError:
-                # The caller went away mid-turn (a client disconnect cancels the request):
-                # the turn is accepted, not committed, and would block every later message.
+                try:
+                    return await self._handle(message)
+                except (TurnPending, CheckpointConflict):
+                    # Only this incarnation writes (fencing), so the store holding a write
+                    # it did not see complete means an earlier send of that write was applied
+                    # and its answer lost (a retried script, a cancelled turn). Reopening
+                    # reads it back and completes a pending turn; then the message again.
+                    self._stale = True
+                    return await self._handle(message)
+            except ThreadFenced:
+                raise
+            except BaseException:
+                # Whatever stopped this message midway (a cancelled request, a store error),
+                # the store may hold what this incarnation did not see: the turn may be
+                # accepted and not committed, which would block every later message.
                 # Reopening before the next one completes it, as after a crash.
                 self._stale = True
                 raise
 
+    async def _handle(self, message: InboundMessage) -> TurnResult:
+        if self._stale:
+            await self._reopen()
+        command = parse_command(message.text)
+        if command is not None:
+            return await self._command(command, message)
+        accepted = await self._guard(self._store.accept(self.key, self._epoch, message))
+        if isinstance(accepted, TurnResult):
+            return accepted  # a retry: the first delivery's stored result, no new turn
+        return await self._run(message, accepted)
+
     async def _guard(self, write: Awaitable[T]) -> T:
-        """Await a store write; remember why it failed so the next message can recover."""
+        """Await a store write; remember when this incarnation is superseded."""
         try:
             return await write
         except ThreadFenced:
             self._fenced = True
-            raise
-        except (StoreUnavailable, CheckpointConflict):
-            self._stale = True
             raise
 
     async def _reopen(self) -> None:
@@ -197,8 +209,8 @@ class Thread:
                 pending.attempts - 1,
             )
             reason = (
-                f"the thread's actor stopped during this turn {pending.attempts - 1} times; "
-                "the turn was abandoned"
+                f"this turn was interrupted {pending.attempts - 1} times (its actor stopped or "
+                "its request was cancelled); the turn was abandoned"
             )
             await self._record_failure(pending.message, pending.seq, reason)
             return

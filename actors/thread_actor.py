@@ -94,7 +94,13 @@ class ThreadActor:
             if idle >= self._idle_timeout_s and not self._thread.busy and not self._passivating:
                 log.info("thread %s idle for %.0f s: passivating", self._key, idle)
                 self._passivating = True
-                await self._thread.close()
-                await self._live.remove(self._key.actor_name)
-                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                try:
+                    await self._thread.close()
+                    await self._live.remove(self._key.actor_name)
+                except Exception:  # the live set is best effort; a closed actor must go
+                    log.debug("could not leave live set", exc_info=True)
+                finally:
+                    # Closed, it only answers ThreadPassivated: alive, it would keep the
+                    # thread's name, and every message would bounce until the client gave up.
+                    ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
                 return

@@ -91,7 +91,7 @@ class ThreadHost:
         thread = await pending
         if self._threads.get(key) is not thread:
             self._threads[key] = thread
-            self._evict_over_cap()
+            self._evict_over_cap(opening=key)
         return thread
 
     def _forget(self, key: ThreadKey, thread: Thread) -> None:
@@ -100,12 +100,15 @@ class ThreadHost:
             if not self._threads:
                 self._empty_since = time.time()
 
-    def _evict_over_cap(self) -> None:
+    def _evict_over_cap(self, opening: ThreadKey) -> None:
         over = len(self._threads) - self._cap
         if over <= 0:
             return
-        # Least recently used first; a thread with a turn in progress is never the victim.
-        victims = [(k, t) for k, t in self._threads.items() if not t.busy][:over]
+        # Least recently used first. Never a thread with a turn in progress, nor the one just
+        # opened for a message: closed before its turn starts, it would be opened again by the
+        # redelivery, and that incarnation would run the same turn a second time. With every
+        # other thread busy, the host runs over its cap until one finishes.
+        victims = [(k, t) for k, t in self._threads.items() if not t.busy and k != opening][:over]
         for key, thread in victims:
             self._close_later(key, thread)
 

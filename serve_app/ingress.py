@@ -28,6 +28,7 @@ from stickyray.errors import (
     StoreUnavailable,
     ThreadFenced,
     ThreadPassivated,
+    TurnPending,
 )
 from stickyray.settings import Settings
 from stickyray.turns import InboundMessage, ThreadSnapshot, TurnResult
@@ -135,6 +136,8 @@ def _http_error(exc: BaseException) -> HTTPException:
         return HTTPException(503, f"{cause.store} is unavailable; the message was not processed")
     if isinstance(cause, CheckpointConflict):
         return HTTPException(409, f"{cause}; retry the message")
+    if isinstance(cause, TurnPending):
+        return HTTPException(503, f"{cause}: the thread is completing it; retry the message")
     if isinstance(cause, ThreadFenced | ThreadPassivated):
         # The thread moved while the directory kept redelivering: transient, like a restart.
         return HTTPException(503, f"the thread is moving: {cause}; retry the message")

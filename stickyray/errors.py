@@ -15,6 +15,7 @@ __all__ = [
     "StoreUnavailable",
     "ThreadFenced",
     "ThreadPassivated",
+    "TurnPending",
 ]
 
 
@@ -101,3 +102,15 @@ class ThreadPassivated(StickyrayError):
 
     def __str__(self) -> str:
         return f"thread {self.thread} is passivating"
+
+
+class TurnPending(StickyrayError):
+    """The store holds an accepted turn of the thread whose outcome is not stored yet."""
+
+    def __init__(self, thread: str, seq: int) -> None:
+        super().__init__(thread, seq)
+        self.thread = thread
+        self.seq = seq
+
+    def __str__(self) -> str:
+        return f"turn {self.seq} of {self.thread} is still pending"

@@ -12,7 +12,7 @@ from actors.key import ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
 from actors.store import Checkpoint, InMemoryThreadStore
 from memory.buffer import BufferEntry
-from stickyray.errors import CheckpointConflict, StoreUnavailable, ThreadFenced
+from stickyray.errors import CheckpointConflict, StoreUnavailable, ThreadFenced, TurnPending
 from stickyray.turns import InboundMessage, TurnResult
 
 Store = InMemoryThreadStore | RedisThreadStore
@@ -226,5 +226,5 @@ async def test_a_reset_remembers_its_own_id(store: Store) -> None:
     assert (await store.load(key)).version == 3  # type: ignore[union-attr]
     # An id that belongs to a turn still pending is not a command's to reuse.
     await store.accept(key, epoch, msg("p"))
-    with pytest.raises(RuntimeError, match="still pending"):
+    with pytest.raises(TurnPending, match="still pending"):
         await store.reset(key, epoch, Checkpoint(version=4), command(key, "p", 0, "reset"))

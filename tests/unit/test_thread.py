@@ -224,7 +224,7 @@ async def test_turn_that_keeps_killing_its_actor_is_failed(team: TeamConfig) -> 
         await store.open(KEY)  # incarnations that died while re-running it
     heir = await Thread.open(KEY, team, store, agents)
     (record,) = await store.turns(KEY)
-    assert record.status == "failed" and "stopped during this turn" in (record.error or "")
+    assert record.status == "failed" and "interrupted 2 times" in (record.error or "")
     assert agents.calls == []
     assert (await heir.handle(msg("next"))).turn == 2
 
@@ -268,8 +268,10 @@ async def test_store_outage_leaves_state_unchanged_and_recovers(team: TeamConfig
 class BlockingAgents(Agents):
     """Agents whose calls hang while ``block`` is set, as a slow model would."""
 
-    block = False
-    started = asyncio.Event()
+    def __init__(self, behaviours: dict[str, Behaviour]) -> None:
+        super().__init__(behaviours)
+        self.block = False
+        self.started = asyncio.Event()
 
     async def __call__(self, agent: str, request: AgentRequest) -> AgentResult:
         if self.block:
@@ -293,6 +295,71 @@ async def test_a_turn_cancelled_midway_is_completed_before_the_next(team: TeamCo
     assert (after.turn, after.agent, after.status) == (3, "bookings", "completed")
     retried = await thread.handle(msg("for two", "m-cancelled"))
     assert (retried.turn, retried.reply) == (2, "bookings: for two")
+
+
+async def test_a_retry_cancelled_again_does_not_wedge_the_thread(team: TeamConfig) -> None:
+    agents = BlockingAgents({"triage": hand("triage", "bookings"), "bookings": reply("bookings")})
+    store = InMemoryThreadStore()
+    thread = await Thread.open(KEY, team, store, agents)
+    await thread.handle(msg("book a table"))
+    agents.block = True
+    for _ in range(2):  # the client times out, retries, and times out again
+        agents.started.clear()
+        turn = asyncio.create_task(thread.handle(msg("for two", "m2")))
+        await agents.started.wait()
+        turn.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await turn
+    agents.block = False
+    # Interrupted twice, the turn is given up (recorded as failed); the thread goes on.
+    assert (await thread.handle(msg("at 8pm"))).turn == 3
+    assert [t.status for t in await store.turns(KEY)] == ["completed", "failed", "completed"]
+
+
+class ResendingStore(InMemoryThreadStore):
+    """Applies a write twice, as a client retrying a script whose answer was lost does."""
+
+    resend: str | None = None
+
+    async def accept(self, *args, **kwargs):
+        if self.resend == "accept":
+            await super().accept(*args, **kwargs)
+        return await super().accept(*args, **kwargs)
+
+    async def commit(self, *args, **kwargs):
+        if self.resend == "commit":
+            await super().commit(*args, **kwargs)
+        return await super().commit(*args, **kwargs)
+
+
+@pytest.mark.parametrize("write", ["accept", "commit"])
+async def test_a_write_applied_twice_still_answers_the_message_once(
+    team: TeamConfig, write: str
+) -> None:
+    agents, store = booking_agents(), ResendingStore()
+    thread = await Thread.open(KEY, team, store, agents)
+    store.resend = write
+    result = await thread.handle(msg("book", mid="m1"))
+    store.resend = None
+    assert (result.turn, result.agent, result.status) == (1, "bookings", "completed")
+    assert [t.message_id for t in await store.turns(KEY)] == ["m1"]
+    assert (await thread.handle(msg("for two"))).turn == 2
+    # The second send of an accept answers "turn 1 is pending": it runs once, not twice.
+    assert agents.calls == [("triage", 1), ("bookings", 1), ("bookings", 2)]
+
+
+async def test_a_superseded_incarnation_cannot_confirm_a_supervisor_command(
+    team: TeamConfig,
+) -> None:
+    agents, store = booking_agents(), InMemoryThreadStore()
+    stale = await Thread.open(KEY, team, store, agents)
+    current = await Thread.open(KEY, team, store, agents)
+    await current.handle(msg("book"))
+    assert stale.active_agent is None  # it never saw the handoff
+    with pytest.raises(ThreadFenced):
+        await stale.handle(msg("/supervisor"))
+    left = await current.handle(msg("/supervisor"))
+    assert "Leaving bookings" in left.reply
 
 
 async def test_stale_incarnation_is_fenced_and_stops_serving(team: TeamConfig) -> None:

@@ -50,6 +50,8 @@ T = TypeVar("T")
 # down forever.
 MAX_TURN_ATTEMPTS = 2
 
+_SORRY = "Sorry, something went wrong and this message could not be answered. Please send it again."
+
 # Trimming is ``_compact``'s job; this cap only bounds memory if compression keeps failing.
 _BUFFER_CAP = 4
 
@@ -250,9 +252,10 @@ class Thread:
             return await self._record_failure(message, turn, f"{type(exc).__name__}: {exc}")
         buffer = self._buffer.entries()
         buffer.append(BufferEntry(role="user", text=message.text, turn=turn))
-        buffer.append(
-            BufferEntry(role="assistant", text=result.reply, turn=turn, agent=result.agent)
-        )
+        if result.status == "completed":  # an apology is no context for the next turn
+            buffer.append(
+                BufferEntry(role="assistant", text=result.reply, turn=turn, agent=result.agent)
+            )
         buffer = await self._compact(buffer, active, message)
         await self._commit(active, buffer, turn, result)
         return result
@@ -296,8 +299,7 @@ class Thread:
             message_id=message.message_id,
             turn=turn,
             agent=None,
-            reply="Sorry, something went wrong and this message could not be answered. "
-            "Please send it again.",
+            reply=_SORRY,
             status="failed",
             error=reason,
             completed_at=self._clock(),
@@ -327,6 +329,11 @@ class Thread:
             )
             result = await self._agents(agent, request)
             usage[agent] = usage.get(agent, Usage()) + result.usage
+            if result.failed:
+                # Recorded like any failed turn, with what the calls so far cost.
+                return self._result(
+                    message, turn, agent, _SORRY, handoffs, usage, result.error, "failed"
+                ), self._active
             if result.handoff_to is None:
                 break
             if len(handoffs) >= limit:

@@ -7,7 +7,7 @@ from typing import Any
 
 import anthropic
 
-from providers.model import ChatMessage, ModelResponse, ToolCall, ToolSpec
+from providers.model import NOT_AN_OBJECT_KEY, ChatMessage, ModelResponse, ToolCall, ToolSpec
 from providers.openai_provider import AGENT_HEADER
 from stickyray.errors import ProviderError
 from stickyray.turns import Usage
@@ -116,7 +116,9 @@ class AnthropicProvider:
             if block.type == "text":
                 texts.append(block.text)
             elif block.type == "tool_use":
-                args = block.input if isinstance(block.input, dict) else {"_value": block.input}
+                args = block.input
+                if not isinstance(args, dict):
+                    args = {NOT_AN_OBJECT_KEY: args}
                 calls.append(ToolCall(id=block.id, name=block.name, arguments=args))
         usage = Usage(
             input_tokens=response.usage.input_tokens, output_tokens=response.usage.output_tokens

@@ -11,11 +11,24 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stickyray.turns import Usage
 
-__all__ = ["ChatMessage", "ModelResponse", "Provider", "ToolCall", "ToolSpec"]
+__all__ = [
+    "INVALID_JSON_KEY",
+    "NOT_AN_OBJECT_KEY",
+    "ChatMessage",
+    "ModelResponse",
+    "Provider",
+    "ToolCall",
+    "ToolSpec",
+]
 
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Where a provider keeps arguments that were not a JSON object (cut off, or a bare value).
+INVALID_JSON_KEY = "_invalid_json"
+NOT_AN_OBJECT_KEY = "_value"
 
 
 class ToolCall(_Wire):
@@ -24,6 +37,11 @@ class ToolCall(_Wire):
     id: str
     name: str
     arguments: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def malformed(self) -> bool:
+        """Whether the model's arguments were not a JSON object, so the tool must not run."""
+        return INVALID_JSON_KEY in self.arguments or NOT_AN_OBJECT_KEY in self.arguments
 
 
 class ToolSpec(_Wire):

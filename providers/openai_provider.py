@@ -9,7 +9,14 @@ from typing import Any
 import openai
 from openai.types.chat import ChatCompletion
 
-from providers.model import ChatMessage, ModelResponse, ToolCall, ToolSpec
+from providers.model import (
+    INVALID_JSON_KEY,
+    NOT_AN_OBJECT_KEY,
+    ChatMessage,
+    ModelResponse,
+    ToolCall,
+    ToolSpec,
+)
 from stickyray.errors import ProviderError
 from stickyray.turns import Usage
 
@@ -44,8 +51,8 @@ def _parse_arguments(raw: str | None) -> dict[str, Any]:
         parsed = json.loads(raw)
     except json.JSONDecodeError:
         # The loop hands this back to the model as a tool error instead of failing the turn.
-        return {"_invalid_json": raw}
-    return parsed if isinstance(parsed, dict) else {"_value": parsed}
+        return {INVALID_JSON_KEY: raw}
+    return parsed if isinstance(parsed, dict) else {NOT_AN_OBJECT_KEY: parsed}
 
 
 class OpenAIProvider:

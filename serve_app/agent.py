@@ -12,7 +12,7 @@ from providers.routing import EvidenceRouter
 from serve_app.agent_memory import MEMORY_TOOLS, AgentMemory
 from serve_app.tools import Tool
 from stickyray.config import AgentConfig, TeamConfig
-from stickyray.errors import ConfigError
+from stickyray.errors import ConfigError, ProviderError
 from stickyray.turns import AgentRequest, AgentResult, CompressRequest, Usage
 
 __all__ = ["RETURN_TOOL", "TRANSFER_PREFIX", "Agent"]
@@ -135,14 +135,26 @@ class Agent:
         usage = Usage()
         tool_log: list[str] = []
         for iteration in range(1, self.config.max_iterations + 1):
-            response = await self._provider.complete(
-                agent=name,
-                model=self.config.model_name,
-                messages=messages,
-                tools=self._specs,
-                temperature=self.config.temperature,
-                max_tokens=self.config.max_tokens,
-            )
+            try:
+                response = await self._provider.complete(
+                    agent=name,
+                    model=self.config.model_name,
+                    messages=messages,
+                    tools=self._specs,
+                    temperature=self.config.temperature,
+                    max_tokens=self.config.max_tokens,
+                )
+            except ProviderError as exc:
+                # The turn fails, but the calls already made were paid for: keep their usage.
+                log.warning("agent %s: %s", name, exc)
+                return AgentResult(
+                    agent=name,
+                    usage=usage,
+                    llm_calls=iteration - 1,
+                    tool_calls=tool_log,
+                    error=str(exc),
+                    failed=True,
+                )
             usage = usage + response.usage
             handoff = next((c for c in response.tool_calls if c.name in self._handoffs), None)
             if handoff is not None:
@@ -162,6 +174,10 @@ class Agent:
                     llm_calls=iteration,
                     tool_calls=tool_log,
                 )
+            if iteration == self.config.max_iterations:
+                # No step is left to read their results: running the tools now would have
+                # their side effects (a booking) behind a reply saying the request failed.
+                break
             messages.append(
                 ChatMessage(role="assistant", content=response.text, tool_calls=response.tool_calls)
             )
@@ -216,4 +232,10 @@ class Agent:
         tool = tools.get(call.name)
         if tool is None:
             return f"error: there is no tool called {call.name!r}"
+        if call.malformed:
+            # Cut-off arguments must not run the tool on its defaults (cancel "latest" order).
+            return (
+                f"error: the arguments of {call.name!r} were not a JSON object; "
+                "call it again with complete JSON arguments"
+            )
         return await tool.run(call.arguments)

@@ -82,7 +82,11 @@ class CompressRequest(_Record):
 
 
 class AgentResult(_Record):
-    """An agent's answer: a reply, or a handoff to another agent, with what it cost."""
+    """An agent's answer: a reply, or a handoff to another agent, with what it cost.
+
+    ``failed`` means the agent could not answer (its provider failed after retries); the
+    usage of the calls made before that is still counted.
+    """
 
     agent: str
     reply: str | None = None
@@ -92,6 +96,7 @@ class AgentResult(_Record):
     llm_calls: int = 0
     tool_calls: list[str] = Field(default_factory=list)
     error: str | None = None
+    failed: bool = False
 
 
 class TurnResult(_Record):

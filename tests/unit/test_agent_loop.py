@@ -11,7 +11,7 @@ from providers.openai_provider import OpenAIProvider
 from serve_app.agent import Agent
 from serve_app.tools import ToolError, resolve_tool, resolve_tools
 from stickyray.config import parse_config
-from stickyray.errors import ConfigError, ProviderError
+from stickyray.errors import ConfigError
 from stickyray.settings import Settings
 from stickyray.testing import FakeLLMServer, FakeReply
 from stickyray.turns import AgentRequest
@@ -103,6 +103,8 @@ async def test_max_iterations_gives_a_clear_reply(fake_llm: FakeLLMServer) -> No
     result = await agent.run(request("loop forever"))
     assert result.error == "max_iterations" and "3 steps" in (result.reply or "")
     assert len(fake_llm.requests) == 3
+    # The third call's tools are not run: nothing would read their results.
+    assert result.tool_calls == ["current_time", "current_time"]
 
 
 async def test_unknown_tool_and_bad_arguments_go_back_to_the_model(fake_llm: FakeLLMServer) -> None:
@@ -124,12 +126,46 @@ async def test_unknown_tool_and_bad_arguments_go_back_to_the_model(fake_llm: Fak
     fake_llm.assert_complete()
 
 
-async def test_provider_errors_surface_as_provider_error(fake_llm: FakeLLMServer) -> None:
-    cfg = team("openai")
+async def test_a_provider_failure_fails_the_answer_and_keeps_the_usage_so_far(
+    fake_llm: FakeLLMServer,
+) -> None:
+    cfg = team("openai", tools=["current_time"])
+    tools = resolve_tools(["current_time"])
+    agent = Agent(cfg.agent("bookings"), cfg, provider_for("openai", fake_llm), tools)
+    fake_llm.queue(FakeReply.tool_call("current_time", {}))
+    fake_llm.queue(FakeReply.error(500, "boom"))
+    result = await agent.run(request("hi"))
+    assert result.failed and result.reply is None
+    assert "openai call for agent 'bookings' failed" in (result.error or "")
+    assert result.llm_calls == 1 and result.tool_calls == ["current_time"]
+    assert result.usage.input_tokens > 0, "the first call was paid for"
+
+
+async def test_arguments_that_are_not_a_json_object_do_not_run_the_tool(
+    fake_llm: FakeLLMServer,
+) -> None:
+    from providers.model import ToolCall
+    from providers.openai_provider import _parse_arguments
+    from serve_app.tools import Tool
+
+    cancelled: list[str] = []
+
+    def cancel_order(order_id: str = "latest") -> str:
+        cancelled.append(order_id)
+        return f"cancelled {order_id}"
+
+    cfg = team("offline")
     agent = Agent(cfg.agent("bookings"), cfg, provider_for("openai", fake_llm), [])
-    fake_llm.on(agent="bookings", reply=FakeReply.error(500, "boom"))
-    with pytest.raises(ProviderError, match="openai call for agent 'bookings'"):
-        await agent.run(request("hi"))
+    tools = {"cancel_order": Tool("cancel_order", "Cancel an order", cancel_order)}
+    for raw in ('{"order_id": "A-17', "[1, 2]", '"A-17"'):  # cut off, or not an object
+        call = ToolCall(id="c1", name="cancel_order", arguments=_parse_arguments(raw))
+        assert call.malformed
+        assert "not a JSON object" in await agent._run(call, tools)
+    assert cancelled == []
+    whole = _parse_arguments('{"order_id": "A-17"}')
+    assert not ToolCall(id="c2", name="cancel_order", arguments=whole).malformed
+    whole_call = ToolCall(id="c2", name="cancel_order", arguments=whole)
+    assert await agent._run(whole_call, tools) == "cancelled A-17"
 
 
 def test_tool_references_resolve_or_explain() -> None:

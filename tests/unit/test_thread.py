@@ -243,6 +243,33 @@ async def test_a_failing_provider_fails_the_turn_not_the_thread(team: TeamConfig
     assert (await thread.handle(msg("book again"))).turn == 2
 
 
+async def test_a_failed_answer_is_a_failed_turn_that_still_counts_its_tokens(
+    team: TeamConfig,
+) -> None:
+    def broken(req: AgentRequest) -> AgentResult:
+        return AgentResult(
+            agent="bookings",
+            usage=Usage(input_tokens=40, output_tokens=7),
+            error="openai call for agent 'bookings' failed: 429",
+            failed=True,
+        )
+
+    agents = Agents({"triage": hand("triage", "bookings"), "bookings": broken})
+    store = InMemoryThreadStore()
+    thread = await Thread.open(KEY, team, store, agents)
+    result = await thread.handle(msg("book"))
+    assert result.status == "failed" and "failed: 429" in (result.error or "")
+    assert result.usage_by_agent == {
+        "triage": Usage(input_tokens=5, output_tokens=1),
+        "bookings": Usage(input_tokens=40, output_tokens=7),
+    }
+    assert result.usage == Usage(input_tokens=45, output_tokens=8)
+    assert [t.status for t in await store.turns(KEY)] == ["failed"]
+    # The user's message stays as context; the apology does not.
+    assert [e.role for e in thread.snapshot().buffer] == ["user"]
+    assert thread.active_agent is None
+
+
 async def test_store_outage_leaves_state_unchanged_and_recovers(team: TeamConfig) -> None:
     class Flaky(InMemoryThreadStore):
         down = False

@@ -251,11 +251,13 @@ class Thread:
             log.warning("thread %s turn %d failed: %s", self.key, turn, type(exc).__name__)
             return await self._record_failure(message, turn, f"{type(exc).__name__}: {exc}")
         buffer = self._buffer.entries()
-        buffer.append(BufferEntry(role="user", text=message.text, turn=turn))
+        user = message.user_id
+        buffer.append(BufferEntry(role="user", text=message.text, turn=turn, user_id=user))
         if result.status == "completed":  # an apology is no context for the next turn
-            buffer.append(
-                BufferEntry(role="assistant", text=result.reply, turn=turn, agent=result.agent)
+            reply = BufferEntry(
+                role="assistant", text=result.reply, turn=turn, agent=result.agent, user_id=user
             )
+            buffer.append(reply)
         buffer = await self._compact(buffer, active, message)
         await self._commit(active, buffer, turn, result)
         return result
@@ -263,10 +265,11 @@ class Thread:
     async def _compact(
         self, buffer: list[BufferEntry], active: str | None, message: InboundMessage
     ) -> list[BufferEntry]:
-        """Trim the buffer to the active agent's window, keeping what leaves as a memory.
+        """Trim the buffer to the active agent's window, keeping what leaves as memories.
 
-        Messages leave only once the agent has stored them (when it compresses); if that
-        fails they stay, and the next turn tries again.
+        Each user's messages become a memory of that user (a thread can be shared, or learn
+        its user partway). Messages leave only once the agent has stored them (when it
+        compresses); those whose memory failed stay, and the next turn tries again.
         """
         limit = self._team.buffer_limit(active)
         if len(buffer) <= limit:
@@ -275,23 +278,28 @@ class Thread:
         agent = self._team.agent(active) if active else self._team.supervisor
         if agent.memory is None or not agent.memory.compression:
             return kept
-        request = CompressRequest(
-            thread=str(self.key),
-            tenant=self.key.tenant,
-            user_id=message.user_id or f"thread:{self.key}",
-            messages=leaving,
-        )
-        try:
-            await self._agents.compress(agent.name, request)
-        except Exception as exc:  # keep the messages; nothing leaves without its memory
-            log.warning(
-                "thread %s: compression failed (%s); keeping %d messages",
-                self.key,
-                type(exc).__name__,
-                len(leaving),
+        by_user: dict[str | None, list[BufferEntry]] = {}
+        for entry in leaving:
+            by_user.setdefault(entry.user_id, []).append(entry)
+        unsaved: set[str | None] = set()
+        for user_id, messages in by_user.items():
+            request = CompressRequest(
+                thread=str(self.key),
+                tenant=self.key.tenant,
+                user_id=user_id or f"thread:{self.key}",
+                messages=messages,
             )
-            return buffer
-        return kept
+            try:
+                await self._agents.compress(agent.name, request)
+            except Exception as exc:  # keep the messages; nothing leaves without its memory
+                log.warning(
+                    "thread %s: compression failed (%s); keeping %d messages",
+                    self.key,
+                    type(exc).__name__,
+                    len(messages),
+                )
+                unsaved.add(user_id)
+        return [e for e in leaving if e.user_id in unsaved] + kept
 
     async def _record_failure(self, message: InboundMessage, turn: int, reason: str) -> TurnResult:
         result = TurnResult(
@@ -305,7 +313,8 @@ class Thread:
             completed_at=self._clock(),
         )
         buffer = self._buffer.entries()
-        buffer.append(BufferEntry(role="user", text=message.text, turn=turn))
+        entry = BufferEntry(role="user", text=message.text, turn=turn, user_id=message.user_id)
+        buffer.append(entry)
         await self._commit(self._active, buffer, turn, result)
         return result
 

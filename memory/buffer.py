@@ -12,14 +12,21 @@ __all__ = ["BufferEntry", "ShortTermBuffer"]
 
 
 class BufferEntry(BaseModel):
-    """One message of the conversation as the thread remembers it."""
+    """One message of the conversation as the thread remembers it.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    ``user_id`` is the user of the turn it belongs to (the sender of the message, or the one
+    the reply answered): whose long-term memory it joins when it leaves the buffer.
+    """
+
+    # Stored in checkpoints: an instance on an older release must read what a newer one
+    # wrote during a rolling deploy.
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     role: Literal["user", "assistant"]
     text: str
     turn: int
     agent: str | None = None
+    user_id: str | None = None
 
 
 class ShortTermBuffer:

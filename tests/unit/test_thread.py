@@ -25,6 +25,7 @@ class Agents:
         self.behaviours = behaviours
         self.calls: list[tuple[str, int]] = []
         self.compressed: list[tuple[str, list[str]]] = []
+        self.compressed_for: list[str] = []
         self.compress_fails = False
 
     async def __call__(self, agent: str, request: AgentRequest) -> AgentResult:
@@ -34,6 +35,7 @@ class Agents:
 
     async def compress(self, agent: str, request: CompressRequest) -> str | None:
         self.compressed.append((agent, [e.text for e in request.messages]))
+        self.compressed_for.append(request.user_id)
         if self.compress_fails:
             raise RuntimeError("memory store down")
         return f"memory-{len(self.compressed)}"
@@ -442,3 +444,23 @@ async def test_overflow_is_compressed_before_it_leaves(team: TeamConfig) -> None
     await thread.handle(msg("thanks"))
     assert agents.compressed[-1][1][:2] == ["two people", "bookings: two people"]
     assert len(thread.snapshot().buffer) == 4
+
+
+async def test_each_users_messages_become_that_users_memory(team: TeamConfig) -> None:
+    data = team.model_dump()
+    data["specialists"][1]["memory"] = {"short_window": 4}  # bookings
+    with_memory = TeamConfig.model_validate(data)
+    agents = booking_agents()
+    thread = await Thread.open(KEY, with_memory, InMemoryThreadStore(), agents)
+
+    def said(text: str, user: str | None) -> InboundMessage:
+        return InboundMessage(text=text, message_id=f"{user}-{text}", user_id=user)
+
+    await thread.handle(said("my card ends 4242", "alice"))
+    await thread.handle(said("book", None))  # before the channel knew who it was
+    await thread.handle(said("for two", "bob"))  # a shared thread: a new user joins
+    await thread.handle(said("at nine", "bob"))
+    # Leaving: alice's turn and the anonymous one, each kept for its own user only.
+    assert agents.compressed_for == ["alice", "thread:default/t"]
+    assert agents.compressed[0][1] == ["my card ends 4242", "bookings: my card ends 4242"]
+    assert [e.user_id for e in thread.snapshot().buffer] == ["bob"] * 4

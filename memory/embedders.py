@@ -9,6 +9,9 @@ from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import openai
+
+from stickyray.errors import ProviderError
 
 __all__ = ["Embedder", "LocalEmbedder", "OpenAIEmbedder"]
 
@@ -111,18 +114,25 @@ class OpenAIEmbedder:
         return self._dimension
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if missing:
-            response = await self._client.embeddings.create(
-                model=self._model, input=missing, dimensions=self._dimension
-            )
-            for item in response.data:
-                vector = np.asarray(item.embedding, dtype=np.float32)
-                self._cache[missing[item.index]] = vector / (np.linalg.norm(vector) or 1.0)
-                if len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-        for text in texts:
-            self._cache.move_to_end(text)
         if not texts:
             return np.zeros((0, self._dimension), np.float32)
-        return np.stack([self._cache[t] for t in texts])
+        # This call's vectors are collected apart from the cache, which may evict any of them.
+        found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
+        if missing:
+            try:
+                response = await self._client.embeddings.create(
+                    model=self._model, input=missing, dimensions=self._dimension
+                )
+            except openai.OpenAIError as exc:
+                # The SDK's errors do not survive pickling across Ray; this one does.
+                raise ProviderError("openai", "embedder", f"{type(exc).__name__}: {exc}") from None
+            for item in response.data:
+                vector = np.asarray(item.embedding, dtype=np.float32)
+                found[missing[item.index]] = vector / (np.linalg.norm(vector) or 1.0)
+        for text, vector in found.items():
+            self._cache[text] = vector
+            self._cache.move_to_end(text)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return np.stack([found[t] for t in texts])

@@ -152,6 +152,9 @@ DEFAULT_EF_SEARCH = 200
 # the final order is by combined score, so the k best by score must be among them.
 _OVERSAMPLE = 4
 _MIN_CANDIDATES = 40
+# The exact pass for rows that recency and importance could lift into the k best reads at
+# most this many (the most similar first).
+_MAX_EXACT = 2000
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
@@ -360,15 +363,26 @@ class PostgresMemoryStore:
                 # match at all, and costs one distance per matching row.
                 rows = await conn.fetch(f"{select} ORDER BY (embedding <=> $3) + 0 LIMIT $4", *args)
             now = self._clock()
-            scored = []
-            for row in rows:
-                similarity = min(max(1.0 - float(row["distance"]), -1.0), 1.0)
-                record = self._record(tenant, user_id, row)
-                score = combined_score(
-                    similarity, record.importance, record.kind, record.created_at, now, weights
-                )
-                scored.append((score, record, similarity))
+            scored = self._score(tenant, user_id, rows, now, weights)
             hits = rank(scored, k)
+            if len(rows) == wanted and len(hits) == k and weights.similarity > 0:
+                # Rows beyond the candidates are less similar, but recency and importance can
+                # add up to w_r + w_i: one of them still beats the k-th hit if its similarity
+                # reaches (score_k - w_r - w_i) / w_s. Those rows are fetched exactly, so the
+                # result is the k best by score, as the in-memory reference computes it.
+                reach = (hits[-1].score - weights.recency - weights.importance) / weights.similarity
+                farthest = min(similarity for _, _, similarity in scored)
+                if reach < farthest:
+                    exact = [*args[:3], _MAX_EXACT, *args[4:], 1.0 - reach]
+                    more = await conn.fetch(
+                        f"{select} AND (embedding <=> $3) <= ${len(exact)}"
+                        " ORDER BY (embedding <=> $3) + 0 LIMIT $4",
+                        *exact,
+                    )
+                    seen = {record.id for _, record, _ in scored}
+                    extra = [row for row in more if row["id"] not in seen]
+                    scored += self._score(tenant, user_id, extra, now, weights)
+                    hits = rank(scored, k)
             touched = await conn.fetch(
                 "UPDATE memories SET access_count = access_count + 1, last_accessed_at = $4"
                 " WHERE tenant = $1 AND user_id = $2 AND id = ANY($3::uuid[])"
@@ -379,10 +393,30 @@ class PostgresMemoryStore:
                 now,
             )
         fresh = {row["id"]: {"access_count": row[1], "last_accessed_at": row[2]} for row in touched}
+        # A memory deleted between the two statements (READ COMMITTED) is not returned.
         return [
             hit.model_copy(update={"memory": hit.memory.model_copy(update=fresh[hit.memory.id])})
             for hit in hits
+            if hit.memory.id in fresh
         ]
+
+    def _score(
+        self,
+        tenant: str,
+        user_id: str,
+        rows: list[asyncpg.Record],
+        now: datetime,
+        weights: SearchWeights,
+    ) -> list[tuple[float, MemoryRecord, float]]:
+        scored = []
+        for row in rows:
+            similarity = min(max(1.0 - float(row["distance"]), -1.0), 1.0)
+            record = self._record(tenant, user_id, row)
+            score = combined_score(
+                similarity, record.importance, record.kind, record.created_at, now, weights
+            )
+            scored.append((score, record, similarity))
+        return scored
 
     @staticmethod
     def _record(tenant: str, user_id: str, row: asyncpg.Record) -> MemoryRecord:

@@ -69,10 +69,13 @@ class AgentMemory:
             return []
         tenant, user, agent = request.tenant, memory_user(request), self._agent.name
         memory, limit = self._memory, self._config.core_block_limit
+        half_life = self._config.decay_half_life_days  # as in the prompt's memories
 
         async def memory_search(query: str, k: int = 5) -> str:
             """Search your long-term memory of this user."""
-            hits = await memory.recall(tenant, user, query, min(max(k, 1), 20), agent=agent)
+            hits = await memory.recall(
+                tenant, user, query, min(max(k, 1), 20), agent=agent, half_life_days=half_life
+            )
             if not hits:
                 return "no memories found"
             return "\n".join(f"- ({h.memory.kind}) {h.memory.content}" for h in hits)

@@ -7,6 +7,7 @@ in a tenant of its own; the Postgres-only tests at the end cover setup and outag
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -123,6 +124,20 @@ async def test_search_returns_exactly_k_best_first(store: Store) -> None:
     assert len(await store.search(tenant, user, axis(0), k=100)) == 60
     assert await store.search(tenant, user, axis(0), k=0) == []
     assert await store.search(tenant, "nobody", axis(0), k=5) == []
+
+
+async def test_the_k_best_are_by_score_not_only_by_similarity(store: Store, clock: Clock) -> None:
+    tenant, user = scope()
+    # Sixty old, unimportant chats close to the query fill every index pass...
+    old = [NewMemory(content=f"old chat {i}", kind="episodic", importance=0.0) for i in range(60)]
+    await store.add(tenant, user, old, stack([tilted(0.80 + i * 0.001, i + 1) for i in range(60)]))
+    clock.advance(days=365)
+    # ...and a less similar fact, which never decays and matters, scores above them all.
+    fact = [NewMemory(content="is vegetarian", kind="semantic", importance=1.0)]
+    await store.add(tenant, user, fact, stack([tilted(0.70, 100)]))
+    hits = await store.search(tenant, user, axis(0), k=3)
+    assert contents(hits)[0] == "is vegetarian"
+    assert contents(hits)[1:] == ["old chat 59", "old chat 58"]
 
 
 async def test_kind_filter_still_returns_k(store: Store) -> None:
@@ -329,3 +344,33 @@ async def test_postgres_going_away_is_store_unavailable(tmp_path: Path) -> None:
                 await store.search(tenant, user, axis(0), k=1)
     finally:
         server.stop()
+
+
+async def test_a_memory_deleted_during_a_search_is_left_out(postgres_url: str) -> None:
+    tenant, user = scope()
+    doomed: list[str] = []
+
+    class DeletingClock(Clock):
+        """Commits a delete from another connection when the search reads the time, which
+        is between its SELECT and its access-count UPDATE."""
+
+        def __call__(self) -> datetime:
+            if doomed:
+                memory_id = doomed.pop()
+
+                async def delete() -> None:
+                    async with PostgresMemoryStore.from_url(postgres_url, DIM) as other:
+                        assert await other.delete(tenant, user, memory_id)
+
+                worker = threading.Thread(target=asyncio.run, args=(delete(),))
+                worker.start()
+                worker.join()
+            return self.now
+
+    async with PostgresMemoryStore.from_url(postgres_url, DIM, clock=DeletingClock()) as pg:
+        await pg.setup()
+        both = [NewMemory(content="kept"), NewMemory(content="gone")]
+        _, gone = await pg.add(tenant, user, both, stack([axis(0), axis(0)]))
+        doomed.append(gone.id)
+        hits = await pg.search(tenant, user, axis(0), k=2)
+    assert contents(hits) == ["kept"]

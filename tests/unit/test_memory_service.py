@@ -64,3 +64,52 @@ async def test_a_core_block_postgres_cannot_store_is_refused(fake_llm: FakeLLMSe
     memory = LongTermMemory(InMemoryMemoryStore(dimension=64), embedder(fake_llm))
     with pytest.raises(ValueError, match="NUL"):
         await memory.set_core("t", "u", "persona", "a\x00b", 100)
+
+
+async def test_a_full_cache_never_loses_the_vectors_of_the_call(fake_llm: FakeLLMServer) -> None:
+    client = openai.AsyncOpenAI(base_url=fake_llm.openai_base_url, api_key="k", max_retries=0)
+    small = OpenAIEmbedder(client, dimension=64, cache_size=2)
+    await small.embed(["a", "b"])
+    # "a" is cached, the rest is new and evicts it while this call still needs it.
+    vectors = await small.embed(["a", "x", "y", "z", "a"])
+    assert vectors.shape == (5, 64)
+    assert (vectors[0] == vectors[4]).all()
+    assert (await small.embed(["x", "y", "z"])).shape == (3, 64)
+
+
+async def test_an_embedding_failure_is_a_provider_error_that_pickles(
+    fake_llm: FakeLLMServer,
+) -> None:
+    import pickle
+
+    from stickyray.errors import ProviderError
+
+    client = openai.AsyncOpenAI(base_url="http://127.0.0.1:9", api_key="k", max_retries=0)
+    with pytest.raises(ProviderError, match="APIConnectionError") as failed:
+        await OpenAIEmbedder(client, dimension=64).embed(["hello"])
+    assert str(pickle.loads(pickle.dumps(failed.value))) == str(failed.value)
+
+
+async def test_the_search_tool_decays_memories_as_the_prompt_does(fake_llm: FakeLLMServer) -> None:
+    from serve_app.agent_memory import AgentMemory
+    from stickyray.config import load_config
+    from stickyray.turns import AgentRequest
+
+    class Recording(LongTermMemory):
+        half_lives: list[float | None] = []
+
+        async def recall(self, *args, **kwargs):
+            self.half_lives.append(kwargs.get("half_life_days"))
+            return await super().recall(*args, **kwargs)
+
+    bookings = load_config(None).agent("bookings")
+    assert bookings.memory is not None
+    settings = bookings.memory.model_copy(update={"tools": True, "decay_half_life_days": 1.0})
+    agent = bookings.model_copy(update={"memory": settings})
+    memory = Recording(InMemoryMemoryStore(dimension=64), embedder(fake_llm))
+    seen = AgentMemory(agent, memory)
+    request = AgentRequest(thread="default/t", turn=1, text="hi", user_id="u")
+    await seen.prompt_section(request)
+    (search,) = [t for t in seen.tools(request) if t.name == "memory_search"]
+    await search.run({"query": "dinner"})
+    assert memory.half_lives == [1.0, 1.0]

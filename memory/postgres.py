@@ -37,7 +37,7 @@ from memory.long_term import (
     SearchWeights,
     combined_score,
 )
-from stickyray.errors import StoreUnavailable
+from stickyray.errors import ConfigError, StoreUnavailable
 
 __all__ = [
     "DEFAULT_EF_SEARCH",
@@ -157,13 +157,19 @@ _MIN_CANDIDATES = 40
 _MAX_EXACT = 2000
 
 
+# The schema pgvector's type lives in: `public` usually, but managed Postgres often installs
+# extensions into their own schema (on the search_path), and the codec must name it.
+_VECTOR_SCHEMA = """
+SELECT n.nspname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+ WHERE t.typname = 'vector' ORDER BY pg_type_is_visible(t.oid) DESC, n.nspname LIMIT 1
+"""
+
+
 async def init_connection(conn: asyncpg.Connection) -> None:
     """Pool ``init``: register the pgvector codec (skipped until ``setup()`` creates it)."""
-    try:
-        await register_vector(conn)
-    except ValueError as exc:
-        if not str(exc).startswith("unknown type"):
-            raise
+    schema = await conn.fetchval(_VECTOR_SCHEMA)
+    if schema is not None:
+        await register_vector(conn, schema=schema)
 
 
 def _real(value: float) -> float:
@@ -224,6 +230,16 @@ class PostgresMemoryStore:
             raise StoreUnavailable("postgres", str(exc) or type(exc).__name__) from exc
         # Connections opened before the extension existed have no vector codec yet.
         await self._pool.expire_connections()
+        try:
+            async with self._pool.acquire() as conn:
+                probe = await conn.fetchval("SELECT '[1]'::vector")
+        except _DOWN as exc:
+            raise StoreUnavailable("postgres", str(exc) or type(exc).__name__) from exc
+        if isinstance(probe, str):  # without the codec, asyncpg gives the text form
+            raise ConfigError(
+                "the pgvector codec is not registered on the pool's connections: "
+                "create the pool with init=memory.postgres.init_connection"
+            )
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
         async with conn.transaction():

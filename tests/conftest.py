@@ -55,16 +55,23 @@ def redis_url(embedded_redis: EmbeddedRedis) -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of a real Postgres 16 + pgvector 0.6 (pgserver) shared by the session.
+def embedded_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """A real Postgres 16 + pgvector 0.6 (pgserver) shared by the session."""
+    server = EmbeddedPostgres(Path(tmp_path_factory.mktemp("postgres")) / "data")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(embedded_postgres: EmbeddedPostgres) -> str:
+    """URL of the session's Postgres.
 
     It logs in as an ordinary role: a superuser would skip the row-level security under test.
     """
-    server = EmbeddedPostgres(Path(tmp_path_factory.mktemp("postgres")) / "data")
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    return embedded_postgres.url
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import numpy as np
@@ -374,3 +375,47 @@ async def test_a_memory_deleted_during_a_search_is_left_out(postgres_url: str) -
         doomed.append(gone.id)
         hits = await pg.search(tenant, user, axis(0), k=2)
     assert contents(hits) == ["kept"]
+
+
+def on_database(url: str, database: str) -> str:
+    """``url`` with another database name."""
+    return urlsplit(url)._replace(path=f"/{database}").geturl()
+
+
+async def test_pgvector_installed_in_its_own_schema_works(
+    embedded_postgres: EmbeddedPostgres,
+) -> None:
+    """As managed Postgres services do: the extension in an `extensions` schema."""
+    database = f"ext_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(embedded_postgres.admin_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {database} OWNER stickyray")
+    finally:
+        await admin.close()
+    setup = await asyncpg.connect(on_database(embedded_postgres.admin_url, database))
+    try:
+        await setup.execute(
+            "CREATE SCHEMA extensions; CREATE EXTENSION vector SCHEMA extensions;"
+            " GRANT USAGE ON SCHEMA extensions TO stickyray;"
+            f' ALTER DATABASE {database} SET search_path = "$user", public, extensions'
+        )
+    finally:
+        await setup.close()
+    url = on_database(embedded_postgres.url, database)
+    async with PostgresMemoryStore.from_url(url, 4) as pg:
+        await pg.setup()
+        tenant, user = scope()
+        await pg.add(tenant, user, [NewMemory(content="x")], np.eye(4, dtype=np.float32)[:1])
+        (hit,) = await pg.search(tenant, user, np.eye(4, dtype=np.float32)[0], k=1)
+    assert hit.memory.content == "x"
+
+
+async def test_a_pool_without_the_vector_codec_fails_setup_clearly(postgres_url: str) -> None:
+    from stickyray.errors import ConfigError
+
+    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=1)
+    try:
+        with pytest.raises(ConfigError, match="init=memory.postgres.init_connection"):
+            await PostgresMemoryStore(pool, DIM).setup()
+    finally:
+        await pool.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stickyray.turns import AgentRequest, AgentResult, CompressRequest
+from stickyray.turns import AgentRequest, AgentResult, CompressRequest, CompressResult
 
 __all__ = ["ServeAgentCaller"]
 
@@ -19,6 +19,6 @@ class ServeAgentCaller:
         result: AgentResult = await self._handles[agent].run.remote(request)
         return result
 
-    async def compress(self, agent: str, request: CompressRequest) -> str | None:
-        memory_id: str | None = await self._handles[agent].compress.remote(request)
-        return memory_id
+    async def compress(self, agent: str, request: CompressRequest) -> CompressResult:
+        result: CompressResult = await self._handles[agent].compress.remote(request)
+        return result

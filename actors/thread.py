@@ -32,6 +32,7 @@ from stickyray.turns import (
     AgentRequest,
     AgentResult,
     CompressRequest,
+    CompressResult,
     Handoff,
     InboundMessage,
     ThreadSnapshot,
@@ -56,6 +57,16 @@ _SORRY = "Sorry, something went wrong and this message could not be answered. Pl
 _BUFFER_CAP = 4
 
 
+def _with_usage(result: TurnResult, extra: dict[str, Usage]) -> TurnResult:
+    """``result`` with ``extra`` usage added, per agent and in total."""
+    by_agent = dict(result.usage_by_agent)
+    for agent, usage in extra.items():
+        by_agent[agent] = by_agent.get(agent, Usage()) + usage
+    return result.model_copy(
+        update={"usage_by_agent": by_agent, "usage": sum(by_agent.values(), Usage())}
+    )
+
+
 class AgentCaller(Protocol):
     """Runs an agent by name: Serve handles in production, plain objects in unit tests."""
 
@@ -63,8 +74,8 @@ class AgentCaller(Protocol):
         """The agent's result for ``request``."""
         ...
 
-    async def compress(self, agent: str, request: CompressRequest) -> str | None:
-        """Have ``agent`` keep messages leaving the buffer as a memory; its id, or None."""
+    async def compress(self, agent: str, request: CompressRequest) -> CompressResult:
+        """Have ``agent`` keep messages leaving the buffer as a memory; its id and cost."""
         ...
 
 
@@ -258,30 +269,34 @@ class Thread:
                 role="assistant", text=result.reply, turn=turn, agent=result.agent, user_id=user
             )
             buffer.append(reply)
-        buffer = await self._compact(buffer, active, message)
+        buffer, compressed = await self._compact(buffer, active, message)
+        if compressed:  # the summaries were written by a model within this turn: its cost
+            result = _with_usage(result, compressed)
         await self._commit(active, buffer, turn, result)
         return result
 
     async def _compact(
         self, buffer: list[BufferEntry], active: str | None, message: InboundMessage
-    ) -> list[BufferEntry]:
+    ) -> tuple[list[BufferEntry], dict[str, Usage]]:
         """Trim the buffer to the active agent's window, keeping what leaves as memories.
 
         Each user's messages become a memory of that user (a thread can be shared, or learn
         its user partway). Messages leave only once the agent has stored them (when it
         compresses); those whose memory failed stay, and the next turn tries again.
+        Returns the buffer and what summarising cost, per agent.
         """
         limit = self._team.buffer_limit(active)
         if len(buffer) <= limit:
-            return buffer
+            return buffer, {}
         leaving, kept = buffer[:-limit], buffer[-limit:]
         agent = self._team.agent(active) if active else self._team.supervisor
         if agent.memory is None or not agent.memory.compression:
-            return kept
+            return kept, {}
         by_user: dict[str | None, list[BufferEntry]] = {}
         for entry in leaving:
             by_user.setdefault(entry.user_id, []).append(entry)
         unsaved: set[str | None] = set()
+        cost = Usage()
         for user_id, messages in by_user.items():
             request = CompressRequest(
                 thread=str(self.key),
@@ -290,7 +305,7 @@ class Thread:
                 messages=messages,
             )
             try:
-                await self._agents.compress(agent.name, request)
+                cost = cost + (await self._agents.compress(agent.name, request)).usage
             except Exception as exc:  # keep the messages; nothing leaves without its memory
                 log.warning(
                     "thread %s: compression failed (%s); keeping %d messages",
@@ -299,7 +314,8 @@ class Thread:
                     len(messages),
                 )
                 unsaved.add(user_id)
-        return [e for e in leaving if e.user_id in unsaved] + kept
+        spent = {agent.name: cost} if cost != Usage() else {}
+        return [e for e in leaving if e.user_id in unsaved] + kept, spent
 
     async def _record_failure(self, message: InboundMessage, turn: int, reason: str) -> TurnResult:
         result = TurnResult(

@@ -13,7 +13,7 @@ from serve_app.agent_memory import MEMORY_TOOLS, AgentMemory
 from serve_app.tools import Tool
 from stickyray.config import AgentConfig, TeamConfig
 from stickyray.errors import ConfigError, ProviderError
-from stickyray.turns import AgentRequest, AgentResult, CompressRequest, Usage
+from stickyray.turns import AgentRequest, AgentResult, CompressRequest, CompressResult, Usage
 
 __all__ = ["RETURN_TOOL", "TRANSFER_PREFIX", "Agent"]
 
@@ -222,10 +222,10 @@ class Agent:
             )
         return None
 
-    async def compress(self, request: CompressRequest) -> str | None:
+    async def compress(self, request: CompressRequest) -> CompressResult:
         """Keep messages leaving the thread's buffer as an episodic memory (if configured)."""
         if self._memory is None:
-            return None
+            return CompressResult()
         return await self._memory.compress(request, self._provider)
 
     async def _run(self, call: ToolCall, tools: dict[str, Tool]) -> str:

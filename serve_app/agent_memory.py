@@ -10,7 +10,7 @@ from memory.service import LongTermMemory, extractive_summary
 from providers.model import ChatMessage, Provider, ToolSpec
 from serve_app.tools import Tool
 from stickyray.config import AgentConfig, AgentMemoryConfig
-from stickyray.turns import AgentRequest, CompressRequest
+from stickyray.turns import AgentRequest, CompressRequest, CompressResult, Usage
 
 __all__ = ["AgentMemory", "memory_user"]
 
@@ -103,15 +103,16 @@ class AgentMemory:
         probe = AgentRequest(thread="spec", turn=0, text="")
         return [tool.spec() for tool in self.tools(probe)]
 
-    async def compress(self, request: CompressRequest, provider: Provider) -> str | None:
-        """Keep ``request.messages`` as an episodic memory; returns its id.
+    async def compress(self, request: CompressRequest, provider: Provider) -> CompressResult:
+        """Keep ``request.messages`` as an episodic memory; returns its id and the summary's cost.
 
         The agent's model writes the summary; the offline provider has no model, so its
         summary is extractive.
         """
         if not self._config.compression or not request.messages:
-            return None
+            return CompressResult()
         summary = ""
+        usage = Usage()
         if provider.name != "offline":
             excerpt = "\n".join(
                 f"{e.role if e.role == 'user' else (e.agent or 'assistant')}: {e.text}"
@@ -129,6 +130,7 @@ class AgentMemory:
                 max_tokens=self._agent.max_tokens,
             )
             summary = response.text.strip()
+            usage = response.usage
         if not summary:
             summary = extractive_summary(request.messages)
         # A NUL in a model's reply must not stop every later compression of this thread.
@@ -153,4 +155,4 @@ class AgentMemory:
             turns[-1],
             record.id,
         )
-        return record.id
+        return CompressResult(memory_id=record.id, usage=usage)

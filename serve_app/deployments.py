@@ -26,7 +26,7 @@ from serve_app.tools import intent_tools, resolve_tools
 from stickyray.config import AgentConfig, TeamConfig
 from stickyray.errors import ConfigError
 from stickyray.settings import Settings
-from stickyray.turns import AgentRequest, AgentResult, CompressRequest
+from stickyray.turns import AgentRequest, AgentResult, CompressRequest, CompressResult
 
 __all__ = [
     "EMBEDDER_DEPLOYMENT",
@@ -144,7 +144,7 @@ class AgentDeployment:
         """Run the agent loop for one request."""
         return await self._agent.run(request)
 
-    async def compress(self, request: CompressRequest) -> str | None:
+    async def compress(self, request: CompressRequest) -> CompressResult:
         """Keep messages leaving a thread's buffer as an episodic memory."""
         return await self._agent.compress(request)
 

@@ -81,6 +81,13 @@ class CompressRequest(_Record):
     messages: list[BufferEntry]
 
 
+class CompressResult(_Record):
+    """The memory that now covers the messages (None if none was made), and its cost."""
+
+    memory_id: str | None = None
+    usage: Usage = Usage()
+
+
 class AgentResult(_Record):
     """An agent's answer: a reply, or a handoff to another agent, with what it cost.
 

@@ -113,3 +113,29 @@ async def test_the_search_tool_decays_memories_as_the_prompt_does(fake_llm: Fake
     (search,) = [t for t in seen.tools(request) if t.name == "memory_search"]
     await search.run({"query": "dinner"})
     assert memory.half_lives == [1.0, 1.0]
+
+
+async def test_a_model_written_summary_reports_its_tokens(fake_llm: FakeLLMServer) -> None:
+    from providers.openai_provider import OpenAIProvider
+    from serve_app.agent_memory import AgentMemory
+    from stickyray.config import load_config
+    from stickyray.testing import FakeReply
+    from stickyray.turns import CompressRequest
+
+    bookings = load_config(None).agent("bookings")
+    memory = LongTermMemory(InMemoryMemoryStore(dimension=64), embedder(fake_llm))
+    provider = OpenAIProvider.from_settings("k", fake_llm.openai_base_url, 10, 0)
+    fake_llm.on(agent="bookings", reply=FakeReply.text("The user booked a table for two."))
+    entries = [
+        BufferEntry(role="user", text="a table for two", turn=1, user_id="u"),
+        BufferEntry(role="assistant", text="booked", turn=1, agent="bookings", user_id="u"),
+    ]
+    request = CompressRequest(thread="default/t", tenant="default", user_id="u", messages=entries)
+    try:
+        result = await AgentMemory(bookings, memory).compress(request, provider)
+    finally:
+        await provider.aclose()
+    assert result.memory_id is not None
+    assert result.usage.input_tokens > 0 and result.usage.output_tokens > 0
+    (hit,) = await memory.recall("default", "u", "table", k=1)
+    assert hit.memory.content == "The user booked a table for two."

@@ -12,7 +12,14 @@ from actors.store import InMemoryThreadStore
 from actors.thread import MAX_TURN_ATTEMPTS, Thread
 from stickyray.config import TeamConfig, load_config
 from stickyray.errors import ProviderError, StoreUnavailable, ThreadFenced, ThreadPassivated
-from stickyray.turns import AgentRequest, AgentResult, CompressRequest, InboundMessage, Usage
+from stickyray.turns import (
+    AgentRequest,
+    AgentResult,
+    CompressRequest,
+    CompressResult,
+    InboundMessage,
+    Usage,
+)
 
 Behaviour = Callable[[AgentRequest], AgentResult]
 KEY = ThreadKey.of("t")
@@ -33,12 +40,13 @@ class Agents:
         await asyncio.sleep(0)  # let other turns try to interleave
         return self.behaviours[agent](request)
 
-    async def compress(self, agent: str, request: CompressRequest) -> str | None:
+    async def compress(self, agent: str, request: CompressRequest) -> CompressResult:
         self.compressed.append((agent, [e.text for e in request.messages]))
         self.compressed_for.append(request.user_id)
         if self.compress_fails:
             raise RuntimeError("memory store down")
-        return f"memory-{len(self.compressed)}"
+        summary = Usage(input_tokens=100, output_tokens=10)  # a model wrote the summary
+        return CompressResult(memory_id=f"memory-{len(self.compressed)}", usage=summary)
 
 
 def reply(agent: str) -> Behaviour:
@@ -428,9 +436,12 @@ async def test_overflow_is_compressed_before_it_leaves(team: TeamConfig) -> None
     with_memory = TeamConfig.model_validate(data)
     agents, store = booking_agents(), InMemoryThreadStore()
     thread = await Thread.open(KEY, with_memory, store, agents)
-    for text in ("book", "two people", "at nine"):
-        await thread.handle(msg(text))
+    results = [await thread.handle(msg(text)) for text in ("book", "two people", "at nine")]
     assert agents.compressed == [("bookings", ["book", "bookings: book"])]
+    # The summary was written within the third turn: its tokens are that turn's.
+    assert results[2].usage_by_agent["bookings"] == Usage(input_tokens=103, output_tokens=12)
+    assert results[2].usage == Usage(input_tokens=103, output_tokens=12)
+    assert results[1].usage == Usage(input_tokens=3, output_tokens=2)
     assert [e.text for e in thread.snapshot().buffer] == [
         "two people",
         "bookings: two people",

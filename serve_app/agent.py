@@ -113,6 +113,10 @@ class Agent:
             system += f"\n\n{memory}"
         window = self.config.memory.short_window if self.config.memory else None
         buffer = request.buffer[-window:] if window else request.buffer
+        # A reply whose message fell out of the window is no context, and the Anthropic API
+        # expects the conversation to open with the user.
+        while buffer and buffer[0].role == "assistant":
+            buffer = buffer[1:]
         messages = [ChatMessage(role="system", content=system)]
         for entry in buffer:
             messages.append(ChatMessage(role=entry.role, content=entry.text))

@@ -198,3 +198,17 @@ async def test_transient_errors_are_retried_with_backoff(fake_llm: FakeLLMServer
     assert result.reply == "recovered"
     assert len(fake_llm.requests) == 2
     fake_llm.assert_complete()
+
+
+def test_the_window_never_opens_on_an_orphan_reply() -> None:
+    cfg = team("offline")
+    agent = Agent(cfg.agent("bookings"), cfg, None, [])  # type: ignore[arg-type]
+    buffer = [
+        BufferEntry(role="user", text="book", turn=1),
+        BufferEntry(role="assistant", text="for how many?", turn=1, agent="bookings"),
+        BufferEntry(role="user", text="two", turn=2),
+    ]
+    roles = [m.role for m in agent.build_messages(request("at 8", buffer[1:]))]
+    assert roles == ["system", "user", "user"]
+    roles = [m.role for m in agent.build_messages(request("at 8", buffer))]
+    assert roles == ["system", "user", "assistant", "user", "user"]

@@ -96,8 +96,12 @@ class OfflineProvider:
             best, reason = hint.group(1), f"offline router: taking the suggestion {hint.group(1)}"
         else:
             decision = await self.router.route(users)
-            best = decision.agent if decision.agent in targets else targets[0]
+            best = decision.agent
             reason = f"offline router: {decision.reason}"
+            if best not in targets:
+                # The closest agent this supervisor may hand to, not the first one listed.
+                best = max(targets, key=lambda n: decision.scores.get(n, float("-inf")))
+                reason += f" ({decision.agent} is not a handoff target; {best} is the closest)"
         return self._call(f"{TRANSFER_PREFIX}{best}", {"reason": reason}, model)
 
     async def _answer(
@@ -111,7 +115,10 @@ class OfflineProvider:
                     return self._call(
                         f"{TRANSFER_PREFIX}{decision.agent}", {"reason": reason}, model
                     )
-                if can_return:
+                # Back to the supervisor only if it can send the thread there: otherwise the
+                # two would pass the thread back and forth until the turn's handoff limit.
+                supervisor = self._team.supervisor.name
+                if can_return and decision.agent in self._team.handoff_targets(supervisor):
                     reason += f" [suggested: {decision.agent}]"
                     return self._call(RETURN_TOOL, {"reason": reason}, model)
         text = users[-1] if users else ""

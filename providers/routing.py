@@ -251,16 +251,20 @@ class EvidenceRouter:
         return _Capabilities(vectors, owner, labels, counterpart, overlapping)
 
     async def _embed(self, texts: Sequence[str]) -> np.ndarray:
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        # This call's vectors are collected apart from the cache: its own inserts, or another
+        # request's while the embedder is awaited, may evict any of them.
+        found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
             vectors = await self._embedder.embed(missing)
             for text, vector in zip(missing, vectors, strict=True):
-                self._cache[text] = np.asarray(vector, np.float32)
-                if len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-        for text in texts:
+                found[text] = np.asarray(vector, np.float32)
+        for text, vector in found.items():
+            self._cache[text] = vector
             self._cache.move_to_end(text)
-        return np.stack([self._cache[t] for t in texts])
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return np.stack([found[t] for t in texts])
 
     async def route(self, user_messages: list[str]) -> RouteDecision:
         """The agent for a thread given all its user messages so far, oldest first."""

@@ -126,8 +126,14 @@ class Agent:
     async def run(self, request: AgentRequest) -> AgentResult:
         """Loop until the model answers, hands off, or runs out of iterations."""
         name = self.config.name
-        if self._router is not None:
-            moved = await self._precheck(request)
+        # Not when the thread was handed here in this very turn: that agent just decided, and
+        # overruling it would pass the thread back and forth until the handoff limit.
+        if self._router is not None and request.handoff_reason is None:
+            try:
+                moved = await self._precheck(request)
+            except Exception as exc:  # a shortcut only: without it the model decides
+                log.warning("agent %s: routing pre-check failed: %s", name, exc)
+                moved = None
             if moved is not None:
                 return moved
         tools = dict(self._tools)

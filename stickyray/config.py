@@ -51,6 +51,13 @@ class AutoscalingConfig(_Strict):
     def _bounds(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            # Serve refuses it too, but only once Ray is up and the app deploys.
+            raise ValueError(
+                f"initial_replicas ({initial}) must be between min_replicas "
+                f"({self.min_replicas}) and max_replicas ({self.max_replicas})"
+            )
         return self
 
 

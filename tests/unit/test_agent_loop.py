@@ -212,3 +212,36 @@ def test_the_window_never_opens_on_an_orphan_reply() -> None:
     assert roles == ["system", "user", "user"]
     roles = [m.role for m in agent.build_messages(request("at 8", buffer))]
     assert roles == ["system", "user", "assistant", "user", "user"]
+
+
+class _Failing:
+    dimension = 384
+
+    async def embed(self, texts: object) -> object:
+        raise RuntimeError("embedder replica unavailable")
+
+
+@pytest.mark.parametrize("embedder_fails", [False, True])
+async def test_the_precheck_never_overrules_a_handoff_and_never_fails_a_turn(
+    fake_llm: FakeLLMServer, embedder_fails: bool
+) -> None:
+    from memory.embedders import LocalEmbedder
+    from providers.offline import team_profiles
+    from providers.routing import EvidenceRouter
+
+    cfg = team("openai")
+    cfg = cfg.model_copy(update={"routing": cfg.routing.model_copy(update={"precheck": True})})
+    embedder = _Failing() if embedder_fails else LocalEmbedder()
+    router = EvidenceRouter(embedder, team_profiles(cfg))  # type: ignore[arg-type]
+    bookings = Agent(cfg.agent("bookings"), cfg, provider_for("openai", fake_llm), [], None, router)
+    fake_llm.on(agent="bookings", reply=FakeReply.text("booked"))
+    refund = "I want a refund, there is a wrong charge on my last invoice"
+    # Handed here by the supervisor in this very turn: the supervisor's decision stands.
+    handed = AgentRequest(thread="default/t", turn=1, text=refund, handoff_reason="triage chose")
+    assert (await bookings.run(handed)).reply == "booked"
+    # A follow-up that moved on: the pre-check hands over, or (embedder down) the model answers.
+    moved = await bookings.run(request(refund))
+    if embedder_fails:
+        assert moved.reply == "booked" and not moved.failed
+    else:
+        assert moved.handoff_to is not None and fake_llm.count(agent="bookings") == 1

@@ -37,6 +37,13 @@ def test_sample_config_loads() -> None:
         (lambda t: t["specialists"][0].update(handoffs=["invoices"]), "lists itself"),
         (lambda t: t["specialists"][1].update(name="invoices"), "used twice"),
         (lambda t: t["specialists"][1].update(autoscaling_config={"max_replicas": 2}), "not both"),
+        (
+            lambda t: t["specialists"][0].update(
+                num_replicas=None,
+                autoscaling_config={"min_replicas": 1, "max_replicas": 2, "initial_replicas": 5},
+            ),
+            "initial_replicas (5) must be between min_replicas (1) and max_replicas (2)",
+        ),
         (lambda t: t["specialists"][2].pop("model"), "model is required"),
         (lambda t: t["specialists"][2].update(provider="gemini"), "specialists.2.provider"),
         (lambda t: t["supervisor"].update(name="Bad Name"), "supervisor.name"),

@@ -91,3 +91,56 @@ def test_embedding_more_texts_than_the_cache_holds(embedder: LocalEmbedder) -> N
     assert abs(float(vectors[0] @ vectors[5]) - 1.0) < 1e-5
     again = small.embed_sync(texts[:3])
     assert abs(float(again[2] @ vectors[2]) - 1.0) < 1e-5
+
+
+def limited(team: TeamConfig) -> TeamConfig:
+    """The sample team with a supervisor that may hand only to invoices and support."""
+    data = team.model_dump(exclude_none=True)
+    data["supervisor"]["handoffs"] = ["invoices", "support"]
+    return TeamConfig.model_validate(data)
+
+
+async def test_a_limited_supervisor_hands_to_the_closest_agent_it_may(embedder, team) -> None:
+    team = limited(team)
+    provider = OfflineProvider(team.supervisor, team, embedder)
+    response = await provider.complete(
+        agent="triage",
+        model="offline",
+        messages=user("I can't open the booking page, the site shows error 500"),
+        tools=tools("transfer_to_invoices", "transfer_to_support"),
+        temperature=0,
+    )
+    # Closest is bookings, which it may not reach; support comes next, invoices is listed first.
+    assert [c.name for c in response.tool_calls] == ["transfer_to_support"]
+    assert "bookings is not a handoff target" in response.tool_calls[0].arguments["reason"]
+
+
+async def test_no_suggestion_the_supervisor_could_not_follow(embedder, team) -> None:
+    team = limited(team)
+    provider = OfflineProvider(team.agent("invoices"), team, embedder)
+    response = await provider.complete(
+        agent="invoices",
+        model="offline",
+        messages=user("I want to book a table for two tonight"),
+        tools=tools("return_to_supervisor"),
+        temperature=0,
+    )
+    # Returning with "suggested: bookings" would bounce back here until the handoff limit.
+    assert response.tool_calls == [] and "invoices" in response.text
+
+
+async def test_the_router_cache_never_loses_the_vectors_of_a_call(embedder, team) -> None:
+    import asyncio
+
+    from providers.offline import team_profiles
+    from providers.routing import EvidenceRouter
+
+    router = EvidenceRouter(embedder, team_profiles(team))
+    router._cache_size = 3
+    history = [f"I need help with request number {i}" for i in range(8)]
+    decisions = await asyncio.gather(
+        router.route(history),
+        router.check(["book a table", "for two", "yes, 2 people"], "bookings"),
+        router.route(["why was I charged twice?", *history[:2]]),
+    )
+    assert decisions[0].agent in router.agents and decisions[2].agent in router.agents

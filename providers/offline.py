@@ -21,6 +21,8 @@ __all__ = ["OfflineProvider", "team_profiles"]
 
 TRANSFER_PREFIX = "transfer_to_"
 RETURN_TOOL = "return_to_supervisor"
+# How an agent's system prompt says the thread was handed to it within the turn.
+HANDOFF_NOTE = "The conversation was handed to you because:"
 # A specialist handing back names the agent it found; the supervisor takes the hint, so a
 # switch costs one supervisor call and cannot ping-pong.
 _SUGGESTED = re.compile(r"\[suggested: ([a-z][a-z0-9_]*)\]")
@@ -79,6 +81,12 @@ class OfflineProvider:
         targets = [n for n in self.router.agents if f"{TRANSFER_PREFIX}{n}" in offered]
         if agent == self._team.supervisor.name:
             system = messages[0].content if messages and messages[0].role == "system" else ""
+            if HANDOFF_NOTE not in system:
+                # A turn that starts here (the first one, or after /supervisor) is a new
+                # request: route what the user said since the last reply, not the topic left.
+                replied = [i for i, m in enumerate(messages) if m.role == "assistant"]
+                since = replied[-1] + 1 if replied else 0
+                users = [m.content for m in messages[since:] if m.role == "user"]
             return await self._route(users, targets, system, model)
         return await self._answer(agent, users, targets, RETURN_TOOL in offered, model)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from providers.model import ChatMessage, Provider, ToolCall, ToolSpec
+from providers.offline import HANDOFF_NOTE, RETURN_TOOL, TRANSFER_PREFIX
 from providers.routing import EvidenceRouter
 from serve_app.agent_memory import MEMORY_TOOLS, AgentMemory
 from serve_app.tools import Tool
@@ -18,9 +19,6 @@ from stickyray.turns import AgentRequest, AgentResult, CompressRequest, Compress
 __all__ = ["RETURN_TOOL", "TRANSFER_PREFIX", "Agent"]
 
 log = logging.getLogger(__name__)
-
-TRANSFER_PREFIX = "transfer_to_"
-RETURN_TOOL = "return_to_supervisor"
 
 
 def check_tool_names(config: AgentConfig, team: TeamConfig, tools: list[Tool]) -> None:
@@ -108,7 +106,7 @@ class Agent:
         system = self.config.instructions.strip() or self.config.description
         system += f"\n\nYou are the {self.config.name} agent."
         if request.handoff_reason:
-            system += f" The conversation was handed to you because: {request.handoff_reason}"
+            system += f" {HANDOFF_NOTE} {request.handoff_reason}"
         if memory:
             system += f"\n\n{memory}"
         window = self.config.memory.short_window if self.config.memory else None

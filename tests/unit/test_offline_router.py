@@ -144,3 +144,33 @@ async def test_the_router_cache_never_loses_the_vectors_of_a_call(embedder, team
         router.route(["why was I charged twice?", *history[:2]]),
     )
     assert decisions[0].agent in router.agents and decisions[2].agent in router.agents
+
+
+async def test_after_supervisor_the_new_request_is_routed_not_the_topic_left(
+    embedder, team
+) -> None:
+    provider = OfflineProvider(team.supervisor, team, embedder)
+    earlier = [
+        ChatMessage(role="user", content="I want to book a table for Friday"),
+        ChatMessage(role="assistant", content="Which time?"),
+        ChatMessage(role="user", content="at 8pm please, for 4 people"),
+        ChatMessage(role="assistant", content="Booked."),
+    ]
+    new = ChatMessage(role="user", content="can I pay by bank transfer?")
+
+    async def routed(system: str) -> str:
+        messages = [ChatMessage(role="system", content=system), *earlier, new]
+        response = await provider.complete(
+            agent="triage",
+            model="offline",
+            messages=messages,
+            tools=SUPERVISOR_TOOLS,
+            temperature=0,
+        )
+        return response.tool_calls[0].name
+
+    # A turn that starts at the supervisor (after /supervisor): the new request decides.
+    assert await routed("You route conversations.") == "transfer_to_invoices"
+    # Handed back within a turn, the thread's recent history still counts.
+    handed = "You route. The conversation was handed to you because: moved on"
+    assert await routed(handed) == "transfer_to_bookings"

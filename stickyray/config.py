@@ -243,8 +243,13 @@ class TeamConfig(_Strict):
     def prechecks(self, name: str) -> bool:
         """Whether specialist ``name`` runs the routing pre-check before its model."""
         agent = self.agent(name)
+        # One that can neither hand over nor return could not act on the check: skip its cost.
+        can_move = bool(self.handoff_targets(name)) or self.can_return(name)
         return (
-            self.routing.precheck and name != self.supervisor.name and agent.provider != "offline"
+            self.routing.precheck
+            and name != self.supervisor.name
+            and agent.provider != "offline"
+            and can_move
         )
 
     @property

@@ -123,3 +123,13 @@ def test_memory_settings(tmp_path: Path) -> None:
     data["specialists"][0]["memory"] = {"top_k": 100}
     with pytest.raises(ConfigError, match="specialists.0.memory.top_k"):
         load_config(write(tmp_path, data))
+
+
+def test_only_a_specialist_that_can_move_runs_the_precheck(tmp_path: Path) -> None:
+    team = openai_team()
+    team["routing"] = {"precheck": True}
+    team["specialists"][1]["can_return_to_supervisor"] = False  # bookings: no handoffs either
+    loaded = load_config(write(tmp_path, team))
+    assert loaded.prechecks("invoices") and loaded.prechecks("support")
+    assert not loaded.prechecks("bookings"), "it could not act on the check"
+    assert not loaded.prechecks("triage")

@@ -60,3 +60,44 @@ async def test_passivate_closes_one_thread_and_a_retry_reopens_it(redis_url: str
     assert await host.open_threads() == []
     assert "active" in (await status(host, thread)).lower()
     assert await host.open_threads() == [ThreadKey.of(thread)]
+
+
+async def test_the_thread_just_opened_is_never_the_one_evicted(redis_url: str) -> None:
+    host = await open_host(redis_url, cap=1)
+    busy, new = f"busy-{id(host)}", f"new-{id(host)}"
+    await status(host, busy)
+    async with host._threads[ThreadKey.of(busy)]._lock:  # a turn in progress there
+        # Over the cap with the other thread busy: closing this one before its message ran
+        # would make the redelivery open a second incarnation and run the turn again.
+        assert "Turns so far: 0" in await status(host, new)
+        assert set(await host.open_threads()) == {ThreadKey.of(busy), ThreadKey.of(new)}
+
+
+async def test_an_idle_actor_goes_even_when_leaving_the_live_set_fails(
+    redis_url: str, monkeypatch
+) -> None:
+    import actors.thread_actor as thread_actor
+
+    killed: list[object] = []
+
+    class Context:
+        current_actor = "this actor"
+
+        def get_node_id(self) -> str:
+            return f"node-{uuid.uuid4().hex[:6]}"
+
+    monkeypatch.setattr(thread_actor.ray, "get_runtime_context", Context)
+    monkeypatch.setattr(thread_actor.ray, "kill", lambda actor, no_restart: killed.append(actor))
+    team = load_config(None)
+    quick = team.threads.model_copy(update={"idle_timeout_s": 0.05})
+    actor = thread_actor.ThreadActor.__new__(thread_actor.ThreadActor)
+    key = ThreadKey.of(f"idle-{uuid.uuid4().hex[:6]}")
+    await actor.__init__(key, team.model_copy(update={"threads": quick}), redis_url, {})  # type: ignore[misc]
+
+    async def redis_blip(name: str) -> None:
+        raise ConnectionError("redis went away")
+
+    monkeypatch.setattr(actor._live, "remove", redis_blip)
+    await asyncio.wait_for(actor._idle_watch, timeout=10)
+    # Closed but alive, it would keep the thread's name and bounce every message.
+    assert killed == ["this actor"]

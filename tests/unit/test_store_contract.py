@@ -228,3 +228,18 @@ async def test_a_reset_remembers_its_own_id(store: Store) -> None:
     await store.accept(key, epoch, msg("p"))
     with pytest.raises(TurnPending, match="still pending"):
         await store.reset(key, epoch, Checkpoint(version=4), command(key, "p", 0, "reset"))
+
+
+async def test_redis_refusing_writes_is_store_unavailable(redis_url: str) -> None:
+    admin = connect_redis(redis_url)
+    async with RedisThreadStore.from_url(redis_url, ttl_s=3600) as store:
+        key = fresh()
+        epoch = (await store.open(key)).epoch
+        await admin.config_set("maxmemory", "1")  # as a full Redis answers: -OOM
+        try:
+            with pytest.raises(StoreUnavailable, match="OOM"):
+                await store.accept(key, epoch, msg("a"))
+        finally:
+            await admin.config_set("maxmemory", "0")
+            await admin.aclose()
+        assert await store.accept(key, epoch, msg("a")) == 1

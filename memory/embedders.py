@@ -13,7 +13,34 @@ import openai
 
 from stickyray.errors import ProviderError
 
-__all__ = ["Embedder", "LocalEmbedder", "OpenAIEmbedder"]
+__all__ = ["Embedder", "LocalEmbedder", "OpenAIEmbedder", "VectorCache"]
+
+
+class VectorCache:
+    """An LRU of vectors by text, read so a call never loses its own rows.
+
+    ``lookup`` gives what is cached and what is missing; ``keep`` stores the call's vectors
+    afterwards. A call's rows come from its own dict, never back from the cache, which its
+    own inserts (or another request's, while the call awaited) may have evicted.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def lookup(self, texts: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+        """The cached vectors among ``texts``, and the distinct texts not cached, in order."""
+        distinct = list(dict.fromkeys(texts))
+        found = {t: self._entries[t] for t in distinct if t in self._entries}
+        return found, [t for t in distinct if t not in found]
+
+    def keep(self, vectors: dict[str, np.ndarray]) -> None:
+        """Store (or refresh) ``vectors`` as most recently used; evict the oldest over size."""
+        for text, vector in vectors.items():
+            self._entries[text] = vector
+            self._entries.move_to_end(text)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
 
 
 @runtime_checkable
@@ -40,8 +67,7 @@ class LocalEmbedder:
 
     def __init__(self, cache_size: int = 10_000) -> None:
         self._model: Any = None
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache = VectorCache(cache_size)
         self._lock = asyncio.Lock()
 
     @property
@@ -66,22 +92,14 @@ class LocalEmbedder:
 
     def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
         """Blocking embed; the async method runs this in a worker thread."""
-        # The rows come from this call's own lookups, never back from the cache: a call with
-        # more distinct texts than the cache holds evicts its own first texts.
-        found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
-        missing = [t for t in dict.fromkeys(texts) if t not in found]
+        found, missing = self._cache.lookup(texts)
         if missing:
             vectors = self._load().encode(
                 missing, normalize_embeddings=True, convert_to_numpy=True, batch_size=64
             )
             for text, vector in zip(missing, vectors, strict=True):
                 found[text] = vector.astype(np.float32)
-                self._cache[text] = found[text]
-                if len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-        for text in found:
-            if text in self._cache:
-                self._cache.move_to_end(text)
+        self._cache.keep(found)
         return np.stack([found[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -106,8 +124,7 @@ class OpenAIEmbedder:
         self._client = client
         self._model = model
         self._dimension = dimension
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache = VectorCache(cache_size)
 
     @property
     def dimension(self) -> int:
@@ -116,9 +133,7 @@ class OpenAIEmbedder:
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self._dimension), np.float32)
-        # This call's vectors are collected apart from the cache, which may evict any of them.
-        found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
-        missing = [t for t in dict.fromkeys(texts) if t not in found]
+        found, missing = self._cache.lookup(texts)
         if missing:
             try:
                 response = await self._client.embeddings.create(
@@ -130,9 +145,5 @@ class OpenAIEmbedder:
             for item in response.data:
                 vector = np.asarray(item.embedding, dtype=np.float32)
                 found[missing[item.index]] = vector / (np.linalg.norm(vector) or 1.0)
-        for text, vector in found.items():
-            self._cache[text] = vector
-            self._cache.move_to_end(text)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._cache.keep(found)
         return np.stack([found[t] for t in texts])

@@ -37,14 +37,13 @@ Both are stateless given the recent user messages: ``check`` reads the last
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from memory.embedders import Embedder
+from memory.embedders import Embedder, VectorCache
 
 __all__ = [
     "RECENT_USER_MESSAGES",
@@ -198,8 +197,7 @@ class EvidenceRouter:
         self._capability_match = capability_match
         self._views: list[list[np.ndarray]] | None = None
         self._capabilities: _Capabilities | None = None
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache = VectorCache(cache_size)
 
     @property
     def agents(self) -> list[str]:
@@ -251,19 +249,12 @@ class EvidenceRouter:
         return _Capabilities(vectors, owner, labels, counterpart, overlapping)
 
     async def _embed(self, texts: Sequence[str]) -> np.ndarray:
-        # This call's vectors are collected apart from the cache: its own inserts, or another
-        # request's while the embedder is awaited, may evict any of them.
-        found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
-        missing = [t for t in dict.fromkeys(texts) if t not in found]
+        found, missing = self._cache.lookup(texts)
         if missing:
             vectors = await self._embedder.embed(missing)
             for text, vector in zip(missing, vectors, strict=True):
                 found[text] = np.asarray(vector, np.float32)
-        for text, vector in found.items():
-            self._cache[text] = vector
-            self._cache.move_to_end(text)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._cache.keep(found)
         return np.stack([found[t] for t in texts])
 
     async def route(self, user_messages: list[str]) -> RouteDecision:

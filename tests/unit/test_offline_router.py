@@ -136,7 +136,7 @@ async def test_the_router_cache_never_loses_the_vectors_of_a_call(embedder, team
     from providers.routing import EvidenceRouter
 
     router = EvidenceRouter(embedder, team_profiles(team))
-    router._cache_size = 3
+    router._cache.size = 3
     history = [f"I need help with request number {i}" for i in range(8)]
     decisions = await asyncio.gather(
         router.route(history),

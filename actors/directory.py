@@ -78,9 +78,10 @@ def _lookup(name: str) -> Any | None:
         return None
 
 
-async def passivate_actor(name: str, timeout_s: float = 60.0) -> None:
+async def passivate_actor(name: str, actor_id: str | None = None, timeout_s: float = 60.0) -> None:
     """Ask the thread actor called ``name`` to passivate; return once Ray has released the name.
 
+    With ``actor_id``, only that incarnation: a later one that took the name is left alone.
     Waiting for the name (not only the reply) is what keeps a node's live count at its cap:
     the actor that asked becomes alive only after its victims are gone.
     """
@@ -88,7 +89,9 @@ async def passivate_actor(name: str, timeout_s: float = 60.0) -> None:
     if handle is None:
         return
     try:
-        await handle.passivate.remote()
+        if not await handle.passivate.remote(actor_id):
+            log.info("thread actor %s is a later incarnation than %s: left alone", name, actor_id)
+            return
     except RayActorError:
         pass  # already gone
     ray.kill(handle, no_restart=True)  # its state is stored; waiting buys nothing

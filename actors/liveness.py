@@ -3,11 +3,19 @@
 A new thread actor registers before it counts as alive; if the node is over its cap, the
 registration atomically claims the least recently used threads for passivation, so two
 actors starting at once never pick the same victim or leave the node over the cap.
+
+A member names one incarnation (``thread/<tenant>/<id>#<ray actor id>``), not only the
+thread: an actor that crashed leaves its member behind, and by the time that member is
+chosen the thread may live again on another node. The victim's incarnation is checked
+before anything is passivated, so a leftover costs a slot for a while, never a live thread.
+The set expires once no actor on the node has written to it for a while (a node that went
+away leaves no set behind).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -16,11 +24,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stickyray.errors import StoreUnavailable
 
-__all__ = ["LiveThreads"]
+__all__ = ["Incarnation", "LiveThreads", "live_set_key"]
 
-# KEYS[1]: the node's set. ARGV: now, member, cap. Returns the members to passivate.
+# KEYS[1]: the node's set. ARGV: now, member, cap, ttl in ms. Returns the members to passivate.
 _ACTIVATE = """
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[3])
 if excess <= 0 then
   return {}
@@ -38,6 +47,35 @@ return victims
 """
 
 
+# Actor names cannot contain it (see ``actors.key.ID_PATTERN``); Ray actor ids are hex.
+_SEPARATOR = "#"
+
+
+@dataclass(frozen=True, slots=True)
+class Incarnation:
+    """One thread actor: its name and the Ray actor id it had when it registered."""
+
+    name: str
+    actor_id: str
+
+    @property
+    def member(self) -> str:
+        """How it is stored in the live set."""
+        return f"{self.name}{_SEPARATOR}{self.actor_id}"
+
+    @classmethod
+    def parse(cls, member: str | bytes) -> Incarnation:
+        """The inverse of ``member``."""
+        text = member.decode() if isinstance(member, bytes) else member
+        name, _, actor_id = text.rpartition(_SEPARATOR)
+        return cls(name=name, actor_id=actor_id)
+
+
+def live_set_key(node_id: str) -> str:
+    """The Redis key of one node's live set."""
+    return f"stickyray:live:{node_id}"
+
+
 class LiveThreads:
     """The live thread actors of one node, scored by last activity."""
 
@@ -45,33 +83,40 @@ class LiveThreads:
     # and keeps a write off most turns.
     TOUCH_EVERY_S = 1.0
 
-    def __init__(self, client: aioredis.Redis, node_id: str, cap: int) -> None:
+    def __init__(
+        self, client: aioredis.Redis, node_id: str, cap: int, *, idle_timeout_s: float
+    ) -> None:
         self._client = client
-        self._key = f"stickyray:live:{node_id}"
+        self._key = live_set_key(node_id)
         self._cap = cap
+        # Every member left by then belongs to an actor that passivated (idle) or died.
+        self._ttl_ms = int((2 * idle_timeout_s + 600) * 1000)
         self._activate = client.register_script(_ACTIVATE)
         self._touched: dict[str, float] = {}
 
-    async def activate(self, name: str) -> list[str]:
-        """Register ``name``; return the names that must passivate to keep the node at its cap."""
+    async def activate(self, me: Incarnation) -> list[Incarnation]:
+        """Register ``me``; return the incarnations that must go to keep the node at its cap."""
         try:
             victims: list[Any] = await self._activate(
-                keys=[self._key], args=[time.time(), name, self._cap]
+                keys=[self._key], args=[time.time(), me.member, self._cap, self._ttl_ms]
             )
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StoreUnavailable("redis", str(exc)) from exc
-        self._touched[name] = time.monotonic()
-        return [v.decode() if isinstance(v, bytes) else str(v) for v in victims]
+        self._touched[me.member] = time.monotonic()
+        return [Incarnation.parse(v) for v in victims]
 
-    async def touch(self, name: str) -> None:
-        """Mark ``name`` as just used (only if it is still registered)."""
+    async def touch(self, me: Incarnation) -> None:
+        """Mark ``me`` as just used (only if it is still registered)."""
         now = time.monotonic()
-        if now - self._touched.get(name, 0.0) < self.TOUCH_EVERY_S:
+        if now - self._touched.get(me.member, 0.0) < self.TOUCH_EVERY_S:
             return
-        self._touched[name] = now
-        await self._client.zadd(self._key, {name: time.time()}, xx=True)
+        self._touched[me.member] = now
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.zadd(self._key, {me.member: time.time()}, xx=True)
+            pipe.pexpire(self._key, self._ttl_ms)
+            await pipe.execute()
 
-    async def remove(self, name: str) -> None:
-        """Unregister ``name``."""
-        self._touched.pop(name, None)
-        await self._client.zrem(self._key, name)
+    async def remove(self, me: Incarnation) -> None:
+        """Unregister ``me``."""
+        self._touched.pop(me.member, None)
+        await self._client.zrem(self._key, me.member)

@@ -17,7 +17,7 @@ import ray
 
 from actors.agent_client import ServeAgentCaller
 from actors.key import ThreadKey
-from actors.liveness import LiveThreads
+from actors.liveness import Incarnation, LiveThreads
 from actors.redis_store import RedisThreadStore, connect_redis
 from actors.thread import Thread
 from stickyray.config import TeamConfig
@@ -43,12 +43,21 @@ class ThreadActor:
         threads = team.threads
         self._key = key
         self._redis = connect_redis(redis_url)
-        node_id = ray.get_runtime_context().get_node_id()
-        self._live = LiveThreads(self._redis, node_id, threads.max_live_threads)
-        victims = await self._live.activate(key.actor_name)
+        context = ray.get_runtime_context()
+        actor_id = context.get_actor_id()
+        if actor_id is None:  # only Ray creates this class, as an actor
+            raise RuntimeError("ThreadActor runs only as a Ray actor")
+        self._me = Incarnation(key.actor_name, actor_id)
+        self._live = LiveThreads(
+            self._redis,
+            context.get_node_id(),
+            threads.max_live_threads,
+            idle_timeout_s=threads.idle_timeout_s,
+        )
+        victims = await self._live.activate(self._me)
         if victims:
             log.info("passivating %d least recently used threads for %s", len(victims), key)
-            await asyncio.gather(*(passivate_actor(name) for name in victims))
+            await asyncio.gather(*(passivate_actor(v.name, v.actor_id) for v in victims))
         store = RedisThreadStore(
             self._redis, ttl_s=threads.checkpoint_ttl_s, message_id_ttl_s=threads.message_id_ttl_s
         )
@@ -61,7 +70,7 @@ class ThreadActor:
         """Run one message through the thread."""
         result = await self._thread.handle(message)
         try:
-            await self._live.touch(self._key.actor_name)
+            await self._live.touch(self._me)
         except Exception:  # LRU order is best effort; the turn is already stored
             log.debug("could not refresh live set", exc_info=True)
         return result
@@ -70,20 +79,25 @@ class ThreadActor:
         """The incarnation's fencing token."""
         return self._thread.epoch
 
-    async def passivate(self) -> None:
+    async def passivate(self, actor_id: str | None = None) -> bool:
         """Finish the turn in progress and leave the live set; the caller then kills the actor.
 
+        With ``actor_id``, only if this is that incarnation: False (and nothing done) means
+        the name now belongs to a later one, which must be left alone.
         Messages that arrive meanwhile get ThreadPassivated; the directory re-sends them to
         the next incarnation. (``exit_actor`` is not used: with Serve handles open, a graceful
         worker exit can take a minute before Ray releases the actor's name.)
         """
+        if actor_id is not None and actor_id != self._me.actor_id:
+            return False
         self._passivating = True
         await self._thread.close()
         try:
-            await self._live.remove(self._key.actor_name)
+            await self._live.remove(self._me)
         except Exception:
             log.debug("could not leave live set", exc_info=True)
         self._idle_watch.cancel()
+        return True
 
     async def _watch_idle(self) -> None:
         # A timer, not a wait for a condition: it wakes a few times per timeout to compare.
@@ -96,7 +110,7 @@ class ThreadActor:
                 self._passivating = True
                 try:
                     await self._thread.close()
-                    await self._live.remove(self._key.actor_name)
+                    await self._live.remove(self._me)
                 except Exception:  # the live set is best effort; a closed actor must go
                     log.debug("could not leave live set", exc_info=True)
                 finally:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+import uuid
 
 import pytest
 import ray
@@ -12,6 +14,7 @@ from ray.util.state import list_actors
 
 from actors.directory import NAMESPACE
 from actors.key import ThreadKey
+from actors.liveness import live_set_key
 from stickyray.testing import FakeLLMServer, FakeReply
 from stickyray.turns import InboundMessage
 from tests.e2e.conftest import (
@@ -190,6 +193,43 @@ async def test_live_actors_stay_under_the_cap(small_app: App, fake_llm: FakeLLMS
     assert 0 < counter.peak <= 5
     assert all(s["turns"] == 3 and s["active_agent"] == "bookings" for s in states)
     assert all(len(s["buffer"]) == 6 for s in states)
+
+
+def test_a_dead_incarnations_leftover_never_passivates_the_live_one(
+    small_app: App, fake_llm: FakeLLMServer, redis_url: str
+) -> None:
+    """A crashed actor's live-set member outlives it; the thread may by then live elsewhere."""
+    route_to_bookings(fake_llm)
+    thread = new_thread()
+    name = ThreadKey.of(thread).actor_name
+    admin = redis.Redis.from_url(redis_url, decode_responses=True)
+    with small_app.client() as client:
+        send(client, thread, "book")
+        (actor,) = list_actors(filters=[("name", "=", name), ("state", "=", "ALIVE")])
+        assert actor.node_id
+        live_set = live_set_key(actor.node_id)
+
+        def members() -> set[str]:
+            return {str(m) for m in admin.zrange(live_set, 0, -1) if str(m).startswith(name)}
+
+        crashed = members()
+        assert crashed and sigkill_actor(name)
+        send(client, thread, "for two")  # a new incarnation, registered on its node
+        epoch = epoch_in_redis(redis_url, thread)
+        # As if that node were another one: this node's set keeps only the dead actor's
+        # member, the oldest of all, with enough others that the next thread pushes it out.
+        if registered_since := members() - crashed:
+            admin.zrem(live_set, *registered_since)
+        admin.zadd(live_set, dict.fromkeys(crashed, 0))
+        padding = {f"thread/default/pad-{uuid.uuid4().hex[:8]}#0": time.time() for _ in range(5)}
+        admin.zadd(live_set, padding)
+        send(client, new_thread(), "book")
+        assert not members(), "the leftover was not chosen to go"
+        later = send(client, thread, "at nine")
+    admin.zrem(live_set, *padding)
+    admin.close()
+    assert later["turn"] == 3
+    assert epoch_in_redis(redis_url, thread) == epoch, "the live incarnation was passivated"
 
 
 @pytest.fixture(scope="module")

@@ -86,6 +86,9 @@ async def test_an_idle_actor_goes_even_when_leaving_the_live_set_fails(
         def get_node_id(self) -> str:
             return f"node-{uuid.uuid4().hex[:6]}"
 
+        def get_actor_id(self) -> str:
+            return uuid.uuid4().hex
+
     monkeypatch.setattr(thread_actor.ray, "get_runtime_context", Context)
     monkeypatch.setattr(thread_actor.ray, "kill", lambda actor, no_restart: killed.append(actor))
     team = load_config(None)
@@ -94,7 +97,7 @@ async def test_an_idle_actor_goes_even_when_leaving_the_live_set_fails(
     key = ThreadKey.of(f"idle-{uuid.uuid4().hex[:6]}")
     await actor.__init__(key, team.model_copy(update={"threads": quick}), redis_url, {})  # type: ignore[misc]
 
-    async def redis_blip(name: str) -> None:
+    async def redis_blip(me: object) -> None:
         raise ConnectionError("redis went away")
 
     monkeypatch.setattr(actor._live, "remove", redis_blip)

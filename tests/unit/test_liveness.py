@@ -1,0 +1,68 @@
+"""A node's live set on a real redis-server: the cap, incarnations, and expiry."""
+
+from __future__ import annotations
+
+import uuid
+from typing import cast
+
+from actors.liveness import Incarnation, LiveThreads, live_set_key
+from actors.redis_store import connect_redis
+
+
+def node() -> str:
+    return f"node-{uuid.uuid4().hex[:8]}"
+
+
+def me(name: str, actor_id: str = "a1") -> Incarnation:
+    return Incarnation(f"thread/default/{name}", actor_id)
+
+
+async def test_over_the_cap_the_least_recently_used_go_and_never_the_newcomer(
+    redis_url: str,
+) -> None:
+    client = connect_redis(redis_url)
+    live = LiveThreads(client, node(), cap=2, idle_timeout_s=60)
+    assert await live.activate(me("a")) == []
+    assert await live.activate(me("b")) == []
+    assert await live.activate(me("c")) == [me("a")]
+    live.TOUCH_EVERY_S = 0.0
+    await live.touch(me("b"))  # b is now the most recent, so c goes before it
+    assert await live.activate(me("d")) == [me("c")]
+    await client.aclose()
+
+
+async def test_a_member_names_the_incarnation_not_only_the_thread(redis_url: str) -> None:
+    client = connect_redis(redis_url)
+    node_id = node()
+    live = LiveThreads(client, node_id, cap=1, idle_timeout_s=60)
+    crashed = me("a", actor_id="dead0001")
+    await live.activate(crashed)  # it dies without leaving
+    again = me("a", actor_id="live0002")
+    # The thread's next incarnation is another member: the leftover is what goes, and the
+    # victim says which actor it was, so the caller can leave a later one alone.
+    assert await live.activate(again) == [crashed]
+    members = cast(list[bytes], await client.zrange(live_set_key(node_id), 0, -1))
+    assert [Incarnation.parse(m) for m in members] == [again]
+    await live.remove(again)
+    assert await client.exists(live_set_key(node_id)) == 0
+    await client.aclose()
+
+
+async def test_the_set_expires_unless_written(redis_url: str) -> None:
+    client = connect_redis(redis_url)
+    node_id = node()
+    live = LiveThreads(client, node_id, cap=5, idle_timeout_s=10)
+    await live.activate(me("a"))
+    ttl = await client.pttl(live_set_key(node_id))
+    assert 0 < ttl <= (2 * 10 + 600) * 1000
+    await client.persist(live_set_key(node_id))
+    live.TOUCH_EVERY_S = 0.0
+    await live.touch(me("a"))
+    assert await client.pttl(live_set_key(node_id)) > 0
+    await client.aclose()
+
+
+def test_incarnation_round_trips() -> None:
+    one = Incarnation("thread/t-1/x:y@z", "ffee00")
+    assert Incarnation.parse(one.member) == one
+    assert Incarnation.parse(one.member.encode()) == one

@@ -6,7 +6,7 @@ from ``agents.yaml`` so each agent scales on its own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -106,6 +106,7 @@ async def open_memory(
             timeout=settings.llm_timeout_s,
             max_retries=settings.llm_max_retries,
         )
+        stack.push_async_callback(client.close)
         vectors = OpenAIEmbedder(client, config.embedding_model, config.embedding_dimension)
     else:
         assert embedder is not None, "build_app binds the embedder for local memory"
@@ -124,21 +125,40 @@ class AgentDeployment:
     async def __init__(  # type: ignore[misc]
         self, agent_name: str, team: TeamConfig, settings: Settings, embedder: Any | None
     ) -> None:
+        self._stack = AsyncExitStack()
+        self._closed = False
         config = team.agent(agent_name)
         provider = build_provider(
             config, team, settings, HandleEmbedder(embedder) if embedder is not None else None
         )
-        self._stack = AsyncExitStack()
+        self._stack.push_async_callback(provider.aclose)
         memory = None
-        if config.memory is not None:
-            long_term = await open_memory(team, settings, embedder, self._stack)
-            assert long_term is not None
-            memory = AgentMemory(config, long_term)
+        try:
+            if config.memory is not None:
+                long_term = await open_memory(team, settings, embedder, self._stack)
+                assert long_term is not None
+                memory = AgentMemory(config, long_term)
+        except BaseException:
+            self._closed = True
+            await self._stack.aclose()  # Serve runs no destructor for a replica that never started
+            raise
         tools = resolve_tools(config.tools) + intent_tools(config)
         router = None
         if team.prechecks(agent_name):
             router = EvidenceRouter(HandleEmbedder(embedder), team_profiles(team))
         self._agent = Agent(config, team, provider, tools, memory, router)
+
+    def __del__(self) -> Coroutine[Any, Any, None] | None:
+        """Close the provider's and memory's connections, once.
+
+        Serve awaits what this returns when it stops the replica. Not ``async def``: the
+        garbage collector calls it again later, and then gets None rather than a coroutine
+        nobody awaits.
+        """
+        if getattr(self, "_closed", True):
+            return None
+        self._closed = True
+        return self._stack.aclose()
 
     async def run(self, request: AgentRequest) -> AgentResult:
         """Run the agent loop for one request."""

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.directory import ThreadDirectory, pool_scope, root_cause
 from actors.key import ID_PATTERN, ThreadKey
-from actors.redis_store import RedisThreadStore, connect_redis
+from actors.redis_store import RedisThreadStore
 from memory.long_term import storable_text
 from serve_app.deployments import open_memory
 from serve_app.memory_api import router as memory_router
@@ -174,15 +174,25 @@ class Ingress:
         assert settings.redis_url, "the CLI resolves the Redis URL before deploying"
         self._team = team
         self._app_name = app_name
-        self._store = RedisThreadStore(connect_redis(settings.redis_url))
         self._directory = ThreadDirectory(
             team, settings.redis_url, agent_handles, scope=pool_scope(app_name, team)
         )
         self._stack = AsyncExitStack()
-        api.state.memory = await open_memory(team, settings, embedder, self._stack)
+        try:
+            self._store = await self._stack.enter_async_context(
+                RedisThreadStore.from_url(settings.redis_url)
+            )
+            api.state.memory = await open_memory(team, settings, embedder, self._stack)
+        except BaseException:
+            await self._stack.aclose()  # Serve runs no destructor for a replica that never started
+            raise
         api.state.core_block_limit = max(
             (a.memory.core_block_limit for a in team.agents if a.memory), default=2000
         )
+
+    async def __del__(self) -> None:
+        """Close the Redis and Postgres connections; Serve awaits this on shutdown."""
+        await self._stack.aclose()
 
     async def _failure(self, exc: BaseException) -> HTTPException:
         # An actor that could not start usually means Redis is down: say so.

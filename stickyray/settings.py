@@ -21,7 +21,9 @@ class Settings(BaseSettings):
     ``PORT`` from the environment and, say, bind the API to every interface.
     """
 
-    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+    # An empty variable (``OPENAI_API_KEY=`` in a .env file or a unit) means unset, as in
+    # most tools; taken as a value it would be an empty key or the current directory.
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, env_ignore_empty=True)
 
     config: Path | None = Field(default=None, alias="STICKYRAY_CONFIG")
     data_dir: Path = Field(default=Path(".stickyray"), alias="STICKYRAY_DATA_DIR")

@@ -92,6 +92,15 @@ def test_only_the_documented_variables_are_read(monkeypatch: pytest.MonkeyPatch)
     )
 
 
+def test_an_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OPENAI_API_KEY", "STICKYRAY_CONFIG", "REDIS_URL", "STICKYRAY_PORT"):
+        monkeypatch.setenv(name, "")
+    settings = load_settings()
+    assert settings.openai_api_key is None  # not an empty key every call would fail with
+    assert settings.config is None  # not the current directory
+    assert (settings.redis_url, settings.port) == (None, 8000)
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [("STICKYRAY_REDIS_APPENDFSYNC", "sometimes"), ("REDIS_URL", "localhost:6379")],

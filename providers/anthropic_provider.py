@@ -121,7 +121,9 @@ class AnthropicProvider:
                     args = {NOT_AN_OBJECT_KEY: args}
                 calls.append(ToolCall(id=block.id, name=block.name, arguments=args))
         usage = Usage(
-            input_tokens=response.usage.input_tokens, output_tokens=response.usage.output_tokens
+            input_tokens=response.usage.input_tokens,
+            output_tokens=response.usage.output_tokens,
+            requests=1,
         )
         return ModelResponse(
             text="".join(texts), tool_calls=calls, usage=usage, model=response.model

@@ -66,7 +66,7 @@ class ModelResponse(_Wire):
 
     text: str = ""
     tool_calls: list[ToolCall] = Field(default_factory=list)
-    usage: Usage = Usage()
+    usage: Usage = Usage(requests=1)  # one response, one request
     model: str = ""
 
 

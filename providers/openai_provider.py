@@ -129,11 +129,12 @@ class OpenAIProvider:
             for c in (choice.tool_calls or [])
             if c.type == "function"
         ]
-        usage = Usage()
+        usage = Usage(requests=1)
         if response.usage is not None:
             usage = Usage(
                 input_tokens=response.usage.prompt_tokens,
                 output_tokens=response.usage.completion_tokens,
+                requests=1,
             )
         return ModelResponse(
             text=choice.content or "", tool_calls=calls, usage=usage, model=response.model

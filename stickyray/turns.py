@@ -28,15 +28,20 @@ class _Record(BaseModel):
 
 
 class Usage(_Record):
-    """Tokens spent by model calls."""
+    """What model calls spent: tokens, and how many requests they took."""
+
+    # Stored inside turn records: an older release must read what a newer one wrote.
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
     input_tokens: int = 0
     output_tokens: int = 0
+    requests: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             input_tokens=self.input_tokens + other.input_tokens,
             output_tokens=self.output_tokens + other.output_tokens,
+            requests=self.requests + other.requests,
         )
 
 

@@ -79,6 +79,7 @@ def test_follow_ups_skip_the_supervisor_until_asked(app: App, fake_llm: FakeLLMS
         split = first["usage_by_agent"]
         assert set(split) == {"triage", "bookings"}
         assert sum(u["input_tokens"] for u in split.values()) == first["usage"]["input_tokens"]
+        assert {a: u["requests"] for a, u in split.items()} == {"triage": 1, "bookings": 1}
         assert [r.agent for r in fake_llm.requests] == ["triage", "bookings"]
 
         for turn, text in enumerate(["at 8pm", "2 people", "by the window", "thanks"], start=2):

@@ -70,6 +70,7 @@ async def test_tool_calls_run_and_feed_back(kind: str, fake_llm: FakeLLMServer) 
     assert result.reply is not None and result.reply.startswith("it is 20")
     assert result.tool_calls == ["current_time"] and result.llm_calls == 2
     assert result.usage.input_tokens > 0 and result.usage.output_tokens > 0
+    assert result.usage.requests == 2  # what the report counts as LLM calls
     first = fake_llm.requests[0]
     assert {"current_time", "return_to_supervisor"} <= set(first.tools)
     assert first.api == kind

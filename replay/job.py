@@ -16,20 +16,32 @@ import time
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 from pydantic import BaseModel, Field
 
-from replay.dataset import Dialogue, load_dialogues, load_team
+from replay.dataset import Dialogue, SkippedLine, load_dialogues, load_team
 from stickyray.config import TeamConfig
 from stickyray.errors import ConfigError
 
-__all__ = ["REPORT_LINE", "TurnRecord", "check_inputs", "main", "replay_dialogues"]
+__all__ = [
+    "REFUSED_LINE",
+    "REPORT_LINE",
+    "ReplayInputs",
+    "TurnRecord",
+    "check_inputs",
+    "main",
+    "replay_dialogues",
+]
 
 log = logging.getLogger(__name__)
 
 # The log line that carries the packed report (``--report-to-log``) starts with this.
 REPORT_LINE = "stickyray-replay-report: "
+# A job that refuses its inputs says why on a line that starts with this, so whoever
+# submitted it can tell a user's mistake (exit 2) from a failure.
+REFUSED_LINE = "replay: refused: "
 
 
 class TurnRecord(BaseModel):
@@ -49,6 +61,9 @@ class TurnRecord(BaseModel):
     usage_by_agent: dict[str, dict[str, int]] = Field(default_factory=dict)
     status: str = "completed"
     error: str | None = None
+    # A turn the thread took as a command (``/supervisor``...): answered, but not routed,
+    # so it carries no labels and is not scored.
+    command: str | None = None
 
 
 def _record(
@@ -57,10 +72,12 @@ def _record(
     handoffs = body.get("handoffs", [])
     agent = body.get("agent")
     called = [h["from"] for h in handoffs] + ([agent] if agent else [])
+    command = body.get("command")
     return TurnRecord(
         dialogue_id=dialogue.dialogue_id,
         index=index,
-        labels=[s.lower() for s in dialogue.turns[index].services],
+        labels=[] if command else [s.lower() for s in dialogue.turns[index].services],
+        command=command,
         agent=agent,
         supervisor_called=supervisor in called,
         agents_called=called,
@@ -165,6 +182,14 @@ def _serve_http_port(dashboard_url: str | None) -> int:
     return int(details["http_options"]["port"])
 
 
+class ReplayInputs(NamedTuple):
+    """What a replay runs on, read and checked."""
+
+    team: TeamConfig
+    dialogues: list[Dialogue]
+    skipped: list[SkippedLine]
+
+
 def check_inputs(
     dialogues: Path,
     agents: Path,
@@ -173,13 +198,14 @@ def check_inputs(
     limit: int | None,
     *,
     environment: bool = True,
-) -> TeamConfig:
+) -> ReplayInputs:
     """Everything a replay's user can get wrong, checked before anything is deployed.
 
     Raises ``ConfigError`` saying what to fix; creates ``out``. ``environment=False`` skips
-    what depends on this process's environment (API keys), for a job that will run with
-    another machine's.
+    what depends on this process's environment (API keys, installed packages), for a job
+    that will run with another machine's.
     """
+    from memory.embedders import LocalEmbedder
     from providers.factory import check_providers
     from serve_app.tools import check_tools
     from stickyray.settings import load_settings
@@ -188,17 +214,31 @@ def check_inputs(
         raise ConfigError(f"dialogues file not found: {dialogues}")
     if concurrency < 1:
         raise ConfigError(f"--concurrency must be at least 1, got {concurrency}")
-    if limit is not None and limit < 0:
-        raise ConfigError(f"--limit must be 0 or more, got {limit}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {limit}")
     team = load_team(agents)
     if environment:
         check_providers(team, load_settings())
+        if not LocalEmbedder.installed():  # whatever the agents use, the baselines need it
+            raise ConfigError(
+                "the report's baselines route with the local embedding model: "
+                f"{LocalEmbedder.INSTALL_HINT}"
+            )
     check_tools(team)
+    read, skipped = load_dialogues(dialogues, limit, team.threads.max_message_bytes)
+    if not read:
+        why = (
+            f"all {len(skipped)} lines were skipped; the first, line {skipped[0].line}: "
+            f"{skipped[0].error}"
+            if skipped
+            else "the file is empty"
+        )
+        raise ConfigError(f"{dialogues}: no dialogue to replay ({why})")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--out {out} cannot be a report folder: {exc}") from None
-    return team
+    return ReplayInputs(team, read, skipped)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -234,15 +274,23 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
-        team = check_inputs(args.dialogues, args.agents, args.out, args.concurrency, args.limit)
+        team, dialogues, skipped = check_inputs(
+            args.dialogues, args.agents, args.out, args.concurrency, args.limit
+        )
     except ConfigError as exc:
-        print(f"replay: {exc}", file=sys.stderr)
+        print(f"{REFUSED_LINE}{exc}", file=sys.stderr, flush=True)
         return 2
     threads = team.threads.model_copy(update={"hosting": args.hosting})
     team = team.model_copy(update={"threads": threads})
-    dialogues, skipped = load_dialogues(args.dialogues, args.limit)
     for line in skipped:
         print(f"replay: skipped line {line.line}: {line.error}", flush=True)
+    agents = {a.name for a in team.agents}
+    unknown = sorted({s.lower() for d in dialogues for t in d.turns for s in t.services} - agents)
+    if unknown:
+        print(
+            f"replay: warning: labels that name no agent, scored as wrong: {', '.join(unknown)}",
+            flush=True,
+        )
     print(
         f"replay: {len(dialogues)} dialogues, {sum(len(d.turns) for d in dialogues)} turns, "
         f"{len(team.specialists)} specialists",

@@ -94,16 +94,21 @@ def summarize(
     acc, labelled = accuracy(records)
     turns = len(records)
     calls: Counter[str] = Counter()
+    llm_calls: Counter[str] = Counter()
     tokens: dict[str, dict[str, int]] = defaultdict(lambda: {"input": 0, "output": 0})
     for record in records:
         calls.update(record.agents_called)
         for agent, usage in record.usage_by_agent.items():
+            llm_calls[agent] += usage.get("requests", 0)
             tokens[agent]["input"] += usage.get("input_tokens", 0)
             tokens[agent]["output"] += usage.get("output_tokens", 0)
     wrong: dict[str, Counter[str]] = defaultdict(Counter)
     for record in records:
         if record.labels and record.agent not in record.labels:
-            wrong[record.labels[0]][record.agent or "(none)"] += 1
+            for label in record.labels:  # each service the turn addressed lost it
+                wrong[label][record.agent or "(none)"] += 1
+    agents = {a.name for a in team.agents}
+    unknown = Counter(label for r in records for label in r.labels if label not in agents)
     confusion = {
         right: {"most_frequent_wrong": c.most_common(1)[0][0], "count": c.most_common(1)[0][1]}
         for right, c in sorted(wrong.items())
@@ -129,8 +134,12 @@ def summarize(
             "handoffs": sum(r.handoffs for r in records),
             "returns_to_supervisor": sum(r.returns for r in records),
             "confusion": confusion,
+            # Labels that name no agent can never be answered right: a naming mismatch
+            # between the dialogues and the agents file, not a routing error.
+            "unknown_labels": dict(sorted(unknown.items())),
         },
         "agent_calls": dict(sorted(calls.items())),
+        "llm_calls": dict(sorted(llm_calls.items())),
         "tokens": {k: v for k, v in sorted(tokens.items())},
         "latency_ms": {
             "p50": round(_pct(latencies, 0.50) * 1000, 1),
@@ -189,16 +198,26 @@ def _markdown(report: dict[str, Any]) -> str:
         f"| {r} | {c['most_frequent_wrong']} | {c['count']} |"
         for r, c in routing["confusion"].items()
     ]
+    if routing["unknown_labels"]:
+        lines += [
+            "",
+            "Labels that name no agent (those turns count as wrong): "
+            + ", ".join(f"{label} ({n} turns)" for label, n in routing["unknown_labels"].items())
+            + ".",
+        ]
     lines += [
         "",
-        "## Agent calls and tokens",
+        "## Agent calls, LLM calls and tokens",
         "",
-        "| agent | calls | input tokens | output tokens |",
-        "| --- | --- | --- | --- |",
+        "| agent | agent calls | LLM calls | input tokens | output tokens |",
+        "| --- | --- | --- | --- | --- |",
     ]
-    for agent, n in report["agent_calls"].items():
+    for agent in sorted(set(report["agent_calls"]) | set(report["llm_calls"])):
         t = report["tokens"].get(agent, {"input": 0, "output": 0})
-        lines.append(f"| {agent} | {n} | {t['input']} | {t['output']} |")
+        lines.append(
+            f"| {agent} | {report['agent_calls'].get(agent, 0)} | "
+            f"{report['llm_calls'].get(agent, 0)} | {t['input']} | {t['output']} |"
+        )
     lines += ["", "![accuracy vs supervisor calls](routing.png)", ""]
     return "\n".join(lines)
 

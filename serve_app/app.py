@@ -18,7 +18,7 @@ APP_NAME = "stickyray"
 def build_app(team: TeamConfig, settings: Settings, app_name: str = APP_NAME) -> Application:
     """The ingress bound to one deployment per agent (and the embedder if any agent is offline)."""
     check_tools(team)
-    embedder = embedder_deployment().bind() if team.needs_embedder else None
+    embedder = embedder_deployment(team.embedder).bind() if team.needs_embedder else None
     agents = {
         agent.name: agent_deployment(agent).bind(agent.name, team, settings, embedder)
         for agent in team.agents

@@ -23,7 +23,7 @@ from providers.routing import EvidenceRouter
 from serve_app.agent import Agent
 from serve_app.agent_memory import AgentMemory
 from serve_app.tools import intent_tools, resolve_tools
-from stickyray.config import AgentConfig, TeamConfig
+from stickyray.config import AgentConfig, EmbedderConfig, TeamConfig
 from stickyray.errors import ConfigError
 from stickyray.settings import Settings
 from stickyray.turns import AgentRequest, AgentResult, CompressRequest, CompressResult
@@ -183,11 +183,11 @@ def agent_deployment(config: AgentConfig) -> Deployment:
     return serve.deployment(**options)(AgentDeployment)
 
 
-def embedder_deployment() -> Deployment:
-    """The shared embedder: one replica, whose CPU is the model's."""
+def embedder_deployment(config: EmbedderConfig) -> Deployment:
+    """The shared embedder, scaled as ``embedder:`` in agents.yaml says."""
     return serve.deployment(
         name=EMBEDDER_DEPLOYMENT,
-        num_replicas=1,
-        max_ongoing_requests=256,
-        ray_actor_options={"num_cpus": 0},
+        num_replicas=config.num_replicas,
+        max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.num_cpus},
     )(EmbedderDeployment)

@@ -21,6 +21,7 @@ __all__ = [
     "AgentConfig",
     "AgentMemoryConfig",
     "AutoscalingConfig",
+    "EmbedderConfig",
     "IngressConfig",
     "IntentConfig",
     "MemoryConfig",
@@ -187,6 +188,17 @@ class IngressConfig(_Strict):
     max_ongoing_requests: int = Field(default=500, ge=1)
 
 
+class EmbedderConfig(_Strict):
+    """Scaling of the shared local embedding model (offline routing, pre-checks, memory)."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    # One replica batches what reaches it together, so it takes many requests at once.
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    # 0 fits the model beside everything else on a small machine; give each replica a
+    # CPU of its own where there are CPUs to spare.
+    num_cpus: float = Field(default=0.0, ge=0)
+
+
 class TeamConfig(_Strict):
     """The whole ``agents.yaml``."""
 
@@ -196,6 +208,7 @@ class TeamConfig(_Strict):
     memory: MemoryConfig = MemoryConfig()
     routing: RoutingConfig = RoutingConfig()
     ingress: IngressConfig = IngressConfig()
+    embedder: EmbedderConfig = EmbedderConfig()
 
     @model_validator(mode="after")
     def _check_names(self) -> TeamConfig:

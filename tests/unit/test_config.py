@@ -49,6 +49,7 @@ def test_sample_config_loads() -> None:
         (lambda t: t["supervisor"].update(name="Bad Name"), "supervisor.name"),
         (lambda t: t["threads"].update(buffer_size=0), "threads.buffer_size"),
         (lambda t: t.update(specialists=[]), "specialists"),
+        (lambda t: t.update(embedder={"num_replicas": 0}), "embedder.num_replicas"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path: Path, mutate, expected: str) -> None:
@@ -142,3 +143,17 @@ def test_only_a_specialist_that_can_move_runs_the_precheck(tmp_path: Path) -> No
     assert loaded.prechecks("invoices") and loaded.prechecks("support")
     assert not loaded.prechecks("bookings"), "it could not act on the check"
     assert not loaded.prechecks("triage")
+
+
+def test_the_embedder_scales_as_configured(tmp_path: Path) -> None:
+    from serve_app.app import build_app
+    from stickyray.settings import Settings
+
+    sample = yaml.safe_load(sample_config_path().read_text())
+    team = load_config(write(tmp_path, sample | {"embedder": {"num_replicas": 3}}))
+    app = build_app(team, Settings(REDIS_URL="redis://localhost:1"))
+    # The ingress's last argument is the embedder it shares with the agents.
+    embedder = app._bound_deployment.init_args[-1]._bound_deployment
+    assert embedder.num_replicas == 3
+    assert embedder.max_ongoing_requests == 256
+    assert embedder.ray_actor_options["num_cpus"] == 0

@@ -15,8 +15,8 @@ slot of a Redis Cluster and every script declares all the keys it touches:
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -180,6 +180,19 @@ def _refusing(exc: ResponseError) -> bool:
     )
 
 
+@contextmanager
+def _outage_is_unavailable() -> Iterator[None]:
+    """Redis down or refusing for now is StoreUnavailable (a 503 to retry), reads included."""
+    try:
+        yield
+    except _REDIS_DOWN as exc:
+        raise StoreUnavailable("redis", str(exc)) from exc
+    except ResponseError as exc:
+        if _refusing(exc):  # an outage to retry, not a bug in the request
+            raise StoreUnavailable("redis", str(exc)) from exc
+        raise
+
+
 # Connections per process (thread actor, host, ingress replica).
 MAX_REDIS_CONNECTIONS = 64
 
@@ -251,15 +264,8 @@ class RedisThreadStore:
         return [key.redis_key(part) for part in _PARTS]
 
     async def _run(self, script: Any, key: ThreadKey, *args: Any) -> list[Any]:
-        try:
+        with _outage_is_unavailable():
             result: list[Any] = await script(keys=self._keys(key), args=list(args))
-        except _REDIS_DOWN as exc:
-            raise StoreUnavailable("redis", str(exc)) from exc
-        except ResponseError as exc:
-            # An outage to retry, not a bug in the request.
-            if _refusing(exc):
-                raise StoreUnavailable("redis", str(exc)) from exc
-            raise
         return result
 
     async def open(self, key: ThreadKey) -> Incarnation:
@@ -346,10 +352,8 @@ class RedisThreadStore:
         return None
 
     async def load(self, key: ThreadKey) -> Checkpoint | None:
-        try:
+        with _outage_is_unavailable():
             raw = await self._client.hget(key.redis_key("checkpoint"), "data")
-        except _REDIS_DOWN as exc:
-            raise StoreUnavailable("redis", str(exc)) from exc
         return Checkpoint.model_validate_json(raw) if raw else None
 
     async def turns(self, key: ThreadKey, after: int = 0, limit: int = 100) -> list[TurnResult]:
@@ -357,14 +361,10 @@ class RedisThreadStore:
         fields = [str(n) for n in range(after + 1, after + 1 + limit)]
         if not fields:
             return []
-        try:
+        with _outage_is_unavailable():
             raw = await self._client.hmget(key.redis_key("turns"), fields)
-        except _REDIS_DOWN as exc:
-            raise StoreUnavailable("redis", str(exc)) from exc
         return [TurnResult.model_validate_json(item) for item in raw if item is not None]
 
     async def ping(self) -> None:
-        try:
+        with _outage_is_unavailable():
             await self._client.ping()
-        except _REDIS_DOWN as exc:
-            raise StoreUnavailable("redis", str(exc)) from exc

@@ -24,6 +24,7 @@ from stickyray.config import TeamConfig
 from stickyray.errors import (
     CheckpointConflict,
     InvalidThreadKey,
+    ProviderError,
     StickyrayError,
     StoreUnavailable,
     ThreadFenced,
@@ -71,6 +72,19 @@ class MessageIn(BaseModel):
             raise ValueError("text must not be blank")
         # What is said may end up in long-term memory, so it must be storable there too.
         return storable_text(value)
+
+
+class ResetIn(BaseModel):
+    """An optional body of a reset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    message_id: str | None = Field(
+        default=None,
+        pattern=ID_PATTERN,
+        description="Client id of the reset: a retry with the same id returns the first "
+        "answer and deletes nothing sent since. Generated when absent.",
+    )
 
 
 class AgentInfo(BaseModel):
@@ -122,6 +136,16 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
     )
 
 
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Whatever no route turned into an HTTP error still answers in the API's shape, with
+    # outages (Redis, Ray, a model provider) as 503s to retry.
+    error = _http_error(exc)
+    return JSONResponse(
+        status_code=error.status_code, content={"error": error.detail, "detail": error.detail}
+    )
+
+
 def _jsonable(errors: Any) -> Any:
     out = []
     for err in errors:
@@ -141,6 +165,8 @@ def _http_error(exc: BaseException) -> HTTPException:
     if isinstance(cause, ThreadFenced | ThreadPassivated):
         # The thread moved while the directory kept redelivering: transient, like a restart.
         return HTTPException(503, f"the thread is moving: {cause}; retry the message")
+    if isinstance(cause, ProviderError):
+        return HTTPException(503, f"a model provider is unavailable: {cause}")
     if isinstance(cause, StickyrayError):
         return HTTPException(500, str(cause))
     if isinstance(cause, RayError):
@@ -257,13 +283,16 @@ class Ingress:
         return TurnHistory(thread_id=thread_id, turns=turns)
 
     @api.post("/v1/threads/{thread_id}/reset", response_model=TurnResult)
-    async def reset_thread(self, thread_id: str = ThreadIdPath) -> TurnResult:
+    async def reset_thread(
+        self, thread_id: str = ThreadIdPath, body: ResetIn | None = None
+    ) -> TurnResult:
         """Delete the thread's history and recent messages; the supervisor answers next."""
         key = _key(thread_id)
+        message_id = (body.message_id if body else None) or uuid.uuid4().hex
         try:
             if await self._store.load(key) is None:
                 raise HTTPException(404, f"thread {thread_id!r} not found")
-            message = InboundMessage(text="/reset", message_id=uuid.uuid4().hex)
+            message = InboundMessage(text="/reset", message_id=message_id)
             return await self._directory.send(key, message)
         except HTTPException:
             raise
@@ -273,7 +302,10 @@ class Ingress:
     @api.get("/v1/agents", response_model=list[AgentInfo])
     async def list_agents(self) -> list[AgentInfo]:
         """Every agent with its role and how many replicas are running."""
-        running = await asyncio.to_thread(self._running_replicas)
+        try:
+            running = await asyncio.to_thread(self._running_replicas)
+        except Exception as exc:  # the Serve controller is unreachable
+            raise HTTPException(503, f"ray is unavailable: {type(exc).__name__}: {exc}") from None
         return [
             AgentInfo(
                 name=agent.name,

@@ -6,7 +6,8 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from ray.exceptions import RayError
 
 from actors.key import DEFAULT_TENANT, ID_PATTERN
 from memory.long_term import (
@@ -19,7 +20,8 @@ from memory.long_term import (
     storable_json,
 )
 from memory.service import LongTermMemory
-from stickyray.errors import StoreUnavailable
+from stickyray.config import AGENT_NAME_PATTERN
+from stickyray.errors import ProviderError, StoreUnavailable
 
 __all__ = ["router"]
 
@@ -38,8 +40,15 @@ class MemoryIn(BaseModel):
     content: StorableText = Field(min_length=1, max_length=8000)
     kind: Literal["episodic", "semantic"] = "semantic"
     importance: float = Field(default=0.5, ge=0.0, le=1.0)
-    agent: str | None = None
+    agent: str | None = Field(default=None, pattern=AGENT_NAME_PATTERN)
     metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] = Field(default_factory=dict)
+
+    @field_validator("content")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("content must not be blank")
+        return value
 
 
 class CoreIn(BaseModel):
@@ -67,8 +76,14 @@ def _memory(request: Request) -> tuple[LongTermMemory, int]:
     return memory, limit
 
 
-def _unavailable(exc: StoreUnavailable) -> HTTPException:
-    return HTTPException(503, f"{exc.store} is unavailable; nothing was changed")
+# What a retry may get past: the store down, or the embedding model (a Serve deployment, or
+# OpenAI's API) failing.
+_OUTAGE = (StoreUnavailable, ProviderError, RayError)
+
+
+def _unavailable(exc: Exception) -> HTTPException:
+    what = exc.store if isinstance(exc, StoreUnavailable) else "the embedding model"
+    return HTTPException(503, f"{what} is unavailable; nothing was changed")
 
 
 @router.get("/memories", response_model=MemorySearch)
@@ -77,13 +92,14 @@ async def search_memories(
     user_id: UserId,
     query: Annotated[str, Query(min_length=1, description="What to look for.")],
     k: Annotated[int, Query(ge=1, le=100)] = 10,
-    kind: Annotated[Literal["episodic", "semantic"] | None, Query()] = None,
+    # Empty is absent, as HTML forms and query builders send an unset field.
+    kind: Annotated[Literal["episodic", "semantic", ""] | None, Query()] = None,
 ) -> MemorySearch:
     """The user's memories that best match ``query`` (similarity, recency, importance)."""
     memory, _ = _memory(request)
     try:
         hits = await memory.recall(TENANT, user_id, query, k, kinds=[kind] if kind else None)
-    except StoreUnavailable as exc:
+    except _OUTAGE as exc:
         raise _unavailable(exc) from None
     return MemorySearch(user_id=user_id, memories=hits)
 
@@ -94,7 +110,7 @@ async def add_memory(request: Request, user_id: UserId, body: MemoryIn) -> Memor
     memory, _ = _memory(request)
     try:
         return await memory.remember(TENANT, user_id, NewMemory(**body.model_dump()))
-    except StoreUnavailable as exc:
+    except _OUTAGE as exc:
         raise _unavailable(exc) from None
 
 
@@ -108,7 +124,7 @@ async def delete_memory(request: Request, user_id: UserId, memory_id: str) -> Re
         valid = False
     try:
         deleted = valid and await memory.forget(TENANT, user_id, memory_id)
-    except StoreUnavailable as exc:
+    except _OUTAGE as exc:
         raise _unavailable(exc) from None
     if not deleted:
         raise HTTPException(404, f"user {user_id!r} has no memory {memory_id!r}")
@@ -124,7 +140,7 @@ async def get_core(request: Request, user_id: UserId, label: Label) -> CoreBlock
     memory, _ = _memory(request)
     try:
         blocks = await memory.core(TENANT, user_id)
-    except StoreUnavailable as exc:
+    except _OUTAGE as exc:
         raise _unavailable(exc) from None
     for block in blocks:
         if block.label == label:
@@ -142,5 +158,5 @@ async def put_core(request: Request, user_id: UserId, label: Label, body: CoreIn
         )
     try:
         return await memory.set_core(TENANT, user_id, label, body.value, limit)
-    except StoreUnavailable as exc:
+    except _OUTAGE as exc:
         raise _unavailable(exc) from None

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from redis.exceptions import MasterDownError, ResponseError
 
 from actors.key import ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
@@ -243,3 +244,23 @@ async def test_redis_refusing_writes_is_store_unavailable(redis_url: str) -> Non
             await admin.config_set("maxmemory", "0")
             await admin.aclose()
         assert await store.accept(key, epoch, msg("a")) == 1
+
+
+async def test_redis_refusing_reads_is_store_unavailable() -> None:
+    """A failover (MASTERDOWN) or a restart still loading its data refuses reads too."""
+
+    class Refusing:
+        def register_script(self, script: str) -> None:
+            return None
+
+        async def hget(self, *args: object) -> None:
+            raise MasterDownError("MASTERDOWN Link with MASTER is down")
+
+        async def hmget(self, *args: object) -> None:
+            raise ResponseError("LOADING Redis is loading the dataset in memory")
+
+    store = RedisThreadStore(Refusing())  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable, match="MASTERDOWN"):
+        await store.load(fresh())
+    with pytest.raises(StoreUnavailable, match="LOADING"):
+        await store.turns(fresh())

@@ -1,0 +1,147 @@
+"""The HTTP API's error paths, on the real FastAPI app with in-process fakes behind it (no Ray).
+
+Every error answers in the API's shape (``{"error": ...}``), outages as 503s to retry.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from ray import serve
+
+import serve_app.ingress as ingress
+from actors.key import ThreadKey
+from actors.store import Checkpoint
+from memory.in_memory import InMemoryMemoryStore
+from memory.service import LongTermMemory
+from stickyray.config import load_config
+from stickyray.errors import ProviderError
+from stickyray.turns import InboundMessage, TurnResult
+
+
+class Store:
+    """Answers like a thread store holding one thread; ``fail`` makes every read raise it."""
+
+    fail: Exception | None = None
+
+    async def load(self, key: ThreadKey) -> Checkpoint | None:
+        if self.fail is not None:
+            raise self.fail
+        return Checkpoint(turn=1, version=1) if key.thread_id != "missing" else None
+
+    async def ping(self) -> None:
+        return None
+
+
+class Directory:
+    """Records what it was sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[InboundMessage] = []
+        self.fail: Exception | None = None
+
+    async def send(self, key: ThreadKey, message: InboundMessage) -> TurnResult:
+        if self.fail is not None:
+            raise self.fail
+        self.sent.append(message)
+        return TurnResult(
+            thread_id=key.thread_id, message_id=message.message_id, turn=1, agent=None, reply="ok"
+        )
+
+
+class Embedder:
+    dimension = 8
+
+    def __init__(self) -> None:
+        self.fail: Exception | None = None
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self.fail is not None:
+            raise self.fail
+        return np.full((len(texts), 8), 8**-0.5, dtype=np.float32)
+
+
+_Ingress: Any = ingress.Ingress.__mro__[1]  # the class serve.ingress wraps
+
+
+class Replica(_Ingress):
+    """The ingress class with its attributes set by hand instead of by its async __init__."""
+
+    def __del__(self) -> None:  # nothing was opened, so nothing to close
+        return None
+
+
+@pytest.fixture
+def replica(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
+    instance = object.__new__(Replica)
+    instance._team = load_config(None)
+    instance._app_name = "stickyray"
+    instance._store = Store()
+    instance._directory = Directory()
+    # serve.ingress finds the replica's instance through the replica context.
+    context = types.SimpleNamespace(servable_object=instance)
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    embedder = Embedder()
+    memory = LongTermMemory(InMemoryMemoryStore(dimension=8), embedder)
+    monkeypatch.setattr(ingress.api.state, "memory", memory, raising=False)
+    monkeypatch.setattr(ingress.api.state, "core_block_limit", 100, raising=False)
+    client = TestClient(ingress.api, raise_server_exceptions=False)
+    yield types.SimpleNamespace(client=client, instance=instance, embedder=embedder)
+
+
+def test_an_unexpected_error_still_answers_json(replica: types.SimpleNamespace) -> None:
+    replica.instance._store.fail = ValueError("a bug")
+    response = replica.client.get("/v1/threads/alice")
+    assert response.status_code == 500
+    assert response.json()["error"] == "internal error: ValueError"
+
+
+def test_a_failing_model_provider_is_a_503(replica: types.SimpleNamespace) -> None:
+    replica.instance._directory.fail = ProviderError("openai", "triage", "RateLimitError: 429")
+    response = replica.client.post("/v1/threads/alice/messages", json={"text": "hi"})
+    assert response.status_code == 503
+    assert "model provider is unavailable" in response.json()["error"]
+
+
+def test_agents_without_a_serve_controller_is_a_503(
+    replica: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreachable() -> None:
+        raise ConnectionError("controller gone")
+
+    monkeypatch.setattr(ingress.serve, "status", unreachable)
+    response = replica.client.get("/v1/agents")
+    assert response.status_code == 503
+    assert "controller gone" in response.json()["error"]
+
+
+def test_a_reset_takes_the_clients_message_id(replica: types.SimpleNamespace) -> None:
+    """So a retried reset is the same reset, which the thread answers once."""
+    for _ in range(2):
+        body = replica.client.post("/v1/threads/alice/reset", json={"message_id": "r-1"}).json()
+        assert body["message_id"] == "r-1"
+    assert [m.message_id for m in replica.instance._directory.sent] == ["r-1", "r-1"]
+    assert replica.client.post("/v1/threads/alice/reset").status_code == 200  # id generated
+    bad = replica.client.post("/v1/threads/alice/reset", json={"message_id": "no spaces"})
+    assert bad.status_code == 422 and "body.message_id" in bad.json()["error"]
+
+
+def test_memory_outages_and_bad_fields(replica: types.SimpleNamespace) -> None:
+    client = replica.client
+    users = "/v1/users/u1/memories"
+    assert client.post(users, json={"content": "likes tea"}).status_code == 201
+    # An empty kind is an unset one, as forms send it.
+    assert client.get(f"{users}?query=tea&k=10&kind=").status_code == 200
+    blank = client.post(users, json={"content": "   "})
+    assert blank.status_code == 422 and "body.content" in blank.json()["error"]
+    agent = client.post(users, json={"content": "x", "agent": "a\x00b"})
+    assert agent.status_code == 422 and "body.agent" in agent.json()["error"]
+    replica.embedder.fail = ProviderError("openai", "embedder", "RateLimitError: 429")
+    for response in (client.get(f"{users}?query=tea"), client.post(users, json={"content": "x"})):
+        assert response.status_code == 503
+        assert response.json()["error"].startswith("the embedding model is unavailable")

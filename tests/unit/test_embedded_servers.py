@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 
@@ -31,3 +32,34 @@ def test_embedded_redis_with_a_relative_data_dir(
     finally:
         client.close()
         again.stop()
+
+
+def test_one_owner_per_data_dir_and_a_killed_owners_server_is_adopted(tmp_path: Path) -> None:
+    first = EmbeddedRedis(tmp_path / "redis")
+    client = redis.Redis.from_url(first.start())
+    client.set("k", "accepted")
+    # A second stickyray on the same folder would start a second server on the same AOF.
+    with pytest.raises(RuntimeError, match="another stickyray is using the embedded Redis"):
+        EmbeddedRedis(tmp_path / "redis").start()
+    # The owner dies without stopping its server (kill -9): the kernel drops its lock.
+    assert first._lock is not None
+    first._lock.close()
+    first._lock = None
+    pid = int(client.info("server")["process_id"])
+    client.close()
+    second = EmbeddedRedis(tmp_path / "redis")
+    client = redis.Redis.from_url(second.start())
+    try:
+        assert int(client.info("server")["process_id"]) == pid, "adopted, not displaced"
+        assert client.get("k") == b"accepted"
+    finally:
+        client.close()
+        second.stop()
+    assert not psutil.pid_exists(pid)
+
+
+def test_a_socket_path_is_measured_in_bytes(tmp_path: Path) -> None:
+    deep = tmp_path / ("é" * ((100 - len(str(tmp_path))) // 2))  # fewer characters than bytes
+    assert len(str(deep / "redis.sock")) <= 100 < len(str(deep / "redis.sock").encode())
+    with pytest.raises(ValueError, match="too long for a unix socket"):
+        EmbeddedRedis(deep).start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -91,6 +92,8 @@ def current_time(timezone: str = "UTC") -> str:
 
 
 BUILTIN_TOOLS: dict[str, Callable[..., Any]] = {"current_time": current_time}
+# What OpenAI and Anthropic accept as a tool name.
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def resolve_tool(ref: str) -> Tool:
@@ -110,8 +113,23 @@ def resolve_tool(ref: str) -> Tool:
     else:
         known = ", ".join(sorted(BUILTIN_TOOLS))
         raise ToolError(f"unknown tool {ref!r}: use a built-in ({known}) or 'module:function'")
-    description = inspect.getdoc(func) or func.__name__
-    return Tool(name=func.__name__, description=description.splitlines()[0], func=func)
+    name = getattr(func, "__name__", "")
+    if not _TOOL_NAME.fullmatch(name):
+        # A lambda is "<lambda>", a functools.partial has no name: the model needs one.
+        raise ToolError(
+            f"tool {ref!r}: needs a function named with 1-64 letters, digits, _ or -, "
+            f"got {name or type(func).__name__!r}"
+        )
+    description = inspect.getdoc(func) or name
+    tool = Tool(name=name, description=description.splitlines()[0], func=func)
+    try:
+        tool.spec()  # built now, not in a replica after Ray has started
+    except Exception as exc:  # pydantic cannot describe a parameter type as JSON schema
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ToolError(
+            f"tool {ref!r}: its parameters cannot be described to the model: {why}"
+        ) from None
+    return tool
 
 
 def resolve_tools(refs: list[str]) -> list[Tool]:

@@ -179,6 +179,13 @@ def test_tool_references_resolve_or_explain() -> None:
     for broken in (":f", ".relative:f"):  # import_module raises ValueError / TypeError
         with pytest.raises(ToolError, match="cannot import"):
             resolve_tool(broken)
+    # Found, but nothing a model could call: refused by `stickyray check`, not in a replica.
+    with pytest.raises(ToolError, match="needs a function named .* got 'partial'"):
+        resolve_tool("tests.unit.tools_for_tests:add_one")
+    with pytest.raises(ToolError, match="got '<lambda>'"):
+        resolve_tool("tests.unit.tools_for_tests:nameless")
+    with pytest.raises(ToolError, match="its parameters cannot be described to the model"):
+        resolve_tool("tests.unit.tools_for_tests:takes_a_socket")
 
 
 def test_missing_api_key_is_a_config_error() -> None:

@@ -8,14 +8,30 @@ from typing import TextIO
 
 import httpx
 
+from actors.key import ThreadKey
+from stickyray.errors import InvalidThreadKey
+
 __all__ = ["run_chat"]
 
 
 def run_chat(url: str, thread: str | None, stdin: TextIO | None = None) -> int:
     """Read lines from stdin, send each to the thread, print the agent and reply."""
     thread_id = thread or f"chat-{uuid.uuid4().hex[:8]}"
+    try:
+        ThreadKey.of(thread_id)  # the server's rule, checked before the first line is typed
+    except InvalidThreadKey as exc:
+        print(f"stickyray: thread id {thread_id!r}: {exc.reason}", file=sys.stderr)
+        return 2
     source = stdin or sys.stdin
-    print(f"thread {thread_id} at {url}  (/help for commands, Ctrl-D to quit)")
+    print(f"thread {thread_id} at {url}  (/help for commands, Ctrl-D or Ctrl-C to quit)")
+    try:
+        return _converse(url, thread_id, source)
+    except KeyboardInterrupt:
+        print()
+        return 0
+
+
+def _converse(url: str, thread_id: str, source: TextIO) -> int:
     with httpx.Client(base_url=url, timeout=120) as client:
         while True:
             if source is sys.stdin:

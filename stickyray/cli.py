@@ -62,11 +62,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"stickyray: cannot start {what}: {exc}", file=sys.stderr)
         return 2
 
-    # A stop request during start-up is honoured once the app is up, so the shutdown below
-    # always runs against a settled deployment.
-    stop = threading.Event()
+    stop = StopRequests()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: stop.request())
     try:
         # RAY_ADDRESS unset: a new local cluster, never a stranger's cluster found by accident.
         ray.init(
@@ -76,12 +74,19 @@ def _serve(args: argparse.Namespace) -> int:
         )
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(team, settings), name=APP_NAME, route_prefix="/")
+        stop.started()
         print(
             f"stickyray: serving {path} at http://{host}:{port} (docs at /docs); Ctrl-C to stop",
             flush=True,
         )
         stop.wait()
         print("stickyray: shutting down", flush=True)
+    except KeyboardInterrupt:
+        print("stickyray: start-up aborted; stopping what started", file=sys.stderr, flush=True)
+        return 130
+    except RuntimeError as exc:  # serve.run: a deployment that failed to start
+        print(f"stickyray: the app could not start: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if ray.is_initialized():
             if settings.ray_address:
@@ -94,6 +99,42 @@ def _serve(args: argparse.Namespace) -> int:
         if postgres is not None:
             postgres.stop()
     return 0
+
+
+class StopRequests:
+    """Ctrl-C and SIGTERM while serving, and during start-up.
+
+    Once up, a request stops the server. During start-up the first request waits for the
+    app to be up, so the shutdown runs against a settled deployment; a second one aborts
+    the start-up at once (a deployment that never becomes healthy would otherwise hold the
+    command until it is killed, leaving its servers behind).
+    """
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._up = False
+
+    def request(self) -> None:
+        """Called from the signal handler."""
+        if self._up:
+            self._stop.set()
+        elif self._stop.is_set():
+            raise KeyboardInterrupt
+        else:
+            self._stop.set()
+            print(
+                "stickyray: stopping once the app is up; Ctrl-C again to abort now",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def started(self) -> None:
+        """The app is up: from now on a request stops it."""
+        self._up = True
+
+    def wait(self) -> None:
+        """Until a stop is requested (at once if one came during start-up)."""
+        self._stop.wait()
 
 
 def _start_memory(team: Any, settings: Any) -> tuple[Any, Any]:

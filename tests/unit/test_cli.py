@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stickyray.cli import StopRequests
 from stickyray.cli import main as cli
 from stickyray.config import sample_config_path
 
@@ -45,3 +46,24 @@ def test_serve_rejects_a_port_out_of_range(port: str, capsys: pytest.CaptureFixt
         cli(["serve", "--port", port])
     assert exit_.value.code == 2
     assert "not a port number (1-65535)" in capsys.readouterr().err
+
+
+def test_chat_refuses_a_thread_id_the_server_would(capsys: pytest.CaptureFixture[str]) -> None:
+    # Checked before connecting: nothing listens on the URL.
+    assert cli(["chat", "alice#2", "--url", "http://127.0.0.1:9"]) == 2
+    assert "thread id 'alice#2'" in capsys.readouterr().err
+
+
+def test_stop_requests_during_start_up_wait_then_abort(capsys: pytest.CaptureFixture[str]) -> None:
+    stop = StopRequests()
+    stop.request()  # the first waits for the app to be up...
+    assert "Ctrl-C again to abort now" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):  # ...a second aborts the start-up
+        stop.request()
+    stop.started()
+    stop.wait()  # the request made during start-up stops the server once it is up
+    up = StopRequests()
+    up.started()
+    up.request()  # once up, a request stops it, whatever came before
+    up.request()
+    up.wait()

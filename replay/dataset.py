@@ -22,7 +22,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from memory.long_term import storable_text
 from stickyray.config import (
     AGENT_NAME_PATTERN,
     INTENT_NAME_PATTERN,
@@ -31,6 +30,7 @@ from stickyray.config import (
     parse_config,
 )
 from stickyray.errors import ConfigError
+from stickyray.turns import message_text
 
 __all__ = ["Dialogue", "SkippedLine", "Turn", "load_dialogues", "load_team", "team_from_agents"]
 
@@ -48,11 +48,9 @@ class Turn(BaseModel):
     @field_validator("user")
     @classmethod
     def _sendable(cls, value: str) -> str:
-        # The ingress's own rules: a turn it would refuse is a data problem, reported as
+        # The ingress's own rule: a turn it would refuse is a data problem, reported as
         # one, not a routing error in the report.
-        if not value.strip():
-            raise ValueError("must not be blank")
-        return storable_text(value)
+        return message_text(value)
 
 
 class Dialogue(BaseModel):

@@ -17,7 +17,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from actors.directory import ThreadDirectory, pool_scope, root_cause
 from actors.key import ID_PATTERN, ThreadKey
 from actors.redis_store import RedisThreadStore
-from memory.long_term import storable_text
 from serve_app.deployments import open_memory
 from serve_app.memory_api import router as memory_router
 from stickyray.config import TeamConfig
@@ -32,7 +31,7 @@ from stickyray.errors import (
     TurnPending,
 )
 from stickyray.settings import Settings
-from stickyray.turns import InboundMessage, ThreadSnapshot, TurnResult
+from stickyray.turns import InboundMessage, ThreadSnapshot, TurnResult, message_text
 
 __all__ = ["INGRESS_DEPLOYMENT", "Ingress", "MessageIn", "api"]
 
@@ -67,11 +66,8 @@ class MessageIn(BaseModel):
 
     @field_validator("text")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("text must not be blank")
-        # What is said may end up in long-term memory, so it must be storable there too.
-        return storable_text(value)
+    def _sendable(cls, value: str) -> str:
+        return message_text(value)
 
 
 class ResetIn(BaseModel):

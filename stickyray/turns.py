@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from memory.buffer import BufferEntry
+from memory.long_term import storable_text
 
 __all__ = [
     "AgentRequest",
@@ -20,6 +21,7 @@ __all__ = [
     "ThreadSnapshot",
     "TurnResult",
     "Usage",
+    "message_text",
 ]
 
 
@@ -43,6 +45,14 @@ class Usage(_Record):
             output_tokens=self.output_tokens + other.output_tokens,
             requests=self.requests + other.requests,
         )
+
+
+def message_text(value: str) -> str:
+    """``value`` if the ingress takes it as a message's text, else ValueError saying why."""
+    if not value.strip():
+        raise ValueError("must not be blank")
+    # What is said may end up in long-term memory, so it must be storable there too.
+    return storable_text(value)
 
 
 class InboundMessage(_Record):

@@ -93,7 +93,9 @@ async def passivate_actor(name: str, actor_id: str | None = None, timeout_s: flo
             log.info("thread actor %s is a later incarnation than %s: left alone", name, actor_id)
             return
     except RayActorError:
-        pass  # already gone
+        # Already dead, so no longer live on its node. Its name may by now be a later
+        # incarnation's, which waiting for the name to be released would wait on.
+        return
     ray.kill(handle, no_restart=True)  # its state is stored; waiting buys nothing
     deadline = time.monotonic() + timeout_s
     delay = 0.01

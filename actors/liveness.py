@@ -53,21 +53,27 @@ _SEPARATOR = "#"
 
 @dataclass(frozen=True, slots=True)
 class Incarnation:
-    """One thread actor: its name and the Ray actor id it had when it registered."""
+    """One thread actor: its name and the Ray actor id it had when it registered.
+
+    ``actor_id`` is None for a member written by a release that stored names only: whatever
+    actor holds that name is the one it counted.
+    """
 
     name: str
-    actor_id: str
+    actor_id: str | None
 
     @property
     def member(self) -> str:
         """How it is stored in the live set."""
-        return f"{self.name}{_SEPARATOR}{self.actor_id}"
+        return self.name if self.actor_id is None else f"{self.name}{_SEPARATOR}{self.actor_id}"
 
     @classmethod
     def parse(cls, member: str | bytes) -> Incarnation:
         """The inverse of ``member``."""
         text = member.decode() if isinstance(member, bytes) else member
-        name, _, actor_id = text.rpartition(_SEPARATOR)
+        name, separator, actor_id = text.rpartition(_SEPARATOR)
+        if not separator:
+            return cls(name=text, actor_id=None)
         return cls(name=name, actor_id=actor_id)
 
 

@@ -79,7 +79,7 @@ def baselines(team: TeamConfig, dialogues: list[Dialogue]) -> dict[str, dict[str
             decisions += made
             turns += len(turn_texts)
             for turn, agent in zip(dialogue.turns, agents, strict=True):
-                labels = [s.lower() for s in turn.services]
+                labels = turn.labels  # as the run scores it: commands are not
                 if labels:
                     labelled += 1
                     right += agent in labels

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from actors.commands import parse_command
 from stickyray.config import (
     AGENT_NAME_PATTERN,
     INTENT_NAME_PATTERN,
@@ -44,6 +45,13 @@ class Turn(BaseModel):
     services: list[str] = Field(default_factory=list)
     intents: list[str] = Field(default_factory=list)
     reference_reply: str | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        """The agents the turn is scored against; none for a command, which is not routed."""
+        if parse_command(self.user) is not None:
+            return []
+        return [service.lower() for service in self.services]
 
     @field_validator("user")
     @classmethod

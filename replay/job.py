@@ -76,7 +76,7 @@ def _record(
     return TurnRecord(
         dialogue_id=dialogue.dialogue_id,
         index=index,
-        labels=[] if command else [s.lower() for s in dialogue.turns[index].services],
+        labels=[] if command else dialogue.turns[index].labels,
         command=command,
         agent=agent,
         supervisor_called=supervisor in called,
@@ -135,7 +135,7 @@ async def replay_dialogues(
                         TurnRecord(
                             dialogue_id=dialogue.dialogue_id,
                             index=index,
-                            labels=[s.lower() for s in turn.services],
+                            labels=turn.labels,
                             status="error",
                             error=f"{type(exc).__name__}: {exc}"[:300],
                         )
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in skipped:
         print(f"replay: skipped line {line.line}: {line.error}", flush=True)
     agents = {a.name for a in team.agents}
-    unknown = sorted({s.lower() for d in dialogues for t in d.turns for s in t.services} - agents)
+    unknown = sorted({label for d in dialogues for t in d.turns for label in t.labels} - agents)
     if unknown:
         print(
             f"replay: warning: labels that name no agent, scored as wrong: {', '.join(unknown)}",

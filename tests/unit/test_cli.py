@@ -60,10 +60,11 @@ def test_stop_requests_during_start_up_wait_then_abort(capsys: pytest.CaptureFix
     assert "Ctrl-C again to abort now" in capsys.readouterr().err
     with pytest.raises(KeyboardInterrupt):  # ...a second aborts the start-up
         stop.request()
-    stop.started()
+    stop.settled()  # what the clean-up does first: it must not be cut short
+    stop.request()
     stop.wait()  # the request made during start-up stops the server once it is up
     up = StopRequests()
-    up.started()
+    up.settled()
     up.request()  # once up, a request stops it, whatever came before
     up.request()
     up.wait()

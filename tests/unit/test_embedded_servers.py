@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import psutil
@@ -47,11 +48,12 @@ def test_one_owner_per_data_dir_and_a_killed_owners_server_is_adopted(tmp_path: 
     first._lock = None
     pid = int(client.info("server")["process_id"])
     client.close()
-    second = EmbeddedRedis(tmp_path / "redis")
+    second = EmbeddedRedis(tmp_path / "redis", appendfsync="always")
     client = redis.Redis.from_url(second.start())
     try:
         assert int(client.info("server")["process_id"]) == pid, "adopted, not displaced"
         assert client.get("k") == b"accepted"
+        assert client.config_get("appendfsync") == {"appendfsync": "always"}
     finally:
         client.close()
         second.stop()
@@ -63,3 +65,17 @@ def test_a_socket_path_is_measured_in_bytes(tmp_path: Path) -> None:
     assert len(str(deep / "redis.sock")) <= 100 < len(str(deep / "redis.sock").encode())
     with pytest.raises(ValueError, match="too long for a unix socket"):
         EmbeddedRedis(deep).start()
+
+
+def test_a_socket_that_does_not_answer_is_not_taken_over(tmp_path: Path) -> None:
+    (tmp_path / "redis").mkdir()
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind(str(tmp_path / "redis" / "redis.sock"))
+    silent.listen()  # connections queue up; nothing ever answers
+    server = EmbeddedRedis(tmp_path / "redis")
+    try:
+        with pytest.raises(RuntimeError, match="does not answer"):
+            server.start()
+    finally:
+        server.stop()  # releases the data dir
+        silent.close()

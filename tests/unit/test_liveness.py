@@ -66,3 +66,7 @@ def test_incarnation_round_trips() -> None:
     one = Incarnation("thread/t-1/x:y@z", "ffee00")
     assert Incarnation.parse(one.member) == one
     assert Incarnation.parse(one.member.encode()) == one
+    # A member from a release that stored names only: whichever actor holds the name.
+    old = Incarnation.parse(b"thread/default/alice")
+    assert old == Incarnation("thread/default/alice", None)
+    assert old.member == "thread/default/alice"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from memory.embedders import LocalEmbedder
+from replay.baselines import baselines
 from replay.dataset import Dialogue, load_dialogues, load_team, team_from_agents
 from replay.job import REFUSED_LINE, REPORT_LINE, TurnRecord, _record, check_inputs
 from replay.report import pack_report, summarize, unpack_report, write_report
@@ -197,6 +198,14 @@ def test_a_command_in_a_recorded_dialogue_runs_but_is_not_scored() -> None:
     team = team_from_agents(AGENTS, Path("agents.json"))
     report = summarize(team, [dialogue], [turn, record(["hotels_1"], "hotels_1")], [], 1.0)
     assert report["labelled_turns"] == 1 and report["routing"]["accuracy"] == 1.0
+    # The baselines leave it out too, so every strategy is scored on the same turns.
+    booking = {"user": "I need a hotel room in Paris", "services": ["Hotels_1"]}
+    # Labelled with where the user is heading: routed as text, sticky would be wrong.
+    leaving = {"user": "/supervisor", "services": ["Travel_1"]}
+    both = Dialogue.model_validate({"dialogue_id": "d2", "turns": [booking, leaving]})
+    assert both.turns[1].labels == [] and both.turns[0].labels == ["hotels_1"]
+    for figures in baselines(team, [both]).values():
+        assert figures["accuracy"] == 1.0
 
 
 def record(labels: list[str], agent: str | None, **fields: object) -> TurnRecord:

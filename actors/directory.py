@@ -89,7 +89,11 @@ async def passivate_actor(name: str, actor_id: str | None = None, timeout_s: flo
     if handle is None:
         return
     try:
-        if not await handle.passivate.remote(actor_id):
+        # Without an id, called as the previous release's actors expect (no argument, None
+        # back): after a deploy they keep serving until they idle out.
+        if actor_id is None:
+            await handle.passivate.remote()
+        elif await handle.passivate.remote(actor_id) is False:
             log.info("thread actor %s is a later incarnation than %s: left alone", name, actor_id)
             return
     except RayActorError:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from typing import cast
+from typing import Any, cast
 
+from actors import directory
 from actors.liveness import Incarnation, LiveThreads, live_set_key
 from actors.redis_store import connect_redis
 
@@ -70,3 +71,31 @@ def test_incarnation_round_trips() -> None:
     old = Incarnation.parse(b"thread/default/alice")
     assert old == Incarnation("thread/default/alice", None)
     assert old.member == "thread/default/alice"
+
+
+class _Handle:
+    """An actor handle whose ``passivate`` has the given Python signature."""
+
+    def __init__(self, passivate: Any) -> None:
+        self.passivate = type("Method", (), {"remote": staticmethod(passivate)})
+
+
+async def test_victims_of_either_release_are_passivated_once(monkeypatch) -> None:
+    async def previous_release() -> None:  # passivate(self) -> None, no incarnation
+        return None
+
+    async def this_release(actor_id: str | None = None) -> bool:
+        return actor_id in (None, "a1")
+
+    killed: list[object] = []
+    monkeypatch.setattr(directory.ray, "kill", lambda handle, no_restart: killed.append(handle))
+    for passivate, actor_id, goes in [
+        (previous_release, None, True),  # an entry it wrote: a name only
+        (this_release, "a1", True),
+        (this_release, "a2", False),  # the name is a later incarnation's now
+    ]:
+        handle = _Handle(passivate)
+        lookups = iter([handle, None])  # then Ray releases the name
+        monkeypatch.setattr(directory, "_lookup", lambda name, it=lookups: next(it))
+        await directory.passivate_actor("thread/default/alice", actor_id)
+        assert (handle in killed) is goes

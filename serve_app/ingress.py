@@ -136,10 +136,7 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # Whatever no route turned into an HTTP error still answers in the API's shape, with
     # outages (Redis, Ray, a model provider) as 503s to retry.
-    error = _http_error(exc)
-    return JSONResponse(
-        status_code=error.status_code, content={"error": error.detail, "detail": error.detail}
-    )
+    return await _http_exception(request, _http_error(exc))
 
 
 def _jsonable(errors: Any) -> Any:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.exceptions import RayError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.directory import ThreadDirectory, pool_scope, root_cause
 from actors.key import ID_PATTERN, ThreadKey
@@ -132,11 +133,41 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
     )
 
 
-@api.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    # Whatever no route turned into an HTTP error still answers in the API's shape, with
-    # outages (Redis, Ray, a model provider) as 503s to retry.
-    return await _http_exception(request, _http_error(exc))
+class _ErrorsAsJson:
+    """Answers whatever no route turned into an HTTP error in the API's shape, with outages
+    (Redis, Ray, a model provider) as 503s to retry.
+
+    A middleware rather than a handler for ``Exception``: Starlette re-raises after such a
+    handler answers, so each error was logged twice and counted as a crashed request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._app(scope, receive, send_tracked)
+        except Exception as exc:
+            if started:  # too late to answer: the client sees the connection end
+                raise
+            error = _http_error(exc)  # logs what it cannot name, with its traceback
+            if isinstance(root_cause(exc), StickyrayError | RayError):
+                log.warning("%s %s: %s", scope["method"], scope["path"], error.detail)
+            response = await _http_exception(Request(scope), error)
+            await response(scope, receive, send)
+
+
+api.add_middleware(_ErrorsAsJson)
 
 
 def _jsonable(errors: Any) -> Any:

@@ -5,6 +5,7 @@ Every error answers in the API's shape (``{"error": ...}``), outages as 503s to 
 
 from __future__ import annotations
 
+import logging
 import types
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from ray import serve
+from ray.exceptions import RaySystemError
 
 import serve_app.ingress as ingress
 from actors.key import ThreadKey
@@ -99,6 +101,27 @@ def test_an_unexpected_error_still_answers_json(replica: types.SimpleNamespace) 
     response = replica.client.get("/v1/threads/alice")
     assert response.status_code == 500
     assert response.json()["error"] == "internal error: ValueError"
+
+
+def test_an_error_is_answered_once_and_logged_once(
+    replica: types.SimpleNamespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing is re-raised after the answer, which logged each error twice."""
+    client = TestClient(ingress.api)  # raises whatever the app lets escape
+    replica.instance._store.fail = ValueError("a bug")
+    with caplog.at_level(logging.WARNING):
+        response = client.get("/v1/threads/alice")
+    assert response.status_code == 500
+    assert [r.exc_info[1] for r in caplog.records if r.exc_info] == [replica.instance._store.fail]
+    assert len(caplog.records) == 1
+    caplog.clear()
+    replica.instance._store.fail = RaySystemError("the node died")  # an outage: one line
+    with caplog.at_level(logging.WARNING):
+        response = client.get("/v1/threads/alice")
+    assert response.status_code == 503
+    assert [r.getMessage() for r in caplog.records] == [
+        f"GET /v1/threads/alice: {response.json()['error']}"
+    ]
 
 
 def test_a_failing_model_provider_is_a_503(replica: types.SimpleNamespace) -> None:

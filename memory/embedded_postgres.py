@@ -119,12 +119,18 @@ class EmbeddedPostgres:
         # pgserver stops the server when the last process holding a handle lets go, and
         # counts holders in this file. A holder killed with SIGKILL never lets go, so without
         # this every later stop() would leave the server running.
+        # pgserver reads and writes the file under its own lock, across processes; so does
+        # this, or a holder added by a process starting at the same moment could be lost.
         import psutil
+        from pgserver.postgres_server import PostgresServer
 
         handles = self._data_dir / ".handle_pids.json"
-        if handles.exists():
-            pids = json.loads(handles.read_text())
-            handles.write_text(json.dumps([pid for pid in pids if psutil.pid_exists(pid)]))
+        with PostgresServer._lock:
+            if handles.exists():
+                pids = json.loads(handles.read_text())
+                alive = [pid for pid in pids if psutil.pid_exists(pid)]
+                if alive != pids:
+                    handles.write_text(json.dumps(alive))
 
     def _psql(self, uri: str, script: str) -> None:
         from pgserver._commands import POSTGRES_BIN_PATH

@@ -1,11 +1,16 @@
-"""The embedded Postgres finds the ``useradd`` pgserver needs, even on a minimal ``PATH``."""
+"""The embedded Postgres: ``useradd`` found on a minimal ``PATH``, holders that died forgotten."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
+import psutil
 import pytest
 
 from memory import embedded_postgres
@@ -59,3 +64,80 @@ def test_an_existing_system_user_needs_no_useradd(
     embedded_postgres.ensure_useradd_on_path()  # no error: nothing to create
 
     assert os.environ["PATH"] == str(tmp_path / "bin")
+
+
+_HOLDER = """
+import sys
+from pathlib import Path
+from memory.embedded_postgres import EmbeddedPostgres
+
+EmbeddedPostgres(Path(sys.argv[1])).start()
+print("started", flush=True)
+sys.stdin.read()  # holds its handle until killed
+"""
+
+
+def test_a_killed_holder_does_not_keep_the_server_running(tmp_path: Path) -> None:
+    """pgserver stops the server when its last holder lets go; a SIGKILLed one never does."""
+    data = tmp_path / "pg"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(data)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"started\n"
+    finally:
+        holder.kill()
+        holder.wait()
+    postgres = embedded_postgres.EmbeddedPostgres(data)
+    postgres.start()
+    server = postgres._server.get_postmaster_info().process
+    try:
+        postgres.stop()
+        assert not _running(server), "the dead holder's handle kept the server up"
+    finally:
+        if _running(server):
+            server.kill()
+
+
+def _running(process: psutil.Process) -> bool:
+    # A stopped server whose parent died is a zombie until something reaps it.
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+_LOCKER = """
+from pgserver.postgres_server import PostgresServer
+with PostgresServer._lock:
+    print("locked", flush=True)
+    input()
+"""
+
+
+def test_dead_handles_are_forgotten_under_pgservers_lock(tmp_path: Path) -> None:
+    """A process starting the same server at that moment writes the file under that lock."""
+    data = tmp_path / "pg"
+    data.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    handles = data / ".handle_pids.json"
+    handles.write_text(json.dumps([dead.pid, os.getpid()]))
+    locker = subprocess.Popen(
+        [sys.executable, "-c", _LOCKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert locker.stdout is not None and locker.stdout.readline() == b"locked\n"
+        forget = threading.Thread(
+            target=embedded_postgres.EmbeddedPostgres(data)._forget_dead_handles
+        )
+        forget.start()
+        forget.join(timeout=1.0)
+        assert forget.is_alive(), "the file was rewritten while pgserver held its lock"
+        assert json.loads(handles.read_text()) == [dead.pid, os.getpid()]
+        locker.communicate(b"\n", timeout=30)
+        forget.join(timeout=30)
+        assert not forget.is_alive()
+    finally:
+        locker.kill()
+    assert json.loads(handles.read_text()) == [os.getpid()]

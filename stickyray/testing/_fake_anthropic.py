@@ -11,6 +11,8 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from stickyray.testing._fake_script import StopReason
+
 _ARGUMENT_PIECE = 16
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -109,10 +111,21 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
-def _content(seq: int, text: str, tool_calls: Sequence[ToolCallSpec]) -> list[dict[str, Any]]:
-    # The real API never sends an empty text block next to tool calls.
+def _stop_reason(stop: StopReason | None, tool_calls: Sequence[ToolCallSpec]) -> str:
+    if stop == "max_tokens":
+        return "max_tokens"
+    if stop is not None:  # no content filter here: a refusal
+        return "refusal"
+    return "tool_use" if tool_calls else "end_turn"
+
+
+def _content(
+    seq: int, text: str, tool_calls: Sequence[ToolCallSpec], stop: StopReason | None = None
+) -> list[dict[str, Any]]:
+    # The real API never sends an empty text block next to tool calls, and a refusal may
+    # come with no content at all.
     blocks: list[dict[str, Any]] = []
-    if text or not tool_calls:
+    if text or not (tool_calls or stop in ("refusal", "content_filter")):
         blocks.append({"type": "text", "text": text})
     for index, (call_id, name, arguments) in enumerate(tool_calls):
         call_id = call_id or f"toolu_fake{seq}_{index}"
@@ -141,10 +154,11 @@ def reply_body(
     tool_calls: Sequence[ToolCallSpec],
     input_tokens: int,
     output_tokens: int,
+    stop: StopReason | None = None,
 ) -> dict[str, Any]:
     """A complete `message` object."""
-    message = _message(seq, model, _content(seq, text, tool_calls))
-    message["stop_reason"] = "tool_use" if tool_calls else "end_turn"
+    message = _message(seq, model, _content(seq, text, tool_calls, stop))
+    message["stop_reason"] = _stop_reason(stop, tool_calls)
     message["usage"] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
     return message
 
@@ -158,6 +172,7 @@ def reply_stream(
     tool_calls: Sequence[ToolCallSpec],
     input_tokens: int,
     output_tokens: int,
+    stop: StopReason | None = None,
 ) -> Iterator[str]:
     """SSE events from `message_start` to `message_stop`, as the Messages API streams them.
 
@@ -168,7 +183,7 @@ def reply_stream(
     start["usage"] = {"input_tokens": input_tokens, "output_tokens": 1}
     yield _event("message_start", {"type": "message_start", "message": start})
     yield _event("ping", {"type": "ping"})
-    for index, block in enumerate(_content(seq, text, tool_calls)):
+    for index, block in enumerate(_content(seq, text, tool_calls, stop)):
         if block["type"] == "text":
             opening: dict[str, Any] = {"type": "text", "text": ""}
             deltas = [
@@ -192,9 +207,9 @@ def reply_stream(
                 {"type": "content_block_delta", "index": index, "delta": delta},
             )
         yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
-    stop = {"stop_reason": "tool_use" if tool_calls else "end_turn", "stop_sequence": None}
+    delta = {"stop_reason": _stop_reason(stop, tool_calls), "stop_sequence": None}
     usage = {"output_tokens": output_tokens}
-    yield _event("message_delta", {"type": "message_delta", "delta": stop, "usage": usage})
+    yield _event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
     yield _event("message_stop", {"type": "message_stop"})
 
 

@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from stickyray.testing._fake_script import StopReason
+
 _SYSTEM_ROLES = frozenset({"system", "developer"})
 # "function" is the pre-tools way of returning a result; old agents still send it.
 _TOOL_ROLES = frozenset({"tool", "function"})
@@ -141,6 +143,14 @@ def _usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
     }
 
 
+def _finish_reason(stop: StopReason | None, calls: list[dict[str, Any]]) -> str:
+    if stop == "max_tokens":
+        return "length"
+    if stop == "content_filter":
+        return "content_filter"
+    return "tool_calls" if calls else "stop"  # a refusal finishes normally
+
+
 def reply_body(
     *,
     seq: int,
@@ -149,11 +159,16 @@ def reply_body(
     tool_calls: Sequence[ToolCallSpec],
     input_tokens: int,
     output_tokens: int,
+    stop: StopReason | None = None,
 ) -> dict[str, Any]:
     """A complete `chat.completion` object."""
     calls = _calls(seq, tool_calls)
     # Like the real API: content is null when the model only calls tools.
     message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+    if stop in ("refusal", "content_filter"):
+        message["content"] = None
+    if stop == "refusal":
+        message["refusal"] = text
     if calls:
         message["tool_calls"] = calls
     return {
@@ -165,7 +180,7 @@ def reply_body(
             {
                 "index": 0,
                 "message": message,
-                "finish_reason": "tool_calls" if calls else "stop",
+                "finish_reason": _finish_reason(stop, calls),
                 "logprobs": None,
             }
         ],
@@ -183,6 +198,7 @@ def reply_stream(
     tool_calls: Sequence[ToolCallSpec],
     input_tokens: int,
     output_tokens: int,
+    stop: StopReason | None = None,
 ) -> Iterator[str]:
     """SSE frames of `chat.completion.chunk` objects, ending with `data: [DONE]`.
 
@@ -210,8 +226,9 @@ def reply_stream(
         return _frame(data)
 
     yield chunk({"role": "assistant", "content": ""})
-    for piece in re.findall(r"\s*\S+|\s+", text):
-        yield chunk({"content": piece})
+    field = "refusal" if stop == "refusal" else "content"
+    for piece in re.findall(r"\s*\S+|\s+", "" if stop == "content_filter" else text):
+        yield chunk({field: piece})
     calls = _calls(seq, tool_calls)
     for index, call in enumerate(calls):
         function = call["function"]
@@ -231,7 +248,7 @@ def reply_stream(
         for start in range(0, len(arguments), _ARGUMENT_PIECE):
             piece = arguments[start : start + _ARGUMENT_PIECE]
             yield chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
-    yield chunk({}, "tool_calls" if calls else "stop")
+    yield chunk({}, _finish_reason(stop, calls))
     if include_usage:
         yield _frame({**base, "choices": [], "usage": _usage(input_tokens, output_tokens)})
     yield "data: [DONE]\n\n"

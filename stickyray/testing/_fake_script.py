@@ -58,14 +58,28 @@ class FakeToolCall:
     id: str | None = None
 
 
+StopReason = Literal["max_tokens", "refusal", "content_filter"]
+"""Why a scripted reply ended, other than finishing or calling tools.
+
+``max_tokens``: cut off by the token limit (OpenAI ``length``). ``refusal``: OpenAI sends the
+content as ``message.refusal`` with null ``content``; Anthropic's ``stop_reason`` is
+``refusal``. ``content_filter``: OpenAI's finish reason (Azure sends it with null content);
+Anthropic has none, and answers ``refusal``.
+"""
+
+
 @dataclass(frozen=True)
 class FakeReply:
-    """A scripted model reply: text, tool calls (optionally with text), or an HTTP error."""
+    """A scripted model reply: text, tool calls (optionally with text), or an HTTP error.
+
+    ``stop`` makes the reply end for another reason than finishing (see ``StopReason``).
+    """
 
     content: str = ""
     calls: tuple[FakeToolCall, ...] = ()
     error_status: int | None = None
     error_message: str = ""
+    stop: StopReason | None = None
 
     @classmethod
     def text(cls, content: str) -> FakeReply:
@@ -116,7 +130,8 @@ class FakeReply:
         if self.error_status is not None:
             return f"error {self.error_status} {self.error_message!r}"
         names = [call.name for call in self.calls]
-        return f"text {self.content[:40]!r}" + (f" + tool calls {names}" if names else "")
+        stop = f" (stop: {self.stop})" if self.stop else ""
+        return f"text {self.content[:40]!r}" + (f" + tool calls {names}" if names else "") + stop
 
 
 ReplyResult = FakeReply | str
@@ -196,6 +211,7 @@ class _Wire(Protocol):
         tool_calls: Sequence[_ToolCallSpec],
         input_tokens: int,
         output_tokens: int,
+        stop: StopReason | None = None,
     ) -> dict[str, Any]: ...
     def reply_stream(
         self,
@@ -207,6 +223,7 @@ class _Wire(Protocol):
         tool_calls: Sequence[_ToolCallSpec],
         input_tokens: int,
         output_tokens: int,
+        stop: StopReason | None = None,
     ) -> Iterator[str]: ...
 
 

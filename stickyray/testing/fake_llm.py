@@ -337,6 +337,7 @@ class FakeLLMServer:
             "tool_calls": [(call.id, call.name, call.arguments) for call in reply.calls],
             "input_tokens": fake_request.input_tokens,
             "output_tokens": reply.output_tokens,
+            "stop": reply.stop,
         }
         if fake_request.stream:
             frames = _aiter(wire.reply_stream(body, **shape))

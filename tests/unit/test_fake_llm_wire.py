@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -238,3 +239,32 @@ async def test_async_clients(fake: FakeLLMServer) -> None:
         )
     assert completion.choices[0].message.content == "from openai"
     assert message.content[0].type == "tool_use" and message.content[0].input == {"q": "x"}
+
+
+# -- Replies that end for another reason --------------------------------------------------------
+
+
+def test_stop_reasons_in_both_wire_formats_streamed_or_not(
+    fake: FakeLLMServer, oai: openai.OpenAI, claude: anthropic.Anthropic
+) -> None:
+    refusal = FakeReply(content="I can't help with that.", stop="refusal")
+    fake.queue(refusal, refusal)
+    message = ask_openai(oai).choices[0].message
+    assert (message.content, message.refusal) == (None, "I can't help with that.")
+    chunks = list(ask_openai(oai, stream=True))
+    refused = "".join(c.choices[0].delta.refusal or "" for c in chunks if c.choices)
+    assert refused == "I can't help with that."
+    fake.queue(FakeReply(stop="content_filter"), FakeReply(content="cut", stop="max_tokens"))
+    filtered = ask_openai(oai).choices[0]
+    assert (filtered.finish_reason, filtered.message.content) == ("content_filter", None)
+    assert ask_openai(oai).choices[0].finish_reason == "length"
+
+    fake.queue(refusal, FakeReply(stop="content_filter"))
+    assert ask_claude(claude).stop_reason == "refusal"
+    assert ask_claude(claude).content == []
+    fake.queue(dataclasses.replace(FakeReply.tool_call("get_weather", {}), stop="max_tokens"))
+    with claude.messages.stream(
+        model="claude-test", max_tokens=64, messages=[{"role": "user", "content": "weather"}]
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "max_tokens" and final.content[0].type == "tool_use"

@@ -7,7 +7,14 @@ from typing import Any
 
 import anthropic
 
-from providers.model import NOT_AN_OBJECT_KEY, ChatMessage, ModelResponse, ToolCall, ToolSpec
+from providers.model import (
+    NOT_AN_OBJECT_KEY,
+    ChatMessage,
+    ModelResponse,
+    StopReason,
+    ToolCall,
+    ToolSpec,
+)
 from providers.openai_provider import AGENT_HEADER
 from stickyray.errors import ProviderError
 from stickyray.turns import Usage
@@ -25,7 +32,7 @@ def _blocks(message: ChatMessage) -> list[dict[str, Any]]:
             {"type": "tool_result", "tool_use_id": message.tool_call_id, "content": message.content}
         ]
     blocks: list[dict[str, Any]] = []
-    if message.content:
+    if message.content.strip():  # the API refuses a text block of whitespace only
         blocks.append({"type": "text", "text": message.content})
     for call in message.tool_calls:
         blocks.append(
@@ -55,6 +62,44 @@ def to_anthropic(messages: list[ChatMessage]) -> tuple[str, list[dict[str, Any]]
     return system, out
 
 
+_STOPS: dict[str | None, StopReason] = {
+    "max_tokens": "max_tokens",
+    "tool_use": "tool_use",
+    "refusal": "refusal",
+}
+
+
+def _read(response: anthropic.types.Message) -> ModelResponse:
+    if not isinstance(response, anthropic.types.Message):
+        raise TypeError(f"expected a message, got {type(response).__name__}")
+    stop = _STOPS.get(response.stop_reason, "end")
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    for block in response.content:
+        if block.type == "text":
+            texts.append(block.text)
+        elif block.type == "tool_use":
+            args = block.input
+            if not isinstance(args, dict):
+                args = {NOT_AN_OBJECT_KEY: args}
+            calls.append(ToolCall(id=block.id, name=block.name, arguments=args))
+    if stop == "max_tokens":
+        # The last tool_use block may be incomplete, its input a fragment parsed to {}.
+        calls = [call.cut_off() for call in calls]
+    # input_tokens leaves out what the prompt cache read or wrote; OpenAI's prompt_tokens
+    # include cached tokens, so both count every token of the prompt.
+    tokens = response.usage
+    prompt = (
+        (tokens.input_tokens or 0)
+        + (tokens.cache_read_input_tokens or 0)
+        + (tokens.cache_creation_input_tokens or 0)
+    )
+    usage = Usage(input_tokens=prompt, output_tokens=tokens.output_tokens or 0, requests=1)
+    return ModelResponse(
+        text="".join(texts), tool_calls=calls, usage=usage, model=response.model, stop=stop
+    )
+
+
 class AnthropicProvider:
     """A Provider on ``anthropic.AsyncAnthropic``; the SDK does timeouts and retries."""
 
@@ -65,7 +110,7 @@ class AnthropicProvider:
 
     @classmethod
     def from_settings(
-        cls, api_key: str, base_url: str | None, timeout_s: float, max_retries: int
+        cls, api_key: str, base_url: str, timeout_s: float, max_retries: int
     ) -> AnthropicProvider:
         """A provider with its own client."""
         # aiohttp under the SDK, as for OpenAI (httpx's pool is costly with many calls in flight).
@@ -110,24 +155,12 @@ class AnthropicProvider:
             )
         except anthropic.APIError as exc:
             raise ProviderError("anthropic", agent, f"{type(exc).__name__}: {exc}") from None
-        texts: list[str] = []
-        calls: list[ToolCall] = []
-        for block in response.content:
-            if block.type == "text":
-                texts.append(block.text)
-            elif block.type == "tool_use":
-                args = block.input
-                if not isinstance(args, dict):
-                    args = {NOT_AN_OBJECT_KEY: args}
-                calls.append(ToolCall(id=block.id, name=block.name, arguments=args))
-        usage = Usage(
-            input_tokens=response.usage.input_tokens,
-            output_tokens=response.usage.output_tokens,
-            requests=1,
-        )
-        return ModelResponse(
-            text="".join(texts), tool_calls=calls, usage=usage, model=response.model
-        )
+        try:
+            return _read(response)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ProviderError(
+                "anthropic", agent, f"unreadable response: {type(exc).__name__}: {exc}"
+            ) from None
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -12,11 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from stickyray.turns import Usage
 
 __all__ = [
+    "CUT_OFF_KEY",
     "INVALID_JSON_KEY",
     "NOT_AN_OBJECT_KEY",
     "ChatMessage",
     "ModelResponse",
     "Provider",
+    "StopReason",
     "ToolCall",
     "ToolSpec",
 ]
@@ -26,9 +28,15 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# Where a provider keeps arguments that were not a JSON object (cut off, or a bare value).
+# Where a provider keeps arguments that were not a JSON object (cut off, or a bare value),
+# or that parsed but belong to a reply the token limit cut off.
 INVALID_JSON_KEY = "_invalid_json"
 NOT_AN_OBJECT_KEY = "_value"
+CUT_OFF_KEY = "_cut_off"
+
+StopReason = Literal["end", "tool_use", "max_tokens", "refusal", "content_filter"]
+"""Why a model reply ended, in both vendors' terms: finished, calling tools, cut off by the
+token limit, refused (the text is the refusal), or withheld by a content filter."""
 
 
 class ToolCall(_Wire):
@@ -40,8 +48,16 @@ class ToolCall(_Wire):
 
     @property
     def malformed(self) -> bool:
-        """Whether the model's arguments were not a JSON object, so the tool must not run."""
-        return INVALID_JSON_KEY in self.arguments or NOT_AN_OBJECT_KEY in self.arguments
+        """Whether the arguments were not a JSON object or were cut off: the tool must not run."""
+        return any(
+            key in self.arguments for key in (INVALID_JSON_KEY, NOT_AN_OBJECT_KEY, CUT_OFF_KEY)
+        )
+
+    def cut_off(self) -> ToolCall:
+        """This call from a reply the token limit cut off: its arguments may be incomplete."""
+        if self.malformed:
+            return self
+        return self.model_copy(update={"arguments": {CUT_OFF_KEY: self.arguments}})
 
 
 class ToolSpec(_Wire):
@@ -62,12 +78,13 @@ class ChatMessage(_Wire):
 
 
 class ModelResponse(_Wire):
-    """A model's answer: text, tool calls or both, and the tokens it used."""
+    """A model's answer: text, tool calls or both, why it ended, and the tokens it used."""
 
     text: str = ""
     tool_calls: list[ToolCall] = Field(default_factory=list)
     usage: Usage = Usage(requests=1)  # one response, one request
     model: str = ""
+    stop: StopReason = "end"
 
 
 @runtime_checkable

@@ -14,6 +14,7 @@ from providers.model import (
     NOT_AN_OBJECT_KEY,
     ChatMessage,
     ModelResponse,
+    StopReason,
     ToolCall,
     ToolSpec,
 )
@@ -55,6 +56,42 @@ def _parse_arguments(raw: str | None) -> dict[str, Any]:
     return parsed if isinstance(parsed, dict) else {NOT_AN_OBJECT_KEY: parsed}
 
 
+_STOPS: dict[str | None, StopReason] = {
+    "length": "max_tokens",
+    "content_filter": "content_filter",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+}
+
+
+def _read(response: ChatCompletion) -> ModelResponse:
+    if not isinstance(response, ChatCompletion):
+        raise TypeError(f"expected a chat completion, got {type(response).__name__}")
+    if not response.choices:
+        raise ValueError("response has no choices")
+    first = response.choices[0]
+    choice = first.message
+    stop = _STOPS.get(first.finish_reason, "end")
+    calls = [
+        ToolCall(id=c.id, name=c.function.name, arguments=_parse_arguments(c.function.arguments))
+        for c in (choice.tool_calls or [])
+        if c.type == "function"
+    ]
+    if stop == "max_tokens":
+        calls = [call.cut_off() for call in calls]
+    text = choice.content or ""
+    if choice.refusal:
+        text, stop = choice.refusal, "refusal"
+    usage = Usage(requests=1)
+    if response.usage is not None:  # compatible servers may send nulls
+        usage = Usage(
+            input_tokens=response.usage.prompt_tokens or 0,
+            output_tokens=response.usage.completion_tokens or 0,
+            requests=1,
+        )
+    return ModelResponse(text=text, tool_calls=calls, usage=usage, model=response.model, stop=stop)
+
+
 class OpenAIProvider:
     """A Provider on ``openai.AsyncOpenAI``; the SDK does timeouts and retries with backoff."""
 
@@ -65,7 +102,7 @@ class OpenAIProvider:
 
     @classmethod
     def from_settings(
-        cls, api_key: str, base_url: str | None, timeout_s: float, max_retries: int
+        cls, api_key: str, base_url: str, timeout_s: float, max_retries: int
     ) -> OpenAIProvider:
         """A provider with its own client."""
         # aiohttp under the SDK: httpx's pool scans every open connection per request, which
@@ -119,26 +156,14 @@ class OpenAIProvider:
             )
         except openai.APIError as exc:
             raise ProviderError("openai", agent, f"{type(exc).__name__}: {exc}") from None
-        if not response.choices:
-            raise ProviderError("openai", agent, "response has no choices")
-        choice = response.choices[0].message
-        calls = [
-            ToolCall(
-                id=c.id, name=c.function.name, arguments=_parse_arguments(c.function.arguments)
-            )
-            for c in (choice.tool_calls or [])
-            if c.type == "function"
-        ]
-        usage = Usage(requests=1)
-        if response.usage is not None:
-            usage = Usage(
-                input_tokens=response.usage.prompt_tokens,
-                output_tokens=response.usage.completion_tokens,
-                requests=1,
-            )
-        return ModelResponse(
-            text=choice.content or "", tool_calls=calls, usage=usage, model=response.model
-        )
+        try:
+            return _read(response)
+        except (AttributeError, TypeError, ValueError) as exc:
+            # An answer in no shape the SDK knows (an HTML page from a proxy, a compatible
+            # server's nulls): the provider failed, like an error status.
+            raise ProviderError(
+                "openai", agent, f"unreadable response: {type(exc).__name__}: {exc}"
+            ) from None
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from providers.model import ChatMessage, Provider, ToolCall, ToolSpec
+from providers.model import ChatMessage, ModelResponse, Provider, ToolCall, ToolSpec
 from providers.offline import HANDOFF_NOTE, RETURN_TOOL, TRANSFER_PREFIX
 from providers.routing import EvidenceRouter
 from serve_app.agent_memory import MEMORY_TOOLS, AgentMemory
@@ -175,12 +175,14 @@ class Agent:
                     tool_calls=tool_log,
                 )
             if not response.tool_calls:
+                reply, error = _final_reply(name, response)
                 return AgentResult(
                     agent=name,
-                    reply=response.text,
+                    reply=reply,
                     usage=usage,
                     llm_calls=iteration,
                     tool_calls=tool_log,
+                    error=error,
                 )
             if iteration == self.config.max_iterations:
                 # No step is left to read their results: running the tools now would have
@@ -243,7 +245,27 @@ class Agent:
         if call.malformed:
             # Cut-off arguments must not run the tool on its defaults (cancel "latest" order).
             return (
-                f"error: the arguments of {call.name!r} were not a JSON object; "
+                f"error: the arguments of {call.name!r} were cut off or not a JSON object; "
                 "call it again with complete JSON arguments"
             )
         return await tool.run(call.arguments)
+
+
+def _final_reply(agent: str, response: ModelResponse) -> tuple[str, str | None]:
+    """The reply for the user, and what to record as the turn's error when it is not plain.
+
+    A refusal is the model's own words and is shown as such. A reply the token limit cut off
+    is shown as far as it goes. No text at all (a content filter, an empty answer) gets an
+    apology instead of an empty message.
+    """
+    if not response.text.strip():
+        log.warning("agent %s: the model answered with no text (%s)", agent, response.stop)
+        return (
+            f"Sorry, the {agent} agent could not answer this message. "
+            "Please rephrase or try again.",
+            f"empty reply ({response.stop})",
+        )
+    if response.stop in ("max_tokens", "refusal", "content_filter"):
+        log.info("agent %s: the reply ended with %s", agent, response.stop)
+        return response.text, response.stop
+    return response.text, None

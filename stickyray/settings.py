@@ -36,9 +36,11 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", alias="STICKYRAY_HOST")
     port: int = Field(default=8000, ge=1, le=65535, alias="STICKYRAY_PORT")
     openai_api_key: SecretStr | None = Field(default=None, alias="OPENAI_API_KEY")
-    openai_base_url: str | None = Field(default=None, alias="OPENAI_BASE_URL")
+    # Explicit defaults: given None, the SDKs read these variables themselves, and an empty
+    # one becomes a base URL of "" that fails every call.
+    openai_base_url: str = Field(default="https://api.openai.com/v1", alias="OPENAI_BASE_URL")
     anthropic_api_key: SecretStr | None = Field(default=None, alias="ANTHROPIC_API_KEY")
-    anthropic_base_url: str | None = Field(default=None, alias="ANTHROPIC_BASE_URL")
+    anthropic_base_url: str = Field(default="https://api.anthropic.com", alias="ANTHROPIC_BASE_URL")
     llm_timeout_s: float = Field(default=60.0, gt=0, alias="STICKYRAY_LLM_TIMEOUT_S")
     llm_max_retries: int = Field(default=3, ge=0, alias="STICKYRAY_LLM_MAX_RETRIES")
 

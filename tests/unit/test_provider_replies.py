@@ -1,0 +1,211 @@
+"""Replies that are not a plain answer, through the real SDKs: cut off by the token limit,
+refused, filtered, empty, unreadable; and what each provider counts as input tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import anthropic
+import httpx
+import httpx2
+import openai
+import pytest
+
+from providers.anthropic_provider import AnthropicProvider, to_anthropic
+from providers.factory import build_provider
+from providers.model import ChatMessage, ModelResponse
+from providers.openai_provider import OpenAIProvider
+from serve_app.agent import Agent
+from serve_app.tools import Tool
+from stickyray.config import parse_config
+from stickyray.errors import ProviderError
+from stickyray.settings import Settings
+from stickyray.testing import FakeLLMServer, FakeReply
+from stickyray.turns import AgentRequest
+from tests.e2e.teams import openai_team
+from tests.unit.test_agent_loop import close_providers, provider_for  # noqa: F401 (autouse)
+
+KINDS = ["openai", "anthropic"]
+
+
+def bookings_agent(kind: str, fake: FakeLLMServer, tools: list[Tool] | None = None) -> Agent:
+    data = openai_team(provider=kind, model="m-test")
+    data["specialists"][1]["max_iterations"] = 3
+    cfg = parse_config(data, source=__import__("pathlib").Path("<test>"))
+    return Agent(cfg.agent("bookings"), cfg, provider_for(kind, fake), tools or [])
+
+
+def request(text: str) -> AgentRequest:
+    return AgentRequest(thread="default/t", turn=1, text=text, buffer=[])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_tool_call_the_token_limit_cut_off_does_not_run(
+    kind: str, fake_llm: FakeLLMServer
+) -> None:
+    """Anthropic parses a cut-off tool_use to what it got, often {}: the tool's defaults."""
+    cancelled: list[str] = []
+
+    def cancel_order(order_id: str = "latest") -> str:
+        cancelled.append(order_id)
+        return f"cancelled {order_id}"
+
+    agent = bookings_agent(kind, fake_llm, [Tool("cancel_order", "Cancel an order", cancel_order)])
+    fake_llm.on(
+        agent="bookings",
+        after_tool_result=True,
+        reply=lambda r: FakeReply.text(f"tool said: {r.tool_results[-1]}"),
+    )
+    cut = dataclasses.replace(FakeReply.tool_call("cancel_order", {}), stop="max_tokens")
+    fake_llm.on(agent="bookings", reply=cut)
+    result = await agent.run(request("cancel order A-17 with a refund"))
+    assert cancelled == []
+    assert result.reply is not None and "cut off" in result.reply
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_refused_filtered_empty_and_cut_off_replies(
+    kind: str, fake_llm: FakeLLMServer
+) -> None:
+    agent = bookings_agent(kind, fake_llm)
+    cases = [
+        (FakeReply(content="I can't help with that.", stop="refusal"), "refusal"),
+        (FakeReply(content="Your booking is for two peo", stop="max_tokens"), "max_tokens"),
+        (FakeReply(stop="content_filter"), None),
+        (FakeReply.text(""), "empty reply (end)"),
+        (FakeReply.text("  \n"), "empty reply (end)"),
+    ]
+    for reply, error in cases:
+        fake_llm.reset()
+        fake_llm.on(agent="bookings", reply=reply)
+        result = await agent.run(request("book a table"))
+        if reply.content.strip():
+            assert (result.reply, result.error) == (reply.content, error)
+        else:
+            assert result.reply is not None and "could not answer" in result.reply
+            filtered = "content_filter" if kind == "openai" else "refusal"
+            assert result.error == (error or f"empty reply ({filtered})")
+        assert not result.failed and result.usage.requests == 1
+
+
+def canned(kind: str, body: bytes, content_type: str = "application/json") -> object:
+    """An HTTP client whose every request gets this 200 answer, for the SDKs to parse."""
+    # The anthropic SDK brings its own fork of httpx and accepts only that one's clients.
+    http = httpx2 if kind == "anthropic" else httpx
+
+    def answer(request: object) -> object:
+        return http.Response(200, content=body, headers={"content-type": content_type})
+
+    return http.AsyncClient(transport=http.MockTransport(answer))
+
+
+async def complete(kind: str, http_client: Any) -> ModelResponse:
+    provider: OpenAIProvider | AnthropicProvider
+    if kind == "openai":
+        provider = OpenAIProvider(
+            openai.AsyncOpenAI(
+                api_key="k", base_url="http://x/v1", http_client=http_client, max_retries=0
+            )
+        )
+    else:
+        provider = AnthropicProvider(
+            anthropic.AsyncAnthropic(
+                api_key="k", base_url="http://x", http_client=http_client, max_retries=0
+            )
+        )
+    try:
+        return await provider.complete(
+            agent="a",
+            model="m",
+            messages=[ChatMessage(role="user", content="hi")],
+            tools=[],
+            temperature=None,
+        )
+    finally:
+        await provider.aclose()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_answer_in_no_known_shape_is_a_provider_error(kind: str) -> None:
+    """A proxy's HTML page with a 200 status fails like an error status, not with a traceback."""
+    with pytest.raises(ProviderError, match="unreadable response"):
+        await complete(kind, canned(kind, b"<html>maintenance</html>", "text/html"))
+
+
+async def test_null_token_counts_from_a_compatible_server_count_as_zero() -> None:
+    body = {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": "hello"},
+            }
+        ],
+        "usage": {"prompt_tokens": None, "completion_tokens": 3, "total_tokens": None},
+    }
+    response = await complete("openai", canned("openai", json.dumps(body).encode()))
+    assert response.text == "hello"
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (0, 3)
+
+
+async def test_anthropic_input_tokens_include_the_prompt_cache() -> None:
+    """As OpenAI's prompt_tokens do: both count every token of the prompt."""
+    body = {
+        "id": "m",
+        "type": "message",
+        "role": "assistant",
+        "model": "m",
+        "content": [{"type": "text", "text": "hi"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": 50,
+            "output_tokens": 2,
+            "cache_read_input_tokens": 3000,
+            "cache_creation_input_tokens": 1000,
+        },
+    }
+    response = await complete("anthropic", canned("anthropic", json.dumps(body).encode()))
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (4050, 2)
+
+
+def test_whitespace_only_text_is_not_sent_to_anthropic() -> None:
+    """The Messages API answers 400 to a text block with no visible character."""
+    _, wire = to_anthropic(
+        [
+            ChatMessage(role="user", content="hi"),
+            ChatMessage(role="assistant", content="\n\n"),
+            ChatMessage(role="user", content="again"),
+        ]
+    )
+    assert wire == [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "again"}],
+        }
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_empty_base_url_variable_means_the_vendors_url(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given None, the SDKs would read the empty variable themselves and call ''."""
+    monkeypatch.setenv("OPENAI_BASE_URL", "")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", "")
+    settings = Settings(OPENAI_API_KEY="k", ANTHROPIC_API_KEY="k")
+    cfg = parse_config(
+        openai_team(provider=kind, model="m"), source=__import__("pathlib").Path("<t>")
+    )
+    provider = build_provider(cfg.agent("bookings"), cfg, settings, None)
+    try:
+        host = str(provider._client.base_url)  # type: ignore[attr-defined]
+        assert host.startswith(f"https://api.{kind}.com")
+    finally:
+        await provider.aclose()

@@ -248,7 +248,7 @@ class Agent:
                 f"error: the arguments of {call.name!r} were cut off or not a JSON object; "
                 "call it again with complete JSON arguments"
             )
-        return await tool.run(call.arguments)
+        return await tool.run(call.arguments, self.config.tool_timeout_s)
 
 
 def _final_reply(agent: str, response: ModelResponse) -> tuple[str, str | None]:

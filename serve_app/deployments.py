@@ -138,15 +138,16 @@ class AgentDeployment:
                 long_term = await open_memory(team, settings, embedder, self._stack)
                 assert long_term is not None
                 memory = AgentMemory(config, long_term)
+            # A tool module missing on this node fails here, on every restart Serve tries.
+            tools = resolve_tools(config.tools) + intent_tools(config)
+            router = None
+            if team.prechecks(agent_name):
+                router = EvidenceRouter(HandleEmbedder(embedder), team_profiles(team))
+            self._agent = Agent(config, team, provider, tools, memory, router)
         except BaseException:
             self._closed = True
             await self._stack.aclose()  # Serve runs no destructor for a replica that never started
             raise
-        tools = resolve_tools(config.tools) + intent_tools(config)
-        router = None
-        if team.prechecks(agent_name):
-            router = EvidenceRouter(HandleEmbedder(embedder), team_profiles(team))
-        self._agent = Agent(config, team, provider, tools, memory, router)
 
     def __del__(self) -> Coroutine[Any, Any, None] | None:
         """Close the provider's and memory's connections, once.

@@ -10,6 +10,7 @@ import asyncio
 import importlib
 import inspect
 import re
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,13 +45,15 @@ class Tool:
         return ToolSpec(name=self.name, description=self.description, parameters=parameters)
 
     def _args_model(self) -> Any:
+        # Hints resolved in the function's own module: with ``from __future__ import
+        # annotations`` they are strings that mean nothing here.
+        hints = typing.get_type_hints(self.func, include_extras=True)
         fields: dict[str, Any] = {}
         for param in inspect.signature(self.func).parameters.values():
-            annotation = (
-                param.annotation if param.annotation is not inspect.Parameter.empty else Any
-            )
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue  # *args / **kwargs: nothing a model can name
             default = param.default if param.default is not inspect.Parameter.empty else ...
-            fields[param.name] = (annotation, default)
+            fields[param.name] = (hints.get(param.name, Any), default)
         return create_model(f"{self.name}_args", **fields)
 
     def _schema(self) -> dict[str, Any]:
@@ -58,16 +61,24 @@ class Tool:
         schema.pop("title", None)
         return schema
 
-    async def run(self, arguments: dict[str, Any]) -> str:
+    async def run(self, arguments: dict[str, Any], timeout_s: float | None = None) -> str:
         """Validate arguments, call the function, render the result as text for the model.
 
-        Errors become text too: the model can correct itself, the turn does not fail.
+        Errors become text too: the model can correct itself, the turn does not fail. So does
+        a call still running after ``timeout_s``.
         """
         if self.parameters is not None:
-            missing = [n for n in self.parameters.get("required", []) if n not in arguments]
+            # A schema given outright (intents): only its properties, and null is absent.
+            known = self.parameters.get("properties", {})
+            unknown = sorted(set(arguments) - set(known))
+            if unknown:
+                return (
+                    f"error: {self.name} has no {', '.join(unknown)}; it takes {', '.join(known)}"
+                )
+            kwargs = {k: v for k, v in arguments.items() if v is not None}
+            missing = [n for n in self.parameters.get("required", []) if n not in kwargs]
             if missing:
                 return f"error: {self.name} needs {', '.join(missing)}"
-            kwargs = dict(arguments)
         else:
             try:
                 args = self._args_model().model_validate(arguments)
@@ -75,13 +86,24 @@ class Tool:
                 return f"error: invalid arguments for {self.name}: {exc.errors()}"
             kwargs = {name: getattr(args, name) for name in type(args).model_fields}
         try:
-            if inspect.iscoroutinefunction(self.func):
-                result = await self.func(**kwargs)
-            else:
-                result = await asyncio.to_thread(self.func, **kwargs)
+            result = await asyncio.wait_for(self._call(kwargs), timeout_s)
+        except TimeoutError:
+            # A function running in a thread cannot be stopped, and may still do its work.
+            return (
+                f"error: {self.name} did not finish within {timeout_s:g} s; it may still "
+                "complete, so check before calling it again"
+            )
         except Exception as exc:  # a tool's failure is reported to the model, not raised
             return f"error: {self.name} failed: {type(exc).__name__}: {exc}"
         return result if isinstance(result, str) else repr(result)
+
+    async def _call(self, kwargs: dict[str, Any]) -> Any:
+        if inspect.iscoroutinefunction(self.func):
+            return await self.func(**kwargs)
+        result = await asyncio.to_thread(self.func, **kwargs)
+        if inspect.isawaitable(result):  # a sync wrapper (a decorator) around an async tool
+            result = await result
+        return result
 
 
 def current_time(timezone: str = "UTC") -> str:
@@ -151,19 +173,24 @@ def intent_tools(agent: AgentConfig) -> list[Tool]:
             "required": list(intent.required_slots),
         }
 
-        def record(_intent: str = intent.name, **values: Any) -> str:
-            filled = ", ".join(f"{k}={v}" for k, v in sorted(values.items()))
-            return f"{_intent} recorded ({filled or 'no details'})"
-
         tools.append(
             Tool(
                 name=intent.name,
                 description=intent.description or intent.name,
-                func=record,
+                func=_recorder(intent.name),
                 parameters=parameters,
             )
         )
     return tools
+
+
+def _recorder(intent: str) -> Callable[..., str]:
+    # The intent is closed over, not a parameter: no argument the model sends can rename it.
+    def record(**values: Any) -> str:
+        filled = ", ".join(f"{k}={v}" for k, v in sorted(values.items()))
+        return f"{intent} recorded ({filled or 'no details'})"
+
+    return record
 
 
 def check_tools(team: TeamConfig) -> None:

@@ -99,6 +99,9 @@ class AgentConfig(_Strict):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_iterations: int = Field(default=6, ge=1, le=50)
     max_tokens: int = Field(default=1024, ge=1)
+    # One tool call's deadline: the thread runs one turn at a time, so a hung backend
+    # would hold the conversation.
+    tool_timeout_s: float = Field(default=30.0, gt=0)
     handoffs: list[str] | None = None
     can_return_to_supervisor: bool = True
     tools: list[str] = Field(default_factory=list)
@@ -118,6 +121,9 @@ class AgentConfig(_Strict):
             raise ValueError("set num_replicas or autoscaling_config, not both")
         if self.provider != "offline" and not self.model:
             raise ValueError(f"model is required for provider {self.provider!r}")
+        if self.provider == "anthropic" and self.temperature is not None and self.temperature > 1:
+            # Anthropic's range is 0-1: every call would be refused.
+            raise ValueError("temperature: at most 1.0 for provider anthropic")
         return self
 
     @property

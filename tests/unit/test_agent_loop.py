@@ -9,7 +9,7 @@ from providers.anthropic_provider import AnthropicProvider
 from providers.factory import build_provider, check_providers
 from providers.openai_provider import OpenAIProvider
 from serve_app.agent import Agent
-from serve_app.tools import ToolError, resolve_tool, resolve_tools
+from serve_app.tools import ToolError, intent_tools, resolve_tool, resolve_tools
 from stickyray.config import parse_config
 from stickyray.errors import ConfigError
 from stickyray.settings import Settings
@@ -253,3 +253,48 @@ async def test_the_precheck_never_overrules_a_handoff_and_never_fails_a_turn(
         assert moved.reply == "booked" and not moved.failed
     else:
         assert moved.handoff_to is not None and fake_llm.count(agent="bookings") == 1
+
+
+async def test_tools_from_a_module_with_string_annotations() -> None:
+    """``from __future__ import annotations``: hints resolve in the tool's own module."""
+    from tests.unit import tools_for_tests
+
+    flight = resolve_tool("tests.unit.tools_for_tests:book_flight")
+    properties = flight.spec().parameters["properties"]
+    assert set(properties) == {"day", "cabin", "seat"}  # **extra is nothing a model can name
+    assert properties["day"]["format"] == "date"
+    answer = await flight.run({"day": "2026-12-24", "cabin": "business", "seat": "window"})
+    assert answer == "2026-12-24 business window"
+    assert "invalid arguments" in await flight.run({"day": "2026-12-24", "cabin": "first"})
+
+    cancel = resolve_tool("tests.unit.tools_for_tests:cancel_booking")
+    assert await cancel.run({"booking": "B-1"}) == "cancelled B-1"
+    assert tools_for_tests.SIDE_EFFECTS == ["B-1"], "the coroutine was awaited"
+
+    hangs = resolve_tool("tests.unit.tools_for_tests:hangs")
+    answer = await hangs.run({}, timeout_s=0.05)
+    assert answer.startswith("error: hangs did not finish within 0.05 s")
+
+
+async def test_intent_tools_take_their_slots_only() -> None:
+    data = openai_team(provider="offline")
+    data["specialists"][1]["intents"] = [
+        {"name": "ReserveTable", "required_slots": ["date"], "optional_slots": ["people"]}
+    ]
+    cfg = parse_config(data, source=__import__("pathlib").Path("<test>"))
+    [tool] = intent_tools(cfg.agent("bookings"))
+    assert await tool.run({"date": "friday", "people": None}) == (
+        "ReserveTable recorded (date=friday)"
+    )
+    assert "needs date" in await tool.run({"date": None})
+    renamed = await tool.run({"date": "friday", "_intent": "CancelEverything"})
+    assert renamed == "error: ReserveTable has no _intent; it takes date, people"
+
+
+def test_anthropic_temperatures_stop_at_one() -> None:
+    data = openai_team(provider="anthropic", model="m")
+    data["specialists"][1]["temperature"] = 1.5
+    with pytest.raises(ConfigError, match="specialists.1: temperature: at most 1.0 for provider"):
+        parse_config(data, source=__import__("pathlib").Path("<test>"))
+    data["specialists"][1]["temperature"] = 1.0
+    parse_config(data, source=__import__("pathlib").Path("<test>"))

@@ -10,6 +10,7 @@ import pytest
 
 from memory.postgres import PostgresMemoryStore
 from serve_app.deployments import AgentDeployment
+from serve_app.tools import ToolError
 from stickyray.config import TeamConfig
 from stickyray.settings import Settings
 from stickyray.testing import FakeLLMServer, FakeReply
@@ -69,3 +70,24 @@ async def test_an_agent_replica_closes_its_model_client_on_shutdown(
     await closing
     with pytest.raises(RuntimeError, match="client has been closed"):
         await replica.run(request)
+
+
+async def test_a_replica_that_fails_to_start_closes_what_it_opened(
+    settings: Settings, postgres_url: str
+) -> None:
+    """Serve retries a failed replica; each attempt must not leave a memory pool behind."""
+    async with PostgresMemoryStore.from_url(postgres_url, dimension=384) as store:
+        await store.setup()
+    before = await client_backends(postgres_url)
+    data = memory_team()
+    bookings = next(a for a in data["specialists"] if a["name"] == "bookings")
+    bookings["tools"] = ["tests.unit.no_such_module:lookup"]  # not installed on this node
+    team = TeamConfig.model_validate(data)
+    replica = AgentDeployment.__new__(AgentDeployment)
+    with pytest.raises(ToolError, match="cannot import"):
+        await AgentDeployment.__init__(replica, "bookings", team, settings, None)
+    deadline = time.monotonic() + 30
+    while await client_backends(postgres_url) > before:
+        assert time.monotonic() < deadline, "the memory pool's connections stayed open"
+        await asyncio.sleep(0.05)
+    assert replica.__del__() is None

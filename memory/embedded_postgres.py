@@ -1,7 +1,10 @@
 """A real Postgres 16 with pgvector for machines without one, through ``pgserver``.
 
-The server listens on a unix socket only (no TCP port), in the data directory when the path
-is short enough and otherwise under pgserver's runtime directory. ``start()`` returns a URL
+The server listens on a unix socket only (no TCP port), in the data directory, which only
+the server's user can enter. pgserver would move the socket to a world-writable directory
+under ``/tmp`` when the data directory's path is too long for one, and every local user could
+then connect as the superuser (the cluster trusts local connections); ``start()`` refuses
+such a path instead. ``start()`` returns a URL
 for a login role that is neither a superuser nor BYPASSRLS: superusers skip row-level
 security even on FORCE'd tables, so connecting as ``postgres`` would quietly take down the
 second tenant wall that :class:`memory.postgres.PostgresMemoryStore` relies on.
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _SYSTEM_USER = "pgserver"  # the user pgserver creates to run the server as, when root
 _SYSTEM_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+# sockaddr_un.sun_path is 108 bytes on Linux, the terminating NUL included.
+_MAX_SOCKET_PATH_BYTES = 107
 
 # Run by psql as the superuser. pgvector 0.6 is not a trusted extension, so the vector
 # extension is created here: the application role could not do it, and its migration's
@@ -106,6 +111,14 @@ class EmbeddedPostgres:
         """Start the server (or reuse the one serving ``data_dir``), bootstrap, return ``url``."""
         import pgserver
 
+        socket = self._data_dir / ".s.PGSQL.5432"
+        if len(os.fsencode(socket)) > _MAX_SOCKET_PATH_BYTES:
+            raise ValueError(
+                f"data directory path too long for the Postgres socket: {self._data_dir} "
+                f"({len(os.fsencode(socket))} bytes with the socket's name, at most "
+                f"{_MAX_SOCKET_PATH_BYTES}); set STICKYRAY_DATA_DIR to a shorter path, or "
+                "DATABASE_URL"
+            )
         self._data_dir.parent.mkdir(parents=True, exist_ok=True)
         self._forget_dead_handles()
         ensure_useradd_on_path()
@@ -152,6 +165,12 @@ class EmbeddedPostgres:
             return
         server, self._server = self._server, None
         server.cleanup()  # cleanup_mode="stop": stops, keeps the data
+        # pgserver keeps the object per data dir and hands it back to the next get_server
+        # without counting this process as a holder again; a later start must count.
+        from pgserver.postgres_server import PostgresServer
+
+        with PostgresServer._lock:
+            PostgresServer._instances.pop(self._data_dir, None)
 
 
 def prepare_database(

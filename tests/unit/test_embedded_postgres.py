@@ -141,3 +141,35 @@ def test_dead_handles_are_forgotten_under_pgservers_lock(tmp_path: Path) -> None
     finally:
         locker.kill()
     assert json.loads(handles.read_text()) == [os.getpid()]
+
+
+def test_a_path_too_long_for_the_socket_is_refused(tmp_path: Path) -> None:
+    """pgserver would put the socket in a world-writable /tmp directory, open to every user."""
+    data = tmp_path / ("d" * (110 - len(str(tmp_path)))) / "pg"
+    with pytest.raises(ValueError, match="too long for the Postgres socket.*STICKYRAY_DATA_DIR"):
+        embedded_postgres.EmbeddedPostgres(data).start()
+    assert not data.parent.exists(), "nothing was created"
+
+
+def test_a_second_start_in_one_process_counts_as_a_holder_again(tmp_path: Path) -> None:
+    """pgserver hands back its cached server object, which does not count this process."""
+    data = tmp_path / "pg"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(data)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    postgres = embedded_postgres.EmbeddedPostgres(data)
+    server = None
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"started\n"
+        postgres.start()
+        server = postgres._server.get_postmaster_info().process
+        postgres.stop()  # the holder keeps it running
+        postgres.start()
+        handles = json.loads((data / ".handle_pids.json").read_text())
+        assert sorted(handles) == sorted([holder.pid, os.getpid()])
+    finally:
+        postgres.stop()
+        holder.kill()
+        holder.wait()
+        if server is not None and _running(server):
+            server.kill()

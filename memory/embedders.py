@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -12,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import openai
 
-from stickyray.errors import ProviderError
+from stickyray.errors import ConfigError, ProviderError
 
 __all__ = ["Embedder", "LocalEmbedder", "OpenAIEmbedder", "VectorCache"]
 
@@ -78,6 +79,9 @@ class LocalEmbedder:
         self._model: Any = None
         self._cache = VectorCache(cache_size)
         self._lock = asyncio.Lock()
+        # Held by the worker thread itself: a caller cancelled mid-encode releases the asyncio
+        # lock while its thread still runs, and the model is not re-entrant.
+        self._model_lock = threading.Lock()
 
     @property
     def dimension(self) -> int:
@@ -102,9 +106,10 @@ class LocalEmbedder:
         """Blocking embed; the async method runs this in a worker thread."""
         found, missing = self._cache.lookup(texts)
         if missing:
-            vectors = self._load().encode(
-                missing, normalize_embeddings=True, convert_to_numpy=True, batch_size=64
-            )
+            with self._model_lock:
+                vectors = self._load().encode(
+                    missing, normalize_embeddings=True, convert_to_numpy=True, batch_size=64
+                )
             for text, vector in zip(missing, vectors, strict=True):
                 found[text] = vector.astype(np.float32)
         self._cache.keep(found)
@@ -116,10 +121,18 @@ class LocalEmbedder:
             return await asyncio.to_thread(self.embed_sync, list(texts))
 
 
+# OpenAI embeds at most 8,192 tokens of one input and refuses more; a token is at least one
+# character in practice, so this many characters always fit.
+OPENAI_MAX_INPUT_CHARS = 8_000
+
+
 class OpenAIEmbedder:
     """Embeddings through the official ``openai`` SDK (text-embedding-3-small by default).
 
     The base URL is configurable like the chat provider's; results are cached per text (LRU).
+    ``dimension`` is asked for (the ``dimensions`` parameter, which only text-embedding-3 and
+    later models take) when ``shorten`` is set, and checked against every answer either way.
+    Texts are embedded from their first ``OPENAI_MAX_INPUT_CHARS`` characters.
     """
 
     def __init__(
@@ -128,10 +141,13 @@ class OpenAIEmbedder:
         model: str = "text-embedding-3-small",
         dimension: int = 1536,
         cache_size: int = 10_000,
+        *,
+        shorten: bool = True,
     ) -> None:
         self._client = client
         self._model = model
         self._dimension = dimension
+        self._shorten = shorten
         self._cache = VectorCache(cache_size)
 
     @property
@@ -143,15 +159,23 @@ class OpenAIEmbedder:
             return np.zeros((0, self._dimension), np.float32)
         found, missing = self._cache.lookup(texts)
         if missing:
+            options = {"dimensions": self._dimension} if self._shorten else {}
             try:
                 response = await self._client.embeddings.create(
-                    model=self._model, input=missing, dimensions=self._dimension
+                    model=self._model,
+                    input=[text[:OPENAI_MAX_INPUT_CHARS] for text in missing],
+                    **options,
                 )
             except openai.OpenAIError as exc:
                 # The SDK's errors do not survive pickling across Ray; this one does.
                 raise ProviderError("openai", "embedder", f"{type(exc).__name__}: {exc}") from None
             for item in response.data:
                 vector = np.asarray(item.embedding, dtype=np.float32)
+                if vector.shape != (self._dimension,):
+                    raise ConfigError(
+                        f"embedding model {self._model!r} gives {vector.size} dimensions, and "
+                        f"memory.dimension is {self._dimension}: set memory.dimension to match"
+                    )
                 found[missing[item.index]] = vector / (np.linalg.norm(vector) or 1.0)
         self._cache.keep(found)
         return np.stack([found[t] for t in texts])

@@ -93,7 +93,9 @@ async def open_memory(
     from memory.postgres import PostgresMemoryStore
 
     store = await stack.enter_async_context(
-        PostgresMemoryStore.from_url(settings.database_url, dimension=config.embedding_dimension)
+        PostgresMemoryStore.from_url(
+            settings.database_url, dimension=config.embedding_dimension, pool_size=config.pool_size
+        )
     )
     vectors: Embedder
     if config.embedder == "openai":
@@ -107,7 +109,12 @@ async def open_memory(
             max_retries=settings.llm_max_retries,
         )
         stack.push_async_callback(client.close)
-        vectors = OpenAIEmbedder(client, config.embedding_model, config.embedding_dimension)
+        vectors = OpenAIEmbedder(
+            client,
+            config.embedding_model,
+            config.embedding_dimension,
+            shorten=config.dimension is not None,
+        )
     else:
         assert embedder is not None, "build_app binds the embedder for local memory"
         vectors = HandleEmbedder(embedder)

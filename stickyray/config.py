@@ -159,10 +159,16 @@ class MemoryConfig(_Strict):
 
     embedder: Literal["local", "openai"] = "local"
     embedding_model: str = "text-embedding-3-small"
-    dimension: int | None = Field(default=None, ge=1, le=16_000)
+    # Unset: the model's own size (1536 for OpenAI's small and ada models), not asked for.
+    # Set: asked for (text-embedding-3 models shorten their vectors). At most 2000, the most
+    # pgvector's HNSW index takes.
+    dimension: int | None = Field(default=None, ge=1, le=2000)
     similarity_weight: float = Field(default=1.0, ge=0)
     recency_weight: float = Field(default=0.2, ge=0)
     importance_weight: float = Field(default=0.1, ge=0)
+    # Connections each ingress and agent replica may open; keep replicas x pool_size under
+    # the server's max_connections (100 for the embedded one, 3 of them kept for superusers).
+    pool_size: int = Field(default=10, ge=1, le=100)
 
     @property
     def embedding_dimension(self) -> int:

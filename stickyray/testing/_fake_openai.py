@@ -269,6 +269,21 @@ def fake_embedding(text: str, dimensions: int) -> list[float]:
     return [v / norm for v in vector]
 
 
+EMBEDDING_MAX_TOKENS = 8192
+
+
+def embeddings_refusal(body: dict[str, Any]) -> str | None:
+    """Why the API would answer 400, as it does: an input over the model's 8,192 tokens (here
+    words), or ``dimensions`` for a model older than text-embedding-3."""
+    inputs = body.get("input", [])
+    texts = [inputs] if isinstance(inputs, str) else [str(t) for t in inputs]
+    if any(len(t.split()) > EMBEDDING_MAX_TOKENS for t in texts):
+        return f"This model's maximum context length is {EMBEDDING_MAX_TOKENS} tokens"
+    if "dimensions" in body and str(body.get("model", "")).startswith("text-embedding-ada"):
+        return "This model does not support specifying dimensions."
+    return None
+
+
 def embeddings_body(body: dict[str, Any]) -> dict[str, Any]:
     """A `create embeddings` response for ``body`` (a string or a list of strings)."""
     inputs = body.get("input", [])

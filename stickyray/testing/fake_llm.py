@@ -312,6 +312,9 @@ class FakeLLMServer:
         body = await request.json()
         with self._lock:
             self.embedding_requests += 1
+        refused = _fake_openai.embeddings_refusal(body)
+        if refused is not None:
+            return JSONResponse(_fake_openai.error_body(400, refused), status_code=400)
         return JSONResponse(_fake_openai.embeddings_body(body))
 
     async def _handle(self, request: Request, api: Api, wire: _Wire) -> Response:

@@ -133,6 +133,11 @@ def test_memory_settings(tmp_path: Path) -> None:
     data["specialists"][0]["memory"] = {"top_k": 100}
     with pytest.raises(ConfigError, match="specialists.0.memory.top_k"):
         load_config(write(tmp_path, data))
+    # text-embedding-3-large's 3072 would fail later, creating pgvector's HNSW index.
+    data["specialists"][0]["memory"] = {}
+    data["memory"] = {"embedder": "openai", "dimension": 3072}
+    with pytest.raises(ConfigError, match="memory.dimension: .* less than or equal to 2000"):
+        load_config(write(tmp_path, data))
 
 
 def test_only_a_specialist_that_can_move_runs_the_precheck(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import openai
 import pytest
 from pydantic import ValidationError
@@ -140,3 +141,60 @@ async def test_a_model_written_summary_reports_its_tokens(fake_llm: FakeLLMServe
     assert result.usage.requests == 1
     (hit,) = await memory.recall("default", "u", "table", k=1)
     assert hit.memory.content == "The user booked a table for two."
+
+
+async def test_openai_embedding_inputs_and_dimensions_the_api_accepts(
+    fake_llm: FakeLLMServer,
+) -> None:
+    from stickyray.errors import ConfigError
+
+    client = openai.AsyncOpenAI(base_url=fake_llm.openai_base_url, api_key="k", max_retries=0)
+    # A message longer than the model's 8,192 tokens is embedded from its start.
+    long = " ".join(f"w{i}" for i in range(9000))
+    assert (await OpenAIEmbedder(client, dimension=64).embed([long])).shape == (1, 64)
+    # Older models take no `dimensions`: unset in the config, it is not sent.
+    ada = OpenAIEmbedder(client, "text-embedding-ada-002", 1536, shorten=False)
+    assert (await ada.embed(["hello"])).shape == (1, 1536)
+    # A size the model does not give is a configuration error, not vectors of the wrong size.
+    with pytest.raises(ConfigError, match="gives 1536 dimensions, and memory.dimension is 64"):
+        await OpenAIEmbedder(client, "text-embedding-ada-002", 64, shorten=False).embed(["x"])
+
+
+def test_a_cancelled_caller_leaves_the_local_model_to_one_encode_at_a_time() -> None:
+    """Cancelling releases the asyncio lock while the worker thread still encodes."""
+    import asyncio
+    import threading
+
+    from memory.embedders import LocalEmbedder
+
+    running, most, gate, started = [0], [0], threading.Event(), threading.Event()
+    guard = threading.Lock()
+
+    class Model:  # stands in for the slow encode, counting how many overlap
+        def encode(self, texts: list[str], **_: object) -> np.ndarray:
+            with guard:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            started.set()
+            gate.wait(10)
+            with guard:
+                running[0] -= 1
+            return np.ones((len(texts), 384), np.float32)
+
+    local = LocalEmbedder()
+    local._model = Model()
+
+    async def scenario() -> None:
+        first = asyncio.create_task(local.embed(["a"]))
+        assert await asyncio.to_thread(started.wait, 10)  # the first encode is in its thread
+        first.cancel()
+        second = asyncio.create_task(local.embed(["b"]))
+        # A second encode starts at once if it can: look for one for a moment.
+        deadline = asyncio.get_running_loop().time() + 0.3
+        while running[0] < 2 and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        gate.set()
+        assert (await second).shape == (1, 384)
+
+    asyncio.run(scenario())
+    assert most[0] == 1

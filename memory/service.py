@@ -17,14 +17,28 @@ from memory.long_term import (
     storable_text,
 )
 
-__all__ = ["LongTermMemory", "extractive_summary"]
+__all__ = ["DEFAULT_MAX_CORE_BLOCKS", "CoreBlocksFull", "LongTermMemory", "extractive_summary"]
+
+DEFAULT_MAX_CORE_BLOCKS = 20
+
+
+class CoreBlocksFull(ValueError):
+    """A user's core blocks are as many as allowed: a new label needs an old one gone."""
 
 
 class LongTermMemory:
-    """Embeds text on the way in and out of a MemoryStore."""
+    """Embeds text on the way in and out of a MemoryStore.
+
+    A user has at most ``max_core_blocks`` core blocks: every one is in every prompt, so
+    without a bound a model told to keep notes could fill the context window.
+    """
 
     def __init__(
-        self, store: MemoryStore, embedder: Embedder, weights: SearchWeights | None = None
+        self,
+        store: MemoryStore,
+        embedder: Embedder,
+        weights: SearchWeights | None = None,
+        max_core_blocks: int = DEFAULT_MAX_CORE_BLOCKS,
     ) -> None:
         if store.dimension != embedder.dimension:
             raise ValueError(
@@ -35,6 +49,7 @@ class LongTermMemory:
         self.store = store
         self._embedder = embedder
         self._weights = weights or SearchWeights()
+        self.max_core_blocks = max_core_blocks
 
     async def remember(self, tenant: str, user_id: str, memory: NewMemory) -> MemoryRecord:
         """Store one memory."""
@@ -72,7 +87,17 @@ class LongTermMemory:
     async def set_core(
         self, tenant: str, user_id: str, label: str, value: str, limit: int
     ) -> CoreBlock:
-        """Create or replace a core block (ValueError when over ``limit`` or not storable)."""
+        """Create or replace a core block.
+
+        ValueError when over ``limit`` or not storable; CoreBlocksFull for a new label when
+        the user has ``max_core_blocks`` already.
+        """
+        labels = [block.label for block in await self.store.get_core(tenant, user_id)]
+        if label not in labels and len(labels) >= self.max_core_blocks:
+            raise CoreBlocksFull(
+                f"the user has {len(labels)} core blocks, the most allowed "
+                f"(memory.max_core_blocks); replace one of: {', '.join(sorted(labels))}"
+            )
         return await self.store.put_core(tenant, user_id, label, storable_text(value), limit)
 
 

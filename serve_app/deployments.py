@@ -123,7 +123,7 @@ async def open_memory(
         recency=config.recency_weight,
         importance=config.importance_weight,
     )
-    return LongTermMemory(store, vectors, weights)
+    return LongTermMemory(store, vectors, weights, config.max_core_blocks)
 
 
 class AgentDeployment:

@@ -19,7 +19,7 @@ from memory.long_term import (
     StorableText,
     storable_json,
 )
-from memory.service import LongTermMemory
+from memory.service import CoreBlocksFull, LongTermMemory
 from stickyray.config import AGENT_NAME_PATTERN
 from stickyray.errors import ProviderError, StoreUnavailable
 
@@ -158,5 +158,7 @@ async def put_core(request: Request, user_id: UserId, label: Label, body: CoreIn
         )
     try:
         return await memory.set_core(TENANT, user_id, label, body.value, limit)
+    except CoreBlocksFull as exc:
+        raise HTTPException(409, f"path.label: {exc}") from None
     except _OUTAGE as exc:
         raise _unavailable(exc) from None

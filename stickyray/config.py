@@ -169,6 +169,8 @@ class MemoryConfig(_Strict):
     # Connections each ingress and agent replica may open; keep replicas x pool_size under
     # the server's max_connections (100 for the embedded one, 3 of them kept for superusers).
     pool_size: int = Field(default=10, ge=1, le=100)
+    # Core blocks per user: all of them are in every prompt of an agent with memory.
+    max_core_blocks: int = Field(default=20, ge=1, le=1000)
 
     @property
     def embedding_dimension(self) -> int:

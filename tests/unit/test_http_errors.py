@@ -168,3 +168,13 @@ def test_memory_outages_and_bad_fields(replica: types.SimpleNamespace) -> None:
     for response in (client.get(f"{users}?query=tea"), client.post(users, json={"content": "x"})):
         assert response.status_code == 503
         assert response.json()["error"].startswith("the embedding model is unavailable")
+
+
+def test_a_core_block_over_the_users_maximum_is_a_409(replica: types.SimpleNamespace) -> None:
+    ingress.api.state.memory.max_core_blocks = 1  # this test's own memory (the fixture's)
+    core = "/v1/users/u1/core"
+    assert replica.client.put(f"{core}/persona", json={"value": "calm"}).status_code == 200
+    refused = replica.client.put(f"{core}/notes", json={"value": "more"})
+    assert refused.status_code == 409
+    assert refused.json()["error"].startswith("path.label: the user has 1 core blocks")
+    assert replica.client.put(f"{core}/persona", json={"value": "warm"}).status_code == 200

@@ -198,3 +198,17 @@ def test_a_cancelled_caller_leaves_the_local_model_to_one_encode_at_a_time() -> 
 
     asyncio.run(scenario())
     assert most[0] == 1
+
+
+async def test_a_user_has_at_most_max_core_blocks(fake_llm: FakeLLMServer) -> None:
+    """Every block is in every prompt: a model keeping notes must not fill the context."""
+    from memory.service import CoreBlocksFull
+
+    memory = LongTermMemory(InMemoryMemoryStore(dimension=64), embedder(fake_llm), None, 2)
+    await memory.set_core("t", "u", "persona", "calm", 100)
+    await memory.set_core("t", "u", "user_profile", "Ana", 100)
+    with pytest.raises(CoreBlocksFull, match="replace one of: persona, user_profile"):
+        await memory.set_core("t", "u", "notes", "more", 100)
+    await memory.set_core("t", "u", "persona", "cheerful", 100)  # replacing is fine
+    await memory.set_core("t", "other", "notes", "more", 100)  # per user
+    assert [b.value for b in await memory.core("t", "u")] == ["cheerful", "Ana"]

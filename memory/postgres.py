@@ -156,6 +156,20 @@ _MIN_CANDIDATES = 40
 # most this many (the most similar first).
 _MAX_EXACT = 2000
 
+# A search's hits count as accesses. An UPDATE by `id = ANY(...)` alone locks rows in the
+# order of its plan (uuid order by the primary key for a few ids, physical order by a bitmap
+# for more), so two searches of one user with different k deadlocked. The rows are locked
+# first, in id order, skipping those another transaction holds: a search never waits for
+# another, and a count skipped under contention only lags (it is a recency hint).
+_TOUCH = """
+UPDATE memories m SET access_count = m.access_count + 1, last_accessed_at = $4
+  FROM (SELECT id FROM memories
+         WHERE tenant = $1 AND user_id = $2 AND id = ANY($3::uuid[])
+         ORDER BY id FOR NO KEY UPDATE SKIP LOCKED) locked
+ WHERE m.id = locked.id
+RETURNING m.id::text, m.access_count, m.last_accessed_at
+"""
+
 
 # The schema pgvector's type lives in: `public` usually, but managed Postgres often installs
 # extensions into their own schema (on the search_path), and the codec must name it.
@@ -399,21 +413,29 @@ class PostgresMemoryStore:
                     extra = [row for row in more if row["id"] not in seen]
                     scored += self._score(tenant, user_id, extra, now, weights)
                     hits = rank(scored, k)
-            touched = await conn.fetch(
-                "UPDATE memories SET access_count = access_count + 1, last_accessed_at = $4"
-                " WHERE tenant = $1 AND user_id = $2 AND id = ANY($3::uuid[])"
-                " RETURNING id::text, access_count, last_accessed_at",
-                tenant,
-                user_id,
-                [uuid.UUID(hit.memory.id) for hit in hits],
-                now,
-            )
-        fresh = {row["id"]: {"access_count": row[1], "last_accessed_at": row[2]} for row in touched}
-        # A memory deleted between the two statements (READ COMMITTED) is not returned.
+            ids = [uuid.UUID(hit.memory.id) for hit in hits]
+            touched = await conn.fetch(_TOUCH, tenant, user_id, ids, now)
+            fresh = {
+                row["id"]: {"access_count": row[1], "last_accessed_at": row[2]} for row in touched
+            }
+            kept = set(fresh)
+            if len(kept) < len(hits):
+                # Skipped: locked by a concurrent search (returned, uncounted) or deleted
+                # since the SELECT (READ COMMITTED: left out).
+                rows = await conn.fetch(
+                    "SELECT id::text FROM memories"
+                    " WHERE tenant = $1 AND user_id = $2 AND id = ANY($3::uuid[])",
+                    tenant,
+                    user_id,
+                    [key for key in ids if str(key) not in fresh],
+                )
+                kept.update(row["id"] for row in rows)
         return [
-            hit.model_copy(update={"memory": hit.memory.model_copy(update=fresh[hit.memory.id])})
+            hit.model_copy(
+                update={"memory": hit.memory.model_copy(update=fresh.get(hit.memory.id, {}))}
+            )
             for hit in hits
-            if hit.memory.id in fresh
+            if hit.memory.id in kept
         ]
 
     def _score(

@@ -41,6 +41,7 @@ from stickyray.errors import ConfigError, StoreUnavailable
 
 __all__ = [
     "DEFAULT_EF_SEARCH",
+    "DEFAULT_TIMEOUT_S",
     "MIGRATIONS",
     "Migration",
     "PostgresMemoryStore",
@@ -129,13 +130,19 @@ CREATE TABLE IF NOT EXISTS stickyray_migrations (
 _MIGRATION_LOCK = 0x5374_6963_6B79_0001
 
 _DOWN: tuple[type[BaseException], ...] = (
-    OSError,  # refused, no socket file, timeouts
+    OSError,  # refused, no socket file, and TimeoutError: command_timeout, pool acquire
     pgerr.PostgresConnectionError,  # class 08, including "closed in the middle of operation"
     pgerr.AdminShutdownError,
     pgerr.CrashShutdownError,
     pgerr.CannotConnectNowError,
     pgerr.TooManyConnectionsError,
+    pgerr.QueryCanceledError,  # the server's statement_timeout, or an operator's cancel
+    pgerr.LockNotAvailableError,  # the server's lock_timeout
 )
+
+# How long a statement, or a wait for a pooled connection, may take before the store is
+# unavailable (a 503) rather than a hang: a frozen server, or a table locked by a reindex.
+DEFAULT_TIMEOUT_S = 10.0
 
 _COLUMNS = (
     "id, agent, kind, content, importance, created_at, last_accessed_at, access_count, metadata"
@@ -196,6 +203,8 @@ class PostgresMemoryStore:
 
     ``ef_search`` is the floor of pgvector's ``hnsw.ef_search`` per query (see
     ``DEFAULT_EF_SEARCH``); a query for k results raises it to the candidates it fetches.
+    ``acquire_timeout`` bounds the wait for a pooled connection (None: no bound); bound each
+    statement with the pool's ``command_timeout``.
     """
 
     def __init__(
@@ -204,6 +213,7 @@ class PostgresMemoryStore:
         dimension: int = 384,
         clock: Callable[[], datetime] = now_utc,
         ef_search: int = DEFAULT_EF_SEARCH,
+        acquire_timeout: float | None = DEFAULT_TIMEOUT_S,
     ) -> None:
         if dimension < 1:
             raise ValueError(f"dimension must be at least 1, got {dimension}")
@@ -211,21 +221,38 @@ class PostgresMemoryStore:
         self._dimension = dimension
         self._clock = clock
         self._ef_search = ef_search
+        self._acquire_timeout = acquire_timeout
 
     @classmethod
     @asynccontextmanager
     async def from_url(
-        cls, url: str, dimension: int = 384, *, pool_size: int = 10, **options: Any
+        cls,
+        url: str,
+        dimension: int = 384,
+        *,
+        pool_size: int = 10,
+        command_timeout: float | None = DEFAULT_TIMEOUT_S,
+        acquire_timeout: float | None = DEFAULT_TIMEOUT_S,
+        **options: Any,
     ) -> AsyncIterator[PostgresMemoryStore]:
-        """A store on a new pool for ``url``, closed on exit; ``options`` go to the store."""
+        """A store on a new pool for ``url``, closed on exit; ``options`` go to the store.
+
+        A statement that runs past ``command_timeout`` seconds, or a wait for a connection
+        past ``acquire_timeout``, raises StoreUnavailable.
+        """
         try:
             pool = await asyncpg.create_pool(
-                url, min_size=1, max_size=pool_size, init=init_connection, timeout=10.0
+                url,
+                min_size=1,
+                max_size=pool_size,
+                init=init_connection,
+                timeout=10.0,
+                command_timeout=command_timeout,
             )
         except _DOWN as exc:
             raise StoreUnavailable("postgres", str(exc) or type(exc).__name__) from exc
         try:
-            yield cls(pool, dimension, **options)
+            yield cls(pool, dimension, acquire_timeout=acquire_timeout, **options)
         finally:
             await pool.close()
 
@@ -237,7 +264,7 @@ class PostgresMemoryStore:
     async def setup(self) -> None:
         """Apply pending migrations; ValueError if the table holds another dimension."""
         try:
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
                 await self._migrate(conn)
                 await self._check(conn)
         except _DOWN as exc:
@@ -245,7 +272,7 @@ class PostgresMemoryStore:
         # Connections opened before the extension existed have no vector codec yet.
         await self._pool.expire_connections()
         try:
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
                 probe = await conn.fetchval("SELECT '[1]'::vector")
         except _DOWN as exc:
             raise StoreUnavailable("postgres", str(exc) or type(exc).__name__) from exc
@@ -301,8 +328,9 @@ class PostgresMemoryStore:
         calls = ", ".join(
             f"set_config(${2 * i + 1}, ${2 * i + 2}, true)" for i in range(len(values))
         )
+        acquire = self._pool.acquire(timeout=self._acquire_timeout)
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
+            async with acquire as conn, conn.transaction():
                 await conn.execute(f"SELECT {calls}", *(x for kv in values.items() for x in kv))
                 yield conn
         except _DOWN as exc:

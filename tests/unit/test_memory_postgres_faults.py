@@ -4,14 +4,18 @@ table, connections the server closed. Each test works in a tenant of its own."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import numpy as np
+import pytest
 
 from memory.long_term import NewMemory
 from memory.postgres import PostgresMemoryStore, init_connection
+from stickyray.errors import StoreUnavailable
 
 DIM = 384
 
@@ -19,6 +23,14 @@ DIM = 384
 def scope() -> tuple[str, str]:
     """A tenant no other test uses, and a user."""
     return f"tenant-{uuid.uuid4().hex[:10]}", "user-1"
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool]], within_s: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``within_s`` seconds."""
+    deadline = time.monotonic() + within_s
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
 
 
 def vectors(n: int, seed: int = 0) -> np.ndarray:
@@ -90,3 +102,60 @@ async def test_a_search_does_not_wait_for_a_row_another_transaction_holds(
     # Both are found; only the free one's access was counted.
     counts = {hit.memory.content: hit.memory.access_count for hit in hits}
     assert counts == {"held": 0, "free": 1}
+
+
+async def test_a_locked_table_is_store_unavailable_not_a_hang(postgres_url: str) -> None:
+    tenant, user = scope()
+    async with PostgresMemoryStore.from_url(
+        postgres_url, DIM, pool_size=1, command_timeout=1.0, acquire_timeout=0.2
+    ) as store:
+        await store.setup()
+        await store.add(tenant, user, [NewMemory(content="x")], vectors(1))
+        holder = await asyncpg.connect(postgres_url)  # as a REINDEX or an ALTER TABLE would
+        try:
+            async with holder.transaction():
+                await holder.execute("LOCK TABLE memories IN ACCESS EXCLUSIVE MODE")
+                blocked = asyncio.create_task(store.search(tenant, user, vectors(1)[0], k=1))
+
+                async def waiting() -> bool:
+                    query = "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> $1"
+                    return bool(await holder.fetchval(query, holder.get_server_pid()))
+
+                await wait_for(waiting)
+                # The one pooled connection is taken: the next search gives up waiting for it...
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable, match="TimeoutError"):
+                    await asyncio.wait_for(store.search(tenant, user, vectors(1)[0], k=1), 5)
+                assert time.monotonic() - started < 1.0
+                # ...and the one waiting for the lock gives up after its command timeout.
+                with pytest.raises(StoreUnavailable, match="TimeoutError"):
+                    await asyncio.wait_for(blocked, 5)
+        finally:
+            await holder.close()
+        assert len(await store.search(tenant, user, vectors(1)[0], k=1)) == 1
+
+
+@pytest.mark.parametrize("setting", ["statement_timeout", "lock_timeout"])
+async def test_the_servers_own_timeouts_are_store_unavailable(
+    postgres_url: str, setting: str
+) -> None:
+    tenant, user = scope()
+    pool = await asyncpg.create_pool(
+        postgres_url,
+        min_size=1,
+        max_size=1,
+        init=init_connection,
+        server_settings={setting: "100"},
+    )
+    holder = await asyncpg.connect(postgres_url)
+    try:
+        store = PostgresMemoryStore(pool, DIM)
+        await store.setup()
+        await store.add(tenant, user, [NewMemory(content="x")], vectors(1))
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE memories IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(StoreUnavailable, match="canceling statement"):
+                await asyncio.wait_for(store.search(tenant, user, vectors(1)[0], k=1), 5)
+    finally:
+        await holder.close()
+        await pool.close()

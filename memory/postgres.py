@@ -13,6 +13,7 @@ Pools need the pgvector codec on every connection: pass ``init=init_connection``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import uuid
@@ -138,6 +139,13 @@ _DOWN: tuple[type[BaseException], ...] = (
     pgerr.TooManyConnectionsError,
     pgerr.QueryCanceledError,  # the server's statement_timeout, or an operator's cancel
     pgerr.LockNotAvailableError,  # the server's lock_timeout
+)
+
+# What a connection the server closed while it sat in the pool fails with.
+_STALE: tuple[type[BaseException], ...] = (
+    ConnectionError,  # reset, broken pipe
+    pgerr.ConnectionDoesNotExistError,  # "connection was closed in the middle of operation"
+    pgerr.AdminShutdownError,  # the server's goodbye: terminated, or shutting down
 )
 
 # How long a statement, or a wait for a pooled connection, may take before the store is
@@ -323,16 +331,39 @@ class PostgresMemoryStore:
     async def _scoped(
         self, tenant: str, settings: dict[str, str] | None = None
     ) -> AsyncIterator[asyncpg.Connection]:
-        """A connection in a transaction whose RLS tenant is ``tenant``, plus local settings."""
+        """A connection in a transaction whose RLS tenant is ``tenant``, plus local settings.
+
+        A pooled connection the server closed while it sat idle (a restart, an idle timeout)
+        fails its first statement; nothing was done on it yet, so one other is tried.
+        """
         values = {"stickyray.tenant": tenant, **(settings or {})}
         calls = ", ".join(
             f"set_config(${2 * i + 1}, ${2 * i + 2}, true)" for i in range(len(values))
         )
-        acquire = self._pool.acquire(timeout=self._acquire_timeout)
+        args = [x for kv in values.items() for x in kv]
         try:
-            async with acquire as conn, conn.transaction():
-                await conn.execute(f"SELECT {calls}", *(x for kv in values.items() for x in kv))
-                yield conn
+            for retry in (False, True):
+                async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+                    transaction = conn.transaction()
+                    begun = False
+                    try:
+                        await transaction.start()
+                        await conn.execute(f"SELECT {calls}", *args)
+                        begun = True
+                        yield conn
+                        await transaction.commit()
+                        return
+                    except BaseException as exc:
+                        # Not asyncpg's transaction block: on a lost connection it raises
+                        # InterfaceError in place of the error that says what happened.
+                        with contextlib.suppress(pgerr.InterfaceError):  # already lost
+                            if isinstance(exc, TimeoutError):
+                                conn.terminate()  # its statement may still run: do not wait
+                            else:
+                                await transaction.rollback()
+                        if begun or retry or not isinstance(exc, _STALE):
+                            raise
+                    log.info("postgres closed a pooled connection; trying another")
         except _DOWN as exc:
             raise StoreUnavailable("postgres", str(exc) or type(exc).__name__) from exc
 

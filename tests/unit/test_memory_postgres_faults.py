@@ -4,10 +4,14 @@ table, connections the server closed. Each test works in a tenant of its own."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import asyncpg
 import numpy as np
@@ -25,7 +29,7 @@ def scope() -> tuple[str, str]:
     return f"tenant-{uuid.uuid4().hex[:10]}", "user-1"
 
 
-async def wait_for(condition: Callable[[], Awaitable[bool]], within_s: float = 10.0) -> None:
+async def wait_until(condition: Callable[[], Awaitable[bool]], within_s: float = 10.0) -> None:
     """Poll ``condition`` until it holds; fail after ``within_s`` seconds."""
     deadline = time.monotonic() + within_s
     while not await condition():
@@ -121,7 +125,7 @@ async def test_a_locked_table_is_store_unavailable_not_a_hang(postgres_url: str)
                     query = "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> $1"
                     return bool(await holder.fetchval(query, holder.get_server_pid()))
 
-                await wait_for(waiting)
+                await wait_until(waiting)
                 # The one pooled connection is taken: the next search gives up waiting for it...
                 started = time.monotonic()
                 with pytest.raises(StoreUnavailable, match="TimeoutError"):
@@ -159,3 +163,101 @@ async def test_the_servers_own_timeouts_are_store_unavailable(
     finally:
         await holder.close()
         await pool.close()
+
+
+def named(url: str) -> tuple[str, str]:
+    """``url`` with an application name of its own, and that name."""
+    name = f"faults-{uuid.uuid4().hex[:8]}"
+    return f"{url}{'&' if '?' in url else '?'}application_name={name}", name
+
+
+def terminate_backends(postgres_url: str, name: str) -> int:
+    """Terminate the backends of connections named ``name``; returns once they are gone.
+
+    From another thread and event loop, so the caller's loop does not see its connections
+    close until it next runs: as when it was busy, or the server restarted meanwhile.
+    """
+    terminated: list[int] = []
+
+    async def terminate() -> None:
+        admin = await asyncpg.connect(postgres_url)
+        try:
+            query = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            terminated.append(len(await admin.fetch(f"{query} WHERE application_name = $1", name)))
+
+            async def gone() -> bool:
+                count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+                return bool(await admin.fetchval(count, name) == 0)
+
+            await wait_until(gone)
+        finally:
+            await admin.close()
+
+    worker = threading.Thread(target=asyncio.run, args=(terminate(),))
+    worker.start()
+    worker.join()
+    return terminated[0]
+
+
+async def test_connections_the_server_closed_while_idle_are_replaced(postgres_url: str) -> None:
+    """As after a Postgres restart: every pooled connection is dead, the server is back."""
+    tenant, user = scope()
+    url, name = named(postgres_url)
+    async with PostgresMemoryStore.from_url(url, DIM, pool_size=4) as store:
+        await store.setup()
+        await store.add(tenant, user, [NewMemory(content="x")], vectors(1))
+
+        async def search() -> int:
+            return len(await store.search(tenant, user, vectors(1)[0], k=1))
+
+        assert await asyncio.gather(*(search() for _ in range(4))) == [1] * 4  # 4 connections
+        assert terminate_backends(postgres_url, name) == 4
+        assert await asyncio.gather(*(search() for _ in range(4))) == [1] * 4
+
+
+async def test_a_connection_lost_during_a_search_is_store_unavailable(postgres_url: str) -> None:
+    tenant, user = scope()
+    url, name = named(postgres_url)
+    lose = False
+
+    def clock() -> datetime:
+        # A search reads the time between its SELECT and its UPDATE, inside its transaction.
+        if lose:
+            terminate_backends(postgres_url, name)
+        return datetime.now(UTC)
+
+    async with PostgresMemoryStore.from_url(url, DIM, pool_size=1, clock=clock) as store:
+        await store.setup()
+        await store.add(tenant, user, [NewMemory(content="x")], vectors(1))
+        lose = True
+        # Not asyncpg's "cannot call Transaction.__aexit__()" InterfaceError (a 500).
+        with pytest.raises(StoreUnavailable, match="closed in the middle of operation"):
+            await store.search(tenant, user, vectors(1)[0], k=1)
+
+
+async def test_a_frozen_server_is_store_unavailable_after_one_timeout(postgres_url: str) -> None:
+    """An unresponsive backend (or a half-open network path): no answer, no error."""
+    tenant, user = scope()
+    url, name = named(postgres_url)
+    async with PostgresMemoryStore.from_url(url, DIM, pool_size=1, command_timeout=1.0) as store:
+        await store.setup()
+        await store.add(tenant, user, [NewMemory(content="x")], vectors(1))
+        admin = await asyncpg.connect(postgres_url)
+        try:
+            query = "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+            (backend,) = [row["pid"] for row in await admin.fetch(query, name)]
+        finally:
+            await admin.close()
+        try:
+            os.kill(backend, signal.SIGSTOP)
+        except PermissionError:
+            pytest.skip("cannot signal the Postgres server's processes")
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="TimeoutError"):
+                await asyncio.wait_for(store.search(tenant, user, vectors(1)[0], k=1), 10)
+            # Not a second timeout waiting for a ROLLBACK, or a cancellation, on that backend.
+            assert time.monotonic() - started < 1.8
+        finally:
+            os.kill(backend, signal.SIGCONT)
+        assert len(await store.search(tenant, user, vectors(1)[0], k=1)) == 1

@@ -61,10 +61,10 @@ def check_new(memories: list[NewMemory], embeddings: np.ndarray, dimension: int)
 def new_records(
     tenant: str, user_id: str, memories: list[NewMemory], now: datetime
 ) -> list[MemoryRecord]:
-    """The records of freshly added memories, with new ids and no accesses yet."""
+    """The records of freshly added memories, with no accesses yet (and new ids if none)."""
     return [
         MemoryRecord(
-            id=str(uuid.uuid4()),
+            id=memory.id or str(uuid.uuid4()),
             tenant=tenant,
             user_id=user_id,
             agent=memory.agent,

@@ -56,10 +56,31 @@ class InMemoryMemoryStore:
         """Store memories with their (n, dimension) embeddings; returns the stored records."""
         rows = check_new(memories, embeddings, self._dimension)
         records = new_records(tenant, user_id, memories, self._clock())
+        known: dict[str, MemoryRecord] = {}  # id -> its stored record
+        for memory in memories:
+            found = self._find(memory.id) if memory.id is not None else None
+            if found is not None:
+                if (found.tenant, found.user_id) != (tenant, user_id):
+                    raise ValueError(f"memory id {found.id} is taken by another tenant or user")
+                known[found.id] = found
         scope = self._scopes.setdefault((tenant, user_id), _Scope(self._dimension))
-        scope.records.extend(records)
-        scope.vectors = np.vstack([scope.vectors, rows])
-        return records
+        result, added = [], []
+        for record, row in zip(records, rows, strict=True):
+            if record.id not in known:
+                known[record.id] = record
+                scope.records.append(record)
+                added.append(row)
+            result.append(known[record.id])
+        if added:
+            scope.vectors = np.vstack([scope.vectors, *added])
+        return result
+
+    def _find(self, memory_id: str) -> MemoryRecord | None:
+        for scope in self._scopes.values():
+            for record in scope.records:
+                if record.id == memory_id:
+                    return record
+        return None
 
     async def search(
         self,

@@ -10,6 +10,7 @@ Three kinds of memory, always scoped by (tenant, user):
 from __future__ import annotations
 
 import math
+import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
@@ -62,13 +63,22 @@ StorableText = Annotated[str, AfterValidator(storable_text)]
 """Text that Postgres accepts: no NUL characters, no unpaired surrogates."""
 
 
+def _canonical_uuid(value: str) -> str:
+    return str(uuid.UUID(value))  # as Postgres writes it back, so both stores agree
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class NewMemory(_Model):
-    """A memory to store; the embedding travels beside it."""
+    """A memory to store; the embedding travels beside it.
 
+    ``id`` (a UUID) makes storing it idempotent: a memory whose id is already stored is not
+    stored again. Without one, the store makes one up.
+    """
+
+    id: Annotated[str, AfterValidator(_canonical_uuid)] | None = None
     kind: MemoryKind = "semantic"
     content: StorableText = Field(min_length=1, max_length=8000)
     agent: str | None = None
@@ -151,7 +161,11 @@ class MemoryStore(Protocol):
     async def add(
         self, tenant: str, user_id: str, memories: list[NewMemory], embeddings: np.ndarray
     ) -> list[MemoryRecord]:
-        """Store memories with their (n, dimension) embeddings; returns the stored records."""
+        """Store memories with their (n, dimension) embeddings; returns the stored records.
+
+        A memory whose id (tenant, user) already has is skipped, and the stored record
+        returned in its place; ValueError if another tenant or user has that id.
+        """
         ...
 
     async def search(

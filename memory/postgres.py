@@ -383,7 +383,8 @@ class PostgresMemoryStore:
             await conn.executemany(
                 "INSERT INTO memories (id, tenant, user_id, agent, kind, content, embedding,"
                 " importance, created_at, last_accessed_at, access_count, metadata)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, 0, $10::jsonb)",
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, 0, $10::jsonb)"
+                " ON CONFLICT (id) DO NOTHING",
                 [
                     (
                         uuid.UUID(r.id),
@@ -400,6 +401,21 @@ class PostgresMemoryStore:
                     for r, row in zip(records, rows, strict=True)
                 ],
             )
+            given = [uuid.UUID(m.id) for m in memories if m.id is not None]
+            if given:
+                # Some may have been stored before: what is stored is what is returned.
+                found = await conn.fetch(
+                    f"SELECT {_SELECT} FROM memories"
+                    " WHERE tenant = $1 AND user_id = $2 AND id = ANY($3::uuid[])",
+                    tenant,
+                    user_id,
+                    given,
+                )
+                stored = {row["id"]: self._record(tenant, user_id, row) for row in found}
+                for key in given:
+                    if str(key) not in stored:  # row-level security hides the other tenant's
+                        raise ValueError(f"memory id {key} is taken by another tenant or user")
+                records = [stored.get(r.id, r) for r in records]
         return records
 
     async def search(

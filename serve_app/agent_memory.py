@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 from typing import Any
 
 from memory.long_term import NewMemory
@@ -24,6 +26,23 @@ _SUMMARY_PROMPT = (
     "about the user (names, numbers, ids, dates, preferences, decisions) word for word; "
     "drop small talk. Answer with the summary only."
 )
+
+
+# The namespace of compressed memories' ids (any fixed UUID would do).
+_COMPRESSED = uuid.UUID("6f1d3c52-8a0e-4b7e-9d21-3c5b7a9e0f44")
+
+
+def _compressed_id(request: CompressRequest) -> str:
+    """The id of the memory that keeps ``request.messages``: the same for the same messages.
+
+    A compression whose reply was lost, or whose turn's checkpoint failed, is asked again
+    with the same messages; its memory is then not stored twice. The messages themselves are
+    named, not only their turns: the buffer's window changes with the active agent, so two
+    different excerpts can span the same turns.
+    """
+    messages = [[e.turn, e.role, e.agent, e.text] for e in request.messages]
+    name = json.dumps([request.tenant, request.user_id, request.thread, messages])
+    return str(uuid.uuid5(_COMPRESSED, name))
 
 
 def memory_user(request: AgentRequest | CompressRequest) -> str:
@@ -145,7 +164,12 @@ class AgentMemory:
             request.tenant,
             request.user_id,
             NewMemory(
-                kind="episodic", content=summary, agent=None, importance=0.5, metadata=metadata
+                id=_compressed_id(request),
+                kind="episodic",
+                content=summary,
+                agent=None,
+                importance=0.5,
+                metadata=metadata,
             ),
         )
         log.info(

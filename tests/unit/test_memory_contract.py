@@ -107,6 +107,29 @@ async def test_add_returns_records_that_search_finds(store: Store, clock: Clock)
     assert hit.memory.model_copy(update={"access_count": 0}) == records[1]
 
 
+async def test_a_memory_id_is_stored_once(store: Store, clock: Clock) -> None:
+    tenant, user = scope()
+    key = str(uuid.uuid4())
+    (first,) = await store.add(tenant, user, [NewMemory(id=key, content="first")], stack([axis(0)]))
+    assert first.id == key
+    clock.advance(hours=1)
+    # Stored again (a retried write): the first is kept, and returned, beside a new one.
+    again, other = await store.add(
+        tenant,
+        user,
+        [NewMemory(id=key.upper(), content="second"), NewMemory(content="other")],
+        stack([axis(1), axis(2)]),
+    )
+    assert again == first and other.content == "other"
+    assert contents(await store.search(tenant, user, axis(0), k=5)) == ["first", "other"]
+    for t, u in [(scope()[0], user), (tenant, "user-2")]:
+        with pytest.raises(ValueError, match="taken by another tenant or user"):
+            await store.add(t, u, [NewMemory(id=key, content="theirs")], stack([axis(0)]))
+        assert await store.search(t, u, axis(0), k=5) == []
+    with pytest.raises(ValueError):
+        NewMemory(id="not-a-uuid", content="x")
+
+
 async def test_search_returns_exactly_k_best_first(store: Store) -> None:
     tenant, user = scope()
     cosines = [0.99 - 0.015 * i for i in range(60)]

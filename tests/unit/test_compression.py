@@ -1,0 +1,58 @@
+"""Compression: the messages leaving a thread's buffer kept as one episodic memory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import openai
+import pytest
+
+from memory.buffer import BufferEntry
+from memory.embedders import OpenAIEmbedder
+from memory.in_memory import InMemoryMemoryStore
+from memory.service import LongTermMemory
+from providers.openai_provider import OpenAIProvider
+from serve_app.agent_memory import AgentMemory
+from stickyray.config import load_config
+from stickyray.testing import FakeLLMServer, FakeReply
+from stickyray.turns import CompressRequest
+
+
+@pytest.fixture
+async def provider(fake_llm: FakeLLMServer) -> AsyncIterator[OpenAIProvider]:
+    provider = OpenAIProvider.from_settings("k", fake_llm.openai_base_url, 10, 0)
+    yield provider
+    await provider.aclose()
+
+
+@pytest.fixture
+def memory(fake_llm: FakeLLMServer) -> LongTermMemory:
+    client = openai.AsyncOpenAI(base_url=fake_llm.openai_base_url, api_key="k", max_retries=0)
+    return LongTermMemory(InMemoryMemoryStore(dimension=64), OpenAIEmbedder(client, dimension=64))
+
+
+def request(*texts: str, turn: int = 1) -> CompressRequest:
+    entries = [BufferEntry(role="user", text=text, turn=turn, user_id="u") for text in texts]
+    return CompressRequest(thread="default/t", tenant="default", user_id="u", messages=entries)
+
+
+async def contents(memory: LongTermMemory) -> list[str]:
+    return sorted(h.memory.content for h in await memory.recall("default", "u", "table", k=10))
+
+
+async def test_compressing_the_same_messages_again_keeps_one_memory(
+    fake_llm: FakeLLMServer, provider: OpenAIProvider, memory: LongTermMemory
+) -> None:
+    bookings = AgentMemory(load_config(None).agent("bookings"), memory)
+    fake_llm.on(agent="bookings", reply=FakeReply.text("Booked a table for two."), times=1)
+    fake_llm.on(agent="bookings", reply=FakeReply.text("A table for two is booked."))
+    first = await bookings.compress(request("a table for two"), provider)
+    # Asked again, as when the turn's checkpoint failed or the reply was lost: the model
+    # words it differently, but the messages are the same.
+    again = await bookings.compress(request("a table for two"), provider)
+    assert again.memory_id == first.memory_id is not None
+    assert await contents(memory) == ["Booked a table for two."]
+
+    other = await bookings.compress(request("a table for two", turn=2), provider)
+    assert other.memory_id != first.memory_id
+    assert await contents(memory) == ["A table for two is booked.", "Booked a table for two."]

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 __all__ = [
+    "MAX_CONTENT_CHARS",
     "CoreBlock",
     "MemoryHit",
     "MemoryKind",
@@ -32,6 +33,8 @@ __all__ = [
 ]
 
 MemoryKind = Literal["episodic", "semantic"]
+MAX_CONTENT_CHARS = 8000
+"""The longest text one memory holds."""
 CORE_LABEL_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 
 
@@ -80,7 +83,7 @@ class NewMemory(_Model):
 
     id: Annotated[str, AfterValidator(_canonical_uuid)] | None = None
     kind: MemoryKind = "semantic"
-    content: StorableText = Field(min_length=1, max_length=8000)
+    content: StorableText = Field(min_length=1, max_length=MAX_CONTENT_CHARS)
     agent: str | None = None
     importance: float = Field(default=0.5, ge=0.0, le=1.0)
     metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] = Field(default_factory=dict)

@@ -7,7 +7,7 @@ import logging
 import uuid
 from typing import Any
 
-from memory.long_term import NewMemory
+from memory.long_term import MAX_CONTENT_CHARS, NewMemory
 from memory.service import LongTermMemory, extractive_summary
 from providers.model import ChatMessage, Provider, ToolSpec
 from serve_app.tools import Tool
@@ -43,6 +43,15 @@ def _compressed_id(request: CompressRequest) -> str:
     messages = [[e.turn, e.role, e.agent, e.text] for e in request.messages]
     name = json.dumps([request.tenant, request.user_id, request.thread, messages])
     return str(uuid.uuid5(_COMPRESSED, name))
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` if it fits in ``limit`` characters, else its start cut at a word and "..."."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 3]
+    space = max(cut.rfind(" "), cut.rfind("\n"))
+    return (cut[:space] if space > limit // 2 else cut).rstrip() + "..."
 
 
 def memory_user(request: AgentRequest | CompressRequest) -> str:
@@ -152,8 +161,9 @@ class AgentMemory:
             usage = response.usage
         if not summary:
             summary = extractive_summary(request.messages)
-        # A NUL in a model's reply must not stop every later compression of this thread.
-        summary = summary.replace("\x00", "")
+        # A NUL in a model's reply, or a reply longer than a memory holds, must not stop
+        # every later compression of this thread.
+        summary = _clip(summary.replace("\x00", ""), MAX_CONTENT_CHARS)
         turns = sorted({e.turn for e in request.messages})
         metadata: dict[str, Any] = {
             "source": "compression",

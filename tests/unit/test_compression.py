@@ -10,6 +10,7 @@ import pytest
 from memory.buffer import BufferEntry
 from memory.embedders import OpenAIEmbedder
 from memory.in_memory import InMemoryMemoryStore
+from memory.long_term import MAX_CONTENT_CHARS
 from memory.service import LongTermMemory
 from providers.openai_provider import OpenAIProvider
 from serve_app.agent_memory import AgentMemory
@@ -56,3 +57,17 @@ async def test_compressing_the_same_messages_again_keeps_one_memory(
     other = await bookings.compress(request("a table for two", turn=2), provider)
     assert other.memory_id != first.memory_id
     assert await contents(memory) == ["A table for two is booked.", "Booked a table for two."]
+
+
+async def test_a_summary_longer_than_a_memory_holds_is_cut_at_a_word(
+    fake_llm: FakeLLMServer, provider: OpenAIProvider, memory: LongTermMemory
+) -> None:
+    bookings = AgentMemory(load_config(None).agent("bookings"), memory)
+    summary = "A table for two. " + "Then more words. " * 600  # over 10,000 characters
+    fake_llm.on(agent="bookings", reply=FakeReply.text(summary))
+    result = await bookings.compress(request("a table for two"), provider)
+    assert result.memory_id is not None
+    (kept,) = await contents(memory)
+    assert len(kept) <= MAX_CONTENT_CHARS
+    start = kept.removesuffix("...")
+    assert summary.startswith(start) and summary[len(start)] == " "  # cut between words

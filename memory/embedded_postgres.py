@@ -192,7 +192,11 @@ def prepare_database(
         url = postgres.start()
 
     async def migrate(url: str) -> None:
-        async with PostgresMemoryStore.from_url(url, dimension=dimension) as store:
+        # No statement timeout: a migration may build an index over every stored memory, and
+        # a setup running elsewhere holds the migration lock until it is done.
+        async with PostgresMemoryStore.from_url(
+            url, dimension=dimension, command_timeout=None
+        ) as store:
             await store.setup()
 
     try:

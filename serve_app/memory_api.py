@@ -12,6 +12,7 @@ from ray.exceptions import RayError
 from actors.key import DEFAULT_TENANT, ID_PATTERN
 from memory.long_term import (
     CORE_LABEL_PATTERN,
+    MAX_CONTENT_CHARS,
     CoreBlock,
     MemoryHit,
     MemoryRecord,
@@ -37,7 +38,7 @@ class MemoryIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    content: StorableText = Field(min_length=1, max_length=8000)
+    content: StorableText = Field(min_length=1, max_length=MAX_CONTENT_CHARS)
     kind: Literal["episodic", "semantic"] = "semantic"
     importance: float = Field(default=0.5, ge=0.0, le=1.0)
     agent: str | None = Field(default=None, pattern=AGENT_NAME_PATTERN)

@@ -146,3 +146,7 @@ class InMemoryMemoryStore:
         block = core_block(label, value, limit, self._clock())
         self._core.setdefault((tenant, user_id), {})[label] = block
         return block
+
+    async def delete_core(self, tenant: str, user_id: str, label: str) -> bool:
+        """Delete one core block; False if (tenant, user) has none with that label."""
+        return self._core.get((tenant, user_id), {}).pop(label, None) is not None

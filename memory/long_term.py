@@ -201,3 +201,7 @@ class MemoryStore(Protocol):
     ) -> CoreBlock:
         """Create or replace a core block; ValueError if ``value`` is over ``limit`` chars."""
         ...
+
+    async def delete_core(self, tenant: str, user_id: str, label: str) -> bool:
+        """Delete one core block; False if (tenant, user) has none with that label."""
+        ...

@@ -582,3 +582,14 @@ class PostgresMemoryStore:
                 block.updated_at,
             )
         return block
+
+    async def delete_core(self, tenant: str, user_id: str, label: str) -> bool:
+        """Delete one core block; False if (tenant, user) has none with that label."""
+        async with self._scoped(tenant) as conn:
+            status = await conn.execute(
+                "DELETE FROM core_blocks WHERE tenant = $1 AND user_id = $2 AND label = $3",
+                tenant,
+                user_id,
+                label,
+            )
+        return bool(status == "DELETE 1")

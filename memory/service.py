@@ -100,6 +100,10 @@ class LongTermMemory:
             )
         return await self.store.put_core(tenant, user_id, label, storable_text(value), limit)
 
+    async def delete_core(self, tenant: str, user_id: str, label: str) -> bool:
+        """Delete one core block; False if the user has none with that label."""
+        return await self.store.delete_core(tenant, user_id, label)
+
 
 def extractive_summary(entries: list[BufferEntry], max_chars: int = 4000) -> str:
     """A summary with no model: the messages themselves, dated, the user's words first.

@@ -149,6 +149,19 @@ async def get_core(request: Request, user_id: UserId, label: Label) -> CoreBlock
     raise HTTPException(404, f"user {user_id!r} has no core block {label!r}")
 
 
+@router.delete("/core/{label}", status_code=204)
+async def delete_core(request: Request, user_id: UserId, label: Label) -> Response:
+    """Delete one of the user's core blocks (it leaves every prompt from the next turn)."""
+    memory, _ = _memory(request)
+    try:
+        deleted = await memory.delete_core(TENANT, user_id, label)
+    except _OUTAGE as exc:
+        raise _unavailable(exc) from None
+    if not deleted:
+        raise HTTPException(404, f"user {user_id!r} has no core block {label!r}")
+    return Response(status_code=204)
+
+
 @router.put("/core/{label}", response_model=CoreBlock)
 async def put_core(request: Request, user_id: UserId, label: Label, body: CoreIn) -> CoreBlock:
     """Create or replace a core block (its size is limited by the agents' core_block_limit)."""

@@ -178,3 +178,8 @@ def test_a_core_block_over_the_users_maximum_is_a_409(replica: types.SimpleNames
     assert refused.status_code == 409
     assert refused.json()["error"].startswith("path.label: the user has 1 core blocks")
     assert replica.client.put(f"{core}/persona", json={"value": "warm"}).status_code == 200
+    # Deleting one makes room.
+    assert replica.client.delete(f"{core}/persona").status_code == 204
+    assert replica.client.delete(f"{core}/persona").status_code == 404
+    assert replica.client.delete(f"{core}/Bad Label").status_code == 422
+    assert replica.client.put(f"{core}/notes", json={"value": "more"}).status_code == 200

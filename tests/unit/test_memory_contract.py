@@ -280,6 +280,11 @@ async def test_core_blocks(store: Store, clock: Clock) -> None:
         await store.put_core(tenant, user, "Not A Label", "x", 100)
     assert await store.get_core(tenant, user) == [persona, replaced]
 
+    assert await store.delete_core(tenant, "user-2", "persona") is False  # another user's
+    assert await store.delete_core(tenant, user, "persona") is True
+    assert await store.delete_core(tenant, user, "persona") is False
+    assert await store.get_core(tenant, user) == [replaced]
+
 
 async def test_hits_count_as_accesses(store: Store, clock: Clock) -> None:
     tenant, user = scope()

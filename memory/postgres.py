@@ -13,7 +13,7 @@ Pools need the pgvector codec on every connection: pass ``init=init_connection``
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import json
 import logging
 import uuid
@@ -206,6 +206,22 @@ def _real(value: float) -> float:
     return float(str(np.float32(value)))
 
 
+async def _abandon(conn: asyncpg.Connection, transaction: Any, exc: BaseException) -> None:
+    """End a transaction that ``exc`` interrupted, without ever replacing ``exc``.
+
+    A timed-out or cancelled statement may still be running on a frozen server, and a
+    rollback would wait for it (up to the command timeout) before the cancellation could
+    go on: the connection is closed instead. So is one whose rollback fails.
+    """
+    if isinstance(exc, TimeoutError | asyncio.CancelledError):
+        conn.terminate()
+        return
+    try:
+        await transaction.rollback()
+    except Exception:  # lost, or BEGIN never happened: nothing to keep
+        conn.terminate()
+
+
 class PostgresMemoryStore:
     """MemoryStore on an asyncpg pool (whose ``init`` must be :func:`init_connection`).
 
@@ -356,11 +372,7 @@ class PostgresMemoryStore:
                     except BaseException as exc:
                         # Not asyncpg's transaction block: on a lost connection it raises
                         # InterfaceError in place of the error that says what happened.
-                        with contextlib.suppress(pgerr.InterfaceError):  # already lost
-                            if isinstance(exc, TimeoutError):
-                                conn.terminate()  # its statement may still run: do not wait
-                            else:
-                                await transaction.rollback()
+                        await _abandon(conn, transaction, exc)
                         if begun or retry or not isinstance(exc, _STALE):
                             raise
                     log.info("postgres closed a pooled connection; trying another")

@@ -261,3 +261,32 @@ async def test_a_frozen_server_is_store_unavailable_after_one_timeout(postgres_u
         finally:
             os.kill(backend, signal.SIGCONT)
         assert len(await store.search(tenant, user, vectors(1)[0], k=1)) == 1
+
+
+async def test_a_search_cancelled_on_a_frozen_server_is_cancelled_at_once(
+    postgres_url: str,
+) -> None:
+    """A rollback would wait out the command timeout, then surface as StoreUnavailable."""
+    tenant, user = scope()
+    url, name = named(postgres_url)
+    async with PostgresMemoryStore.from_url(url, DIM, pool_size=1, command_timeout=5.0) as store:
+        await store.setup()
+        await store.add(tenant, user, [NewMemory(content="x")], vectors(1))
+        admin = await asyncpg.connect(postgres_url)
+        try:
+            query = "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+            (backend,) = [row["pid"] for row in await admin.fetch(query, name)]
+        finally:
+            await admin.close()
+        try:
+            os.kill(backend, signal.SIGSTOP)
+        except PermissionError:
+            pytest.skip("cannot signal the Postgres server's processes")
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):  # the caller's own deadline, not the store's
+                await asyncio.wait_for(store.search(tenant, user, vectors(1)[0], k=1), 0.5)
+            assert time.monotonic() - started < 3.0, "the cancellation waited for the server"
+        finally:
+            os.kill(backend, signal.SIGCONT)
+        assert len(await store.search(tenant, user, vectors(1)[0], k=1)) == 1

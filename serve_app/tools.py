@@ -85,15 +85,17 @@ class Tool:
             except ValidationError as exc:
                 return f"error: invalid arguments for {self.name}: {exc.errors()}"
             kwargs = {name: getattr(args, name) for name in type(args).model_fields}
+        deadline = asyncio.timeout(timeout_s)
         try:
-            result = await asyncio.wait_for(self._call(kwargs), timeout_s)
-        except TimeoutError:
-            # A function running in a thread cannot be stopped, and may still do its work.
-            return (
-                f"error: {self.name} did not finish within {timeout_s:g} s; it may still "
-                "complete, so check before calling it again"
-            )
+            async with deadline:
+                result = await self._call(kwargs)
         except Exception as exc:  # a tool's failure is reported to the model, not raised
+            if deadline.expired():  # not a TimeoutError the tool raised itself
+                # A function running in a thread cannot be stopped, and may still do its work.
+                return (
+                    f"error: {self.name} did not finish within {timeout_s:g} s; it may still "
+                    "complete, so check before calling it again"
+                )
             return f"error: {self.name} failed: {type(exc).__name__}: {exc}"
         return result if isinstance(result, str) else repr(result)
 

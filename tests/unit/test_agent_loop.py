@@ -268,12 +268,18 @@ async def test_tools_from_a_module_with_string_annotations() -> None:
     assert "invalid arguments" in await flight.run({"day": "2026-12-24", "cabin": "first"})
 
     cancel = resolve_tool("tests.unit.tools_for_tests:cancel_booking")
+    tools_for_tests.SIDE_EFFECTS.clear()
     assert await cancel.run({"booking": "B-1"}) == "cancelled B-1"
     assert tools_for_tests.SIDE_EFFECTS == ["B-1"], "the coroutine was awaited"
 
     hangs = resolve_tool("tests.unit.tools_for_tests:hangs")
     answer = await hangs.run({}, timeout_s=0.05)
     assert answer.startswith("error: hangs did not finish within 0.05 s")
+    # A timeout the tool reports itself is its failure, not the deadline; and no deadline.
+    own = resolve_tool("tests.unit.tools_for_tests:backend_timeout")
+    expected = "error: backend_timeout failed: TimeoutError: the booking system did not answer"
+    assert await own.run({}, timeout_s=30) == expected
+    assert await own.run({}) == expected
 
 
 async def test_intent_tools_take_their_slots_only() -> None:

@@ -62,3 +62,8 @@ async def hangs(release: str = "") -> str:
     """A backend that never answers."""
     await asyncio.Event().wait()
     return "never"
+
+
+async def backend_timeout() -> str:
+    """A backend that answers with its own timeout."""
+    raise TimeoutError("the booking system did not answer")

@@ -121,9 +121,14 @@ class LocalEmbedder:
             return await asyncio.to_thread(self.embed_sync, list(texts))
 
 
-# OpenAI embeds at most 8,192 tokens of one input and refuses more; a token is at least one
-# character in practice, so this many characters always fit.
-OPENAI_MAX_INPUT_CHARS = 8_000
+# OpenAI embeds at most 8,192 tokens of one input and refuses more. Its tokenizer works on
+# UTF-8 bytes and a token holds at least one, so this many bytes always fit.
+OPENAI_MAX_INPUT_BYTES = 8_000
+
+
+def _head(text: str, max_bytes: int) -> str:
+    """The longest start of ``text`` that is at most ``max_bytes`` in UTF-8."""
+    return text.encode()[:max_bytes].decode(errors="ignore")
 
 
 class OpenAIEmbedder:
@@ -132,7 +137,7 @@ class OpenAIEmbedder:
     The base URL is configurable like the chat provider's; results are cached per text (LRU).
     ``dimension`` is asked for (the ``dimensions`` parameter, which only text-embedding-3 and
     later models take) when ``shorten`` is set, and checked against every answer either way.
-    Texts are embedded from their first ``OPENAI_MAX_INPUT_CHARS`` characters.
+    Texts are embedded from their first ``OPENAI_MAX_INPUT_BYTES`` bytes.
     """
 
     def __init__(
@@ -163,7 +168,7 @@ class OpenAIEmbedder:
             try:
                 response = await self._client.embeddings.create(
                     model=self._model,
-                    input=[text[:OPENAI_MAX_INPUT_CHARS] for text in missing],
+                    input=[_head(text, OPENAI_MAX_INPUT_BYTES) for text in missing],
                     **options,
                 )
             except openai.OpenAIError as exc:

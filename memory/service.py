@@ -16,14 +16,11 @@ from memory.long_term import (
     SearchWeights,
     storable_text,
 )
+from stickyray.errors import CoreBlocksFull
 
-__all__ = ["DEFAULT_MAX_CORE_BLOCKS", "CoreBlocksFull", "LongTermMemory", "extractive_summary"]
+__all__ = ["DEFAULT_MAX_CORE_BLOCKS", "LongTermMemory", "extractive_summary"]
 
 DEFAULT_MAX_CORE_BLOCKS = 20
-
-
-class CoreBlocksFull(ValueError):
-    """A user's core blocks are as many as allowed: a new label needs an old one gone."""
 
 
 class LongTermMemory:

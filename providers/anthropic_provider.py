@@ -64,6 +64,7 @@ def to_anthropic(messages: list[ChatMessage]) -> tuple[str, list[dict[str, Any]]
 
 _STOPS: dict[str | None, StopReason] = {
     "max_tokens": "max_tokens",
+    "model_context_window_exceeded": "max_tokens",  # cut off just the same
     "tool_use": "tool_use",
     "refusal": "refusal",
 }

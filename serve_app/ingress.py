@@ -161,8 +161,11 @@ class _ErrorsAsJson:
             if started:  # too late to answer: the client sees the connection end
                 raise
             error = _http_error(exc)  # logs what it cannot name, with its traceback
-            if isinstance(root_cause(exc), StickyrayError | RayError):
-                log.warning("%s %s: %s", scope["method"], scope["path"], error.detail)
+            where, named = f"{scope['method']} {scope['path']}", root_cause(exc)
+            if error.status_code == 500 and isinstance(named, StickyrayError):
+                log.error("%s: %s", where, error.detail, exc_info=exc)
+            elif isinstance(named, StickyrayError | RayError):  # an outage, a conflict
+                log.warning("%s: %s", where, error.detail)
             response = await _http_exception(Request(scope), error)
             await response(scope, receive, send)
 

@@ -20,9 +20,9 @@ from memory.long_term import (
     StorableText,
     storable_json,
 )
-from memory.service import CoreBlocksFull, LongTermMemory
+from memory.service import LongTermMemory
 from stickyray.config import AGENT_NAME_PATTERN
-from stickyray.errors import ProviderError, StoreUnavailable
+from stickyray.errors import CoreBlocksFull, ProviderError, StoreUnavailable
 
 __all__ = ["router"]
 

@@ -40,6 +40,10 @@ class InvalidThreadKey(StickyrayError, ValueError):
         return f"invalid {self.field} {self.value!r}: {self.reason}"
 
 
+class CoreBlocksFull(StickyrayError, ValueError):
+    """A user's core blocks are as many as allowed: a new label needs an old one gone."""
+
+
 class CheckpointConflict(StickyrayError):
     """A checkpoint write lost its compare-and-set: the thread was written since it was read."""
 

@@ -273,11 +273,15 @@ EMBEDDING_MAX_TOKENS = 8192
 
 
 def embeddings_refusal(body: dict[str, Any]) -> str | None:
-    """Why the API would answer 400, as it does: an input over the model's 8,192 tokens (here
-    words), or ``dimensions`` for a model older than text-embedding-3."""
+    """Why the API would answer 400, as it does: an input over the model's 8,192 tokens, or
+    ``dimensions`` for a model older than text-embedding-3.
+
+    Tokens are counted as the real tokenizer's worst case, one per UTF-8 byte, so a client
+    that fits this fits the real API.
+    """
     inputs = body.get("input", [])
     texts = [inputs] if isinstance(inputs, str) else [str(t) for t in inputs]
-    if any(len(t.split()) > EMBEDDING_MAX_TOKENS for t in texts):
+    if any(len(t.encode()) > EMBEDDING_MAX_TOKENS for t in texts):
         return f"This model's maximum context length is {EMBEDDING_MAX_TOKENS} tokens"
     if "dimensions" in body and str(body.get("model", "")).startswith("text-embedding-ada"):
         return "This model does not support specifying dimensions."

@@ -22,7 +22,7 @@ from actors.store import Checkpoint
 from memory.in_memory import InMemoryMemoryStore
 from memory.service import LongTermMemory
 from stickyray.config import load_config
-from stickyray.errors import ProviderError
+from stickyray.errors import ConfigError, ProviderError
 from stickyray.turns import InboundMessage, TurnResult
 
 
@@ -122,6 +122,12 @@ def test_an_error_is_answered_once_and_logged_once(
     assert [r.getMessage() for r in caplog.records] == [
         f"GET /v1/threads/alice: {response.json()['error']}"
     ]
+    caplog.clear()
+    replica.instance._store.fail = ConfigError("memory.dimension: no")  # named, but a 500
+    with caplog.at_level(logging.WARNING):
+        response = client.get("/v1/threads/alice")
+    assert response.status_code == 500
+    assert [r.exc_info[1] for r in caplog.records if r.exc_info] == [replica.instance._store.fail]
 
 
 def test_a_failing_model_provider_is_a_503(replica: types.SimpleNamespace) -> None:

@@ -151,7 +151,8 @@ async def test_openai_embedding_inputs_and_dimensions_the_api_accepts(
     client = openai.AsyncOpenAI(base_url=fake_llm.openai_base_url, api_key="k", max_retries=0)
     # A message longer than the model's 8,192 tokens is embedded from its start.
     long = " ".join(f"w{i}" for i in range(9000))
-    assert (await OpenAIEmbedder(client, dimension=64).embed([long])).shape == (1, 64)
+    emoji = "\N{GRINNING FACE}" * 3000  # 3,000 characters, up to 4 tokens each
+    assert (await OpenAIEmbedder(client, dimension=64).embed([long, emoji])).shape == (2, 64)
     # Older models take no `dimensions`: unset in the config, it is not sent.
     ada = OpenAIEmbedder(client, "text-embedding-ada-002", 1536, shorten=False)
     assert (await ada.embed(["hello"])).shape == (1, 1536)
@@ -202,7 +203,7 @@ def test_a_cancelled_caller_leaves_the_local_model_to_one_encode_at_a_time() -> 
 
 async def test_a_user_has_at_most_max_core_blocks(fake_llm: FakeLLMServer) -> None:
     """Every block is in every prompt: a model keeping notes must not fill the context."""
-    from memory.service import CoreBlocksFull
+    from stickyray.errors import CoreBlocksFull
 
     memory = LongTermMemory(InMemoryMemoryStore(dimension=64), embedder(fake_llm), None, 2)
     await memory.set_core("t", "u", "persona", "calm", 100)

@@ -209,3 +209,19 @@ async def test_an_empty_base_url_variable_means_the_vendors_url(
         assert host.startswith(f"https://api.{kind}.com")
     finally:
         await provider.aclose()
+
+
+async def test_a_reply_cut_off_by_the_context_window_is_cut_off_too() -> None:
+    body = {
+        "id": "m",
+        "type": "message",
+        "role": "assistant",
+        "model": "m",
+        "content": [{"type": "tool_use", "id": "t1", "name": "cancel_order", "input": {}}],
+        "stop_reason": "model_context_window_exceeded",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 5, "output_tokens": 2},
+    }
+    response = await complete("anthropic", canned("anthropic", json.dumps(body).encode()))
+    assert response.stop == "max_tokens"
+    assert [call.malformed for call in response.tool_calls] == [True]

@@ -157,13 +157,14 @@ class AgentMemory:
                 temperature=None,
                 max_tokens=self._agent.max_tokens,
             )
-            summary = response.text.strip()
             usage = response.usage
+            # A refusal is no summary. A NUL in a reply, or a reply longer than a memory
+            # holds, must not stop every later compression of this thread.
+            if response.stop not in ("refusal", "content_filter"):
+                summary = response.text.replace("\x00", "").strip()
         if not summary:
             summary = extractive_summary(request.messages)
-        # A NUL in a model's reply, or a reply longer than a memory holds, must not stop
-        # every later compression of this thread.
-        summary = _clip(summary.replace("\x00", ""), MAX_CONTENT_CHARS)
+        summary = _clip(summary, MAX_CONTENT_CHARS)
         turns = sorted({e.turn for e in request.messages})
         metadata: dict[str, Any] = {
             "source": "compression",

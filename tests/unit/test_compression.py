@@ -71,3 +71,26 @@ async def test_a_summary_longer_than_a_memory_holds_is_cut_at_a_word(
     assert len(kept) <= MAX_CONTENT_CHARS
     start = kept.removesuffix("...")
     assert summary.startswith(start) and summary[len(start)] == " "  # cut between words
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        FakeReply(content="I can't summarise this.", stop="refusal"),
+        FakeReply(stop="content_filter"),
+        FakeReply.text("\x00\x00"),
+    ],
+    ids=["refusal", "filtered", "nul-only"],
+)
+async def test_no_usable_summary_keeps_the_messages_themselves(
+    reply: FakeReply,
+    fake_llm: FakeLLMServer,
+    provider: OpenAIProvider,
+    memory: LongTermMemory,
+) -> None:
+    bookings = AgentMemory(load_config(None).agent("bookings"), memory)
+    fake_llm.on(agent="bookings", reply=reply)
+    result = await bookings.compress(request("a table for two"), provider)
+    assert result.memory_id is not None
+    (kept,) = await contents(memory)
+    assert kept.startswith("Conversation excerpt") and "user: a table for two" in kept

@@ -91,3 +91,20 @@ async def test_a_replica_that_fails_to_start_closes_what_it_opened(
         assert time.monotonic() < deadline, "the memory pool's connections stayed open"
         await asyncio.sleep(0.05)
     assert replica.__del__() is None
+
+
+async def test_the_memory_pool_has_the_configured_size(
+    settings: Settings, postgres_url: str
+) -> None:
+    """Replicas × pool_size must fit the server's max_connections: the size is the team's."""
+    from contextlib import AsyncExitStack
+
+    from serve_app.deployments import open_memory
+
+    data = memory_team()
+    data["memory"] = {**data.get("memory", {}), "pool_size": 3}
+    team = TeamConfig.model_validate(data)
+    async with AsyncExitStack() as stack:
+        memory = await open_memory(team, settings, None, stack)
+        assert memory is not None
+        assert memory.store._pool.get_max_size() == 3  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ Pools need the pgvector codec on every connection: pass ``init=init_connection``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -213,12 +214,14 @@ async def _abandon(conn: asyncpg.Connection, transaction: Any, exc: BaseExceptio
     rollback would wait for it (up to the command timeout) before the cancellation could
     go on: the connection is closed instead. So is one whose rollback fails.
     """
-    if isinstance(exc, TimeoutError | asyncio.CancelledError):
-        conn.terminate()
-        return
-    try:
-        await transaction.rollback()
-    except Exception:  # lost, or BEGIN never happened: nothing to keep
+    if not isinstance(exc, TimeoutError | asyncio.CancelledError):
+        try:
+            await transaction.rollback()
+            return
+        except Exception:  # lost, or BEGIN never happened: nothing to keep
+            pass
+    # A connection the server dropped is already back with its pool, which replaces it.
+    with contextlib.suppress(pgerr.InterfaceError):
         conn.terminate()
 
 

@@ -10,7 +10,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import asyncpg
@@ -235,11 +236,17 @@ async def test_a_connection_lost_during_a_search_is_store_unavailable(postgres_u
             await store.search(tenant, user, vectors(1)[0], k=1)
 
 
-async def test_a_frozen_server_is_store_unavailable_after_one_timeout(postgres_url: str) -> None:
-    """An unresponsive backend (or a half-open network path): no answer, no error."""
+@asynccontextmanager
+async def frozen_store(
+    postgres_url: str, command_timeout: float
+) -> AsyncIterator[Callable[[], Awaitable[int]]]:
+    """A search of a one-connection store holding one memory, whose backend is frozen
+    (SIGSTOP) inside the block and thawed after it."""
     tenant, user = scope()
     url, name = named(postgres_url)
-    async with PostgresMemoryStore.from_url(url, DIM, pool_size=1, command_timeout=1.0) as store:
+    async with PostgresMemoryStore.from_url(
+        url, DIM, pool_size=1, command_timeout=command_timeout
+    ) as store:
         await store.setup()
         await store.add(tenant, user, [NewMemory(content="x")], vectors(1))
         admin = await asyncpg.connect(postgres_url)
@@ -248,45 +255,37 @@ async def test_a_frozen_server_is_store_unavailable_after_one_timeout(postgres_u
             (backend,) = [row["pid"] for row in await admin.fetch(query, name)]
         finally:
             await admin.close()
+
+        async def search() -> int:
+            return len(await store.search(tenant, user, vectors(1)[0], k=1))
+
         try:
             os.kill(backend, signal.SIGSTOP)
         except PermissionError:
             pytest.skip("cannot signal the Postgres server's processes")
         try:
-            started = time.monotonic()
-            with pytest.raises(StoreUnavailable, match="TimeoutError"):
-                await asyncio.wait_for(store.search(tenant, user, vectors(1)[0], k=1), 10)
-            # Not a second timeout waiting for a ROLLBACK, or a cancellation, on that backend.
-            assert time.monotonic() - started < 1.8
+            yield search
         finally:
             os.kill(backend, signal.SIGCONT)
-        assert len(await store.search(tenant, user, vectors(1)[0], k=1)) == 1
+        assert await search() == 1  # the store works again
+
+
+async def test_a_frozen_server_is_store_unavailable_after_one_timeout(postgres_url: str) -> None:
+    """An unresponsive backend (or a half-open network path): no answer, no error."""
+    async with frozen_store(postgres_url, command_timeout=1.0) as search:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="TimeoutError"):
+            await asyncio.wait_for(search(), 10)
+        # Not a second timeout waiting for a ROLLBACK, or a cancellation, on that backend.
+        assert time.monotonic() - started < 1.8
 
 
 async def test_a_search_cancelled_on_a_frozen_server_is_cancelled_at_once(
     postgres_url: str,
 ) -> None:
     """A rollback would wait out the command timeout, then surface as StoreUnavailable."""
-    tenant, user = scope()
-    url, name = named(postgres_url)
-    async with PostgresMemoryStore.from_url(url, DIM, pool_size=1, command_timeout=5.0) as store:
-        await store.setup()
-        await store.add(tenant, user, [NewMemory(content="x")], vectors(1))
-        admin = await asyncpg.connect(postgres_url)
-        try:
-            query = "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
-            (backend,) = [row["pid"] for row in await admin.fetch(query, name)]
-        finally:
-            await admin.close()
-        try:
-            os.kill(backend, signal.SIGSTOP)
-        except PermissionError:
-            pytest.skip("cannot signal the Postgres server's processes")
-        try:
-            started = time.monotonic()
-            with pytest.raises(TimeoutError):  # the caller's own deadline, not the store's
-                await asyncio.wait_for(store.search(tenant, user, vectors(1)[0], k=1), 0.5)
-            assert time.monotonic() - started < 3.0, "the cancellation waited for the server"
-        finally:
-            os.kill(backend, signal.SIGCONT)
-        assert len(await store.search(tenant, user, vectors(1)[0], k=1)) == 1
+    async with frozen_store(postgres_url, command_timeout=5.0) as search:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):  # the caller's own deadline, not the store's
+            await asyncio.wait_for(search(), 0.5)
+        assert time.monotonic() - started < 3.0, "the cancellation waited for the server"

@@ -14,6 +14,7 @@ from providers.model import (
     StopReason,
     ToolCall,
     ToolSpec,
+    read_reply,
 )
 from providers.openai_provider import AGENT_HEADER
 from stickyray.errors import ProviderError
@@ -156,12 +157,7 @@ class AnthropicProvider:
             )
         except anthropic.APIError as exc:
             raise ProviderError("anthropic", agent, f"{type(exc).__name__}: {exc}") from None
-        try:
-            return _read(response)
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise ProviderError(
-                "anthropic", agent, f"unreadable response: {type(exc).__name__}: {exc}"
-            ) from None
+        return read_reply("anthropic", agent, _read, response)
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -5,10 +5,12 @@ Providers translate these to and from each vendor's format; nothing else sees ve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from stickyray.errors import ProviderError
 from stickyray.turns import Usage
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "StopReason",
     "ToolCall",
     "ToolSpec",
+    "read_reply",
 ]
 
 
@@ -85,6 +88,19 @@ class ModelResponse(_Wire):
     usage: Usage = Usage(requests=1)  # one response, one request
     model: str = ""
     stop: StopReason = "end"
+
+
+def read_reply(
+    vendor: str, agent: str, read: Callable[[Any], ModelResponse], raw: Any
+) -> ModelResponse:
+    """``read(raw)``, with an answer in no shape the SDK knows (an HTML page from a proxy, a
+    compatible server's nulls) a ProviderError: the provider failed, like an error status."""
+    try:
+        return read(raw)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ProviderError(
+            vendor, agent, f"unreadable response: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 @runtime_checkable

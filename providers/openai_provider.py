@@ -17,6 +17,7 @@ from providers.model import (
     StopReason,
     ToolCall,
     ToolSpec,
+    read_reply,
 )
 from stickyray.errors import ProviderError
 from stickyray.turns import Usage
@@ -156,14 +157,7 @@ class OpenAIProvider:
             )
         except openai.APIError as exc:
             raise ProviderError("openai", agent, f"{type(exc).__name__}: {exc}") from None
-        try:
-            return _read(response)
-        except (AttributeError, TypeError, ValueError) as exc:
-            # An answer in no shape the SDK knows (an HTML page from a proxy, a compatible
-            # server's nulls): the provider failed, like an error status.
-            raise ProviderError(
-                "openai", agent, f"unreadable response: {type(exc).__name__}: {exc}"
-            ) from None
+        return read_reply("openai", agent, _read, response)
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -21,7 +21,8 @@ import pytest
 from memory.embedded_postgres import EmbeddedPostgres
 from memory.in_memory import InMemoryMemoryStore
 from memory.long_term import MemoryStore, NewMemory, SearchWeights
-from memory.postgres import MIGRATIONS, PostgresMemoryStore, init_connection
+from memory.migrations import MIGRATIONS
+from memory.postgres import PostgresMemoryStore, init_connection
 from stickyray.errors import StoreUnavailable
 
 DIM = 384

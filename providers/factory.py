@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from memory.embedders import Embedder, LocalEmbedder
+from contextlib import AsyncExitStack
+
+from memory.embedders import Embedder, LocalEmbedder, OpenAIEmbedder
 from providers.model import Provider
-from stickyray.config import AgentConfig, TeamConfig
+from stickyray.config import AgentConfig, MemoryConfig, TeamConfig
 from stickyray.errors import ConfigError
 from stickyray.settings import Settings
 
-__all__ = ["build_provider", "check_providers"]
+__all__ = ["build_provider", "check_providers", "openai_embedder"]
 
 
 def check_providers(team: TeamConfig, settings: Settings) -> None:
@@ -61,3 +63,26 @@ def build_provider(
     if embedder is None:
         raise ConfigError(f"agent {agent.name!r} uses provider offline but no embedder is running")
     return OfflineProvider(agent, team, embedder)
+
+
+def openai_embedder(
+    memory: MemoryConfig, settings: Settings, stack: AsyncExitStack
+) -> OpenAIEmbedder:
+    """The OpenAI embedder ``memory`` names, on a client that closes with ``stack``."""
+    import openai
+
+    if settings.openai_api_key is None:
+        raise ConfigError("memory.embedder openai needs OPENAI_API_KEY")
+    client = openai.AsyncOpenAI(
+        api_key=settings.openai_api_key.get_secret_value(),
+        base_url=settings.openai_base_url,
+        timeout=settings.llm_timeout_s,
+        max_retries=settings.llm_max_retries,
+    )
+    stack.push_async_callback(client.close)
+    return OpenAIEmbedder(
+        client,
+        memory.embedding_model,
+        memory.embedding_dimension,
+        shorten=memory.dimension is not None,
+    )

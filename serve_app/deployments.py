@@ -14,10 +14,10 @@ import numpy as np
 from ray import serve
 from ray.serve import Deployment
 
-from memory.embedders import Embedder, LocalEmbedder, OpenAIEmbedder
+from memory.embedders import Embedder, LocalEmbedder
 from memory.long_term import SearchWeights
 from memory.service import LongTermMemory
-from providers.factory import build_provider
+from providers.factory import build_provider, openai_embedder
 from providers.offline import team_profiles
 from providers.routing import EvidenceRouter
 from serve_app.agent import Agent
@@ -99,22 +99,7 @@ async def open_memory(
     )
     vectors: Embedder
     if config.embedder == "openai":
-        import openai
-
-        assert settings.openai_api_key is not None, "checked by check_providers"
-        client = openai.AsyncOpenAI(
-            api_key=settings.openai_api_key.get_secret_value(),
-            base_url=settings.openai_base_url,
-            timeout=settings.llm_timeout_s,
-            max_retries=settings.llm_max_retries,
-        )
-        stack.push_async_callback(client.close)
-        vectors = OpenAIEmbedder(
-            client,
-            config.embedding_model,
-            config.embedding_dimension,
-            shorten=config.dimension is not None,
-        )
+        vectors = openai_embedder(config, settings, stack)
     else:
         assert embedder is not None, "build_app binds the embedder for local memory"
         vectors = HandleEmbedder(embedder)

@@ -174,9 +174,10 @@ class EmbeddedPostgres:
 
 
 def prepare_database(
-    database_url: str | None, data_dir: Path, dimension: int
+    database_url: str | None, data_dir: Path, dimension: int, embedder_id: str
 ) -> tuple[str, EmbeddedPostgres | None]:
-    """The memory database's URL, migrated: ``database_url``, or an embedded server.
+    """The memory database's URL, migrated and checked against the embedder (ConfigError if
+    another model's memories are stored): ``database_url``, or an embedded server.
 
     Without a URL, a server is started with its data in ``data_dir``; it is returned so the
     caller can stop it (``None`` otherwise).
@@ -195,7 +196,7 @@ def prepare_database(
         # No statement timeout: a migration may build an index over every stored memory, and
         # a setup running elsewhere holds the migration lock until it is done.
         async with PostgresMemoryStore.from_url(
-            url, dimension=dimension, command_timeout=None
+            url, dimension=dimension, command_timeout=None, embedder_id=embedder_id
         ) as store:
             await store.setup()
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-__all__ = ["MIGRATIONS", "Migration", "migrate"]
+__all__ = ["EMBEDDING_INDEX", "MIGRATIONS", "MIGRATION_LOCK", "Migration", "migrate"]
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,12 @@ class Migration:
     version: int
     sql: str
 
+
+# The HNSW index over the embeddings: made by step 2, and made again by a re-embedding.
+EMBEDDING_INDEX = (
+    "CREATE INDEX memories_embedding_idx ON memories"
+    " USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)"
+)
 
 # fillfactor 70 leaves room on each page for the new version of a row whose access count a
 # search bumps, so that UPDATE is HOT. Without it (rows are ~1.7 KB, four to a full page)
@@ -61,9 +67,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         """
         CREATE EXTENSION IF NOT EXISTS vector;
         ALTER TABLE memories ADD COLUMN embedding vector({dimension}) NOT NULL;
-        CREATE INDEX memories_embedding_idx ON memories
-            USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64);
-        """,
+        """
+        + EMBEDDING_INDEX,
     ),
     Migration(
         3,
@@ -78,6 +83,22 @@ MIGRATIONS: tuple[Migration, ...] = (
             USING (tenant = current_setting('stickyray.tenant', true));
         """,
     ),
+    # Which model embedded the stored memories (one row), so that a change of model is
+    # refused instead of searching one model's vectors with another's; `target_*` is set
+    # while a re-embedding moves them to another model (memory/reembed.py).
+    Migration(
+        4,
+        """
+        CREATE TABLE stickyray_embedder (
+            only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+            model text NOT NULL,
+            dimension integer NOT NULL,
+            target_model text,
+            target_dimension integer,
+            recorded_at timestamptz NOT NULL
+        );
+        """,
+    ),
 )
 
 # The one bootstrap statement: the version table must exist before it can be read.
@@ -87,19 +108,20 @@ CREATE TABLE IF NOT EXISTS stickyray_migrations (
     applied_at timestamptz NOT NULL
 )
 """
-# Any fixed 64-bit key works; concurrent setups queue on it instead of racing DDL.
-_MIGRATION_LOCK = 0x5374_6963_6B79_0001
+# Any fixed 64-bit key works; concurrent setups (and a re-embedding's last step) queue on it
+# instead of racing DDL.
+MIGRATION_LOCK = 0x5374_6963_6B79_0001
 
 
 async def migrate(conn: asyncpg.Connection, dimension: int) -> None:
     """Apply every step not yet recorded; concurrent callers queue on one advisory lock."""
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         await conn.execute(_VERSION_TABLE)
     for migration in MIGRATIONS:
         async with conn.transaction():
             # Taken again per step: the step, its check and its record are one unit.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             done = await conn.fetchval(
                 "SELECT true FROM stickyray_migrations WHERE version = $1", migration.version
             )

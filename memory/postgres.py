@@ -39,6 +39,7 @@ from memory.long_term import (
     combined_score,
 )
 from memory.migrations import migrate
+from memory.reembed import check_embedder, column_dimension
 from stickyray.errors import ConfigError, StoreUnavailable
 
 __all__ = [
@@ -151,7 +152,9 @@ class PostgresMemoryStore:
     ``ef_search`` is the floor of pgvector's ``hnsw.ef_search`` per query (see
     ``DEFAULT_EF_SEARCH``); a query for k results raises it to the candidates it fetches.
     ``acquire_timeout`` bounds the wait for a pooled connection (None: no bound); bound each
-    statement with the pool's ``command_timeout``.
+    statement with the pool's ``command_timeout``. ``embedder_id`` names the model the
+    embeddings come from (``MemoryConfig.embedder_id``): ``setup()`` records it in a new store
+    and refuses a store that another model filled (see memory/reembed.py).
     """
 
     def __init__(
@@ -161,6 +164,7 @@ class PostgresMemoryStore:
         clock: Callable[[], datetime] = now_utc,
         ef_search: int = DEFAULT_EF_SEARCH,
         acquire_timeout: float | None = DEFAULT_TIMEOUT_S,
+        embedder_id: str | None = None,
     ) -> None:
         if dimension < 1:
             raise ValueError(f"dimension must be at least 1, got {dimension}")
@@ -169,6 +173,7 @@ class PostgresMemoryStore:
         self._clock = clock
         self._ef_search = ef_search
         self._acquire_timeout = acquire_timeout
+        self._embedder_id = embedder_id
 
     @classmethod
     @asynccontextmanager
@@ -209,7 +214,11 @@ class PostgresMemoryStore:
         return self._dimension
 
     async def setup(self) -> None:
-        """Apply pending migrations; ValueError if the table holds another dimension."""
+        """Apply pending migrations, then check the embedder.
+
+        With ``embedder_id``, ConfigError if another model's memories are stored; without,
+        ValueError if they have another dimension.
+        """
         try:
             async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
                 await migrate(conn, self._dimension)
@@ -230,15 +239,16 @@ class PostgresMemoryStore:
             )
 
     async def _check(self, conn: asyncpg.Connection) -> None:
-        found = await conn.fetchval(
-            "SELECT atttypmod FROM pg_attribute"
-            " WHERE attrelid = 'memories'::regclass AND attname = 'embedding'"
-        )
-        if found != self._dimension:
-            raise ValueError(
-                f"store holds {found}-dimensional embeddings, embedder gives {self._dimension}: "
-                "use the embedder the store was set up with, or a new database"
-            )
+        if self._embedder_id is not None:
+            await check_embedder(conn, self._embedder_id, self._dimension)
+        else:
+            found = await column_dimension(conn, "embedding")
+            if found != self._dimension:
+                raise ValueError(
+                    f"store holds {found}-dimensional embeddings, embedder gives "
+                    f"{self._dimension}: use the embedder the store was set up with, or a new "
+                    "database"
+                )
         if await conn.fetchval(
             "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user"
         ):

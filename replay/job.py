@@ -321,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
             from memory.embedded_postgres import prepare_database
 
             url, postgres = prepare_database(
-                settings.database_url, tmp / "postgres", team.memory.embedding_dimension
+                settings.database_url,
+                tmp / "postgres",
+                team.memory.embedding_dimension,
+                team.memory.embedder_id,
             )
             if postgres is not None:
                 stack.callback(postgres.stop)

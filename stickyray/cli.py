@@ -1,8 +1,9 @@
-"""The ``stickyray`` command: serve, chat, check, replay, bench and fake-llm."""
+"""The ``stickyray`` command: serve, chat, check, replay, memory, bench and fake-llm."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
@@ -10,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from stickyray.errors import ConfigError
+from stickyray.errors import ConfigError, StoreUnavailable
 
 __all__ = ["main"]
 
@@ -144,11 +145,112 @@ def _start_memory(team: Any, settings: Any) -> tuple[Any, Any]:
 
     data_dir = settings.data_dir / "postgres"
     url, postgres = prepare_database(
-        settings.database_url, data_dir, team.memory.embedding_dimension
+        settings.database_url, data_dir, team.memory.embedding_dimension, team.memory.embedder_id
     )
     if postgres is not None:
         print(f"stickyray: embedded Postgres with data in {data_dir}")
     return settings.model_copy(update={"database_url": url}), postgres
+
+
+def _reembed(args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from memory.embedded_postgres import EmbeddedPostgres
+    from memory.embedders import LocalEmbedder
+    from stickyray.config import load_config, sample_config_path
+    from stickyray.embedded_redis import in_use
+    from stickyray.errors import StickyrayError
+    from stickyray.settings import load_settings
+
+    try:
+        settings = load_settings()
+        team = load_config(args.config or settings.config or sample_config_path())
+        if team.memory.embedder == "openai" and settings.openai_api_key is None:
+            raise ConfigError("memory.embedder openai needs OPENAI_API_KEY")
+        if team.memory.embedder == "local" and not LocalEmbedder.installed():
+            raise ConfigError(f"the local embedder is not installed: {LocalEmbedder.INSTALL_HINT}")
+        if settings.database_url is None and in_use(settings.data_dir / "redis"):
+            raise ConfigError(
+                f"a stickyray is serving from {settings.data_dir}: stop it first, since it "
+                "would go on storing the old model's vectors"
+            )
+    except ConfigError as exc:
+        print(f"stickyray: {exc}", file=sys.stderr)
+        return 2
+    postgres = None
+    url = settings.database_url
+    if url is None:
+        postgres = EmbeddedPostgres(settings.data_dir / "postgres")
+        try:
+            postgres.start()
+        except Exception as exc:
+            print(f"stickyray: cannot start the embedded Postgres: {exc}", file=sys.stderr)
+            return 2
+        url = postgres.admin_url  # the memories of every tenant: past row-level security
+    try:
+        done = asyncio.run(_reembed_all(url, team.memory, settings, args.batch_size))
+    except ConfigError as exc:
+        print(f"stickyray: {exc}", file=sys.stderr)
+        return 2
+    except (StickyrayError, OSError, asyncpg.PostgresError) as exc:
+        print(f"stickyray: cannot re-embed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "stickyray: interrupted; run it again to finish (finished batches are kept)",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        if postgres is not None:
+            postgres.stop()
+    model = team.memory.embedder_id
+    if done is None:
+        print(f"stickyray: the memories are embedded by {model} already; nothing to do")
+    else:
+        print(f"stickyray: the memories are now embedded by {model} ({done:,} re-embedded)")
+    return 0
+
+
+async def _reembed_all(url: str, memory: Any, settings: Any, batch_size: int) -> int | None:
+    """Re-embed every memory at ``url`` with ``memory``'s embedder; None if it did already."""
+    import time
+    from contextlib import AsyncExitStack
+
+    import asyncpg
+
+    from memory.embedders import Embedder, LocalEmbedder
+    from memory.reembed import reembed
+    from providers.factory import openai_embedder
+
+    shown = 0.0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal shown
+        if time.monotonic() - shown >= 1.0 or done == total:
+            shown = time.monotonic()
+            print(f"stickyray: re-embedded {done:,} of {total:,} memories", flush=True)
+
+    async with AsyncExitStack() as stack:
+        embedder: Embedder
+        if memory.embedder == "openai":
+            embedder = openai_embedder(memory, settings, stack)
+        else:
+            embedder = LocalEmbedder()
+        try:
+            conn = await asyncpg.connect(url, timeout=10.0)
+        except OSError as exc:
+            raise StoreUnavailable("postgres", str(exc) or type(exc).__name__) from exc
+        stack.push_async_callback(conn.close)
+        done = await reembed(conn, embedder, memory.embedder_id, batch_size, progress)
+    return done
+
+
+def _positive(value: str) -> int:
+    number = int(value) if value.isdigit() else 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
+    return number
 
 
 def _port(value: str) -> int:
@@ -252,6 +354,24 @@ def _parser() -> argparse.ArgumentParser:
         help="threads as objects in a few host actors (default), or one actor per thread",
     )
     replay.set_defaults(func=_replay)
+
+    memory = sub.add_parser("memory", help="long-term memory maintenance")
+    memory_sub = memory.add_subparsers(dest="memory_command", required=True)
+    reembed = memory_sub.add_parser(
+        "reembed",
+        help="move every stored memory to the embedding model agents.yaml names "
+        "(stop serving first)",
+    )
+    reembed.add_argument(
+        "--config",
+        type=Path,
+        help="agents.yaml whose memory section names the new model (default: STICKYRAY_CONFIG, "
+        "else the shipped sample)",
+    )
+    reembed.add_argument(
+        "--batch-size", type=_positive, default=64, help="memories embedded at once (default 64)"
+    )
+    reembed.set_defaults(func=_reembed)
 
     fake = sub.add_parser(
         "fake-llm", help="run the fake OpenAI/Anthropic server (for tests)", add_help=False

@@ -179,6 +179,13 @@ class MemoryConfig(_Strict):
             return 384
         return self.dimension or 1536
 
+    @property
+    def embedder_id(self) -> str:
+        """The model the store's vectors come from: a store filled by another is refused."""
+        if self.embedder == "local":
+            return "local/all-MiniLM-L6-v2"
+        return f"openai/{self.embedding_model}"
+
     @model_validator(mode="after")
     def _check(self) -> MemoryConfig:
         if self.embedder == "local" and self.dimension not in (None, 384):

@@ -90,12 +90,14 @@ class Thread:
         agents: AgentCaller,
         incarnation: Incarnation,
         clock: Callable[[], float] = time.time,
+        observe: Callable[[TurnResult, float], None] | None = None,
     ) -> None:
         self.key = key
         self._team = team
         self._store = store
         self._agents = agents
         self._clock = clock
+        self._observe = observe
         self._lock = asyncio.Lock()
         self._fenced = False
         self._closed = False
@@ -121,10 +123,15 @@ class Thread:
         store: ThreadStore,
         agents: AgentCaller,
         clock: Callable[[], float] = time.time,
+        observe: Callable[[TurnResult, float], None] | None = None,
     ) -> Thread:
-        """A new incarnation: takes an epoch, restores the checkpoint, resolves a pending turn."""
+        """A new incarnation: takes an epoch, restores the checkpoint, resolves a pending turn.
+
+        ``observe`` is called with each turn this incarnation runs and its duration in
+        seconds (not with a retried message's stored result, nor with commands).
+        """
         incarnation = await store.open(key)
-        thread = cls(key, team, store, agents, incarnation, clock)
+        thread = cls(key, team, store, agents, incarnation, clock, observe)
         await thread._resolve(incarnation.pending)
         return thread
 
@@ -192,10 +199,14 @@ class Thread:
         command = parse_command(message.text)
         if command is not None:
             return await self._command(command, message)
+        started = time.monotonic()
         accepted = await self._guard(self._store.accept(self.key, self._epoch, message))
         if isinstance(accepted, TurnResult):
             return accepted  # a retry: the first delivery's stored result, no new turn
-        return await self._run(message, accepted)
+        result = await self._run(message, accepted)
+        if self._observe is not None:
+            self._observe(result, time.monotonic() - started)
+        return result
 
     async def _guard(self, write: Awaitable[T]) -> T:
         """Await a store write; remember when this incarnation is superseded."""

@@ -475,3 +475,20 @@ async def test_each_users_messages_become_that_users_memory(team: TeamConfig) ->
     assert agents.compressed_for == ["alice", "thread:default/t"]
     assert agents.compressed[0][1] == ["my card ends 4242", "bookings: my card ends 4242"]
     assert [e.user_id for e in thread.snapshot().buffer] == ["bob"] * 4
+
+
+async def test_observe_sees_each_turn_run_once(team: TeamConfig) -> None:
+    seen: list[tuple[int, str | None, float]] = []
+    thread = await Thread.open(
+        KEY,
+        team,
+        InMemoryThreadStore(),
+        booking_agents(),
+        observe=lambda result, seconds: seen.append((result.turn, result.agent, seconds)),
+    )
+    await thread.handle(msg("book a table"))
+    await thread.handle(msg("book a table"))  # a retry: the stored result, no turn run
+    await thread.handle(msg("/status"))  # a command is not a turn
+    await thread.handle(msg("for two"))
+    assert [(turn, agent) for turn, agent, _ in seen] == [(1, "bookings"), (2, "bookings")]
+    assert all(seconds >= 0 for *_, seconds in seen)

@@ -165,8 +165,10 @@ class ThreadDirectory:
         agent_handles: dict[str, Any],
         scope: str = "default",
         cache_size: int = 10_000,
+        app: str = "stickyray",
     ) -> None:
         self._team = team
+        self._app = app  # the Serve application the threads' metrics are labelled with
         self._redis_url = redis_url
         self._agent_handles = agent_handles
         self._scope = scope
@@ -184,10 +186,10 @@ class ThreadDirectory:
     def _get_or_create(self, key: ThreadKey, name: str) -> Any:
         if self._pooled:
             return _RemoteThreadHost.options(name=name, **_ACTOR_OPTIONS).remote(
-                self._team, self._redis_url, self._agent_handles
+                self._team, self._redis_url, self._agent_handles, self._app
             )
         return _RemoteThreadActor.options(name=name, **_ACTOR_OPTIONS).remote(
-            key, self._team, self._redis_url, self._agent_handles
+            key, self._team, self._redis_url, self._agent_handles, self._app
         )
 
     async def actor(self, key: ThreadKey) -> Any:

@@ -9,6 +9,7 @@ checkpoint restored, a pending turn resolved), and passivates itself after
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any
@@ -21,6 +22,7 @@ from actors.liveness import Incarnation, LiveThreads
 from actors.redis_store import RedisThreadStore, connect_redis
 from actors.thread import Thread
 from stickyray.config import TeamConfig
+from stickyray.metrics import record_turn
 from stickyray.turns import InboundMessage, TurnResult
 
 __all__ = ["ThreadActor"]
@@ -37,6 +39,7 @@ class ThreadActor:
         team: TeamConfig,
         redis_url: str,
         agent_handles: dict[str, Any],
+        app: str = "stickyray",
     ) -> None:
         from actors.directory import passivate_actor  # the directory owns name -> actor
 
@@ -61,7 +64,13 @@ class ThreadActor:
         store = RedisThreadStore(
             self._redis, ttl_s=threads.checkpoint_ttl_s, message_id_ttl_s=threads.message_id_ttl_s
         )
-        self._thread = await Thread.open(key, team, store, ServeAgentCaller(agent_handles))
+        self._thread = await Thread.open(
+            key,
+            team,
+            store,
+            ServeAgentCaller(agent_handles),
+            observe=functools.partial(record_turn, app=app, supervisor=team.supervisor.name),
+        )
         self._idle_timeout_s = threads.idle_timeout_s
         self._passivating = False
         self._idle_watch = asyncio.get_running_loop().create_task(self._watch_idle())

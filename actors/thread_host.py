@@ -12,6 +12,7 @@ with no threads for ``idle_timeout_s`` exits.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -25,6 +26,7 @@ from actors.redis_store import RedisThreadStore, connect_redis
 from actors.thread import Thread
 from stickyray.config import TeamConfig
 from stickyray.errors import ThreadFenced, ThreadPassivated
+from stickyray.metrics import record_turn
 from stickyray.turns import InboundMessage, TurnResult
 
 __all__ = ["ThreadHost"]
@@ -40,6 +42,7 @@ class ThreadHost:
         team: TeamConfig,
         redis_url: str,
         agent_handles: dict[str, Any],
+        app: str = "stickyray",
     ) -> None:
         threads = team.threads
         self._team = team
@@ -48,6 +51,7 @@ class ThreadHost:
             self._redis, ttl_s=threads.checkpoint_ttl_s, message_id_ttl_s=threads.message_id_ttl_s
         )
         self._agents = ServeAgentCaller(agent_handles)
+        self._observe = functools.partial(record_turn, app=app, supervisor=team.supervisor.name)
         self._threads: OrderedDict[ThreadKey, Thread] = OrderedDict()
         self._opening: dict[ThreadKey, asyncio.Future[Thread]] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -85,7 +89,9 @@ class ThreadHost:
         pending = self._opening.get(key)
         if pending is None:
             # One open per key, however many of its messages arrive at once.
-            pending = asyncio.ensure_future(Thread.open(key, self._team, self._store, self._agents))
+            pending = asyncio.ensure_future(
+                Thread.open(key, self._team, self._store, self._agents, observe=self._observe)
+            )
             self._opening[key] = pending
             pending.add_done_callback(lambda _: self._opening.pop(key, None))
         thread = await pending

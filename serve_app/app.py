@@ -20,7 +20,7 @@ def build_app(team: TeamConfig, settings: Settings, app_name: str = APP_NAME) ->
     check_tools(team)
     embedder = embedder_deployment(team.embedder).bind() if team.needs_embedder else None
     agents = {
-        agent.name: agent_deployment(agent).bind(agent.name, team, settings, embedder)
+        agent.name: agent_deployment(agent).bind(agent.name, team, settings, embedder, app_name)
         for agent in team.agents
     }
     from ray import serve

@@ -25,6 +25,7 @@ from serve_app.agent_memory import AgentMemory
 from serve_app.tools import intent_tools, resolve_tools
 from stickyray.config import AgentConfig, EmbedderConfig, TeamConfig
 from stickyray.errors import ConfigError
+from stickyray.metrics import record_model_calls
 from stickyray.settings import Settings
 from stickyray.turns import AgentRequest, AgentResult, CompressRequest, CompressResult
 
@@ -115,11 +116,17 @@ class AgentDeployment:
     """One agent of the team, answering AgentRequests from thread actors."""
 
     async def __init__(  # type: ignore[misc]
-        self, agent_name: str, team: TeamConfig, settings: Settings, embedder: Any | None
+        self,
+        agent_name: str,
+        team: TeamConfig,
+        settings: Settings,
+        embedder: Any | None,
+        app_name: str = "stickyray",
     ) -> None:
         self._stack = AsyncExitStack()
         self._closed = False
         config = team.agent(agent_name)
+        self._metric_labels = (app_name, agent_name, config.model_name)
         provider = build_provider(
             config, team, settings, HandleEmbedder(embedder) if embedder is not None else None
         )
@@ -155,11 +162,15 @@ class AgentDeployment:
 
     async def run(self, request: AgentRequest) -> AgentResult:
         """Run the agent loop for one request."""
-        return await self._agent.run(request)
+        result = await self._agent.run(request)
+        record_model_calls(*self._metric_labels, result.usage, result.failed)
+        return result
 
     async def compress(self, request: CompressRequest) -> CompressResult:
         """Keep messages leaving a thread's buffer as an episodic memory."""
-        return await self._agent.compress(request)
+        result = await self._agent.compress(request)
+        record_model_calls(*self._metric_labels, result.usage)
+        return result
 
 
 def agent_deployment(config: AgentConfig) -> Deployment:

@@ -228,7 +228,11 @@ class Ingress:
         self._team = team
         self._app_name = app_name
         self._directory = ThreadDirectory(
-            team, settings.redis_url, agent_handles, scope=pool_scope(app_name, team)
+            team,
+            settings.redis_url,
+            agent_handles,
+            scope=pool_scope(app_name, team),
+            app=app_name,
         )
         self._stack = AsyncExitStack()
         try:

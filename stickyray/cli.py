@@ -42,6 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from serve_app.app import APP_NAME, build_app
     from stickyray.embedded_redis import EmbeddedRedis
+    from stickyray.metrics import metrics_url
 
     embedded: EmbeddedRedis | None = None
     postgres: Any = None
@@ -80,6 +81,9 @@ def _serve(args: argparse.Namespace) -> int:
             f"stickyray: serving {path} at http://{host}:{port} (docs at /docs); Ctrl-C to stop",
             flush=True,
         )
+        metrics = metrics_url()
+        if metrics is not None:
+            print(f"stickyray: Prometheus metrics (ray_stickyray_*) at {metrics}", flush=True)
         stop.wait()
         print("stickyray: shutting down", flush=True)
     except KeyboardInterrupt:

@@ -1,0 +1,86 @@
+"""Turn and model metrics reach the node's Prometheus endpoint, labelled by app and agent."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections import defaultdict
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from stickyray.metrics import metrics_url
+from stickyray.testing import FakeLLMServer, FakeReply
+from tests.e2e.conftest import App, new_thread
+from tests.e2e.teams import openai_team
+
+
+@pytest.fixture(scope="module")
+def app(deploy) -> App:
+    return deploy(openai_team(model="gpt-metrics"))
+
+
+# Our labels; Ray adds its own (WorkerId, SessionName, ...), one series per process.
+OURS = {"agent", "status", "supervisor", "from_agent", "to_agent", "model", "direction"}
+
+
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str, app_name: str) -> Series:
+    """Every sample of ``app_name``, summed over Ray's per-process labels."""
+    body = urllib.request.urlopen(url, timeout=10).read().decode()
+    totals: Series = defaultdict(float)
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.labels.get("app") != app_name:
+                continue
+            labels = {k: v for k, v in sample.labels.items() if k in OURS}
+            totals[(sample.name, tuple(sorted(labels.items())))] += sample.value
+    return totals
+
+
+def test_turns_handoffs_and_tokens_are_counted(app: App, fake_llm: FakeLLMServer) -> None:
+    fake_llm.on(agent="triage", reply=FakeReply.tool_call("transfer_to_bookings", {"reason": "b"}))
+    fake_llm.on(agent="bookings", reply=FakeReply.text("booked"))
+    thread = new_thread()
+    with app.client() as client:
+        for text, message_id in [("book a room", "m1"), ("for two", "m2"), ("for two", "m2")]:
+            response = client.post(
+                f"/v1/threads/{thread}/messages", json={"text": text, "message_id": message_id}
+            )
+            assert response.status_code == 200, response.text
+    url = metrics_url()
+    assert url is not None
+    expected = {
+        ("ray_stickyray_turns_total", (("agent", "bookings"), ("status", "completed"))): 2,
+        ("ray_stickyray_turn_seconds_count", (("agent", "bookings"),)): 2,
+        ("ray_stickyray_supervisor_decisions_total", (("supervisor", "triage"),)): 1,
+        (
+            "ray_stickyray_handoffs_total",
+            (("from_agent", "triage"), ("to_agent", "bookings")),
+        ): 1,
+        ("ray_stickyray_llm_requests_total", (("agent", "triage"), ("model", "gpt-metrics"))): 1,
+        ("ray_stickyray_llm_requests_total", (("agent", "bookings"), ("model", "gpt-metrics"))): 2,
+    }
+    tokens = [("triage", "input"), ("bookings", "input"), ("bookings", "output")]
+    # The turns are done; Ray's metrics agent exports every few seconds. A retried message
+    # (m2 again) is its stored result, not a turn: counted, bookings would reach 3.
+    deadline = time.monotonic() + 90
+    while True:
+        totals = scrape(url, app.name)
+        got = {key: totals.get(key, 0) for key in expected}
+        spent = {
+            (agent, direction): totals.get(
+                (
+                    "ray_stickyray_llm_tokens_total",
+                    (("agent", agent), ("direction", direction), ("model", "gpt-metrics")),
+                ),
+                0,
+            )
+            for agent, direction in tokens
+        }
+        if got == expected and all(spent.values()):
+            break
+        assert time.monotonic() < deadline, f"metrics never reached {expected}: {got} {spent}"
+        time.sleep(0.5)  # between scrapes

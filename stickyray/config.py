@@ -220,6 +220,13 @@ class EmbedderConfig(_Strict):
     num_cpus: float = Field(default=0.0, ge=0)
 
 
+class ModelPrice(_Strict):
+    """What a model costs, in US dollars per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
 class TeamConfig(_Strict):
     """The whole ``agents.yaml``."""
 
@@ -230,6 +237,34 @@ class TeamConfig(_Strict):
     routing: RoutingConfig = RoutingConfig()
     ingress: IngressConfig = IngressConfig()
     embedder: EmbedderConfig = EmbedderConfig()
+    # Prices by model name (as agents name it). Set, every model an agent uses must have one,
+    # so that a cost is never a sum that silently leaves calls out.
+    pricing: dict[str, ModelPrice] | None = None
+
+    @model_validator(mode="after")
+    def _check_pricing(self) -> TeamConfig:
+        if self.pricing is None:
+            return self
+        for agent in self.agents:
+            if agent.provider != "offline" and agent.model not in self.pricing:
+                raise ValueError(
+                    f"pricing: no price for model {agent.model!r} (agent {agent.name!r}); add "
+                    f"`{agent.model}: {{input: ..., output: ...}}` (US dollars per million "
+                    "tokens), or remove pricing"
+                )
+        return self
+
+    def price_of(self, name: str) -> ModelPrice | None:
+        """The price of agent ``name``'s model; None when the team sets no pricing.
+
+        The offline provider calls no paid model: it costs nothing.
+        """
+        if self.pricing is None:
+            return None
+        agent = self.agent(name)
+        if agent.provider == "offline" or agent.model is None:
+            return ModelPrice(input=0, output=0)
+        return self.pricing[agent.model]
 
     @model_validator(mode="after")
     def _check_names(self) -> TeamConfig:

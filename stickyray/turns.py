@@ -38,13 +38,22 @@ class Usage(_Record):
     input_tokens: int = 0
     output_tokens: int = 0
     requests: int = 0
+    # US dollars, at the prices of agents.yaml's `pricing`; None when the team sets none.
+    cost_usd: float | None = None
 
     def __add__(self, other: Usage) -> Usage:
+        costs = [c for c in (self.cost_usd, other.cost_usd) if c is not None]
         return Usage(
             input_tokens=self.input_tokens + other.input_tokens,
             output_tokens=self.output_tokens + other.output_tokens,
             requests=self.requests + other.requests,
+            cost_usd=sum(costs) if costs else None,
         )
+
+    def priced(self, input_per_mtok: float, output_per_mtok: float) -> Usage:
+        """This usage with its cost at these prices (US dollars per million tokens)."""
+        cost = (self.input_tokens * input_per_mtok + self.output_tokens * output_per_mtok) / 1e6
+        return self.model_copy(update={"cost_usd": cost})
 
 
 def message_text(value: str) -> str:

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stickyray.config import load_config, sample_config_path
+from stickyray.config import ModelPrice, load_config, sample_config_path
 from stickyray.errors import ConfigError
 from stickyray.settings import load_settings
+from stickyray.turns import Usage
 from tests.e2e.teams import openai_team
 
 
@@ -162,3 +163,27 @@ def test_the_embedder_scales_as_configured(tmp_path: Path) -> None:
     assert embedder.num_replicas == 3
     assert embedder.max_ongoing_requests == 256
     assert embedder.ray_actor_options["num_cpus"] == 0
+
+
+def test_pricing_covers_every_paid_model(tmp_path: Path) -> None:
+    data = openai_team(model="gpt-a")
+    data["specialists"][0].update(model="gpt-b")
+    data["specialists"][2].update(provider="offline", model=None)
+    assert load_config(write(tmp_path, data)).price_of("triage") is None  # no pricing: no cost
+    data["pricing"] = {"gpt-a": {"input": 0.15, "output": 0.6}}
+    with pytest.raises(
+        ConfigError, match=r"pricing: no price for model 'gpt-b' \(agent 'invoices'\)"
+    ):
+        load_config(write(tmp_path, data))
+    data["pricing"]["gpt-b"] = {"input": -1, "output": 1}
+    with pytest.raises(ConfigError, match="pricing.gpt-b.input"):
+        load_config(write(tmp_path, data))
+    data["pricing"]["gpt-b"] = {"input": 2.5, "output": 10}
+    team = load_config(write(tmp_path, data))
+    assert team.price_of("invoices") == ModelPrice(input=2.5, output=10)
+    assert team.price_of("support") == ModelPrice(input=0, output=0)  # offline: no paid model
+    usage = Usage(input_tokens=1_000, output_tokens=200, requests=1)
+    priced = usage.priced(2.5, 10)
+    assert priced.cost_usd == pytest.approx(0.0045)
+    assert (priced + usage).cost_usd == pytest.approx(0.0045)  # an unpriced part adds nothing
+    assert (usage + usage).cost_usd is None

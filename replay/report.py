@@ -96,12 +96,15 @@ def summarize(
     calls: Counter[str] = Counter()
     llm_calls: Counter[str] = Counter()
     tokens: dict[str, dict[str, int]] = defaultdict(lambda: {"input": 0, "output": 0})
+    cost: dict[str, float] = defaultdict(float)
     for record in records:
         calls.update(record.agents_called)
         for agent, usage in record.usage_by_agent.items():
-            llm_calls[agent] += usage.get("requests", 0)
-            tokens[agent]["input"] += usage.get("input_tokens", 0)
-            tokens[agent]["output"] += usage.get("output_tokens", 0)
+            llm_calls[agent] += int(usage.get("requests") or 0)
+            tokens[agent]["input"] += int(usage.get("input_tokens") or 0)
+            tokens[agent]["output"] += int(usage.get("output_tokens") or 0)
+            if usage.get("cost_usd") is not None:
+                cost[agent] += float(usage["cost_usd"] or 0.0)
     wrong: dict[str, Counter[str]] = defaultdict(Counter)
     for record in records:
         if record.labels and record.agent not in record.labels:
@@ -141,6 +144,15 @@ def summarize(
         "agent_calls": dict(sorted(calls.items())),
         "llm_calls": dict(sorted(llm_calls.items())),
         "tokens": {k: v for k, v in sorted(tokens.items())},
+        # At agents.yaml's pricing; null when it sets none.
+        "cost_usd": (
+            {
+                "total": round(sum(cost.values()), 6),
+                "by_agent": {k: round(v, 6) for k, v in sorted(cost.items())},
+            }
+            if cost
+            else None
+        ),
         "latency_ms": {
             "p50": round(_pct(latencies, 0.50) * 1000, 1),
             "p95": round(_pct(latencies, 0.95) * 1000, 1),
@@ -209,15 +221,29 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         "## Agent calls, LLM calls and tokens",
         "",
-        "| agent | agent calls | LLM calls | input tokens | output tokens |",
-        "| --- | --- | --- | --- | --- |",
     ]
+    cost = report["cost_usd"]
+    if cost is None:
+        lines += [
+            "| agent | agent calls | LLM calls | input tokens | output tokens |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+    else:
+        lines += [
+            f"Cost at the agents file's pricing: ${cost['total']:.4f} in all.",
+            "",
+            "| agent | agent calls | LLM calls | input tokens | output tokens | cost (USD) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
     for agent in sorted(set(report["agent_calls"]) | set(report["llm_calls"])):
         t = report["tokens"].get(agent, {"input": 0, "output": 0})
-        lines.append(
+        row = (
             f"| {agent} | {report['agent_calls'].get(agent, 0)} | "
             f"{report['llm_calls'].get(agent, 0)} | {t['input']} | {t['output']} |"
         )
+        if cost is not None:
+            row += f" {cost['by_agent'].get(agent, 0.0):.4f} |"
+        lines.append(row)
     lines += ["", "![accuracy vs supervisor calls](routing.png)", ""]
     return "\n".join(lines)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Coroutine, Sequence
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from ray import serve
@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 EMBEDDER_DEPLOYMENT = "Embedder"
+
+R = TypeVar("R", AgentResult, CompressResult)
 
 
 class HandleEmbedder:
@@ -127,6 +129,7 @@ class AgentDeployment:
         self._closed = False
         config = team.agent(agent_name)
         self._metric_labels = (app_name, agent_name, config.model_name)
+        self._price = team.price_of(agent_name)
         provider = build_provider(
             config, team, settings, HandleEmbedder(embedder) if embedder is not None else None
         )
@@ -162,15 +165,22 @@ class AgentDeployment:
 
     async def run(self, request: AgentRequest) -> AgentResult:
         """Run the agent loop for one request."""
-        result = await self._agent.run(request)
+        result = self._charged(await self._agent.run(request))
         record_model_calls(*self._metric_labels, result.usage, result.failed)
         return result
 
     async def compress(self, request: CompressRequest) -> CompressResult:
         """Keep messages leaving a thread's buffer as an episodic memory."""
-        result = await self._agent.compress(request)
+        result = self._charged(await self._agent.compress(request))
         record_model_calls(*self._metric_labels, result.usage)
         return result
+
+    def _charged(self, result: R) -> R:
+        """``result`` with the cost of its usage, when the team sets pricing."""
+        if self._price is None:
+            return result
+        usage = result.usage.priced(self._price.input, self._price.output)
+        return result.model_copy(update={"usage": usage})
 
 
 def agent_deployment(config: AgentConfig) -> Deployment:

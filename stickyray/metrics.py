@@ -39,6 +39,7 @@ class _TurnMetrics:
 class _ModelMetrics:
     requests: Any
     tokens: Any
+    cost: Any
     failures: Any
 
 
@@ -87,6 +88,11 @@ def _model_metrics() -> _ModelMetrics:
             "Model tokens by agent, model and direction (input or output)",
             tag_keys=("app", "agent", "model", "direction"),
         ),
+        cost=Counter(
+            "stickyray_llm_cost_usd_total",
+            "What model calls cost in US dollars, at agents.yaml's pricing (absent without it)",
+            tag_keys=("app", "agent", "model"),
+        ),
         failures=Counter(
             "stickyray_agent_failures_total",
             "Agent calls that could not answer (the provider failed after its retries)",
@@ -124,6 +130,8 @@ def record_model_calls(
         for direction, tokens in (("input", usage.input_tokens), ("output", usage.output_tokens)):
             if tokens:
                 metrics.tokens.inc(tokens, tags={**tags, "direction": direction})
+        if usage.cost_usd:
+            metrics.cost.inc(usage.cost_usd, tags=tags)
         if failed:
             metrics.failures.inc(tags=tags)
     except Exception:

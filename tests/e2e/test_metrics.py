@@ -14,10 +14,13 @@ from stickyray.testing import FakeLLMServer, FakeReply
 from tests.e2e.conftest import App, new_thread
 from tests.e2e.teams import openai_team
 
+# Dollars per million tokens: 1 for input, 2 for output.
+PRICES = {"gpt-metrics": {"input": 1.0, "output": 2.0}}
+
 
 @pytest.fixture(scope="module")
 def app(deploy) -> App:
-    return deploy(openai_team(model="gpt-metrics"))
+    return deploy(openai_team(model="gpt-metrics") | {"pricing": PRICES})
 
 
 # Our labels; Ray adds its own (WorkerId, SessionName, ...), one series per process.
@@ -40,16 +43,29 @@ def scrape(url: str, app_name: str) -> Series:
     return totals
 
 
-def test_turns_handoffs_and_tokens_are_counted(app: App, fake_llm: FakeLLMServer) -> None:
+def test_turns_handoffs_tokens_and_cost_are_counted(app: App, fake_llm: FakeLLMServer) -> None:
     fake_llm.on(agent="triage", reply=FakeReply.tool_call("transfer_to_bookings", {"reason": "b"}))
     fake_llm.on(agent="bookings", reply=FakeReply.text("booked"))
     thread = new_thread()
+    bodies = {}
     with app.client() as client:
         for text, message_id in [("book a room", "m1"), ("for two", "m2"), ("for two", "m2")]:
             response = client.post(
                 f"/v1/threads/{thread}/messages", json={"text": text, "message_id": message_id}
             )
             assert response.status_code == 200, response.text
+            bodies[message_id] = response.json()
+    # Each turn's cost is its tokens at the team's prices, per agent and in all.
+    cost: dict[str, float] = defaultdict(float)
+    for body in bodies.values():
+        for agent, usage in body["usage_by_agent"].items():
+            expected_cost = (usage["input_tokens"] * 1.0 + usage["output_tokens"] * 2.0) / 1e6
+            assert usage["cost_usd"] == pytest.approx(expected_cost)
+            cost[agent] += usage["cost_usd"]
+        assert body["usage"]["cost_usd"] == pytest.approx(
+            sum(u["cost_usd"] for u in body["usage_by_agent"].values())
+        )
+    assert set(cost) == {"triage", "bookings"} and all(cost.values())
     url = metrics_url()
     assert url is not None
     expected = {
@@ -80,7 +96,21 @@ def test_turns_handoffs_and_tokens_are_counted(app: App, fake_llm: FakeLLMServer
             )
             for agent, direction in tokens
         }
-        if got == expected and all(spent.values()):
+        charged = {
+            agent: totals.get(
+                (
+                    "ray_stickyray_llm_cost_usd_total",
+                    (("agent", agent), ("model", "gpt-metrics")),
+                ),
+                0,
+            )
+            for agent in cost
+        }
+        if (
+            got == expected
+            and all(spent.values())
+            and all(charged[a] == pytest.approx(cost[a]) for a in cost)
+        ):
             break
-        assert time.monotonic() < deadline, f"metrics never reached {expected}: {got} {spent}"
+        assert time.monotonic() < deadline, f"metrics never reached {expected}: {got} {charged}"
         time.sleep(0.5)  # between scrapes

@@ -273,6 +273,26 @@ def test_errors_and_tokens_per_agent() -> None:
     assert report["llm_calls"] == {"hotels_1": 2, "supervisor": 1}
 
 
+def test_cost_per_agent_when_the_agents_are_priced(tmp_path: Path) -> None:
+    team = team_from_agents(AGENTS, Path("agents.json"))
+    unpriced = write_report(tmp_path / "a", team, [], [record(["hotels_1"], "hotels_1")], [], 1.0)
+    assert unpriced["cost_usd"] is None
+    assert "cost (USD)" not in (tmp_path / "a" / "report.md").read_text()
+    priced = [
+        {"supervisor": {"input_tokens": 100, "cost_usd": 0.0015}, "hotels_1": {"cost_usd": 0.25}},
+        {"hotels_1": {"input_tokens": 10, "cost_usd": 0.5}},
+    ]
+    records = [record(["hotels_1"], "hotels_1", usage_by_agent=split) for split in priced]
+    report = write_report(tmp_path / "b", team, [], records, [], 1.0)
+    assert report["cost_usd"] == {
+        "total": 0.7515,
+        "by_agent": {"hotels_1": 0.75, "supervisor": 0.0015},
+    }
+    markdown = (tmp_path / "b" / "report.md").read_text()
+    assert "Cost at the agents file's pricing: $0.7515 in all." in markdown
+    assert "| 0.7500 |" in markdown
+
+
 def test_a_replay_without_labels_has_no_accuracy_rather_than_zero(tmp_path: Path) -> None:
     records = [record([], "hotels_1"), record([], "supervisor", supervisor_called=True)]
     team = team_from_agents(AGENTS, Path("agents.json"))

@@ -25,6 +25,7 @@ import psutil
 
 from memory.embedded_postgres import EmbeddedPostgres
 from memory.long_term import NewMemory
+from memory.migrations import EMBEDDING_INDEX
 from memory.postgres import DEFAULT_EF_SEARCH, PostgresMemoryStore, init_connection
 
 RESULTS = Path(__file__).parent / "results"
@@ -62,10 +63,7 @@ async def build_index(pool: asyncpg.Pool) -> float:
         await conn.execute("SET maintenance_work_mem = '1GB'")
         await conn.execute("SET max_parallel_maintenance_workers = 1")
         start = time.perf_counter()
-        await conn.execute(
-            "CREATE INDEX memories_embedding_idx ON memories"
-            " USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)"
-        )
+        await conn.execute(EMBEDDING_INDEX)
         elapsed = time.perf_counter() - start
         await conn.execute("ANALYZE memories")
     return elapsed

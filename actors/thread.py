@@ -127,8 +127,9 @@ class Thread:
     ) -> Thread:
         """A new incarnation: takes an epoch, restores the checkpoint, resolves a pending turn.
 
-        ``observe`` is called with each turn this incarnation runs and its duration in
-        seconds (not with a retried message's stored result, nor with commands).
+        ``observe`` is called with each turn this incarnation stores, completed or failed,
+        with the seconds it took: one left pending by a previous incarnation included, a
+        retried message's stored result and commands not.
         """
         incarnation = await store.open(key)
         thread = cls(key, team, store, agents, incarnation, clock, observe)
@@ -199,14 +200,10 @@ class Thread:
         command = parse_command(message.text)
         if command is not None:
             return await self._command(command, message)
-        started = time.monotonic()
         accepted = await self._guard(self._store.accept(self.key, self._epoch, message))
         if isinstance(accepted, TurnResult):
             return accepted  # a retry: the first delivery's stored result, no new turn
-        result = await self._run(message, accepted)
-        if self._observe is not None:
-            self._observe(result, time.monotonic() - started)
-        return result
+        return await self._run(message, accepted)
 
     async def _guard(self, write: Awaitable[T]) -> T:
         """Await a store write; remember when this incarnation is superseded."""
@@ -267,11 +264,13 @@ class Thread:
         return stored or result
 
     async def _run(self, message: InboundMessage, turn: int) -> TurnResult:
+        started = time.monotonic()
         try:
             result, active = await self._execute(message, turn)
         except Exception as exc:  # any failure of an accepted turn is recorded, not lost
             log.warning("thread %s turn %d failed: %s", self.key, turn, type(exc).__name__)
-            return await self._record_failure(message, turn, f"{type(exc).__name__}: {exc}")
+            reason = f"{type(exc).__name__}: {exc}"
+            return await self._record_failure(message, turn, reason, started)
         buffer = self._buffer.entries()
         user = message.user_id
         buffer.append(BufferEntry(role="user", text=message.text, turn=turn, user_id=user))
@@ -284,7 +283,17 @@ class Thread:
         if compressed:  # the summaries were written by a model within this turn: its cost
             result = _with_usage(result, compressed)
         await self._commit(active, buffer, turn, result)
+        self._observed(result, started)
         return result
+
+    def _observed(self, result: TurnResult, started: float) -> None:
+        """Hand a stored turn to the observer; a failing observer never fails the turn."""
+        if self._observe is None:
+            return
+        try:
+            self._observe(result, time.monotonic() - started)
+        except Exception:
+            log.debug("turn observer failed", exc_info=True)
 
     async def _compact(
         self, buffer: list[BufferEntry], active: str | None, message: InboundMessage
@@ -328,7 +337,10 @@ class Thread:
         spent = {agent.name: cost} if cost != Usage() else {}
         return [e for e in leaving if e.user_id in unsaved] + kept, spent
 
-    async def _record_failure(self, message: InboundMessage, turn: int, reason: str) -> TurnResult:
+    async def _record_failure(
+        self, message: InboundMessage, turn: int, reason: str, started: float | None = None
+    ) -> TurnResult:
+        started = time.monotonic() if started is None else started
         result = TurnResult(
             thread_id=self.key.thread_id,
             message_id=message.message_id,
@@ -343,6 +355,7 @@ class Thread:
         entry = BufferEntry(role="user", text=message.text, turn=turn, user_id=message.user_id)
         buffer.append(entry)
         await self._commit(self._active, buffer, turn, result)
+        self._observed(result, started)
         return result
 
     async def _execute(self, message: InboundMessage, turn: int) -> tuple[TurnResult, str | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,7 @@ from stickyray.turns import (
     CompressRequest,
     CompressResult,
     InboundMessage,
+    TurnResult,
     Usage,
 )
 
@@ -492,3 +494,52 @@ async def test_observe_sees_each_turn_run_once(team: TeamConfig) -> None:
     await thread.handle(msg("for two"))
     assert [(turn, agent) for turn, agent, _ in seen] == [(1, "bookings"), (2, "bookings")]
     assert all(seconds >= 0 for *_, seconds in seen)
+
+
+async def test_observe_sees_turns_completed_or_abandoned_after_a_crash(team: TeamConfig) -> None:
+    seen: list[tuple[int, str | None, str]] = []
+
+    def observe(result: TurnResult, seconds: float) -> None:
+        seen.append((result.turn, result.agent, result.status))
+
+    # An actor died mid-turn: its heir completes the turn, which counts once.
+    agents, store = booking_agents(), InMemoryThreadStore()
+    dead = await Thread.open(KEY, team, store, agents)
+    await store.accept(KEY, dead.epoch, msg("book", mid="m1"))
+    heir = await Thread.open(KEY, team, store, agents, observe=observe)
+    await heir.handle(msg("book", mid="m1"))
+    assert seen == [(1, "bookings", "completed")]
+    # A turn interrupted too often is abandoned: a failed turn.
+    seen.clear()
+    store = InMemoryThreadStore()
+    first = await Thread.open(KEY, team, store, agents)
+    await store.accept(KEY, first.epoch, msg("poison", mid="m1"))
+    for _ in range(MAX_TURN_ATTEMPTS - 1):
+        await store.open(KEY)
+    await Thread.open(KEY, team, store, agents, observe=observe)
+    assert seen == [(1, None, "failed")]
+
+
+async def test_observe_counts_a_turn_whose_commit_failed_once_when_it_is_stored(
+    team: TeamConfig,
+) -> None:
+    class Flaky(InMemoryThreadStore):
+        down = False
+
+        async def commit(self, *args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise StoreUnavailable("redis", "down")
+            return await super().commit(*args, **kwargs)
+
+    seen: list[int] = []
+    store = Flaky()
+    thread = await Thread.open(
+        KEY, team, store, booking_agents(), observe=lambda result, _: seen.append(result.turn)
+    )
+    store.down = True
+    with pytest.raises(StoreUnavailable):
+        await thread.handle(msg("book", mid="m1"))
+    assert seen == []  # run, but not stored
+    store.down = False
+    await thread.handle(msg("book", mid="m1"))
+    assert seen == [1]

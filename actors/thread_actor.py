@@ -9,7 +9,6 @@ checkpoint restored, a pending turn resolved), and passivates itself after
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from typing import Any
@@ -22,7 +21,7 @@ from actors.liveness import Incarnation, LiveThreads
 from actors.redis_store import RedisThreadStore, connect_redis
 from actors.thread import Thread
 from stickyray.config import TeamConfig
-from stickyray.metrics import record_turn
+from stickyray.metrics import TurnReporter
 from stickyray.turns import InboundMessage, TurnResult
 
 __all__ = ["ThreadActor"]
@@ -69,7 +68,7 @@ class ThreadActor:
             team,
             store,
             ServeAgentCaller(agent_handles),
-            observe=functools.partial(record_turn, app=app, supervisor=team.supervisor.name),
+            observe=TurnReporter(app, team.supervisor.name),
         )
         self._idle_timeout_s = threads.idle_timeout_s
         self._passivating = False

@@ -12,7 +12,6 @@ with no threads for ``idle_timeout_s`` exits.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections import OrderedDict
@@ -26,7 +25,7 @@ from actors.redis_store import RedisThreadStore, connect_redis
 from actors.thread import Thread
 from stickyray.config import TeamConfig
 from stickyray.errors import ThreadFenced, ThreadPassivated
-from stickyray.metrics import record_turn
+from stickyray.metrics import TurnReporter
 from stickyray.turns import InboundMessage, TurnResult
 
 __all__ = ["ThreadHost"]
@@ -51,7 +50,7 @@ class ThreadHost:
             self._redis, ttl_s=threads.checkpoint_ttl_s, message_id_ttl_s=threads.message_id_ttl_s
         )
         self._agents = ServeAgentCaller(agent_handles)
-        self._observe = functools.partial(record_turn, app=app, supervisor=team.supervisor.name)
+        self._observe = TurnReporter(app, team.supervisor.name)
         self._threads: OrderedDict[ThreadKey, Thread] = OrderedDict()
         self._opening: dict[ThreadKey, asyncio.Future[Thread]] = {}
         self._closing: set[asyncio.Task[None]] = set()

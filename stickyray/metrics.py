@@ -1,9 +1,13 @@
 """Prometheus metrics of turns and model calls, recorded through Ray's metrics API.
 
-Thread actors, thread hosts and agent replicas each record into their node's Ray metrics
-agent, which serves every process's series on the node's metrics export port, in the
-Prometheus text format, with Ray's ``ray_`` prefix and a ``WorkerId`` label per process
-(sum over it). Outside Ray the calls do nothing, so the turn logic runs the same in tests.
+Every Ray process records into its node's Ray metrics agent, which serves all of them on
+the node's metrics export port, in the Prometheus text format, with Ray's ``ray_`` prefix.
+Ray labels each series with the process that recorded it (``WorkerId``; sum over it) and
+keeps a counter's series after that process has exited. So turn metrics are not recorded in
+thread actors, one process per thread, where the series would grow with every thread ever
+served: each thread sends its turns, without waiting, to one ``TurnMetricsSink`` actor,
+which records them. Agent replicas are few and long-lived, and record their model calls
+themselves. Outside Ray, nothing is recorded.
 
 Labels name the Serve application (``stickyray``, or a replay's ``replay-<id>`` on the same
 cluster), agents and models: all come from the deployment, so the number of series stays
@@ -19,7 +23,15 @@ from typing import Any
 
 from stickyray.turns import TurnResult, Usage
 
-__all__ = ["TURN_SECONDS_BUCKETS", "metrics_url", "record_model_calls", "record_turn"]
+__all__ = [
+    "SINK_NAME",
+    "TURN_SECONDS_BUCKETS",
+    "TurnMetricsSink",
+    "TurnReporter",
+    "metrics_url",
+    "record_model_calls",
+    "record_turn",
+]
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +113,91 @@ def _model_metrics() -> _ModelMetrics:
     )
 
 
-def record_turn(result: TurnResult, seconds: float, app: str, supervisor: str) -> None:
-    """Count a turn this process ran for ``app`` (not a retried message's stored result)."""
+def record_turn(
+    app: str,
+    agent: str,
+    status: str,
+    seconds: float,
+    supervisor: str | None,
+    handoffs: list[tuple[str, str]],
+) -> None:
+    """Count one stored turn of ``app``.
+
+    ``supervisor`` names the supervisor when it was called in the turn (a routing decision),
+    else None; ``handoffs`` are (from, to) pairs.
+    """
     try:
         metrics = _turn_metrics()
-        agent = result.agent or "none"
-        metrics.turns.inc(tags={"app": app, "agent": agent, "status": result.status})
+        metrics.turns.inc(tags={"app": app, "agent": agent, "status": status})
         metrics.seconds.observe(max(seconds, 0.0), tags={"app": app, "agent": agent})
-        if supervisor in result.usage_by_agent:
+        if supervisor is not None:
             metrics.decisions.inc(tags={"app": app, "supervisor": supervisor})
-        for handoff in result.handoffs:
-            tags = {"app": app, "from_agent": handoff.from_agent, "to_agent": handoff.to}
+        for source, target in handoffs:
+            tags = {"app": app, "from_agent": source, "to_agent": target}
             metrics.handoffs.inc(tags=tags)
     except Exception:  # a metric never fails a turn
         log.debug("could not record turn metrics", exc_info=True)
+
+
+class TurnMetricsSink:
+    """The one process that records every thread's turn metrics (see the module doc)."""
+
+    def record(
+        self,
+        app: str,
+        agent: str,
+        status: str,
+        seconds: float,
+        supervisor: str | None,
+        handoffs: list[tuple[str, str]],
+    ) -> None:
+        """See :func:`record_turn`."""
+        record_turn(app, agent, status, seconds, supervisor, handoffs)
+
+
+# Detached, so it outlives the thread actors that create it; restarted if it dies (its
+# counters then start again from zero, which Prometheus's rate() takes as a reset).
+SINK_NAME = "metrics/turns"
+_SINK_OPTIONS: dict[str, Any] = {
+    "name": SINK_NAME,
+    "namespace": "stickyray",  # the runtime's namespace, as actors.directory.NAMESPACE
+    "get_if_exists": True,
+    "lifetime": "detached",
+    "num_cpus": 0,
+    "max_restarts": -1,
+}
+
+
+class TurnReporter:
+    """A thread's turn observer: sends each stored turn to the sink and never waits.
+
+    A turn that called the supervisor (it is among the turn's agents) is a routing decision.
+    """
+
+    def __init__(self, app: str, supervisor: str) -> None:
+        self._app = app
+        self._supervisor = supervisor
+        self._sink: Any = None
+
+    def __call__(self, result: TurnResult, seconds: float) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        try:
+            if self._sink is None:
+                self._sink = ray.remote(TurnMetricsSink).options(**_SINK_OPTIONS).remote()
+            self._sink.record.remote(
+                self._app,
+                result.agent or "none",
+                result.status,
+                seconds,
+                self._supervisor if self._supervisor in result.usage_by_agent else None,
+                [(h.from_agent, h.to) for h in result.handoffs],
+            )
+        except Exception:  # a metric never fails a turn; the next turn looks the sink up again
+            self._sink = None
+            log.debug("could not report turn metrics", exc_info=True)
 
 
 def record_model_calls(

@@ -30,26 +30,35 @@ OURS = {"agent", "status", "supervisor", "from_agent", "to_agent", "model", "dir
 Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def scrape(url: str, app_name: str) -> Series:
-    """Every sample of ``app_name``, summed over Ray's per-process labels."""
+def scrape(url: str, app_name: str) -> tuple[Series, dict[str, set[str]]]:
+    """Every sample of ``app_name``, summed over Ray's per-process labels; and, by metric,
+    the processes (Ray's WorkerId) that recorded it."""
     body = urllib.request.urlopen(url, timeout=10).read().decode()
     totals: Series = defaultdict(float)
+    workers: dict[str, set[str]] = defaultdict(set)
     for family in text_string_to_metric_families(body):
         for sample in family.samples:
             if sample.labels.get("app") != app_name:
                 continue
             labels = {k: v for k, v in sample.labels.items() if k in OURS}
             totals[(sample.name, tuple(sorted(labels.items())))] += sample.value
-    return totals
+            workers[sample.name].add(sample.labels.get("WorkerId", ""))
+    return totals, workers
 
 
 def test_turns_handoffs_tokens_and_cost_are_counted(app: App, fake_llm: FakeLLMServer) -> None:
     fake_llm.on(agent="triage", reply=FakeReply.tool_call("transfer_to_bookings", {"reason": "b"}))
     fake_llm.on(agent="bookings", reply=FakeReply.text("booked"))
-    thread = new_thread()
+    first, second = new_thread(), new_thread()
+    sends = [
+        (first, "book a room", "m1"),
+        (first, "for two", "m2"),
+        (first, "for two", "m2"),  # a retry: its stored result, not a turn
+        (second, "book a room", "m3"),
+    ]
     bodies = {}
     with app.client() as client:
-        for text, message_id in [("book a room", "m1"), ("for two", "m2"), ("for two", "m2")]:
+        for thread, text, message_id in sends:
             response = client.post(
                 f"/v1/threads/{thread}/messages", json={"text": text, "message_id": message_id}
             )
@@ -69,22 +78,22 @@ def test_turns_handoffs_tokens_and_cost_are_counted(app: App, fake_llm: FakeLLMS
     url = metrics_url()
     assert url is not None
     expected = {
-        ("ray_stickyray_turns_total", (("agent", "bookings"), ("status", "completed"))): 2,
-        ("ray_stickyray_turn_seconds_count", (("agent", "bookings"),)): 2,
-        ("ray_stickyray_supervisor_decisions_total", (("supervisor", "triage"),)): 1,
+        ("ray_stickyray_turns_total", (("agent", "bookings"), ("status", "completed"))): 3,
+        ("ray_stickyray_turn_seconds_count", (("agent", "bookings"),)): 3,
+        ("ray_stickyray_supervisor_decisions_total", (("supervisor", "triage"),)): 2,
         (
             "ray_stickyray_handoffs_total",
             (("from_agent", "triage"), ("to_agent", "bookings")),
-        ): 1,
-        ("ray_stickyray_llm_requests_total", (("agent", "triage"), ("model", "gpt-metrics"))): 1,
-        ("ray_stickyray_llm_requests_total", (("agent", "bookings"), ("model", "gpt-metrics"))): 2,
+        ): 2,
+        ("ray_stickyray_llm_requests_total", (("agent", "triage"), ("model", "gpt-metrics"))): 2,
+        ("ray_stickyray_llm_requests_total", (("agent", "bookings"), ("model", "gpt-metrics"))): 3,
     }
     tokens = [("triage", "input"), ("bookings", "input"), ("bookings", "output")]
-    # The turns are done; Ray's metrics agent exports every few seconds. A retried message
-    # (m2 again) is its stored result, not a turn: counted, bookings would reach 3.
+    # The turns are done; Ray's metrics agent exports every few seconds. Were the retried m2
+    # counted, bookings would reach 4.
     deadline = time.monotonic() + 90
     while True:
-        totals = scrape(url, app.name)
+        totals, workers = scrape(url, app.name)
         got = {key: totals.get(key, 0) for key in expected}
         spent = {
             (agent, direction): totals.get(
@@ -114,3 +123,5 @@ def test_turns_handoffs_tokens_and_cost_are_counted(app: App, fake_llm: FakeLLMS
             break
         assert time.monotonic() < deadline, f"metrics never reached {expected}: {got} {charged}"
         time.sleep(0.5)  # between scrapes
+    # Two threads, two thread actors, one recording process: series do not grow with threads.
+    assert len(workers["ray_stickyray_turns_total"]) == 1, workers["ray_stickyray_turns_total"]

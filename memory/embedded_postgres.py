@@ -128,6 +128,18 @@ class EmbeddedPostgres:
         log.info("embedded Postgres at %s (data in %s)", self.url, self._data_dir)
         return self.url
 
+    @staticmethod
+    def holders(data_dir: Path) -> list[int]:
+        """Live processes other than this one holding the server of ``data_dir`` (a running
+        ``stickyray serve`` holds it for as long as it serves)."""
+        import psutil
+        from pgserver.postgres_server import PostgresServer
+
+        handles = data_dir / ".handle_pids.json"
+        with PostgresServer._lock:
+            pids = json.loads(handles.read_text()) if handles.exists() else []
+        return [pid for pid in pids if pid != os.getpid() and psutil.pid_exists(pid)]
+
     def _forget_dead_handles(self) -> None:
         # pgserver stops the server when the last process holding a handle lets go, and
         # counts holders in this file. A holder killed with SIGKILL never lets go, so without

@@ -74,10 +74,12 @@ async def check_embedder(conn: asyncpg.Connection, model: str, dimension: int) -
         )
         row = await conn.fetchrow(_RECORD)  # another setup may have recorded first
     if row["target_model"] is not None:
+        # With no record of the old model (a store from before it), a run with the old model
+        # cannot tell it from a third one: it re-embeds, so it is not offered as a way back.
+        back = f" (or with {row['model']}, to drop the move)" if row["model"] else ""
         raise ConfigError(
             f"a re-embedding of the stored memories with {row['target_model']} did not "
-            "finish: run `stickyray memory reembed` again with that model configured (or with "
-            f"{row['model'] or 'the model that embedded them'}, to drop the move)"
+            f"finish: run `stickyray memory reembed` again with that model configured{back}"
         )
     if (row["model"], stored_dimension) != (model, dimension):
         raise ConfigError(_mismatch(row["model"], stored_dimension, model, dimension))
@@ -209,6 +211,11 @@ async def _reembed(
 
 async def _fill(conn: asyncpg.Connection, embedder: Embedder, rows: list[Any]) -> int:
     vectors = await embedder.embed([row["content"] for row in rows])
+    if vectors.shape != (len(rows), embedder.dimension):
+        raise ValueError(
+            f"the embedder gave {vectors.shape[0]} vectors of {vectors.shape[-1]} dimensions "
+            f"for {len(rows)} texts, not {embedder.dimension} dimensions each"
+        )
     await conn.executemany(
         "UPDATE memories SET embedding_next = $2 WHERE id = $1",
         [(row["id"], vector) for row, vector in zip(rows, vectors, strict=True)],

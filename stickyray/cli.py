@@ -162,7 +162,6 @@ def _reembed(args: argparse.Namespace) -> int:
     from memory.embedded_postgres import EmbeddedPostgres
     from memory.embedders import LocalEmbedder
     from stickyray.config import load_config, sample_config_path
-    from stickyray.embedded_redis import in_use
     from stickyray.errors import StickyrayError
     from stickyray.settings import load_settings
 
@@ -173,10 +172,12 @@ def _reembed(args: argparse.Namespace) -> int:
             raise ConfigError("memory.embedder openai needs OPENAI_API_KEY")
         if team.memory.embedder == "local" and not LocalEmbedder.installed():
             raise ConfigError(f"the local embedder is not installed: {LocalEmbedder.INSTALL_HINT}")
-        if settings.database_url is None and in_use(settings.data_dir / "redis"):
+        embedded = settings.data_dir / "postgres"
+        if settings.database_url is None and (pids := EmbeddedPostgres.holders(embedded)):
             raise ConfigError(
-                f"a stickyray is serving from {settings.data_dir}: stop it first, since it "
-                "would go on storing the old model's vectors"
+                f"the embedded Postgres in {embedded} is in use by another process (pid "
+                f"{', '.join(map(str, pids))}), such as a stickyray serve: stop it first, since "
+                "it would go on storing the old model's vectors"
             )
     except ConfigError as exc:
         print(f"stickyray: {exc}", file=sys.stderr)
@@ -184,7 +185,7 @@ def _reembed(args: argparse.Namespace) -> int:
     postgres = None
     url = settings.database_url
     if url is None:
-        postgres = EmbeddedPostgres(settings.data_dir / "postgres")
+        postgres = EmbeddedPostgres(embedded)
         try:
             postgres.start()
         except Exception as exc:
@@ -198,6 +199,9 @@ def _reembed(args: argparse.Namespace) -> int:
         return 2
     except (StickyrayError, OSError, asyncpg.PostgresError) as exc:
         print(f"stickyray: cannot re-embed: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the embedding model's own failures; finished batches are kept
+        print(f"stickyray: cannot re-embed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(

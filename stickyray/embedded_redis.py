@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["EmbeddedRedis", "in_use"]
+__all__ = ["EmbeddedRedis"]
 
 log = logging.getLogger(__name__)
 
@@ -96,20 +96,6 @@ class EmbeddedRedis:
 
 # sockaddr_un.sun_path is 108 bytes on Linux, the terminating NUL included; kept under it.
 _MAX_SOCKET_PATH_BYTES = 100
-
-
-def in_use(data_dir: Path) -> bool:
-    """Whether a live stickyray owns the embedded Redis in ``data_dir`` (it is serving)."""
-    try:
-        handle = (data_dir / "owner.lock").open("rb")
-    except FileNotFoundError:
-        return False
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-    return False
 
 
 def _own(path: Path) -> IO[bytes]:

@@ -8,8 +8,9 @@ whose vectors differ for the same text (the CLI test uses the real models).
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hashlib
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -259,6 +260,18 @@ async def test_reembed_with_the_old_model_drops_an_unfinished_move(database: Dat
     assert (await top_hit(database.url, old, "t1", "memory 3"))[0] == "memory 3"
 
 
+async def test_an_embedder_giving_the_wrong_vectors_stops_the_run(database: Database) -> None:
+    class Short(HashEmbedder):
+        async def embed(self, texts: Sequence[str]) -> np.ndarray:
+            return (await super().embed(texts))[:-1]
+
+    await set_up(database.url, "test/a", 8)
+    await remember(database.url, HashEmbedder("a", 8), "t1", ["one", "two"])
+    with pytest.raises(ValueError, match="gave 1 vectors of 8 dimensions for 2 texts"):
+        await admin_reembed(database, Short("b", 8))
+    assert await admin_reembed(database, HashEmbedder("b", 8)) == 2  # nothing was swapped
+
+
 async def test_reembed_to_another_width(database: Database) -> None:
     old, new = HashEmbedder("a", 8), HashEmbedder("c", 16)
     await set_up(database.url, "test/a", 8)
@@ -358,13 +371,30 @@ def test_the_command_moves_local_memories_to_openai(
     assert "already; nothing to do" in capsys.readouterr().out
 
 
-def test_the_command_refuses_while_a_server_runs_on_its_data(
+def test_the_command_refuses_while_a_server_holds_its_embedded_postgres(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("STICKYRAY_DATA_DIR", str(tmp_path))
-    (tmp_path / "redis").mkdir()
-    with (tmp_path / "redis" / "owner.lock").open("ab") as owner:
-        fcntl.flock(owner, fcntl.LOCK_EX)  # what a serving stickyray holds
+    # What a serving stickyray does with the embedded Postgres, whatever its Redis.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from memory.embedded_postgres import EmbeddedPostgres as P; "
+            f"p = P(__import__('pathlib').Path({str(tmp_path / 'postgres')!r})); p.start(); "
+            "print('up', flush=True); sys.stdin.read(); p.stop()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "up"
         assert main(["memory", "reembed"]) == 2
-    assert f"a stickyray is serving from {tmp_path}: stop it first" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"is in use by another process (pid {holder.pid})" in err
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=60)

@@ -59,7 +59,7 @@ class TurnRecord(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
     # Each agent's Usage as the API gives it: tokens, requests, cost_usd (null without pricing).
-    usage_by_agent: dict[str, dict[str, float | None]] = Field(default_factory=dict)
+    usage_by_agent: dict[str, dict[str, int | float | None]] = Field(default_factory=dict)
     status: str = "completed"
     error: str | None = None
     # A turn the thread took as a command (``/supervisor``...): answered, but not routed,

@@ -223,8 +223,8 @@ class EmbedderConfig(_Strict):
 class ModelPrice(_Strict):
     """What a model costs, in US dollars per million tokens."""
 
-    input: float = Field(ge=0)
-    output: float = Field(ge=0)
+    input: float = Field(ge=0, le=100_000, allow_inf_nan=False)
+    output: float = Field(ge=0, le=100_000, allow_inf_nan=False)
 
 
 class TeamConfig(_Strict):

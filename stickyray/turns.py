@@ -42,13 +42,22 @@ class Usage(_Record):
     cost_usd: float | None = None
 
     def __add__(self, other: Usage) -> Usage:
-        costs = [c for c in (self.cost_usd, other.cost_usd) if c is not None]
+        # A cost is known when every part with tokens has one: a priced part plus an unpriced
+        # one is unknown, not the priced part alone. Nothing spent costs nothing.
+        parts = (self, other)
+        known = any(u.cost_usd is not None for u in parts) and all(
+            u.cost_usd is not None or u._spent_nothing for u in parts
+        )
         return Usage(
             input_tokens=self.input_tokens + other.input_tokens,
             output_tokens=self.output_tokens + other.output_tokens,
             requests=self.requests + other.requests,
-            cost_usd=sum(costs) if costs else None,
+            cost_usd=sum(u.cost_usd or 0.0 for u in parts) if known else None,
         )
+
+    @property
+    def _spent_nothing(self) -> bool:
+        return self.input_tokens == self.output_tokens == self.requests == 0
 
     def priced(self, input_per_mtok: float, output_per_mtok: float) -> Usage:
         """This usage with its cost at these prices (US dollars per million tokens)."""

@@ -175,9 +175,10 @@ def test_pricing_covers_every_paid_model(tmp_path: Path) -> None:
         ConfigError, match=r"pricing: no price for model 'gpt-b' \(agent 'invoices'\)"
     ):
         load_config(write(tmp_path, data))
-    data["pricing"]["gpt-b"] = {"input": -1, "output": 1}
-    with pytest.raises(ConfigError, match="pricing.gpt-b.input"):
-        load_config(write(tmp_path, data))
+    for bad in (-1, float("inf"), 1e308):
+        data["pricing"]["gpt-b"] = {"input": bad, "output": 1}
+        with pytest.raises(ConfigError, match="pricing.gpt-b.input"):
+            load_config(write(tmp_path, data))
     data["pricing"]["gpt-b"] = {"input": 2.5, "output": 10}
     team = load_config(write(tmp_path, data))
     assert team.price_of("invoices") == ModelPrice(input=2.5, output=10)
@@ -185,5 +186,8 @@ def test_pricing_covers_every_paid_model(tmp_path: Path) -> None:
     usage = Usage(input_tokens=1_000, output_tokens=200, requests=1)
     priced = usage.priced(2.5, 10)
     assert priced.cost_usd == pytest.approx(0.0045)
-    assert (priced + usage).cost_usd == pytest.approx(0.0045)  # an unpriced part adds nothing
-    assert (usage + usage).cost_usd is None
+    assert (priced + Usage()).cost_usd == pytest.approx(0.0045)  # nothing spent adds nothing
+    assert (Usage() + priced + priced).cost_usd == pytest.approx(0.009)
+    assert (priced + usage).cost_usd is None  # tokens with no price: the cost is unknown
+    assert (usage + priced).cost_usd is None
+    assert (usage + usage).cost_usd is None and (Usage() + Usage()).cost_usd is None

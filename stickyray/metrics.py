@@ -35,7 +35,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# From a command's few milliseconds to a turn that waited on several slow model calls.
+# From a turn with no model call (the offline provider) to one that waited on several slow ones.
 TURN_SECONDS_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 
 

@@ -14,7 +14,7 @@ from serve_app.tools import Tool
 from stickyray.config import AgentConfig, AgentMemoryConfig
 from stickyray.turns import AgentRequest, CompressRequest, CompressResult, Usage
 
-__all__ = ["AgentMemory", "memory_user"]
+__all__ = ["AgentMemory", "SummaryNotStored", "memory_user"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,18 @@ def _clip(text: str, limit: int) -> str:
 def memory_user(request: AgentRequest | CompressRequest) -> str:
     """Whose memories these are: the user, or the thread for anonymous conversations."""
     return request.user_id or f"thread:{request.thread}"
+
+
+class SummaryNotStored(Exception):
+    """A model wrote the summary, but its memory could not be stored.
+
+    ``usage`` is what the summary cost; the store's error is the ``__cause__``. It stays in
+    the agent replica, which counts the cost and then raises the store's error.
+    """
+
+    def __init__(self, usage: Usage) -> None:
+        super().__init__(usage)
+        self.usage = usage
 
 
 class AgentMemory:
@@ -171,18 +183,20 @@ class AgentMemory:
             "thread": request.thread,
             "turns": [turns[0], turns[-1]],
         }
-        record = await self._memory.remember(
-            request.tenant,
-            request.user_id,
-            NewMemory(
-                id=_compressed_id(request),
-                kind="episodic",
-                content=summary,
-                agent=None,
-                importance=0.5,
-                metadata=metadata,
-            ),
+        memory = NewMemory(
+            id=_compressed_id(request),
+            kind="episodic",
+            content=summary,
+            agent=None,
+            importance=0.5,
+            metadata=metadata,
         )
+        try:
+            record = await self._memory.remember(request.tenant, request.user_id, memory)
+        except Exception as exc:
+            if usage.requests:
+                raise SummaryNotStored(usage) from exc
+            raise
         log.info(
             "thread %s: turns %d-%d compressed into memory %s",
             request.thread,

@@ -21,13 +21,13 @@ from providers.factory import build_provider, openai_embedder
 from providers.offline import team_profiles
 from providers.routing import EvidenceRouter
 from serve_app.agent import Agent
-from serve_app.agent_memory import AgentMemory
+from serve_app.agent_memory import AgentMemory, SummaryNotStored
 from serve_app.tools import intent_tools, resolve_tools
 from stickyray.config import AgentConfig, EmbedderConfig, TeamConfig
 from stickyray.errors import ConfigError
 from stickyray.metrics import record_model_calls
 from stickyray.settings import Settings
-from stickyray.turns import AgentRequest, AgentResult, CompressRequest, CompressResult
+from stickyray.turns import AgentRequest, AgentResult, CompressRequest, CompressResult, Usage
 
 __all__ = [
     "EMBEDDER_DEPLOYMENT",
@@ -171,7 +171,14 @@ class AgentDeployment:
 
     async def compress(self, request: CompressRequest) -> CompressResult:
         """Keep messages leaving a thread's buffer as an episodic memory."""
-        result = self._charged(await self._agent.compress(request))
+        try:
+            result = self._charged(await self._agent.compress(request))
+        except SummaryNotStored as exc:
+            # The summary was paid for: count it, then fail as the store did, so that the
+            # thread keeps the messages and tries again.
+            record_model_calls(*self._metric_labels, self._priced(exc.usage))
+            assert exc.__cause__ is not None
+            raise exc.__cause__ from None
         record_model_calls(*self._metric_labels, result.usage)
         return result
 
@@ -179,8 +186,12 @@ class AgentDeployment:
         """``result`` with the cost of its usage, when the team sets pricing."""
         if self._price is None:
             return result
-        usage = result.usage.priced(self._price.input, self._price.output)
-        return result.model_copy(update={"usage": usage})
+        return result.model_copy(update={"usage": self._priced(result.usage)})
+
+    def _priced(self, usage: Usage) -> Usage:
+        if self._price is None:
+            return usage
+        return usage.priced(self._price.input, self._price.output)
 
 
 def agent_deployment(config: AgentConfig) -> Deployment:

@@ -10,13 +10,16 @@ import pytest
 from memory.buffer import BufferEntry
 from memory.embedders import OpenAIEmbedder
 from memory.in_memory import InMemoryMemoryStore
-from memory.long_term import MAX_CONTENT_CHARS
+from memory.long_term import MAX_CONTENT_CHARS, MemoryRecord
 from memory.service import LongTermMemory
 from providers.openai_provider import OpenAIProvider
-from serve_app.agent_memory import AgentMemory
-from stickyray.config import load_config
+from serve_app import deployments
+from serve_app.agent import Agent
+from serve_app.agent_memory import AgentMemory, SummaryNotStored
+from stickyray.config import ModelPrice, load_config
+from stickyray.errors import StoreUnavailable
 from stickyray.testing import FakeLLMServer, FakeReply
-from stickyray.turns import CompressRequest
+from stickyray.turns import CompressRequest, Usage
 
 
 @pytest.fixture
@@ -94,3 +97,43 @@ async def test_no_usable_summary_keeps_the_messages_themselves(
     assert result.memory_id is not None
     (kept,) = await contents(memory)
     assert kept.startswith("Conversation excerpt") and "user: a table for two" in kept
+
+
+async def test_a_summary_that_cannot_be_stored_keeps_its_cost_for_the_replica(
+    fake_llm: FakeLLMServer,
+    provider: OpenAIProvider,
+    memory: LongTermMemory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Down(InMemoryMemoryStore):
+        async def add(self, *args: object, **kwargs: object) -> list[MemoryRecord]:
+            raise StoreUnavailable("postgres", "down")
+
+    broken = LongTermMemory(Down(dimension=64), memory._embedder)
+    team = load_config(None).model_copy(update={"pricing": {"m": ModelPrice(input=1, output=2)}})
+    bookings = team.agent("bookings").model_copy(update={"provider": "openai", "model": "m"})
+    team = team.model_copy(update={"specialists": [bookings]})
+    fake_llm.on(agent="bookings", reply=FakeReply.text("Booked a table for two."))
+    with pytest.raises(SummaryNotStored) as caught:
+        await AgentMemory(bookings, broken).compress(request("a table for two"), provider)
+    assert caught.value.usage.requests == 1
+    assert isinstance(caught.value.__cause__, StoreUnavailable)
+
+    # The replica counts what the summary cost, then fails as the store did: the thread
+    # keeps the messages.
+    counted: list[tuple[str, str, str, Usage]] = []
+
+    def count(app: str, agent: str, model: str, usage: Usage, failed: bool = False) -> None:
+        counted.append((app, agent, model, usage))
+
+    monkeypatch.setattr(deployments, "record_model_calls", count)
+    replica = deployments.AgentDeployment.__new__(deployments.AgentDeployment)
+    replica._agent = Agent(bookings, team, provider, [], AgentMemory(bookings, broken), None)
+    replica._metric_labels = ("app", "bookings", "m")
+    replica._price = team.price_of("bookings")
+    with pytest.raises(StoreUnavailable):
+        await replica.compress(request("a table for two"))
+    ((app, agent, model, usage),) = counted
+    assert (app, agent, model, usage.requests) == ("app", "bookings", "m", 1)
+    assert usage.cost_usd == pytest.approx((usage.input_tokens + 2 * usage.output_tokens) / 1e6)
+    assert usage.cost_usd is not None and usage.cost_usd > 0

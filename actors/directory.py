@@ -165,7 +165,8 @@ class ThreadDirectory:
         agent_handles: dict[str, Any],
         scope: str = "default",
         cache_size: int = 10_000,
-        app: str = "stickyray",
+        *,
+        app: str,
     ) -> None:
         self._team = team
         self._app = app  # the Serve application the threads' metrics are labelled with

@@ -38,7 +38,7 @@ class ThreadActor:
         team: TeamConfig,
         redis_url: str,
         agent_handles: dict[str, Any],
-        app: str = "stickyray",
+        app: str,
     ) -> None:
         from actors.directory import passivate_actor  # the directory owns name -> actor
 

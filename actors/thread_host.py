@@ -41,7 +41,7 @@ class ThreadHost:
         team: TeamConfig,
         redis_url: str,
         agent_handles: dict[str, Any],
-        app: str = "stickyray",
+        app: str,
     ) -> None:
         threads = team.threads
         self._team = team

@@ -123,7 +123,7 @@ class AgentDeployment:
         team: TeamConfig,
         settings: Settings,
         embedder: Any | None,
-        app_name: str = "stickyray",
+        app_name: str,
     ) -> None:
         self._stack = AsyncExitStack()
         self._closed = False

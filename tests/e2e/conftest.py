@@ -83,7 +83,7 @@ def start_usurper(thread_id: str, team: TeamConfig, redis_url: str) -> Any:
     return (
         ray.remote(ThreadActor)
         .options(name=f"usurper-{uuid.uuid4().hex[:6]}", namespace=NAMESPACE, num_cpus=0)
-        .remote(ThreadKey.of(thread_id), team, redis_url, {})
+        .remote(ThreadKey.of(thread_id), team, redis_url, {}, "usurper")
     )
 
 

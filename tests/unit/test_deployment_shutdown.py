@@ -39,7 +39,7 @@ async def test_an_agent_replica_closes_its_connections_on_shutdown(
     before = await client_backends(postgres_url)
     team = TeamConfig.model_validate(memory_team())
     replica = AgentDeployment.__new__(AgentDeployment)
-    await AgentDeployment.__init__(replica, "bookings", team, settings, None)
+    await AgentDeployment.__init__(replica, "bookings", team, settings, None, "test")
     assert await client_backends(postgres_url) > before  # its memory pool
 
     fake_llm.on(agent="bookings", reply=FakeReply.text("booked"))
@@ -61,7 +61,7 @@ async def test_an_agent_replica_closes_its_model_client_on_shutdown(
 ) -> None:
     team = TeamConfig.model_validate(memory_team())
     replica = AgentDeployment.__new__(AgentDeployment)
-    await AgentDeployment.__init__(replica, "invoices", team, settings, None)
+    await AgentDeployment.__init__(replica, "invoices", team, settings, None, "test")
     fake_llm.on(agent="invoices", reply=FakeReply.text("paid"))
     request = AgentRequest(thread="default/t", turn=1, text="is my bill paid?")
     assert (await replica.run(request)).reply == "paid"
@@ -85,7 +85,7 @@ async def test_a_replica_that_fails_to_start_closes_what_it_opened(
     team = TeamConfig.model_validate(data)
     replica = AgentDeployment.__new__(AgentDeployment)
     with pytest.raises(ToolError, match="cannot import"):
-        await AgentDeployment.__init__(replica, "bookings", team, settings, None)
+        await AgentDeployment.__init__(replica, "bookings", team, settings, None, "test")
     deadline = time.monotonic() + 30
     while await client_backends(postgres_url) > before:
         assert time.monotonic() < deadline, "the memory pool's connections stayed open"

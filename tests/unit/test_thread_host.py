@@ -28,7 +28,7 @@ async def open_host(redis_url: str, cap: int) -> ThreadHost:
     team = load_config(None)
     threads = team.threads.model_copy(update={"hosting": "pooled", "max_live_threads": cap})
     host = ThreadHost.__new__(ThreadHost)  # Ray awaits the async __init__; here we do
-    await host.__init__(team.model_copy(update={"threads": threads}), redis_url, {})  # type: ignore[misc]
+    await host.__init__(team.model_copy(update={"threads": threads}), redis_url, {}, "test")  # type: ignore[misc]
     return host
 
 
@@ -95,7 +95,7 @@ async def test_an_idle_actor_goes_even_when_leaving_the_live_set_fails(
     quick = team.threads.model_copy(update={"idle_timeout_s": 0.05})
     actor = thread_actor.ThreadActor.__new__(thread_actor.ThreadActor)
     key = ThreadKey.of(f"idle-{uuid.uuid4().hex[:6]}")
-    await actor.__init__(key, team.model_copy(update={"threads": quick}), redis_url, {})  # type: ignore[misc]
+    await actor.__init__(key, team.model_copy(update={"threads": quick}), redis_url, {}, "test")  # type: ignore[misc]
 
     async def redis_blip(me: object) -> None:
         raise ConnectionError("redis went away")

@@ -38,7 +38,7 @@ from actors.store import Checkpoint, Incarnation, PendingTurn
 from stickyray.errors import CheckpointConflict, StoreUnavailable, ThreadFenced, TurnPending
 from stickyray.turns import InboundMessage, TurnResult
 
-__all__ = ["RedisThreadStore", "connect_redis"]
+__all__ = ["RedisThreadStore", "connect_redis", "redis_outages"]
 
 _PARTS = ("epoch", "checkpoint", "pending", "turns", "msgs", "msgidx")
 
@@ -181,7 +181,7 @@ def _refusing(exc: ResponseError) -> bool:
 
 
 @contextmanager
-def _outage_is_unavailable() -> Iterator[None]:
+def redis_outages() -> Iterator[None]:
     """Redis down or refusing for now is StoreUnavailable (a 503 to retry), reads included."""
     try:
         yield
@@ -264,7 +264,7 @@ class RedisThreadStore:
         return [key.redis_key(part) for part in _PARTS]
 
     async def _run(self, script: Any, key: ThreadKey, *args: Any) -> list[Any]:
-        with _outage_is_unavailable():
+        with redis_outages():
             result: list[Any] = await script(keys=self._keys(key), args=list(args))
         return result
 
@@ -352,7 +352,7 @@ class RedisThreadStore:
         return None
 
     async def load(self, key: ThreadKey) -> Checkpoint | None:
-        with _outage_is_unavailable():
+        with redis_outages():
             raw = await self._client.hget(key.redis_key("checkpoint"), "data")
         return Checkpoint.model_validate_json(raw) if raw else None
 
@@ -361,10 +361,10 @@ class RedisThreadStore:
         fields = [str(n) for n in range(after + 1, after + 1 + limit)]
         if not fields:
             return []
-        with _outage_is_unavailable():
+        with redis_outages():
             raw = await self._client.hmget(key.redis_key("turns"), fields)
         return [TurnResult.model_validate_json(item) for item in raw if item is not None]
 
     async def ping(self) -> None:
-        with _outage_is_unavailable():
+        with redis_outages():
             await self._client.ping()

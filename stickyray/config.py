@@ -26,6 +26,7 @@ __all__ = [
     "IntentConfig",
     "MemoryConfig",
     "RoutingConfig",
+    "RunsConfig",
     "TeamConfig",
     "ThreadsConfig",
     "load_config",
@@ -209,6 +210,24 @@ class IngressConfig(_Strict):
     max_ongoing_requests: int = Field(default=500, ge=1)
 
 
+class RunsConfig(_Strict):
+    """Queued runs: messages answered in the background (POST /v1/threads/{id}/runs)."""
+
+    # The queue is split by a hash of the thread into this many partitions, each drained by
+    # one run worker (a Ray actor): a thread's runs stay in order on one worker.
+    partitions: int = Field(default=1, ge=1, le=64)
+    # Runs of different threads that one worker delivers at once.
+    max_in_flight: int = Field(default=16, ge=1, le=1000)
+    # Runs waiting or running, over all partitions (each takes its share); more get a 429.
+    max_queued: int = Field(default=10_000, ge=1)
+    # A finished run's record (status and turn) is kept this long.
+    result_ttl_s: int = Field(default=24 * 3600, ge=60)
+
+    def partition_cap(self) -> int:
+        """How many runs one partition holds: its share of ``max_queued``, rounded up."""
+        return -(-self.max_queued // self.partitions)
+
+
 class EmbedderConfig(_Strict):
     """Scaling of the shared local embedding model (offline routing, pre-checks, memory)."""
 
@@ -237,6 +256,7 @@ class TeamConfig(_Strict):
     routing: RoutingConfig = RoutingConfig()
     ingress: IngressConfig = IngressConfig()
     embedder: EmbedderConfig = EmbedderConfig()
+    runs: RunsConfig = RunsConfig()
     # Prices by model name (as agents name it). Set, every model an agent uses must have one,
     # so that a cost is never a sum that silently leaves calls out.
     pricing: dict[str, ModelPrice] | None = None

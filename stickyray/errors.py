@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "InvalidThreadKey",
     "ProviderError",
+    "RunQueueFull",
     "StickyrayError",
     "StoreUnavailable",
     "ThreadFenced",
@@ -118,3 +119,19 @@ class TurnPending(StickyrayError):
 
     def __str__(self) -> str:
         return f"turn {self.seq} of {self.thread} is still pending"
+
+
+class RunQueueFull(StickyrayError):
+    """A partition of the run queue holds as many runs as allowed: retry later."""
+
+    def __init__(self, partition: int, queued: int, cap: int) -> None:
+        super().__init__(partition, queued, cap)
+        self.partition = partition
+        self.queued = queued
+        self.cap = cap
+
+    def __str__(self) -> str:
+        return (
+            f"the run queue is full: {self.queued} runs waiting or running in partition "
+            f"{self.partition}, which holds {self.cap} (runs.max_queued / runs.partitions)"
+        )

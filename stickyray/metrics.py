@@ -30,6 +30,7 @@ __all__ = [
     "TurnReporter",
     "metrics_url",
     "record_model_calls",
+    "record_run",
     "record_turn",
 ]
 
@@ -219,6 +220,43 @@ def record_model_calls(
             metrics.failures.inc(tags=tags)
     except Exception:
         log.debug("could not record model metrics", exc_info=True)
+
+
+@dataclass(frozen=True)
+class _RunMetrics:
+    runs: Any
+    wait: Any
+
+
+@functools.cache
+def _run_metrics() -> _RunMetrics:
+    from ray.util.metrics import Counter, Histogram
+
+    return _RunMetrics(
+        runs=Counter(
+            "stickyray_runs_total",
+            "Queued runs finished, by the status of their turn (failed: also undeliverable)",
+            tag_keys=("app", "status"),
+        ),
+        wait=Histogram(
+            "stickyray_run_wait_seconds",
+            "Time a queued run waited, from being queued until a worker started delivering it",
+            boundaries=TURN_SECONDS_BUCKETS,
+            tag_keys=("app",),
+        ),
+    )
+
+
+def record_run(app: str, status: str | None = None, waited: float | None = None) -> None:
+    """Count a queued run of ``app`` that finished with ``status``, or that ``waited``."""
+    try:
+        metrics = _run_metrics()
+        if status is not None:
+            metrics.runs.inc(tags={"app": app, "status": status})
+        if waited is not None:
+            metrics.wait.observe(max(waited, 0.0), tags={"app": app})
+    except Exception:
+        log.debug("could not record run metrics", exc_info=True)
 
 
 def metrics_url() -> str | None:

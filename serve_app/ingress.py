@@ -6,7 +6,7 @@ import uuid
 from contextlib import AsyncExitStack
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Path, Query, Request
+from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -17,14 +17,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.directory import ThreadDirectory, pool_scope, root_cause
 from actors.key import ID_PATTERN, ThreadKey
-from actors.redis_store import RedisThreadStore
+from actors.redis_store import RedisThreadStore, connect_redis
+from actors.run_queue import RunQueue, RunRecord
 from serve_app.deployments import open_memory
 from serve_app.memory_api import router as memory_router
+from serve_app.runs import RunWorkers
 from stickyray.config import TeamConfig
 from stickyray.errors import (
     CheckpointConflict,
     InvalidThreadKey,
     ProviderError,
+    RunQueueFull,
     StickyrayError,
     StoreUnavailable,
     ThreadFenced,
@@ -183,6 +186,8 @@ def _jsonable(errors: Any) -> Any:
 
 def _http_error(exc: BaseException) -> HTTPException:
     cause = root_cause(exc)
+    if isinstance(cause, RunQueueFull):
+        return HTTPException(429, f"{cause}; retry later", headers={"Retry-After": "5"})
     if isinstance(cause, StoreUnavailable):
         return HTTPException(503, f"{cause.store} is unavailable; the message was not processed")
     if isinstance(cause, CheckpointConflict):
@@ -210,6 +215,7 @@ def _key(thread_id: str) -> ThreadKey:
 
 
 ThreadIdPath = Path(description="The conversation thread.", max_length=128)
+MessageIdPath = Path(description="The message id of the run.", pattern=ID_PATTERN)
 
 
 @serve.ingress(api)
@@ -240,6 +246,13 @@ class Ingress:
                 RedisThreadStore.from_url(settings.redis_url)
             )
             api.state.memory = await open_memory(team, settings, embedder, self._stack)
+            redis = connect_redis(settings.redis_url)
+            self._stack.push_async_callback(redis.aclose)
+            self._runs = RunQueue(redis, app_name, team.runs)
+            self._workers = RunWorkers(app_name, settings.redis_url, team.runs, INGRESS_DEPLOYMENT)
+            # Runs queued before a restart: their workers start now, not at the next run.
+            for partition in await self._runs.busy_partitions():
+                await self._workers.ensure(partition)
         except BaseException:
             await self._stack.aclose()  # Serve runs no destructor for a replica that never started
             raise
@@ -260,23 +273,66 @@ class Ingress:
                 return _http_error(down)
         return _http_error(exc)
 
-    @api.post("/v1/threads/{thread_id}/messages", response_model=TurnResult)
-    async def post_message(self, body: MessageIn, thread_id: str = ThreadIdPath) -> TurnResult:
-        """Send a message; the thread's active agent (or the supervisor) answers."""
-        key = _key(thread_id)
+    def _inbound(self, body: MessageIn) -> InboundMessage:
         size = len(body.text.encode("utf-8"))
         limit = self._team.threads.max_message_bytes
         if size > limit:
             raise HTTPException(413, f"body.text: {size} bytes is over the limit of {limit}")
-        message = InboundMessage(
+        return InboundMessage(
             text=body.text,
             message_id=body.message_id or uuid.uuid4().hex,
             user_id=body.user_id,
         )
+
+    @api.post("/v1/threads/{thread_id}/messages", response_model=TurnResult)
+    async def post_message(self, body: MessageIn, thread_id: str = ThreadIdPath) -> TurnResult:
+        """Send a message; the thread's active agent (or the supervisor) answers."""
+        key = _key(thread_id)
+        message = self._inbound(body)
         try:
             return await self._directory.send(key, message)
         except Exception as exc:
             raise await self._failure(exc) from None
+
+    @api.post(
+        "/v1/threads/{thread_id}/runs",
+        response_model=RunRecord,
+        status_code=202,
+        responses={200: {"description": "The run of this message id, queued before"}},
+    )
+    async def post_run(
+        self, body: MessageIn, response: Response, thread_id: str = ThreadIdPath
+    ) -> RunRecord:
+        """Queue a message: 202 at once; its turn runs in the background, in order per thread."""
+        key = _key(thread_id)
+        message = self._inbound(body)
+        try:
+            record, queued = await self._runs.submit(key, message)
+            # Also for a run queued before: its retry restarts a worker that failed to start.
+            await self._workers.ensure(self._runs.partition(key))
+        except Exception as exc:
+            raise await self._failure(exc) from None
+        if not queued:
+            response.status_code = 200
+        return record
+
+    @api.get("/v1/threads/{thread_id}/runs/{message_id}", response_model=RunRecord)
+    async def get_run(
+        self, thread_id: str = ThreadIdPath, message_id: str = MessageIdPath
+    ) -> RunRecord:
+        """A queued run: its status and, once finished, its turn."""
+        key = _key(thread_id)
+        try:
+            record = await self._runs.get(key, message_id)
+        except StoreUnavailable as exc:
+            raise _http_error(exc) from None
+        if record is None:
+            raise HTTPException(404, f"thread {thread_id!r} has no run {message_id!r}")
+        return record
+
+    async def deliver(self, tenant: str, thread_id: str, message: InboundMessage) -> TurnResult:
+        """A queued run's message, from its run worker (a handle call, not a route)."""
+        return await self._directory.send(ThreadKey(tenant, thread_id), message)
 
     @api.get("/v1/threads/{thread_id}", response_model=ThreadSnapshot)
     async def get_thread(self, thread_id: str = ThreadIdPath) -> ThreadSnapshot:

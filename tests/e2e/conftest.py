@@ -54,10 +54,12 @@ def serve_url(ray_cluster: str) -> Iterator[str]:
 
 
 def kill_thread_actors() -> int:
-    """Kill every thread actor and thread host (they are detached, so nothing else would)."""
+    """Kill every thread actor, thread host and run worker (detached: nothing else would)."""
     killed = 0
     for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] == NAMESPACE and entry["name"].startswith(("thread/", "threadhost/")):
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith(
+            ("thread/", "threadhost/", "runs/")
+        ):
             try:
                 ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE))
                 killed += 1
@@ -137,11 +139,11 @@ def deploy(serve_url: str, settings: Settings) -> Iterator[Callable[[dict], App]
     """Deploy apps from config dicts; they and their thread actors go at module end."""
     names: list[str] = []
 
-    def _deploy(config: dict) -> App:
+    def _deploy(config: dict, name: str | None = None) -> App:
         team = parse_config(config, source=__import__("pathlib").Path("<test>"))
         if team.uses_memory:
             asyncio.run(_migrate(settings.database_url, team.memory.embedding_dimension))
-        name = f"t{uuid.uuid4().hex[:8]}"
+        name = name or app_name()
         serve.run(build_app(team, settings, app_name=name), name=name, route_prefix=f"/{name}")
         names.append(name)
         return App(name=name, url=f"{serve_url}/{name}", team=team)
@@ -157,6 +159,11 @@ async def _migrate(url: str | None, dimension: int) -> None:
     assert url is not None
     async with PostgresMemoryStore.from_url(url, dimension=dimension) as store:
         await store.setup()
+
+
+def app_name() -> str:
+    """A Serve application name no other test uses."""
+    return f"t{uuid.uuid4().hex[:8]}"
 
 
 def new_thread() -> str:

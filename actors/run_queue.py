@@ -30,7 +30,7 @@ from redis.exceptions import ResponseError
 
 from actors.key import ThreadKey
 from actors.redis_store import redis_outages
-from stickyray.config import RunsConfig
+from stickyray.config import MAX_PARTITIONS, RunsConfig
 from stickyray.errors import RunQueueFull
 from stickyray.turns import InboundMessage, TurnResult
 
@@ -206,8 +206,17 @@ class RunQueue:
             return int(await self._client.xlen(self._queue(partition)))
 
     async def busy_partitions(self) -> list[int]:
-        """The partitions holding runs (to start their workers after a restart)."""
-        return [p for p in range(self.partitions) if await self.depth(p) > 0]
+        """The partitions holding runs (to start their workers after a restart).
+
+        Every partition a config may have is looked at, not only this config's: runs queued
+        under a larger ``runs.partitions`` still get their worker after it was lowered.
+        """
+        with redis_outages():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for partition in range(MAX_PARTITIONS):
+                    pipe.xlen(self._queue(partition))
+                depths = await pipe.execute()
+        return [p for p, depth in enumerate(depths) if depth]
 
     async def join(self, partition: int) -> None:
         """Create the partition's consumer group if it does not exist (idempotent)."""

@@ -114,9 +114,23 @@ class RunDispatcher:
         self._room.set()
         # The last run of each thread with runs in hand: the next one waits for it.
         self._tails: dict[ThreadKey, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
-        """Deliver runs until cancelled: first those an earlier incarnation left, then new ones."""
+        """Deliver runs until cancelled: first those an earlier incarnation left, then new ones.
+
+        Cancelled, it stops the deliveries in hand too: their runs stay in Redis, and the
+        next incarnation delivers them again.
+        """
+        try:
+            await self._drain()
+        finally:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _drain(self) -> None:
         await self._retrying(self._queue.join, self._partition)
         after: str | None = "0"
         while after is not None:
@@ -141,12 +155,14 @@ class RunDispatcher:
         before = self._tails.get(run.key)
         task = asyncio.get_running_loop().create_task(self._process(run, before))
         self._tails[run.key] = task
+        self._tasks.add(task)
         self._read_ahead += 1
         if self._read_ahead >= self._max_read_ahead:
             self._room.clear()
         task.add_done_callback(lambda done: self._done(run.key, done))
 
     def _done(self, key: ThreadKey, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
         if self._tails.get(key) is task:
             del self._tails[key]
         self._read_ahead -= 1

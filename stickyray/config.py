@@ -18,6 +18,7 @@ from stickyray.errors import ConfigError
 __all__ = [
     "AGENT_NAME_PATTERN",
     "INTENT_NAME_PATTERN",
+    "MAX_PARTITIONS",
     "AgentConfig",
     "AgentMemoryConfig",
     "AutoscalingConfig",
@@ -210,12 +211,15 @@ class IngressConfig(_Strict):
     max_ongoing_requests: int = Field(default=500, ge=1)
 
 
+MAX_PARTITIONS = 64
+
+
 class RunsConfig(_Strict):
     """Queued runs: messages answered in the background (POST /v1/threads/{id}/runs)."""
 
     # The queue is split by a hash of the thread into this many partitions, each drained by
     # one run worker (a Ray actor): a thread's runs stay in order on one worker.
-    partitions: int = Field(default=1, ge=1, le=64)
+    partitions: int = Field(default=1, ge=1, le=MAX_PARTITIONS)
     # Runs of different threads that one worker delivers at once.
     max_in_flight: int = Field(default=16, ge=1, le=1000)
     # Runs waiting or running, over all partitions (each takes its share); more get a 429.

@@ -150,6 +150,10 @@ async def test_partitions_split_the_cap_and_keep_a_thread_in_one(client: Any) ->
     depths = [await queue.depth(p) for p in range(3)]
     assert depths == [2 * sum(queue.partition(k) == p for k in keys) for p in range(3)]
     assert await queue.busy_partitions() == [0, 1, 2]
+    # After runs.partitions is lowered, the runs queued in the partitions it dropped still
+    # count, so the app starts their workers.
+    fewer = RunQueue(client, queue._app, RunsConfig(partitions=1))
+    assert await fewer.busy_partitions() == [0, 1, 2]
 
 
 async def test_runs_of_a_thread_run_in_order_and_threads_run_at_once(client: Any) -> None:

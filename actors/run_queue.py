@@ -1,26 +1,30 @@
 """The run queue in Redis: messages accepted now and answered later, in order per thread.
 
 A run is one message of a thread, identified by the thread and its message id. Submitting
-it records it and appends it to its partition's stream in one Lua script, so a run is
-queued exactly once however often its submission is retried. A partition is chosen by a
-hash of the thread, so a thread's runs stay in one stream, in the order they came.
+it records it and appends it to the app's stream in one Lua script, so a run is queued
+exactly once however often its submission is retried, and a full queue refuses it before
+anything is written.
 
-Keys of one partition share a hash tag (``stickyray:{runs/<app>/<p>}:...``), so they live in
-one slot of a Redis Cluster:
+Keys of one app share a hash tag (``stickyray:{runs/<app>}:...``), so every script's keys
+live in one slot of a Redis Cluster:
 
 - ``queue``  stream, one entry per run not yet finished (thread key, message JSON), with
-  one consumer group (``workers``) and one consumer in it: the partition's run worker. An
-  entry it read and did not acknowledge (it died) is read again by its next incarnation.
+  one consumer group (``workers``) and one consumer in it, under the same name in every
+  incarnation of the run worker: an entry read and not acknowledged (its worker stopped)
+  is read again by the next one.
 - ``run:<tenant>/<thread>/<message id>``  hash: status (queued, running, completed,
   failed), created_at, started_at, finished_at, attempts, result (the TurnResult JSON),
-  error. Finishing a run writes it, acknowledges and deletes the entry in one script; the
-  record then expires after ``runs.result_ttl_s``.
+  error. It does not expire while its run waits; finishing the run writes it, acknowledges
+  and deletes the entry in one script, and the record then expires ``result_ttl_s`` later.
+- ``lease``  which worker may read the queue (see ``acquire``): one at a time, so a
+  thread's runs cannot be split between two workers and reordered.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,55 +34,68 @@ from redis.exceptions import ResponseError
 
 from actors.key import ThreadKey
 from actors.redis_store import redis_outages
-from stickyray.config import MAX_PARTITIONS, RunsConfig
-from stickyray.errors import RunQueueFull
+from stickyray.config import RunsConfig
+from stickyray.errors import InvalidThreadKey, RunQueueFull
 from stickyray.turns import InboundMessage, TurnResult
 
 __all__ = ["GROUP", "QueuedRun", "RunQueue", "RunRecord", "RunStatus"]
 
+log = logging.getLogger(__name__)
+
 GROUP = "workers"
-_CONSUMER = "worker"  # one per partition: its worker, under the same name in every incarnation
+_CONSUMER = "worker"
 
 RunStatus = Literal["queued", "running", "completed", "failed"]
 
-# KEYS: queue, record. ARGV: thread key, message id, message JSON, now, cap, ttl.
+# KEYS: queue, record. ARGV: thread key, message id, message JSON, now, cap.
+# Returns the status and the record's fields, read in the same step.
 _SUBMIT = """
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  return {'exists'}
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  local queued = redis.call('XLEN', KEYS[1])
+  if queued >= tonumber(ARGV[5]) then
+    return {'full', queued}
+  end
+  redis.call('XADD', KEYS[1], '*', 'thread', ARGV[1], 'message', ARGV[3])
+  redis.call('HSET', KEYS[2], 'status', 'queued', 'created_at', ARGV[4], 'attempts', 0)
+  return {'queued', redis.call('HGETALL', KEYS[2])}
 end
-local queued = redis.call('XLEN', KEYS[1])
-if queued >= tonumber(ARGV[5]) then
-  return {'full', queued}
-end
-local entry = redis.call('XADD', KEYS[1], '*', 'thread', ARGV[1], 'message', ARGV[3])
-redis.call('HSET', KEYS[2], 'thread', ARGV[1], 'message_id', ARGV[2], 'status', 'queued',
-           'created_at', ARGV[4], 'attempts', 0)
-redis.call('EXPIRE', KEYS[2], ARGV[6])
-return {'queued', entry}
+return {'exists', redis.call('HGETALL', KEYS[2])}
 """
 
-# KEYS: record. ARGV: thread key, message id, now, ttl. A record that expired while its run
-# waited (a queue stalled past the ttl) is written again, with the time the run started.
+# KEYS: record. ARGV: now, entry time. A run whose record is gone (a flushed key) gets one.
 _START = """
-redis.call('HSETNX', KEYS[1], 'created_at', ARGV[3])
-redis.call('HSET', KEYS[1], 'thread', ARGV[1], 'message_id', ARGV[2], 'status', 'running',
-           'started_at', ARGV[3])
+redis.call('HSETNX', KEYS[1], 'created_at', ARGV[2])
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('PERSIST', KEYS[1])
 """
 
 # KEYS: queue, record. ARGV: entry id, status, now, result JSON or '', error or '', ttl,
-# thread key, message id.
+# entry time.
 _FINISH = """
-redis.call('HSET', KEYS[2], 'thread', ARGV[7], 'message_id', ARGV[8], 'status', ARGV[2],
-           'finished_at', ARGV[3])
-redis.call('HSETNX', KEYS[2], 'created_at', ARGV[3])
+redis.call('HSETNX', KEYS[2], 'created_at', ARGV[7])
+redis.call('HSET', KEYS[2], 'status', ARGV[2], 'finished_at', ARGV[3])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'result', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[5]) end
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('XACK', KEYS[1], 'workers', ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
-return 1
+"""
+
+# KEYS: lease. ARGV: token, ttl in ms. Extends the lease while ``token`` holds it.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS: lease. ARGV: token.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """
 
 
@@ -88,6 +105,7 @@ class RunRecord(BaseModel):
     ``result`` is the turn (or command) once the run finished, as POST .../messages would
     have returned it; ``status`` is then that turn's. ``error`` without a result: the
     message could not be delivered to its thread (not an outage: those are retried).
+    ``attempts`` counts deliveries.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -111,14 +129,35 @@ class QueuedRun:
     key: ThreadKey
     message: InboundMessage
 
+    @property
+    def queued_at(self) -> float:
+        """When the entry was added: its id starts with Redis's clock in milliseconds."""
+        return int(self.entry.split("-", 1)[0]) / 1000.0
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _parse_key(text: str) -> ThreadKey:
-    tenant, thread_id = text.split("/", 1)
-    return ThreadKey(tenant, thread_id)
+def _record(key: ThreadKey, message_id: str, flat: list[Any] | dict[Any, Any]) -> RunRecord:
+    """A record from HGETALL's flat reply (as a script returns it) or a dict."""
+    pairs = zip(flat[::2], flat[1::2], strict=True) if isinstance(flat, list) else flat.items()
+    fields = {_text(k): _text(v) for k, v in pairs}
+
+    def number(name: str) -> float | None:
+        return float(fields[name]) if name in fields else None
+
+    return RunRecord(
+        thread_id=key.thread_id,
+        message_id=message_id,
+        status=fields["status"],
+        created_at=float(fields.get("created_at", 0.0)),
+        started_at=number("started_at"),
+        finished_at=number("finished_at"),
+        attempts=int(fields.get("attempts", 0)),
+        result=TurnResult.model_validate_json(fields["result"]) if "result" in fields else None,
+        error=fields.get("error"),
+    )
 
 
 class RunQueue:
@@ -126,160 +165,140 @@ class RunQueue:
 
     def __init__(self, client: aioredis.Redis, app: str, config: RunsConfig) -> None:
         self._client = client
-        self._app = app
         self._config = config
+        prefix = f"stickyray:{{runs/{app}}}"
+        self._queue = f"{prefix}:queue"
+        self._lease = f"{prefix}:lease"
+        self._records = f"{prefix}:run:"
         self._submit = client.register_script(_SUBMIT)
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
 
-    @property
-    def partitions(self) -> int:
-        """How many partitions (and run workers) the queue has."""
-        return self._config.partitions
-
-    def partition(self, key: ThreadKey) -> int:
-        """The partition of a thread's runs (a stable hash, the same in every process)."""
-        return zlib.crc32(str(key).encode()) % self._config.partitions
-
-    def _prefix(self, partition: int) -> str:
-        return f"stickyray:{{runs/{self._app}/{partition}}}"
-
-    def _queue(self, partition: int) -> str:
-        return f"{self._prefix(partition)}:queue"
-
-    def _record(self, key: ThreadKey, message_id: str) -> str:
-        return f"{self._prefix(self.partition(key))}:run:{key}/{message_id}"
+    def _record_key(self, key: ThreadKey, message_id: str) -> str:
+        return f"{self._records}{key}/{message_id}"
 
     async def submit(self, key: ThreadKey, message: InboundMessage) -> tuple[RunRecord, bool]:
         """Queue ``message`` for ``key``; the run's record, and whether this call queued it.
 
-        A message id already queued (or run) returns that run, unchanged. Raises
-        RunQueueFull when the thread's partition holds ``partition_cap()`` runs.
+        A message id already queued (or run) returns that run, unchanged, full queue or not.
+        Raises RunQueueFull when ``runs.max_queued`` runs wait or run.
         """
-        partition = self.partition(key)
         with redis_outages():
-            status, *rest = await self._submit(
-                keys=[self._queue(partition), self._record(key, message.message_id)],
+            status, fields = await self._submit(
+                keys=[self._queue, self._record_key(key, message.message_id)],
                 args=[
                     str(key),
                     message.message_id,
                     message.model_dump_json(),
                     time.time(),
-                    self._config.partition_cap(),
-                    self._config.result_ttl_s,
+                    self._config.max_queued,
                 ],
             )
-        status = _text(status)
-        if status == "full":
-            raise RunQueueFull(partition, int(rest[0]), self._config.partition_cap())
-        record = await self.get(key, message.message_id)
-        if record is None:  # finished and expired between the two reads: queue it again
-            return await self.submit(key, message)
-        return record, status == "queued"
+        if _text(status) == "full":
+            raise RunQueueFull(int(fields), self._config.max_queued)
+        return _record(key, message.message_id, fields), _text(status) == "queued"
 
     async def get(self, key: ThreadKey, message_id: str) -> RunRecord | None:
-        """The run of ``key`` with ``message_id``; None if never queued, or long expired."""
+        """The run of ``key`` with ``message_id``; None if never queued, or long finished."""
         with redis_outages():
-            raw = await self._client.hgetall(self._record(key, message_id))
-        if not raw:
-            return None
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+            fields = await self._client.hgetall(self._record_key(key, message_id))
+        return _record(key, message_id, fields) if fields else None
 
-        def number(name: str) -> float | None:
-            return float(fields[name]) if name in fields else None
-
-        return RunRecord(
-            thread_id=key.thread_id,
-            message_id=message_id,
-            status=fields["status"],
-            created_at=float(fields.get("created_at", 0.0)),
-            started_at=number("started_at"),
-            finished_at=number("finished_at"),
-            attempts=int(fields.get("attempts", 0)),
-            result=TurnResult.model_validate_json(fields["result"]) if "result" in fields else None,
-            error=fields.get("error"),
-        )
-
-    async def depth(self, partition: int) -> int:
-        """Runs waiting or running in ``partition``."""
+    async def depth(self) -> int:
+        """Runs waiting or running."""
         with redis_outages():
-            return int(await self._client.xlen(self._queue(partition)))
+            return int(await self._client.xlen(self._queue))
 
-    async def busy_partitions(self) -> list[int]:
-        """The partitions holding runs (to start their workers after a restart).
-
-        Every partition a config may have is looked at, not only this config's: runs queued
-        under a larger ``runs.partitions`` still get their worker after it was lowered.
-        """
+    async def acquire(self, token: str, ttl_s: float) -> bool:
+        """Take the lease that lets one worker read the queue, unless another holds it."""
         with redis_outages():
-            async with self._client.pipeline(transaction=False) as pipe:
-                for partition in range(MAX_PARTITIONS):
-                    pipe.xlen(self._queue(partition))
-                depths = await pipe.execute()
-        return [p for p, depth in enumerate(depths) if depth]
+            return bool(await self._client.set(self._lease, token, nx=True, px=int(ttl_s * 1000)))
 
-    async def join(self, partition: int) -> None:
-        """Create the partition's consumer group if it does not exist (idempotent)."""
+    async def renew(self, token: str, ttl_s: float) -> bool:
+        """Extend the lease; False if ``token`` no longer holds it (it expired)."""
+        with redis_outages():
+            return bool(await self._renew(keys=[self._lease], args=[token, int(ttl_s * 1000)]))
+
+    async def release(self, token: str) -> None:
+        """Give the lease up, if ``token`` holds it, so the next worker need not wait."""
+        with redis_outages():
+            await self._release(keys=[self._lease], args=[token])
+
+    async def join(self) -> None:
+        """Create the consumer group if it does not exist (idempotent)."""
         with redis_outages():
             try:
                 # From id 0: runs queued before the group existed are delivered too.
-                queue = self._queue(partition)
-                await self._client.xgroup_create(queue, GROUP, id="0", mkstream=True)
+                await self._client.xgroup_create(self._queue, GROUP, id="0", mkstream=True)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
     async def read(
-        self, partition: int, count: int, *, after: str | None = None, block_ms: int = 1000
+        self, count: int, *, after: str | None = None, block_ms: int = 1000
     ) -> tuple[list[QueuedRun], str | None]:
-        """Up to ``count`` runs of ``partition``, oldest first, and the last entry id read.
+        """Up to ``count`` runs, oldest first, and the last entry id read.
 
         Without ``after``: runs never read before, waiting up to ``block_ms`` for one. With
-        ``after`` (``"0"`` to start): the runs this partition's worker read before and did
-        not finish, past that entry id, without waiting; the id is None when none are left.
+        ``after`` (``"0"`` to start): the runs read before and not finished (their worker
+        stopped), past that entry id, without waiting; the id is None when none are left.
+        An entry that cannot be read (written by another release, say) fails its run.
         """
-        queue = self._queue(partition)
         with redis_outages():
             try:
                 reply: Any = await self._client.xreadgroup(
                     GROUP,
                     _CONSUMER,
-                    {queue: after or ">"},
+                    {self._queue: after or ">"},
                     count=count,
                     block=None if after else block_ms,
                 )
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
-                await self.join(partition)  # the stream was deleted (a flushed Redis)
+                await self.join()  # the stream was deleted (a flushed Redis)
                 return [], None
-            runs: list[QueuedRun] = []
-            last: str | None = None
-            gone: list[str] = []
-            for _stream, entries in reply or []:
-                for entry, fields in entries:
-                    last = _text(entry)
-                    if not fields:  # deleted while pending: nothing left to deliver
-                        gone.append(last)
-                        continue
-                    data = {_text(k): v for k, v in fields.items()}
-                    runs.append(
-                        QueuedRun(
-                            entry=last,
-                            key=_parse_key(_text(data["thread"])),
-                            message=InboundMessage.model_validate_json(data["message"]),
-                        )
-                    )
-            if gone:
-                await self._client.xack(queue, GROUP, *gone)
+        runs: list[QueuedRun] = []
+        last: str | None = None
+        for _stream, entries in reply or []:
+            for entry, fields in entries:
+                last = _text(entry)
+                run = await self._parse(last, fields)
+                if run is not None:
+                    runs.append(run)
         return runs, last
+
+    async def _parse(self, entry: str, fields: dict[Any, Any] | None) -> QueuedRun | None:
+        """The run in a stream entry; None, with the entry gone, if it cannot be read."""
+        data = {_text(k): v for k, v in (fields or {}).items()}
+        try:
+            key = ThreadKey(*_text(data["thread"]).split("/", 1))
+            return QueuedRun(entry, key, InboundMessage.model_validate_json(data["message"]))
+        except (KeyError, TypeError, ValueError, InvalidThreadKey) as exc:
+            reason = f"unreadable run in the queue: {type(exc).__name__}: {exc}"
+        log.warning("run queue entry %s: %s", entry, reason)
+        try:  # fail its run, if the entry still says which
+            key = ThreadKey(*_text(data["thread"]).split("/", 1))
+            message_id = json.loads(data["message"])["message_id"]
+            if not isinstance(message_id, str) or not message_id:
+                raise ValueError("no message id")
+        except (KeyError, TypeError, ValueError, InvalidThreadKey):
+            with redis_outages():  # an entry deleted while pending, or one naming no run
+                await self._client.xack(self._queue, GROUP, entry)
+                await self._client.xdel(self._queue, entry)
+            return None
+        unreadable = QueuedRun(entry, key, InboundMessage(text="", message_id=message_id))
+        await self.finish(unreadable, error=reason)
+        return None
 
     async def start(self, run: QueuedRun) -> None:
         """Mark ``run`` running, one more attempt."""
         with redis_outages():
             await self._start(
-                keys=[self._record(run.key, run.message.message_id)],
-                args=[str(run.key), run.message.message_id, time.time(), self._config.result_ttl_s],
+                keys=[self._record_key(run.key, run.message.message_id)],
+                args=[time.time(), run.queued_at],
             )
 
     async def finish(
@@ -287,10 +306,9 @@ class RunQueue:
     ) -> None:
         """Store ``run``'s outcome and take it off the queue, in one step."""
         status = result.status if result is not None else "failed"
-        partition = self.partition(run.key)
         with redis_outages():
             await self._finish(
-                keys=[self._queue(partition), self._record(run.key, run.message.message_id)],
+                keys=[self._queue, self._record_key(run.key, run.message.message_id)],
                 args=[
                     run.entry,
                     status,
@@ -298,7 +316,6 @@ class RunQueue:
                     result.model_dump_json(by_alias=True) if result is not None else "",
                     error or "",
                     self._config.result_ttl_s,
-                    str(run.key),
-                    run.message.message_id,
+                    run.queued_at,
                 ],
             )

@@ -6,6 +6,7 @@ from ray.serve import Application
 
 from serve_app.deployments import agent_deployment, embedder_deployment
 from serve_app.ingress import INGRESS_DEPLOYMENT, Ingress
+from serve_app.runs import RUN_WORKER_DEPLOYMENT, RunWorker
 from serve_app.tools import check_tools
 from stickyray.config import TeamConfig
 from stickyray.settings import Settings
@@ -16,7 +17,8 @@ APP_NAME = "stickyray"
 
 
 def build_app(team: TeamConfig, settings: Settings, app_name: str = APP_NAME) -> Application:
-    """The ingress bound to one deployment per agent (and the embedder if any agent is offline)."""
+    """The ingress bound to one deployment per agent, the run worker, and the embedder if an
+    agent needs the local model."""
     check_tools(team)
     embedder = embedder_deployment(team.embedder).bind() if team.needs_embedder else None
     agents = {
@@ -31,4 +33,8 @@ def build_app(team: TeamConfig, settings: Settings, app_name: str = APP_NAME) ->
         max_ongoing_requests=team.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
     )(Ingress)
-    return ingress.bind(team, settings, agents, app_name, embedder)
+    # One replica: it reads the run queue alone (a lease makes sure), and only forwards.
+    run_worker = serve.deployment(
+        name=RUN_WORKER_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0}
+    )(RunWorker).bind(app_name, settings, team.runs, INGRESS_DEPLOYMENT)
+    return ingress.bind(team, settings, agents, app_name, embedder, run_worker)

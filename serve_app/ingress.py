@@ -21,7 +21,6 @@ from actors.redis_store import RedisThreadStore, connect_redis
 from actors.run_queue import RunQueue, RunRecord
 from serve_app.deployments import open_memory
 from serve_app.memory_api import router as memory_router
-from serve_app.runs import RunWorkers
 from stickyray.config import TeamConfig
 from stickyray.errors import (
     CheckpointConflict,
@@ -229,7 +228,9 @@ class Ingress:
         agent_handles: dict[str, Any],
         app_name: str,
         embedder: Any | None = None,
+        run_worker: Any | None = None,
     ) -> None:
+        """``run_worker`` is bound only so that the app deploys it: it drains the run queue."""
         assert settings.redis_url, "the CLI resolves the Redis URL before deploying"
         self._team = team
         self._app_name = app_name
@@ -249,10 +250,6 @@ class Ingress:
             redis = connect_redis(settings.redis_url)
             self._stack.push_async_callback(redis.aclose)
             self._runs = RunQueue(redis, app_name, team.runs)
-            self._workers = RunWorkers(app_name, settings.redis_url, team.runs, INGRESS_DEPLOYMENT)
-            # Runs queued before a restart: their workers start now, not at the next run.
-            for partition in await self._runs.busy_partitions():
-                await self._workers.ensure(partition)
         except BaseException:
             await self._stack.aclose()  # Serve runs no destructor for a replica that never started
             raise
@@ -308,8 +305,6 @@ class Ingress:
         message = self._inbound(body)
         try:
             record, queued = await self._runs.submit(key, message)
-            # Also for a run queued before: its retry restarts a worker that failed to start.
-            await self._workers.ensure(self._runs.partition(key))
         except Exception as exc:
             raise await self._failure(exc) from None
         if not queued:

@@ -18,7 +18,6 @@ from stickyray.errors import ConfigError
 __all__ = [
     "AGENT_NAME_PATTERN",
     "INTENT_NAME_PATTERN",
-    "MAX_PARTITIONS",
     "AgentConfig",
     "AgentMemoryConfig",
     "AutoscalingConfig",
@@ -211,25 +210,15 @@ class IngressConfig(_Strict):
     max_ongoing_requests: int = Field(default=500, ge=1)
 
 
-MAX_PARTITIONS = 64
-
-
 class RunsConfig(_Strict):
     """Queued runs: messages answered in the background (POST /v1/threads/{id}/runs)."""
 
-    # The queue is split by a hash of the thread into this many partitions, each drained by
-    # one run worker (a Ray actor): a thread's runs stay in order on one worker.
-    partitions: int = Field(default=1, ge=1, le=MAX_PARTITIONS)
-    # Runs of different threads that one worker delivers at once.
+    # Runs of different threads that the run worker delivers at once.
     max_in_flight: int = Field(default=16, ge=1, le=1000)
-    # Runs waiting or running, over all partitions (each takes its share); more get a 429.
-    max_queued: int = Field(default=10_000, ge=1)
+    # Runs waiting or running; more get a 429.
+    max_queued: int = Field(default=10_000, ge=1, le=1_000_000)
     # A finished run's record (status and turn) is kept this long.
     result_ttl_s: int = Field(default=24 * 3600, ge=60)
-
-    def partition_cap(self) -> int:
-        """How many runs one partition holds: its share of ``max_queued``, rounded up."""
-        return -(-self.max_queued // self.partitions)
 
 
 class EmbedderConfig(_Strict):

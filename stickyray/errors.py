@@ -122,16 +122,12 @@ class TurnPending(StickyrayError):
 
 
 class RunQueueFull(StickyrayError):
-    """A partition of the run queue holds as many runs as allowed: retry later."""
+    """The run queue holds as many runs as allowed: retry later."""
 
-    def __init__(self, partition: int, queued: int, cap: int) -> None:
-        super().__init__(partition, queued, cap)
-        self.partition = partition
+    def __init__(self, queued: int, cap: int) -> None:
+        super().__init__(queued, cap)
         self.queued = queued
         self.cap = cap
 
     def __str__(self) -> str:
-        return (
-            f"the run queue is full: {self.queued} runs waiting or running in partition "
-            f"{self.partition}, which holds {self.cap} (runs.max_queued / runs.partitions)"
-        )
+        return f"the run queue is full: {self.queued} runs waiting or running (runs.max_queued)"

@@ -54,12 +54,10 @@ def serve_url(ray_cluster: str) -> Iterator[str]:
 
 
 def kill_thread_actors() -> int:
-    """Kill every thread actor, thread host and run worker (detached: nothing else would)."""
+    """Kill every thread actor and thread host (they are detached, so nothing else would)."""
     killed = 0
     for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] == NAMESPACE and entry["name"].startswith(
-            ("thread/", "threadhost/", "runs/")
-        ):
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith(("thread/", "threadhost/")):
             try:
                 ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE))
                 killed += 1

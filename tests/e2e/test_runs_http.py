@@ -3,27 +3,42 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from typing import Any
 
 import httpx
 import pytest
+from ray.util.state import list_actors
 
 from actors.key import ThreadKey
 from actors.redis_store import connect_redis
 from actors.run_queue import RunQueue
-from serve_app.runs import worker_name
+from serve_app.runs import RUN_WORKER_DEPLOYMENT
 from stickyray.config import RunsConfig
 from stickyray.metrics import metrics_url
 from stickyray.settings import Settings
 from stickyray.testing import FakeLLMServer, FakeReply
 from stickyray.turns import InboundMessage
-from tests.e2e.conftest import App, app_name, new_thread, sigkill_actor, wait_for
+from tests.e2e.conftest import App, app_name, new_thread, wait_for
 from tests.e2e.teams import openai_team
 from tests.e2e.test_metrics import scrape
 
 pytestmark = pytest.mark.ray
 
 RUNS = {"max_queued": 6, "max_in_flight": 4}
+
+
+def run_worker_pid(app_name: str) -> int | None:
+    """The process of the app's live run worker replica."""
+    found = list_actors(
+        filters=[
+            ("class_name", "=", f"ServeReplica:{app_name}:{RUN_WORKER_DEPLOYMENT}"),
+            ("state", "=", "ALIVE"),
+        ],
+        detail=True,
+    )
+    return found[0].pid if len(found) == 1 else None
 
 
 def team() -> dict[str, Any]:
@@ -168,7 +183,9 @@ def test_a_killed_worker_loses_and_repeats_nothing(app: App, fake_llm: FakeLLMSe
             return status in ("running", "completed")
 
         wait_for(running, what="the first run to start")
-        assert sigkill_actor(worker_name(app.name, 0))
+        pid = run_worker_pid(app.name)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)  # Serve starts another replica, which takes over
         for thread in threads:
             records = finished(client, thread, "m0", "m1", "m2")
             assert [r["status"] for r in records] == ["completed"] * 3
@@ -177,6 +194,7 @@ def test_a_killed_worker_loses_and_repeats_nothing(app: App, fake_llm: FakeLLMSe
             assert [t["message_id"] for t in history] == ["m0", "m1", "m2"]
     # Redelivered runs were answered from their stored turns: 3 specialist turns per thread.
     assert fake_llm.count(agent="bookings") == 6
+    assert run_worker_pid(app.name) not in (None, pid)
 
 
 def test_runs_queued_before_the_app_starts_are_answered(

@@ -158,8 +158,12 @@ def test_the_embedder_scales_as_configured(tmp_path: Path) -> None:
     sample = yaml.safe_load(sample_config_path().read_text())
     team = load_config(write(tmp_path, sample | {"embedder": {"num_replicas": 3}}))
     app = build_app(team, Settings(REDIS_URL="redis://localhost:1"))
-    # The ingress's last argument is the embedder it shares with the agents.
-    embedder = app._bound_deployment.init_args[-1]._bound_deployment
+    # The ingress takes the embedder it shares with the agents among its arguments.
+    (embedder,) = [
+        arg._bound_deployment
+        for arg in app._bound_deployment.init_args
+        if getattr(arg, "_bound_deployment", None) and arg._bound_deployment.name == "Embedder"
+    ]
     assert embedder.num_replicas == 3
     assert embedder.max_ongoing_requests == 256
     assert embedder.ray_actor_options["num_cpus"] == 0

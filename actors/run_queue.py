@@ -38,7 +38,7 @@ from stickyray.config import RunsConfig
 from stickyray.errors import InvalidThreadKey, RunQueueFull
 from stickyray.turns import InboundMessage, TurnResult
 
-__all__ = ["GROUP", "QueuedRun", "RunQueue", "RunRecord", "RunStatus"]
+__all__ = ["GROUP", "LeaseLost", "QueuedRun", "RunQueue", "RunRecord", "RunStatus"]
 
 log = logging.getLogger(__name__)
 
@@ -62,24 +62,70 @@ end
 return {'exists', redis.call('HGETALL', KEYS[2])}
 """
 
-# KEYS: record. ARGV: now, entry time. A run whose record is gone (a flushed key) gets one.
-_START = """
-redis.call('HSETNX', KEYS[1], 'created_at', ARGV[2])
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('PERSIST', KEYS[1])
+# Every script below that acts for a worker starts here: KEYS[1] is the lease, ARGV[1] the
+# worker's token. A worker that lost the lease (it stalled; another took over) is refused.
+_LEASED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return {'lost'}
+end
 """
 
-# KEYS: queue, record. ARGV: entry id, status, now, result JSON or '', error or '', ttl,
-# entry time.
-_FINISH = """
-redis.call('HSETNX', KEYS[2], 'created_at', ARGV[7])
-redis.call('HSET', KEYS[2], 'status', ARGV[2], 'finished_at', ARGV[3])
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'result', ARGV[4]) end
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[5]) end
-redis.call('EXPIRE', KEYS[2], ARGV[6])
-redis.call('XACK', KEYS[1], 'workers', ARGV[1])
-redis.call('XDEL', KEYS[1], ARGV[1])
+# KEYS: lease, queue. ARGV: token, count, '>' or an entry id. Non-blocking. Also returns
+# how many entries were read before and are not finished.
+_READ = (
+    _LEASED
+    + """
+local unfinished = redis.call('XPENDING', KEYS[2], 'workers')[1]
+return {'ok', unfinished, redis.call('XREADGROUP', 'GROUP', 'workers', 'worker',
+                                     'COUNT', ARGV[2], 'STREAMS', KEYS[2], ARGV[3])}
+"""
+)
+
+# KEYS: lease, queue, record. ARGV: token, entry id, now, entry time. An entry no longer in
+# the stream was finished already (by a worker that took over): it is not started again.
+_START = (
+    _LEASED
+    + """
+if #redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2]) == 0 then
+  return {'gone'}
+end
+redis.call('HSETNX', KEYS[3], 'created_at', ARGV[4])
+redis.call('HSET', KEYS[3], 'status', 'running', 'started_at', ARGV[3])
+redis.call('HINCRBY', KEYS[3], 'attempts', 1)
+redis.call('PERSIST', KEYS[3])
+return {'started'}
+"""
+)
+
+# KEYS: lease, queue, record. ARGV: token, entry id, status, now, result JSON or '',
+# error or '', ttl, entry time. Once per entry: the entry is deleted with it.
+_FINISH = (
+    _LEASED
+    + """
+if #redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2]) == 0 then
+  return {'gone'}
+end
+redis.call('HSETNX', KEYS[3], 'created_at', ARGV[8])
+redis.call('HSET', KEYS[3], 'status', ARGV[3], 'finished_at', ARGV[4])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], 'result', ARGV[5]) end
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], 'error', ARGV[6]) end
+redis.call('EXPIRE', KEYS[3], ARGV[7])
+redis.call('XACK', KEYS[2], 'workers', ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+return {'finished'}
+"""
+)
+
+# KEYS: lease. ARGV: token, ttl in ms. Takes a free lease or extends the token's own (also
+# when the reply to an earlier take was lost); 0 while another worker holds it.
+_ACQUIRE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+return 0
 """
 
 # KEYS: lease. ARGV: token, ttl in ms. Extends the lease while ``token`` holds it.
@@ -97,6 +143,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+class LeaseLost(Exception):
+    """This worker no longer holds the queue's lease: another one reads it now."""
 
 
 class RunRecord(BaseModel):
@@ -171,8 +221,10 @@ class RunQueue:
         self._lease = f"{prefix}:lease"
         self._records = f"{prefix}:run:"
         self._submit = client.register_script(_SUBMIT)
+        self._read = client.register_script(_READ)
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
+        self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
@@ -214,7 +266,8 @@ class RunQueue:
     async def acquire(self, token: str, ttl_s: float) -> bool:
         """Take the lease that lets one worker read the queue, unless another holds it."""
         with redis_outages():
-            return bool(await self._client.set(self._lease, token, nx=True, px=int(ttl_s * 1000)))
+            ms = int(ttl_s * 1000)
+            return bool(await self._acquire(keys=[self._lease], args=[token, ms]))
 
     async def renew(self, token: str, ttl_s: float) -> bool:
         """Extend the lease; False if ``token`` no longer holds it (it expired)."""
@@ -236,49 +289,65 @@ class RunQueue:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    async def read(
-        self, count: int, *, after: str | None = None, block_ms: int = 1000
-    ) -> tuple[list[QueuedRun], str | None]:
-        """Up to ``count`` runs, oldest first, and the last entry id read.
+    async def last_read(self) -> str:
+        """The id of the newest entry a worker has read (``0-0`` for none)."""
+        with redis_outages():
+            groups = await self._client.xinfo_groups(self._queue)
+        for group in groups:
+            if _text(group["name"]) == GROUP:
+                return _text(group["last-delivered-id"])
+        return "0-0"
 
-        Without ``after``: runs never read before, waiting up to ``block_ms`` for one. With
-        ``after`` (``"0"`` to start): the runs read before and not finished (their worker
-        stopped), past that entry id, without waiting; the id is None when none are left.
-        An entry that cannot be read (written by another release, say) fails its run.
+    async def wait(self, after: str, block_ms: int) -> None:
+        """Return once an entry newer than ``after`` is queued, or after ``block_ms``."""
+        with redis_outages():
+            await self._client.xread({self._queue: after}, count=1, block=block_ms)
+
+    async def read(
+        self, token: str, count: int, *, after: str | None = None
+    ) -> tuple[list[QueuedRun], str | None, int]:
+        """Up to ``count`` runs, oldest first; the last entry id read; and how many runs had
+        been read before and were not finished. Never waits.
+
+        Without ``after``: runs never read before. With ``after`` (``"0"`` to start): runs
+        read before and not finished (their worker stopped), past that entry id; the id is
+        None when none are left. Raises LeaseLost unless ``token`` holds the lease. An entry
+        that cannot be read (written by another release, say) fails its run.
         """
         with redis_outages():
             try:
-                reply: Any = await self._client.xreadgroup(
-                    GROUP,
-                    _CONSUMER,
-                    {self._queue: after or ">"},
-                    count=count,
-                    block=None if after else block_ms,
+                status, *reply = await self._read(
+                    keys=[self._lease, self._queue], args=[token, count, after or ">"]
                 )
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 await self.join()  # the stream was deleted (a flushed Redis)
-                return [], None
+                return [], None, 0
+        if _text(status) == "lost":
+            raise LeaseLost(token)
+        unfinished, streams = int(reply[0]), reply[1]
         runs: list[QueuedRun] = []
         last: str | None = None
-        for _stream, entries in reply or []:
-            for entry, fields in entries:
+        for _stream, entries in streams or []:
+            for entry, flat in entries:
                 last = _text(entry)
-                run = await self._parse(last, fields)
+                fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+                run = await self._parse(token, last, fields)
                 if run is not None:
                     runs.append(run)
-        return runs, last
+        return runs, last, unfinished
 
-    async def _parse(self, entry: str, fields: dict[Any, Any] | None) -> QueuedRun | None:
+    async def _parse(self, token: str, entry: str, fields: dict[Any, Any]) -> QueuedRun | None:
         """The run in a stream entry; None, with the entry gone, if it cannot be read."""
-        data = {_text(k): v for k, v in (fields or {}).items()}
+        data = {_text(k): v for k, v in fields.items()}
         try:
             key = ThreadKey(*_text(data["thread"]).split("/", 1))
             return QueuedRun(entry, key, InboundMessage.model_validate_json(data["message"]))
         except (KeyError, TypeError, ValueError, InvalidThreadKey) as exc:
             reason = f"unreadable run in the queue: {type(exc).__name__}: {exc}"
-        log.warning("run queue entry %s: %s", entry, reason)
+        if data:
+            log.warning("run queue entry %s: %s", entry, reason)
         try:  # fail its run, if the entry still says which
             key = ThreadKey(*_text(data["thread"]).split("/", 1))
             message_id = json.loads(data["message"])["message_id"]
@@ -290,32 +359,45 @@ class RunQueue:
                 await self._client.xdel(self._queue, entry)
             return None
         unreadable = QueuedRun(entry, key, InboundMessage(text="", message_id=message_id))
-        await self.finish(unreadable, error=reason)
+        await self.finish(token, unreadable, error=reason)
         return None
 
-    async def start(self, run: QueuedRun) -> None:
-        """Mark ``run`` running, one more attempt."""
+    async def _leased(self, script: Any, token: str, run: QueuedRun, *args: Any) -> str:
         with redis_outages():
-            await self._start(
-                keys=[self._record_key(run.key, run.message.message_id)],
-                args=[time.time(), run.queued_at],
+            status, *_ = await script(
+                keys=[self._lease, self._queue, self._record_key(run.key, run.message.message_id)],
+                args=[token, run.entry, *args],
             )
+        if _text(status) == "lost":
+            raise LeaseLost(token)
+        return _text(status)
+
+    async def start(self, token: str, run: QueuedRun) -> bool:
+        """Mark ``run`` running, one more attempt; False if it was finished already.
+
+        Raises LeaseLost unless ``token`` holds the lease.
+        """
+        return await self._leased(self._start, token, run, time.time(), run.queued_at) == "started"
 
     async def finish(
-        self, run: QueuedRun, *, result: TurnResult | None = None, error: str | None = None
-    ) -> None:
-        """Store ``run``'s outcome and take it off the queue, in one step."""
-        status = result.status if result is not None else "failed"
-        with redis_outages():
-            await self._finish(
-                keys=[self._queue, self._record_key(run.key, run.message.message_id)],
-                args=[
-                    run.entry,
-                    status,
-                    time.time(),
-                    result.model_dump_json(by_alias=True) if result is not None else "",
-                    error or "",
-                    self._config.result_ttl_s,
-                    run.queued_at,
-                ],
-            )
+        self,
+        token: str,
+        run: QueuedRun,
+        *,
+        result: TurnResult | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """Store ``run``'s outcome and take it off the queue, in one step; False if it was
+        finished already. Raises LeaseLost unless ``token`` holds the lease."""
+        status = await self._leased(
+            self._finish,
+            token,
+            run,
+            result.status if result is not None else "failed",
+            time.time(),
+            result.model_dump_json(by_alias=True) if result is not None else "",
+            error or "",
+            self._config.result_ttl_s,
+            run.queued_at,
+        )
+        return status == "finished"

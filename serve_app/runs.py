@@ -24,12 +24,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from ray.exceptions import RayError
+from ray.exceptions import ActorDiedError, RayError, RayTaskError
 
 from actors.directory import root_cause
 from actors.key import ThreadKey
 from actors.redis_store import connect_redis
-from actors.run_queue import QueuedRun, RunQueue
+from actors.run_queue import LeaseLost, QueuedRun, RunQueue
 from stickyray.config import RunsConfig
 from stickyray.errors import (
     CheckpointConflict,
@@ -73,7 +73,12 @@ def transient(exc: BaseException) -> bool:
     """Whether delivering a run failed for now (an outage) rather than for good."""
     from ray.serve.exceptions import RayServeException  # an app being deployed or deleted
 
-    return isinstance(root_cause(exc), (*_TRANSIENT, RayServeException))
+    cause = root_cause(exc)
+    if isinstance(cause, RayTaskError):  # an error that could not cross processes: a bug
+        return False
+    if isinstance(cause, ActorDiedError) and "creation task" in str(cause).lower():
+        return False  # a thread actor whose constructor fails: delivering again fails too
+    return isinstance(cause, (*_TRANSIENT, RayServeException))
 
 
 class RunDispatcher:
@@ -83,6 +88,12 @@ class RunDispatcher:
     task, behind the previous run of its thread; at most ``max_in_flight`` are delivering at
     a time, so a thread with many runs waiting takes no room from the others. What is read
     is bounded by the queue's own bound, ``runs.max_queued``.
+
+    Every read, start and finish checks the lease in the same Redis script, so a worker
+    that stalled past its lease acts on nothing once another has taken over. Every read
+    also says how many runs were read before and are not finished: more than are in hand
+    means some were read and lost (a reply lost on the network), and they are read again
+    from the unfinished ones, oldest first, before anything newer.
     """
 
     def __init__(
@@ -94,6 +105,8 @@ class RunDispatcher:
         app: str = "",
         lease_s: float = 15.0,
         retry_cap_s: float = 30.0,
+        give_up_after_s: float = 3600.0,
+        idle_wait_ms: int = 1000,
     ) -> None:
         self._queue = queue
         self._deliver = deliver
@@ -101,10 +114,13 @@ class RunDispatcher:
         self._token = uuid.uuid4().hex
         self._lease_s = lease_s
         self._retry_cap_s = retry_cap_s
+        self._give_up_after_s = give_up_after_s
+        self._idle_wait_ms = idle_wait_ms
         self._delivering = asyncio.Semaphore(max_in_flight)
+        self._lost = asyncio.Event()
         # The last run of each thread in hand: the next one waits for it.
         self._tails: dict[ThreadKey, asyncio.Task[None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], str] = {}  # task -> its entry id
 
     @property
     def in_hand(self) -> int:
@@ -121,6 +137,7 @@ class RunDispatcher:
         try:
             while True:
                 await self._acquire()
+                self._lost.clear()
                 drain = asyncio.get_running_loop().create_task(self._drain())
                 try:
                     await self._hold(drain)
@@ -141,14 +158,22 @@ class RunDispatcher:
 
     async def _hold(self, drain: asyncio.Task[None]) -> None:
         """Renew the lease until ``drain`` ends (re-raising its error) or the lease is lost."""
-        while True:
-            done, _ = await asyncio.wait([drain], timeout=self._lease_s / 3)
-            if done:
-                drain.result()
-                return
-            if not await self._retrying(self._queue.renew, self._token, self._lease_s):
-                log.warning("run queue lease lost; stopping deliveries until it is back")
-                return
+        lost = asyncio.get_running_loop().create_task(self._lost.wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    [drain, lost], timeout=self._lease_s / 3, return_when=asyncio.FIRST_COMPLETED
+                )
+                if drain in done:
+                    drain.result()
+                    return
+                if lost in done or not await self._retrying(
+                    self._queue.renew, self._token, self._lease_s
+                ):
+                    log.warning("run queue lease lost; stopping deliveries until it is back")
+                    return
+        finally:
+            lost.cancel()
 
     async def _stop(self, drain: asyncio.Task[None]) -> None:
         tasks = [drain, *self._tasks]
@@ -157,61 +182,100 @@ class RunDispatcher:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _drain(self) -> None:
-        await self._retrying(self._queue.join)
-        after: str | None = "0"  # first the runs the previous reader left unfinished
+        try:
+            await self._retrying(self._queue.join)
+            await self._read_unfinished()  # the runs the previous reader left
+            newest = await self._retrying(self._queue.last_read)
+            while True:
+                runs, last, unfinished = await self._retrying(self._queue.read, self._token, _BATCH)
+                if unfinished > len(self._tasks):
+                    # Runs read before and not in hand (lost): those first, then this batch,
+                    # all now among the unfinished ones, in order.
+                    await self._read_unfinished()
+                else:
+                    for run in runs:
+                        self._dispatch(run)
+                newest = last or newest
+                if last is None:
+                    await self._retrying(self._queue.wait, newest, self._idle_wait_ms)
+        except LeaseLost:
+            self._lost.set()
+
+    async def _read_unfinished(self) -> None:
+        """Dispatch the runs read before and not in hand (all of them, after taking over)."""
+        in_hand = set(self._tasks.values())
+        after: str | None = "0"
         while after is not None:
-            runs, after = await self._retrying(self._queue.read, _BATCH, after=after)
+            runs, after, _ = await self._retrying(
+                self._queue.read, self._token, _BATCH, after=after
+            )
             for run in runs:
-                self._dispatch(run)
-        while True:
-            runs, _ = await self._retrying(self._queue.read, _BATCH)
-            for run in runs:
-                self._dispatch(run)
+                if run.entry not in in_hand:
+                    self._dispatch(run)
 
     def _dispatch(self, run: QueuedRun) -> None:
         before = self._tails.get(run.key)
         task = asyncio.get_running_loop().create_task(self._process(run, before))
         self._tails[run.key] = task
-        self._tasks.add(task)
+        self._tasks[task] = run.entry
         task.add_done_callback(lambda done: self._done(run.key, done))
 
     def _done(self, key: ThreadKey, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        self._tasks.pop(task, None)
         if self._tails.get(key) is task:
             del self._tails[key]
-        if not task.cancelled() and task.exception() is not None:
-            log.error("run of %s failed in the run worker", key, exc_info=task.exception())
 
     async def _process(self, run: QueuedRun, before: asyncio.Task[None] | None) -> None:
         if before is not None:
             await asyncio.wait([before])  # order is what matters; its outcome is its own
-        record_run(self._app, waited=time.time() - run.queued_at)
-        result, error = await self._deliver_until_done(run)
-        await self._retrying(self._queue.finish, run, result=result, error=error)
-        record_run(self._app, status=result.status if result is not None else "failed")
+        try:
+            record_run(self._app, waited=time.time() - run.queued_at)
+            result, error = await self._deliver_until_done(run)
+            if result is None and error is None:
+                return  # finished already, by a worker that took over
+            await self._retrying(self._queue.finish, self._token, run, result=result, error=error)
+            record_run(self._app, status=result.status if result is not None else "failed")
+        except LeaseLost:
+            self._lost.set()  # the run stays queued, for the worker that holds the lease
+        except Exception as exc:  # a bug, not an outage (those are retried)
+            log.exception("run %s of %s failed in the run worker", run.message.message_id, run.key)
+            try:
+                await self._queue.finish(self._token, run, error=f"{type(exc).__name__}: {exc}")
+            except Exception:  # left unfinished: the next read finds it and reads it again
+                log.debug("could not fail run %s", run.message.message_id, exc_info=True)
 
     async def _deliver_until_done(self, run: QueuedRun) -> tuple[TurnResult | None, str | None]:
+        """The run's turn, or why it failed; (None, None) if it was finished elsewhere."""
         delay = 0.05
+        deadline = time.monotonic() + self._give_up_after_s
         while True:
             async with self._delivering:  # not held while backing off
-                await self._retrying(self._queue.start, run)
+                if not await self._retrying(self._queue.start, self._token, run):
+                    return None, None
                 try:
                     return await self._deliver(run.key, run.message), None
                 except Exception as exc:
                     cause = root_cause(exc)
+                    reason = f"{type(cause).__name__}: {cause}"
                     if not transient(exc):
                         log.warning(
-                            "run %s of %s could not be delivered: %s",
-                            run.message.message_id,
-                            run.key,
-                            type(cause).__name__,
+                            "run %s of %s failed: %s", run.message.message_id, run.key, reason
                         )
-                        return None, f"{type(cause).__name__}: {cause}"
+                        return None, reason
+            if time.monotonic() + delay > deadline:
+                log.warning(
+                    "run %s of %s: giving up after %.0f s of outages: %s",
+                    run.message.message_id,
+                    run.key,
+                    self._give_up_after_s,
+                    reason,
+                )
+                return None, f"gave up after {self._give_up_after_s:g} s of outages; last: {reason}"
             log.info(
                 "run %s of %s: %s; delivering again in %.2f s",
                 run.message.message_id,
                 run.key,
-                type(cause).__name__,
+                reason,
                 delay,
             )
             await asyncio.sleep(delay)
@@ -246,6 +310,7 @@ class RunWorker:
             self._deliver,
             max_in_flight=config.max_in_flight,
             app=app,
+            give_up_after_s=config.give_up_after_s,
         )
         self._task = asyncio.get_running_loop().create_task(self._dispatcher.run())
 

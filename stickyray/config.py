@@ -219,6 +219,9 @@ class RunsConfig(_Strict):
     max_queued: int = Field(default=10_000, ge=1, le=1_000_000)
     # A finished run's record (status and turn) is kept this long.
     result_ttl_s: int = Field(default=24 * 3600, ge=60)
+    # A run whose delivery keeps failing with an outage this long fails with the last error
+    # (an outage that never ends is a misconfiguration), letting its thread's next runs go.
+    give_up_after_s: float = Field(default=3600.0, gt=0)
 
 
 class EmbedderConfig(_Strict):

@@ -17,7 +17,7 @@ import pytest
 
 from actors.key import ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
-from actors.run_queue import RunQueue
+from actors.run_queue import LeaseLost, RunQueue
 from actors.thread import Thread
 from serve_app.runs import RunDispatcher, transient
 from stickyray.config import RunsConfig, TeamConfig, load_config
@@ -317,8 +317,96 @@ async def test_an_unreadable_entry_fails_its_run_and_the_rest_go_on(client: Any)
     assert await queue.depth() == 0
 
 
+async def test_a_worker_that_lost_its_lease_acts_on_nothing(client: Any) -> None:
+    queue, key = queue_of(client), fresh()
+    await queue.join()
+    await queue.submit(key, msg("a table for 2", "m1"))
+    assert await queue.acquire("a", 0.2)
+    assert not await queue.acquire("b", 5)
+    (run,), _, _ = await queue.read("a", 10)
+    assert await queue.start("a", run)
+    # "a" stalls past its lease; "b" takes over and finds the run "a" had read.
+    await until(lambda: queue.acquire("b", 5))
+    with pytest.raises(LeaseLost):
+        await queue.start("a", run)
+    with pytest.raises(LeaseLost):
+        await queue.read("a", 10)
+    (again,), _, unfinished = await queue.read("b", 10, after="0")
+    assert again == run and unfinished == 1
+    result = TurnResult(
+        thread_id=key.thread_id, message_id="m1", turn=1, agent="bookings", reply="booked"
+    )
+    assert await queue.start("b", again)
+    assert await queue.finish("b", again, result=result)
+    with pytest.raises(LeaseLost):
+        await queue.finish("a", run, result=result)
+    # Finished once: neither started nor finished again, and its record keeps its expiry.
+    assert not await queue.start("b", again)
+    assert not await queue.finish("b", again, error="late")
+    record = await queue.get(key, "m1")
+    assert record is not None and record.status == "completed" and record.attempts == 2
+    assert record.error is None and await client.ttl(queue._record_key(key, "m1")) > 0
+
+
+class LosesOneRead(RunQueue):
+    """A queue whose first reply with runs in it is lost: Redis read them, the worker did
+    not get them, and the read is sent again (as redis-py retries a dropped connection)."""
+
+    lost: list[str] = []
+
+    async def read(self, token: str, count: int, *, after: str | None = None) -> Any:
+        got = await super().read(token, count, after=after)
+        if after is None and got[0] and not self.lost:
+            self.lost.extend(r.message.message_id for r in got[0])
+            return await super().read(token, count, after=after)
+        return got
+
+
+async def test_runs_read_and_lost_are_read_again_in_order(client: Any) -> None:
+    team = load_config(None)
+    queue = LosesOneRead(client, f"app-{uuid.uuid4().hex[:8]}", RunsConfig())
+    queue.lost = []
+    key, threads = fresh(), Threads(client, team, booking_agents())
+    await queue.submit(key, msg("a table for 2", "m1"))
+    worker = await running(dispatcher(queue, threads, idle_wait_ms=50))
+    try:
+        await until(lambda: queue.lost)
+        await queue.submit(key, msg("at 8 pm", "m2"))
+        await until(lambda: status_is(queue, key, "m2", "completed"))
+    finally:
+        await stop(worker)
+    assert queue.lost == ["m1"]
+    assert [t.message_id for t in await threads.store.turns(key)] == ["m1", "m2"]
+    assert await queue.depth() == 0
+
+
+async def test_a_run_that_meets_outages_for_too_long_fails(client: Any) -> None:
+    team = load_config(None)
+    queue, key = queue_of(client), fresh()
+    threads = Threads(client, team, booking_agents())
+
+    async def redis_down_for_m1(k: ThreadKey, message: InboundMessage) -> TurnResult:
+        if message.message_id == "m1":
+            raise StoreUnavailable("redis", "connection refused")
+        return await threads(k, message)
+
+    await queue.submit(key, msg("a table for 2", "m1"))
+    await queue.submit(key, msg("at 8 pm", "m2"))
+    worker = await running(
+        dispatcher(queue, redis_down_for_m1, retry_cap_s=0.05, give_up_after_s=0.3)
+    )
+    try:
+        await until(lambda: status_is(queue, key, "m2", "completed"))
+    finally:
+        await stop(worker)
+    failed = await queue.get(key, "m1")
+    assert failed is not None and failed.status == "failed" and failed.attempts > 1
+    assert failed.error is not None and failed.error.startswith("gave up after 0.3 s")
+    assert "StoreUnavailable" in failed.error
+
+
 def test_only_outages_count_as_transient() -> None:
-    from ray.exceptions import ActorDiedError
+    from ray.exceptions import ActorDiedError, RayTaskError
     from ray.serve.exceptions import RayServeException
 
     for outage in (
@@ -331,3 +419,7 @@ def test_only_outages_count_as_transient() -> None:
         assert transient(outage), outage
     assert not transient(ValueError("bad"))
     assert not transient(RunQueueFull(1, 1))
+    # An error that could not cross processes, and a thread actor that cannot start.
+    assert not transient(RayTaskError("handle", "traceback", None))
+    creation = RayTaskError("ThreadActor.__init__", "Traceback: ...", ValueError("bad"))
+    assert not transient(ActorDiedError(creation))

@@ -36,5 +36,5 @@ def build_app(team: TeamConfig, settings: Settings, app_name: str = APP_NAME) ->
     # One replica: it reads the run queue alone (a lease makes sure), and only forwards.
     run_worker = serve.deployment(
         name=RUN_WORKER_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0}
-    )(RunWorker).bind(app_name, settings, team.runs, INGRESS_DEPLOYMENT)
+    )(RunWorker).bind(team, settings, agents, app_name)
     return ingress.bind(team, settings, agents, app_name, embedder, run_worker)

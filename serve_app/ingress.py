@@ -325,10 +325,6 @@ class Ingress:
             raise HTTPException(404, f"thread {thread_id!r} has no run {message_id!r}")
         return record
 
-    async def deliver(self, tenant: str, thread_id: str, message: InboundMessage) -> TurnResult:
-        """A queued run's message, from its run worker (a handle call, not a route)."""
-        return await self._directory.send(ThreadKey(tenant, thread_id), message)
-
     @api.get("/v1/threads/{thread_id}", response_model=ThreadSnapshot)
     async def get_thread(self, thread_id: str = ThreadIdPath) -> ThreadSnapshot:
         """The thread's active agent (null = supervisor), turn count and recent messages."""

@@ -1,9 +1,9 @@
-"""The run worker: it drains the app's run queue through the ingress.
+"""The run worker: it drains the app's run queue into the threads.
 
-A Serve deployment of the app (one replica, ``RunWorker``), so Serve starts it with the app,
-restarts it if it fails, replaces it on a deploy and stops it when the app is deleted. It
-reads the queue and delivers each run to the ingress deployment, which sends it to the
-thread like a message posted to the API; the thread deduplicates by message id.
+A Serve deployment of the app (one replica, ``RunWorker``), so Serve starts it with the app
+and its config, restarts it if it fails, replaces it on a deploy and stops it when the app
+is deleted. It reads the queue and sends each run to its thread through the thread
+directory, as the ingress sends a posted message; the thread deduplicates by message id.
 
 - A thread's runs are delivered one after another, in the order they were queued; runs of
   different threads go at once, up to ``runs.max_in_flight``.
@@ -26,11 +26,11 @@ from typing import Any, TypeVar
 
 from ray.exceptions import ActorDiedError, RayError, RayTaskError
 
-from actors.directory import root_cause
+from actors.directory import ThreadDirectory, pool_scope, root_cause
 from actors.key import ThreadKey
 from actors.redis_store import connect_redis
 from actors.run_queue import LeaseLost, QueuedRun, RunQueue
-from stickyray.config import RunsConfig
+from stickyray.config import TeamConfig
 from stickyray.errors import (
     CheckpointConflict,
     ProviderError,
@@ -297,20 +297,20 @@ class RunWorker:
     """The Serve deployment that runs the app's ``RunDispatcher``; it takes no requests."""
 
     async def __init__(  # type: ignore[misc]
-        self, app: str, settings: Settings, config: RunsConfig, ingress: str
+        self, team: TeamConfig, settings: Settings, agent_handles: dict[str, Any], app: str
     ) -> None:
         assert settings.redis_url, "the CLI resolves the Redis URL before deploying"
-        self._app = app
-        self._ingress = ingress
-        self._handle: Any = None
         self._closed = False
+        self._directory = ThreadDirectory(
+            team, settings.redis_url, agent_handles, scope=pool_scope(app, team), app=app
+        )
         self._redis = connect_redis(settings.redis_url)
         self._dispatcher = RunDispatcher(
-            RunQueue(self._redis, app, config),
-            self._deliver,
-            max_in_flight=config.max_in_flight,
+            RunQueue(self._redis, app, team.runs),
+            self._directory.send,
+            max_in_flight=team.runs.max_in_flight,
             app=app,
-            give_up_after_s=config.give_up_after_s,
+            give_up_after_s=team.runs.give_up_after_s,
         )
         self._task = asyncio.get_running_loop().create_task(self._dispatcher.run())
 
@@ -323,14 +323,6 @@ class RunWorker:
     async def in_hand(self) -> int:
         """Runs read and not finished."""
         return self._dispatcher.in_hand
-
-    async def _deliver(self, key: ThreadKey, message: InboundMessage) -> TurnResult:
-        if self._handle is None:
-            from ray import serve
-
-            self._handle = serve.get_deployment_handle(self._ingress, self._app)
-        result: TurnResult = await self._handle.deliver.remote(key.tenant, key.thread_id, message)
-        return result
 
     def __del__(self) -> Coroutine[Any, Any, None] | None:
         """Stop delivering (the runs in hand stay queued) and give the lease up; once.

@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import compare, memory_search, routing_eval, thread_actors
+from bench import compare, memory_search, routing_eval, runs, thread_actors
 
 BENCHMARKS = {
     "compare": compare.main,
     "threads": thread_actors.main,
     "memory": memory_search.main,
     "routing": routing_eval.main,
+    "runs": runs.main,
 }
 
 

@@ -70,14 +70,29 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
 end
 """
 
-# KEYS: lease, queue. ARGV: token, count, '>' or an entry id. Non-blocking. Also returns
-# how many entries were read before and are not finished.
+# KEYS: lease, queue. ARGV: token, count, '>' or an entry id, the newest id the worker has
+# read. Non-blocking. For '>': when the group has delivered past the worker's newest id, a
+# read's reply was lost (Redis ran it, the worker never got it): those runs, still pending,
+# come back first and in order, all newer than any run in the worker's hands. Also returns
+# the group's last delivered id.
 _READ = (
     _LEASED
     + """
-local unfinished = redis.call('XPENDING', KEYS[2], 'workers')[1]
-return {'ok', unfinished, redis.call('XREADGROUP', 'GROUP', 'workers', 'worker',
-                                     'COUNT', ARGV[2], 'STREAMS', KEYS[2], ARGV[3])}
+local delivered = '0-0'
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[2])) do
+  local name, id
+  for i = 1, #group, 2 do
+    if group[i] == 'name' then name = group[i + 1] end
+    if group[i] == 'last-delivered-id' then id = group[i + 1] end
+  end
+  if name == 'workers' then delivered = id end
+end
+local from = ARGV[3]
+if from == '>' and ARGV[4] ~= delivered then
+  from = ARGV[4]
+end
+return {'ok', delivered, redis.call('XREADGROUP', 'GROUP', 'workers', 'worker',
+                                    'COUNT', ARGV[2], 'STREAMS', KEYS[2], from)}
 """
 )
 
@@ -304,29 +319,30 @@ class RunQueue:
             await self._client.xread({self._queue: after}, count=1, block=block_ms)
 
     async def read(
-        self, token: str, count: int, *, after: str | None = None
-    ) -> tuple[list[QueuedRun], str | None, int]:
-        """Up to ``count`` runs, oldest first; the last entry id read; and how many runs had
-        been read before and were not finished. Never waits.
+        self, token: str, count: int, *, after: str | None = None, seen: str = "0-0"
+    ) -> tuple[list[QueuedRun], str | None, str]:
+        """Up to ``count`` runs, oldest first; the last entry id read; and the last id the
+        group delivered. Never waits.
 
-        Without ``after``: runs never read before. With ``after`` (``"0"`` to start): runs
-        read before and not finished (their worker stopped), past that entry id; the id is
-        None when none are left. Raises LeaseLost unless ``token`` holds the lease. An entry
-        that cannot be read (written by another release, say) fails its run.
+        Without ``after``: runs never read before, after those read and lost since ``seen``
+        (the newest id this worker got). With ``after`` (``"0"`` to start): runs read
+        before and not finished (their worker stopped), past that entry id; the id is None
+        when none are left. Raises LeaseLost unless ``token`` holds the lease. An entry that
+        cannot be read (written by another release, say) fails its run.
         """
         with redis_outages():
             try:
                 status, *reply = await self._read(
-                    keys=[self._lease, self._queue], args=[token, count, after or ">"]
+                    keys=[self._lease, self._queue], args=[token, count, after or ">", seen]
                 )
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
                     raise
                 await self.join()  # the stream was deleted (a flushed Redis)
-                return [], None, 0
+                return [], None, "0-0"
         if _text(status) == "lost":
             raise LeaseLost(token)
-        unfinished, streams = int(reply[0]), reply[1]
+        delivered, streams = _text(reply[0]), reply[1]
         runs: list[QueuedRun] = []
         last: str | None = None
         for _stream, entries in streams or []:
@@ -336,7 +352,7 @@ class RunQueue:
                 run = await self._parse(token, last, fields)
                 if run is not None:
                     runs.append(run)
-        return runs, last, unfinished
+        return runs, last, delivered
 
     async def _parse(self, token: str, entry: str, fields: dict[Any, Any]) -> QueuedRun | None:
         """The run in a stream entry; None, with the entry gone, if it cannot be read."""

@@ -18,6 +18,7 @@ directory, as the ingress sends a posted message; the thread deduplicates by mes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -69,6 +70,20 @@ _TRANSIENT = (
 _BATCH = 100  # entries per read
 
 
+class _Stopping(Exception):
+    """The dispatcher was asked to stop."""
+
+
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait for them; cancel again any that swallowed a cancel."""
+    pending = [t for t in tasks if not t.done()]
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, still = await asyncio.wait(pending, timeout=0.1)
+        pending = list(still)
+
+
 def transient(exc: BaseException) -> bool:
     """Whether delivering a run failed for now (an outage) rather than for good."""
     from ray.serve.exceptions import RayServeException  # an app being deployed or deleted
@@ -91,9 +106,12 @@ class RunDispatcher:
 
     Every read, start and finish checks the lease in the same Redis script, so a worker
     that stalled past its lease acts on nothing once another has taken over. Every read
-    also says how many runs were read before and are not finished: more than are in hand
-    means some were read and lost (a reply lost on the network), and they are read again
-    from the unfinished ones, oldest first, before anything newer.
+    passes the newest entry id the worker got; when the queue has delivered past it, a
+    read's reply was lost (Redis ran it, the worker never got it), and the read returns
+    those runs first, in order. They are newer than every run in hand, so order holds.
+
+    ``stop`` ends ``run`` (cancelling a task can be lost on Python 3.11 when it lands as
+    redis-py sends a command, so deliveries are cancelled until they are done).
     """
 
     def __init__(
@@ -118,6 +136,7 @@ class RunDispatcher:
         self._idle_wait_ms = idle_wait_ms
         self._delivering = asyncio.Semaphore(max_in_flight)
         self._lost = asyncio.Event()
+        self._stopping = asyncio.Event()
         # The last run of each thread in hand: the next one waits for it.
         self._tails: dict[ThreadKey, asyncio.Task[None]] = {}
         self._tasks: dict[asyncio.Task[None], str] = {}  # task -> its entry id
@@ -128,44 +147,65 @@ class RunDispatcher:
         return len(self._tasks)
 
     async def run(self) -> None:
-        """Deliver runs until cancelled, while holding the queue's lease.
+        """Deliver runs until ``stop``, while holding the queue's lease.
 
         Without the lease it waits for it (another worker is reading); losing it (this one
         stalled past ``lease_s``) stops the deliveries in hand and waits again. Stopped, the
         deliveries in hand stop too: their runs stay queued, for the next reader.
         """
         try:
-            while True:
-                await self._acquire()
+            while await self._acquire():
                 self._lost.clear()
                 drain = asyncio.get_running_loop().create_task(self._drain())
                 try:
                     await self._hold(drain)
                 finally:
-                    await self._stop(drain)
+                    await _cancel([drain, *self._tasks])
+        except _Stopping:
+            pass
         finally:
-            try:
-                await self._queue.release(self._token)
-            except StoreUnavailable:
-                pass  # it expires by itself
+            with contextlib.suppress(StoreUnavailable, _Stopping):
+                await self._queue.release(self._token)  # else it expires by itself
 
-    async def _acquire(self) -> None:
+    def stop(self) -> None:
+        """Make ``run`` stop its deliveries, give the lease up and return."""
+        self._stopping.set()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, unless asked to stop (``_Stopping``)."""
+        stopping = asyncio.get_running_loop().create_task(self._stopping.wait())
+        try:
+            await asyncio.wait([stopping], timeout=seconds)
+        finally:
+            stopping.cancel()
+        if self._stopping.is_set():
+            raise _Stopping
+
+    async def _acquire(self) -> bool:
         # Polls, since Redis cannot notify: at most one second after the lease is free.
-        while True:
+        while not self._stopping.is_set():
             if await self._retrying(self._queue.acquire, self._token, self._lease_s):
-                return
-            await asyncio.sleep(min(1.0, self._lease_s / 3))
+                return True
+            await self._pause(min(1.0, self._lease_s / 3))
+        return False
 
     async def _hold(self, drain: asyncio.Task[None]) -> None:
-        """Renew the lease until ``drain`` ends (re-raising its error) or the lease is lost."""
-        lost = asyncio.get_running_loop().create_task(self._lost.wait())
+        """Renew the lease until ``drain`` ends (re-raising its error), the lease is lost or
+        the dispatcher is stopped."""
+        loop = asyncio.get_running_loop()
+        lost = loop.create_task(self._lost.wait())
+        stopping = loop.create_task(self._stopping.wait())
         try:
             while True:
                 done, _ = await asyncio.wait(
-                    [drain, lost], timeout=self._lease_s / 3, return_when=asyncio.FIRST_COMPLETED
+                    [drain, lost, stopping],
+                    timeout=self._lease_s / 3,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 if drain in done:
                     drain.result()
+                    return
+                if stopping in done:
                     return
                 if lost in done or not await self._retrying(
                     self._queue.renew, self._token, self._lease_s
@@ -174,30 +214,24 @@ class RunDispatcher:
                     return
         finally:
             lost.cancel()
-
-    async def _stop(self, drain: asyncio.Task[None]) -> None:
-        tasks = [drain, *self._tasks]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            stopping.cancel()
 
     async def _drain(self) -> None:
         try:
             await self._retrying(self._queue.join)
             await self._read_unfinished()  # the runs the previous reader left
-            newest = await self._retrying(self._queue.last_read)
+            seen = await self._retrying(self._queue.last_read)
             while True:
-                runs, last, unfinished = await self._retrying(self._queue.read, self._token, _BATCH)
-                if unfinished > len(self._tasks):
-                    # Runs read before and not in hand (lost): those first, then this batch,
-                    # all now among the unfinished ones, in order.
-                    await self._read_unfinished()
-                else:
-                    for run in runs:
+                runs, last, delivered = await self._retrying(
+                    self._queue.read, self._token, _BATCH, seen=seen
+                )
+                in_hand = set(self._tasks.values()) if runs else set()
+                for run in runs:
+                    if run.entry not in in_hand:  # (after a failover, Redis may repeat one)
                         self._dispatch(run)
-                newest = last or newest
+                seen = last or delivered
                 if last is None:
-                    await self._retrying(self._queue.wait, newest, self._idle_wait_ms)
+                    await self._retrying(self._queue.wait, seen, self._idle_wait_ms)
         except LeaseLost:
             self._lost.set()
 
@@ -237,17 +271,21 @@ class RunDispatcher:
             record_run(self._app, status=result.status if result is not None else "failed")
         except LeaseLost:
             self._lost.set()  # the run stays queued, for the worker that holds the lease
+        except _Stopping:
+            pass  # the run stays queued, for the next worker
         except Exception as exc:  # a bug, not an outage (those are retried)
             log.exception("run %s of %s failed in the run worker", run.message.message_id, run.key)
             try:
                 await self._queue.finish(self._token, run, error=f"{type(exc).__name__}: {exc}")
-            except Exception:  # left unfinished: the next read finds it and reads it again
-                log.debug("could not fail run %s", run.message.message_id, exc_info=True)
+            except LeaseLost:
+                self._lost.set()
+            except Exception:  # left unfinished: the next worker to take over delivers it
+                log.error("run %s stays unfinished", run.message.message_id, exc_info=True)
 
     async def _deliver_until_done(self, run: QueuedRun) -> tuple[TurnResult | None, str | None]:
         """The run's turn, or why it failed; (None, None) if it was finished elsewhere."""
         delay = 0.05
-        deadline = time.monotonic() + self._give_up_after_s
+        deadline: float | None = None  # counted from the first outage, not the queueing
         while True:
             async with self._delivering:  # not held while backing off
                 if not await self._retrying(self._queue.start, self._token, run):
@@ -262,6 +300,8 @@ class RunDispatcher:
                             "run %s of %s failed: %s", run.message.message_id, run.key, reason
                         )
                         return None, reason
+            if deadline is None:
+                deadline = time.monotonic() + self._give_up_after_s
             if time.monotonic() + delay > deadline:
                 log.warning(
                     "run %s of %s: giving up after %.0f s of outages: %s",
@@ -278,7 +318,7 @@ class RunDispatcher:
                 reason,
                 delay,
             )
-            await asyncio.sleep(delay)
+            await self._pause(delay)
             delay = min(delay * 2, self._retry_cap_s)
 
     async def _retrying(self, call: Callable[..., Awaitable[T]], *args: Any, **kw: Any) -> T:
@@ -289,7 +329,7 @@ class RunDispatcher:
                 return await call(*args, **kw)
             except StoreUnavailable as exc:
                 log.warning("run queue: %s; trying again in %.2f s", exc, delay)
-            await asyncio.sleep(delay)
+            await self._pause(delay)
             delay = min(delay * 2, 5.0)
 
 
@@ -335,6 +375,7 @@ class RunWorker:
         return self._close()
 
     async def _close(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        self._dispatcher.stop()
+        await asyncio.wait([self._task], timeout=10)
+        await _cancel([self._task])  # if it did not stop in time
         await self._redis.aclose()

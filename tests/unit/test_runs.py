@@ -107,14 +107,24 @@ class GatedAgents(Agents):
         return self.behaviours[agent](request)
 
 
-async def running(dispatcher: RunDispatcher) -> asyncio.Task[None]:
-    return asyncio.get_running_loop().create_task(dispatcher.run())
+class Running:
+    """A dispatcher running in a task."""
+
+    def __init__(self, dispatcher: RunDispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.task = asyncio.get_running_loop().create_task(dispatcher.run())
+
+    async def stop(self) -> None:
+        self.dispatcher.stop()
+        await asyncio.wait_for(self.task, 10)  # it returns, having stopped its deliveries
 
 
-async def stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+async def running(dispatcher: RunDispatcher) -> Running:
+    return Running(dispatcher)
+
+
+async def stop(worker: Running) -> None:
+    await worker.stop()
 
 
 async def status_is(queue: RunQueue, key: ThreadKey, mid: str, status: str) -> bool:
@@ -331,8 +341,8 @@ async def test_a_worker_that_lost_its_lease_acts_on_nothing(client: Any) -> None
         await queue.start("a", run)
     with pytest.raises(LeaseLost):
         await queue.read("a", 10)
-    (again,), _, unfinished = await queue.read("b", 10, after="0")
-    assert again == run and unfinished == 1
+    (again,), _, delivered = await queue.read("b", 10, after="0")
+    assert again == run and delivered == run.entry
     result = TurnResult(
         thread_id=key.thread_id, message_id="m1", turn=1, agent="bookings", reply="booked"
     )
@@ -353,12 +363,19 @@ class LosesOneRead(RunQueue):
     not get them, and the read is sent again (as redis-py retries a dropped connection)."""
 
     lost: list[str] = []
+    reads = 0
+    before_retry: Callable[[], Any] | None = None
 
-    async def read(self, token: str, count: int, *, after: str | None = None) -> Any:
-        got = await super().read(token, count, after=after)
+    async def read(
+        self, token: str, count: int, *, after: str | None = None, seen: str = "0-0"
+    ) -> Any:
+        self.reads += 1
+        got = await super().read(token, count, after=after, seen=seen)
         if after is None and got[0] and not self.lost:
             self.lost.extend(r.message.message_id for r in got[0])
-            return await super().read(token, count, after=after)
+            if self.before_retry is not None:
+                await self.before_retry()
+            return await super().read(token, count, after=after, seen=seen)
         return got
 
 
@@ -403,6 +420,79 @@ async def test_a_run_that_meets_outages_for_too_long_fails(client: Any) -> None:
     assert failed is not None and failed.status == "failed" and failed.attempts > 1
     assert failed.error is not None and failed.error.startswith("gave up after 0.3 s")
     assert "StoreUnavailable" in failed.error
+
+
+async def test_a_lost_read_keeps_order_and_the_worker_does_not_spin(client: Any) -> None:
+    gate = Gate()
+    threads = Threads(client, load_config(None), GatedAgents(gate))
+    queue = LosesOneRead(client, f"app-{uuid.uuid4().hex[:8]}", RunsConfig())
+    queue.lost = []
+    key = fresh()
+
+    async def queue_the_next() -> None:  # queued before the read is sent again
+        await queue.submit(key, msg("at 8 pm", "c2"))
+
+    queue.before_retry = queue_the_next
+    await queue.submit(key, msg("slow: a table for 2", "c1"))
+    worker = await running(dispatcher(queue, threads, idle_wait_ms=200))
+    try:
+        await until(lambda: gate.waiting == 1)  # c1 came back and is being delivered
+        # While it is held, the worker waits for new runs instead of reading in a loop.
+        # (A window of time: a spinning loop reads thousands of times in it.)
+        reads = queue.reads
+        await asyncio.sleep(0.6)
+        assert queue.reads - reads <= 10
+        gate.open.set()
+        await until(lambda: status_is(queue, key, "c2", "completed"))
+    finally:
+        await stop(worker)
+    assert queue.lost == ["c1"]
+    assert [t.message_id for t in await threads.store.turns(key)] == ["c1", "c2"]
+
+
+async def test_the_give_up_clock_starts_at_the_first_outage(client: Any) -> None:
+    gate = Gate()
+    threads = Threads(client, load_config(None), GatedAgents(gate))
+    queue, busy, other = queue_of(client), fresh(), fresh()
+    failed_once: list[str] = []
+
+    async def one_outage(k: ThreadKey, message: InboundMessage) -> TurnResult:
+        if k == other and not failed_once:
+            failed_once.append(message.message_id)
+            raise StoreUnavailable("redis", "connection refused")
+        return await threads(k, message)
+
+    await queue.submit(busy, msg("slow: a table for 2", "b1"))
+    await queue.submit(other, msg("a table for 4", "o1"))
+    worker = await running(
+        dispatcher(queue, one_outage, max_in_flight=1, give_up_after_s=0.3, retry_cap_s=0.05)
+    )
+    try:
+        await until(lambda: gate.waiting == 1)
+        started = asyncio.get_running_loop().time()
+        # o1 waits for the only delivery slot for longer than give_up_after_s...
+        await until(lambda: asyncio.get_running_loop().time() - started > 0.5)
+        gate.open.set()
+        await until(lambda: status_is(queue, other, "o1", "completed"))
+    finally:
+        await stop(worker)
+    # ...and then meets one outage, which it outlives: waiting is not an outage.
+    record = await queue.get(other, "o1")
+    assert failed_once == ["o1"] and record is not None and record.attempts == 2
+
+
+async def test_stop_ends_a_worker_that_is_retrying_an_outage(client: Any) -> None:
+    queue, key = queue_of(client), fresh()
+
+    async def redis_down(k: ThreadKey, message: InboundMessage) -> TurnResult:
+        raise StoreUnavailable("redis", "connection refused")
+
+    await queue.submit(key, msg("a table for 2", "m1"))
+    worker = await running(dispatcher(queue, redis_down, retry_cap_s=30.0))
+    await until(lambda: status_is(queue, key, "m1", "running"))
+    await stop(worker)  # within its 10 s bound, though the next retry is up to 30 s away
+    assert await status_is(queue, key, "m1", "running")  # still queued for the next worker
+    assert await queue.acquire("next", 1)  # the lease was given up
 
 
 def test_only_outages_count_as_transient() -> None:

@@ -7,8 +7,9 @@ directory, as the ingress sends a posted message; the thread deduplicates by mes
 
 - A thread's runs are delivered one after another, in the order they were queued; runs of
   different threads go at once, up to ``runs.max_in_flight``.
-- An outage (Redis, Ray, a thread moving) is retried with backoff until it ends, holding
-  that thread's later runs back; any other error fails the run.
+- An outage (Redis, Ray, a thread moving) is retried with backoff, holding that thread's
+  later runs back, until it ends or ``runs.give_up_after_s`` has passed since the run's
+  first outage; any other error fails the run.
 - Only the worker that holds the queue's lease reads it, so while a deploy replaces the
   worker, the old and new ones never split a thread's runs between them.
 - A run still unfinished when its worker stopped is delivered again by the next one, and

@@ -96,14 +96,19 @@ return {'ok', delivered, redis.call('XREADGROUP', 'GROUP', 'workers', 'worker',
 """
 )
 
-# KEYS: lease, queue, record. ARGV: token, entry id, now, entry time. An entry no longer in
-# the stream was finished already (by a worker that took over): it is not started again.
-_START = (
-    _LEASED
-    + """
+# And a step on one run goes on here: KEYS[2] is the queue, ARGV[2] the run's entry id. An
+# entry no longer in the stream was finished already (by a worker that took over).
+_PRESENT = """
 if #redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2]) == 0 then
   return {'gone'}
 end
+"""
+
+# KEYS: lease, queue, record. ARGV: token, entry id, now, entry time.
+_START = (
+    _LEASED
+    + _PRESENT
+    + """
 redis.call('HSETNX', KEYS[3], 'created_at', ARGV[4])
 redis.call('HSET', KEYS[3], 'status', 'running', 'started_at', ARGV[3])
 redis.call('HINCRBY', KEYS[3], 'attempts', 1)
@@ -116,10 +121,8 @@ return {'started'}
 # error or '', ttl, entry time. Once per entry: the entry is deleted with it.
 _FINISH = (
     _LEASED
+    + _PRESENT
     + """
-if #redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2]) == 0 then
-  return {'gone'}
-end
 redis.call('HSETNX', KEYS[3], 'created_at', ARGV[8])
 redis.call('HSET', KEYS[3], 'status', ARGV[3], 'finished_at', ARGV[4])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], 'result', ARGV[5]) end

@@ -142,11 +142,6 @@ class RunDispatcher:
         self._tails: dict[ThreadKey, asyncio.Task[None]] = {}
         self._tasks: dict[asyncio.Task[None], str] = {}  # task -> its entry id
 
-    @property
-    def in_hand(self) -> int:
-        """Runs read and not finished."""
-        return len(self._tasks)
-
     async def run(self) -> None:
         """Deliver runs until ``stop``, while holding the queue's lease.
 
@@ -360,10 +355,6 @@ class RunWorker:
         if self._task.done():
             error = None if self._task.cancelled() else self._task.exception()
             raise RuntimeError(f"the run dispatcher stopped: {error!r}")
-
-    async def in_hand(self) -> int:
-        """Runs read and not finished."""
-        return self._dispatcher.in_hand
 
     def __del__(self) -> Coroutine[Any, Any, None] | None:
         """Stop delivering (the runs in hand stay queued) and give the lease up; once.

@@ -243,13 +243,12 @@ class Ingress:
         )
         self._stack = AsyncExitStack()
         try:
-            self._store = await self._stack.enter_async_context(
-                RedisThreadStore.from_url(settings.redis_url)
-            )
-            api.state.memory = await open_memory(team, settings, embedder, self._stack)
+            # One connection pool for thread state and the run queue.
             redis = connect_redis(settings.redis_url)
             self._stack.push_async_callback(redis.aclose)
+            self._store = RedisThreadStore(redis)
             self._runs = RunQueue(redis, app_name, team.runs)
+            api.state.memory = await open_memory(team, settings, embedder, self._stack)
         except BaseException:
             await self._stack.aclose()  # Serve runs no destructor for a replica that never started
             raise

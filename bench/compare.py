@@ -27,7 +27,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -372,8 +372,10 @@ def _ratios(r: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def run(quick: bool = False, latency_s: float = 0.2) -> dict[str, Any]:
-    """Measure everything; the peers run after the Ray cluster is gone."""
+@contextlib.contextmanager
+def bench_cluster(latency_s: float) -> Iterator[tuple[FakeLLMProcess, Settings, int]]:
+    """The fake LLM, an embedded Redis, a local Ray cluster and Serve on a free port; all
+    stopped on exit. Yields the fake, settings pointing at both, and Serve's HTTP port."""
     # The fake LLM runs in its own process, as for the peers: in the driver it would share the
     # GIL with the load-generating HTTP client.
     fake = FakeLLMProcess(latency_s, "stickyray")
@@ -383,16 +385,20 @@ def run(quick: bool = False, latency_s: float = 0.2) -> dict[str, Any]:
         settings = Settings(
             REDIS_URL=redis.start(), OPENAI_API_KEY="bench", OPENAI_BASE_URL=fake.url
         )
+        stack.callback(redis.stop)
         port = _free_port()
         ray.init(address="local", namespace=NAMESPACE, logging_level=logging.ERROR)
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            _deploy(settings, fake)
-            result = asyncio.run(_measure_cluster(fake, settings, port, quick))
-        finally:
-            serve.shutdown()
-            ray.shutdown()
-            redis.stop()
+        stack.callback(ray.shutdown)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        stack.callback(serve.shutdown)
+        yield fake, settings, port
+
+
+def run(quick: bool = False, latency_s: float = 0.2) -> dict[str, Any]:
+    """Measure everything; the peers run after the Ray cluster is gone."""
+    with bench_cluster(latency_s) as (fake, settings, port):
+        _deploy(settings, fake)
+        result = asyncio.run(_measure_cluster(fake, settings, port, quick))
     result["ratios"] = _ratios(result)
     try:
         from bench.peers import run_peers

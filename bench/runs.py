@@ -15,10 +15,7 @@ and under that load; it checks that every run finished once, in order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import logging
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -26,17 +23,12 @@ from typing import Any
 
 import aiohttp
 import psutil
-import ray
 from ray import serve
 
-from actors.directory import NAMESPACE
-from bench.compare import TEAM, _free_port, measure_throughput
-from bench.fake_llm_process import FakeLLMProcess
+from bench.compare import TEAM, bench_cluster, measure_throughput
 from bench.thread_actors import _stats
 from serve_app.app import build_app
 from stickyray.config import parse_config
-from stickyray.embedded_redis import EmbeddedRedis
-from stickyray.settings import Settings
 
 RESULTS = Path(__file__).parent / "results"
 APP = "bench-runs"
@@ -129,33 +121,19 @@ async def measure_runs(base: str, threads: int, follow_ups: int) -> dict[str, An
 def run(quick: bool = False, latency_s: float = 0.2) -> dict[str, Any]:
     """Deploy one app, measure posted messages, then the same load as runs."""
     threads, follow_ups = (20, 3) if quick else (100, 5)
-    fake = FakeLLMProcess(latency_s, "stickyray")
-    with tempfile.TemporaryDirectory(prefix="sr-bench-") as tmp, contextlib.ExitStack() as stack:
-        stack.callback(fake.stop)
-        redis = EmbeddedRedis(Path(tmp) / "redis")
-        settings = Settings(
-            REDIS_URL=redis.start(), OPENAI_API_KEY="bench", OPENAI_BASE_URL=fake.url
-        )
-        port = _free_port()
-        config = json.loads(json.dumps(TEAM))
-        config["threads"] = {"hosting": "pooled", "pool_size": 2}
-        config["runs"] = {"max_in_flight": threads}
-        team = parse_config(config, Path("<bench>"))
-        ray.init(address="local", namespace=NAMESPACE, logging_level=logging.ERROR)
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(build_app(team, settings, app_name=APP), name=APP, route_prefix=f"/{APP}")
-            base = f"http://127.0.0.1:{port}"
-            posted = asyncio.run(
-                measure_throughput(
-                    base, lambda t: f"/{APP}/v1/threads/{t}/messages", threads, follow_ups
-                )
+    config = json.loads(json.dumps(TEAM))
+    config["threads"] = {"hosting": "pooled", "pool_size": 2}
+    config["runs"] = {"max_in_flight": threads}
+    team = parse_config(config, Path("<bench>"))
+    with bench_cluster(latency_s) as (_, settings, port):
+        serve.run(build_app(team, settings, app_name=APP), name=APP, route_prefix=f"/{APP}")
+        base = f"http://127.0.0.1:{port}"
+        posted = asyncio.run(
+            measure_throughput(
+                base, lambda t: f"/{APP}/v1/threads/{t}/messages", threads, follow_ups
             )
-            queued = asyncio.run(measure_runs(base, threads, follow_ups))
-        finally:
-            serve.shutdown()
-            ray.shutdown()
-            redis.stop()
+        )
+        queued = asyncio.run(measure_runs(base, threads, follow_ups))
     return {
         "latency_s": latency_s,
         "quick": quick,

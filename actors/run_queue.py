@@ -18,6 +18,12 @@ live in one slot of a Redis Cluster:
   and deletes the entry in one script, and the record then expires ``result_ttl_s`` later.
 - ``lease``  which worker may read the queue (see ``acquire``): one at a time, so a
   thread's runs cannot be split between two workers and reordered.
+- ``outbox``  stream of replies to send to a channel (Telegram, WhatsApp), for runs
+  submitted with a ``reply_to``: finishing such a run adds its reply in the same script, so
+  a finished run's reply is never lost between the two. The worker holding the lease reads
+  it (same group and consumer names), sends, then acknowledges and deletes the entry, and
+  notes on the run's record whether the reply was sent: at least once, since a worker that
+  stops between sending and acknowledging leaves the entry to the next one.
 """
 
 from __future__ import annotations
@@ -38,7 +44,16 @@ from stickyray.config import RunsConfig
 from stickyray.errors import InvalidThreadKey, RunQueueFull
 from stickyray.turns import InboundMessage, TurnResult
 
-__all__ = ["GROUP", "LeaseLost", "QueuedRun", "RunQueue", "RunRecord", "RunStatus"]
+__all__ = [
+    "GROUP",
+    "LeaseLost",
+    "OutboundReply",
+    "QueuedRun",
+    "ReplyStatus",
+    "RunQueue",
+    "RunRecord",
+    "RunStatus",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +61,21 @@ GROUP = "workers"
 _CONSUMER = "worker"
 
 RunStatus = Literal["queued", "running", "completed", "failed"]
+ReplyStatus = Literal["pending", "sent", "failed"]
 
-# KEYS: queue, record. ARGV: thread key, message id, message JSON, now, cap.
-# Returns the status and the record's fields, read in the same step.
+# KEYS: queue, record. ARGV: thread key, message id, message JSON, now, cap, reply_to JSON
+# or ''. Returns the status and the record's fields, read in the same step.
 _SUBMIT = """
 if redis.call('EXISTS', KEYS[2]) == 0 then
   local queued = redis.call('XLEN', KEYS[1])
   if queued >= tonumber(ARGV[5]) then
     return {'full', queued}
   end
-  redis.call('XADD', KEYS[1], '*', 'thread', ARGV[1], 'message', ARGV[3])
+  if ARGV[6] ~= '' then
+    redis.call('XADD', KEYS[1], '*', 'thread', ARGV[1], 'message', ARGV[3], 'reply_to', ARGV[6])
+  else
+    redis.call('XADD', KEYS[1], '*', 'thread', ARGV[1], 'message', ARGV[3])
+  end
   redis.call('HSET', KEYS[2], 'status', 'queued', 'created_at', ARGV[4], 'attempts', 0)
   return {'queued', redis.call('HGETALL', KEYS[2])}
 end
@@ -117,8 +137,9 @@ return {'started'}
 """
 )
 
-# KEYS: lease, queue, record. ARGV: token, entry id, status, now, result JSON or '',
-# error or '', ttl, entry time. Once per entry: the entry is deleted with it.
+# KEYS: lease, queue, record, outbox. ARGV: token, entry id, status, now, result JSON or
+# '', error or '', ttl, entry time, reply JSON or ''. Once per entry: the entry is deleted
+# with it, and its reply (if any) is in the outbox.
 _FINISH = (
     _LEASED
     + _PRESENT
@@ -130,7 +151,40 @@ if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], 'error', ARGV[6]) end
 redis.call('EXPIRE', KEYS[3], ARGV[7])
 redis.call('XACK', KEYS[2], 'workers', ARGV[2])
 redis.call('XDEL', KEYS[2], ARGV[2])
+if ARGV[9] ~= '' then
+  redis.call('XADD', KEYS[4], '*', 'reply', ARGV[9], 'record', KEYS[3])
+  redis.call('HSET', KEYS[3], 'reply', 'pending')
+end
 return {'finished'}
+"""
+)
+
+# KEYS: lease, outbox. ARGV: token, count. Replies read before and not done (their worker
+# stopped, or the reply to that read was lost) first; else replies never read.
+_READ_REPLIES = (
+    _LEASED
+    + """
+local pending = redis.call('XREADGROUP', 'GROUP', 'workers', 'worker',
+                           'COUNT', ARGV[2], 'STREAMS', KEYS[2], '0')
+if pending and #pending[1][2] > 0 then
+  return {'ok', pending}
+end
+return {'ok', redis.call('XREADGROUP', 'GROUP', 'workers', 'worker',
+                         'COUNT', ARGV[2], 'STREAMS', KEYS[2], '>')}
+"""
+)
+
+# KEYS: lease, outbox, record. ARGV: token, entry id, 'sent' or 'failed', error or ''.
+_REPLY_DONE = (
+    _LEASED
+    + """
+redis.call('XACK', KEYS[2], 'workers', ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('HSET', KEYS[3], 'reply', ARGV[3])
+  if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], 'reply_error', ARGV[4]) end
+end
+return {'done'}
 """
 )
 
@@ -173,7 +227,8 @@ class RunRecord(BaseModel):
     ``result`` is the turn (or command) once the run finished, as POST .../messages would
     have returned it; ``status`` is then that turn's. ``error`` without a result: the
     message could not be delivered to its thread (not an outage: those are retried).
-    ``attempts`` counts deliveries.
+    ``attempts`` counts deliveries. ``reply``: for a run from a channel, whether its reply
+    was sent to the channel (``reply_error`` says why not).
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -187,20 +242,36 @@ class RunRecord(BaseModel):
     attempts: int = 0
     result: TurnResult | None = None
     error: str | None = None
+    reply: ReplyStatus | None = None
+    reply_error: str | None = None
 
 
 @dataclass(frozen=True)
 class QueuedRun:
-    """One stream entry: a run to deliver."""
+    """One stream entry: a run to deliver; ``reply_to`` says where its reply goes, if
+    anywhere but the run's record (a channel's address, opaque to the queue)."""
 
     entry: str
     key: ThreadKey
     message: InboundMessage
+    reply_to: dict[str, Any] | None = None
 
     @property
     def queued_at(self) -> float:
         """When the entry was added: its id starts with Redis's clock in milliseconds."""
         return int(self.entry.split("-", 1)[0]) / 1000.0
+
+
+@dataclass(frozen=True)
+class OutboundReply:
+    """One outbox entry: the reply of a finished run, for the channel in ``to``."""
+
+    entry: str
+    to: dict[str, Any]
+    text: str
+    thread: str
+    message_id: str
+    record: str
 
 
 def _text(value: Any) -> str:
@@ -225,6 +296,8 @@ def _record(key: ThreadKey, message_id: str, flat: list[Any] | dict[Any, Any]) -
         attempts=int(fields.get("attempts", 0)),
         result=TurnResult.model_validate_json(fields["result"]) if "result" in fields else None,
         error=fields.get("error"),
+        reply=fields.get("reply"),
+        reply_error=fields.get("reply_error"),
     )
 
 
@@ -237,6 +310,7 @@ class RunQueue:
         prefix = f"stickyray:{{runs/{app}}}"
         self._queue = f"{prefix}:queue"
         self._lease = f"{prefix}:lease"
+        self._outbox = f"{prefix}:outbox"
         self._records = f"{prefix}:run:"
         self._submit = client.register_script(_SUBMIT)
         self._read = client.register_script(_READ)
@@ -245,14 +319,19 @@ class RunQueue:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._read_replies = client.register_script(_READ_REPLIES)
+        self._reply_done = client.register_script(_REPLY_DONE)
 
     def _record_key(self, key: ThreadKey, message_id: str) -> str:
         return f"{self._records}{key}/{message_id}"
 
-    async def submit(self, key: ThreadKey, message: InboundMessage) -> tuple[RunRecord, bool]:
+    async def submit(
+        self, key: ThreadKey, message: InboundMessage, reply_to: dict[str, Any] | None = None
+    ) -> tuple[RunRecord, bool]:
         """Queue ``message`` for ``key``; the run's record, and whether this call queued it.
 
         A message id already queued (or run) returns that run, unchanged, full queue or not.
+        With ``reply_to``, finishing the run puts its reply in the outbox for that address.
         Raises RunQueueFull when ``runs.max_queued`` runs wait or run.
         """
         with redis_outages():
@@ -264,6 +343,7 @@ class RunQueue:
                     message.model_dump_json(),
                     time.time(),
                     self._config.max_queued,
+                    json.dumps(reply_to) if reply_to is not None else "",
                 ],
             )
         if _text(status) == "full":
@@ -298,14 +378,15 @@ class RunQueue:
             await self._release(keys=[self._lease], args=[token])
 
     async def join(self) -> None:
-        """Create the consumer group if it does not exist (idempotent)."""
+        """Create the consumer groups of the queue and the outbox if missing (idempotent)."""
         with redis_outages():
-            try:
-                # From id 0: runs queued before the group existed are delivered too.
-                await self._client.xgroup_create(self._queue, GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            for stream in (self._queue, self._outbox):
+                try:
+                    # From id 0: runs queued before the group existed are delivered too.
+                    await self._client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
 
     async def last_read(self) -> str:
         """The id of the newest entry a worker has read (``0-0`` for none)."""
@@ -362,7 +443,11 @@ class RunQueue:
         data = {_text(k): v for k, v in fields.items()}
         try:
             key = ThreadKey(*_text(data["thread"]).split("/", 1))
-            return QueuedRun(entry, key, InboundMessage.model_validate_json(data["message"]))
+            message = InboundMessage.model_validate_json(data["message"])
+            reply_to = json.loads(data["reply_to"]) if "reply_to" in data else None
+            if reply_to is not None and not isinstance(reply_to, dict):
+                raise ValueError(f"reply_to is not an object: {reply_to!r}")
+            return QueuedRun(entry, key, message, reply_to)
         except (KeyError, TypeError, ValueError, InvalidThreadKey) as exc:
             reason = f"unreadable run in the queue: {type(exc).__name__}: {exc}"
         if data:
@@ -382,9 +467,10 @@ class RunQueue:
         return None
 
     async def _leased(self, script: Any, token: str, run: QueuedRun, *args: Any) -> str:
+        record = self._record_key(run.key, run.message.message_id)
         with redis_outages():
             status, *_ = await script(
-                keys=[self._lease, self._queue, self._record_key(run.key, run.message.message_id)],
+                keys=[self._lease, self._queue, record, self._outbox],
                 args=[token, run.entry, *args],
             )
         if _text(status) == "lost":
@@ -407,7 +493,21 @@ class RunQueue:
         error: str | None = None,
     ) -> bool:
         """Store ``run``'s outcome and take it off the queue, in one step; False if it was
-        finished already. Raises LeaseLost unless ``token`` holds the lease."""
+        finished already. Raises LeaseLost unless ``token`` holds the lease.
+
+        A run with a ``reply_to`` whose turn has a reply puts it in the outbox, in the same
+        step.
+        """
+        reply = ""
+        if run.reply_to is not None and result is not None and result.reply:
+            reply = json.dumps(
+                {
+                    "to": run.reply_to,
+                    "text": result.reply,
+                    "thread": str(run.key),
+                    "message_id": run.message.message_id,
+                }
+            )
         status = await self._leased(
             self._finish,
             token,
@@ -418,5 +518,67 @@ class RunQueue:
             error or "",
             self._config.result_ttl_s,
             run.queued_at,
+            reply,
         )
         return status == "finished"
+
+    async def read_replies(self, token: str, count: int) -> list[OutboundReply]:
+        """Up to ``count`` replies to send, oldest first: those read before and not done
+        first, else new ones. Never waits. Raises LeaseLost unless ``token`` holds the lease.
+        An entry that cannot be read is dropped, with a warning."""
+        with redis_outages():
+            try:
+                status, *reply = await self._read_replies(
+                    keys=[self._lease, self._outbox], args=[token, count]
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
+                    raise
+                await self.join()
+                return []
+        if _text(status) == "lost":
+            raise LeaseLost(token)
+        replies: list[OutboundReply] = []
+        for _stream, entries in reply[0] or []:
+            for entry, flat in entries:
+                flat = flat or []  # None: the entry was deleted while pending
+                fields = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
+                try:
+                    body = json.loads(fields["reply"])
+                    replies.append(
+                        OutboundReply(
+                            entry=_text(entry),
+                            to=dict(body["to"]),
+                            text=str(body["text"]),
+                            thread=str(body["thread"]),
+                            message_id=str(body["message_id"]),
+                            record=fields["record"],
+                        )
+                    )
+                except (KeyError, TypeError, ValueError) as exc:  # (flat is None: deleted)
+                    log.warning("outbox entry %s dropped, unreadable: %r", _text(entry), exc)
+                    await self._done(token, _text(entry), fields.get("record", ""), "failed", "")
+        return replies
+
+    async def reply_done(
+        self, token: str, reply: OutboundReply, *, error: str | None = None
+    ) -> None:
+        """Take ``reply`` off the outbox and note on its run whether it was sent."""
+        status = "failed" if error is not None else "sent"
+        await self._done(token, reply.entry, reply.record, status, error or "")
+
+    async def _done(self, token: str, entry: str, record: str, status: str, error: str) -> None:
+        # A record key outside this app's runs would be written by the script: refuse it.
+        if not record.startswith(self._records):
+            record = f"{self._records}unknown"
+        with redis_outages():
+            (outcome, *_) = await self._reply_done(
+                keys=[self._lease, self._outbox, record], args=[token, entry, status, error]
+            )
+        if _text(outcome) == "lost":
+            raise LeaseLost(token)
+
+    async def wait_replies(self, block_ms: int) -> None:
+        """Return once the outbox holds a reply, or after ``block_ms``."""
+        with redis_outages():
+            await self._client.xread({self._outbox: "0-0"}, count=1, block=block_ms)

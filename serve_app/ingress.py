@@ -19,6 +19,8 @@ from actors.directory import ThreadDirectory, pool_scope, root_cause
 from actors.key import ID_PATTERN, ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
 from actors.run_queue import RunQueue, RunRecord
+from serve_app.channels import ChannelInbox
+from serve_app.channels import router as channels_router
 from serve_app.deployments import open_memory
 from serve_app.memory_api import router as memory_router
 from stickyray.config import TeamConfig
@@ -48,6 +50,7 @@ api = FastAPI(
     version="0.1.0",
 )
 api.include_router(memory_router)
+api.include_router(channels_router)
 
 
 class MessageIn(BaseModel):
@@ -248,6 +251,9 @@ class Ingress:
             self._stack.push_async_callback(redis.aclose)
             self._store = RedisThreadStore(redis)
             self._runs = RunQueue(redis, app_name, team.runs)
+            api.state.channels = ChannelInbox(
+                self._runs, settings, app_name, team.threads.max_message_bytes
+            )
             api.state.memory = await open_memory(team, settings, embedder, self._stack)
         except BaseException:
             await self._stack.aclose()  # Serve runs no destructor for a replica that never started

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointConflict",
+    "ChannelSendFailed",
     "ConfigError",
     "InvalidThreadKey",
     "ProviderError",
@@ -131,3 +132,23 @@ class RunQueueFull(StickyrayError):
 
     def __str__(self) -> str:
         return f"the run queue is full: {self.queued} runs waiting or running (runs.max_queued)"
+
+
+class ChannelSendFailed(StickyrayError):
+    """A channel (Telegram, WhatsApp) did not take a reply.
+
+    ``permanent``: sending it again cannot work (the user blocked the bot, a bad token).
+    ``retry_after``: seconds the platform asked to wait before the next try.
+    """
+
+    def __init__(
+        self, channel: str, reason: str, permanent: bool, retry_after: float | None = None
+    ) -> None:
+        super().__init__(channel, reason, permanent, retry_after)
+        self.channel = channel
+        self.reason = reason
+        self.permanent = permanent
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return f"{self.channel}: {self.reason}"

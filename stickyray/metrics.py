@@ -29,7 +29,9 @@ __all__ = [
     "TurnMetricsSink",
     "TurnReporter",
     "metrics_url",
+    "record_channel_message",
     "record_model_calls",
+    "record_reply",
     "record_run",
     "record_turn",
 ]
@@ -245,6 +247,47 @@ def _run_metrics() -> _RunMetrics:
             tag_keys=("app",),
         ),
     )
+
+
+@dataclass(frozen=True)
+class _ChannelMetrics:
+    messages: Any
+    replies: Any
+
+
+@functools.cache
+def _channel_metrics() -> _ChannelMetrics:
+    from ray.util.metrics import Counter
+
+    return _ChannelMetrics(
+        messages=Counter(
+            "stickyray_channel_messages_total",
+            "Messages a channel webhook received, by outcome (queued, duplicate, ignored: "
+            "not text, or over threads.max_message_bytes)",
+            tag_keys=("app", "channel", "outcome"),
+        ),
+        replies=Counter(
+            "stickyray_channel_replies_total",
+            "Replies sent to a channel, by status (sent, failed: refused or given up)",
+            tag_keys=("app", "channel", "status"),
+        ),
+    )
+
+
+def record_channel_message(app: str, channel: str, outcome: str) -> None:
+    """Count a message that ``channel``'s webhook received, by ``outcome``."""
+    try:
+        _channel_metrics().messages.inc(tags={"app": app, "channel": channel, "outcome": outcome})
+    except Exception:
+        log.debug("could not record channel metrics", exc_info=True)
+
+
+def record_reply(app: str, channel: str, status: str) -> None:
+    """Count a reply to ``channel`` that was sent, or failed for good."""
+    try:
+        _channel_metrics().replies.inc(tags={"app": app, "channel": channel, "status": status})
+    except Exception:
+        log.debug("could not record channel metrics", exc_info=True)
 
 
 def record_run(app: str, status: str | None = None, waited: float | None = None) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stickyray.errors import ConfigError
@@ -43,6 +44,47 @@ class Settings(BaseSettings):
     anthropic_base_url: str = Field(default="https://api.anthropic.com", alias="ANTHROPIC_BASE_URL")
     llm_timeout_s: float = Field(default=60.0, gt=0, alias="STICKYRAY_LLM_TIMEOUT_S")
     llm_max_retries: int = Field(default=3, ge=0, alias="STICKYRAY_LLM_MAX_RETRIES")
+    # Channels: each is on when its credentials are set (see serve_app/channels.py).
+    telegram_bot_token: SecretStr | None = Field(default=None, alias="TELEGRAM_BOT_TOKEN")
+    telegram_webhook_secret: SecretStr | None = Field(default=None, alias="TELEGRAM_WEBHOOK_SECRET")
+    telegram_api_base: str = Field(default="https://api.telegram.org", alias="TELEGRAM_API_BASE")
+    whatsapp_access_token: SecretStr | None = Field(default=None, alias="WHATSAPP_ACCESS_TOKEN")
+    whatsapp_app_secret: SecretStr | None = Field(default=None, alias="WHATSAPP_APP_SECRET")
+    whatsapp_verify_token: SecretStr | None = Field(default=None, alias="WHATSAPP_VERIFY_TOKEN")
+    whatsapp_api_base: str = Field(
+        default="https://graph.facebook.com/v21.0", alias="WHATSAPP_API_BASE"
+    )
+
+    @field_validator("telegram_webhook_secret")
+    @classmethod
+    def _telegram_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        # Telegram's own rule for setWebhook's secret_token: it refuses any other.
+        if secret is not None and not re.fullmatch(
+            r"[A-Za-z0-9_-]{1,256}", secret.get_secret_value()
+        ):
+            raise ValueError("must be 1-256 characters: letters, digits, _ and -")
+        return secret
+
+    @model_validator(mode="after")
+    def _channels_complete(self) -> Settings:
+        # A channel half set up would take messages it cannot authenticate or answer.
+        needs = {
+            "TELEGRAM_BOT_TOKEN": (self.telegram_bot_token, ["TELEGRAM_WEBHOOK_SECRET"]),
+            "WHATSAPP_ACCESS_TOKEN": (
+                self.whatsapp_access_token,
+                ["WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN"],
+            ),
+        }
+        values = {
+            "TELEGRAM_WEBHOOK_SECRET": self.telegram_webhook_secret,
+            "WHATSAPP_APP_SECRET": self.whatsapp_app_secret,
+            "WHATSAPP_VERIFY_TOKEN": self.whatsapp_verify_token,
+        }
+        for name, (token, required) in needs.items():
+            missing = [r for r in required if values[r] is None]
+            if token is not None and missing:
+                raise ValueError(f"{name} is set, so {' and '.join(missing)} must be too")
+        return self
 
     @field_validator("redis_url")
     @classmethod
@@ -53,6 +95,9 @@ class Settings(BaseSettings):
         return url
 
 
+_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD")
+
+
 def load_settings() -> Settings:
     """Read the environment; a bad value raises ConfigError naming the variable."""
     try:
@@ -61,5 +106,11 @@ def load_settings() -> Settings:
         problems = []
         for err in exc.errors():
             name = ".".join(str(part) for part in err["loc"])
-            problems.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+            message = str(err["msg"]).removeprefix("Value error, ")
+            if not name:  # a rule across variables: its message names them
+                problems.append(message)
+            elif _SECRET.search(name):  # never echo a credential into logs
+                problems.append(f"{name}: {message}")
+            else:
+                problems.append(f"{name}: {message} (got {err.get('input')!r})")
         raise ConfigError("bad environment setting: " + "; ".join(problems)) from None

@@ -1,0 +1,418 @@
+"""Channels: Telegram and WhatsApp webhooks in, their send APIs out.
+
+A webhook authenticates the platform's call, turns each text message into a queued run of
+the chat's thread and answers 200 at once (the platforms wait a few seconds at most, and
+call again when they get no 2xx). The run worker answers the run like any other, then
+sends its reply back through the same channel (``ChannelSender``), from the run queue's
+outbox. The platform's message id is the run's message id, so a webhook the platform
+repeats queues nothing twice.
+
+- Telegram (Bot API): ``POST /v1/channels/telegram/webhook``, authenticated by the
+  ``X-Telegram-Bot-Api-Secret-Token`` header (the ``secret_token`` given to setWebhook);
+  replies go through ``sendMessage``. Thread ``telegram:<chat id>``; user
+  ``telegram:<sender id>``.
+- WhatsApp (Cloud API): ``GET /v1/channels/whatsapp/webhook`` answers Meta's verification
+  challenge; ``POST`` is authenticated by ``X-Hub-Signature-256`` (HMAC-SHA256 of the body
+  with the app secret); replies go through ``/<phone number id>/messages``. Thread
+  ``whatsapp:<business phone number id>:<user's WhatsApp id>``; user ``whatsapp:<WhatsApp
+  id>``.
+
+Messages that are not text (photos, voice, stickers, reactions, delivery statuses) and
+texts over ``threads.max_message_bytes`` are acknowledged and ignored, and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from actors.key import ThreadKey
+from actors.run_queue import RunQueue
+from stickyray.errors import ChannelSendFailed
+from stickyray.metrics import record_channel_message
+from stickyray.settings import Settings
+from stickyray.turns import InboundMessage, message_text
+
+__all__ = [
+    "ChannelInbox",
+    "ChannelMessage",
+    "ChannelSender",
+    "router",
+    "split_text",
+    "telegram_messages",
+    "whatsapp_messages",
+    "whatsapp_signature",
+]
+
+log = logging.getLogger(__name__)
+
+Channel = Literal["telegram", "whatsapp"]
+
+# Both platforms refuse a text over 4,096 characters; longer replies go in several messages.
+MAX_TEXT = 4096
+
+router = APIRouter(prefix="/v1/channels", tags=["channels"])
+
+
+# -- Wire formats: only the fields stickyray reads; the platforms add fields over time.
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class _TelegramChat(_Wire):
+    id: int
+
+
+class _TelegramUser(_Wire):
+    id: int
+
+
+class _TelegramMessage(_Wire):
+    message_id: int
+    chat: _TelegramChat
+    sender: _TelegramUser | None = Field(default=None, alias="from")
+    text: str | None = None
+
+
+class TelegramUpdate(_Wire):
+    """A Telegram Bot API ``Update``; only new messages are read (not edits, not posts)."""
+
+    update_id: int
+    message: _TelegramMessage | None = None
+
+
+class _WhatsAppText(_Wire):
+    body: str
+
+
+class _WhatsAppMessage(_Wire):
+    sender: str = Field(alias="from", min_length=1, max_length=32, pattern=r"^[0-9A-Za-z]+$")
+    id: str = Field(min_length=1)
+    type: str
+    text: _WhatsAppText | None = None
+
+
+class _WhatsAppMetadata(_Wire):
+    phone_number_id: str = Field(min_length=1, max_length=32, pattern=r"^[0-9A-Za-z]+$")
+
+
+class _WhatsAppValue(_Wire):
+    metadata: _WhatsAppMetadata | None = None
+    messages: list[_WhatsAppMessage] = Field(default_factory=list)
+
+
+class _WhatsAppChange(_Wire):
+    field: str
+    value: _WhatsAppValue
+
+
+class _WhatsAppEntry(_Wire):
+    changes: list[_WhatsAppChange] = Field(default_factory=list)
+
+
+class WhatsAppPayload(_Wire):
+    """A WhatsApp Cloud API webhook call: messages and statuses of business numbers."""
+
+    object: str
+    entry: list[_WhatsAppEntry] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChannelMessage:
+    """A platform message as a run: its thread, the message, and where the reply goes."""
+
+    key: ThreadKey
+    message: InboundMessage
+    reply_to: dict[str, Any]
+
+
+def _command(text: str) -> str:
+    """``/supervisor@SomeBot`` (a command in a Telegram group) as ``/supervisor``."""
+    head, sep, rest = text.partition(" ")
+    if head.startswith("/") and "@" in head:
+        head = head.split("@", 1)[0]
+    return head + sep + rest
+
+
+def telegram_messages(update: TelegramUpdate) -> list[ChannelMessage]:
+    """The text message in ``update`` (none for anything else)."""
+    message = update.message
+    if message is None or message.text is None:
+        return []
+    chat = message.chat.id
+    return [
+        ChannelMessage(
+            key=ThreadKey.of(f"telegram:{chat}"),
+            message=InboundMessage(
+                text=_command(message.text),
+                message_id=f"telegram:{chat}:{message.message_id}",
+                user_id=f"telegram:{message.sender.id}" if message.sender else None,
+                channel="telegram",
+            ),
+            reply_to={"channel": "telegram", "chat_id": chat},
+        )
+    ]
+
+
+def whatsapp_messages(payload: WhatsAppPayload) -> list[ChannelMessage]:
+    """The text messages in ``payload``, in order (statuses and other types are left out)."""
+    found: list[ChannelMessage] = []
+    for entry in payload.entry:
+        for change in entry.changes:
+            if change.field != "messages" or change.value.metadata is None:
+                continue
+            number = change.value.metadata.phone_number_id
+            for message in change.value.messages:
+                if message.type != "text" or message.text is None:
+                    continue
+                # Message ids ("wamid.<base64>") may hold characters a run id cannot.
+                digest = hashlib.sha256(message.id.encode()).hexdigest()[:40]
+                found.append(
+                    ChannelMessage(
+                        key=ThreadKey.of(f"whatsapp:{number}:{message.sender}"),
+                        message=InboundMessage(
+                            text=message.text.body,
+                            message_id=f"whatsapp:{digest}",
+                            user_id=f"whatsapp:{message.sender}",
+                            channel="whatsapp",
+                        ),
+                        reply_to={
+                            "channel": "whatsapp",
+                            "phone_number_id": number,
+                            "to": message.sender,
+                        },
+                    )
+                )
+    return found
+
+
+def _count_messages(payload: WhatsAppPayload) -> int:
+    return sum(len(c.value.messages) for e in payload.entry for c in e.changes)
+
+
+def whatsapp_signature(body: bytes, app_secret: str) -> str:
+    """The ``X-Hub-Signature-256`` header Meta sends with ``body``."""
+    return "sha256=" + hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def _same(given: str | None, expected: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+@dataclass
+class ChannelInbox:
+    """What the webhooks need from the ingress: the run queue and the settings."""
+
+    runs: RunQueue
+    settings: Settings
+    app: str
+    max_message_bytes: int
+
+    async def queue(self, channel: Channel, messages: list[ChannelMessage], total: int) -> dict:
+        """Queue ``messages`` (of ``total`` received) as runs; what became of them."""
+        counts = {"queued": 0, "duplicate": 0, "ignored": total - len(messages)}
+        for found in messages:
+            try:
+                text = message_text(found.message.text)
+            except ValueError as exc:
+                log.info("%s message %s ignored: %s", channel, found.message.message_id, exc)
+                counts["ignored"] += 1
+                continue
+            size = len(text.encode("utf-8"))
+            if size > self.max_message_bytes:
+                log.warning(
+                    "%s message %s ignored: %d bytes, over threads.max_message_bytes (%d)",
+                    channel,
+                    found.message.message_id,
+                    size,
+                    self.max_message_bytes,
+                )
+                counts["ignored"] += 1
+                continue
+            message = found.message.model_copy(update={"text": text})
+            _, queued = await self.runs.submit(found.key, message, found.reply_to)
+            counts["queued" if queued else "duplicate"] += 1
+        for outcome, n in counts.items():
+            for _ in range(n):
+                record_channel_message(self.app, channel, outcome)
+        return counts
+
+
+def _inbox(request: Request) -> ChannelInbox:
+    inbox: ChannelInbox | None = getattr(request.app.state, "channels", None)
+    if inbox is None:  # pragma: no cover - the ingress sets it before serving
+        raise HTTPException(503, "channels are not ready")
+    return inbox
+
+
+def _parse(model: type[BaseModel], body: bytes) -> Any:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in exc.errors()]
+        raise RequestValidationError(errors) from None
+
+
+@router.post("/telegram/webhook")
+async def telegram_webhook(request: Request) -> dict:
+    """A Telegram update: its text message is queued as a run; the reply is sent back."""
+    inbox = _inbox(request)
+    settings = inbox.settings
+    if settings.telegram_bot_token is None or settings.telegram_webhook_secret is None:
+        raise HTTPException(
+            404,
+            "the telegram channel is not set up: set TELEGRAM_BOT_TOKEN and "
+            "TELEGRAM_WEBHOOK_SECRET",
+        )
+    secret = settings.telegram_webhook_secret.get_secret_value()
+    if not _same(request.headers.get("x-telegram-bot-api-secret-token"), secret):
+        raise HTTPException(401, "header X-Telegram-Bot-Api-Secret-Token: missing or wrong")
+    update = _parse(TelegramUpdate, await request.body())
+    return await inbox.queue("telegram", telegram_messages(update), 1)
+
+
+@router.get("/whatsapp/webhook", response_class=PlainTextResponse)
+async def whatsapp_verify(
+    request: Request,
+    mode: str = Query(alias="hub.mode"),
+    token: str = Query(alias="hub.verify_token"),
+    challenge: str = Query(alias="hub.challenge", max_length=256),
+) -> str:
+    """Meta's check when the webhook is registered: echo the challenge if the token is ours."""
+    settings = _inbox(request).settings
+    if settings.whatsapp_verify_token is None:
+        raise HTTPException(404, "the whatsapp channel is not set up: set WHATSAPP_ACCESS_TOKEN")
+    if mode != "subscribe" or not _same(token, settings.whatsapp_verify_token.get_secret_value()):
+        raise HTTPException(403, "query hub.verify_token: does not match WHATSAPP_VERIFY_TOKEN")
+    return challenge
+
+
+@router.post("/whatsapp/webhook")
+async def whatsapp_webhook(request: Request) -> dict:
+    """A WhatsApp webhook call: each text message is queued as a run of its chat."""
+    inbox = _inbox(request)
+    settings = inbox.settings
+    if settings.whatsapp_access_token is None or settings.whatsapp_app_secret is None:
+        raise HTTPException(404, "the whatsapp channel is not set up: set WHATSAPP_ACCESS_TOKEN")
+    body = await request.body()
+    expected = whatsapp_signature(body, settings.whatsapp_app_secret.get_secret_value())
+    if not _same(request.headers.get("x-hub-signature-256"), expected):
+        raise HTTPException(401, "header X-Hub-Signature-256: missing or wrong")
+    payload = _parse(WhatsAppPayload, body)
+    messages = whatsapp_messages(payload)
+    return await inbox.queue("whatsapp", messages, _count_messages(payload))
+
+
+def split_text(text: str, limit: int = MAX_TEXT) -> list[str]:
+    """``text`` in pieces of at most ``limit`` characters, cut at a line or a space when
+    there is one in the second half of a piece."""
+    pieces: list[str] = []
+    while len(text) > limit:
+        cut = max(text.rfind("\n", 0, limit), text.rfind(" ", 0, limit))
+        if cut < limit // 2:
+            cut = limit
+        pieces.append(text[:cut])
+        text = text[cut:].lstrip("\n ")
+    if text:
+        pieces.append(text)
+    return pieces
+
+
+class ChannelSender:
+    """Sends replies through the platforms' HTTP APIs (one client, one pool of connections)."""
+
+    def __init__(self, settings: Settings, timeout_s: float = 15.0) -> None:
+        self._settings = settings
+        self._client = httpx.AsyncClient(timeout=timeout_s)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def send(self, to: dict[str, Any], text: str) -> None:
+        """Send ``text`` to the chat ``to`` names; raises ChannelSendFailed."""
+        channel = str(to.get("channel"))
+        for piece in split_text(text):
+            if channel == "telegram":
+                await self._telegram(to, piece)
+            elif channel == "whatsapp":
+                await self._whatsapp(to, piece)
+            else:
+                raise ChannelSendFailed(channel, "no such channel", permanent=True)
+
+    async def _telegram(self, to: dict[str, Any], text: str) -> None:
+        token = self._settings.telegram_bot_token
+        if token is None:
+            raise ChannelSendFailed("telegram", "TELEGRAM_BOT_TOKEN is not set", permanent=True)
+        url = f"{self._settings.telegram_api_base.rstrip('/')}/bot{token.get_secret_value()}"
+        await self._post("telegram", f"{url}/sendMessage", {"chat_id": to["chat_id"], "text": text})
+
+    async def _whatsapp(self, to: dict[str, Any], text: str) -> None:
+        token = self._settings.whatsapp_access_token
+        if token is None:
+            raise ChannelSendFailed("whatsapp", "WHATSAPP_ACCESS_TOKEN is not set", permanent=True)
+        url = f"{self._settings.whatsapp_api_base.rstrip('/')}/{to['phone_number_id']}/messages"
+        body = {
+            "messaging_product": "whatsapp",
+            "recipient_type": "individual",
+            "to": to["to"],
+            "type": "text",
+            "text": {"body": text},
+        }
+        headers = {"Authorization": f"Bearer {token.get_secret_value()}"}
+        await self._post("whatsapp", url, body, headers)
+
+    async def _post(
+        self, channel: str, url: str, body: dict, headers: dict[str, str] | None = None
+    ) -> None:
+        try:
+            response = await self._client.post(url, json=body, headers=headers)
+        except httpx.HTTPError as exc:  # no answer: the platform or the network is down
+            raise ChannelSendFailed(
+                channel, f"{type(exc).__name__}: {exc}", permanent=False
+            ) from None
+        if response.is_success:
+            return
+        reason, retry_after = _refusal(response)
+        # 429 (too many messages) and 5xx pass; any other 4xx (blocked by the user, a chat
+        # that does not exist, a bad token) fails the same way next time.
+        transient = response.status_code == 429 or response.status_code >= 500
+        raise ChannelSendFailed(
+            channel, f"HTTP {response.status_code}: {reason}", not transient, retry_after
+        )
+
+
+def _refusal(response: httpx.Response) -> tuple[str, float | None]:
+    """What a platform's error answer says, and how long it asks to wait."""
+    retry_after: float | None = None
+    header = response.headers.get("retry-after")
+    if header is not None and header.strip().isdigit():
+        retry_after = float(header)
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return response.text[:200], retry_after
+    if not isinstance(body, dict):
+        return str(body)[:200], retry_after
+    # Telegram: {"ok": false, "description": ..., "parameters": {"retry_after": n}}
+    parameters = body.get("parameters")
+    if isinstance(parameters, dict) and isinstance(parameters.get("retry_after"), int | float):
+        retry_after = float(parameters["retry_after"])
+    if isinstance(body.get("description"), str):
+        return body["description"][:200], retry_after
+    # Meta: {"error": {"message": ..., "code": ...}}
+    error = body.get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"][:200], retry_after
+    return json.dumps(body)[:200], retry_after

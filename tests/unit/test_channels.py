@@ -1,0 +1,304 @@
+"""Channels: the Telegram and WhatsApp webhooks on the real FastAPI app and a real Redis run
+queue (no Ray), and the sender against a stand-in platform over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import types
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+import serve_app.ingress as ingress
+from actors.key import ThreadKey
+from actors.redis_store import connect_redis
+from actors.run_queue import RunQueue
+from serve_app.channels import (
+    ChannelInbox,
+    ChannelSender,
+    TelegramUpdate,
+    split_text,
+    telegram_messages,
+    whatsapp_signature,
+)
+from stickyray.config import RunsConfig
+from stickyray.errors import ChannelSendFailed
+from stickyray.settings import Settings
+from tests.channel_platform import PlatformServer
+
+SECRET = "tg-secret_1"
+APP_SECRET = "meta-app-secret"
+VERIFY = "verify-me"
+
+
+def channel_settings(redis_url: str, platform: str = "http://127.0.0.1:9") -> Settings:
+    return Settings(
+        REDIS_URL=redis_url,
+        TELEGRAM_BOT_TOKEN="123:abc",
+        TELEGRAM_WEBHOOK_SECRET=SECRET,
+        TELEGRAM_API_BASE=platform,
+        WHATSAPP_ACCESS_TOKEN="wa-token",
+        WHATSAPP_APP_SECRET=APP_SECRET,
+        WHATSAPP_VERIFY_TOKEN=VERIFY,
+        WHATSAPP_API_BASE=platform,
+        data_dir=Path("/nonexistent-data-dir"),
+    )
+
+
+def update(text: str | None, chat: int = 42, message_id: int = 7, sender: int = 9) -> dict:
+    message: dict[str, Any] = {
+        "message_id": message_id,
+        "date": 1700000000,
+        "chat": {"id": chat, "type": "private"},
+        "from": {"id": sender, "is_bot": False, "first_name": "Ana"},
+    }
+    if text is not None:
+        message["text"] = text
+    else:
+        message["photo"] = [{"file_id": "x", "width": 1, "height": 1}]
+    return {"update_id": 1000 + message_id, "message": message}
+
+
+def wa_payload(*messages: dict, number: str = "1055") -> dict:
+    return {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": "biz",
+                "changes": [
+                    {
+                        "field": "messages",
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {
+                                "display_phone_number": "15550001",
+                                "phone_number_id": number,
+                            },
+                            "messages": list(messages),
+                            "statuses": [{"id": "wamid.s", "status": "delivered"}],
+                        },
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def wa_text(text: str, wamid: str, sender: str = "34600111222") -> dict:
+    return {"from": sender, "id": wamid, "timestamp": "1", "type": "text", "text": {"body": text}}
+
+
+@pytest.fixture
+def web(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
+    """The ingress's FastAPI app with its channel inbox on a run queue of its own."""
+    with TestClient(ingress.api, raise_server_exceptions=False) as client:
+        redis = connect_redis(redis_url)
+        queue = RunQueue(redis, f"app-{uuid.uuid4().hex[:8]}", RunsConfig(max_queued=5))
+        inbox = ChannelInbox(queue, channel_settings(redis_url), "test", max_message_bytes=64)
+        monkeypatch.setattr(ingress.api.state, "channels", inbox, raising=False)
+        portal = client.portal
+        assert portal is not None
+
+        def record(thread: str, mid: str) -> Any:
+            return portal.call(queue.get, ThreadKey.of(thread), mid)
+
+        def depth() -> int:
+            return portal.call(queue.depth)
+
+        yield types.SimpleNamespace(
+            client=client, queue=queue, inbox=inbox, record=record, depth=depth
+        )
+        portal.call(redis.aclose)
+
+
+def post_telegram(web: Any, body: Any, secret: str | None = SECRET) -> Any:
+    headers = {"X-Telegram-Bot-Api-Secret-Token": secret} if secret else {}
+    return web.client.post("/v1/channels/telegram/webhook", json=body, headers=headers)
+
+
+def post_whatsapp(web: Any, body: Any, secret: str = APP_SECRET) -> Any:
+    raw = json.dumps(body).encode()
+    headers = {"X-Hub-Signature-256": whatsapp_signature(raw, secret)}
+    headers["Content-Type"] = "application/json"
+    return web.client.post("/v1/channels/whatsapp/webhook", content=raw, headers=headers)
+
+
+def test_a_telegram_text_is_queued_once_as_a_run_of_its_chat(web: Any) -> None:
+    response = post_telegram(web, update("book a table for 2", chat=-1001, message_id=7))
+    assert response.status_code == 200
+    assert response.json() == {"queued": 1, "duplicate": 0, "ignored": 0}
+    record = web.record("telegram:-1001", "telegram:-1001:7")
+    assert record is not None and record.status == "queued"
+    again = post_telegram(web, update("book a table for 2", chat=-1001, message_id=7))
+    assert again.json() == {"queued": 0, "duplicate": 1, "ignored": 0}
+    assert web.depth() == 1
+
+
+def test_telegram_refuses_a_call_without_the_secret_and_queues_nothing(web: Any) -> None:
+    for secret in (None, "wrong"):
+        response = post_telegram(web, update("hello"), secret=secret)
+        assert response.status_code == 401
+        assert "X-Telegram-Bot-Api-Secret-Token" in response.json()["error"]
+    # Unauthenticated callers learn nothing about the payload's shape either.
+    assert post_telegram(web, {"nonsense": 1}, secret="wrong").status_code == 401
+    assert web.depth() == 0
+
+
+def test_telegram_ignores_what_is_not_text_and_names_a_malformed_field(web: Any) -> None:
+    photo = post_telegram(web, update(None))
+    assert photo.status_code == 200 and photo.json()["ignored"] == 1
+    blank = post_telegram(web, update("   ", message_id=8))
+    assert blank.json()["ignored"] == 1
+    too_long = post_telegram(web, update("x" * 65, message_id=9))
+    assert too_long.json()["ignored"] == 1
+    bad = post_telegram(web, {"update_id": 1, "message": {"message_id": 2, "chat": {}}})
+    assert bad.status_code == 422
+    assert "body.message.chat.id" in bad.json()["error"]
+    assert web.depth() == 0
+
+
+def test_a_telegram_group_command_is_the_plain_command() -> None:
+    parsed = telegram_messages(TelegramUpdate.model_validate(update("/supervisor@ShopBot now")))
+    assert [m.message.text for m in parsed] == ["/supervisor now"]
+    assert parsed[0].message.user_id == "telegram:9"
+    assert parsed[0].reply_to == {"channel": "telegram", "chat_id": 42}
+
+
+def test_whatsapp_answers_the_verification_challenge_only_with_our_token(web: Any) -> None:
+    ok = web.client.get(
+        "/v1/channels/whatsapp/webhook",
+        params={"hub.mode": "subscribe", "hub.verify_token": VERIFY, "hub.challenge": "1158201444"},
+    )
+    assert (ok.status_code, ok.text) == (200, "1158201444")
+    wrong = web.client.get(
+        "/v1/channels/whatsapp/webhook",
+        params={"hub.mode": "subscribe", "hub.verify_token": "guess", "hub.challenge": "1"},
+    )
+    assert wrong.status_code == 403 and "hub.verify_token" in wrong.json()["error"]
+
+
+def test_whatsapp_queues_each_text_of_a_signed_call(web: Any) -> None:
+    image = {"from": "34600111222", "id": "wamid.img", "type": "image", "image": {"id": "1"}}
+    body = wa_payload(wa_text("hola", "wamid.A+/1="), image, wa_text("2 people", "wamid.B"))
+    response = post_whatsapp(web, body)
+    assert response.status_code == 200
+    assert response.json() == {"queued": 2, "duplicate": 0, "ignored": 1}
+    assert web.depth() == 2
+    assert post_whatsapp(web, body).json() == {"queued": 0, "duplicate": 2, "ignored": 1}
+    statuses_only = post_whatsapp(web, wa_payload())
+    assert statuses_only.json() == {"queued": 0, "duplicate": 0, "ignored": 0}
+
+
+def test_whatsapp_refuses_a_bad_signature_and_queues_nothing(web: Any) -> None:
+    body = wa_payload(wa_text("hola", "wamid.X"))
+    assert post_whatsapp(web, body, secret="not-the-secret").status_code == 401
+    unsigned = web.client.post("/v1/channels/whatsapp/webhook", json=body)
+    assert unsigned.status_code == 401
+    assert "X-Hub-Signature-256" in unsigned.json()["error"]
+    assert web.depth() == 0
+
+
+def test_a_channel_not_set_up_says_which_variables_to_set(
+    web: Any, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bare = Settings(REDIS_URL=redis_url, data_dir=Path("/nonexistent-data-dir"))
+    monkeypatch.setattr(web.inbox, "settings", bare)
+    response = post_telegram(web, update("hi"))
+    assert response.status_code == 404
+    assert "TELEGRAM_BOT_TOKEN" in response.json()["error"]
+    assert post_whatsapp(web, wa_payload()).status_code == 404
+
+
+def test_a_full_queue_is_a_429_the_platform_retries(web: Any) -> None:
+    for n in range(5):
+        assert post_telegram(web, update(f"m{n}", message_id=n)).status_code == 200
+    full = post_telegram(web, update("one more", message_id=99))
+    assert full.status_code == 429 and full.headers["retry-after"]
+    assert web.depth() == 5
+
+
+def test_split_text_keeps_every_character_within_the_limit() -> None:
+    text = ("word " * 30 + "\n") * 10
+    pieces = split_text(text, limit=100)
+    assert all(len(p) <= 100 for p in pieces) and len(pieces) > 1
+    assert "".join(pieces).replace(" ", "").replace("\n", "") == text.replace(" ", "").replace(
+        "\n", ""
+    )
+    assert split_text("x" * 250, limit=100) == ["x" * 100, "x" * 100, "x" * 50]
+    assert split_text("short") == ["short"]
+
+
+@pytest.fixture
+def platform() -> Iterator[PlatformServer]:
+    server = PlatformServer()
+    yield server
+    server.close()
+
+
+async def test_the_sender_calls_each_platform_api_as_documented(
+    platform: PlatformServer, redis_url: str
+) -> None:
+    sender = ChannelSender(channel_settings(redis_url, platform.url))
+    try:
+        await sender.send({"channel": "telegram", "chat_id": -5}, "hello")
+        await sender.send(
+            {"channel": "whatsapp", "phone_number_id": "1055", "to": "34600111222"}, "hola"
+        )
+        await sender.send({"channel": "telegram", "chat_id": 1}, "y" * 5000)
+    finally:
+        await sender.aclose()
+    telegram, whatsapp, *long = platform.calls
+    assert telegram.path == "/bot123:abc/sendMessage"
+    assert telegram.body == {"chat_id": -5, "text": "hello"}
+    assert whatsapp.path == "/1055/messages"
+    assert whatsapp.headers["authorization"] == "Bearer wa-token"
+    assert whatsapp.body["to"] == "34600111222" and whatsapp.body["text"] == {"body": "hola"}
+    assert [len(c.body["text"]) for c in long] == [4096, 904]
+
+
+async def test_the_sender_tells_lasting_refusals_from_passing_ones(
+    platform: PlatformServer, redis_url: str
+) -> None:
+    sender = ChannelSender(channel_settings(redis_url, platform.url))
+    to = {"channel": "telegram", "chat_id": 1}
+    try:
+        platform.refuse(403, {"ok": False, "error_code": 403, "description": "bot was blocked"})
+        with pytest.raises(ChannelSendFailed) as blocked:
+            await sender.send(to, "hi")
+        assert blocked.value.permanent and "bot was blocked" in str(blocked.value)
+        platform.refuse(
+            429, {"ok": False, "description": "Too Many", "parameters": {"retry_after": 3}}
+        )
+        with pytest.raises(ChannelSendFailed) as limited:
+            await sender.send(to, "hi")
+        assert not limited.value.permanent and limited.value.retry_after == 3.0
+        platform.refuse(503, {"error": {"message": "try later", "code": 2}})
+        with pytest.raises(ChannelSendFailed) as down:
+            await sender.send({"channel": "whatsapp", "phone_number_id": "1", "to": "2"}, "hi")
+        assert not down.value.permanent and "try later" in str(down.value)
+    finally:
+        await sender.aclose()
+    gone = ChannelSender(channel_settings(redis_url, "http://127.0.0.1:9"))  # nothing listens
+    try:
+        with pytest.raises(ChannelSendFailed) as refused:
+            await gone.send(to, "hi")
+        assert not refused.value.permanent
+    finally:
+        await gone.aclose()
+
+
+def test_a_half_set_up_channel_is_refused_at_start() -> None:
+    from stickyray.errors import ConfigError
+    from stickyray.settings import load_settings
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TELEGRAM_BOT_TOKEN", "123:secret-token-value")
+        env.delenv("TELEGRAM_WEBHOOK_SECRET", raising=False)
+        with pytest.raises(ConfigError) as error:
+            load_settings()
+    assert "TELEGRAM_WEBHOOK_SECRET must be too" in str(error.value)
+    assert "secret-token-value" not in str(error.value)

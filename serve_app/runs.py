@@ -14,12 +14,16 @@ directory, as the ingress sends a posted message; the thread deduplicates by mes
   worker, the old and new ones never split a thread's runs between them.
 - A run still unfinished when its worker stopped is delivered again by the next one, and
   answered from the thread's stored turn if it had run.
+- A run from a channel (Telegram, WhatsApp) has its reply put in the queue's outbox as it
+  finishes; the worker sends the outbox's replies through the channel, in order per chat,
+  retrying the channel's outages for up to ``runs.reply_give_up_after_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -31,9 +35,11 @@ from ray.exceptions import ActorDiedError, RayError, RayTaskError
 from actors.directory import ThreadDirectory, pool_scope, root_cause
 from actors.key import ThreadKey
 from actors.redis_store import connect_redis
-from actors.run_queue import LeaseLost, QueuedRun, RunQueue
+from actors.run_queue import LeaseLost, OutboundReply, QueuedRun, RunQueue
+from serve_app.channels import ChannelSender
 from stickyray.config import TeamConfig
 from stickyray.errors import (
+    ChannelSendFailed,
     CheckpointConflict,
     ProviderError,
     StoreUnavailable,
@@ -41,11 +47,18 @@ from stickyray.errors import (
     ThreadPassivated,
     TurnPending,
 )
-from stickyray.metrics import record_run
+from stickyray.metrics import record_reply, record_run
 from stickyray.settings import Settings
 from stickyray.turns import InboundMessage, TurnResult
 
-__all__ = ["RUN_WORKER_DEPLOYMENT", "Deliver", "RunDispatcher", "RunWorker", "transient"]
+__all__ = [
+    "RUN_WORKER_DEPLOYMENT",
+    "Deliver",
+    "RunDispatcher",
+    "RunWorker",
+    "SendReply",
+    "transient",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +67,9 @@ T = TypeVar("T")
 RUN_WORKER_DEPLOYMENT = "RunWorker"
 
 Deliver = Callable[[ThreadKey, InboundMessage], Awaitable[TurnResult]]
+# Sends a reply's text to the channel address a run was submitted with; raises
+# ChannelSendFailed when the channel does not take it.
+SendReply = Callable[[dict[str, Any], str], Awaitable[None]]
 
 # Errors that pass: delivering again later succeeds (the thread deduplicates the message).
 _TRANSIENT = (
@@ -126,6 +142,8 @@ class RunDispatcher:
         retry_cap_s: float = 30.0,
         give_up_after_s: float = 3600.0,
         idle_wait_ms: int = 1000,
+        send_reply: SendReply | None = None,
+        reply_give_up_after_s: float = 600.0,
     ) -> None:
         self._queue = queue
         self._deliver = deliver
@@ -136,6 +154,9 @@ class RunDispatcher:
         self._give_up_after_s = give_up_after_s
         self._idle_wait_ms = idle_wait_ms
         self._delivering = asyncio.Semaphore(max_in_flight)
+        self._send_reply = send_reply
+        self._reply_give_up_after_s = reply_give_up_after_s
+        self._sending = asyncio.Semaphore(max_in_flight)
         self._lost = asyncio.Event()
         self._stopping = asyncio.Event()
         # The last run of each thread in hand: the next one waits for it.
@@ -152,11 +173,14 @@ class RunDispatcher:
         try:
             while await self._acquire():
                 self._lost.clear()
-                drain = asyncio.get_running_loop().create_task(self._drain())
+                loop = asyncio.get_running_loop()
+                loops = [loop.create_task(self._drain())]
+                if self._send_reply is not None:
+                    loops.append(loop.create_task(self._send_replies()))
                 try:
-                    await self._hold(drain)
+                    await self._hold(loops)
                 finally:
-                    await _cancel([drain, *self._tasks])
+                    await _cancel([*loops, *self._tasks])
         except _Stopping:
             pass
         finally:
@@ -185,22 +209,23 @@ class RunDispatcher:
             await self._pause(min(1.0, self._lease_s / 3))
         return False
 
-    async def _hold(self, drain: asyncio.Task[None]) -> None:
-        """Renew the lease until ``drain`` ends (re-raising its error), the lease is lost or
-        the dispatcher is stopped."""
+    async def _hold(self, loops: list[asyncio.Task[None]]) -> None:
+        """Renew the lease until one of ``loops`` ends (re-raising its error), the lease is
+        lost or the dispatcher is stopped."""
         loop = asyncio.get_running_loop()
         lost = loop.create_task(self._lost.wait())
         stopping = loop.create_task(self._stopping.wait())
         try:
             while True:
                 done, _ = await asyncio.wait(
-                    [drain, lost, stopping],
+                    [*loops, lost, stopping],
                     timeout=self._lease_s / 3,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
-                if drain in done:
-                    drain.result()
-                    return
+                for task in loops:
+                    if task in done:
+                        task.result()
+                        return
                 if stopping in done:
                     return
                 if lost in done or not await self._retrying(
@@ -317,6 +342,63 @@ class RunDispatcher:
             await self._pause(delay)
             delay = min(delay * 2, self._retry_cap_s)
 
+    async def _send_replies(self) -> None:
+        """Send the outbox's replies: a batch at a time, chats at once, each chat in order."""
+        try:
+            while True:
+                replies = await self._retrying(self._queue.read_replies, self._token, _BATCH)
+                if not replies:
+                    await self._retrying(self._queue.wait_replies, self._idle_wait_ms)
+                    continue
+                chats: dict[str, list[OutboundReply]] = {}
+                for reply in replies:
+                    chats.setdefault(json.dumps(reply.to, sort_keys=True), []).append(reply)
+                await asyncio.gather(*(self._send_chat(chat) for chat in chats.values()))
+        except LeaseLost:
+            self._lost.set()
+
+    async def _send_chat(self, replies: list[OutboundReply]) -> None:
+        for reply in replies:
+            error = await self._send_until_done(reply)
+            await self._retrying(self._queue.reply_done, self._token, reply, error=error)
+            channel = str(reply.to.get("channel", "unknown"))
+            record_reply(self._app, channel, "failed" if error is not None else "sent")
+
+    async def _send_until_done(self, reply: OutboundReply) -> str | None:
+        """Send ``reply``; None once sent, else why it could not be."""
+        assert self._send_reply is not None
+        delay = 0.5
+        deadline: float | None = None  # counted from the first failure
+        while True:
+            try:
+                async with self._sending:
+                    await self._send_reply(reply.to, reply.text)
+                return None
+            except ChannelSendFailed as exc:
+                if exc.permanent:
+                    log.warning(
+                        "reply to %s of %s not sent: %s", reply.message_id, reply.thread, exc
+                    )
+                    return str(exc)
+                reason, wait = str(exc), max(delay, exc.retry_after or 0.0)
+            except Exception as exc:  # a bug in a channel, not an outage
+                log.exception("reply to %s of %s failed", reply.message_id, reply.thread)
+                return f"{type(exc).__name__}: {exc}"
+            if deadline is None:
+                deadline = time.monotonic() + self._reply_give_up_after_s
+            if time.monotonic() + wait > deadline:
+                log.warning(
+                    "reply to %s of %s: giving up after %.0f s: %s",
+                    reply.message_id,
+                    reply.thread,
+                    self._reply_give_up_after_s,
+                    reason,
+                )
+                return f"gave up after {self._reply_give_up_after_s:g} s; last: {reason}"
+            log.info("reply to %s: %s; sending again in %.2f s", reply.message_id, reason, wait)
+            await self._pause(wait)
+            delay = min(delay * 2, self._retry_cap_s)
+
     async def _retrying(self, call: Callable[..., Awaitable[T]], *args: Any, **kw: Any) -> T:
         """``call(*args, **kw)``, again with backoff while Redis is unavailable."""
         delay = 0.05
@@ -341,12 +423,15 @@ class RunWorker:
             team, settings.redis_url, agent_handles, scope=pool_scope(app, team), app=app
         )
         self._redis = connect_redis(settings.redis_url)
+        self._sender = ChannelSender(settings)
         self._dispatcher = RunDispatcher(
             RunQueue(self._redis, app, team.runs),
             self._directory.send,
             max_in_flight=team.runs.max_in_flight,
             app=app,
             give_up_after_s=team.runs.give_up_after_s,
+            send_reply=self._sender.send,
+            reply_give_up_after_s=team.runs.reply_give_up_after_s,
         )
         self._task = asyncio.get_running_loop().create_task(self._dispatcher.run())
 
@@ -371,3 +456,4 @@ class RunWorker:
         await asyncio.wait([self._task], timeout=10)
         await _cancel([self._task])  # if it did not stop in time
         await self._redis.aclose()
+        await self._sender.aclose()

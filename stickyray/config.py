@@ -222,6 +222,9 @@ class RunsConfig(_Strict):
     # A run whose delivery keeps failing with an outage this long fails with the last error
     # (an outage that never ends is a misconfiguration), letting its thread's next runs go.
     give_up_after_s: float = Field(default=3600.0, gt=0)
+    # A reply to a channel (Telegram, WhatsApp) that the channel keeps refusing for now
+    # (an outage, rate limits) this long is dropped, and its run's record says why.
+    reply_give_up_after_s: float = Field(default=600.0, gt=0)
 
 
 class EmbedderConfig(_Strict):

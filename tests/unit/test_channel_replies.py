@@ -1,0 +1,161 @@
+"""Replies of channel runs: from the run queue's outbox to the channel, on a real Redis, with
+real Threads (no Ray). The e2e tests add Ray, Serve and the HTTP platforms."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from stickyray.config import load_config
+from stickyray.errors import ChannelSendFailed
+from tests.unit.test_runs import (
+    Running,
+    Threads,
+    client,  # noqa: F401 - the fixture
+    dispatcher,
+    fresh,
+    msg,
+    queue_of,
+    status_is,
+    until,
+)
+from tests.unit.test_thread import booking_agents
+
+
+class Channel:
+    """Records what it is asked to send; ``refusals`` are raised first, one per call (None:
+    that call succeeds)."""
+
+    def __init__(self, *refusals: ChannelSendFailed | None) -> None:
+        self.sent: list[tuple[Any, str]] = []
+        self.refusals = list(refusals)
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.calls = 0
+
+    async def __call__(self, to: dict[str, Any], text: str) -> None:
+        self.calls += 1
+        await self.hold.wait()
+        refusal = self.refusals.pop(0) if self.refusals else None
+        if refusal is not None:
+            raise refusal
+        self.sent.append((to["chat_id"], text))
+
+
+def telegram(chat: int) -> dict[str, Any]:
+    return {"channel": "telegram", "chat_id": chat}
+
+
+async def test_a_channel_run_is_answered_through_its_channel(client: Any) -> None:  # noqa: F811
+    queue, channel = queue_of(client), Channel()
+    threads = Threads(client, load_config(None), booking_agents())
+    key, plain = fresh(), fresh()
+    await queue.submit(key, msg("book a table", "m1"), telegram(1))
+    await queue.submit(key, msg("for 2 people", "m2"), telegram(1))
+    await queue.submit(plain, msg("book a room", "p1"))  # the API's: nobody to send to
+    worker = Running(dispatcher(queue, threads, send_reply=channel))
+    try:
+        await until(lambda: len(channel.sent) == 2)
+        await until(lambda: status_is(queue, plain, "p1", "completed"))
+        first, second = await queue.get(key, "m1"), await queue.get(key, "m2")
+        assert first is not None and second is not None and first.result and second.result
+        assert channel.sent == [(1, first.result.reply), (1, second.result.reply)]
+        await until(lambda: _reply_is(queue, key, "m2", "sent"))
+        assert (await queue.get(plain, "p1")).reply is None  # type: ignore[union-attr]
+    finally:
+        await worker.stop()
+    assert len(channel.sent) == 2
+
+
+async def _reply_is(queue: Any, key: Any, mid: str, status: str) -> bool:
+    record = await queue.get(key, mid)
+    return record is not None and record.reply == status
+
+
+async def test_a_chat_gets_its_replies_in_order_while_other_chats_go_on(
+    client: Any,  # noqa: F811
+) -> None:
+    queue, channel = queue_of(client), Channel()
+    threads = Threads(client, load_config(None), booking_agents())
+    keys = [fresh(), fresh(), fresh()]
+    for n in range(4):
+        for chat, key in enumerate(keys):
+            await queue.submit(key, msg(f"book {n}", f"m{n}"), telegram(chat))
+    worker = Running(dispatcher(queue, threads, send_reply=channel))
+    try:
+        await until(lambda: len(channel.sent) == 12)
+    finally:
+        await worker.stop()
+    for chat, key in enumerate(keys):
+        expected = []
+        for n in range(4):
+            record = await queue.get(key, f"m{n}")
+            assert record is not None and record.result is not None
+            expected.append(record.result.reply)
+        assert [text for to, text in channel.sent if to == chat] == expected
+
+
+async def test_passing_refusals_are_retried_and_lasting_ones_fail_the_reply(
+    client: Any,  # noqa: F811
+) -> None:
+    queue = queue_of(client)
+    passing = ChannelSendFailed("telegram", "HTTP 503", permanent=False)
+    limited = ChannelSendFailed("telegram", "HTTP 429", permanent=False, retry_after=0.2)
+    blocked = ChannelSendFailed("telegram", "HTTP 403: bot was blocked", permanent=True)
+    channel = Channel(passing, limited, None, blocked)
+    threads = Threads(client, load_config(None), booking_agents())
+    key = fresh()
+    await queue.submit(key, msg("book a table", "m1"), telegram(1))  # 503, 429, then sent
+    await queue.submit(key, msg("for 2", "m2"), telegram(1))  # blocked: fails for good
+    worker = Running(dispatcher(queue, threads, send_reply=channel))
+    try:
+        await until(lambda: _reply_is(queue, key, "m2", "failed"))
+    finally:
+        await worker.stop()
+    first, second = await queue.get(key, "m1"), await queue.get(key, "m2")
+    assert first is not None and first.reply == "sent" and first.reply_error is None
+    assert second is not None and second.reply_error == "telegram: HTTP 403: bot was blocked"
+    assert channel.calls == 4 and len(channel.sent) == 1
+
+
+async def test_a_channel_down_for_too_long_fails_the_reply(client: Any) -> None:  # noqa: F811
+    queue = queue_of(client)
+    down = [ChannelSendFailed("telegram", "ConnectError", permanent=False)] * 100
+    channel = Channel(*down)
+    threads = Threads(client, load_config(None), booking_agents())
+    key = fresh()
+    await queue.submit(key, msg("book a table", "m1"), telegram(1))
+    worker = Running(dispatcher(queue, threads, send_reply=channel, reply_give_up_after_s=1.0))
+    try:
+        await until(lambda: _reply_is(queue, key, "m1", "failed"))
+    finally:
+        await worker.stop()
+    record = await queue.get(key, "m1")
+    assert record is not None and record.status == "completed"  # the turn itself stands
+    assert record.reply_error is not None and record.reply_error.startswith("gave up after 1 s")
+    assert 2 <= channel.calls < 10
+
+
+async def test_a_reply_left_by_a_stopped_worker_is_sent_by_the_next(
+    client: Any,  # noqa: F811
+) -> None:
+    queue = queue_of(client)
+    stuck = Channel()
+    stuck.hold.clear()  # the first worker's channel never answers
+    threads = Threads(client, load_config(None), booking_agents())
+    key = fresh()
+    await queue.submit(key, msg("book a table", "m1"), telegram(7))
+    first = Running(dispatcher(queue, threads, send_reply=stuck))
+    await until(lambda: stuck.calls == 1)  # finished, its reply is being sent
+    await first.stop()
+    assert await status_is(queue, key, "m1", "completed")
+    record = await queue.get(key, "m1")
+    assert record is not None and record.reply == "pending"
+    channel = Channel()
+    second = Running(dispatcher(queue, threads, send_reply=channel))
+    try:
+        await until(lambda: _reply_is(queue, key, "m1", "sent"))
+    finally:
+        await second.stop()
+    assert record.result is not None and channel.sent == [(7, record.result.reply)]
+    assert threads.delivered == [(key, "book a table")]  # the turn did not run again

@@ -81,6 +81,13 @@ def _serve(args: argparse.Namespace) -> int:
             f"stickyray: serving {path} at http://{host}:{port} (docs at /docs); Ctrl-C to stop",
             flush=True,
         )
+        for channel, on in (
+            ("telegram", settings.telegram_bot_token is not None),
+            ("whatsapp", settings.whatsapp_access_token is not None),
+        ):
+            if on:
+                webhook = f"http://{host}:{port}/v1/channels/{channel}/webhook"
+                print(f"stickyray: {channel} webhook at {webhook}", flush=True)
         metrics = metrics_url()
         if metrics is not None:
             print(f"stickyray: Prometheus metrics (ray_stickyray_*) at {metrics}", flush=True)

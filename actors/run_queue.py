@@ -159,21 +159,6 @@ return {'finished'}
 """
 )
 
-# KEYS: lease, outbox. ARGV: token, count. Replies read before and not done (their worker
-# stopped, or the reply to that read was lost) first; else replies never read.
-_READ_REPLIES = (
-    _LEASED
-    + """
-local pending = redis.call('XREADGROUP', 'GROUP', 'workers', 'worker',
-                           'COUNT', ARGV[2], 'STREAMS', KEYS[2], '0')
-if pending and #pending[1][2] > 0 then
-  return {'ok', pending}
-end
-return {'ok', redis.call('XREADGROUP', 'GROUP', 'workers', 'worker',
-                         'COUNT', ARGV[2], 'STREAMS', KEYS[2], '>')}
-"""
-)
-
 # KEYS: lease, outbox, record. ARGV: token, entry id, 'sent' or 'failed', error or ''.
 _REPLY_DONE = (
     _LEASED
@@ -319,7 +304,6 @@ class RunQueue:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
-        self._read_replies = client.register_script(_READ_REPLIES)
         self._reply_done = client.register_script(_REPLY_DONE)
 
     def _record_key(self, key: ThreadKey, message_id: str) -> str:
@@ -388,19 +372,20 @@ class RunQueue:
                     if "BUSYGROUP" not in str(exc):
                         raise
 
-    async def last_read(self) -> str:
-        """The id of the newest entry a worker has read (``0-0`` for none)."""
+    async def last_read(self, *, outbox: bool = False) -> str:
+        """The id of the newest run (or reply) a worker has read (``0-0`` for none)."""
         with redis_outages():
-            groups = await self._client.xinfo_groups(self._queue)
+            groups = await self._client.xinfo_groups(self._outbox if outbox else self._queue)
         for group in groups:
             if _text(group["name"]) == GROUP:
                 return _text(group["last-delivered-id"])
         return "0-0"
 
-    async def wait(self, after: str, block_ms: int) -> None:
-        """Return once an entry newer than ``after`` is queued, or after ``block_ms``."""
+    async def wait(self, after: str, block_ms: int, *, outbox: bool = False) -> None:
+        """Return once a run (or reply) newer than ``after`` is queued, or after ``block_ms``."""
+        stream = self._outbox if outbox else self._queue
         with redis_outages():
-            await self._client.xread({self._queue: after}, count=1, block=block_ms)
+            await self._client.xread({stream: after}, count=1, block=block_ms)
 
     async def read(
         self, token: str, count: int, *, after: str | None = None, seen: str = "0-0"
@@ -414,10 +399,21 @@ class RunQueue:
         when none are left. Raises LeaseLost unless ``token`` holds the lease. An entry that
         cannot be read (written by another release, say) fails its run.
         """
+        entries, last, delivered = await self._read_stream(self._queue, token, count, after, seen)
+        runs: list[QueuedRun] = []
+        for entry, fields in entries:
+            run = await self._parse(token, entry, fields)
+            if run is not None:
+                runs.append(run)
+        return runs, last, delivered
+
+    async def _read_stream(
+        self, stream: str, token: str, count: int, after: str | None, seen: str
+    ) -> tuple[list[tuple[str, dict[str, Any]]], str | None, str]:
         with redis_outages():
             try:
                 status, *reply = await self._read(
-                    keys=[self._lease, self._queue], args=[token, count, after or ">", seen]
+                    keys=[self._lease, stream], args=[token, count, after or ">", seen]
                 )
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
@@ -427,20 +423,18 @@ class RunQueue:
         if _text(status) == "lost":
             raise LeaseLost(token)
         delivered, streams = _text(reply[0]), reply[1]
-        runs: list[QueuedRun] = []
+        entries: list[tuple[str, dict[str, Any]]] = []
         last: str | None = None
-        for _stream, entries in streams or []:
-            for entry, flat in entries:
+        for _stream, found in streams or []:
+            for entry, flat in found:
                 last = _text(entry)
+                # No fields: the entry was deleted while pending.
                 fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
-                run = await self._parse(token, last, fields)
-                if run is not None:
-                    runs.append(run)
-        return runs, last, delivered
+                entries.append((last, {_text(k): v for k, v in fields.items()}))
+        return entries, last, delivered
 
-    async def _parse(self, token: str, entry: str, fields: dict[Any, Any]) -> QueuedRun | None:
+    async def _parse(self, token: str, entry: str, data: dict[str, Any]) -> QueuedRun | None:
         """The run in a stream entry; None, with the entry gone, if it cannot be read."""
-        data = {_text(k): v for k, v in fields.items()}
         try:
             key = ThreadKey(*_text(data["thread"]).split("/", 1))
             message = InboundMessage.model_validate_json(data["message"])
@@ -522,43 +516,31 @@ class RunQueue:
         )
         return status == "finished"
 
-    async def read_replies(self, token: str, count: int) -> list[OutboundReply]:
-        """Up to ``count`` replies to send, oldest first: those read before and not done
-        first, else new ones. Never waits. Raises LeaseLost unless ``token`` holds the lease.
-        An entry that cannot be read is dropped, with a warning."""
-        with redis_outages():
-            try:
-                status, *reply = await self._read_replies(
-                    keys=[self._lease, self._outbox], args=[token, count]
-                )
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
-                    raise
-                await self.join()
-                return []
-        if _text(status) == "lost":
-            raise LeaseLost(token)
+    async def read_replies(
+        self, token: str, count: int, *, after: str | None = None, seen: str = "0-0"
+    ) -> tuple[list[OutboundReply], str | None, str]:
+        """Replies to send, as ``read`` reads runs (the same arguments and results). An
+        entry that cannot be read is dropped, with a warning."""
+        entries, last, delivered = await self._read_stream(self._outbox, token, count, after, seen)
         replies: list[OutboundReply] = []
-        for _stream, entries in reply[0] or []:
-            for entry, flat in entries:
-                flat = flat or []  # None: the entry was deleted while pending
-                fields = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
-                try:
-                    body = json.loads(fields["reply"])
-                    replies.append(
-                        OutboundReply(
-                            entry=_text(entry),
-                            to=dict(body["to"]),
-                            text=str(body["text"]),
-                            thread=str(body["thread"]),
-                            message_id=str(body["message_id"]),
-                            record=fields["record"],
-                        )
+        for entry, fields in entries:
+            try:
+                body = json.loads(fields["reply"])
+                replies.append(
+                    OutboundReply(
+                        entry=entry,
+                        to=dict(body["to"]),
+                        text=str(body["text"]),
+                        thread=str(body["thread"]),
+                        message_id=str(body["message_id"]),
+                        record=_text(fields["record"]),
                     )
-                except (KeyError, TypeError, ValueError) as exc:  # (flat is None: deleted)
-                    log.warning("outbox entry %s dropped, unreadable: %r", _text(entry), exc)
-                    await self._done(token, _text(entry), fields.get("record", ""), "failed", "")
-        return replies
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("outbox entry %s dropped, unreadable: %r", entry, exc)
+                record = _text(fields.get("record", ""))
+                await self._done(token, entry, record, "failed", "unreadable in the outbox")
+        return replies, last, delivered
 
     async def reply_done(
         self, token: str, reply: OutboundReply, *, error: str | None = None
@@ -577,8 +559,3 @@ class RunQueue:
             )
         if _text(outcome) == "lost":
             raise LeaseLost(token)
-
-    async def wait_replies(self, block_ms: int) -> None:
-        """Return once the outbox holds a reply, or after ``block_ms``."""
-        with redis_outages():
-            await self._client.xread({self._outbox: "0-0"}, count=1, block=block_ms)

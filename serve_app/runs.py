@@ -85,6 +85,7 @@ _TRANSIENT = (
 )
 
 _BATCH = 100  # entries per read
+_MAX_REPLIES_IN_HAND = 1000  # replies read and not sent yet: reading waits beyond this
 
 
 class _Stopping(Exception):
@@ -162,6 +163,9 @@ class RunDispatcher:
         # The last run of each thread in hand: the next one waits for it.
         self._tails: dict[ThreadKey, asyncio.Task[None]] = {}
         self._tasks: dict[asyncio.Task[None], str] = {}  # task -> its entry id
+        # The same for replies, by chat (the address they go to).
+        self._reply_tails: dict[str, asyncio.Task[None]] = {}
+        self._replies: dict[asyncio.Task[None], str] = {}
 
     async def run(self) -> None:
         """Deliver runs until ``stop``, while holding the queue's lease.
@@ -180,7 +184,7 @@ class RunDispatcher:
                 try:
                     await self._hold(loops)
                 finally:
-                    await _cancel([*loops, *self._tasks])
+                    await _cancel([*loops, *self._tasks, *self._replies])
         except _Stopping:
             pass
         finally:
@@ -343,26 +347,63 @@ class RunDispatcher:
             delay = min(delay * 2, self._retry_cap_s)
 
     async def _send_replies(self) -> None:
-        """Send the outbox's replies: a batch at a time, chats at once, each chat in order."""
+        """Send the outbox's replies as ``_drain`` delivers runs: each chat's in order, chats
+        at once, reading on while replies wait (a chat the platform rate-limits holds up
+        only itself)."""
         try:
-            while True:
-                replies = await self._retrying(self._queue.read_replies, self._token, _BATCH)
-                if not replies:
-                    await self._retrying(self._queue.wait_replies, self._idle_wait_ms)
-                    continue
-                chats: dict[str, list[OutboundReply]] = {}
+            after: str | None = "0"
+            while after is not None:  # the replies the previous reader left
+                replies, after, _ = await self._retrying(
+                    self._queue.read_replies, self._token, _BATCH, after=after
+                )
                 for reply in replies:
-                    chats.setdefault(json.dumps(reply.to, sort_keys=True), []).append(reply)
-                await asyncio.gather(*(self._send_chat(chat) for chat in chats.values()))
+                    self._send_later(reply)
+            seen = await self._retrying(self._queue.last_read, outbox=True)
+            while True:
+                while len(self._replies) >= _MAX_REPLIES_IN_HAND:
+                    await asyncio.wait(list(self._replies), return_when=asyncio.FIRST_COMPLETED)
+                replies, last, delivered = await self._retrying(
+                    self._queue.read_replies, self._token, _BATCH, seen=seen
+                )
+                in_hand = set(self._replies.values()) if replies else set()
+                for reply in replies:
+                    if reply.entry not in in_hand:
+                        self._send_later(reply)
+                seen = last or delivered
+                if last is None:
+                    await self._retrying(self._queue.wait, seen, self._idle_wait_ms, outbox=True)
         except LeaseLost:
             self._lost.set()
 
-    async def _send_chat(self, replies: list[OutboundReply]) -> None:
-        for reply in replies:
+    def _send_later(self, reply: OutboundReply) -> None:
+        chat = json.dumps(reply.to, sort_keys=True)
+        before = self._reply_tails.get(chat)
+        task = asyncio.get_running_loop().create_task(self._send(reply, before))
+        self._reply_tails[chat] = task
+        self._replies[task] = reply.entry
+        task.add_done_callback(lambda done: self._sent(chat, done))
+
+    def _sent(self, chat: str, task: asyncio.Task[None]) -> None:
+        self._replies.pop(task, None)
+        if self._reply_tails.get(chat) is task:
+            del self._reply_tails[chat]
+
+    async def _send(self, reply: OutboundReply, before: asyncio.Task[None] | None) -> None:
+        if before is not None:
+            await asyncio.wait([before])
+        try:
             error = await self._send_until_done(reply)
             await self._retrying(self._queue.reply_done, self._token, reply, error=error)
             channel = str(reply.to.get("channel", "unknown"))
             record_reply(self._app, channel, "failed" if error is not None else "sent")
+        except LeaseLost:
+            self._lost.set()  # the reply stays in the outbox, for the worker with the lease
+        except _Stopping:
+            pass  # the reply stays in the outbox, for the next worker
+        except Exception:  # a bug: the reply stays, for the next worker to take over
+            log.exception(
+                "reply to %s of %s failed in the run worker", reply.message_id, reply.thread
+            )
 
     async def _send_until_done(self, reply: OutboundReply) -> str | None:
         """Send ``reply``; None once sent, else why it could not be."""

@@ -4,9 +4,11 @@ real Threads (no Ray). The e2e tests add Ray, Serve and the HTTP platforms."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
-from stickyray.config import load_config
+from actors.run_queue import RunQueue
+from stickyray.config import RunsConfig, load_config
 from stickyray.errors import ChannelSendFailed
 from tests.unit.test_runs import (
     Running,
@@ -159,3 +161,67 @@ async def test_a_reply_left_by_a_stopped_worker_is_sent_by_the_next(
         await second.stop()
     assert record.result is not None and channel.sent == [(7, record.result.reply)]
     assert threads.delivered == [(key, "book a table")]  # the turn did not run again
+
+
+class LimitsChat(Channel):
+    """Chat 1 is rate-limited for a long while on its first reply; other chats are not."""
+
+    async def __call__(self, to: dict[str, Any], text: str) -> None:
+        self.calls += 1
+        if to["chat_id"] == 1 and self.calls == 1:
+            raise ChannelSendFailed("telegram", "HTTP 429", permanent=False, retry_after=60)
+        self.sent.append((to["chat_id"], text))
+
+
+async def test_a_rate_limited_chat_holds_up_only_itself(client: Any) -> None:  # noqa: F811
+    queue, channel = queue_of(client), LimitsChat()
+    threads = Threads(client, load_config(None), booking_agents())
+    limited, other = fresh(), fresh()
+    await queue.submit(limited, msg("book a table", "a1"), telegram(1))
+    await queue.submit(limited, msg("for 2", "a2"), telegram(1))
+    worker = Running(dispatcher(queue, threads, send_reply=channel))
+    try:
+        await until(lambda: channel.calls == 1)
+        # Replies queued after the limited chat's, in another chat, go out meanwhile.
+        for n in range(3):
+            await queue.submit(other, msg(f"book {n}", f"b{n}"), telegram(2))
+        await until(lambda: len(channel.sent) == 3)
+        assert [to for to, _ in channel.sent] == [2, 2, 2]
+        record = await queue.get(limited, "a2")
+        assert record is not None and record.status == "completed" and record.reply == "pending"
+    finally:
+        await worker.stop()
+
+
+class LosesOneReplyRead(RunQueue):
+    """A queue whose first read of new replies is lost on the way to the worker."""
+
+    lost: list[str] = []
+
+    async def read_replies(
+        self, token: str, count: int, *, after: str | None = None, seen: str = "0-0"
+    ) -> Any:
+        got = await super().read_replies(token, count, after=after, seen=seen)
+        if after is None and got[0] and not self.lost:
+            self.lost.extend(r.message_id for r in got[0])
+            return await super().read_replies(token, count, after=after, seen=seen)
+        return got
+
+
+async def test_replies_read_and_lost_are_read_again(client: Any) -> None:  # noqa: F811
+    queue = LosesOneReplyRead(client, f"app-{uuid.uuid4().hex[:8]}", RunsConfig())
+    queue.lost = []
+    channel = Channel()
+    threads = Threads(client, load_config(None), booking_agents())
+    key = fresh()
+    await queue.submit(key, msg("book a table", "m1"), telegram(3))
+    worker = Running(dispatcher(queue, threads, send_reply=channel, idle_wait_ms=50))
+    try:
+        await until(lambda: queue.lost)
+        await queue.submit(key, msg("for 2", "m2"), telegram(3))
+        await until(lambda: len(channel.sent) == 2)
+    finally:
+        await worker.stop()
+    assert queue.lost == ["m1"]
+    replies = [(await queue.get(key, mid)) for mid in ("m1", "m2")]
+    assert [text for _, text in channel.sent] == [r.result.reply for r in replies if r and r.result]

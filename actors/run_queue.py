@@ -42,7 +42,7 @@ from actors.key import ThreadKey
 from actors.redis_store import redis_outages
 from stickyray.config import RunsConfig
 from stickyray.errors import InvalidThreadKey, RunQueueFull
-from stickyray.turns import InboundMessage, TurnResult
+from stickyray.turns import SORRY_REPLY, InboundMessage, TurnResult
 
 __all__ = [
     "GROUP",
@@ -489,15 +489,17 @@ class RunQueue:
         """Store ``run``'s outcome and take it off the queue, in one step; False if it was
         finished already. Raises LeaseLost unless ``token`` holds the lease.
 
-        A run with a ``reply_to`` whose turn has a reply puts it in the outbox, in the same
-        step.
+        A run with a ``reply_to`` puts its turn's reply (or, failed without a turn, an
+        apology) in the outbox, in the same step.
         """
         reply = ""
-        if run.reply_to is not None and result is not None and result.reply:
+        # A run that failed without a turn still tells its user, as a failed turn does.
+        text = result.reply if result is not None else SORRY_REPLY
+        if run.reply_to is not None and text:
             reply = json.dumps(
                 {
                     "to": run.reply_to,
-                    "text": result.reply,
+                    "text": text,
                     "thread": str(run.key),
                     "message_id": run.message.message_id,
                 }

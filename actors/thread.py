@@ -29,6 +29,7 @@ from stickyray.errors import (
     TurnPending,
 )
 from stickyray.turns import (
+    SORRY_REPLY,
     AgentRequest,
     AgentResult,
     CompressRequest,
@@ -51,7 +52,7 @@ T = TypeVar("T")
 # down forever.
 MAX_TURN_ATTEMPTS = 2
 
-_SORRY = "Sorry, something went wrong and this message could not be answered. Please send it again."
+_SORRY = SORRY_REPLY
 
 # Trimming is ``_compact``'s job; this cap only bounds memory if compression keeps failing.
 _BUFFER_CAP = 4

@@ -60,6 +60,8 @@ Channel = Literal["telegram", "whatsapp"]
 
 # Both platforms refuse a text over 4,096 characters; longer replies go in several messages.
 MAX_TEXT = 4096
+# A webhook call is a few KB; WhatsApp batches at most a few messages in one.
+MAX_BODY = 1024 * 1024
 
 router = APIRouter(prefix="/v1/channels", tags=["channels"])
 
@@ -245,8 +247,7 @@ class ChannelInbox:
             _, queued = await self.runs.submit(found.key, message, found.reply_to)
             counts["queued" if queued else "duplicate"] += 1
         for outcome, n in counts.items():
-            for _ in range(n):
-                record_channel_message(self.app, channel, outcome)
+            record_channel_message(self.app, channel, outcome, n)
         return counts
 
 
@@ -255,6 +256,17 @@ def _inbox(request: Request) -> ChannelInbox:
     if inbox is None:  # pragma: no cover - the ingress sets it before serving
         raise HTTPException(503, "channels are not ready")
     return inbox
+
+
+async def _body(request: Request) -> bytes:
+    """The request's body, refusing one larger than any platform sends before reading it."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise HTTPException(413, f"body: over {MAX_BODY} bytes")
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise HTTPException(413, f"body: over {MAX_BODY} bytes")
+    return body
 
 
 def _parse(model: type[BaseModel], body: bytes) -> Any:
@@ -279,7 +291,7 @@ async def telegram_webhook(request: Request) -> dict:
     secret = settings.telegram_webhook_secret.get_secret_value()
     if not _same(request.headers.get("x-telegram-bot-api-secret-token"), secret):
         raise HTTPException(401, "header X-Telegram-Bot-Api-Secret-Token: missing or wrong")
-    update = _parse(TelegramUpdate, await request.body())
+    update = _parse(TelegramUpdate, await _body(request))
     return await inbox.queue("telegram", telegram_messages(update), 1)
 
 
@@ -306,7 +318,7 @@ async def whatsapp_webhook(request: Request) -> dict:
     settings = inbox.settings
     if settings.whatsapp_access_token is None or settings.whatsapp_app_secret is None:
         raise HTTPException(404, "the whatsapp channel is not set up: set WHATSAPP_ACCESS_TOKEN")
-    body = await request.body()
+    body = await _body(request)
     expected = whatsapp_signature(body, settings.whatsapp_app_secret.get_secret_value())
     if not _same(request.headers.get("x-hub-signature-256"), expected):
         raise HTTPException(401, "header X-Hub-Signature-256: missing or wrong")

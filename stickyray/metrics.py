@@ -274,10 +274,14 @@ def _channel_metrics() -> _ChannelMetrics:
     )
 
 
-def record_channel_message(app: str, channel: str, outcome: str) -> None:
-    """Count a message that ``channel``'s webhook received, by ``outcome``."""
+def record_channel_message(app: str, channel: str, outcome: str, count: int = 1) -> None:
+    """Count ``count`` messages that ``channel``'s webhook received, by ``outcome``."""
+    if count <= 0:
+        return
     try:
-        _channel_metrics().messages.inc(tags={"app": app, "channel": channel, "outcome": outcome})
+        _channel_metrics().messages.inc(
+            count, tags={"app": app, "channel": channel, "outcome": outcome}
+        )
     except Exception:
         log.debug("could not record channel metrics", exc_info=True)
 

@@ -18,6 +18,7 @@ __all__ = [
     "CompressRequest",
     "Handoff",
     "InboundMessage",
+    "SORRY_REPLY",
     "ThreadSnapshot",
     "TurnResult",
     "Usage",
@@ -63,6 +64,12 @@ class Usage(_Record):
         """This usage with its cost at these prices (US dollars per million tokens)."""
         cost = (self.input_tokens * input_per_mtok + self.output_tokens * output_per_mtok) / 1e6
         return self.model_copy(update={"cost_usd": cost})
+
+
+# What a user is told when their message could not be answered (a turn or a run failed).
+SORRY_REPLY = (
+    "Sorry, something went wrong and this message could not be answered. Please send it again."
+)
 
 
 def message_text(value: str) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 from actors.run_queue import RunQueue
 from stickyray.config import RunsConfig, load_config
 from stickyray.errors import ChannelSendFailed
+from stickyray.turns import SORRY_REPLY
 from tests.unit.test_runs import (
     Running,
     Threads,
@@ -225,3 +226,22 @@ async def test_replies_read_and_lost_are_read_again(client: Any) -> None:  # noq
     assert queue.lost == ["m1"]
     replies = [(await queue.get(key, mid)) for mid in ("m1", "m2")]
     assert [text for _, text in channel.sent] == [r.result.reply for r in replies if r and r.result]
+
+
+async def test_a_run_that_failed_without_a_turn_still_tells_its_user(
+    client: Any,  # noqa: F811
+) -> None:
+    async def broken(key: Any, message: Any) -> Any:
+        raise ValueError("a bug in delivery")
+
+    queue, channel = queue_of(client), Channel()
+    key = fresh()
+    await queue.submit(key, msg("book a table", "m1"), telegram(4))
+    worker = Running(dispatcher(queue, broken, send_reply=channel))
+    try:
+        await until(lambda: _reply_is(queue, key, "m1", "sent"))
+    finally:
+        await worker.stop()
+    record = await queue.get(key, "m1")
+    assert record is not None and record.status == "failed" and record.result is None
+    assert channel.sent == [(4, SORRY_REPLY)]

@@ -302,3 +302,14 @@ def test_a_half_set_up_channel_is_refused_at_start() -> None:
             load_settings()
     assert "TELEGRAM_WEBHOOK_SECRET must be too" in str(error.value)
     assert "secret-token-value" not in str(error.value)
+
+
+def test_a_body_larger_than_any_platform_sends_is_refused_unread(web: Any) -> None:
+    huge = b"{" + b" " * (1024 * 1024 + 10) + b"}"
+    response = web.client.post(
+        "/v1/channels/whatsapp/webhook",
+        content=huge,
+        headers={"X-Hub-Signature-256": whatsapp_signature(huge, APP_SECRET)},
+    )
+    assert response.status_code == 413 and response.json()["error"].startswith("body:")
+    assert web.depth() == 0

@@ -14,11 +14,13 @@ import pytest
 from pydantic import SecretStr
 
 from serve_app.channels import whatsapp_signature
+from stickyray.metrics import metrics_url
 from stickyray.settings import Settings
 from stickyray.testing import FakeLLMServer
 from tests.channel_platform import PlatformServer
 from tests.e2e.conftest import App, wait_for
 from tests.e2e.teams import openai_team
+from tests.e2e.test_metrics import scrape
 from tests.e2e.test_runs_http import script
 
 pytestmark = pytest.mark.ray
@@ -180,3 +182,34 @@ def test_a_whatsapp_message_is_verified_queued_and_answered(
     with app.client() as client:
         thread = client.get("/v1/threads/whatsapp:1055:34600111222").json()
         assert thread["active_agent"] == "bookings"
+
+
+def test_channel_messages_and_replies_are_counted(app: App) -> None:
+    """After the two tests above: what each webhook took and what went back."""
+    url = metrics_url()
+    assert url is not None
+    wanted = {
+        (
+            "ray_stickyray_channel_messages_total",
+            (("channel", "telegram"), ("outcome", "queued")),
+        ): 3.0,
+        (
+            "ray_stickyray_channel_messages_total",
+            (("channel", "telegram"), ("outcome", "duplicate")),
+        ): 1.0,
+        (
+            "ray_stickyray_channel_messages_total",
+            (("channel", "whatsapp"), ("outcome", "queued")),
+        ): 1.0,
+        ("ray_stickyray_channel_replies_total", (("channel", "telegram"), ("status", "sent"))): 3.0,
+        ("ray_stickyray_channel_replies_total", (("channel", "whatsapp"), ("status", "sent"))): 1.0,
+    }
+    found: dict = {}
+
+    def exported() -> bool:
+        totals, _ = scrape(url, app.name)
+        found.clear()
+        found.update({k: v for k, v in totals.items() if "channel" in k[0]})
+        return found == wanted
+
+    wait_for(exported, timeout=60, what=f"channel metrics {wanted} (last seen {found})")

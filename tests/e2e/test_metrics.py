@@ -24,7 +24,17 @@ def app(deploy) -> App:
 
 
 # Our labels; Ray adds its own (WorkerId, SessionName, ...), one series per process.
-OURS = {"agent", "status", "supervisor", "from_agent", "to_agent", "model", "direction"}
+OURS = {
+    "agent",
+    "status",
+    "supervisor",
+    "from_agent",
+    "to_agent",
+    "model",
+    "direction",
+    "channel",
+    "outcome",
+}
 
 
 Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -100,8 +100,11 @@ async def replay_dialogues(
     concurrency: int,
     run_id: str,
     scope: str,
+    api_key: str | None = None,
 ) -> list[TurnRecord]:
     """Replay every dialogue as its own thread; ``concurrency`` dialogues at a time.
+
+    ``api_key``: the app's ``STICKYRAY_API_KEY``, if it has one.
 
     ``scope`` is the app's thread pool scope (``actors.directory.pool_scope``), used to close
     each thread as soon as its dialogue ends and to stop the pool's hosts at the end.
@@ -164,7 +167,10 @@ async def replay_dialogues(
         # larger --concurrency would make requests wait in the client, and the wait would
         # count as turn latency.
         limits = httpx.Limits(max_connections=max(100, 2 * concurrency))
-        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        async with httpx.AsyncClient(
+            base_url=url, timeout=120, limits=limits, headers=headers
+        ) as client:
             await asyncio.gather(*(one(client, i, d) for i, d in enumerate(dialogues)))
     finally:
         await release_pool(team, scope)
@@ -352,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.concurrency,
                 run_id,
                 pool_scope(app_name, team),
+                settings.api_key.get_secret_value() if settings.api_key is not None else None,
             )
         )
         elapsed = time.monotonic() - started

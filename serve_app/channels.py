@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,6 +45,7 @@ from stickyray.settings import Settings
 from stickyray.turns import InboundMessage, message_text
 
 __all__ = [
+    "CHANNEL_ID_PREFIXES",
     "ChannelInbox",
     "ChannelMessage",
     "ChannelSender",
@@ -57,6 +59,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Channel = Literal["telegram", "whatsapp"]
+# Message ids of channel messages start with these; the HTTP API refuses them.
+CHANNEL_ID_PREFIXES = ("telegram:", "whatsapp:")
 
 # Both platforms refuse a text over 4,096 characters; longer replies go in several messages.
 MAX_TEXT = 4096
@@ -86,6 +90,9 @@ class _TelegramMessage(_Wire):
     chat: _TelegramChat
     sender: _TelegramUser | None = Field(default=None, alias="from")
     text: str | None = None
+    # A message in a forum topic of a group: the topic is a conversation of its own.
+    message_thread_id: int | None = None
+    is_topic_message: bool = False
 
 
 class TelegramUpdate(_Wire):
@@ -100,14 +107,14 @@ class _WhatsAppText(_Wire):
 
 
 class _WhatsAppMessage(_Wire):
-    sender: str = Field(alias="from", min_length=1, max_length=32, pattern=r"^[0-9A-Za-z]+$")
+    sender: str = Field(alias="from", pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,63}$")
     id: str = Field(min_length=1)
     type: str
     text: _WhatsAppText | None = None
 
 
 class _WhatsAppMetadata(_Wire):
-    phone_number_id: str = Field(min_length=1, max_length=32, pattern=r"^[0-9A-Za-z]+$")
+    phone_number_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,47}$")
 
 
 class _WhatsAppValue(_Wire):
@@ -140,30 +147,44 @@ class ChannelMessage:
     reply_to: dict[str, Any]
 
 
-def _command(text: str) -> str:
-    """``/supervisor@SomeBot`` (a command in a Telegram group) as ``/supervisor``."""
-    head, sep, rest = text.partition(" ")
-    if head.startswith("/") and "@" in head:
-        head = head.split("@", 1)[0]
-    return head + sep + rest
+_ADDRESSED = re.compile(r"^(/[A-Za-z0-9_]+)@([A-Za-z0-9_]+)(?=\s|$)")
 
 
-def telegram_messages(update: TelegramUpdate) -> list[ChannelMessage]:
-    """The text message in ``update`` (none for anything else)."""
+def _command(text: str, username: str | None) -> str | None:
+    """``text`` as this bot's: ``/supervisor@ShopBot ...`` becomes ``/supervisor ...`` when
+    the bot is ShopBot; None when the command names another bot (it is not for this one)."""
+    addressed = _ADDRESSED.match(text)
+    if addressed is None:
+        return text
+    if username is None or addressed.group(2).lower() != username.lower():
+        return None
+    return addressed.group(1) + text[addressed.end() :]
+
+
+def telegram_messages(update: TelegramUpdate, username: str | None = None) -> list[ChannelMessage]:
+    """The text message in ``update`` (none for anything else, or for a command addressed
+    to another bot than ``username``)."""
     message = update.message
     if message is None or message.text is None:
         return []
+    text = _command(message.text, username)
+    if text is None:
+        return []
     chat = message.chat.id
+    thread, reply_to = f"telegram:{chat}", {"channel": "telegram", "chat_id": chat}
+    if message.is_topic_message and message.message_thread_id is not None:
+        thread += f":{message.message_thread_id}"
+        reply_to["message_thread_id"] = message.message_thread_id
     return [
         ChannelMessage(
-            key=ThreadKey.of(f"telegram:{chat}"),
+            key=ThreadKey.of(thread),
             message=InboundMessage(
-                text=_command(message.text),
+                text=text,
                 message_id=f"telegram:{chat}:{message.message_id}",
                 user_id=f"telegram:{message.sender.id}" if message.sender else None,
                 channel="telegram",
             ),
-            reply_to={"channel": "telegram", "chat_id": chat},
+            reply_to=reply_to,
         )
     ]
 
@@ -259,14 +280,17 @@ def _inbox(request: Request) -> ChannelInbox:
 
 
 async def _body(request: Request) -> bytes:
-    """The request's body, refusing one larger than any platform sends before reading it."""
+    """The request's body; 413 as soon as it passes what any platform sends, before it is
+    read whole (or authenticated)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY:
         raise HTTPException(413, f"body: over {MAX_BODY} bytes")
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise HTTPException(413, f"body: over {MAX_BODY} bytes")
-    return body
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise HTTPException(413, f"body: over {MAX_BODY} bytes")
+    return bytes(body)
 
 
 def _parse(model: type[BaseModel], body: bytes) -> Any:
@@ -292,7 +316,8 @@ async def telegram_webhook(request: Request) -> dict:
     if not _same(request.headers.get("x-telegram-bot-api-secret-token"), secret):
         raise HTTPException(401, "header X-Telegram-Bot-Api-Secret-Token: missing or wrong")
     update = _parse(TelegramUpdate, await _body(request))
-    return await inbox.queue("telegram", telegram_messages(update), 1)
+    messages = telegram_messages(update, settings.telegram_bot_username)
+    return await inbox.queue("telegram", messages, 1)
 
 
 @router.get("/whatsapp/webhook", response_class=PlainTextResponse)
@@ -304,7 +329,7 @@ async def whatsapp_verify(
 ) -> str:
     """Meta's check when the webhook is registered: echo the challenge if the token is ours."""
     settings = _inbox(request).settings
-    if settings.whatsapp_verify_token is None:
+    if settings.whatsapp_access_token is None or settings.whatsapp_verify_token is None:
         raise HTTPException(404, "the whatsapp channel is not set up: set WHATSAPP_ACCESS_TOKEN")
     if mode != "subscribe" or not _same(token, settings.whatsapp_verify_token.get_secret_value()):
         raise HTTPException(403, "query hub.verify_token: does not match WHATSAPP_VERIFY_TOKEN")
@@ -327,14 +352,22 @@ async def whatsapp_webhook(request: Request) -> dict:
     return await inbox.queue("whatsapp", messages, _count_messages(payload))
 
 
+def _units(text: str) -> int:
+    """Length as the platforms count it: UTF-16 code units (an emoji may be two)."""
+    return len(text.encode("utf-16-le")) // 2
+
+
 def split_text(text: str, limit: int = MAX_TEXT) -> list[str]:
-    """``text`` in pieces of at most ``limit`` characters, cut at a line or a space when
+    """``text`` in pieces of at most ``limit`` UTF-16 units, cut at a line or a space when
     there is one in the second half of a piece."""
     pieces: list[str] = []
-    while len(text) > limit:
-        cut = max(text.rfind("\n", 0, limit), text.rfind(" ", 0, limit))
-        if cut < limit // 2:
-            cut = limit
+    while _units(text) > limit:
+        end = limit
+        while _units(text[:end]) > limit:
+            end -= 1
+        cut = max(text.rfind("\n", 0, end), text.rfind(" ", 0, end))
+        if cut < end // 2:
+            cut = end
         pieces.append(text[:cut])
         text = text[cut:].lstrip("\n ")
     if text:
@@ -342,12 +375,27 @@ def split_text(text: str, limit: int = MAX_TEXT) -> list[str]:
     return pieces
 
 
+# Meta answers throttling and its own outages with HTTP 400 and one of these codes: they pass.
+_WHATSAPP_TRANSIENT = {1, 2, 4, 17, 341, 80007, 130429, 131000, 131016, 131048, 131056, 133004}
+
+
 class ChannelSender:
-    """Sends replies through the platforms' HTTP APIs (one client, one pool of connections)."""
+    """Sends replies through the platforms' HTTP APIs (one client, one pool of connections).
+
+    One call sends one message of at most ``MAX_TEXT`` units; ``split_text`` cuts longer
+    replies, so that a piece that fails is sent again alone.
+    """
 
     def __init__(self, settings: Settings, timeout_s: float = 15.0) -> None:
         self._settings = settings
         self._client = httpx.AsyncClient(timeout=timeout_s)
+        # httpx logs each request's URL at INFO, and a Telegram URL holds the bot's token.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        self._secrets = [
+            secret.get_secret_value()
+            for secret in (settings.telegram_bot_token, settings.whatsapp_access_token)
+            if secret is not None
+        ]
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -355,20 +403,22 @@ class ChannelSender:
     async def send(self, to: dict[str, Any], text: str) -> None:
         """Send ``text`` to the chat ``to`` names; raises ChannelSendFailed."""
         channel = str(to.get("channel"))
-        for piece in split_text(text):
-            if channel == "telegram":
-                await self._telegram(to, piece)
-            elif channel == "whatsapp":
-                await self._whatsapp(to, piece)
-            else:
-                raise ChannelSendFailed(channel, "no such channel", permanent=True)
+        if channel == "telegram":
+            await self._telegram(to, text)
+        elif channel == "whatsapp":
+            await self._whatsapp(to, text)
+        else:
+            raise ChannelSendFailed(channel, "no such channel", permanent=True)
 
     async def _telegram(self, to: dict[str, Any], text: str) -> None:
         token = self._settings.telegram_bot_token
         if token is None:
             raise ChannelSendFailed("telegram", "TELEGRAM_BOT_TOKEN is not set", permanent=True)
         url = f"{self._settings.telegram_api_base.rstrip('/')}/bot{token.get_secret_value()}"
-        await self._post("telegram", f"{url}/sendMessage", {"chat_id": to["chat_id"], "text": text})
+        body: dict[str, Any] = {"chat_id": to["chat_id"], "text": text}
+        if "message_thread_id" in to:
+            body["message_thread_id"] = to["message_thread_id"]
+        await self._post("telegram", f"{url}/sendMessage", body)
 
     async def _whatsapp(self, to: dict[str, Any], text: str) -> None:
         token = self._settings.whatsapp_access_token
@@ -385,28 +435,39 @@ class ChannelSender:
         headers = {"Authorization": f"Bearer {token.get_secret_value()}"}
         await self._post("whatsapp", url, body, headers)
 
+    def _redacted(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
     async def _post(
         self, channel: str, url: str, body: dict, headers: dict[str, str] | None = None
     ) -> None:
         try:
             response = await self._client.post(url, json=body, headers=headers)
         except httpx.HTTPError as exc:  # no answer: the platform or the network is down
-            raise ChannelSendFailed(
-                channel, f"{type(exc).__name__}: {exc}", permanent=False
-            ) from None
+            reason = self._redacted(f"{type(exc).__name__}: {exc}")
+            raise ChannelSendFailed(channel, reason, permanent=False) from None
         if response.is_success:
             return
-        reason, retry_after = _refusal(response)
-        # 429 (too many messages) and 5xx pass; any other 4xx (blocked by the user, a chat
-        # that does not exist, a bad token) fails the same way next time.
-        transient = response.status_code == 429 or response.status_code >= 500
+        reason, retry_after, code = _refusal(response)
+        # 429 (too many messages), 5xx and Meta's throttling codes pass; any other 4xx
+        # (blocked by the user, a chat that does not exist, a bad token) fails again.
+        transient = (
+            response.status_code == 429
+            or response.status_code >= 500
+            or (channel == "whatsapp" and code in _WHATSAPP_TRANSIENT)
+        )
         raise ChannelSendFailed(
-            channel, f"HTTP {response.status_code}: {reason}", not transient, retry_after
+            channel,
+            self._redacted(f"HTTP {response.status_code}: {reason}"),
+            not transient,
+            retry_after,
         )
 
 
-def _refusal(response: httpx.Response) -> tuple[str, float | None]:
-    """What a platform's error answer says, and how long it asks to wait."""
+def _refusal(response: httpx.Response) -> tuple[str, float | None, int | None]:
+    """What a platform's error answer says, how long it asks to wait, and its error code."""
     retry_after: float | None = None
     header = response.headers.get("retry-after")
     if header is not None and header.strip().isdigit():
@@ -414,17 +475,18 @@ def _refusal(response: httpx.Response) -> tuple[str, float | None]:
     try:
         body = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return response.text[:200], retry_after
+        return response.text[:200], retry_after, None
     if not isinstance(body, dict):
-        return str(body)[:200], retry_after
+        return str(body)[:200], retry_after, None
     # Telegram: {"ok": false, "description": ..., "parameters": {"retry_after": n}}
     parameters = body.get("parameters")
     if isinstance(parameters, dict) and isinstance(parameters.get("retry_after"), int | float):
         retry_after = float(parameters["retry_after"])
     if isinstance(body.get("description"), str):
-        return body["description"][:200], retry_after
+        return body["description"][:200], retry_after, None
     # Meta: {"error": {"message": ..., "code": ...}}
     error = body.get("error")
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"][:200], retry_after
-    return json.dumps(body)[:200], retry_after
+        code = error.get("code")
+        return error["message"][:200], retry_after, code if isinstance(code, int) else None
+    return json.dumps(body)[:200], retry_after, None

@@ -1,12 +1,13 @@
 """The HTTP API: FastAPI behind Ray Serve. Validates, normalises, hands turns to threads."""
 
 import asyncio
+import hmac
 import logging
 import uuid
 from contextlib import AsyncExitStack
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -19,7 +20,7 @@ from actors.directory import ThreadDirectory, pool_scope, root_cause
 from actors.key import ID_PATTERN, ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
 from actors.run_queue import RunQueue, RunRecord
-from serve_app.channels import ChannelInbox
+from serve_app.channels import CHANNEL_ID_PREFIXES, ChannelInbox
 from serve_app.channels import router as channels_router
 from serve_app.deployments import open_memory
 from serve_app.memory_api import router as memory_router
@@ -44,13 +45,45 @@ log = logging.getLogger(__name__)
 
 INGRESS_DEPLOYMENT = "StickyrayIngress"
 
+
+async def _authorized(request: Request) -> None:
+    """With ``STICKYRAY_API_KEY`` set, every /v1 route but the channels' webhooks (which
+    authenticate the platform's call themselves) needs ``Authorization: Bearer <key>``."""
+    key: str | None = getattr(request.app.state, "api_key", None)
+    if key is None:
+        return
+    route = getattr(request.scope.get("route"), "path", "")
+    if not route.startswith("/v1/") or route.startswith("/v1/channels/"):
+        return  # health checks and the docs stay open
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        raise HTTPException(
+            401,
+            "header Authorization: missing or wrong; send 'Bearer <STICKYRAY_API_KEY>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
 api = FastAPI(
     title="stickyray",
     description="Sticky multi-agent assistant runtime: send messages to conversation threads.",
     version="0.1.0",
+    dependencies=[Depends(_authorized)],
 )
 api.include_router(memory_router)
 api.include_router(channels_router)
+
+
+def _api_id(value: str | None) -> str | None:
+    """A message id sent through the API: never one of a channel's.
+
+    A chat's next message id is predictable: taken through the API first, the user's own
+    message would be answered with another turn, or not at all.
+    """
+    if value is not None and value.startswith(CHANNEL_ID_PREFIXES):
+        prefixes = " or ".join(CHANNEL_ID_PREFIXES)
+        raise ValueError(f"ids starting with {prefixes} belong to the channels")
+    return value
 
 
 class MessageIn(BaseModel):
@@ -75,6 +108,11 @@ class MessageIn(BaseModel):
     def _sendable(cls, value: str) -> str:
         return message_text(value)
 
+    @field_validator("message_id")
+    @classmethod
+    def _not_a_channels(cls, value: str | None) -> str | None:
+        return _api_id(value)
+
 
 class ResetIn(BaseModel):
     """An optional body of a reset."""
@@ -87,6 +125,11 @@ class ResetIn(BaseModel):
         description="Client id of the reset: a retry with the same id returns the first "
         "answer and deletes nothing sent since. Generated when absent.",
     )
+
+    @field_validator("message_id")
+    @classmethod
+    def _not_a_channels(cls, value: str | None) -> str | None:
+        return _api_id(value)
 
 
 class AgentInfo(BaseModel):
@@ -251,6 +294,9 @@ class Ingress:
             self._stack.push_async_callback(redis.aclose)
             self._store = RedisThreadStore(redis)
             self._runs = RunQueue(redis, app_name, team.runs)
+            api.state.api_key = (
+                settings.api_key.get_secret_value() if settings.api_key is not None else None
+            )
             api.state.channels = ChannelInbox(
                 self._runs, settings, app_name, team.threads.max_message_bytes
             )

@@ -36,7 +36,7 @@ from actors.directory import ThreadDirectory, pool_scope, root_cause
 from actors.key import ThreadKey
 from actors.redis_store import connect_redis
 from actors.run_queue import LeaseLost, OutboundReply, QueuedRun, RunQueue
-from serve_app.channels import ChannelSender
+from serve_app.channels import ChannelSender, split_text
 from stickyray.config import TeamConfig
 from stickyray.errors import (
     ChannelSendFailed,
@@ -392,7 +392,11 @@ class RunDispatcher:
         if before is not None:
             await asyncio.wait([before])
         try:
-            error = await self._send_until_done(reply)
+            error = None
+            for piece in split_text(reply.text):  # a piece sent is not sent again
+                error = await self._send_until_done(reply, piece)
+                if error is not None:
+                    break
             await self._retrying(self._queue.reply_done, self._token, reply, error=error)
             channel = str(reply.to.get("channel", "unknown"))
             record_reply(self._app, channel, "failed" if error is not None else "sent")
@@ -405,15 +409,20 @@ class RunDispatcher:
                 "reply to %s of %s failed in the run worker", reply.message_id, reply.thread
             )
 
-    async def _send_until_done(self, reply: OutboundReply) -> str | None:
-        """Send ``reply``; None once sent, else why it could not be."""
+    async def _send_until_done(self, reply: OutboundReply, text: str) -> str | None:
+        """Send ``text`` of ``reply``; None once sent, else why it could not be.
+
+        Raises LeaseLost (sending nothing) once this worker no longer holds the lease: the
+        reply is then the next worker's to send.
+        """
         assert self._send_reply is not None
         delay = 0.5
         deadline: float | None = None  # counted from the first failure
         while True:
             try:
                 async with self._sending:
-                    await self._send_reply(reply.to, reply.text)
+                    await self._still_leased()
+                    await self._send_reply(reply.to, text)
                 return None
             except ChannelSendFailed as exc:
                 if exc.permanent:
@@ -422,6 +431,8 @@ class RunDispatcher:
                     )
                     return str(exc)
                 reason, wait = str(exc), max(delay, exc.retry_after or 0.0)
+            except (LeaseLost, _Stopping):
+                raise
             except Exception as exc:  # a bug in a channel, not an outage
                 log.exception("reply to %s of %s failed", reply.message_id, reply.thread)
                 return f"{type(exc).__name__}: {exc}"
@@ -439,6 +450,17 @@ class RunDispatcher:
             log.info("reply to %s: %s; sending again in %.2f s", reply.message_id, reason, wait)
             await self._pause(wait)
             delay = min(delay * 2, self._retry_cap_s)
+
+    async def _still_leased(self) -> None:
+        """Raise LeaseLost unless this worker still holds the lease, extending it if so.
+
+        Checked before each message to a channel, which no script can guard: a worker that
+        stalled past its lease, or lost it during a Redis outage, sends nothing more.
+        """
+        if self._lost.is_set() or not await self._retrying(
+            self._queue.renew, self._token, self._lease_s
+        ):
+            raise LeaseLost(self._token)
 
     async def _retrying(self, call: Callable[..., Awaitable[T]], *args: Any, **kw: Any) -> T:
         """``call(*args, **kw)``, again with backoff while Redis is unavailable."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,8 +44,15 @@ class Settings(BaseSettings):
     anthropic_base_url: str = Field(default="https://api.anthropic.com", alias="ANTHROPIC_BASE_URL")
     llm_timeout_s: float = Field(default=60.0, gt=0, alias="STICKYRAY_LLM_TIMEOUT_S")
     llm_max_retries: int = Field(default=3, ge=0, alias="STICKYRAY_LLM_MAX_RETRIES")
+    # Set, every /v1 route but the channels' webhooks needs "Authorization: Bearer <key>".
+    api_key: SecretStr | None = Field(default=None, alias="STICKYRAY_API_KEY")
     # Channels: each is on when its credentials are set (see serve_app/channels.py).
     telegram_bot_token: SecretStr | None = Field(default=None, alias="TELEGRAM_BOT_TOKEN")
+    # The bot's @username: "/supervisor@<it>" in a group is its command; one naming another
+    # bot is not for this one. Unset, only plain commands ("/supervisor") are commands.
+    telegram_bot_username: str | None = Field(
+        default=None, alias="TELEGRAM_BOT_USERNAME", pattern=r"^@?[A-Za-z0-9_]{1,64}$"
+    )
     telegram_webhook_secret: SecretStr | None = Field(default=None, alias="TELEGRAM_WEBHOOK_SECRET")
     telegram_api_base: str = Field(default="https://api.telegram.org", alias="TELEGRAM_API_BASE")
     whatsapp_access_token: SecretStr | None = Field(default=None, alias="WHATSAPP_ACCESS_TOKEN")
@@ -54,6 +61,27 @@ class Settings(BaseSettings):
     whatsapp_api_base: str = Field(
         default="https://graph.facebook.com/v21.0", alias="WHATSAPP_API_BASE"
     )
+
+    @field_validator(
+        "api_key",
+        "telegram_bot_token",
+        "telegram_webhook_secret",
+        "whatsapp_access_token",
+        "whatsapp_app_secret",
+        "whatsapp_verify_token",
+    )
+    @classmethod
+    def _one_word(cls, secret: SecretStr | None) -> SecretStr | None:
+        # A trailing newline (a secret mounted from a file) would end up in an HTTP header,
+        # whose error then quotes the secret.
+        if secret is not None and not re.fullmatch(r"[\x21-\x7e]+", secret.get_secret_value()):
+            raise ValueError("must be printable ASCII without spaces or line breaks")
+        return secret
+
+    @field_validator("telegram_bot_username")
+    @classmethod
+    def _username(cls, name: str | None) -> str | None:
+        return name.removeprefix("@") if name is not None else None
 
     @field_validator("telegram_webhook_secret")
     @classmethod
@@ -67,23 +95,26 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _channels_complete(self) -> Settings:
-        # A channel half set up would take messages it cannot authenticate or answer.
-        needs = {
-            "TELEGRAM_BOT_TOKEN": (self.telegram_bot_token, ["TELEGRAM_WEBHOOK_SECRET"]),
-            "WHATSAPP_ACCESS_TOKEN": (
-                self.whatsapp_access_token,
-                ["WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN"],
-            ),
+        # A channel half set up would take messages it cannot authenticate or answer, or
+        # pass the platform's checks and then refuse every message.
+        channels = {
+            "TELEGRAM_BOT_TOKEN": {
+                "TELEGRAM_BOT_TOKEN": self.telegram_bot_token,
+                "TELEGRAM_WEBHOOK_SECRET": self.telegram_webhook_secret,
+            },
+            "WHATSAPP_ACCESS_TOKEN": {
+                "WHATSAPP_ACCESS_TOKEN": self.whatsapp_access_token,
+                "WHATSAPP_APP_SECRET": self.whatsapp_app_secret,
+                "WHATSAPP_VERIFY_TOKEN": self.whatsapp_verify_token,
+            },
         }
-        values = {
-            "TELEGRAM_WEBHOOK_SECRET": self.telegram_webhook_secret,
-            "WHATSAPP_APP_SECRET": self.whatsapp_app_secret,
-            "WHATSAPP_VERIFY_TOKEN": self.whatsapp_verify_token,
-        }
-        for name, (token, required) in needs.items():
-            missing = [r for r in required if values[r] is None]
-            if token is not None and missing:
-                raise ValueError(f"{name} is set, so {' and '.join(missing)} must be too")
+        for variables in channels.values():
+            given = [name for name, value in variables.items() if value is not None]
+            missing = [name for name, value in variables.items() if value is None]
+            if given and missing:
+                raise ValueError(
+                    f"{' and '.join(given)} set, so {' and '.join(missing)} must be too"
+                )
         return self
 
     @field_validator("redis_url")
@@ -96,6 +127,13 @@ class Settings(BaseSettings):
 
 
 _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD")
+
+
+def _shown(value: Any) -> Any:
+    """``value`` with the password of a URL (``redis://user:pw@host``) masked."""
+    if isinstance(value, str):
+        return re.sub(r"(://[^/@\s]*?:)[^/@\s]*@", r"\1***@", value)
+    return value
 
 
 def load_settings() -> Settings:
@@ -112,5 +150,5 @@ def load_settings() -> Settings:
             elif _SECRET.search(name):  # never echo a credential into logs
                 problems.append(f"{name}: {message}")
             else:
-                problems.append(f"{name}: {message} (got {err.get('input')!r})")
+                problems.append(f"{name}: {message} (got {_shown(err.get('input'))!r})")
         raise ConfigError("bad environment setting: " + "; ".join(problems)) from None

@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import SecretStr
 
@@ -27,6 +28,14 @@ pytestmark = pytest.mark.ray
 
 SECRET = "tg-webhook-secret"
 APP_SECRET = "meta-app-secret"
+API_KEY = "sr-e2e-key"
+
+
+def api(app: App) -> httpx.Client:
+    """A client of the app's API, with its key (the webhooks need none)."""
+    return httpx.Client(
+        base_url=app.url, timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +57,8 @@ def settings(settings: Settings, platform: PlatformServer) -> Settings:
             "whatsapp_app_secret": SecretStr(APP_SECRET),
             "whatsapp_verify_token": SecretStr("verify-me"),
             "whatsapp_api_base": platform.url,
+            "telegram_bot_username": "ShopBot",
+            "api_key": SecretStr(API_KEY),
         }
     )
 
@@ -107,7 +118,9 @@ def test_a_telegram_chat_is_answered_in_the_chat_and_stays_with_its_specialist(
     telegram(app, chat, 3, "/supervisor@ShopBot")
     calls = sent_to(platform, path, 3)
     assert "supervisor" in calls[-1].body["text"].lower()
-    with app.client() as client:
+    with app.client() as client:  # without the key: a chat's history stays private
+        assert client.get(f"/v1/threads/telegram:{chat}").status_code == 401
+    with api(app) as client:
         thread = client.get(f"/v1/threads/telegram:{chat}").json()
         assert thread["active_agent"] is None and thread["turns"] == 2
         record = client.get(f"/v1/threads/telegram:{chat}/runs/telegram:{chat}:2").json()
@@ -179,7 +192,7 @@ def test_a_whatsapp_message_is_verified_queued_and_answered(
     assert calls[0].headers["authorization"] == "Bearer wa-token"
     assert calls[0].body["to"] == "34600111222"
     assert calls[0].body["text"] == {"body": "bookings says: can I book a room?"}
-    with app.client() as client:
+    with api(app) as client:
         thread = client.get("/v1/threads/whatsapp:1055:34600111222").json()
         assert thread["active_agent"] == "bookings"
 

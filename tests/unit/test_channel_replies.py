@@ -10,7 +10,7 @@ from typing import Any
 from actors.run_queue import RunQueue
 from stickyray.config import RunsConfig, load_config
 from stickyray.errors import ChannelSendFailed
-from stickyray.turns import SORRY_REPLY
+from stickyray.turns import SORRY_REPLY, InboundMessage, TurnResult
 from tests.unit.test_runs import (
     Running,
     Threads,
@@ -245,3 +245,52 @@ async def test_a_run_that_failed_without_a_turn_still_tells_its_user(
     record = await queue.get(key, "m1")
     assert record is not None and record.status == "failed" and record.result is None
     assert channel.sent == [(4, SORRY_REPLY)]
+
+
+async def test_a_long_reply_goes_in_pieces_and_a_failed_piece_alone_is_sent_again(
+    client: Any,  # noqa: F811
+) -> None:
+    long = "a" * 4000 + " " + "b" * 3000
+
+    async def answers_at_length(key: Any, message: InboundMessage) -> TurnResult:
+        return TurnResult(
+            thread_id=key.thread_id, message_id=message.message_id, turn=1, agent="x", reply=long
+        )
+
+    limited = ChannelSendFailed("telegram", "HTTP 429", permanent=False, retry_after=0.1)
+    queue, channel = queue_of(client), Channel(None, limited)
+    key = fresh()
+    await queue.submit(key, msg("tell me everything", "m1"), telegram(5))
+    worker = Running(dispatcher(queue, answers_at_length, send_reply=channel))
+    try:
+        await until(lambda: _reply_is(queue, key, "m1", "sent"))
+    finally:
+        await worker.stop()
+    assert channel.sent == [(5, "a" * 4000), (5, "b" * 3000)]
+    assert channel.calls == 3
+
+
+async def test_a_worker_that_lost_its_lease_sends_nothing_more(client: Any) -> None:  # noqa: F811
+    queue = queue_of(client)
+    threads = Threads(client, load_config(None), booking_agents())
+    key = fresh()
+    await queue.submit(key, msg("book a table", "m1"), telegram(6))
+    await queue.submit(key, msg("for 2", "m2"), telegram(6))
+    stalled = Channel()
+    stalled.hold.clear()
+    old = Running(dispatcher(queue, threads, send_reply=stalled))
+    await until(lambda: stalled.calls == 1)  # m1's reply is on its way when the lease goes
+    await client.delete(queue._lease)  # it expired: the worker stalled past it
+    channel = Channel()
+    new = Running(dispatcher(queue, threads, send_reply=channel))
+    try:
+        await until(lambda: len(channel.sent) == 2)
+        stalled.hold.set()  # the old worker wakes up, and finds its lease gone
+        await until(lambda: not old.dispatcher._replies)
+    finally:
+        await new.stop()
+        await old.stop()
+    replies = [await queue.get(key, mid) for mid in ("m1", "m2")]
+    texts = [r.result.reply for r in replies if r is not None and r.result is not None]
+    assert [text for _, text in channel.sent] == texts
+    assert texts[1] not in [text for _, text in stalled.sent]  # at most the one in flight

@@ -161,11 +161,31 @@ def test_telegram_ignores_what_is_not_text_and_names_a_malformed_field(web: Any)
     assert web.depth() == 0
 
 
-def test_a_telegram_group_command_is_the_plain_command() -> None:
-    parsed = telegram_messages(TelegramUpdate.model_validate(update("/supervisor@ShopBot now")))
-    assert [m.message.text for m in parsed] == ["/supervisor now"]
+def texts_of(text: str, username: str | None = "ShopBot") -> list[str]:
+    parsed = telegram_messages(TelegramUpdate.model_validate(update(text)), username)
+    return [m.message.text for m in parsed]
+
+
+def test_a_group_command_is_this_bots_only_when_it_names_this_bot() -> None:
+    assert texts_of("/supervisor@ShopBot now") == ["/supervisor now"]
+    assert texts_of("/supervisor@shopbot") == ["/supervisor"]  # usernames ignore case
+    assert texts_of("/remember@ShopBot\nI like tea") == ["/remember\nI like tea"]
+    assert texts_of("/reset@OtherBot") == []  # another bot's: not for this one
+    assert texts_of("/reset@ShopBot", username=None) == []  # who is this bot? unknown
+    assert texts_of("/status") == ["/status"]
+    assert texts_of("/home/ana@host is down") == ["/home/ana@host is down"]
+    parsed = telegram_messages(TelegramUpdate.model_validate(update("hi")))
     assert parsed[0].message.user_id == "telegram:9"
     assert parsed[0].reply_to == {"channel": "telegram", "chat_id": 42}
+
+
+def test_a_forum_topic_is_a_thread_of_its_own_answered_in_the_topic() -> None:
+    body = update("book a table", chat=-100)
+    body["message"] |= {"message_thread_id": 12, "is_topic_message": True}
+    (found,) = telegram_messages(TelegramUpdate.model_validate(body))
+    assert found.key == ThreadKey.of("telegram:-100:12")
+    assert found.reply_to == {"channel": "telegram", "chat_id": -100, "message_thread_id": 12}
+    assert found.message.message_id == "telegram:-100:7"
 
 
 def test_whatsapp_answers_the_verification_challenge_only_with_our_token(web: Any) -> None:
@@ -221,6 +241,12 @@ def test_a_full_queue_is_a_429_the_platform_retries(web: Any) -> None:
     assert web.depth() == 5
 
 
+def test_split_text_counts_as_the_platforms_do() -> None:
+    emoji = "\U0001f600" * 3000  # two UTF-16 units each: 6,000 units
+    pieces = split_text(emoji)
+    assert [len(p) for p in pieces] == [2048, 952] and "".join(pieces) == emoji
+
+
 def test_split_text_keeps_every_character_within_the_limit() -> None:
     text = ("word " * 30 + "\n") * 10
     pieces = split_text(text, limit=100)
@@ -248,16 +274,16 @@ async def test_the_sender_calls_each_platform_api_as_documented(
         await sender.send(
             {"channel": "whatsapp", "phone_number_id": "1055", "to": "34600111222"}, "hola"
         )
-        await sender.send({"channel": "telegram", "chat_id": 1}, "y" * 5000)
+        await sender.send({"channel": "telegram", "chat_id": -5, "message_thread_id": 12}, "t")
     finally:
         await sender.aclose()
-    telegram, whatsapp, *long = platform.calls
+    telegram, whatsapp, topic = platform.calls
+    assert topic.body == {"chat_id": -5, "text": "t", "message_thread_id": 12}
     assert telegram.path == "/bot123:abc/sendMessage"
     assert telegram.body == {"chat_id": -5, "text": "hello"}
     assert whatsapp.path == "/1055/messages"
     assert whatsapp.headers["authorization"] == "Bearer wa-token"
     assert whatsapp.body["to"] == "34600111222" and whatsapp.body["text"] == {"body": "hola"}
-    assert [len(c.body["text"]) for c in long] == [4096, 904]
 
 
 async def test_the_sender_tells_lasting_refusals_from_passing_ones(
@@ -280,6 +306,21 @@ async def test_the_sender_tells_lasting_refusals_from_passing_ones(
         with pytest.raises(ChannelSendFailed) as down:
             await sender.send({"channel": "whatsapp", "phone_number_id": "1", "to": "2"}, "hi")
         assert not down.value.permanent and "try later" in str(down.value)
+        # Meta throttles with a 400 and a code: pair rate limit, throughput.
+        for code in (131056, 130429):
+            platform.refuse(400, {"error": {"message": f"(#{code}) rate limit hit", "code": code}})
+            with pytest.raises(ChannelSendFailed) as throttled:
+                await sender.send({"channel": "whatsapp", "phone_number_id": "1", "to": "2"}, "x")
+            assert not throttled.value.permanent
+        platform.refuse(400, {"error": {"message": "(#131026) undeliverable", "code": 131026}})
+        with pytest.raises(ChannelSendFailed) as undeliverable:
+            await sender.send({"channel": "whatsapp", "phone_number_id": "1", "to": "2"}, "x")
+        assert undeliverable.value.permanent
+        # A platform that quotes the token back: the error (logged, stored) does not.
+        platform.refuse(401, {"ok": False, "description": "token 123:abc is not valid"})
+        with pytest.raises(ChannelSendFailed) as bad_token:
+            await sender.send(to, "hi")
+        assert "123:abc" not in str(bad_token.value) and "***" in str(bad_token.value)
     finally:
         await sender.aclose()
     gone = ChannelSender(channel_settings(redis_url, "http://127.0.0.1:9"))  # nothing listens
@@ -295,13 +336,37 @@ def test_a_half_set_up_channel_is_refused_at_start() -> None:
     from stickyray.errors import ConfigError
     from stickyray.settings import load_settings
 
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("TELEGRAM_BOT_TOKEN", "123:secret-token-value")
-        env.delenv("TELEGRAM_WEBHOOK_SECRET", raising=False)
-        with pytest.raises(ConfigError) as error:
-            load_settings()
-    assert "TELEGRAM_WEBHOOK_SECRET must be too" in str(error.value)
-    assert "secret-token-value" not in str(error.value)
+    def refused(**env: str) -> str:
+        with pytest.MonkeyPatch.context() as patch:
+            for name in ("TELEGRAM_BOT_TOKEN", "TELEGRAM_WEBHOOK_SECRET", "WHATSAPP_ACCESS_TOKEN"):
+                patch.delenv(name, raising=False)
+            for name, value in env.items():
+                patch.setenv(name, value)
+            with pytest.raises(ConfigError) as error:
+                load_settings()
+        return str(error.value)
+
+    error = refused(TELEGRAM_BOT_TOKEN="123:secret-token-value")
+    assert "TELEGRAM_WEBHOOK_SECRET must be too" in error and "secret-token-value" not in error
+    # The other way round: the platform's check would pass, then every message fail.
+    assert "TELEGRAM_BOT_TOKEN must be too" in refused(TELEGRAM_WEBHOOK_SECRET="abc")
+    assert "WHATSAPP_ACCESS_TOKEN" in refused(WHATSAPP_VERIFY_TOKEN="v", WHATSAPP_APP_SECRET="s")
+    # A secret mounted from a file with its newline would end up quoted in an HTTP error.
+    newline = refused(TELEGRAM_BOT_TOKEN="123:tok\n", TELEGRAM_WEBHOOK_SECRET="abc")
+    assert "TELEGRAM_BOT_TOKEN: must be printable ASCII" in newline and "123:tok" not in newline
+    # A URL's password is masked.
+    url = refused(REDIS_URL="http://default:hunter2@redis.internal:6379")
+    assert "hunter2" not in url and "default:***@redis.internal" in url
+
+
+def test_a_chunked_body_is_cut_off_once_too_large(web: Any) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(64):  # 4 MiB in all, with no Content-Length
+            yield b" " * 65536
+
+    response = web.client.post("/v1/channels/whatsapp/webhook", content=chunks())
+    assert response.status_code == 413
+    assert web.depth() == 0
 
 
 def test_a_body_larger_than_any_platform_sends_is_refused_unread(web: Any) -> None:

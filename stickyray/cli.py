@@ -88,6 +88,13 @@ def _serve(args: argparse.Namespace) -> int:
             if on:
                 webhook = f"http://{host}:{port}/v1/channels/{channel}/webhook"
                 print(f"stickyray: {channel} webhook at {webhook}", flush=True)
+                if settings.api_key is None:
+                    print(
+                        f"stickyray: warning: {channel} is on and STICKYRAY_API_KEY is not set: "
+                        "whoever reaches the API can read and reset the chats",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         metrics = metrics_url()
         if metrics is not None:
             print(f"stickyray: Prometheus metrics (ray_stickyray_*) at {metrics}", flush=True)

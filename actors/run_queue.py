@@ -159,17 +159,31 @@ return {'finished'}
 """
 )
 
-# KEYS: lease, outbox, record. ARGV: token, entry id, 'sent' or 'failed', error or ''.
+# KEYS: lease, outbox, record, progress. ARGV: token, entry id, 'sent' or 'failed', error
+# or ''.
 _REPLY_DONE = (
     _LEASED
     + """
 redis.call('XACK', KEYS[2], 'workers', ARGV[2])
 redis.call('XDEL', KEYS[2], ARGV[2])
+redis.call('HDEL', KEYS[4], ARGV[2])
 if redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('HSET', KEYS[3], 'reply', ARGV[3])
   if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], 'reply_error', ARGV[4]) end
 end
 return {'done'}
+"""
+)
+
+# KEYS: lease, outbox, progress. ARGV: token, entry id, pieces sent. Only while the reply is
+# in the outbox: a reply done already leaves nothing behind.
+_PIECES_SENT = (
+    _LEASED
+    + """
+if #redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2]) == 1 then
+  redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+end
+return {'ok'}
 """
 )
 
@@ -296,6 +310,8 @@ class RunQueue:
         self._queue = f"{prefix}:queue"
         self._lease = f"{prefix}:lease"
         self._outbox = f"{prefix}:outbox"
+        # How many pieces of a long reply were sent, by outbox entry.
+        self._progress = f"{prefix}:progress"
         self._records = f"{prefix}:run:"
         self._submit = client.register_script(_SUBMIT)
         self._read = client.register_script(_READ)
@@ -305,6 +321,7 @@ class RunQueue:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._reply_done = client.register_script(_REPLY_DONE)
+        self._pieces_sent = client.register_script(_PIECES_SENT)
 
     def _record_key(self, key: ThreadKey, message_id: str) -> str:
         return f"{self._records}{key}/{message_id}"
@@ -557,7 +574,25 @@ class RunQueue:
             record = f"{self._records}unknown"
         with redis_outages():
             (outcome, *_) = await self._reply_done(
-                keys=[self._lease, self._outbox, record], args=[token, entry, status, error]
+                keys=[self._lease, self._outbox, record, self._progress],
+                args=[token, entry, status, error],
+            )
+        if _text(outcome) == "lost":
+            raise LeaseLost(token)
+
+    async def pieces_sent(self, reply: OutboundReply) -> int:
+        """How many pieces of ``reply`` were sent already (by this or an earlier worker)."""
+        with redis_outages():
+            sent = await self._client.hget(self._progress, reply.entry)
+        return int(sent) if sent is not None else 0
+
+    async def piece_sent(self, token: str, reply: OutboundReply, pieces: int) -> None:
+        """Record that the first ``pieces`` pieces of ``reply`` were sent, so that a worker
+        taking over sends only the rest. Raises LeaseLost unless ``token`` holds the lease."""
+        with redis_outages():
+            (outcome, *_) = await self._pieces_sent(
+                keys=[self._lease, self._outbox, self._progress],
+                args=[token, reply.entry, pieces],
             )
         if _text(outcome) == "lost":
             raise LeaseLost(token)

@@ -383,7 +383,10 @@ def bench_cluster(latency_s: float) -> Iterator[tuple[FakeLLMProcess, Settings, 
         stack.callback(fake.stop)
         redis = EmbeddedRedis(Path(tmp) / "redis")
         settings = Settings(
-            REDIS_URL=redis.start(), OPENAI_API_KEY="bench", OPENAI_BASE_URL=fake.url
+            REDIS_URL=redis.start(),
+            OPENAI_API_KEY="bench",
+            OPENAI_BASE_URL=fake.url,
+            STICKYRAY_API_KEY=None,  # the bench's clients send none, whatever the shell has
         )
         stack.callback(redis.stop)
         port = _free_port()

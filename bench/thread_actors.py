@@ -141,7 +141,10 @@ def main(quick: bool = False) -> int:
         fake.on(agent="bookings", reply=FakeReply.text("ok"))
         redis = EmbeddedRedis(Path(tmp) / "redis")
         settings = Settings(
-            REDIS_URL=redis.start(), OPENAI_API_KEY="bench", OPENAI_BASE_URL=fake.openai_base_url
+            REDIS_URL=redis.start(),
+            OPENAI_API_KEY="bench",
+            OPENAI_BASE_URL=fake.openai_base_url,
+            STICKYRAY_API_KEY=None,  # the bench's clients send none, whatever the shell has
         )
         ray.init(address="local", namespace=NAMESPACE, logging_level=logging.ERROR)
         try:

@@ -30,6 +30,7 @@ import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -358,25 +359,26 @@ def _units(text: str) -> int:
 
 
 def split_text(text: str, limit: int = MAX_TEXT) -> list[str]:
-    """``text`` in pieces of at most ``limit`` UTF-16 units, cut at a line or a space when
-    there is one in the second half of a piece."""
+    """``text`` in pieces of at most ``limit`` UTF-16 units that join back into ``text``:
+    each cut after a line break, or else a space, in the second half of its piece."""
     pieces: list[str] = []
     while _units(text) > limit:
         end = limit
         while _units(text[:end]) > limit:
             end -= 1
-        cut = max(text.rfind("\n", 0, end), text.rfind(" ", 0, end))
-        if cut < end // 2:
-            cut = end
+        cut = text.rfind("\n", end // 2, end)
+        if cut < 0:
+            cut = text.rfind(" ", end // 2, end)
+        cut = cut + 1 if cut >= 0 else end  # the separator ends its piece
         pieces.append(text[:cut])
-        text = text[cut:].lstrip("\n ")
+        text = text[cut:]
     if text:
         pieces.append(text)
     return pieces
 
 
 # Meta answers throttling and its own outages with HTTP 400 and one of these codes: they pass.
-_WHATSAPP_TRANSIENT = {1, 2, 4, 17, 341, 80007, 130429, 131000, 131016, 131048, 131056, 133004}
+_WHATSAPP_TRANSIENT = {1, 2, 4, 17, 341, 613, 80007, 130429, 131000, 131016, 131048, 131056, 133004}
 
 
 class ChannelSender:
@@ -392,9 +394,10 @@ class ChannelSender:
         # httpx logs each request's URL at INFO, and a Telegram URL holds the bot's token.
         logging.getLogger("httpx").setLevel(logging.WARNING)
         self._secrets = [
-            secret.get_secret_value()
+            form
             for secret in (settings.telegram_bot_token, settings.whatsapp_access_token)
             if secret is not None
+            for form in (secret.get_secret_value(), quote(secret.get_secret_value(), safe=""))
         ]
 
     async def aclose(self) -> None:
@@ -445,6 +448,9 @@ class ChannelSender:
     ) -> None:
         try:
             response = await self._client.post(url, json=body, headers=headers)
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:  # fails every time
+            reason = self._redacted(f"{type(exc).__name__}: {exc}")
+            raise ChannelSendFailed(channel, reason, permanent=True) from None
         except httpx.HTTPError as exc:  # no answer: the platform or the network is down
             reason = self._redacted(f"{type(exc).__name__}: {exc}")
             raise ChannelSendFailed(channel, reason, permanent=False) from None

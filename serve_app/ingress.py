@@ -46,6 +46,14 @@ log = logging.getLogger(__name__)
 INGRESS_DEPLOYMENT = "StickyrayIngress"
 
 
+def _unauthorized() -> HTTPException:
+    return HTTPException(
+        401,
+        "header Authorization: missing or wrong; send 'Bearer <STICKYRAY_API_KEY>'",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
 async def _authorized(request: Request) -> None:
     """With ``STICKYRAY_API_KEY`` set, every /v1 route but the channels' webhooks (which
     authenticate the platform's call themselves) needs ``Authorization: Bearer <key>``."""
@@ -57,11 +65,7 @@ async def _authorized(request: Request) -> None:
         return  # health checks and the docs stay open
     given = request.headers.get("authorization", "")
     if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-        raise HTTPException(
-            401,
-            "header Authorization: missing or wrong; send 'Bearer <STICKYRAY_API_KEY>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise _unauthorized()
 
 
 api = FastAPI(
@@ -219,6 +223,35 @@ class _ErrorsAsJson:
 
 
 api.add_middleware(_ErrorsAsJson)
+
+
+class _ApiKey:
+    """Refuses a request without the API key (when one is set) before its body is read.
+
+    The route-level check (``_authorized``) runs only after FastAPI has read and parsed the
+    body: alone, it would let anyone without the key make the API buffer any body.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key: str | None = getattr(api.state, "api_key", None)
+        if scope["type"] == "http" and key is not None:
+            path, root = scope["path"], scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root) :]
+            if path.startswith("/v1/") and not path.startswith("/v1/channels/"):
+                headers = dict(scope["headers"])
+                given = headers.get(b"authorization", b"")
+                if not hmac.compare_digest(given, f"Bearer {key}".encode()):
+                    response = await _http_exception(Request(scope), _unauthorized())
+                    await response(scope, receive, send)
+                    return
+        await self._app(scope, receive, send)
+
+
+api.add_middleware(_ApiKey)
 
 
 def _jsonable(errors: Any) -> Any:

@@ -392,11 +392,7 @@ class RunDispatcher:
         if before is not None:
             await asyncio.wait([before])
         try:
-            error = None
-            for piece in split_text(reply.text):  # a piece sent is not sent again
-                error = await self._send_until_done(reply, piece)
-                if error is not None:
-                    break
+            error = await self._send_pieces(reply)
             await self._retrying(self._queue.reply_done, self._token, reply, error=error)
             channel = str(reply.to.get("channel", "unknown"))
             record_reply(self._app, channel, "failed" if error is not None else "sent")
@@ -409,15 +405,34 @@ class RunDispatcher:
                 "reply to %s of %s failed in the run worker", reply.message_id, reply.thread
             )
 
-    async def _send_until_done(self, reply: OutboundReply, text: str) -> str | None:
+    async def _send_pieces(self, reply: OutboundReply) -> str | None:
+        """Send the pieces of ``reply`` not sent yet, in order; None once all are sent, else
+        why the rest could not be. Each piece sent is recorded in Redis, so a worker that
+        takes over does not send it again."""
+        pieces = split_text(reply.text)
+        sent = await self._retrying(self._queue.pieces_sent, reply)
+        deadline: list[float] = []  # the reply's give-up time, from its first failure
+        for number in range(sent, len(pieces)):
+            error = await self._send_until_done(reply, pieces[number], deadline)
+            if error is not None:
+                if number > 0:
+                    error += f" ({number} of {len(pieces)} pieces were sent)"
+                return error
+            if number + 1 < len(pieces):
+                await self._retrying(self._queue.piece_sent, self._token, reply, number + 1)
+        return None
+
+    async def _send_until_done(
+        self, reply: OutboundReply, text: str, deadline: list[float]
+    ) -> str | None:
         """Send ``text`` of ``reply``; None once sent, else why it could not be.
 
-        Raises LeaseLost (sending nothing) once this worker no longer holds the lease: the
-        reply is then the next worker's to send.
+        ``deadline`` holds the reply's give-up time once a piece has failed (shared by its
+        pieces). Raises LeaseLost (sending nothing) once this worker no longer holds the
+        lease: the reply is then the next worker's to send.
         """
         assert self._send_reply is not None
         delay = 0.5
-        deadline: float | None = None  # counted from the first failure
         while True:
             try:
                 async with self._sending:
@@ -436,9 +451,9 @@ class RunDispatcher:
             except Exception as exc:  # a bug in a channel, not an outage
                 log.exception("reply to %s of %s failed", reply.message_id, reply.thread)
                 return f"{type(exc).__name__}: {exc}"
-            if deadline is None:
-                deadline = time.monotonic() + self._reply_give_up_after_s
-            if time.monotonic() + wait > deadline:
+            if not deadline:
+                deadline.append(time.monotonic() + self._reply_give_up_after_s)
+            if time.monotonic() + wait > deadline[0]:
                 log.warning(
                     "reply to %s of %s: giving up after %.0f s: %s",
                     reply.message_id,

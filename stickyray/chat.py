@@ -14,8 +14,13 @@ from stickyray.errors import InvalidThreadKey
 __all__ = ["run_chat"]
 
 
-def run_chat(url: str, thread: str | None, stdin: TextIO | None = None) -> int:
-    """Read lines from stdin, send each to the thread, print the agent and reply."""
+def run_chat(
+    url: str, thread: str | None, stdin: TextIO | None = None, api_key: str | None = None
+) -> int:
+    """Read lines from stdin, send each to the thread, print the agent and reply.
+
+    ``api_key``: the server's ``STICKYRAY_API_KEY``, if it has one.
+    """
     thread_id = thread or f"chat-{uuid.uuid4().hex[:8]}"
     try:
         ThreadKey.of(thread_id)  # the server's rule, checked before the first line is typed
@@ -25,14 +30,15 @@ def run_chat(url: str, thread: str | None, stdin: TextIO | None = None) -> int:
     source = stdin or sys.stdin
     print(f"thread {thread_id} at {url}  (/help for commands, Ctrl-D or Ctrl-C to quit)")
     try:
-        return _converse(url, thread_id, source)
+        return _converse(url, thread_id, source, api_key)
     except KeyboardInterrupt:
         print()
         return 0
 
 
-def _converse(url: str, thread_id: str, source: TextIO) -> int:
-    with httpx.Client(base_url=url, timeout=120) as client:
+def _converse(url: str, thread_id: str, source: TextIO, api_key: str | None) -> int:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    with httpx.Client(base_url=url, timeout=120, headers=headers) as client:
         while True:
             if source is sys.stdin:
                 print("you> ", end="", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
@@ -300,7 +301,9 @@ def _check(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from stickyray.chat import run_chat
 
-    return run_chat(args.url, args.thread)
+    # The key is all this client reads from the environment: the rest is the server's.
+    key = os.environ.get("STICKYRAY_API_KEY") or None
+    return run_chat(args.url, args.thread, api_key=key)
 
 
 def _replay(args: argparse.Namespace) -> int:

@@ -117,6 +117,14 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @field_validator("telegram_api_base", "whatsapp_api_base")
+    @classmethod
+    def _http_base(cls, url: str) -> str:
+        # Anything else fails every reply only once the first one is sent.
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return url
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, url: str | None) -> str | None:
@@ -130,9 +138,11 @@ _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD")
 
 
 def _shown(value: Any) -> Any:
-    """``value`` with the password of a URL (``redis://user:pw@host``) masked."""
-    if isinstance(value, str):
-        return re.sub(r"(://[^/@\s]*?:)[^/@\s]*@", r"\1***@", value)
+    """``value`` with whatever precedes the host of a URL (``user:password@``) masked."""
+    if isinstance(value, str) and "@" in value:
+        scheme = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value)
+        prefix = scheme.group(0) if scheme else ""
+        return f"{prefix}***@{value.rsplit('@', 1)[1]}"
     return value
 
 

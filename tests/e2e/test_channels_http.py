@@ -6,6 +6,7 @@ platforms are a stand-in HTTP server on 127.0.0.1 that records what it is sent.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from pydantic import SecretStr
 
 from serve_app.channels import whatsapp_signature
+from stickyray.chat import run_chat
 from stickyray.metrics import metrics_url
 from stickyray.settings import Settings
 from stickyray.testing import FakeLLMServer
@@ -226,3 +228,16 @@ def test_channel_messages_and_replies_are_counted(app: App) -> None:
         return found == wanted
 
     wait_for(exported, timeout=60, what=f"channel metrics {wanted} (last seen {found})")
+
+
+def test_the_terminal_chat_sends_the_api_key(
+    app: App, fake_llm: FakeLLMServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script(fake_llm)
+    assert (
+        run_chat(app.url, "chat-keyed", stdin=io.StringIO("book a table\n"), api_key=API_KEY) == 0
+    )
+    out, err = capsys.readouterr()
+    assert "[bookings] bookings says: book a table" in out and "error" not in err
+    run_chat(app.url, "chat-unkeyed", stdin=io.StringIO("book a table\n"))
+    assert "error 401" in capsys.readouterr().err

@@ -40,6 +40,8 @@ def test_with_a_key_every_api_route_needs_it(keyed: types.SimpleNamespace) -> No
             assert response.headers["www-authenticate"] == "Bearer"
     # Refused before the body is read: a bad body still gets 401, not 422.
     assert client.post("/v1/threads/alice/messages", json={"nope": 1}).status_code == 401
+    broken = client.post("/v1/threads/alice/messages", content=b"{not json")
+    assert broken.status_code == 401
     assert keyed.instance._directory.sent == []
     ok = client.post(
         "/v1/threads/alice/messages",
@@ -76,3 +78,14 @@ def test_channel_message_ids_are_refused_on_the_api(replica: types.SimpleNamespa
         assert response.status_code == 422, path
         assert response.json()["error"].startswith("body.message_id: Value error, ids starting")
     assert replica.instance._directory.sent == []
+
+
+def test_the_key_is_checked_under_a_route_prefix(keyed: types.SimpleNamespace) -> None:
+    """As Serve mounts an app at /<name>: the full path, with root_path set."""
+    from fastapi.testclient import TestClient
+
+    client = TestClient(ingress.api, root_path="/myapp", raise_server_exceptions=False)
+    assert client.get("/myapp/v1/threads/alice").status_code == 401
+    assert client.post("/myapp/v1/threads/alice/messages", content=b"{x").status_code == 401
+    authorized = client.get("/myapp/v1/threads/alice", headers={"Authorization": f"Bearer {KEY}"})
+    assert authorized.status_code == 200

@@ -266,8 +266,61 @@ async def test_a_long_reply_goes_in_pieces_and_a_failed_piece_alone_is_sent_agai
         await until(lambda: _reply_is(queue, key, "m1", "sent"))
     finally:
         await worker.stop()
-    assert channel.sent == [(5, "a" * 4000), (5, "b" * 3000)]
+    assert channel.sent == [(5, "a" * 4000 + " "), (5, "b" * 3000)]
     assert channel.calls == 3
+
+
+async def test_pieces_sent_are_not_sent_again_by_the_next_worker(
+    client: Any,  # noqa: F811
+) -> None:
+    long = "a" * 4000 + " " + "b" * 3000
+
+    async def answers_at_length(key: Any, message: InboundMessage) -> TurnResult:
+        return TurnResult(
+            thread_id=key.thread_id, message_id=message.message_id, turn=1, agent="x", reply=long
+        )
+
+    # Piece 2 meets a long rate limit; the worker is replaced meanwhile (a deploy).
+    limited = ChannelSendFailed("whatsapp", "HTTP 400: pair rate", permanent=False, retry_after=60)
+    queue, first_channel = queue_of(client), Channel(None, limited)
+    key = fresh()
+    await queue.submit(key, msg("tell me everything", "m1"), telegram(8))
+    first = Running(dispatcher(queue, answers_at_length, send_reply=first_channel))
+    await until(lambda: first_channel.calls == 2)
+    await first.stop()
+    channel = Channel()
+    second = Running(dispatcher(queue, answers_at_length, send_reply=channel))
+    try:
+        await until(lambda: _reply_is(queue, key, "m1", "sent"))
+    finally:
+        await second.stop()
+    assert first_channel.sent == [(8, "a" * 4000 + " ")]
+    assert channel.sent == [(8, "b" * 3000)]  # only the piece not sent yet
+    assert await client.hlen(queue._progress) == 0  # nothing left behind
+
+
+async def test_a_reply_cut_short_says_how_much_was_sent(client: Any) -> None:  # noqa: F811
+    async def answers_at_length(key: Any, message: InboundMessage) -> TurnResult:
+        return TurnResult(
+            thread_id=key.thread_id,
+            message_id=message.message_id,
+            turn=1,
+            agent="x",
+            reply="a" * 4000 + " " + "b" * 3000,
+        )
+
+    refused = ChannelSendFailed("telegram", "HTTP 400: message is too long", permanent=True)
+    queue, channel = queue_of(client), Channel(None, refused)
+    key = fresh()
+    await queue.submit(key, msg("tell me everything", "m1"), telegram(9))
+    worker = Running(dispatcher(queue, answers_at_length, send_reply=channel))
+    try:
+        await until(lambda: _reply_is(queue, key, "m1", "failed"))
+    finally:
+        await worker.stop()
+    record = await queue.get(key, "m1")
+    assert record is not None
+    assert record.reply_error == "telegram: HTTP 400: message is too long (1 of 2 pieces were sent)"
 
 
 async def test_a_worker_that_lost_its_lease_sends_nothing_more(client: Any) -> None:  # noqa: F811

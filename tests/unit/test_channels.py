@@ -247,13 +247,20 @@ def test_split_text_counts_as_the_platforms_do() -> None:
     assert [len(p) for p in pieces] == [2048, 952] and "".join(pieces) == emoji
 
 
+def test_split_text_keeps_code_blocks_intact() -> None:
+    prose = "This is a sentence of the answer. " * 150
+    code = "".join(f"    value_{n} = compute({n})\n" for n in range(200))
+    pieces = split_text(prose + "\n" + code)
+    assert "".join(pieces) == prose + "\n" + code
+    assert all(p.endswith(("\n", " ")) for p in pieces[:-1])  # cut at a line or a space
+    assert all(p.startswith("    value_") for p in pieces[1:] if "value_" in p[:20])
+
+
 def test_split_text_keeps_every_character_within_the_limit() -> None:
     text = ("word " * 30 + "\n") * 10
     pieces = split_text(text, limit=100)
     assert all(len(p) <= 100 for p in pieces) and len(pieces) > 1
-    assert "".join(pieces).replace(" ", "").replace("\n", "") == text.replace(" ", "").replace(
-        "\n", ""
-    )
+    assert "".join(pieces) == text
     assert split_text("x" * 250, limit=100) == ["x" * 100, "x" * 100, "x" * 50]
     assert split_text("short") == ["short"]
 
@@ -356,7 +363,10 @@ def test_a_half_set_up_channel_is_refused_at_start() -> None:
     assert "TELEGRAM_BOT_TOKEN: must be printable ASCII" in newline and "123:tok" not in newline
     # A URL's password is masked.
     url = refused(REDIS_URL="http://default:hunter2@redis.internal:6379")
-    assert "hunter2" not in url and "default:***@redis.internal" in url
+    assert "hunter2" not in url and "http://***@redis.internal:6379" in url
+    schemeless = refused(REDIS_URL="default:hunter2@redis.internal:6379")
+    assert "hunter2" not in schemeless and "***@redis.internal:6379" in schemeless
+    assert "TELEGRAM_API_BASE: must start with http" in refused(TELEGRAM_API_BASE="localhost:8081")
 
 
 def test_a_chunked_body_is_cut_off_once_too_large(web: Any) -> None:

@@ -25,6 +25,7 @@ from tests.e2e.conftest import App, wait_for
 from tests.e2e.teams import openai_team
 from tests.e2e.test_metrics import scrape
 from tests.e2e.test_runs_http import script
+from tests.unit.test_channels import wa_payload, wa_text
 
 pytestmark = pytest.mark.ray
 
@@ -147,32 +148,7 @@ def test_a_whatsapp_message_is_verified_queued_and_answered(
             },
         )
         assert (check.status_code, check.text) == (200, "42")
-        payload = {
-            "object": "whatsapp_business_account",
-            "entry": [
-                {
-                    "id": "biz",
-                    "changes": [
-                        {
-                            "field": "messages",
-                            "value": {
-                                "messaging_product": "whatsapp",
-                                "metadata": {"phone_number_id": "1055"},
-                                "messages": [
-                                    {
-                                        "from": "34600111222",
-                                        "id": "wamid.HBgL+/A==",
-                                        "timestamp": "1",
-                                        "type": "text",
-                                        "text": {"body": "can I book a room?"},
-                                    }
-                                ],
-                            },
-                        }
-                    ],
-                }
-            ],
-        }
+        payload = wa_payload(wa_text("can I book a room?", "wamid.HBgL+/A=="))
         raw = json.dumps(payload).encode()
         forged = client.post(
             "/v1/channels/whatsapp/webhook",

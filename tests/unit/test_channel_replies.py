@@ -247,16 +247,19 @@ async def test_a_run_that_failed_without_a_turn_still_tells_its_user(
     assert channel.sent == [(4, SORRY_REPLY)]
 
 
+LONG = "a" * 4000 + " " + "b" * 3000  # two pieces: 4,001 and 3,000 characters
+
+
+async def answers_at_length(key: Any, message: InboundMessage) -> TurnResult:
+    """Delivers a run as a turn whose reply is LONG."""
+    return TurnResult(
+        thread_id=key.thread_id, message_id=message.message_id, turn=1, agent="x", reply=LONG
+    )
+
+
 async def test_a_long_reply_goes_in_pieces_and_a_failed_piece_alone_is_sent_again(
     client: Any,  # noqa: F811
 ) -> None:
-    long = "a" * 4000 + " " + "b" * 3000
-
-    async def answers_at_length(key: Any, message: InboundMessage) -> TurnResult:
-        return TurnResult(
-            thread_id=key.thread_id, message_id=message.message_id, turn=1, agent="x", reply=long
-        )
-
     limited = ChannelSendFailed("telegram", "HTTP 429", permanent=False, retry_after=0.1)
     queue, channel = queue_of(client), Channel(None, limited)
     key = fresh()
@@ -273,13 +276,6 @@ async def test_a_long_reply_goes_in_pieces_and_a_failed_piece_alone_is_sent_agai
 async def test_pieces_sent_are_not_sent_again_by_the_next_worker(
     client: Any,  # noqa: F811
 ) -> None:
-    long = "a" * 4000 + " " + "b" * 3000
-
-    async def answers_at_length(key: Any, message: InboundMessage) -> TurnResult:
-        return TurnResult(
-            thread_id=key.thread_id, message_id=message.message_id, turn=1, agent="x", reply=long
-        )
-
     # Piece 2 meets a long rate limit; the worker is replaced meanwhile (a deploy).
     limited = ChannelSendFailed("whatsapp", "HTTP 400: pair rate", permanent=False, retry_after=60)
     queue, first_channel = queue_of(client), Channel(None, limited)
@@ -300,15 +296,6 @@ async def test_pieces_sent_are_not_sent_again_by_the_next_worker(
 
 
 async def test_a_reply_cut_short_says_how_much_was_sent(client: Any) -> None:  # noqa: F811
-    async def answers_at_length(key: Any, message: InboundMessage) -> TurnResult:
-        return TurnResult(
-            thread_id=key.thread_id,
-            message_id=message.message_id,
-            turn=1,
-            agent="x",
-            reply="a" * 4000 + " " + "b" * 3000,
-        )
-
     refused = ChannelSendFailed("telegram", "HTTP 400: message is too long", permanent=True)
     queue, channel = queue_of(client), Channel(None, refused)
     key = fresh()

@@ -7,7 +7,7 @@ import uuid
 from contextlib import AsyncExitStack
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -46,33 +46,10 @@ log = logging.getLogger(__name__)
 INGRESS_DEPLOYMENT = "StickyrayIngress"
 
 
-def _unauthorized() -> HTTPException:
-    return HTTPException(
-        401,
-        "header Authorization: missing or wrong; send 'Bearer <STICKYRAY_API_KEY>'",
-        headers={"WWW-Authenticate": "Bearer"},
-    )
-
-
-async def _authorized(request: Request) -> None:
-    """With ``STICKYRAY_API_KEY`` set, every /v1 route but the channels' webhooks (which
-    authenticate the platform's call themselves) needs ``Authorization: Bearer <key>``."""
-    key: str | None = getattr(request.app.state, "api_key", None)
-    if key is None:
-        return
-    route = getattr(request.scope.get("route"), "path", "")
-    if not route.startswith("/v1/") or route.startswith("/v1/channels/"):
-        return  # health checks and the docs stay open
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-        raise _unauthorized()
-
-
 api = FastAPI(
     title="stickyray",
     description="Sticky multi-agent assistant runtime: send messages to conversation threads.",
     version="0.1.0",
-    dependencies=[Depends(_authorized)],
 )
 api.include_router(memory_router)
 api.include_router(channels_router)
@@ -226,10 +203,12 @@ api.add_middleware(_ErrorsAsJson)
 
 
 class _ApiKey:
-    """Refuses a request without the API key (when one is set) before its body is read.
+    """With ``STICKYRAY_API_KEY`` set, every /v1 route but the channels' webhooks (which
+    authenticate the platform's call themselves) needs ``Authorization: Bearer <key>``;
+    health checks and the docs stay open.
 
-    The route-level check (``_authorized``) runs only after FastAPI has read and parsed the
-    body: alone, it would let anyone without the key make the API buffer any body.
+    A middleware, so that a request without the key is refused before its body is read.
+    It sees the path as the router does (without the ``root_path`` Serve mounts it under).
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -245,7 +224,12 @@ class _ApiKey:
                 headers = dict(scope["headers"])
                 given = headers.get(b"authorization", b"")
                 if not hmac.compare_digest(given, f"Bearer {key}".encode()):
-                    response = await _http_exception(Request(scope), _unauthorized())
+                    refused = HTTPException(
+                        401,
+                        "header Authorization: missing or wrong; send 'Bearer <STICKYRAY_API_KEY>'",
+                        headers={"WWW-Authenticate": "Bearer"},
+                    )
+                    response = await _http_exception(Request(scope), refused)
                     await response(scope, receive, send)
                     return
         await self._app(scope, receive, send)

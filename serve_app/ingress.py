@@ -215,7 +215,10 @@ class _ApiKey:
         self._app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key: str | None = getattr(api.state, "api_key", None)
+        # The app serving the request (as routes read request.app), which under Serve is
+        # not necessarily this module's object.
+        app = scope.get("app")
+        key: str | None = getattr(app.state, "api_key", None) if app is not None else None
         if scope["type"] == "http" and key is not None:
             path, root = scope["path"], scope.get("root_path", "")
             if root and path.startswith(root):

@@ -13,6 +13,7 @@ from providers.model import (
     ModelResponse,
     StopReason,
     ToolCall,
+    ToolChoice,
     ToolSpec,
     read_reply,
 )
@@ -134,6 +135,7 @@ class AnthropicProvider:
         tools: list[ToolSpec],
         temperature: float | None,
         max_tokens: int | None = None,
+        tool_choice: ToolChoice = "auto",
     ) -> ModelResponse:
         system, wire = to_anthropic(messages)
         kwargs: dict[str, Any] = {}
@@ -143,6 +145,8 @@ class AnthropicProvider:
             # Not a named parameter of this SDK version; the API still accepts it.
             kwargs["extra_body"] = {"temperature": temperature}
         if tools:
+            if tool_choice != "auto":
+                kwargs["tool_choice"] = {"type": tool_choice}
             kwargs["tools"] = [
                 {"name": t.name, "description": t.description, "input_schema": t.parameters}
                 for t in tools

@@ -22,6 +22,7 @@ __all__ = [
     "Provider",
     "StopReason",
     "ToolCall",
+    "ToolChoice",
     "ToolSpec",
     "read_reply",
 ]
@@ -40,6 +41,11 @@ CUT_OFF_KEY = "_cut_off"
 StopReason = Literal["end", "tool_use", "max_tokens", "refusal", "content_filter"]
 """Why a model reply ended, in both vendors' terms: finished, calling tools, cut off by the
 token limit, refused (the text is the refusal), or withheld by a content filter."""
+
+
+ToolChoice = Literal["auto", "none"]
+"""Whether the model may call the offered tools (``auto``) or must answer in text (``none``:
+the tools stay offered, as a conversation holding tool calls needs them described)."""
 
 
 class ToolCall(_Wire):
@@ -118,6 +124,7 @@ class Provider(Protocol):
         tools: list[ToolSpec],
         temperature: float | None,
         max_tokens: int | None = None,
+        tool_choice: ToolChoice = "auto",
     ) -> ModelResponse:
         """One model call. Raises ProviderError once its retries are spent."""
         ...

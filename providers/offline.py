@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 from memory.embedders import Embedder
-from providers.model import ChatMessage, ModelResponse, ToolCall, ToolSpec
+from providers.model import ChatMessage, ModelResponse, ToolCall, ToolChoice, ToolSpec
 from providers.routing import AgentProfile, EvidenceRouter, IntentProfile
 from stickyray.config import AgentConfig, TeamConfig
 
@@ -72,12 +72,14 @@ class OfflineProvider:
         tools: list[ToolSpec],
         temperature: float | None,
         max_tokens: int | None = None,
+        tool_choice: ToolChoice = "auto",
     ) -> ModelResponse:
         last = messages[-1] if messages else None
         if last is not None and last.role == "tool":
             return self._reply(f"Tool results: {last.content}", model)
         users = [m.content for m in messages if m.role == "user"]
-        offered = {t.name for t in tools}
+        # Tools the model may call: with "none", it answers in text like a model would.
+        offered = {t.name for t in tools} if tool_choice == "auto" else set()
         targets = [n for n in self.router.agents if f"{TRANSFER_PREFIX}{n}" in offered]
         if agent == self._team.supervisor.name:
             system = messages[0].content if messages and messages[0].role == "system" else ""

@@ -16,6 +16,7 @@ from providers.model import (
     ModelResponse,
     StopReason,
     ToolCall,
+    ToolChoice,
     ToolSpec,
     read_reply,
 )
@@ -126,9 +127,12 @@ class OpenAIProvider:
         tools: list[ToolSpec],
         temperature: float | None,
         max_tokens: int | None = None,
+        tool_choice: ToolChoice = "auto",
     ) -> ModelResponse:
         kwargs: dict[str, Any] = {}
         if tools:
+            if tool_choice != "auto":
+                kwargs["tool_choice"] = tool_choice
             kwargs["tools"] = [
                 {
                     "type": "function",

@@ -142,7 +142,8 @@ class Agent:
         messages = self.build_messages(request, memory)
         usage = Usage()
         tool_log: list[str] = []
-        for iteration in range(1, self.config.max_iterations + 1):
+        last = self.config.max_iterations
+        for iteration in range(1, last + 1):
             try:
                 response = await self._provider.complete(
                     agent=name,
@@ -151,6 +152,9 @@ class Agent:
                     tools=self._specs,
                     temperature=self.config.temperature,
                     max_tokens=self.config.max_tokens,
+                    # The last call answers from the tool results it has: tools it called now
+                    # would never run. (A single call may still call tools: it may hand off.)
+                    tool_choice="none" if iteration == last > 1 else "auto",
                 )
             except ProviderError as exc:
                 # The turn fails, but the calls already made were paid for: keep their usage.
@@ -184,9 +188,10 @@ class Agent:
                     tool_calls=tool_log,
                     error=error,
                 )
-            if iteration == self.config.max_iterations:
-                # No step is left to read their results: running the tools now would have
-                # their side effects (a booking) behind a reply saying the request failed.
+            if iteration == last:
+                # No step is left to read their results (a single allowed call, or a server
+                # that ignored tool_choice): running the tools now would have their side
+                # effects (a booking) behind a reply saying the request failed.
                 break
             messages.append(
                 ChatMessage(role="assistant", content=response.text, tool_calls=response.tool_calls)
@@ -203,7 +208,7 @@ class Agent:
             agent=name,
             reply=(
                 f"Sorry, the {name} agent could not finish this request within "
-                f"{self.config.max_iterations} steps. Please rephrase or try again."
+                f"{_steps(self.config.max_iterations)}. Please rephrase or try again."
             ),
             usage=usage,
             llm_calls=self.config.max_iterations,
@@ -269,3 +274,7 @@ def _final_reply(agent: str, response: ModelResponse) -> tuple[str, str | None]:
         log.info("agent %s: the reply ended with %s", agent, response.stop)
         return response.text, response.stop
     return response.text, None
+
+
+def _steps(count: int) -> str:
+    return "1 step" if count == 1 else f"{count} steps"

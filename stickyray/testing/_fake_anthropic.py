@@ -61,6 +61,18 @@ def tool_names(body: dict[str, Any]) -> list[str]:
     return [t["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str)]
 
 
+def tool_choice(body: dict[str, Any]) -> str:
+    """``auto`` (also when unset), ``none``, ``required`` (Anthropic's ``any``), or the name
+    of the forced tool."""
+    choice = body.get("tool_choice")
+    if not isinstance(choice, dict):
+        return "auto"
+    kind = choice.get("type")
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return str(choice["name"])
+    return {"none": "none", "any": "required"}.get(str(kind), "auto")
+
+
 def last_user_text(body: dict[str, Any]) -> str:
     """Text of the last user message that has any text, ignoring tool_result blocks.
 

@@ -63,6 +63,18 @@ def tool_names(body: dict[str, Any]) -> list[str]:
     return names
 
 
+def tool_choice(body: dict[str, Any]) -> str:
+    """``auto`` (also when unset), ``none``, ``required``, or the name of the forced tool."""
+    choice = body.get("tool_choice")
+    if isinstance(choice, str):
+        return choice
+    if isinstance(choice, dict):
+        spec = choice.get(choice.get("type") or "function")
+        if isinstance(spec, dict) and isinstance(spec.get("name"), str):
+            return spec["name"]
+    return "auto"
+
+
 def last_user_text(body: dict[str, Any]) -> str:
     """Text of the last role=user message."""
     for message in reversed(_messages(body)):

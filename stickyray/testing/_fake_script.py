@@ -31,6 +31,7 @@ class FakeRequest:
     system: str
     messages: list[Any]
     tools: list[str]
+    tool_choice: str  # auto, none, required, or the forced tool's name
     last_user_text: str
     tool_results: list[str]
     ends_with_tool_result: bool
@@ -45,6 +46,7 @@ class FakeRequest:
         return (
             f"{self.api} model={self.model!r} agent={self.agent!r} "
             f"user={self.last_user_text[:80]!r} tools={self.tools} "
+            f"tool_choice={self.tool_choice} "
             f"after_tool_result={self.ends_with_tool_result}"
         )
 
@@ -197,6 +199,7 @@ class _Wire(Protocol):
 
     def system_text(self, body: dict[str, Any]) -> str: ...
     def tool_names(self, body: dict[str, Any]) -> list[str]: ...
+    def tool_choice(self, body: dict[str, Any]) -> str: ...
     def last_user_text(self, body: dict[str, Any]) -> str: ...
     def tool_results(self, body: dict[str, Any]) -> list[str]: ...
     def ends_with_tool_result(self, body: dict[str, Any]) -> bool: ...
@@ -239,6 +242,7 @@ def normalize(
         system=wire.system_text(body),
         messages=messages if isinstance(messages, list) else [],
         tools=wire.tool_names(body),
+        tool_choice=wire.tool_choice(body),
         last_user_text=wire.last_user_text(body),
         tool_results=wire.tool_results(body),
         ends_with_tool_result=wire.ends_with_tool_result(body),

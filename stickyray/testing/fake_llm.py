@@ -388,6 +388,14 @@ class FakeLLMServer:
             reply = FakeReply.text(reply)
         if not isinstance(reply, FakeReply):
             return FakeReply.error(500, f"reply must be FakeReply or str, got {reply!r}"), _NO_RETRY
+        if reply.calls and fake_request.tool_choice == "none":
+            # A real model cannot answer this way: the script is wrong, not the caller.
+            names = [call.name for call in reply.calls]
+            message = (
+                f"fake LLM script answered tool calls {names} to a request that allows none "
+                f"(tool_choice none): {fake_request.summary()}"
+            )
+            return FakeReply.error(500, message), _NO_RETRY
         return reply, {}
 
 

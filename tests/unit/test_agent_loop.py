@@ -18,10 +18,10 @@ from stickyray.turns import AgentRequest
 from tests.e2e.teams import openai_team
 
 
-def team(provider: str, tools: list[str] | None = None):
+def team(provider: str, tools: list[str] | None = None, max_iterations: int = 3):
     data = openai_team(provider=provider, model="m-test")
     data["specialists"][1]["tools"] = tools or []
-    data["specialists"][1]["max_iterations"] = 3
+    data["specialists"][1]["max_iterations"] = max_iterations
     return parse_config(data, source=__import__("pathlib").Path("<test>"))
 
 
@@ -92,7 +92,51 @@ async def test_handoff_tool_ends_the_loop(kind: str, fake_llm: FakeLLMServer) ->
     assert (result.handoff_to, result.handoff_reason, result.reply) == ("support", "crash", None)
 
 
-async def test_max_iterations_gives_a_clear_reply(fake_llm: FakeLLMServer) -> None:
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_the_last_allowed_call_answers_from_the_tool_results(
+    kind: str, fake_llm: FakeLLMServer
+) -> None:
+    cfg = team(kind, tools=["current_time"])
+    agent = Agent(
+        cfg.agent("bookings"), cfg, provider_for(kind, fake_llm), resolve_tools(["current_time"])
+    )
+    fake_llm.on(
+        lambda r: r.tool_choice == "none",
+        agent="bookings",
+        reply=lambda r: FakeReply.text(f"from {len(r.tool_results)} results"),
+    )
+    fake_llm.on(agent="bookings", reply=FakeReply.tool_call("current_time", {}))
+    result = await agent.run(request("keep calling tools"))
+    assert (result.reply, result.error, result.llm_calls) == ("from 2 results", None, 3)
+    assert result.tool_calls == ["current_time", "current_time"]
+    assert [r.tool_choice for r in fake_llm.requests] == ["auto", "auto", "none"]
+    # Still described: the conversation holds calls of them (Anthropic refuses it otherwise).
+    assert fake_llm.requests[-1].tools == fake_llm.requests[0].tools
+
+
+async def test_a_single_allowed_call_may_hand_off_and_runs_no_tools(
+    fake_llm: FakeLLMServer,
+) -> None:
+    cfg = team("openai", tools=["current_time"], max_iterations=1)
+    agent = Agent(
+        cfg.agent("bookings"),
+        cfg,
+        provider_for("openai", fake_llm),
+        resolve_tools(["current_time"]),
+    )
+    fake_llm.queue(FakeReply.tool_call("return_to_supervisor", {"reason": "not mine"}))
+    fake_llm.queue(FakeReply.tool_call("current_time", {}))
+    handed = await agent.run(request("refund my invoice"))
+    assert handed.handoff_to == "triage" and fake_llm.requests[0].tool_choice == "auto"
+    result = await agent.run(request("what time is it?"))
+    # The tool is not run: nothing would read its result.
+    assert result.error == "max_iterations" and "within 1 step." in (result.reply or "")
+    assert result.tool_calls == [] and len(fake_llm.requests) == 2
+
+
+async def test_the_fake_refuses_a_script_that_calls_tools_when_none_are_allowed(
+    fake_llm: FakeLLMServer,
+) -> None:
     cfg = team("openai", tools=["current_time"])
     agent = Agent(
         cfg.agent("bookings"),
@@ -102,10 +146,8 @@ async def test_max_iterations_gives_a_clear_reply(fake_llm: FakeLLMServer) -> No
     )
     fake_llm.on(agent="bookings", reply=FakeReply.tool_call("current_time", {}))
     result = await agent.run(request("loop forever"))
-    assert result.error == "max_iterations" and "3 steps" in (result.reply or "")
-    assert len(fake_llm.requests) == 3
-    # The third call's tools are not run: nothing would read their results.
-    assert result.tool_calls == ["current_time", "current_time"]
+    assert result.failed and "allows none (tool_choice none)" in (result.error or "")
+    assert result.llm_calls == 2 and result.usage.requests == 2
 
 
 async def test_unknown_tool_and_bad_arguments_go_back_to_the_model(fake_llm: FakeLLMServer) -> None:

@@ -82,6 +82,19 @@ async def test_specialist_hands_directly_when_it_may(embedder, team) -> None:
     assert [c.name for c in response.tool_calls] == ["transfer_to_support"]
 
 
+async def test_a_call_that_allows_no_tools_answers_in_text(embedder, team) -> None:
+    provider = OfflineProvider(team.agent("invoices"), team, embedder)
+    response = await provider.complete(
+        agent="invoices",
+        model="offline",
+        messages=user("I forgot my password and cannot log in to the app"),
+        tools=tools("transfer_to_support", "return_to_supervisor"),
+        temperature=0,
+        tool_choice="none",
+    )
+    assert response.tool_calls == [] and "invoices" in response.text
+
+
 def test_embedding_more_texts_than_the_cache_holds(embedder: LocalEmbedder) -> None:
     small = LocalEmbedder(cache_size=2)
     small._model = embedder._load()  # share the loaded model; the cache is what is tested

@@ -13,9 +13,10 @@ live in one slot of a Redis Cluster:
   incarnation of the run worker: an entry read and not acknowledged (its worker stopped)
   is read again by the next one.
 - ``run:<tenant>/<thread>/<message id>``  hash: status (queued, running, completed,
-  failed), created_at, started_at, finished_at, attempts, result (the TurnResult JSON),
-  error. It does not expire while its run waits; finishing the run writes it, acknowledges
-  and deletes the entry in one script, and the record then expires ``result_ttl_s`` later.
+  failed, cancelled), created_at, started_at, finished_at, attempts, result (the TurnResult
+  JSON), error, entry (its id in ``queue``, for cancelling it). It does not expire while
+  its run waits; finishing (or cancelling) the run writes it, acknowledges and deletes the
+  entry in one script, and the record then expires ``result_ttl_s`` later.
 - ``lease``  which worker may read the queue (see ``acquire``): one at a time, so a
   thread's runs cannot be split between two workers and reordered.
 - ``outbox``  stream of replies to send to a channel (Telegram, WhatsApp), for runs
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 GROUP = "workers"
 _CONSUMER = "worker"
 
-RunStatus = Literal["queued", "running", "completed", "failed"]
+RunStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 ReplyStatus = Literal["pending", "sent", "failed"]
 
 # KEYS: queue, record. ARGV: thread key, message id, message JSON, now, cap, reply_to JSON
@@ -71,15 +72,39 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
   if queued >= tonumber(ARGV[5]) then
     return {'full', queued}
   end
+  local entry
   if ARGV[6] ~= '' then
-    redis.call('XADD', KEYS[1], '*', 'thread', ARGV[1], 'message', ARGV[3], 'reply_to', ARGV[6])
+    entry = redis.call('XADD', KEYS[1], '*', 'thread', ARGV[1], 'message', ARGV[3],
+                       'reply_to', ARGV[6])
   else
-    redis.call('XADD', KEYS[1], '*', 'thread', ARGV[1], 'message', ARGV[3])
+    entry = redis.call('XADD', KEYS[1], '*', 'thread', ARGV[1], 'message', ARGV[3])
   end
-  redis.call('HSET', KEYS[2], 'status', 'queued', 'created_at', ARGV[4], 'attempts', 0)
+  redis.call('HSET', KEYS[2], 'status', 'queued', 'created_at', ARGV[4], 'attempts', 0,
+             'entry', entry)
   return {'queued', redis.call('HGETALL', KEYS[2])}
 end
 return {'exists', redis.call('HGETALL', KEYS[2])}
+"""
+
+# KEYS: queue, record. ARGV: now, ttl. A queued run leaves the queue, once: the entry goes
+# with its record's status, so a worker holding it already finds it gone when it starts.
+# Returns the outcome and the record's fields, read in the same step.
+_CANCEL = """
+local status = redis.call('HGET', KEYS[2], 'status')
+if not status then
+  return {'missing', {}}
+end
+if status ~= 'queued' then
+  return {'unchanged', redis.call('HGETALL', KEYS[2])}
+end
+local entry = redis.call('HGET', KEYS[2], 'entry')
+if entry then
+  redis.call('XACK', KEYS[1], 'workers', entry)
+  redis.call('XDEL', KEYS[1], entry)
+end
+redis.call('HSET', KEYS[2], 'status', 'cancelled', 'finished_at', ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return {'cancelled', redis.call('HGETALL', KEYS[2])}
 """
 
 # Every script below that acts for a worker starts here: KEYS[1] is the lease, ARGV[1] the
@@ -322,6 +347,7 @@ class RunQueue:
         self._release = client.register_script(_RELEASE)
         self._reply_done = client.register_script(_REPLY_DONE)
         self._pieces_sent = client.register_script(_PIECES_SENT)
+        self._cancel = client.register_script(_CANCEL)
 
     def _record_key(self, key: ThreadKey, message_id: str) -> str:
         return f"{self._records}{key}/{message_id}"
@@ -356,6 +382,22 @@ class RunQueue:
         with redis_outages():
             fields = await self._client.hgetall(self._record_key(key, message_id))
         return _record(key, message_id, fields) if fields else None
+
+    async def cancel(self, key: ThreadKey, message_id: str) -> tuple[RunRecord | None, bool]:
+        """Take a queued run off the queue: its record, and whether this call cancelled it.
+
+        Only a run that has not started: a turn in progress cannot be stopped halfway. A run
+        cancelled before is returned as it is (False), as is one that started or finished;
+        None if there is no such run. The cancelled record expires ``result_ttl_s`` later.
+        """
+        with redis_outages():
+            outcome, fields = await self._cancel(
+                keys=[self._queue, self._record_key(key, message_id)],
+                args=[time.time(), self._config.result_ttl_s],
+            )
+        if _text(outcome) == "missing":
+            return None, False
+        return _record(key, message_id, fields), _text(outcome) == "cancelled"
 
     async def depth(self) -> int:
         """Runs waiting or running."""

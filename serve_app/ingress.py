@@ -36,6 +36,7 @@ from stickyray.errors import (
     ThreadPassivated,
     TurnPending,
 )
+from stickyray.metrics import record_run
 from stickyray.settings import Settings
 from stickyray.turns import InboundMessage, ThreadSnapshot, TurnResult, message_text
 
@@ -394,6 +395,33 @@ class Ingress:
             raise _http_error(exc) from None
         if record is None:
             raise HTTPException(404, f"thread {thread_id!r} has no run {message_id!r}")
+        return record
+
+    @api.post(
+        "/v1/threads/{thread_id}/runs/{message_id}/cancel",
+        response_model=RunRecord,
+        responses={409: {"description": "The run started or finished: it cannot be cancelled"}},
+    )
+    async def cancel_run(
+        self, thread_id: str = ThreadIdPath, message_id: str = MessageIdPath
+    ) -> RunRecord:
+        """Take a run that has not started off the queue; it never runs (nor replies)."""
+        key = _key(thread_id)
+        try:
+            record, cancelled = await self._runs.cancel(key, message_id)
+        except StoreUnavailable as exc:
+            raise _http_error(exc) from None
+        if record is None:
+            raise HTTPException(404, f"thread {thread_id!r} has no run {message_id!r}")
+        if cancelled:
+            record_run(self._app_name, status="cancelled")
+        elif record.status != "cancelled":
+            why = "is running" if record.status == "running" else f"has {record.status}"
+            raise HTTPException(
+                409,
+                f"run {message_id!r} of thread {thread_id!r} {why}: only a queued run "
+                "can be cancelled",
+            )
         return record
 
     @api.get("/v1/threads/{thread_id}", response_model=ThreadSnapshot)

@@ -288,7 +288,6 @@ class RunDispatcher:
         if before is not None:
             await asyncio.wait([before])  # order is what matters; its outcome is its own
         try:
-            record_run(self._app, waited=time.time() - run.queued_at)
             result, error = await self._deliver_until_done(run)
             if result is None and error is None:
                 return  # finished already, by a worker that took over
@@ -314,7 +313,9 @@ class RunDispatcher:
         while True:
             async with self._delivering:  # not held while backing off
                 if not await self._retrying(self._queue.start, self._token, run):
-                    return None, None
+                    return None, None  # or cancelled before it started
+                if deadline is None:  # the first delivery: how long the run waited for it
+                    record_run(self._app, waited=time.time() - run.queued_at)
                 try:
                     return await self._deliver(run.key, run.message), None
                 except Exception as exc:

@@ -96,7 +96,17 @@ def test_runs_answer_in_the_background_in_order(app: App, fake_llm: FakeLLMServe
         # Answered before any turn ran: each one waits at least 0.5 s for its answer.
         assert all(r["status"] in ("queued", "running") for r in queued)
         assert all(r["result"] is None and r["thread_id"] == thread for r in queued)
+        # A run behind three that take 0.5 s each has not started: it can be cancelled.
+        submit(client, thread, "and a cake", "m3")
+        cancelled = client.post(f"/v1/threads/{thread}/runs/m3/cancel")
+        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.json()["status"] == "cancelled" and cancelled.json()["result"] is None
         records = finished(client, thread, "m0", "m1", "m2")
+        late = client.post(f"/v1/threads/{thread}/runs/m0/cancel")
+        assert late.status_code == 409 and "has completed" in late.json()["error"]
+        assert client.post(f"/v1/threads/{thread}/runs/m9/cancel").status_code == 404
+        again = client.post(f"/v1/threads/{thread}/runs/m3/cancel")
+        assert again.status_code == 200 and again.json()["status"] == "cancelled"
         assert [r["status"] for r in records] == ["completed"] * 3
         results = [r["result"] for r in records]
         assert [(t["turn"], t["agent"], t["message_id"]) for t in results] == [
@@ -130,6 +140,7 @@ def test_runs_answer_in_the_background_in_order(app: App, fake_llm: FakeLLMServe
     assert url is not None
     wanted = {
         ("ray_stickyray_runs_total", (("status", "completed"),)): 3.0,
+        ("ray_stickyray_runs_total", (("status", "cancelled"),)): 1.0,
         ("ray_stickyray_run_wait_seconds_count", ()): 3.0,
     }
     found: dict = {}

@@ -192,6 +192,44 @@ async def test_runs_of_a_thread_run_in_order_and_threads_run_at_once(client: Any
     assert 0 < ttl <= RunsConfig().result_ttl_s
 
 
+async def test_a_queued_run_can_be_cancelled_and_nothing_else(client: Any) -> None:
+    gate = Gate()
+    threads = Threads(client, load_config(None), GatedAgents(gate))
+    queue = queue_of(client)
+    key = fresh()
+    for text in ["slow: a table for 2", "at 8 pm", "yes please"]:
+        await queue.submit(key, msg(text, text))
+    assert await queue.cancel(key, "nothing like it") == (None, False)
+    worker = await running(dispatcher(queue, threads))
+    try:
+        await until(lambda: gate.waiting == 1)  # the next runs are read and wait their turn
+        record, cancelled = await queue.cancel(key, "at 8 pm")
+        assert cancelled and record is not None and record.status == "cancelled"
+        assert record.finished_at is not None and record.result is None
+        # A run that started, or was cancelled before, stays as it is.
+        running_now, cancelled = await queue.cancel(key, "slow: a table for 2")
+        assert not cancelled and running_now is not None and running_now.status == "running"
+        again, cancelled = await queue.cancel(key, "at 8 pm")
+        assert not cancelled and again is not None and again.status == "cancelled"
+        gate.open.set()
+        await until(lambda: status_is(queue, key, "yes please", "completed"))
+    finally:
+        await stop(worker)
+    # The worker held the cancelled run already, and left it.
+    assert [t.message_id for t in await threads.store.turns(key)] == [
+        "slow: a table for 2",
+        "yes please",
+    ]
+    assert await status_is(queue, key, "at 8 pm", "cancelled")
+    done, cancelled = await queue.cancel(key, "yes please")
+    assert not cancelled and done is not None and done.status == "completed"
+    assert await queue.depth() == 0
+    assert 0 < await client.ttl(queue._record_key(key, "at 8 pm")) <= RunsConfig().result_ttl_s
+    # Its message id stays taken while the record lasts: submitting it again queues nothing.
+    record, queued = await queue.submit(key, msg("at 8 pm", "at 8 pm"))
+    assert not queued and record.status == "cancelled"
+
+
 async def test_a_thread_with_many_runs_takes_no_room_from_others(client: Any) -> None:
     gate = Gate()
     threads = Threads(client, load_config(None), GatedAgents(gate))

@@ -17,6 +17,9 @@ live in one slot of a Redis Cluster:
   JSON), error, entry (its id in ``queue``, for cancelling it). It does not expire while
   its run waits; finishing (or cancelling) the run writes it, acknowledges and deletes the
   entry in one script, and the record then expires ``result_ttl_s`` later.
+- ``open:<tenant>/<thread>``  sorted set of the thread's runs not finished (message ids, by
+  time queued), for listing them: submitting adds one, finishing or cancelling removes it
+  in the same script, and the set is gone once its last run is.
 - ``lease``  which worker may read the queue (see ``acquire``): one at a time, so a
   thread's runs cannot be split between two workers and reordered.
 - ``outbox``  stream of replies to send to a channel (Telegram, WhatsApp), for runs
@@ -64,8 +67,9 @@ _CONSUMER = "worker"
 RunStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 ReplyStatus = Literal["pending", "sent", "failed"]
 
-# KEYS: queue, record. ARGV: thread key, message id, message JSON, now, cap, reply_to JSON
-# or ''. Returns the status and the record's fields, read in the same step.
+# KEYS: queue, record, the thread's open runs. ARGV: thread key, message id, message JSON,
+# now, cap, reply_to JSON or ''. Returns the status and the record's fields, read in the
+# same step.
 _SUBMIT = """
 if redis.call('EXISTS', KEYS[2]) == 0 then
   local queued = redis.call('XLEN', KEYS[1])
@@ -81,12 +85,14 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
   end
   redis.call('HSET', KEYS[2], 'status', 'queued', 'created_at', ARGV[4], 'attempts', 0,
              'entry', entry)
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
   return {'queued', redis.call('HGETALL', KEYS[2])}
 end
 return {'exists', redis.call('HGETALL', KEYS[2])}
 """
 
-# KEYS: queue, record. ARGV: now, ttl. A queued run leaves the queue, once: the entry goes
+# KEYS: queue, record, the thread's open runs. ARGV: now, ttl, message id. A queued run
+# leaves the queue, once: the entry goes
 # with its record's status, so a worker holding it already finds it gone when it starts.
 # Returns the outcome and the record's fields, read in the same step.
 _CANCEL = """
@@ -102,6 +108,7 @@ if entry then
   redis.call('XACK', KEYS[1], 'workers', entry)
   redis.call('XDEL', KEYS[1], entry)
 end
+redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('HSET', KEYS[2], 'status', 'cancelled', 'finished_at', ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return {'cancelled', redis.call('HGETALL', KEYS[2])}
@@ -162,9 +169,9 @@ return {'started'}
 """
 )
 
-# KEYS: lease, queue, record, outbox. ARGV: token, entry id, status, now, result JSON or
-# '', error or '', ttl, entry time, reply JSON or ''. Once per entry: the entry is deleted
-# with it, and its reply (if any) is in the outbox.
+# KEYS: lease, queue, record, outbox, the thread's open runs. ARGV: token, entry id,
+# status, now, result JSON or '', error or '', ttl, entry time, reply JSON or '', message
+# id. Once per entry: the entry is deleted with it, and its reply (if any) is in the outbox.
 _FINISH = (
     _LEASED
     + _PRESENT
@@ -176,6 +183,7 @@ if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], 'error', ARGV[6]) end
 redis.call('EXPIRE', KEYS[3], ARGV[7])
 redis.call('XACK', KEYS[2], 'workers', ARGV[2])
 redis.call('XDEL', KEYS[2], ARGV[2])
+redis.call('ZREM', KEYS[5], ARGV[10])
 if ARGV[9] ~= '' then
   redis.call('XADD', KEYS[4], '*', 'reply', ARGV[9], 'record', KEYS[3])
   redis.call('HSET', KEYS[3], 'reply', 'pending')
@@ -338,6 +346,7 @@ class RunQueue:
         # How many pieces of a long reply were sent, by outbox entry.
         self._progress = f"{prefix}:progress"
         self._records = f"{prefix}:run:"
+        self._open = f"{prefix}:open:"
         self._submit = client.register_script(_SUBMIT)
         self._read = client.register_script(_READ)
         self._start = client.register_script(_START)
@@ -352,6 +361,9 @@ class RunQueue:
     def _record_key(self, key: ThreadKey, message_id: str) -> str:
         return f"{self._records}{key}/{message_id}"
 
+    def _open_key(self, key: ThreadKey) -> str:
+        return f"{self._open}{key}"
+
     async def submit(
         self, key: ThreadKey, message: InboundMessage, reply_to: dict[str, Any] | None = None
     ) -> tuple[RunRecord, bool]:
@@ -363,7 +375,11 @@ class RunQueue:
         """
         with redis_outages():
             status, fields = await self._submit(
-                keys=[self._queue, self._record_key(key, message.message_id)],
+                keys=[
+                    self._queue,
+                    self._record_key(key, message.message_id),
+                    self._open_key(key),
+                ],
                 args=[
                     str(key),
                     message.message_id,
@@ -392,12 +408,25 @@ class RunQueue:
         """
         with redis_outages():
             outcome, fields = await self._cancel(
-                keys=[self._queue, self._record_key(key, message_id)],
-                args=[time.time(), self._config.result_ttl_s],
+                keys=[self._queue, self._record_key(key, message_id), self._open_key(key)],
+                args=[time.time(), self._config.result_ttl_s, message_id],
             )
         if _text(outcome) == "missing":
             return None, False
         return _record(key, message_id, fields), _text(outcome) == "cancelled"
+
+    async def open_runs(self, key: ThreadKey, limit: int) -> list[RunRecord]:
+        """The thread's runs not finished (queued or running), oldest first, at most
+        ``limit``."""
+        with redis_outages():
+            mids = [_text(m) for m in await self._client.zrange(self._open_key(key), 0, limit - 1)]
+            async with self._client.pipeline(transaction=False) as pipe:
+                for mid in mids:
+                    pipe.hgetall(self._record_key(key, mid))
+                found = await pipe.execute()
+        return [
+            _record(key, mid, fields) for mid, fields in zip(mids, found, strict=True) if fields
+        ]
 
     async def depth(self) -> int:
         """Runs waiting or running."""
@@ -523,7 +552,7 @@ class RunQueue:
         record = self._record_key(run.key, run.message.message_id)
         with redis_outages():
             status, *_ = await script(
-                keys=[self._lease, self._queue, record, self._outbox],
+                keys=[self._lease, self._queue, record, self._outbox, self._open_key(run.key)],
                 args=[token, run.entry, *args],
             )
         if _text(status) == "lost":
@@ -574,6 +603,7 @@ class RunQueue:
             self._config.result_ttl_s,
             run.queued_at,
             reply,
+            run.message.message_id,
         )
         return status == "finished"
 

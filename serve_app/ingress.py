@@ -132,6 +132,13 @@ class TurnHistory(BaseModel):
     turns: list[TurnResult]
 
 
+class OpenRuns(BaseModel):
+    """Result of GET /v1/threads/{thread_id}/runs: runs not finished, oldest first."""
+
+    thread_id: str
+    runs: list[RunRecord]
+
+
 class Health(BaseModel):
     """Result of GET /healthz."""
 
@@ -382,6 +389,21 @@ class Ingress:
         if not queued:
             response.status_code = 200
         return record
+
+    @api.get("/v1/threads/{thread_id}/runs", response_model=OpenRuns)
+    async def get_open_runs(
+        self,
+        thread_id: str = ThreadIdPath,
+        limit: int = Query(default=100, ge=1, le=1000),
+    ) -> OpenRuns:
+        """The thread's runs that are queued or running, oldest first (finished ones are
+        its turns)."""
+        key = _key(thread_id)
+        try:
+            runs = await self._runs.open_runs(key, limit)
+        except StoreUnavailable as exc:
+            raise _http_error(exc) from None
+        return OpenRuns(thread_id=thread_id, runs=runs)
 
     @api.get("/v1/threads/{thread_id}/runs/{message_id}", response_model=RunRecord)
     async def get_run(

@@ -101,7 +101,10 @@ def test_runs_answer_in_the_background_in_order(app: App, fake_llm: FakeLLMServe
         cancelled = client.post(f"/v1/threads/{thread}/runs/m3/cancel")
         assert cancelled.status_code == 200, cancelled.text
         assert cancelled.json()["status"] == "cancelled" and cancelled.json()["result"] is None
+        waiting = client.get(f"/v1/threads/{thread}/runs").json()
+        assert [r["message_id"] for r in waiting["runs"]] == ["m0", "m1", "m2"]
         records = finished(client, thread, "m0", "m1", "m2")
+        assert client.get(f"/v1/threads/{thread}/runs?limit=5").json()["runs"] == []
         late = client.post(f"/v1/threads/{thread}/runs/m0/cancel")
         assert late.status_code == 409 and "has completed" in late.json()["error"]
         assert client.post(f"/v1/threads/{thread}/runs/m9/cancel").status_code == 404

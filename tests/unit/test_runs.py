@@ -192,7 +192,7 @@ async def test_runs_of_a_thread_run_in_order_and_threads_run_at_once(client: Any
     assert 0 < ttl <= RunsConfig().result_ttl_s
 
 
-async def test_a_queued_run_can_be_cancelled_and_nothing_else(client: Any) -> None:
+async def test_open_runs_are_listed_and_a_queued_one_can_be_cancelled(client: Any) -> None:
     gate = Gate()
     threads = Threads(client, load_config(None), GatedAgents(gate))
     queue = queue_of(client)
@@ -200,12 +200,20 @@ async def test_a_queued_run_can_be_cancelled_and_nothing_else(client: Any) -> No
     for text in ["slow: a table for 2", "at 8 pm", "yes please"]:
         await queue.submit(key, msg(text, text))
     assert await queue.cancel(key, "nothing like it") == (None, False)
+    assert [r.message_id for r in await queue.open_runs(key, 2)] == [
+        "slow: a table for 2",
+        "at 8 pm",
+    ]
     worker = await running(dispatcher(queue, threads))
     try:
         await until(lambda: gate.waiting == 1)  # the next runs are read and wait their turn
         record, cancelled = await queue.cancel(key, "at 8 pm")
         assert cancelled and record is not None and record.status == "cancelled"
         assert record.finished_at is not None and record.result is None
+        assert [(r.message_id, r.status) for r in await queue.open_runs(key, 100)] == [
+            ("slow: a table for 2", "running"),
+            ("yes please", "queued"),
+        ]
         # A run that started, or was cancelled before, stays as it is.
         running_now, cancelled = await queue.cancel(key, "slow: a table for 2")
         assert not cancelled and running_now is not None and running_now.status == "running"
@@ -224,6 +232,9 @@ async def test_a_queued_run_can_be_cancelled_and_nothing_else(client: Any) -> No
     done, cancelled = await queue.cancel(key, "yes please")
     assert not cancelled and done is not None and done.status == "completed"
     assert await queue.depth() == 0
+    # Finished or cancelled, no run is open, and the thread's open set is gone with the last.
+    assert await queue.open_runs(key, 100) == []
+    assert await client.exists(queue._open_key(key)) == 0
     assert 0 < await client.ttl(queue._record_key(key, "at 8 pm")) <= RunsConfig().result_ttl_s
     # Its message id stays taken while the record lasts: submitting it again queues nothing.
     record, queued = await queue.submit(key, msg("at 8 pm", "at 8 pm"))

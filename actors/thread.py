@@ -326,12 +326,15 @@ class Thread:
                 messages=messages,
             )
             try:
-                cost = cost + (await self._agents.compress(agent.name, request)).usage
+                result = await self._agents.compress(agent.name, request)
             except Exception as exc:  # keep the messages; nothing leaves without its memory
+                result = CompressResult(error=type(exc).__name__)
+            cost = cost + result.usage  # a summary not stored was still paid for
+            if result.error is not None:
                 log.warning(
                     "thread %s: compression failed (%s); keeping %d messages",
                     self.key,
-                    type(exc).__name__,
+                    result.error,
                     len(messages),
                 )
                 unsaved.add(user_id)

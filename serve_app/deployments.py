@@ -174,11 +174,12 @@ class AgentDeployment:
         try:
             result = self._charged(await self._agent.compress(request))
         except SummaryNotStored as exc:
-            # The summary was paid for: count it, then fail as the store did, so that the
-            # thread keeps the messages and tries again.
-            record_model_calls(*self._metric_labels, self._priced(exc.usage))
-            assert exc.__cause__ is not None
-            raise exc.__cause__ from None
+            # The summary was paid for: count it here and in the thread's turn, which keeps
+            # the messages and tries again.
+            usage = self._priced(exc.usage)
+            record_model_calls(*self._metric_labels, usage)
+            cause = exc.__cause__
+            return CompressResult(usage=usage, error=f"{type(cause).__name__}: {cause}")
         record_model_calls(*self._metric_labels, result.usage)
         return result
 

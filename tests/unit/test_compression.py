@@ -119,8 +119,8 @@ async def test_a_summary_that_cannot_be_stored_keeps_its_cost_for_the_replica(
     assert caught.value.usage.requests == 1
     assert isinstance(caught.value.__cause__, StoreUnavailable)
 
-    # The replica counts what the summary cost, then fails as the store did: the thread
-    # keeps the messages.
+    # The replica counts what the summary cost, and answers the store's error with that cost,
+    # for the thread's turn: the thread keeps the messages.
     counted: list[tuple[str, str, str, Usage]] = []
 
     def count(app: str, agent: str, model: str, usage: Usage, failed: bool = False) -> None:
@@ -131,9 +131,10 @@ async def test_a_summary_that_cannot_be_stored_keeps_its_cost_for_the_replica(
     replica._agent = Agent(bookings, team, provider, [], AgentMemory(bookings, broken), None)
     replica._metric_labels = ("app", "bookings", "m")
     replica._price = team.price_of("bookings")
-    with pytest.raises(StoreUnavailable):
-        await replica.compress(request("a table for two"))
+    result = await replica.compress(request("a table for two"))
+    assert result.memory_id is None and "StoreUnavailable" in (result.error or "")
     ((app, agent, model, usage),) = counted
+    assert result.usage == usage
     assert (app, agent, model, usage.requests) == ("app", "bookings", "m", 1)
     assert usage.cost_usd == pytest.approx((usage.input_tokens + 2 * usage.output_tokens) / 1e6)
     assert usage.cost_usd is not None and usage.cost_usd > 0

@@ -36,6 +36,7 @@ class Agents:
         self.compressed: list[tuple[str, list[str]]] = []
         self.compressed_for: list[str] = []
         self.compress_fails = False
+        self.summary_not_stored = False
 
     async def __call__(self, agent: str, request: AgentRequest) -> AgentResult:
         self.calls.append((agent, request.turn))
@@ -48,6 +49,8 @@ class Agents:
         if self.compress_fails:
             raise RuntimeError("memory store down")
         summary = Usage(input_tokens=100, output_tokens=10)  # a model wrote the summary
+        if self.summary_not_stored:
+            return CompressResult(usage=summary, error="StoreUnavailable: postgres is down")
         return CompressResult(memory_id=f"memory-{len(self.compressed)}", usage=summary)
 
 
@@ -453,7 +456,12 @@ async def test_overflow_is_compressed_before_it_leaves(team: TeamConfig) -> None
     agents.compress_fails = True
     await thread.handle(msg("by the window"))
     assert len(thread.snapshot().buffer) == 6, "nothing leaves without its memory"
-    agents.compress_fails = False
+    agents.compress_fails, agents.summary_not_stored = False, True
+    unstored = await thread.handle(msg("for four"))
+    assert len(thread.snapshot().buffer) == 8, "nothing leaves without its memory"
+    # A summary that was written but not stored was paid for within this turn.
+    assert unstored.usage == Usage(input_tokens=103, output_tokens=12)
+    agents.summary_not_stored = False
     await thread.handle(msg("thanks"))
     assert agents.compressed[-1][1][:2] == ["two people", "bookings: two people"]
     assert len(thread.snapshot().buffer) == 4

@@ -92,8 +92,9 @@ return {'exists', redis.call('HGETALL', KEYS[2])}
 """
 
 # KEYS: queue, record, the thread's open runs. ARGV: now, ttl, message id. A queued run
-# leaves the queue, once: the entry goes
-# with its record's status, so a worker holding it already finds it gone when it starts.
+# leaves the queue, once: the entry goes with its record's status, so a worker holding it
+# already finds it gone when it starts (a record without the entry's id: ``_START`` drops
+# the entry when it comes to it).
 # Returns the outcome and the record's fields, read in the same step.
 _CANCEL = """
 local status = redis.call('HGET', KEYS[2], 'status')
@@ -156,11 +157,17 @@ if #redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2]) == 0 then
 end
 """
 
-# KEYS: lease, queue, record. ARGV: token, entry id, now, entry time.
+# KEYS: lease, queue, record. ARGV: token, entry id, now, entry time. A run cancelled while
+# its entry stayed (queued by a release that did not record entry ids) leaves now.
 _START = (
     _LEASED
     + _PRESENT
     + """
+if redis.call('HGET', KEYS[3], 'status') == 'cancelled' then
+  redis.call('XACK', KEYS[2], 'workers', ARGV[2])
+  redis.call('XDEL', KEYS[2], ARGV[2])
+  return {'gone'}
+end
 redis.call('HSETNX', KEYS[3], 'created_at', ARGV[4])
 redis.call('HSET', KEYS[3], 'status', 'running', 'started_at', ARGV[3])
 redis.call('HINCRBY', KEYS[3], 'attempts', 1)

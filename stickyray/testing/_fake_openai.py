@@ -69,6 +69,9 @@ def tool_choice(body: dict[str, Any]) -> str:
     if isinstance(choice, str):
         return choice
     if isinstance(choice, dict):
+        allowed = choice.get("allowed_tools")
+        if choice.get("type") == "allowed_tools" and isinstance(allowed, dict):
+            return str(allowed.get("mode") or "auto")  # auto or required, among a subset
         spec = choice.get(choice.get("type") or "function")
         if isinstance(spec, dict) and isinstance(spec.get("name"), str):
             return spec["name"]

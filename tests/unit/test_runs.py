@@ -241,6 +241,27 @@ async def test_open_runs_are_listed_and_a_queued_one_can_be_cancelled(client: An
     assert not queued and record.status == "cancelled"
 
 
+async def test_a_run_queued_without_its_entry_id_is_cancelled_too(client: Any) -> None:
+    """A run queued by a release that did not record entry ids (a backlog across an
+    upgrade): cancelled, it neither runs nor replies."""
+    threads = Threads(client, load_config(None), booking_agents())
+    queue = queue_of(client)
+    key = fresh()
+    await queue.submit(key, msg("a table for 2", "old"), reply_to={"chat": 1})
+    await client.hdel(queue._record_key(key, "old"), "entry")
+    record, cancelled = await queue.cancel(key, "old")
+    assert cancelled and record is not None and record.status == "cancelled"
+    await queue.submit(key, msg("a table for 4", "new"))
+    worker = await running(dispatcher(queue, threads))
+    try:
+        await until(lambda: status_is(queue, key, "new", "completed"))
+    finally:
+        await stop(worker)
+    assert threads.delivered == [(key, "a table for 4")]
+    assert await status_is(queue, key, "old", "cancelled")
+    assert await queue.depth() == 0 and await client.xlen(queue._outbox) == 0
+
+
 async def test_a_thread_with_many_runs_takes_no_room_from_others(client: Any) -> None:
     gate = Gate()
     threads = Threads(client, load_config(None), GatedAgents(gate))

@@ -7,13 +7,14 @@ import importlib.util
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import openai
 
 from stickyray.errors import ConfigError, ProviderError
+from stickyray.turns import Usage
 
 __all__ = ["Embedder", "LocalEmbedder", "OpenAIEmbedder", "VectorCache"]
 
@@ -137,7 +138,8 @@ class OpenAIEmbedder:
     The base URL is configurable like the chat provider's; results are cached per text (LRU).
     ``dimension`` is asked for (the ``dimensions`` parameter, which only text-embedding-3 and
     later models take) when ``shorten`` is set, and checked against every answer either way.
-    Texts are embedded from their first ``OPENAI_MAX_INPUT_BYTES`` bytes.
+    Texts are embedded from their first ``OPENAI_MAX_INPUT_BYTES`` bytes. ``on_usage`` is
+    told what each request spent (texts found in the cache cost nothing).
     """
 
     def __init__(
@@ -148,8 +150,10 @@ class OpenAIEmbedder:
         cache_size: int = 10_000,
         *,
         shorten: bool = True,
+        on_usage: Callable[[Usage], None] | None = None,
     ) -> None:
         self._client = client
+        self._on_usage = on_usage
         self._model = model
         self._dimension = dimension
         self._shorten = shorten
@@ -174,6 +178,9 @@ class OpenAIEmbedder:
             except openai.OpenAIError as exc:
                 # The SDK's errors do not survive pickling across Ray; this one does.
                 raise ProviderError("openai", "embedder", f"{type(exc).__name__}: {exc}") from None
+            if self._on_usage is not None:
+                tokens = response.usage.prompt_tokens if response.usage is not None else 0
+                self._on_usage(Usage(input_tokens=tokens, requests=1))
             for item in response.data:
                 vector = np.asarray(item.embedding, dtype=np.float32)
                 if vector.shape != (self._dimension,):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 from memory.embedders import Embedder, LocalEmbedder, OpenAIEmbedder
@@ -9,6 +10,7 @@ from providers.model import Provider
 from stickyray.config import AgentConfig, MemoryConfig, TeamConfig
 from stickyray.errors import ConfigError
 from stickyray.settings import Settings
+from stickyray.turns import Usage
 
 __all__ = ["build_provider", "check_providers", "openai_embedder"]
 
@@ -66,9 +68,13 @@ def build_provider(
 
 
 def openai_embedder(
-    memory: MemoryConfig, settings: Settings, stack: AsyncExitStack
+    memory: MemoryConfig,
+    settings: Settings,
+    stack: AsyncExitStack,
+    on_usage: Callable[[Usage], None] | None = None,
 ) -> OpenAIEmbedder:
-    """The OpenAI embedder ``memory`` names, on a client that closes with ``stack``."""
+    """The OpenAI embedder ``memory`` names, on a client that closes with ``stack``;
+    ``on_usage`` is told what each request spent."""
     import openai
 
     if settings.openai_api_key is None:
@@ -85,4 +91,5 @@ def openai_embedder(
         memory.embedding_model,
         memory.embedding_dimension,
         shorten=memory.dimension is not None,
+        on_usage=on_usage,
     )

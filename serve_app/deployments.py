@@ -81,12 +81,22 @@ class EmbedderDeployment:
         return [vectors[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+# The agent label of embedding calls made for the memory API, which no agent makes. Agent
+# names cannot hold a hyphen, so it never mixes with one.
+MEMORY_API_LABEL = "memory-api"
+
+
 async def open_memory(
-    team: TeamConfig, settings: Settings, embedder: Any | None, stack: AsyncExitStack
+    team: TeamConfig,
+    settings: Settings,
+    embedder: Any | None,
+    stack: AsyncExitStack,
+    metric_labels: tuple[str, str] | None = None,
 ) -> LongTermMemory | None:
     """The team's long-term memory on ``DATABASE_URL``, or None when no agent uses memory.
 
-    Connections close with ``stack``.
+    Connections close with ``stack``. With ``metric_labels`` (app, agent), paid embedding
+    calls count in that agent's model metrics, under the embedding model's name.
     """
     if not team.uses_memory:
         return None
@@ -102,7 +112,17 @@ async def open_memory(
     )
     vectors: Embedder
     if config.embedder == "openai":
-        vectors = openai_embedder(config, settings, stack)
+        on_usage = None
+        if metric_labels is not None:
+            app, agent = metric_labels
+            price = team.embedding_price()
+
+            def on_usage(usage: Usage) -> None:
+                if price is not None:
+                    usage = usage.priced(price.input, price.output)
+                record_model_calls(app, agent, config.embedding_model, usage)
+
+        vectors = openai_embedder(config, settings, stack, on_usage)
     else:
         assert embedder is not None, "build_app binds the embedder for local memory"
         vectors = HandleEmbedder(embedder)
@@ -137,7 +157,9 @@ class AgentDeployment:
         memory = None
         try:
             if config.memory is not None:
-                long_term = await open_memory(team, settings, embedder, self._stack)
+                long_term = await open_memory(
+                    team, settings, embedder, self._stack, (app_name, agent_name)
+                )
                 assert long_term is not None
                 memory = AgentMemory(config, long_term)
             # A tool module missing on this node fails here, on every restart Serve tries.

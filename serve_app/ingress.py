@@ -22,7 +22,7 @@ from actors.redis_store import RedisThreadStore, connect_redis
 from actors.run_queue import RunQueue, RunRecord
 from serve_app.channels import CHANNEL_ID_PREFIXES, ChannelInbox
 from serve_app.channels import router as channels_router
-from serve_app.deployments import open_memory
+from serve_app.deployments import MEMORY_API_LABEL, open_memory
 from serve_app.memory_api import router as memory_router
 from stickyray.config import TeamConfig
 from stickyray.errors import (
@@ -328,7 +328,9 @@ class Ingress:
             api.state.channels = ChannelInbox(
                 self._runs, settings, app_name, team.threads.max_message_bytes
             )
-            api.state.memory = await open_memory(team, settings, embedder, self._stack)
+            api.state.memory = await open_memory(
+                team, settings, embedder, self._stack, (app_name, MEMORY_API_LABEL)
+            )
         except BaseException:
             await self._stack.aclose()  # Serve runs no destructor for a replica that never started
             raise

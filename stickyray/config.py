@@ -271,7 +271,23 @@ class TeamConfig(_Strict):
                     f"`{agent.model}: {{input: ..., output: ...}}` (US dollars per million "
                     "tokens), or remove pricing"
                 )
+        model = self.memory.embedding_model
+        if self.uses_memory and self.memory.embedder == "openai" and model not in self.pricing:
+            raise ValueError(
+                f"pricing: no price for the embedding model {model!r} (memory.embedding_model); "
+                f"add `{model}: {{input: ..., output: 0}}` (US dollars per million tokens), or "
+                "remove pricing"
+            )
         return self
+
+    def embedding_price(self) -> ModelPrice | None:
+        """The price of long-term memory's embedding model; None when the team sets no
+        pricing. The local model costs nothing."""
+        if self.pricing is None:
+            return None
+        if self.memory.embedder == "local":
+            return ModelPrice(input=0, output=0)
+        return self.pricing[self.memory.embedding_model]
 
     def price_of(self, name: str) -> ModelPrice | None:
         """The price of agent ``name``'s model; None when the team sets no pricing.

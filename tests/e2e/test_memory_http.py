@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 from serve_app.agent_memory import MEMORY_TOOLS
+from stickyray.metrics import metrics_url
 from stickyray.testing import FakeLLMServer, FakeReply
-from tests.e2e.conftest import App, new_thread
+from tests.e2e.conftest import App, new_thread, wait_for
 from tests.e2e.teams import memory_team
+from tests.e2e.test_metrics import scrape
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +152,32 @@ def test_memory_api_validates_and_scopes(app: App, fake_llm: FakeLLMServer) -> N
         nul = client.put(f"/v1/users/{who}/core/persona", json={"value": "\u0000"})
         assert nul.status_code == 422 and "body.value" in nul.json()["error"]
         assert client.put(f"/v1/users/{who}/core/Bad-Label", json={"value": "x"}).status_code == 422
+
+
+def test_embedding_calls_count_in_the_model_metrics(app: App, fake_llm: FakeLLMServer) -> None:
+    script(fake_llm)
+    who = user()
+    with app.client() as client:
+        created = client.post(f"/v1/users/{who}/memories", json={"content": f"{who} likes tea"})
+        assert created.status_code == 201, created.text
+        body = {"text": f"book a table, {who} says", "user_id": who}
+        assert client.post(f"/v1/threads/{new_thread()}/messages", json=body).status_code == 200
+    url = metrics_url()
+    assert url is not None
+    # The memory API's and the agent's own searches, under the embedding model's name.
+    wanted = [
+        (name, (("agent", agent), *direction, ("model", "text-embedding-3-small")))
+        for agent in ("memory-api", "bookings")
+        for name, direction in (
+            ("ray_stickyray_llm_requests_total", ()),
+            ("ray_stickyray_llm_tokens_total", (("direction", "input"),)),
+        )
+    ]
+    seen: dict = {}
+
+    def counted() -> bool:
+        totals, _ = scrape(url, app.name)
+        seen.update({key: totals.get(key, 0) for key in wanted})
+        return all(seen.values())
+
+    wait_for(counted, timeout=60, what=f"embedding metrics (last seen {seen})")

@@ -195,3 +195,20 @@ def test_pricing_covers_every_paid_model(tmp_path: Path) -> None:
     assert (priced + usage).cost_usd is None  # tokens with no price: the cost is unknown
     assert (usage + priced).cost_usd is None
     assert (usage + usage).cost_usd is None and (Usage() + Usage()).cost_usd is None
+
+
+def test_pricing_covers_the_paid_embedding_model(tmp_path: Path) -> None:
+    data = openai_team(model="gpt-a")
+    data["pricing"] = {"gpt-a": {"input": 0.15, "output": 0.6}}
+    data["specialists"][1]["memory"] = {"short_window": 6}
+    local = load_config(write(tmp_path, data))
+    assert local.embedding_price() == ModelPrice(input=0, output=0)  # the local model is free
+    data["memory"] = {"embedder": "openai", "embedding_model": "emb-x"}
+    with pytest.raises(
+        ConfigError, match=r"pricing: no price for the embedding model 'emb-x' \(memory"
+    ):
+        load_config(write(tmp_path, data))
+    data["pricing"]["emb-x"] = {"input": 0.02, "output": 0}
+    assert load_config(write(tmp_path, data)).embedding_price() == ModelPrice(input=0.02, output=0)
+    del data["pricing"]
+    assert load_config(write(tmp_path, data)).embedding_price() is None

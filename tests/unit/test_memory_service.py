@@ -78,6 +78,19 @@ async def test_a_full_cache_never_loses_the_vectors_of_the_call(fake_llm: FakeLL
     assert (await small.embed(["x", "y", "z"])).shape == (3, 64)
 
 
+async def test_each_embedding_request_reports_what_it_spent(fake_llm: FakeLLMServer) -> None:
+    from stickyray.turns import Usage
+
+    client = openai.AsyncOpenAI(base_url=fake_llm.openai_base_url, api_key="k", max_retries=0)
+    spent: list[Usage] = []
+    embedder = OpenAIEmbedder(client, dimension=64, on_usage=spent.append)
+    await embedder.embed(["a table for two", "at nine"])
+    await embedder.embed(["at nine"])  # cached: no request, nothing spent
+    await embedder.embed(["at nine", "by the window"])
+    # The fake counts a text's words as its tokens.
+    assert spent == [Usage(input_tokens=6, requests=1), Usage(input_tokens=3, requests=1)]
+
+
 async def test_an_embedding_failure_is_a_provider_error_that_pickles(
     fake_llm: FakeLLMServer,
 ) -> None:

@@ -20,7 +20,8 @@ from actors.directory import ThreadDirectory, pool_scope, root_cause
 from actors.key import ID_PATTERN, ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
 from actors.run_queue import RunQueue, RunRecord
-from serve_app.channels import CHANNEL_ID_PREFIXES, ChannelInbox
+from memory.long_term import MAX_CONTENT_CHARS
+from serve_app.channels import CHANNEL_ID_PREFIXES, MAX_BODY, ChannelInbox
 from serve_app.channels import router as channels_router
 from serve_app.deployments import MEMORY_API_LABEL, open_memory
 from serve_app.memory_api import router as memory_router
@@ -210,6 +211,65 @@ class _ErrorsAsJson:
 api.add_middleware(_ErrorsAsJson)
 
 
+def body_cap(team: TeamConfig) -> int:
+    """The most bytes a request body to the API may hold: room for the longest valid text in
+    its most escaped JSON (6 bytes per byte, 12 per character), at least the webhooks' cap."""
+    longest_chars = max(
+        [MAX_CONTENT_CHARS, *(a.memory.core_block_limit for a in team.agents if a.memory)]
+    )
+    escaped = max(6 * team.threads.max_message_bytes, 12 * longest_chars)
+    return max(MAX_BODY, escaped + 64 * 1024)
+
+
+class _BodyCap:
+    """A body over the app's cap (``state.max_body_bytes``) gets 413 before the route reads
+    it whole: by its Content-Length, or as soon as the stream passes the cap. The channels'
+    webhooks cap their own bodies."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = scope.get("app")
+        cap: int | None = getattr(app.state, "max_body_bytes", None) if app is not None else None
+        if scope["type"] != "http" or cap is None or "/v1/channels/" in scope["path"]:
+            await self._app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        chunks: list[bytes] = []
+        received = 0
+        over = declared.isdigit() and int(declared) > cap
+        while not over:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            over = received > cap
+            if not message.get("more_body", False):
+                break
+        if over:
+            refused = HTTPException(413, f"body: over the limit of {cap} bytes")
+            response = await _http_exception(Request(scope), refused)
+            await response(scope, receive, send)
+            return
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the disconnect, when it comes
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self._app(scope, replay, send)
+
+
+# Added after the error middleware and before the key check, so a request without the key is
+# refused before its body is read.
+api.add_middleware(_BodyCap)
+
+
 class _ApiKey:
     """With ``STICKYRAY_API_KEY`` set, every /v1 route but the channels' webhooks (which
     authenticate the platform's call themselves) needs ``Authorization: Bearer <key>``;
@@ -322,6 +382,7 @@ class Ingress:
             self._stack.push_async_callback(redis.aclose)
             self._store = RedisThreadStore(redis)
             self._runs = RunQueue(redis, app_name, team.runs)
+            api.state.max_body_bytes = body_cap(team)
             api.state.api_key = (
                 settings.api_key.get_secret_value() if settings.api_key is not None else None
             )

@@ -89,3 +89,45 @@ def test_the_key_is_checked_under_a_route_prefix(keyed: types.SimpleNamespace) -
     assert client.post("/myapp/v1/threads/alice/messages", content=b"{x").status_code == 401
     authorized = client.get("/myapp/v1/threads/alice", headers={"Authorization": f"Bearer {KEY}"})
     assert authorized.status_code == 200
+
+
+def test_a_body_over_the_cap_is_refused_before_it_is_read(
+    replica: types.SimpleNamespace,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ingress.api.state, "max_body_bytes", 1000, raising=False)
+    client = replica.client
+    text = "x" * 900
+    declared = client.post("/v1/threads/alice/messages", json={"text": text + "x" * 200})
+    assert declared.status_code == 413
+    assert declared.json()["error"] == "body: over the limit of 1000 bytes"
+
+    def pieces(total: int):  # streamed, with no Content-Length
+        for _ in range(total // 100):
+            yield b" " * 100
+        yield b'{"text": "hi"}'
+
+    json_type = {"content-type": "application/json"}
+    streamed = client.post("/v1/threads/alice/messages", content=pieces(2000), headers=json_type)
+    assert streamed.status_code == 413
+    assert replica.instance._directory.sent == []
+    ok = client.post("/v1/threads/alice/messages", content=pieces(500), headers=json_type)
+    assert ok.status_code == 200, ok.text
+    fits = client.post("/v1/threads/alice/messages", json={"text": text})
+    assert fits.status_code == 200
+    assert [m.text for m in replica.instance._directory.sent] == ["hi", text]
+    # The key is checked first.
+    monkeypatch.setattr(ingress.api.state, "api_key", KEY, raising=False)
+    refused = client.post("/v1/threads/alice/messages", content=pieces(2000), headers=json_type)
+    assert refused.status_code == 401
+
+
+def test_the_cap_fits_the_longest_valid_body() -> None:
+    from stickyray.config import load_config
+
+    team = load_config(None)
+    assert ingress.body_cap(team) == ingress.MAX_BODY
+    data = team.model_dump()
+    data["threads"]["max_message_bytes"] = 1024 * 1024
+    big = type(team).model_validate(data)
+    assert ingress.body_cap(big) == 6 * 1024 * 1024 + 64 * 1024

@@ -24,6 +24,7 @@ from memory.buffer import BufferEntry, ShortTermBuffer
 from stickyray.config import TeamConfig
 from stickyray.errors import (
     CheckpointConflict,
+    CompressionNotStored,
     ThreadFenced,
     ThreadPassivated,
     TurnPending,
@@ -326,15 +327,14 @@ class Thread:
                 messages=messages,
             )
             try:
-                result = await self._agents.compress(agent.name, request)
+                cost = cost + (await self._agents.compress(agent.name, request)).usage
             except Exception as exc:  # keep the messages; nothing leaves without its memory
-                result = CompressResult(error=type(exc).__name__)
-            cost = cost + result.usage  # a summary not stored was still paid for
-            if result.error is not None:
+                if isinstance(exc, CompressionNotStored):  # the summary was paid for
+                    cost = cost + Usage.model_validate(exc.usage)
                 log.warning(
                     "thread %s: compression failed (%s); keeping %d messages",
                     self.key,
-                    result.error,
+                    type(exc).__name__,
                     len(messages),
                 )
                 unsaved.add(user_id)

@@ -24,7 +24,7 @@ from serve_app.agent import Agent
 from serve_app.agent_memory import AgentMemory, SummaryNotStored
 from serve_app.tools import intent_tools, resolve_tools
 from stickyray.config import AgentConfig, EmbedderConfig, TeamConfig
-from stickyray.errors import ConfigError
+from stickyray.errors import CompressionNotStored, ConfigError
 from stickyray.metrics import record_model_calls
 from stickyray.settings import Settings
 from stickyray.turns import AgentRequest, AgentResult, CompressRequest, CompressResult, Usage
@@ -196,12 +196,14 @@ class AgentDeployment:
         try:
             result = self._charged(await self._agent.compress(request))
         except SummaryNotStored as exc:
-            # The summary was paid for: count it here and in the thread's turn, which keeps
-            # the messages and tries again.
+            # The summary was paid for: count it here and in the thread's turn. Still an
+            # error, so that any thread (one started by an earlier release too) keeps the
+            # messages and tries again.
             usage = self._priced(exc.usage)
             record_model_calls(*self._metric_labels, usage)
             cause = exc.__cause__
-            return CompressResult(usage=usage, error=f"{type(cause).__name__}: {cause}")
+            reason = f"{type(cause).__name__}: {cause}"
+            raise CompressionNotStored(reason, usage.model_dump()) from None
         record_model_calls(*self._metric_labels, result.usage)
         return result
 

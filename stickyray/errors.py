@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointConflict",
     "ChannelSendFailed",
+    "CompressionNotStored",
     "ConfigError",
     "InvalidThreadKey",
     "ProviderError",
@@ -72,6 +73,22 @@ class StoreUnavailable(StickyrayError):
 
     def __str__(self) -> str:
         return f"{self.store} is unavailable: {self.detail}"
+
+
+class CompressionNotStored(StickyrayError):
+    """A model wrote a compression summary, but its memory could not be stored.
+
+    ``usage`` is what the summary cost (a ``Usage`` as a dict): the thread counts it in the
+    turn, and keeps the messages for the next turn to compress again.
+    """
+
+    def __init__(self, reason: str, usage: dict[str, object]) -> None:
+        super().__init__(reason, usage)
+        self.reason = reason
+        self.usage = usage
+
+    def __str__(self) -> str:
+        return f"the summary was written but could not be stored: {self.reason}"
 
 
 class ProviderError(StickyrayError):

@@ -122,15 +122,10 @@ class CompressRequest(_Record):
 
 
 class CompressResult(_Record):
-    """The memory that now covers the messages (None if none was made), and its cost.
-
-    ``error``: a summary was written (``usage`` is what it cost) but could not be stored; the
-    messages must stay where they are.
-    """
+    """The memory that now covers the messages (None if none was made), and its cost."""
 
     memory_id: str | None = None
     usage: Usage = Usage()
-    error: str | None = None
 
 
 class AgentResult(_Record):

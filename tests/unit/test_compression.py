@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import AsyncIterator
 
 import openai
@@ -17,7 +18,7 @@ from serve_app import deployments
 from serve_app.agent import Agent
 from serve_app.agent_memory import AgentMemory, SummaryNotStored
 from stickyray.config import ModelPrice, load_config
-from stickyray.errors import StoreUnavailable
+from stickyray.errors import CompressionNotStored, StoreUnavailable
 from stickyray.testing import FakeLLMServer, FakeReply
 from stickyray.turns import CompressRequest, Usage
 
@@ -119,8 +120,8 @@ async def test_a_summary_that_cannot_be_stored_keeps_its_cost_for_the_replica(
     assert caught.value.usage.requests == 1
     assert isinstance(caught.value.__cause__, StoreUnavailable)
 
-    # The replica counts what the summary cost, and answers the store's error with that cost,
-    # for the thread's turn: the thread keeps the messages.
+    # The replica counts what the summary cost, and fails with that cost for the thread's
+    # turn: the thread keeps the messages.
     counted: list[tuple[str, str, str, Usage]] = []
 
     def count(app: str, agent: str, model: str, usage: Usage, failed: bool = False) -> None:
@@ -131,10 +132,23 @@ async def test_a_summary_that_cannot_be_stored_keeps_its_cost_for_the_replica(
     replica._agent = Agent(bookings, team, provider, [], AgentMemory(bookings, broken), None)
     replica._metric_labels = ("app", "bookings", "m")
     replica._price = team.price_of("bookings")
-    result = await replica.compress(request("a table for two"))
-    assert result.memory_id is None and "StoreUnavailable" in (result.error or "")
+    with pytest.raises(CompressionNotStored, match="StoreUnavailable") as failed:
+        await replica.compress(request("a table for two"))
     ((app, agent, model, usage),) = counted
-    assert result.usage == usage
+    assert Usage.model_validate(failed.value.usage) == usage
+    # It crosses Ray's process boundary intact.
+    assert pickle.loads(pickle.dumps(failed.value)).usage == failed.value.usage
     assert (app, agent, model, usage.requests) == ("app", "bookings", "m", 1)
     assert usage.cost_usd == pytest.approx((usage.input_tokens + 2 * usage.output_tokens) / 1e6)
     assert usage.cost_usd is not None and usage.cost_usd > 0
+
+
+def test_the_unstored_summarys_cost_crosses_ray() -> None:
+    """The thread reads the cost from the error Ray hands it, which wraps the replica's."""
+    from ray.exceptions import RayTaskError
+
+    spent = Usage(input_tokens=7, output_tokens=3, requests=1)
+    raised = CompressionNotStored("StoreUnavailable: down", spent.model_dump())
+    wrapped = RayTaskError("compress", "traceback", raised).as_instanceof_cause()
+    assert isinstance(wrapped, CompressionNotStored)
+    assert Usage.model_validate(wrapped.usage) == spent

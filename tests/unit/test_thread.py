@@ -12,7 +12,13 @@ from actors.key import ThreadKey
 from actors.store import InMemoryThreadStore
 from actors.thread import MAX_TURN_ATTEMPTS, Thread
 from stickyray.config import TeamConfig, load_config
-from stickyray.errors import ProviderError, StoreUnavailable, ThreadFenced, ThreadPassivated
+from stickyray.errors import (
+    CompressionNotStored,
+    ProviderError,
+    StoreUnavailable,
+    ThreadFenced,
+    ThreadPassivated,
+)
 from stickyray.turns import (
     AgentRequest,
     AgentResult,
@@ -50,7 +56,7 @@ class Agents:
             raise RuntimeError("memory store down")
         summary = Usage(input_tokens=100, output_tokens=10)  # a model wrote the summary
         if self.summary_not_stored:
-            return CompressResult(usage=summary, error="StoreUnavailable: postgres is down")
+            raise CompressionNotStored("StoreUnavailable: postgres is down", summary.model_dump())
         return CompressResult(memory_id=f"memory-{len(self.compressed)}", usage=summary)
 
 

@@ -85,7 +85,9 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
   end
   redis.call('HSET', KEYS[2], 'status', 'queued', 'created_at', ARGV[4], 'attempts', 0,
              'entry', entry)
-  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+  -- By the entry's id (Redis's clock, then its sequence): the order the runs will run in.
+  local ms, seq = string.match(entry, '^(%d+)-(%d+)$')
+  redis.call('ZADD', KEYS[3], tonumber(ms) * 1000 + math.min(tonumber(seq), 999), ARGV[2])
   return {'queued', redis.call('HGETALL', KEYS[2])}
 end
 return {'exists', redis.call('HGETALL', KEYS[2])}
@@ -93,8 +95,8 @@ return {'exists', redis.call('HGETALL', KEYS[2])}
 
 # KEYS: queue, record, the thread's open runs. ARGV: now, ttl, message id. A queued run
 # leaves the queue, once: the entry goes with its record's status, so a worker holding it
-# already finds it gone when it starts (a record without the entry's id: ``_START`` drops
-# the entry when it comes to it).
+# already finds it gone when it starts. A record without the entry's id (queued by an
+# earlier release) stays until ``_START`` drops the entry when it comes to it.
 # Returns the outcome and the record's fields, read in the same step.
 _CANCEL = """
 local status = redis.call('HGET', KEYS[2], 'status')
@@ -105,13 +107,13 @@ if status ~= 'queued' then
   return {'unchanged', redis.call('HGETALL', KEYS[2])}
 end
 local entry = redis.call('HGET', KEYS[2], 'entry')
+redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('HSET', KEYS[2], 'status', 'cancelled', 'finished_at', ARGV[1])
 if entry then
   redis.call('XACK', KEYS[1], 'workers', entry)
   redis.call('XDEL', KEYS[1], entry)
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
-redis.call('ZREM', KEYS[3], ARGV[3])
-redis.call('HSET', KEYS[2], 'status', 'cancelled', 'finished_at', ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
 return {'cancelled', redis.call('HGETALL', KEYS[2])}
 """
 
@@ -157,8 +159,8 @@ if #redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2]) == 0 then
 end
 """
 
-# KEYS: lease, queue, record. ARGV: token, entry id, now, entry time. A run cancelled while
-# its entry stayed (queued by a release that did not record entry ids) leaves now.
+# KEYS: lease, queue, record. ARGV: token, entry id, now, entry time, ttl. A run cancelled
+# while its entry stayed (queued by a release that did not record entry ids) leaves now.
 _START = (
     _LEASED
     + _PRESENT
@@ -166,6 +168,7 @@ _START = (
 if redis.call('HGET', KEYS[3], 'status') == 'cancelled' then
   redis.call('XACK', KEYS[2], 'workers', ARGV[2])
   redis.call('XDEL', KEYS[2], ARGV[2])
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
   return {'gone'}
 end
 redis.call('HSETNX', KEYS[3], 'created_at', ARGV[4])
@@ -283,6 +286,11 @@ class RunRecord(BaseModel):
     error: str | None = None
     reply: ReplyStatus | None = None
     reply_error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run is over: completed, failed or cancelled."""
+        return self.status not in ("queued", "running")
 
 
 @dataclass(frozen=True)
@@ -423,17 +431,24 @@ class RunQueue:
         return _record(key, message_id, fields), _text(outcome) == "cancelled"
 
     async def open_runs(self, key: ThreadKey, limit: int) -> list[RunRecord]:
-        """The thread's runs not finished (queued or running), oldest first, at most
+        """The thread's runs not finished (queued or running), in queue order, at most
         ``limit``."""
         with redis_outages():
-            mids = [_text(m) for m in await self._client.zrange(self._open_key(key), 0, limit - 1)]
-            async with self._client.pipeline(transaction=False) as pipe:
-                for mid in mids:
-                    pipe.hgetall(self._record_key(key, mid))
-                found = await pipe.execute()
-        return [
-            _record(key, mid, fields) for mid, fields in zip(mids, found, strict=True) if fields
-        ]
+            while True:
+                index = self._open_key(key)
+                mids = [_text(m) for m in await self._client.zrange(index, 0, limit - 1)]
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for mid in mids:
+                        pipe.hgetall(self._record_key(key, mid))
+                    found = await pipe.execute()
+                pairs = zip(mids, found, strict=True)
+                records = [_record(key, m, f) if f else None for m, f in pairs]
+                # Finished between the two reads, or by a worker of an earlier release that
+                # did not keep the index (during a rolling deploy): not open, and not kept.
+                stale = [m for m, r in zip(mids, records, strict=True) if r is None or r.finished]
+                if not stale:
+                    return [r for r in records if r is not None]
+                await self._client.zrem(index, *stale)
 
     async def depth(self) -> int:
         """Runs waiting or running."""
@@ -571,7 +586,10 @@ class RunQueue:
 
         Raises LeaseLost unless ``token`` holds the lease.
         """
-        return await self._leased(self._start, token, run, time.time(), run.queued_at) == "started"
+        started = await self._leased(
+            self._start, token, run, time.time(), run.queued_at, self._config.result_ttl_s
+        )
+        return started == "started"
 
     async def finish(
         self,

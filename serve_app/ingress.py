@@ -459,8 +459,8 @@ class Ingress:
         thread_id: str = ThreadIdPath,
         limit: int = Query(default=100, ge=1, le=1000),
     ) -> OpenRuns:
-        """The thread's runs that are queued or running, oldest first (finished ones are
-        its turns)."""
+        """The thread's runs that are queued or running, in the order they run (finished
+        ones are its turns)."""
         key = _key(thread_id)
         try:
             runs = await self._runs.open_runs(key, limit)

@@ -251,6 +251,8 @@ async def test_a_run_queued_without_its_entry_id_is_cancelled_too(client: Any) -
     await client.hdel(queue._record_key(key, "old"), "entry")
     record, cancelled = await queue.cancel(key, "old")
     assert cancelled and record is not None and record.status == "cancelled"
+    # Kept while its entry waits: expired first, the entry would run as a new run.
+    assert await client.ttl(queue._record_key(key, "old")) == -1
     await queue.submit(key, msg("a table for 4", "new"))
     worker = await running(dispatcher(queue, threads))
     try:
@@ -260,6 +262,28 @@ async def test_a_run_queued_without_its_entry_id_is_cancelled_too(client: Any) -
     assert threads.delivered == [(key, "a table for 4")]
     assert await status_is(queue, key, "old", "cancelled")
     assert await queue.depth() == 0 and await client.xlen(queue._outbox) == 0
+    assert 0 < await client.ttl(queue._record_key(key, "old")) <= RunsConfig().result_ttl_s
+
+
+async def test_open_runs_are_listed_in_queue_order_and_only_while_open(
+    client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = queue_of(client)
+    key = fresh()
+    # Submitted through two ingress replicas whose clocks disagree by a minute.
+    clocks = iter([2_000_000_060.0, 2_000_000_000.0, 2_000_000_030.0])
+    monkeypatch.setattr("actors.run_queue.time.time", lambda: next(clocks))
+    for mid in ("first", "second", "third"):
+        await queue.submit(key, msg(mid, mid))
+    monkeypatch.undo()
+    listed = await queue.open_runs(key, 10)
+    assert [r.message_id for r in listed] == ["first", "second", "third"]
+    # Finished by a worker that does not keep the index (an earlier release, mid-deploy),
+    # and one whose record is gone: neither is open, and neither stays in the index.
+    await client.hset(queue._record_key(key, "first"), "status", "completed")
+    await client.delete(queue._record_key(key, "second"))
+    assert [r.message_id for r in await queue.open_runs(key, 2)] == ["third"]
+    assert await client.zrange(queue._open_key(key), 0, -1) == [b"third"]
 
 
 async def test_a_thread_with_many_runs_takes_no_room_from_others(client: Any) -> None:

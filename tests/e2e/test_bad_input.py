@@ -55,5 +55,19 @@ def test_malformed_json_and_bad_thread_ids(app: App, fake_llm: FakeLLMServer) ->
         assert newline.status_code == 422 and "thread_id" in newline.json()["error"]
         assert client.get(f"/v1/threads/{thread}").status_code == 404
         assert client.post(f"/v1/threads/{thread}/reset").status_code == 404
+        # A body over the API's cap (1 MiB here), whatever it holds, streamed or not.
+        huge = b'{"text": "hi", "pad": "' + b"x" * (1024 * 1024) + b'"}'
+        over = client.post(
+            f"/v1/threads/{thread}/messages",
+            content=huge,
+            headers={"content-type": "application/json"},
+        )
+        assert over.status_code == 413 and over.json()["error"].startswith("body: over")
+        streamed = client.post(
+            f"/v1/threads/{thread}/runs",
+            content=(huge[i : i + 65536] for i in range(0, len(huge), 65536)),
+            headers={"content-type": "application/json"},
+        )
+        assert streamed.status_code == 413 and streamed.json()["error"].startswith("body: over")
     assert fake_llm.requests == []
     assert live_thread_actors(thread) == []

@@ -17,9 +17,9 @@ live in one slot of a Redis Cluster:
   JSON), error, entry (its id in ``queue``, for cancelling it). It does not expire while
   its run waits; finishing (or cancelling) the run writes it, acknowledges and deletes the
   entry in one script, and the record then expires ``result_ttl_s`` later.
-- ``open:<tenant>/<thread>``  sorted set of the thread's runs not finished (message ids, by
-  time queued), for listing them: submitting adds one, finishing or cancelling removes it
-  in the same script, and the set is gone once its last run is.
+- ``open:<tenant>/<thread>``  sorted set of the thread's runs not finished (message ids,
+  scored by their entry ids: queue order), for listing them: submitting adds one, finishing
+  or cancelling removes it in the same script, and the set is gone once its last run is.
 - ``lease``  which worker may read the queue (see ``acquire``): one at a time, so a
   thread's runs cannot be split between two workers and reordered.
 - ``outbox``  stream of replies to send to a channel (Telegram, WhatsApp), for runs

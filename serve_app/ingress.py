@@ -134,7 +134,7 @@ class TurnHistory(BaseModel):
 
 
 class OpenRuns(BaseModel):
-    """Result of GET /v1/threads/{thread_id}/runs: runs not finished, oldest first."""
+    """Result of GET /v1/threads/{thread_id}/runs: runs not finished, in the order they run."""
 
     thread_id: str
     runs: list[RunRecord]
@@ -211,6 +211,13 @@ class _ErrorsAsJson:
 api.add_middleware(_ErrorsAsJson)
 
 
+def _route_path(scope: Scope) -> str:
+    """The request's path as the router sees it: without the ``root_path`` Serve mounts the
+    app under."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 def body_cap(team: TeamConfig) -> int:
     """The most bytes a request body to the API may hold: room for the longest valid text in
     its most escaped JSON (6 bytes per byte, 12 per character), at least the webhooks' cap."""
@@ -232,7 +239,7 @@ class _BodyCap:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         app = scope.get("app")
         cap: int | None = getattr(app.state, "max_body_bytes", None) if app is not None else None
-        if scope["type"] != "http" or cap is None or "/v1/channels/" in scope["path"]:
+        if scope["type"] != "http" or cap is None or _route_path(scope).startswith("/v1/channels/"):
             await self._app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
@@ -288,9 +295,7 @@ class _ApiKey:
         app = scope.get("app")
         key: str | None = getattr(app.state, "api_key", None) if app is not None else None
         if scope["type"] == "http" and key is not None:
-            path, root = scope["path"], scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root) :]
+            path = _route_path(scope)
             if path.startswith("/v1/") and not path.startswith("/v1/channels/"):
                 headers = dict(scope["headers"])
                 given = headers.get(b"authorization", b"")

@@ -287,7 +287,8 @@ class TeamConfig(_Strict):
             return None
         if self.memory.embedder == "local":
             return ModelPrice(input=0, output=0)
-        return self.pricing[self.memory.embedding_model]
+        # Required when an agent uses memory; without one nothing embeds.
+        return self.pricing.get(self.memory.embedding_model)
 
     def price_of(self, name: str) -> ModelPrice | None:
         """The price of agent ``name``'s model; None when the team sets no pricing.

@@ -22,12 +22,13 @@ live in one slot of a Redis Cluster:
   or cancelling removes it in the same script, and the set is gone once its last run is.
 - ``lease``  which worker may read the queue (see ``acquire``): one at a time, so a
   thread's runs cannot be split between two workers and reordered.
-- ``outbox``  stream of replies to send to a channel (Telegram, WhatsApp), for runs
-  submitted with a ``reply_to``: finishing such a run adds its reply in the same script, so
-  a finished run's reply is never lost between the two. The worker holding the lease reads
-  it (same group and consumer names), sends, then acknowledges and deletes the entry, and
-  notes on the run's record whether the reply was sent: at least once, since a worker that
-  stops between sending and acknowledging leaves the entry to the next one.
+- ``outbox``  stream of replies to send to a channel (Telegram, WhatsApp) or of outcomes
+  to send to a webhook, for runs submitted with a ``reply_to``: finishing such a run adds
+  its reply in the same script, so a finished run's reply is never lost between the two.
+  The worker holding the lease reads it (same group and consumer names), sends, then
+  acknowledges and deletes the entry, and notes on the run's record whether the reply was
+  sent: at least once, since a worker that stops between sending and acknowledging leaves
+  the entry to the next one.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from actors.redis_store import redis_outages
 from stickyray.config import RunsConfig
 from stickyray.errors import InvalidThreadKey, RunQueueFull
 from stickyray.turns import SORRY_REPLY, InboundMessage, TurnResult
+from stickyray.webhooks import WEBHOOK_CHANNEL
 
 __all__ = [
     "GROUP",
@@ -270,7 +272,8 @@ class RunRecord(BaseModel):
     have returned it; ``status`` is then that turn's. ``error`` without a result: the
     message could not be delivered to its thread (not an outage: those are retried).
     ``attempts`` counts deliveries. ``reply``: for a run from a channel, whether its reply
-    was sent to the channel (``reply_error`` says why not).
+    was sent to the channel; for a run with a webhook, whether the webhook took its outcome
+    (``reply_error`` says why not).
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -603,12 +606,15 @@ class RunQueue:
         finished already. Raises LeaseLost unless ``token`` holds the lease.
 
         A run with a ``reply_to`` puts its turn's reply (or, failed without a turn, an
-        apology) in the outbox, in the same step.
+        apology) in the outbox, in the same step; one with a webhook there puts a note that
+        the run finished (the webhook's body is its record, read when it is sent).
         """
         reply = ""
         # A run that failed without a turn still tells its user, as a failed turn does.
         text = result.reply if result is not None else SORRY_REPLY
-        if run.reply_to is not None and text:
+        # A webhook hears of every finished run; its body is the record, read when sent.
+        webhook = run.reply_to is not None and run.reply_to.get("channel") == WEBHOOK_CHANNEL
+        if run.reply_to is not None and (text or webhook):
             reply = json.dumps(
                 {
                     "to": run.reply_to,
@@ -657,6 +663,13 @@ class RunQueue:
                 record = _text(fields.get("record", ""))
                 await self._done(token, entry, record, "failed", "unreadable in the outbox")
         return replies, last, delivered
+
+    async def record_of(self, reply: OutboundReply) -> RunRecord | None:
+        """The record of ``reply``'s run; None once it expired."""
+        tenant, thread_id = reply.thread.split("/", 1)
+        with redis_outages():
+            fields = await self._client.hgetall(reply.record)
+        return _record(ThreadKey(tenant, thread_id), reply.message_id, fields) if fields else None
 
     async def reply_done(
         self, token: str, reply: OutboundReply, *, error: str | None = None

@@ -50,6 +50,7 @@ __all__ = [
     "ChannelInbox",
     "ChannelMessage",
     "ChannelSender",
+    "http_refusal",
     "router",
     "split_text",
     "telegram_messages",
@@ -456,7 +457,7 @@ class ChannelSender:
             raise ChannelSendFailed(channel, reason, permanent=False) from None
         if response.is_success:
             return
-        reason, retry_after, code = _refusal(response)
+        reason, retry_after, code = http_refusal(response)
         # 429 (too many messages), 5xx and Meta's throttling codes pass; any other 4xx
         # (blocked by the user, a chat that does not exist, a bad token) fails again.
         transient = (
@@ -472,8 +473,9 @@ class ChannelSender:
         )
 
 
-def _refusal(response: httpx.Response) -> tuple[str, float | None, int | None]:
-    """What a platform's error answer says, how long it asks to wait, and its error code."""
+def http_refusal(response: httpx.Response) -> tuple[str, float | None, int | None]:
+    """What an HTTP error answer (a platform's, a webhook's) says, how long it asks to wait,
+    and its error code."""
     retry_after: float | None = None
     header = response.headers.get("retry-after")
     if header is not None and header.strip().isdigit():

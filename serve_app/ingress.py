@@ -40,6 +40,7 @@ from stickyray.errors import (
 from stickyray.metrics import record_run
 from stickyray.settings import Settings
 from stickyray.turns import InboundMessage, ThreadSnapshot, TurnResult, message_text
+from stickyray.webhooks import MAX_URL_LENGTH, WEBHOOK_CHANNEL, url_refusal
 
 __all__ = ["INGRESS_DEPLOYMENT", "Ingress", "MessageIn", "api"]
 
@@ -95,6 +96,17 @@ class MessageIn(BaseModel):
     @classmethod
     def _not_a_channels(cls, value: str | None) -> str | None:
         return _api_id(value)
+
+
+class RunIn(MessageIn):
+    """A user message to answer in the background."""
+
+    webhook_url: str | None = Field(
+        default=None,
+        max_length=MAX_URL_LENGTH,
+        description="Where to POST the run's outcome once it finishes (signed); it must be "
+        "under one of agents.yaml's runs.webhook_urls.",
+    )
 
 
 class ResetIn(BaseModel):
@@ -445,13 +457,20 @@ class Ingress:
         responses={200: {"description": "The run of this message id, queued before"}},
     )
     async def post_run(
-        self, body: MessageIn, response: Response, thread_id: str = ThreadIdPath
+        self, body: RunIn, response: Response, thread_id: str = ThreadIdPath
     ) -> RunRecord:
         """Queue a message: 202 at once; its turn runs in the background, in order per thread."""
         key = _key(thread_id)
         message = self._inbound(body)
+        reply_to = None
+        if body.webhook_url is not None:
+            refusal = url_refusal(body.webhook_url, self._team.runs.webhook_urls)
+            if refusal is not None:
+                raise HTTPException(422, f"body.webhook_url: {refusal}")
+            # The thread in the address: a thread's outcomes arrive in order, threads' at once.
+            reply_to = {"channel": WEBHOOK_CHANNEL, "url": body.webhook_url, "thread": str(key)}
         try:
-            record, queued = await self._runs.submit(key, message)
+            record, queued = await self._runs.submit(key, message, reply_to)
         except Exception as exc:
             raise await self._failure(exc) from None
         if not queued:

@@ -16,13 +16,15 @@ directory, as the ingress sends a posted message; the thread deduplicates by mes
   answered from the thread's stored turn if it had run.
 - A run from a channel (Telegram, WhatsApp) has its reply put in the queue's outbox as it
   finishes; the worker sends the outbox's replies through the channel, in order per chat,
-  retrying the channel's outages for up to ``runs.reply_give_up_after_s``.
+  retrying the channel's outages for up to ``runs.reply_give_up_after_s``. A run queued
+  with a webhook URL has its outcome POSTed there the same way, in order per thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -37,6 +39,7 @@ from actors.key import ThreadKey
 from actors.redis_store import connect_redis
 from actors.run_queue import LeaseLost, OutboundReply, QueuedRun, RunQueue
 from serve_app.channels import ChannelSender, split_text
+from serve_app.webhooks import WebhookSender
 from stickyray.config import TeamConfig
 from stickyray.errors import (
     ChannelSendFailed,
@@ -50,6 +53,7 @@ from stickyray.errors import (
 from stickyray.metrics import record_reply, record_run
 from stickyray.settings import Settings
 from stickyray.turns import InboundMessage, TurnResult
+from stickyray.webhooks import WEBHOOK_CHANNEL, webhook_body, webhook_id
 
 __all__ = [
     "RUN_WORKER_DEPLOYMENT",
@@ -57,6 +61,7 @@ __all__ = [
     "RunDispatcher",
     "RunWorker",
     "SendReply",
+    "SendWebhook",
     "transient",
 ]
 
@@ -70,6 +75,9 @@ Deliver = Callable[[ThreadKey, InboundMessage], Awaitable[TurnResult]]
 # Sends a reply's text to the channel address a run was submitted with; raises
 # ChannelSendFailed when the channel does not take it.
 SendReply = Callable[[dict[str, Any], str], Awaitable[None]]
+# POSTs a finished run's outcome (the body) to its webhook URL under a webhook id; raises
+# ChannelSendFailed when the receiver does not take it.
+SendWebhook = Callable[[str, str, bytes], Awaitable[None]]
 
 # Errors that pass: delivering again later succeeds (the thread deduplicates the message).
 _TRANSIENT = (
@@ -144,6 +152,7 @@ class RunDispatcher:
         give_up_after_s: float = 3600.0,
         idle_wait_ms: int = 1000,
         send_reply: SendReply | None = None,
+        send_webhook: SendWebhook | None = None,
         reply_give_up_after_s: float = 600.0,
     ) -> None:
         self._queue = queue
@@ -156,6 +165,7 @@ class RunDispatcher:
         self._idle_wait_ms = idle_wait_ms
         self._delivering = asyncio.Semaphore(max_in_flight)
         self._send_reply = send_reply
+        self._send_webhook = send_webhook
         self._reply_give_up_after_s = reply_give_up_after_s
         self._sending = asyncio.Semaphore(max_in_flight)
         self._lost = asyncio.Event()
@@ -179,7 +189,7 @@ class RunDispatcher:
                 self._lost.clear()
                 loop = asyncio.get_running_loop()
                 loops = [loop.create_task(self._drain())]
-                if self._send_reply is not None:
+                if self._send_reply is not None or self._send_webhook is not None:
                     loops.append(loop.create_task(self._send_replies()))
                 try:
                     await self._hold(loops)
@@ -409,12 +419,19 @@ class RunDispatcher:
     async def _send_pieces(self, reply: OutboundReply) -> str | None:
         """Send the pieces of ``reply`` not sent yet, in order; None once all are sent, else
         why the rest could not be. Each piece sent is recorded in Redis, so a worker that
-        takes over does not send it again."""
+        takes over does not send it again. A webhook gets one piece: the run's record."""
+        deadline: list[float] = []  # the reply's give-up time, from its first failure
+        if reply.to.get("channel") == WEBHOOK_CHANNEL:
+            return await self._send_outcome(reply, deadline)
+        send_reply = self._send_reply
+        if send_reply is None:
+            return "no channel sender in this worker"
         pieces = split_text(reply.text)
         sent = await self._retrying(self._queue.pieces_sent, reply)
-        deadline: list[float] = []  # the reply's give-up time, from its first failure
         for number in range(sent, len(pieces)):
-            error = await self._send_until_done(reply, pieces[number], deadline)
+            error = await self._send_until_done(
+                reply, functools.partial(send_reply, reply.to, pieces[number]), deadline
+            )
             if error is not None:
                 if number > 0:
                     error += f" ({number} of {len(pieces)} pieces were sent)"
@@ -423,22 +440,35 @@ class RunDispatcher:
                 await self._retrying(self._queue.piece_sent, self._token, reply, number + 1)
         return None
 
+    async def _send_outcome(self, reply: OutboundReply, deadline: list[float]) -> str | None:
+        """POST the record of ``reply``'s finished run to its webhook; as ``_send_pieces``."""
+        send_webhook = self._send_webhook
+        if send_webhook is None:
+            return "no webhook sender in this worker"
+        record = await self._retrying(self._queue.record_of, reply)
+        if record is None:
+            return "the run's record expired before its webhook took it"
+        url, body = str(reply.to.get("url")), webhook_body(record)
+        message_id = webhook_id(reply.record, reply.entry)
+        return await self._send_until_done(
+            reply, lambda: send_webhook(url, message_id, body), deadline
+        )
+
     async def _send_until_done(
-        self, reply: OutboundReply, text: str, deadline: list[float]
+        self, reply: OutboundReply, send: Callable[[], Awaitable[None]], deadline: list[float]
     ) -> str | None:
-        """Send ``text`` of ``reply``; None once sent, else why it could not be.
+        """``send()`` a piece of ``reply``; None once sent, else why it could not be.
 
         ``deadline`` holds the reply's give-up time once a piece has failed (shared by its
         pieces). Raises LeaseLost (sending nothing) once this worker no longer holds the
         lease: the reply is then the next worker's to send.
         """
-        assert self._send_reply is not None
         delay = 0.5
         while True:
             try:
                 async with self._sending:
                     await self._still_leased()
-                    await self._send_reply(reply.to, text)
+                    await send()
                 return None
             except ChannelSendFailed as exc:
                 if exc.permanent:
@@ -503,6 +533,10 @@ class RunWorker:
         )
         self._redis = connect_redis(settings.redis_url)
         self._sender = ChannelSender(settings)
+        secret = settings.webhook_secret
+        self._webhooks = WebhookSender(
+            secret.get_secret_value() if secret is not None else None, team.runs.webhook_urls
+        )
         self._dispatcher = RunDispatcher(
             RunQueue(self._redis, app, team.runs),
             self._directory.send,
@@ -510,6 +544,7 @@ class RunWorker:
             app=app,
             give_up_after_s=team.runs.give_up_after_s,
             send_reply=self._sender.send,
+            send_webhook=self._webhooks.send,
             reply_give_up_after_s=team.runs.reply_give_up_after_s,
         )
         self._task = asyncio.get_running_loop().create_task(self._dispatcher.run())
@@ -536,3 +571,4 @@ class RunWorker:
         await _cancel([self._task])  # if it did not stop in time
         await self._redis.aclose()
         await self._sender.aclose()
+        await self._webhooks.aclose()

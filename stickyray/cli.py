@@ -24,6 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
     from serve_app.tools import check_tools
     from stickyray.config import load_config, sample_config_path
     from stickyray.settings import load_settings
+    from stickyray.webhooks import check_webhooks
 
     # Everything that can be wrong in the user's files is checked before Ray starts.
     try:
@@ -32,6 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
         team = load_config(path)
         check_providers(team, settings)
         check_tools(team)
+        check_webhooks(team, settings)
     except ConfigError as exc:
         print(f"stickyray: {exc}", file=sys.stderr)
         return 2

@@ -11,9 +11,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stickyray.errors import ConfigError
+from stickyray.webhooks import normalize_prefix
 
 __all__ = [
     "AGENT_NAME_PATTERN",
@@ -225,6 +233,20 @@ class RunsConfig(_Strict):
     # A reply to a channel (Telegram, WhatsApp) that the channel keeps refusing for now
     # (an outage, rate limits) this long is dropped, and its run's record says why.
     reply_give_up_after_s: float = Field(default=600.0, gt=0)
+    # URLs that a run's webhook_url may name (scheme, host and port, and a path at or under
+    # the given one); none: runs take no webhook_url. The run worker calls nothing else.
+    webhook_urls: list[str] = Field(default_factory=list, max_length=100)
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _prefixes(cls, urls: list[str]) -> list[str]:
+        checked = []
+        for n, url in enumerate(urls):
+            try:
+                checked.append(normalize_prefix(url))
+            except ValueError as exc:
+                raise ValueError(f"[{n}] {url!r} {exc}") from None
+        return checked
 
 
 class EmbedderConfig(_Strict):

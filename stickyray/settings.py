@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stickyray.errors import ConfigError
+from stickyray.webhooks import check_secret
 
 __all__ = ["Settings", "load_settings"]
 
@@ -46,6 +47,9 @@ class Settings(BaseSettings):
     llm_max_retries: int = Field(default=3, ge=0, alias="STICKYRAY_LLM_MAX_RETRIES")
     # Set, every /v1 route but the channels' webhooks needs "Authorization: Bearer <key>".
     api_key: SecretStr | None = Field(default=None, alias="STICKYRAY_API_KEY")
+    # Signs the webhooks of queued runs (Standard Webhooks: "whsec_" + base64 of 24-64 bytes);
+    # needed when agents.yaml lists runs.webhook_urls.
+    webhook_secret: SecretStr | None = Field(default=None, alias="STICKYRAY_WEBHOOK_SECRET")
     # Channels: each is on when its credentials are set (see serve_app/channels.py).
     telegram_bot_token: SecretStr | None = Field(default=None, alias="TELEGRAM_BOT_TOKEN")
     # The bot's @username: "/supervisor@<it>" in a group is its command; one naming another
@@ -76,6 +80,13 @@ class Settings(BaseSettings):
         # whose error then quotes the secret.
         if secret is not None and not re.fullmatch(r"[\x21-\x7e]+", secret.get_secret_value()):
             raise ValueError("must be printable ASCII without spaces or line breaks")
+        return secret
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None:
+            check_secret(secret.get_secret_value())
         return secret
 
     @field_validator("telegram_bot_username")

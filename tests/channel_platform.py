@@ -1,4 +1,5 @@
-"""A stand-in for the Telegram Bot API and the WhatsApp Cloud API on 127.0.0.1.
+"""A stand-in for the Telegram Bot API and the WhatsApp Cloud API (and a webhook receiver)
+on 127.0.0.1.
 
 A real HTTP server in a thread of the test process: it records every call it gets and
 answers as the platform does, or with the failures a test queues (``refuse``).
@@ -21,6 +22,7 @@ class Call:
     path: str
     headers: dict[str, str]
     body: Any
+    raw: bytes = b""  # the body as sent (what a signature covers)
 
 
 class PlatformServer:
@@ -41,7 +43,7 @@ class PlatformServer:
                 except ValueError:
                     body = raw.decode("utf-8", "replace")
                 status, answer, headers = server._answer(
-                    Call(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                    Call(self.path, {k.lower(): v for k, v in self.headers.items()}, body, raw)
                 )
                 data = json.dumps(answer).encode()
                 self.send_response(status)

@@ -6,6 +6,7 @@ platforms are a stand-in HTTP server on 127.0.0.1 that records what it is sent.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import SecretStr
+from standardwebhooks.webhooks import Webhook
 
 from serve_app.channels import whatsapp_signature
 from stickyray.chat import run_chat
@@ -21,7 +23,7 @@ from stickyray.metrics import metrics_url
 from stickyray.settings import Settings
 from stickyray.testing import FakeLLMServer
 from tests.channel_platform import PlatformServer
-from tests.e2e.conftest import App, wait_for
+from tests.e2e.conftest import App, new_thread, wait_for
 from tests.e2e.teams import openai_team
 from tests.e2e.test_metrics import scrape
 from tests.e2e.test_runs_http import script
@@ -32,6 +34,7 @@ pytestmark = pytest.mark.ray
 SECRET = "tg-webhook-secret"
 APP_SECRET = "meta-app-secret"
 API_KEY = "sr-e2e-key"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"e2e-webhook-signing-key-32-bytes").decode()
 
 
 def api(app: App) -> httpx.Client:
@@ -62,13 +65,16 @@ def settings(settings: Settings, platform: PlatformServer) -> Settings:
             "whatsapp_api_base": platform.url,
             "telegram_bot_username": "ShopBot",
             "api_key": SecretStr(API_KEY),
+            "webhook_secret": SecretStr(WEBHOOK_SECRET),
         }
     )
 
 
 @pytest.fixture(scope="module")
-def app(deploy: Any) -> App:
-    return deploy(openai_team())
+def app(deploy: Any, platform: PlatformServer) -> App:
+    config = openai_team()
+    config["runs"] = {"webhook_urls": [f"{platform.url}/hooks/"]}
+    return deploy(config)
 
 
 def telegram(app: App, chat: int, message_id: int, text: str, secret: str = SECRET) -> Any:
@@ -175,8 +181,39 @@ def test_a_whatsapp_message_is_verified_queued_and_answered(
         assert thread["active_agent"] == "bookings"
 
 
+def test_a_run_with_a_webhook_url_is_posted_there_signed_once_it_finishes(
+    app: App, fake_llm: FakeLLMServer, platform: PlatformServer
+) -> None:
+    script(fake_llm)
+    thread, path = new_thread(), "/hooks/runs?token=t1"
+    run = {"text": "I want to book a table", "message_id": "w1"}
+    with api(app) as client:
+        outside = client.post(
+            f"/v1/threads/{thread}/runs",
+            json={**run, "webhook_url": "http://169.254.169.254/latest/meta-data/"},
+        )
+        assert outside.status_code == 422 and "body.webhook_url" in outside.json()["error"]
+        queued = client.post(
+            f"/v1/threads/{thread}/runs", json={**run, "webhook_url": f"{platform.url}{path}"}
+        )
+        assert queued.status_code == 202, queued.text  # the refused one queued nothing
+        (call,) = sent_to(platform, path, 1)
+        event = Webhook(WEBHOOK_SECRET).verify(call.raw, call.headers)
+        assert event["type"] == "run.finished"
+        assert event["data"]["result"]["reply"] == "bookings says: I want to book a table"
+
+        def noted() -> bool:
+            return client.get(f"/v1/threads/{thread}/runs/w1").json()["reply"] == "sent"
+
+        wait_for(noted, timeout=30, what="the webhook's delivery noted on the run")
+        record = client.get(f"/v1/threads/{thread}/runs/w1").json()
+    del record["reply"], record["reply_error"]
+    assert event["data"] == record and record["status"] == "completed"
+    assert len(sent_to(platform, path, 1)) == 1
+
+
 def test_channel_messages_and_replies_are_counted(app: App) -> None:
-    """After the two tests above: what each webhook took and what went back."""
+    """After the tests above: what each webhook took and what went back."""
     url = metrics_url()
     assert url is not None
     wanted = {
@@ -194,6 +231,7 @@ def test_channel_messages_and_replies_are_counted(app: App) -> None:
         ): 1.0,
         ("ray_stickyray_channel_replies_total", (("channel", "telegram"), ("status", "sent"))): 3.0,
         ("ray_stickyray_channel_replies_total", (("channel", "whatsapp"), ("status", "sent"))): 1.0,
+        ("ray_stickyray_channel_replies_total", (("channel", "webhook"), ("status", "sent"))): 1.0,
     }
     found: dict = {}
 

@@ -63,14 +63,14 @@ async def test_a_channel_run_is_answered_through_its_channel(client: Any) -> Non
         first, second = await queue.get(key, "m1"), await queue.get(key, "m2")
         assert first is not None and second is not None and first.result and second.result
         assert channel.sent == [(1, first.result.reply), (1, second.result.reply)]
-        await until(lambda: _reply_is(queue, key, "m2", "sent"))
+        await until(lambda: reply_is(queue, key, "m2", "sent"))
         assert (await queue.get(plain, "p1")).reply is None  # type: ignore[union-attr]
     finally:
         await worker.stop()
     assert len(channel.sent) == 2
 
 
-async def _reply_is(queue: Any, key: Any, mid: str, status: str) -> bool:
+async def reply_is(queue: Any, key: Any, mid: str, status: str) -> bool:
     record = await queue.get(key, mid)
     return record is not None and record.reply == status
 
@@ -112,7 +112,7 @@ async def test_passing_refusals_are_retried_and_lasting_ones_fail_the_reply(
     await queue.submit(key, msg("for 2", "m2"), telegram(1))  # blocked: fails for good
     worker = Running(dispatcher(queue, threads, send_reply=channel))
     try:
-        await until(lambda: _reply_is(queue, key, "m2", "failed"))
+        await until(lambda: reply_is(queue, key, "m2", "failed"))
     finally:
         await worker.stop()
     first, second = await queue.get(key, "m1"), await queue.get(key, "m2")
@@ -130,7 +130,7 @@ async def test_a_channel_down_for_too_long_fails_the_reply(client: Any) -> None:
     await queue.submit(key, msg("book a table", "m1"), telegram(1))
     worker = Running(dispatcher(queue, threads, send_reply=channel, reply_give_up_after_s=1.0))
     try:
-        await until(lambda: _reply_is(queue, key, "m1", "failed"))
+        await until(lambda: reply_is(queue, key, "m1", "failed"))
     finally:
         await worker.stop()
     record = await queue.get(key, "m1")
@@ -157,7 +157,7 @@ async def test_a_reply_left_by_a_stopped_worker_is_sent_by_the_next(
     channel = Channel()
     second = Running(dispatcher(queue, threads, send_reply=channel))
     try:
-        await until(lambda: _reply_is(queue, key, "m1", "sent"))
+        await until(lambda: reply_is(queue, key, "m1", "sent"))
     finally:
         await second.stop()
     assert record.result is not None and channel.sent == [(7, record.result.reply)]
@@ -239,7 +239,7 @@ async def test_a_run_that_failed_without_a_turn_still_tells_its_user(
     await queue.submit(key, msg("book a table", "m1"), telegram(4))
     worker = Running(dispatcher(queue, broken, send_reply=channel))
     try:
-        await until(lambda: _reply_is(queue, key, "m1", "sent"))
+        await until(lambda: reply_is(queue, key, "m1", "sent"))
     finally:
         await worker.stop()
     record = await queue.get(key, "m1")
@@ -266,7 +266,7 @@ async def test_a_long_reply_goes_in_pieces_and_a_failed_piece_alone_is_sent_agai
     await queue.submit(key, msg("tell me everything", "m1"), telegram(5))
     worker = Running(dispatcher(queue, answers_at_length, send_reply=channel))
     try:
-        await until(lambda: _reply_is(queue, key, "m1", "sent"))
+        await until(lambda: reply_is(queue, key, "m1", "sent"))
     finally:
         await worker.stop()
     assert channel.sent == [(5, "a" * 4000 + " "), (5, "b" * 3000)]
@@ -287,7 +287,7 @@ async def test_pieces_sent_are_not_sent_again_by_the_next_worker(
     channel = Channel()
     second = Running(dispatcher(queue, answers_at_length, send_reply=channel))
     try:
-        await until(lambda: _reply_is(queue, key, "m1", "sent"))
+        await until(lambda: reply_is(queue, key, "m1", "sent"))
     finally:
         await second.stop()
     assert first_channel.sent == [(8, "a" * 4000 + " ")]
@@ -302,7 +302,7 @@ async def test_a_reply_cut_short_says_how_much_was_sent(client: Any) -> None:  #
     await queue.submit(key, msg("tell me everything", "m1"), telegram(9))
     worker = Running(dispatcher(queue, answers_at_length, send_reply=channel))
     try:
-        await until(lambda: _reply_is(queue, key, "m1", "failed"))
+        await until(lambda: reply_is(queue, key, "m1", "failed"))
     finally:
         await worker.stop()
     record = await queue.get(key, "m1")

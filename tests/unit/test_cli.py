@@ -48,6 +48,23 @@ def test_serve_rejects_a_port_out_of_range(port: str, capsys: pytest.CaptureFixt
     assert "not a port number (1-65535)" in capsys.readouterr().err
 
 
+def test_serve_refuses_webhooks_it_could_not_sign(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before Ray starts: nothing is listening, nothing was started."""
+    config = yaml.safe_load(sample_config_path().read_text())
+    config["runs"] = {"webhook_urls": ["https://hooks.example.com/stickyray/"]}
+    path = tmp_path / "agents.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.delenv("STICKYRAY_WEBHOOK_SECRET", raising=False)
+    assert cli(["serve", "--config", str(path)]) == 2
+    assert "STICKYRAY_WEBHOOK_SECRET must be set" in capsys.readouterr().err
+    monkeypatch.setenv("STICKYRAY_WEBHOOK_SECRET", "whsec_tooshort")
+    assert cli(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "STICKYRAY_WEBHOOK_SECRET: must be whsec_" in err and "tooshort" not in err
+
+
 def test_chat_refuses_a_thread_id_the_server_would(capsys: pytest.CaptureFixture[str]) -> None:
     # Checked before connecting: nothing listens on the URL.
     assert cli(["chat", "alice#2", "--url", "http://127.0.0.1:9"]) == 2

@@ -21,7 +21,7 @@ from actors.key import ThreadKey
 from actors.store import Checkpoint
 from memory.in_memory import InMemoryMemoryStore
 from memory.service import LongTermMemory
-from stickyray.config import load_config
+from stickyray.config import RunsConfig, load_config
 from stickyray.errors import ConfigError, ProviderError
 from stickyray.turns import InboundMessage, TurnResult
 
@@ -189,3 +189,23 @@ def test_a_core_block_over_the_users_maximum_is_a_409(replica: types.SimpleNames
     assert replica.client.delete(f"{core}/persona").status_code == 404
     assert replica.client.delete(f"{core}/Bad Label").status_code == 422
     assert replica.client.put(f"{core}/notes", json={"value": "more"}).status_code == 200
+
+
+def test_a_run_naming_a_webhook_outside_the_allowed_urls_is_refused(
+    replica: types.SimpleNamespace,
+) -> None:
+    """Refused before anything is queued (this replica has no queue: reaching it is a 500)."""
+    run = {"text": "book a table", "webhook_url": "http://169.254.169.254/latest/meta-data/"}
+    off = replica.client.post("/v1/threads/alice/runs", json=run)
+    assert off.status_code == 422
+    assert off.json()["error"].startswith("body.webhook_url: webhooks are off")
+    replica.instance._team = replica.instance._team.model_copy(
+        update={"runs": RunsConfig(webhook_urls=["https://hooks.example.com/runs/"])}
+    )
+    outside = replica.client.post("/v1/threads/alice/runs", json=run)
+    assert outside.status_code == 422 and "is not under any URL" in outside.json()["error"]
+    long = {**run, "webhook_url": "https://hooks.example.com/runs/" + "a" * 2048}
+    too_long = replica.client.post("/v1/threads/alice/runs", json=long)
+    assert too_long.status_code == 422 and "body.webhook_url" in too_long.json()["error"]
+    message = replica.client.post("/v1/threads/alice/messages", json=run)  # runs only
+    assert message.status_code == 422 and "body.webhook_url" in message.json()["error"]

@@ -1,0 +1,146 @@
+"""Run webhooks: a queued run's outcome POSTed to a URL its caller gave, signed.
+
+- Which URLs a caller may give is the operator's list (``runs.webhook_urls`` in
+  ``agents.yaml``): a run's URL must have the scheme, host and port of one of them and a path
+  at or under its path. Nothing else is called, so a caller cannot make the run worker reach
+  an internal address; redirects are not followed, for the same reason.
+- Each delivery is signed as Standard Webhooks specifies (``webhook-id``,
+  ``webhook-timestamp`` and ``webhook-signature`` headers, HMAC-SHA256 with the
+  ``whsec_`` secret in ``STICKYRAY_WEBHOOK_SECRET``), so any of that specification's
+  libraries verifies it. ``webhook-id`` is the same on every retry of a delivery.
+- The body is the run as ``GET /v1/threads/{id}/runs/{message_id}`` shows it, without the
+  fields about its own delivery, under ``{"type": "run.finished", "timestamp", "data"}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import httpx
+
+from stickyray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from actors.run_queue import RunRecord
+    from stickyray.config import TeamConfig
+    from stickyray.settings import Settings
+
+__all__ = [
+    "WEBHOOK_CHANNEL",
+    "check_webhooks",
+    "check_secret",
+    "normalize_prefix",
+    "url_refusal",
+    "webhook_body",
+    "webhook_id",
+]
+
+# The ``channel`` of a run's reply address when its outcome goes to a webhook.
+WEBHOOK_CHANNEL = "webhook"
+MAX_URL_LENGTH = 2048
+# Standard Webhooks' secrets are 24 to 64 random bytes, base64 after "whsec_".
+_SECRET_BYTES = (24, 64)
+_EVENT = "run.finished"
+# Fields of a run's record about the delivery of its own reply: not news to its receiver.
+_DELIVERY_FIELDS = {"reply", "reply_error"}
+
+
+def _parse(url: str) -> httpx.URL:
+    """``url`` parsed (dot segments removed, host lowercased); ValueError if it cannot be
+    called: not absolute http(s), credentials in it, or encoded dots, slashes or
+    backslashes in its path, which a server may decode into another path than the one
+    checked."""
+    if len(url) > MAX_URL_LENGTH:
+        raise ValueError(f"is over {MAX_URL_LENGTH} characters")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"is not a URL ({exc})") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError("must be an absolute http:// or https:// URL")
+    if parsed.userinfo:
+        raise ValueError("must not hold credentials (user:password@)")
+    path = parsed.raw_path.split(b"?", 1)[0].lower()
+    if any(part in path for part in (b"%2e", b"%2f", b"%5c", b"\\")):
+        raise ValueError("must not have encoded dots, slashes or backslashes in its path")
+    return parsed
+
+
+def normalize_prefix(prefix: str) -> str:
+    """An allowed URL prefix as ``runs.webhook_urls`` keeps it; ValueError saying why not."""
+    parsed = _parse(prefix)
+    if parsed.query or parsed.fragment:
+        raise ValueError("must not have a query or a fragment: it is a prefix of URLs")
+    return str(parsed.copy_with(path=parsed.path.rstrip("/") or "/"))
+
+
+def url_refusal(url: str, prefixes: list[str]) -> str | None:
+    """Why a run may not call ``url`` (None: it may) under the allowed ``prefixes``."""
+    if not prefixes:
+        return "webhooks are off: list the URLs they may call in agents.yaml runs.webhook_urls"
+    try:
+        parsed = _parse(url)
+    except ValueError as exc:
+        return str(exc)
+    if parsed.fragment:
+        return "must not have a fragment"
+    for prefix in map(httpx.URL, prefixes):
+        if (parsed.scheme, parsed.host, parsed.port) != (prefix.scheme, prefix.host, prefix.port):
+            continue
+        base = prefix.path.rstrip("/")
+        if not base or parsed.path == base or parsed.path.startswith(base + "/"):
+            return None
+    return "is not under any URL in agents.yaml runs.webhook_urls"
+
+
+def check_secret(secret: str) -> str:
+    """``secret`` if Standard Webhooks can sign with it; ValueError saying what to fix."""
+    hint = (
+        "must be whsec_ followed by the base64 of 24 to 64 random bytes, such as "
+        "python -c \"import base64,secrets; print('whsec_' + "
+        'base64.b64encode(secrets.token_bytes(32)).decode())"'
+    )
+    if not secret.startswith("whsec_"):
+        raise ValueError(hint)
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(hint) from None
+    if not _SECRET_BYTES[0] <= len(key) <= _SECRET_BYTES[1]:
+        raise ValueError(hint)
+    return secret
+
+
+def check_webhooks(team: TeamConfig, settings: Settings) -> None:
+    """Fail before anything starts when runs may name webhooks that could not be signed."""
+    if team.runs.webhook_urls and settings.webhook_secret is None:
+        raise ConfigError(
+            "agents.yaml lists runs.webhook_urls, so STICKYRAY_WEBHOOK_SECRET must be set: "
+            "webhooks are signed, for their receivers to tell them from forgeries"
+        )
+
+
+def webhook_id(record_key: str, entry: str) -> str:
+    """The ``webhook-id`` of a delivery: the same on every retry, by any worker, and new for
+    every run (a run's record key with its outbox entry, hashed)."""
+    digest = hashlib.sha256(f"{record_key}\n{entry}".encode()).hexdigest()
+    return f"msg_{digest[:32]}"
+
+
+def webhook_body(record: RunRecord) -> bytes:
+    """The JSON body that tells a webhook how ``record``'s run ended."""
+    finished = record.finished_at if record.finished_at is not None else time.time()
+    return json.dumps(
+        {
+            "type": _EVENT,
+            "timestamp": datetime.fromtimestamp(finished, UTC).isoformat(),
+            "data": record.model_dump(mode="json", by_alias=True, exclude=_DELIVERY_FIELDS),
+        },
+        ensure_ascii=False,
+    ).encode()

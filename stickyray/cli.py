@@ -10,9 +10,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stickyray.errors import ConfigError, StoreUnavailable
+
+if TYPE_CHECKING:
+    from stickyray.turns import Usage
 
 __all__ = ["main"]
 
@@ -209,8 +212,9 @@ def _reembed(args: argparse.Namespace) -> int:
             print(f"stickyray: cannot start the embedded Postgres: {exc}", file=sys.stderr)
             return 2
         url = postgres.admin_url  # the memories of every tenant: past row-level security
+    spent: list[Usage] = []  # what the embedding model's requests cost, as they are made
     try:
-        done = asyncio.run(_reembed_all(url, team.memory, settings, args.batch_size))
+        done = asyncio.run(_reembed_all(url, team.memory, settings, args.batch_size, spent))
     except ConfigError as exc:
         print(f"stickyray: {exc}", file=sys.stderr)
         return 2
@@ -229,6 +233,8 @@ def _reembed(args: argparse.Namespace) -> int:
     finally:
         if postgres is not None:
             postgres.stop()
+        if spent:  # also when it stopped halfway: those requests were paid for
+            print(f"stickyray: {_spending(spent, team.embedding_price())}", flush=True)
     model = team.memory.embedder_id
     if done is None:
         print(f"stickyray: the memories are embedded by {model} already; nothing to do")
@@ -237,8 +243,24 @@ def _reembed(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _reembed_all(url: str, memory: Any, settings: Any, batch_size: int) -> int | None:
-    """Re-embed every memory at ``url`` with ``memory``'s embedder; None if it did already."""
+def _spending(spent: list[Usage], price: Any) -> str:
+    """What re-embedding spent: tokens, requests, and the cost at ``price`` when known."""
+    from stickyray.turns import Usage
+
+    total = sum(spent, Usage())
+    said = f"the embedding model took {total.input_tokens:,} tokens in {total.requests:,} requests"
+    if price is None:
+        return f"{said} (add it to agents.yaml's pricing for its cost)"
+    return (
+        f"{said}, ${total.priced(price.input, price.output).cost_usd:.6f} at agents.yaml's pricing"
+    )
+
+
+async def _reembed_all(
+    url: str, memory: Any, settings: Any, batch_size: int, spent: list[Usage]
+) -> int | None:
+    """Re-embed every memory at ``url`` with ``memory``'s embedder; None if it did already.
+    What each request of an OpenAI embedder spends is added to ``spent``."""
     import time
     from contextlib import AsyncExitStack
 
@@ -259,7 +281,7 @@ async def _reembed_all(url: str, memory: Any, settings: Any, batch_size: int) ->
     async with AsyncExitStack() as stack:
         embedder: Embedder
         if memory.embedder == "openai":
-            embedder = openai_embedder(memory, settings, stack)
+            embedder = openai_embedder(memory, settings, stack, on_usage=spent.append)
         else:
             embedder = LocalEmbedder()
         try:

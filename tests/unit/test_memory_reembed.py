@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import subprocess
 import sys
 import uuid
@@ -353,6 +354,27 @@ def test_the_command_moves_local_memories_to_openai(
     out = capsys.readouterr().out
     assert "re-embedded 3 of 3 memories" in out
     assert "now embedded by openai/text-embedding-3-small (3 re-embedded)" in out
+    # Two batches: two paid requests, whose tokens the fake server counts as OpenAI does.
+    spent = re.search(r"embedding model took (\d+) tokens in 2 requests \(add it to", out)
+    assert spent is not None and int(spent[1]) > 0
+
+    # With a price for the model, the cost too (moving back to local, then to openai again).
+    local_yaml = tmp_path / "local.yaml"
+    openai_memory = (
+        "memory: {embedder: openai, embedding_model: text-embedding-3-small, dimension: 64}"
+    )
+    local_yaml.write_text(AGENTS_YAML.replace(openai_memory, "memory: {embedder: local}"))
+    assert main(["memory", "reembed", "--config", str(local_yaml)]) == 0
+    assert "tokens in" not in capsys.readouterr().out  # the local model costs nothing
+    priced = tmp_path / "priced.yaml"
+    priced.write_text(
+        AGENTS_YAML + "pricing: {m: {input: 1, output: 1}, "
+        "text-embedding-3-small: {input: 20000, output: 0}}\n"
+    )
+    assert main(["memory", "reembed", "--config", str(priced), "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    spent = re.search(r"took (\d+) tokens in 2 requests, \$([0-9.]+) at agents.yaml's pricing", out)
+    assert spent is not None and float(spent[2]) == pytest.approx(int(spent[1]) * 20000 / 1e6)
 
     prepare_database(database.url, tmp_path / "unused", 64, new_id)
     with pytest.raises(ConfigError, match="embedded by openai/text-embedding-3-small"):

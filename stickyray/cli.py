@@ -1,4 +1,5 @@
-"""The ``stickyray`` command: serve, chat, check, replay, memory, bench and fake-llm."""
+"""The ``stickyray`` command: serve, chat, check, dashboard, replay, memory, bench and
+fake-llm."""
 
 from __future__ import annotations
 
@@ -322,6 +323,22 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    from stickyray.dashboard import dashboard_json
+
+    content = dashboard_json()
+    if args.out is None:
+        print(content)
+        return 0
+    try:
+        args.out.write_text(content + "\n")
+    except OSError as exc:
+        print(f"stickyray: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(f"stickyray: the Grafana dashboard is in {args.out}")
+    return 0
+
+
 def _chat(args: argparse.Namespace) -> int:
     from stickyray.chat import run_chat
 
@@ -383,6 +400,16 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate an agents.yaml without starting anything")
     check.add_argument("config", type=Path)
     check.set_defaults(func=_check)
+
+    dashboard = sub.add_parser(
+        "dashboard", help="write the Grafana dashboard of stickyray's metrics (JSON)"
+    )
+    dashboard.add_argument(
+        "--out",
+        type=Path,
+        help="the file to write, such as Grafana's provisioning folder; standard output if absent",
+    )
+    dashboard.set_defaults(func=_dashboard)
 
     replay = sub.add_parser("replay", help="replay recorded dialogues as a Ray job; report routing")
     replay.add_argument("dialogues", type=Path, help="JSONL, one dialogue per line")

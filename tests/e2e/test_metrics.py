@@ -9,6 +9,7 @@ from collections import defaultdict
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from stickyray.dashboard import metric_names
 from stickyray.metrics import metrics_url
 from stickyray.testing import FakeLLMServer, FakeReply
 from tests.e2e.conftest import App, new_thread
@@ -133,5 +134,17 @@ def test_turns_handoffs_tokens_and_cost_are_counted(app: App, fake_llm: FakeLLMS
             break
         assert time.monotonic() < deadline, f"metrics never reached {expected}: {got} {charged}"
         time.sleep(0.5)  # between scrapes
+    # The Grafana dashboard reads these under the names Ray exports (a histogram's _bucket).
+    exercised = {
+        "ray_stickyray_turns_total",
+        "ray_stickyray_turn_seconds_bucket",
+        "ray_stickyray_supervisor_decisions_total",
+        "ray_stickyray_handoffs_total",
+        "ray_stickyray_llm_requests_total",
+        "ray_stickyray_llm_tokens_total",
+        "ray_stickyray_llm_cost_usd_total",
+    }
+    assert exercised <= metric_names()
+    assert exercised <= {name for name, _ in totals}
     # Two threads, two thread actors, one recording process: series do not grow with threads.
     assert len(workers["ray_stickyray_turns_total"]) == 1, workers["ray_stickyray_turns_total"]

@@ -177,7 +177,7 @@ class OpenAIEmbedder:
                 )
             except openai.OpenAIError as exc:
                 # The SDK's errors do not survive pickling across Ray; this one does.
-                raise ProviderError("openai", "embedder", f"{type(exc).__name__}: {exc}") from None
+                raise ProviderError.of("openai", "embedder", exc) from None
             if self._on_usage is not None:
                 tokens = response.usage.prompt_tokens if response.usage is not None else 0
                 self._on_usage(Usage(input_tokens=tokens, requests=1))

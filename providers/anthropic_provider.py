@@ -160,7 +160,7 @@ class AnthropicProvider:
                 **kwargs,
             )
         except anthropic.APIError as exc:
-            raise ProviderError("anthropic", agent, f"{type(exc).__name__}: {exc}") from None
+            raise ProviderError.of("anthropic", agent, exc) from None
         return read_reply("anthropic", agent, _read, response)
 
     async def aclose(self) -> None:

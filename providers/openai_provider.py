@@ -160,7 +160,7 @@ class OpenAIProvider:
                 options={"headers": {AGENT_HEADER: agent}},
             )
         except openai.APIError as exc:
-            raise ProviderError("openai", agent, f"{type(exc).__name__}: {exc}") from None
+            raise ProviderError.of("openai", agent, exc) from None
         return read_reply("openai", agent, _read, response)
 
     async def aclose(self) -> None:

@@ -103,6 +103,19 @@ class ProviderError(StickyrayError):
     def __str__(self) -> str:
         return f"{self.provider} call for agent {self.agent!r} failed: {self.detail}"
 
+    @classmethod
+    def of(cls, provider: str, agent: str, exc: BaseException) -> ProviderError:
+        """A vendor SDK's error as one: its type and message, and the cause it wraps.
+
+        The SDKs report any failure to connect over aiohttp as "Request timed out.": the
+        cause says what it was ("Cannot connect to host ... Connect call failed").
+        """
+        detail = f"{type(exc).__name__}: {exc}"
+        cause = exc.__cause__
+        if cause is not None and str(cause) and str(cause) not in detail:
+            detail += f" ({type(cause).__name__}: {cause})"
+        return cls(provider, agent, detail)
+
 
 class ThreadFenced(StickyrayError):
     """A newer incarnation of the thread exists; this one must stop serving it."""

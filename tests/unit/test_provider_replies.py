@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 from typing import Any
 
 import anthropic
@@ -225,3 +226,29 @@ async def test_a_reply_cut_off_by_the_context_window_is_cut_off_too() -> None:
     response = await complete("anthropic", canned("anthropic", json.dumps(body).encode()))
     assert response.stop == "max_tokens"
     assert [call.malformed for call in response.tool_calls] == [True]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_refused_connection_says_so_not_only_timed_out(kind: str) -> None:
+    """Over aiohttp the SDKs call any failure to connect "Request timed out."; the
+    operator reading the error must see that nothing listened."""
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    provider = (
+        OpenAIProvider.from_settings("k", f"http://127.0.0.1:{port}/v1", 5.0, 0)
+        if kind == "openai"
+        else AnthropicProvider.from_settings("k", f"http://127.0.0.1:{port}", 5.0, 0)
+    )
+    try:
+        with pytest.raises(ProviderError) as failed:
+            await provider.complete(
+                agent="a",
+                model="m",
+                messages=[ChatMessage(role="user", content="hi")],
+                tools=[],
+                temperature=None,
+            )
+    finally:
+        await provider.aclose()
+    assert f"Cannot connect to host 127.0.0.1:{port}" in str(failed.value)

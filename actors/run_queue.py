@@ -20,6 +20,8 @@ live in one slot of a Redis Cluster:
 - ``open:<tenant>/<thread>``  sorted set of the thread's runs not finished (message ids,
   scored by their entry ids: queue order), for listing them: submitting adds one, finishing
   or cancelling removes it in the same script, and the set is gone once its last run is.
+- ``sends-webhooks``  set once a worker that sends webhooks has held the lease; until then
+  (a rolling deploy from a release without them) runs naming one are refused.
 - ``lease``  which worker may read the queue (see ``acquire``): one at a time, so a
   thread's runs cannot be split between two workers and reordered.
 - ``outbox``  stream of replies to send to a channel (Telegram, WhatsApp) or of outcomes
@@ -365,6 +367,7 @@ class RunQueue:
         self._progress = f"{prefix}:progress"
         self._records = f"{prefix}:run:"
         self._open = f"{prefix}:open:"
+        self._webhooks = f"{prefix}:sends-webhooks"
         self._submit = client.register_script(_SUBMIT)
         self._read = client.register_script(_READ)
         self._start = client.register_script(_START)
@@ -452,6 +455,17 @@ class RunQueue:
                 if not stale:
                     return [r for r in records if r is not None]
                 await self._client.zrem(index, *stale)
+
+    async def mark_webhooks(self) -> None:
+        """Note that the app's run worker sends webhooks: a worker of a release without them
+        would fail them (what ``takes_webhooks`` tells the ingress)."""
+        with redis_outages():
+            await self._client.set(self._webhooks, "1")
+
+    async def takes_webhooks(self) -> bool:
+        """Whether a run worker of a release that sends webhooks has held the lease."""
+        with redis_outages():
+            return bool(await self._client.exists(self._webhooks))
 
     async def depth(self) -> int:
         """Runs waiting or running."""

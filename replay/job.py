@@ -288,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{REFUSED_LINE}{exc}", file=sys.stderr, flush=True)
         return 2
     threads = team.threads.model_copy(update={"hosting": args.hosting})
-    team = team.model_copy(update={"threads": threads})
+    # A replay queues no runs: it calls no webhooks, and needs no secret to sign them.
+    runs = team.runs.model_copy(update={"webhook_urls": []})
+    team = team.model_copy(update={"threads": threads, "runs": runs})
     for line in skipped:
         print(f"replay: skipped line {line.line}: {line.error}", flush=True)
     agents = {a.name for a in team.agents}

@@ -10,6 +10,7 @@ from serve_app.runs import RUN_WORKER_DEPLOYMENT, RunWorker
 from serve_app.tools import check_tools
 from stickyray.config import TeamConfig
 from stickyray.settings import Settings
+from stickyray.webhooks import check_webhooks
 
 __all__ = ["APP_NAME", "build_app"]
 
@@ -20,6 +21,7 @@ def build_app(team: TeamConfig, settings: Settings, app_name: str = APP_NAME) ->
     """The ingress bound to one deployment per agent, the run worker, and the embedder if an
     agent needs the local model."""
     check_tools(team)
+    check_webhooks(team, settings)
     embedder = embedder_deployment(team.embedder).bind() if team.needs_embedder else None
     agents = {
         agent.name: agent_deployment(agent).bind(agent.name, team, settings, embedder, app_name)

@@ -23,11 +23,13 @@ texts over ``threads.max_message_bytes`` are acknowledged and ignored, and count
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import hmac
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote
@@ -473,13 +475,25 @@ class ChannelSender:
         )
 
 
+def _retry_after(header: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header: a number of seconds, or an HTTP date."""
+    if header is None:
+        return None
+    if header.strip().isdigit():
+        return float(header)
+    try:
+        when = email.utils.parsedate_to_datetime(header)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # not an HTTP date (those are in GMT)
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
 def http_refusal(response: httpx.Response) -> tuple[str, float | None, int | None]:
     """What an HTTP error answer (a platform's, a webhook's) says, how long it asks to wait,
     and its error code."""
-    retry_after: float | None = None
-    header = response.headers.get("retry-after")
-    if header is not None and header.strip().isdigit():
-        retry_after = float(header)
+    retry_after = _retry_after(response.headers.get("retry-after"))
     try:
         body = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):

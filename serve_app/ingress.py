@@ -399,6 +399,7 @@ class Ingress:
             self._stack.push_async_callback(redis.aclose)
             self._store = RedisThreadStore(redis)
             self._runs = RunQueue(redis, app_name, team.runs)
+            self._worker_sends_webhooks = False  # until the queue says so (then for good)
             api.state.max_body_bytes = body_cap(team)
             api.state.api_key = (
                 settings.api_key.get_secret_value() if settings.api_key is not None else None
@@ -469,6 +470,7 @@ class Ingress:
                 raise HTTPException(422, f"body.webhook_url: {refusal}")
             # The thread in the address: a thread's outcomes arrive in order, threads' at once.
             reply_to = {"channel": WEBHOOK_CHANNEL, "url": body.webhook_url, "thread": str(key)}
+            await self._check_worker_sends_webhooks()
         try:
             record, queued = await self._runs.submit(key, message, reply_to)
         except Exception as exc:
@@ -476,6 +478,23 @@ class Ingress:
         if not queued:
             response.status_code = 200
         return record
+
+    async def _check_worker_sends_webhooks(self) -> None:
+        """Raise a 503 until a run worker of this release has held the queue's lease: during
+        the deploy that brings webhooks, the previous release's worker would fail them."""
+        if self._worker_sends_webhooks:
+            return
+        try:
+            self._worker_sends_webhooks = await self._runs.takes_webhooks()
+        except StoreUnavailable as exc:
+            raise _http_error(exc) from None
+        if not self._worker_sends_webhooks:
+            raise HTTPException(
+                503,
+                "the run worker of this release has not taken over yet: retry a run with a "
+                "webhook_url in a few seconds",
+                headers={"Retry-After": "5"},
+            )
 
     @api.get("/v1/threads/{thread_id}/runs", response_model=OpenRuns)
     async def get_open_runs(

@@ -168,6 +168,8 @@ class RunDispatcher:
         self._send_webhook = send_webhook
         self._reply_give_up_after_s = reply_give_up_after_s
         self._sending = asyncio.Semaphore(max_in_flight)
+        # Webhooks have slots of their own: slow receivers never hold a chat's reply back.
+        self._posting = asyncio.Semaphore(max_in_flight)
         self._lost = asyncio.Event()
         self._stopping = asyncio.Event()
         # The last run of each thread in hand: the next one waits for it.
@@ -187,6 +189,8 @@ class RunDispatcher:
         try:
             while await self._acquire():
                 self._lost.clear()
+                if self._send_webhook is not None:
+                    await self._retrying(self._queue.mark_webhooks)
                 loop = asyncio.get_running_loop()
                 loops = [loop.create_task(self._drain())]
                 if self._send_reply is not None or self._send_webhook is not None:
@@ -430,7 +434,10 @@ class RunDispatcher:
         sent = await self._retrying(self._queue.pieces_sent, reply)
         for number in range(sent, len(pieces)):
             error = await self._send_until_done(
-                reply, functools.partial(send_reply, reply.to, pieces[number]), deadline
+                reply,
+                functools.partial(send_reply, reply.to, pieces[number]),
+                deadline,
+                self._sending,
             )
             if error is not None:
                 if number > 0:
@@ -451,13 +458,18 @@ class RunDispatcher:
         url, body = str(reply.to.get("url")), webhook_body(record)
         message_id = webhook_id(reply.record, reply.entry)
         return await self._send_until_done(
-            reply, lambda: send_webhook(url, message_id, body), deadline
+            reply, lambda: send_webhook(url, message_id, body), deadline, self._posting
         )
 
     async def _send_until_done(
-        self, reply: OutboundReply, send: Callable[[], Awaitable[None]], deadline: list[float]
+        self,
+        reply: OutboundReply,
+        send: Callable[[], Awaitable[None]],
+        deadline: list[float],
+        slots: asyncio.Semaphore,
     ) -> str | None:
-        """``send()`` a piece of ``reply``; None once sent, else why it could not be.
+        """``send()`` a piece of ``reply`` while holding one of ``slots``; None once sent,
+        else why it could not be.
 
         ``deadline`` holds the reply's give-up time once a piece has failed (shared by its
         pieces). Raises LeaseLost (sending nothing) once this worker no longer holds the
@@ -466,7 +478,7 @@ class RunDispatcher:
         delay = 0.5
         while True:
             try:
-                async with self._sending:
+                async with slots:
                     await self._still_leased()
                     await send()
                 return None
@@ -482,9 +494,10 @@ class RunDispatcher:
             except Exception as exc:  # a bug in a channel, not an outage
                 log.exception("reply to %s of %s failed", reply.message_id, reply.thread)
                 return f"{type(exc).__name__}: {exc}"
+            now = time.monotonic()
             if not deadline:
-                deadline.append(time.monotonic() + self._reply_give_up_after_s)
-            if time.monotonic() + wait > deadline[0]:
+                deadline.append(now + self._reply_give_up_after_s)
+            elif now >= deadline[0]:
                 log.warning(
                     "reply to %s of %s: giving up after %.0f s: %s",
                     reply.message_id,
@@ -493,6 +506,8 @@ class RunDispatcher:
                     reason,
                 )
                 return f"gave up after {self._reply_give_up_after_s:g} s; last: {reason}"
+            # A longer wait asked for (Retry-After) still gets one last try at the deadline.
+            wait = min(wait, deadline[0] - now)
             log.info("reply to %s: %s; sending again in %.2f s", reply.message_id, reason, wait)
             await self._pause(wait)
             delay = min(delay * 2, self._retry_cap_s)

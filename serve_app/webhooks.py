@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC, datetime
 
@@ -14,6 +15,9 @@ from stickyray.webhooks import WEBHOOK_CHANNEL, url_refusal
 
 __all__ = ["WebhookSender"]
 
+# Of an error answer's body, what is read for its reason.
+_MAX_ERROR_BODY = 64 * 1024
+
 
 class WebhookSender:
     """POSTs signed run outcomes (one client, one pool of connections).
@@ -24,6 +28,7 @@ class WebhookSender:
 
     def __init__(self, secret: str | None, prefixes: list[str], timeout_s: float = 15.0) -> None:
         self._signer = Webhook(secret) if secret is not None else None
+        self._timeout_s = timeout_s
         self._prefixes = prefixes
         # Redirects are refused, never followed: the allowed URL is the only one called.
         self._client = httpx.AsyncClient(timeout=timeout_s, follow_redirects=False)
@@ -49,19 +54,44 @@ class WebhookSender:
             "webhook-signature": self._signer.sign(webhook_id, now, body),
         }
         try:
-            response = await self._client.post(url, content=body, headers=headers)
+            # A receiver that answers a byte at a time passes every per-read timeout: the
+            # whole call has one, so a slow receiver cannot hold a sending slot for long.
+            async with asyncio.timeout(self._timeout_s):
+                return await self._post(url, body, headers)
+        except TimeoutError:
+            raise _failed(f"no answer within {self._timeout_s:g} s", permanent=False) from None
+
+    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> None:
+        try:
+            async with self._client.stream("POST", url, content=body, headers=headers) as answer:
+                if answer.is_success:
+                    return  # taken: its body, readable or not, says nothing more
+                status = answer.status_code
+                if answer.is_redirect:
+                    raise _failed(f"HTTP {status}: redirects are not followed", permanent=True)
+                refused = await _read_refusal(answer)
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:  # fails every time
             raise _failed(f"{type(exc).__name__}: {exc}", permanent=True) from None
         except httpx.HTTPError as exc:  # no answer: the receiver or the network is down
             raise _failed(f"{type(exc).__name__}: {exc}", permanent=False) from None
-        if response.is_success:
-            return
-        status = response.status_code
-        if response.is_redirect:
-            raise _failed(f"HTTP {status}: redirects are not followed", permanent=True)
-        reason, retry_after, _ = http_refusal(response)
+        reason, retry_after, _ = http_refusal(refused)
         transient = status in (408, 429) or status >= 500
         raise _failed(f"HTTP {status}: {reason}", permanent=not transient, retry_after=retry_after)
+
+
+async def _read_refusal(answer: httpx.Response) -> httpx.Response:
+    """``answer`` with at most ``_MAX_ERROR_BODY`` bytes of its body, as one that was read
+    (an unreadable body reads as empty: the status says enough)."""
+    body = b""
+    try:
+        async for chunk in answer.aiter_bytes():
+            body += chunk
+            if len(body) >= _MAX_ERROR_BODY:
+                break
+    except httpx.HTTPError:
+        pass
+    headers = {k: v for k, v in answer.headers.items() if k.lower() != "content-encoding"}
+    return httpx.Response(answer.status_code, headers=headers, content=body[:_MAX_ERROR_BODY])
 
 
 def _failed(reason: str, *, permanent: bool, retry_after: float | None = None) -> ChannelSendFailed:

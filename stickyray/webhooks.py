@@ -51,11 +51,16 @@ _EVENT = "run.finished"
 _DELIVERY_FIELDS = {"reply", "reply_error"}
 
 
-def _parse(url: str) -> httpx.URL:
-    """``url`` parsed (dot segments removed, host lowercased); ValueError if it cannot be
-    called: not absolute http(s), credentials in it, or encoded dots, slashes or
-    backslashes in its path, which a server may decode into another path than the one
-    checked."""
+# In a path, what a server may turn into another path than the one checked: encoded dots,
+# slashes, backslashes, percent signs (encoded twice) and NULs, and ";" (Tomcat, Jetty and
+# Spring read "/..;/" as "/../").
+_AMBIGUOUS = (b"%2e", b"%2f", b"%5c", b"%25", b"%00", b"\\", b";")
+
+
+def _parse(url: str) -> tuple[httpx.URL, bytes]:
+    """``url`` parsed (dot segments removed, host lowercased) and its path as sent; ValueError
+    if it cannot be called: not absolute http(s), credentials in it, or a path that a server
+    may read as another (see ``_AMBIGUOUS``)."""
     if len(url) > MAX_URL_LENGTH:
         raise ValueError(f"is over {MAX_URL_LENGTH} characters")
     try:
@@ -66,35 +71,43 @@ def _parse(url: str) -> httpx.URL:
         raise ValueError("must be an absolute http:// or https:// URL")
     if parsed.userinfo:
         raise ValueError("must not hold credentials (user:password@)")
-    path = parsed.raw_path.split(b"?", 1)[0].lower()
-    if any(part in path for part in (b"%2e", b"%2f", b"%5c", b"\\")):
-        raise ValueError("must not have encoded dots, slashes or backslashes in its path")
-    return parsed
+    path = parsed.raw_path.split(b"?", 1)[0]
+    if any(part in path.lower() for part in _AMBIGUOUS):
+        raise ValueError(
+            "must not have encoded dots, slashes, backslashes, percent signs or NULs, nor ';', "
+            "in its path"
+        )
+    return parsed, path
 
 
 def normalize_prefix(prefix: str) -> str:
     """An allowed URL prefix as ``runs.webhook_urls`` keeps it; ValueError saying why not."""
-    parsed = _parse(prefix)
-    if parsed.query or parsed.fragment:
+    parsed, path = _parse(prefix)
+    if parsed.query or "#" in prefix:
         raise ValueError("must not have a query or a fragment: it is a prefix of URLs")
-    return str(parsed.copy_with(path=parsed.path.rstrip("/") or "/"))
+    origin = str(parsed.copy_with(raw_path=b"/")).removesuffix("/")
+    return origin + (path.rstrip(b"/") or b"/").decode("ascii")
 
 
 def url_refusal(url: str, prefixes: list[str]) -> str | None:
-    """Why a run may not call ``url`` (None: it may) under the allowed ``prefixes``."""
+    """Why a run may not call ``url`` (None: it may) under the allowed ``prefixes``.
+
+    Paths are compared as sent (percent-encoded), so one the prefix does not cover in so many
+    bytes is refused even if a server would decode it to one it covers.
+    """
     if not prefixes:
         return "webhooks are off: list the URLs they may call in agents.yaml runs.webhook_urls"
     try:
-        parsed = _parse(url)
+        parsed, path = _parse(url)
     except ValueError as exc:
         return str(exc)
-    if parsed.fragment:
+    if "#" in url:
         return "must not have a fragment"
-    for prefix in map(httpx.URL, prefixes):
+    for prefix, base in (_parse(p) for p in prefixes):
         if (parsed.scheme, parsed.host, parsed.port) != (prefix.scheme, prefix.host, prefix.port):
             continue
-        base = prefix.path.rstrip("/")
-        if not base or parsed.path == base or parsed.path.startswith(base + "/"):
+        base = base.rstrip(b"/")
+        if not base or path == base or path.startswith(base + b"/"):
             return None
     return "is not under any URL in agents.yaml runs.webhook_urls"
 

@@ -209,3 +209,38 @@ def test_a_run_naming_a_webhook_outside_the_allowed_urls_is_refused(
     assert too_long.status_code == 422 and "body.webhook_url" in too_long.json()["error"]
     message = replica.client.post("/v1/threads/alice/messages", json=run)  # runs only
     assert message.status_code == 422 and "body.webhook_url" in message.json()["error"]
+
+
+class Runs:
+    """Answers whether a worker of this release took the run queue, then refuses to queue."""
+
+    def __init__(self, takes_webhooks: bool) -> None:
+        self.webhooks = takes_webhooks
+        self.asked = 0
+
+    async def takes_webhooks(self) -> bool:
+        self.asked += 1
+        return self.webhooks
+
+    async def submit(self, *args: Any) -> Any:
+        raise ConfigError("queued (this stand-in stores nothing)")
+
+
+def test_a_webhook_waits_for_the_run_worker_of_this_release(
+    replica: types.SimpleNamespace,
+) -> None:
+    """During the deploy that brings webhooks, the previous worker would fail them: 503."""
+    instance = replica.instance
+    instance._team = instance._team.model_copy(
+        update={"runs": RunsConfig(webhook_urls=["https://hooks.example.com/runs/"])}
+    )
+    instance._runs, instance._worker_sends_webhooks = Runs(takes_webhooks=False), False
+    run = {"text": "book a table", "webhook_url": "https://hooks.example.com/runs/done"}
+    early = replica.client.post("/v1/threads/alice/runs", json=run)
+    assert early.status_code == 503 and early.headers["retry-after"] == "5"
+    assert "retry a run with a webhook_url" in early.json()["error"]
+    instance._runs.webhooks = True
+    for _ in range(2):  # asked once, then known
+        taken = replica.client.post("/v1/threads/alice/runs", json=run)
+        assert "queued (this stand-in" in taken.json()["error"]
+    assert instance._runs.asked == 2

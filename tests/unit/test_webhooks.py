@@ -4,8 +4,12 @@ tests add Ray, Serve and the HTTP API."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import email.utils
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +28,7 @@ from stickyray.settings import Settings
 from stickyray.turns import InboundMessage, TurnResult
 from stickyray.webhooks import check_webhooks, url_refusal, webhook_id
 from tests.channel_platform import Call, PlatformServer
-from tests.unit.test_channel_replies import reply_is
+from tests.unit.test_channel_replies import Channel, reply_is
 from tests.unit.test_runs import (
     Running,
     Threads,
@@ -73,6 +77,10 @@ def test_a_url_under_an_allowed_prefix_may_be_called(url: str) -> None:
         ("https://hooks.example.com/stickyray/../admin", "not under"),  # dot segments
         ("https://hooks.example.com/stickyray/%2e%2e/admin", "encoded dots"),
         ("https://hooks.example.com/stickyray/..%2fadmin", "encoded dots"),
+        ("https://hooks.example.com/stickyray/..;/admin", "nor ';'"),  # Tomcat's "/../"
+        ("https://hooks.example.com/stickyray/%252e%252e/admin", "percent signs"),
+        ("https://hooks.example.com/stickyray/a%00", "NULs"),
+        ("https://hooks.example.com/stickyray/x#", "fragment"),  # even an empty one
         ("https://hooks.example.com.evil.net/stickyray/", "not under"),
         ("http://hooks.example.com/stickyray/", "not under"),  # another scheme
         ("https://hooks.example.com:8443/stickyray/", "not under"),  # another port
@@ -100,6 +108,14 @@ def test_allowed_urls_are_checked_when_the_config_loads(tmp_path: Path) -> None:
         "https://hooks.example.com/a",
         "http://127.0.0.1:9000/",
     ]
+    # Kept as written (percent-encoded), and compared so.
+    assert prefixes("https://hooks.example.com/a%3Fb/") == ["https://hooks.example.com/a%3Fb"]
+    assert (
+        url_refusal(
+            "https://hooks.example.com/a%3Fb/c?d=1", prefixes("https://hooks.example.com/a%3Fb/")
+        )
+        is None
+    )
     config = load_config(None).model_dump(mode="json", exclude_none=True)
     config["runs"] = {"webhook_urls": ["https://hooks.example.com/a?token=1"]}
     with pytest.raises(ConfigError, match=r"runs\.webhook_urls.*query"):
@@ -168,6 +184,47 @@ async def test_refusals_say_whether_sending_again_can_help(receiver: PlatformSer
             await sender.send(url, "msg_4", b"{}")
         assert failed.value.permanent
         await sender.aclose()
+
+
+async def test_a_receiver_that_answers_slowly_is_given_up_for_now() -> None:
+    """Every read gets a byte in time, the whole answer never comes: the call's own timeout
+    ends it (transient), so a slow receiver does not hold a sending slot."""
+
+    async def dribble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            for byte in b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n":
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.3)
+
+    server = await asyncio.start_server(dribble, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks"
+    sender = WebhookSender(SECRET, prefixes(url), timeout_s=1.0)
+    try:
+        with pytest.raises(ChannelSendFailed) as failed:
+            await sender.send(url, "msg_5", b"{}")
+    finally:
+        await sender.aclose()
+        server.close()
+    assert not failed.value.permanent and "no answer within 1 s" in failed.value.reason
+
+
+async def test_a_taken_call_whose_answer_cannot_be_read_is_taken(receiver: PlatformServer) -> None:
+    """A 2xx is the receiver's word, whatever its body: sending again would repeat it."""
+    sender = WebhookSender(SECRET, prefixes(receiver.url))
+    receiver.refuse(200, {"ok": True}, headers={"content-encoding": "gzip"})  # not gzip
+    try:
+        await sender.send(f"{receiver.url}/hooks/gzip", "msg_6", b"{}")
+        # An HTTP date in Retry-After counts too (a 503 during maintenance, say).
+        receiver.refuse(
+            503, {}, headers={"retry-after": email.utils.formatdate(time.time() + 120, usegmt=True)}
+        )
+        with pytest.raises(ChannelSendFailed) as failed:
+            await sender.send(f"{receiver.url}/hooks/date", "msg_7", b"{}")
+    finally:
+        await sender.aclose()
+    assert failed.value.retry_after is not None and 100 < failed.value.retry_after <= 120
 
 
 def _closed_port() -> int:
@@ -295,3 +352,55 @@ async def test_a_run_whose_record_expired_is_not_posted(
 
 async def _outbox_empty(client: Any, queue: RunQueue) -> bool:  # noqa: F811
     return await client.xlen(queue._outbox) == 0
+
+
+async def test_a_long_retry_after_still_gets_a_last_try_at_the_deadline(
+    client: Any,  # noqa: F811
+    receiver: PlatformServer,
+) -> None:
+    """Asked to wait past ``reply_give_up_after_s``, the worker tries once more at the
+    deadline instead of giving up at once."""
+    queue = queue_of(client)
+    sender = WebhookSender(SECRET, prefixes(receiver.url))
+    threads = Threads(client, load_config(None), booking_agents())
+    key, path = fresh(), f"/hooks/{uuid.uuid4().hex}"
+    receiver.refuse(503, {"error": "deploying"}, headers={"retry-after": "900"})
+    await queue.submit(key, msg("book a table", "m1"), webhook(receiver, key, path))
+    worker = Running(
+        dispatcher(queue, threads, send_webhook=sender.send, reply_give_up_after_s=1.0)
+    )
+    try:
+        await until(lambda: reply_is(queue, key, "m1", "sent"))
+    finally:
+        await worker.stop()
+        await sender.aclose()
+    assert len(calls_to(receiver, path)) == 2
+    assert await queue.takes_webhooks()  # the worker said it sends them: the ingress takes them
+
+
+async def test_a_stuck_webhook_never_holds_a_chats_reply_back(
+    client: Any,  # noqa: F811
+    receiver: PlatformServer,
+) -> None:
+    queue, channel = queue_of(client), Channel()
+    threads = Threads(client, load_config(None), booking_agents())
+    stuck = asyncio.Event()
+    posted: list[str] = []
+
+    async def post(url: str, webhook_id: str, body: bytes) -> None:
+        posted.append(url)
+        await stuck.wait()
+
+    hooked, chat = fresh(), fresh()
+    await queue.submit(hooked, msg("book a table", "w1"), webhook(receiver, hooked))
+    await queue.submit(chat, msg("book a room", "c1"), {"channel": "telegram", "chat_id": 7})
+    worker = Running(
+        dispatcher(queue, threads, send_reply=channel, send_webhook=post, max_in_flight=1)
+    )
+    try:
+        await until(lambda: posted and channel.sent)  # the chat's reply went past it
+        stuck.set()
+        await until(lambda: reply_is(queue, hooked, "w1", "sent"))
+    finally:
+        await worker.stop()
+    assert channel.sent[0][0] == 7

@@ -479,7 +479,7 @@ def _retry_after(header: str | None) -> float | None:
     """Seconds from a ``Retry-After`` header: a number of seconds, or an HTTP date."""
     if header is None:
         return None
-    if header.strip().isdigit():
+    if re.fullmatch(r"[0-9]+", header.strip()):
         return float(header)
     try:
         when = email.utils.parsedate_to_datetime(header)
@@ -496,7 +496,7 @@ def http_refusal(response: httpx.Response) -> tuple[str, float | None, int | Non
     retry_after = _retry_after(response.headers.get("retry-after"))
     try:
         body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not text, or nested past the parser
         return response.text[:200], retry_after, None
     if not isinstance(body, dict):
         return str(body)[:200], retry_after, None

@@ -458,7 +458,11 @@ class RunDispatcher:
         url, body = str(reply.to.get("url")), webhook_body(record)
         message_id = webhook_id(reply.record, reply.entry)
         return await self._send_until_done(
-            reply, lambda: send_webhook(url, message_id, body), deadline, self._posting
+            reply,
+            lambda: send_webhook(url, message_id, body),
+            deadline,
+            self._posting,
+            last_try_at_deadline=True,
         )
 
     async def _send_until_done(
@@ -467,9 +471,15 @@ class RunDispatcher:
         send: Callable[[], Awaitable[None]],
         deadline: list[float],
         slots: asyncio.Semaphore,
+        *,
+        last_try_at_deadline: bool = False,
     ) -> str | None:
         """``send()`` a piece of ``reply`` while holding one of ``slots``; None once sent,
         else why it could not be.
+
+        Asked to wait past the deadline (a Retry-After), it gives up at once; or, with
+        ``last_try_at_deadline`` (webhooks), tries once more at the deadline. A channel's
+        wait is not cut short: sending early during Telegram's flood control prolongs it.
 
         ``deadline`` holds the reply's give-up time once a piece has failed (shared by its
         pieces). Raises LeaseLost (sending nothing) once this worker no longer holds the
@@ -497,7 +507,9 @@ class RunDispatcher:
             now = time.monotonic()
             if not deadline:
                 deadline.append(now + self._reply_give_up_after_s)
-            elif now >= deadline[0]:
+            if now + wait > deadline[0] and last_try_at_deadline and now < deadline[0]:
+                wait = deadline[0] - now  # asked to wait longer: one last try at the deadline
+            elif now + wait > deadline[0]:
                 log.warning(
                     "reply to %s of %s: giving up after %.0f s: %s",
                     reply.message_id,
@@ -506,8 +518,6 @@ class RunDispatcher:
                     reason,
                 )
                 return f"gave up after {self._reply_give_up_after_s:g} s; last: {reason}"
-            # A longer wait asked for (Retry-After) still gets one last try at the deadline.
-            wait = min(wait, deadline[0] - now)
             log.info("reply to %s: %s; sending again in %.2f s", reply.message_id, reason, wait)
             await self._pause(wait)
             delay = min(delay * 2, self._retry_cap_s)

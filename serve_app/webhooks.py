@@ -90,7 +90,8 @@ async def _read_refusal(answer: httpx.Response) -> httpx.Response:
                 break
     except httpx.HTTPError:
         pass
-    headers = {k: v for k, v in answer.headers.items() if k.lower() != "content-encoding"}
+    # As sent (bytes): a header value outside ASCII must not make a refusal unreadable.
+    headers = [(k, v) for k, v in answer.headers.raw if k.lower() != b"content-encoding"]
     return httpx.Response(answer.status_code, headers=headers, content=body[:_MAX_ERROR_BODY])
 
 

@@ -56,6 +56,8 @@ PANELS = [
                 legend="failed: {{agent}}",
             ),
         ],
+        fill=0,
+        stack=False,
     ),
     Panel(
         id=2,
@@ -132,6 +134,8 @@ PANELS = [
                 legend="failed: {{agent}} {{model}}",
             ),
         ],
+        fill=0,
+        stack=False,
     ),
     Panel(
         id=8,
@@ -165,6 +169,8 @@ PANELS = [
                 legend="out {{channel}} {{status}}",
             ),
         ],
+        fill=0,
+        stack=False,
     ),
 ]
 

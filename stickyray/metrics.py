@@ -25,6 +25,7 @@ from stickyray.turns import TurnResult, Usage
 
 __all__ = [
     "SINK_NAME",
+    "RUN_WAIT_BUCKETS",
     "TURN_SECONDS_BUCKETS",
     "TurnMetricsSink",
     "TurnReporter",
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 # From a turn with no model call (the offline provider) to one that waited on several slow ones.
 TURN_SECONDS_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
+# A queued run can wait for minutes (a burst, an outage retried for up to an hour).
+RUN_WAIT_BUCKETS = [*TURN_SECONDS_BUCKETS, 300.0, 600.0, 1800.0, 3600.0]
 
 
 @dataclass(frozen=True)
@@ -243,7 +246,7 @@ def _run_metrics() -> _RunMetrics:
         wait=Histogram(
             "stickyray_run_wait_seconds",
             "Time a queued run waited, from being queued until a worker started delivering it",
-            boundaries=TURN_SECONDS_BUCKETS,
+            boundaries=RUN_WAIT_BUCKETS,
             tag_keys=("app",),
         ),
     )

@@ -52,9 +52,9 @@ _DELIVERY_FIELDS = {"reply", "reply_error"}
 
 
 # In a path, what a server may turn into another path than the one checked: encoded dots,
-# slashes, backslashes, percent signs (encoded twice) and NULs, and ";" (Tomcat, Jetty and
-# Spring read "/..;/" as "/../").
-_AMBIGUOUS = (b"%2e", b"%2f", b"%5c", b"%25", b"%00", b"\\", b";")
+# slashes, backslashes, percent signs (encoded twice) and NULs, overlong UTF-8 (%c0, %c1)
+# and IIS's %u escapes, and ";" (Tomcat, Jetty and Spring read "/..;/" as "/../").
+_AMBIGUOUS = (b"%2e", b"%2f", b"%5c", b"%25", b"%00", b"%c0", b"%c1", b"%u", b"\\", b";")
 
 
 def _parse(url: str) -> tuple[httpx.URL, bytes]:
@@ -74,8 +74,8 @@ def _parse(url: str) -> tuple[httpx.URL, bytes]:
     path = parsed.raw_path.split(b"?", 1)[0]
     if any(part in path.lower() for part in _AMBIGUOUS):
         raise ValueError(
-            "must not have encoded dots, slashes, backslashes, percent signs or NULs, nor ';', "
-            "in its path"
+            "must not have encoded dots, slashes, backslashes, percent signs or NULs, overlong "
+            "or %u escapes, nor ';', in its path"
         )
     return parsed, path
 

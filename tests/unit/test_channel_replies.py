@@ -7,7 +7,10 @@ import asyncio
 import uuid
 from typing import Any
 
+import httpx
+
 from actors.run_queue import RunQueue
+from serve_app.channels import http_refusal
 from stickyray.config import RunsConfig, load_config
 from stickyray.errors import ChannelSendFailed
 from stickyray.turns import SORRY_REPLY, InboundMessage, TurnResult
@@ -137,6 +140,35 @@ async def test_a_channel_down_for_too_long_fails_the_reply(client: Any) -> None:
     assert record is not None and record.status == "completed"  # the turn itself stands
     assert record.reply_error is not None and record.reply_error.startswith("gave up after 1 s")
     assert 2 <= channel.calls < 10
+
+
+async def test_a_flood_wait_past_the_deadline_is_not_cut_short(
+    client: Any,  # noqa: F811
+) -> None:
+    """Telegram's retry_after is honoured: sending early would only prolong its ban."""
+    queue = queue_of(client)
+    flood = [ChannelSendFailed("telegram", "HTTP 429", permanent=False, retry_after=5.0)] * 10
+    channel = Channel(*flood)
+    threads = Threads(client, load_config(None), booking_agents())
+    key = fresh()
+    await queue.submit(key, msg("book a table", "m1"), telegram(1))
+    worker = Running(dispatcher(queue, threads, send_reply=channel, reply_give_up_after_s=1.0))
+    try:
+        await until(lambda: reply_is(queue, key, "m1", "failed"))
+    finally:
+        await worker.stop()
+    assert channel.calls == 1
+
+
+def test_a_refusal_in_no_shape_is_still_read() -> None:
+    """Odd answers give a reason, never an exception that would fail a reply for good."""
+    for response in (
+        httpx.Response(429, headers=[(b"retry-after", "\u00b2".encode())]),  # a digit? no
+        httpx.Response(503, content=b"[" * 60000),  # JSON nested past the parser
+        httpx.Response(503, content=b"\xff\xfe"),
+    ):
+        reason, retry_after, code = http_refusal(response)
+        assert retry_after is None and code is None and isinstance(reason, str)
 
 
 async def test_a_reply_left_by_a_stopped_worker_is_sent_by_the_next(

@@ -80,6 +80,8 @@ def test_a_url_under_an_allowed_prefix_may_be_called(url: str) -> None:
         ("https://hooks.example.com/stickyray/..;/admin", "nor ';'"),  # Tomcat's "/../"
         ("https://hooks.example.com/stickyray/%252e%252e/admin", "percent signs"),
         ("https://hooks.example.com/stickyray/a%00", "NULs"),
+        ("https://hooks.example.com/stickyray/%c0%ae%c0%ae/admin", "overlong"),
+        ("https://hooks.example.com/stickyray/%u002e%u002e/admin", "overlong"),
         ("https://hooks.example.com/stickyray/x#", "fragment"),  # even an empty one
         ("https://hooks.example.com.evil.net/stickyray/", "not under"),
         ("http://hooks.example.com/stickyray/", "not under"),  # another scheme
@@ -284,7 +286,8 @@ async def test_a_failed_run_is_posted_and_a_refusal_is_retried_under_the_same_id
     queue = queue_of(client)
     sender = WebhookSender(SECRET, prefixes(receiver.url))
     key, path = fresh(), f"/hooks/{uuid.uuid4().hex}"
-    receiver.refuse(503, {"error": "restarting"})  # the next call (this run's first) fails
+    # The next call (this run's first) fails, with a header value outside ASCII.
+    receiver.refuse(503, {"error": "restarting"}, headers={"x-reason": "Wartung läuft"})
     await queue.submit(key, msg("book a table", "m1"), webhook(receiver, key, path))
     worker = Running(dispatcher(queue, broken, send_webhook=sender.send))
     try:

@@ -24,9 +24,11 @@ live in one slot of a Redis Cluster:
   (a rolling deploy from a release without them) runs naming one are refused.
 - ``lease``  which worker may read the queue (see ``acquire``): one at a time, so a
   thread's runs cannot be split between two workers and reordered.
-- ``outbox``  stream of replies to send to a channel (Telegram, WhatsApp) or of outcomes
-  to send to a webhook, for runs submitted with a ``reply_to``: finishing such a run adds
-  its reply in the same script, so a finished run's reply is never lost between the two.
+- ``outbox``  stream of replies to send to a channel (Telegram, WhatsApp), for runs
+  submitted with a ``reply_to``; ``webhooks`` the same for runs whose outcome goes to a
+  webhook (a stream of its own, read on its own: receivers that are down never keep a
+  chat's reply from being read). Finishing such a run adds its entry in the same script,
+  so a finished run's reply is never lost between the two.
   The worker holding the lease reads it (same group and consumer names), sends, then
   acknowledges and deletes the entry, and notes on the run's record whether the reply was
   sent: at least once, since a worker that stops between sending and acknowledging leaves
@@ -316,7 +318,8 @@ class QueuedRun:
 
 @dataclass(frozen=True)
 class OutboundReply:
-    """One outbox entry: the reply of a finished run, for the channel in ``to``."""
+    """One outbox entry: the reply of a finished run, for the channel in ``to`` (or its
+    webhook); ``stream`` is the outbox it is in."""
 
     entry: str
     to: dict[str, Any]
@@ -324,6 +327,7 @@ class OutboundReply:
     thread: str
     message_id: str
     record: str
+    stream: str
 
 
 def _text(value: Any) -> str:
@@ -363,6 +367,7 @@ class RunQueue:
         self._queue = f"{prefix}:queue"
         self._lease = f"{prefix}:lease"
         self._outbox = f"{prefix}:outbox"
+        self._webhook_box = f"{prefix}:webhooks"
         # How many pieces of a long reply were sent, by outbox entry.
         self._progress = f"{prefix}:progress"
         self._records = f"{prefix}:run:"
@@ -489,9 +494,9 @@ class RunQueue:
             await self._release(keys=[self._lease], args=[token])
 
     async def join(self) -> None:
-        """Create the consumer groups of the queue and the outbox if missing (idempotent)."""
+        """Create the consumer groups of the queue and the outboxes if missing (idempotent)."""
         with redis_outages():
-            for stream in (self._queue, self._outbox):
+            for stream in (self._queue, self._outbox, self._webhook_box):
                 try:
                     # From id 0: runs queued before the group existed are delivered too.
                     await self._client.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -499,18 +504,27 @@ class RunQueue:
                     if "BUSYGROUP" not in str(exc):
                         raise
 
-    async def last_read(self, *, outbox: bool = False) -> str:
-        """The id of the newest run (or reply) a worker has read (``0-0`` for none)."""
+    def _stream(self, outbox: bool, webhooks: bool) -> str:
+        if webhooks:
+            return self._webhook_box
+        return self._outbox if outbox else self._queue
+
+    async def last_read(self, *, outbox: bool = False, webhooks: bool = False) -> str:
+        """The id of the newest run (or reply, or webhook) a worker has read (``0-0`` for
+        none)."""
         with redis_outages():
-            groups = await self._client.xinfo_groups(self._outbox if outbox else self._queue)
+            groups = await self._client.xinfo_groups(self._stream(outbox, webhooks))
         for group in groups:
             if _text(group["name"]) == GROUP:
                 return _text(group["last-delivered-id"])
         return "0-0"
 
-    async def wait(self, after: str, block_ms: int, *, outbox: bool = False) -> None:
-        """Return once a run (or reply) newer than ``after`` is queued, or after ``block_ms``."""
-        stream = self._outbox if outbox else self._queue
+    async def wait(
+        self, after: str, block_ms: int, *, outbox: bool = False, webhooks: bool = False
+    ) -> None:
+        """Return once a run (or reply, or webhook) newer than ``after`` is queued, or after
+        ``block_ms``."""
+        stream = self._stream(outbox, webhooks)
         with redis_outages():
             await self._client.xread({stream: after}, count=1, block=block_ms)
 
@@ -587,11 +601,14 @@ class RunQueue:
         await self.finish(token, unreadable, error=reason)
         return None
 
-    async def _leased(self, script: Any, token: str, run: QueuedRun, *args: Any) -> str:
+    async def _leased(
+        self, script: Any, token: str, run: QueuedRun, *args: Any, outbox: str | None = None
+    ) -> str:
         record = self._record_key(run.key, run.message.message_id)
+        box = outbox or self._outbox
         with redis_outages():
             status, *_ = await script(
-                keys=[self._lease, self._queue, record, self._outbox, self._open_key(run.key)],
+                keys=[self._lease, self._queue, record, box, self._open_key(run.key)],
                 args=[token, run.entry, *args],
             )
         if _text(status) == "lost":
@@ -620,8 +637,9 @@ class RunQueue:
         finished already. Raises LeaseLost unless ``token`` holds the lease.
 
         A run with a ``reply_to`` puts its turn's reply (or, failed without a turn, an
-        apology) in the outbox, in the same step; one with a webhook there puts a note that
-        the run finished (the webhook's body is its record, read when it is sent).
+        apology) in the outbox, in the same step; one with a webhook puts a note that the
+        run finished in the webhooks' outbox (the webhook's body is its record, read when
+        it is sent).
         """
         reply = ""
         # A run that failed without a turn still tells its user, as a failed turn does.
@@ -649,15 +667,24 @@ class RunQueue:
             run.queued_at,
             reply,
             run.message.message_id,
+            outbox=self._webhook_box if webhook else self._outbox,
         )
         return status == "finished"
 
     async def read_replies(
-        self, token: str, count: int, *, after: str | None = None, seen: str = "0-0"
+        self,
+        token: str,
+        count: int,
+        *,
+        after: str | None = None,
+        seen: str = "0-0",
+        webhooks: bool = False,
     ) -> tuple[list[OutboundReply], str | None, str]:
-        """Replies to send, as ``read`` reads runs (the same arguments and results). An
-        entry that cannot be read is dropped, with a warning."""
-        entries, last, delivered = await self._read_stream(self._outbox, token, count, after, seen)
+        """Replies to send (or, with ``webhooks``, runs to tell their webhook about), as
+        ``read`` reads runs (the same arguments and results). An entry that cannot be read
+        is dropped, with a warning."""
+        stream = self._stream(True, webhooks)
+        entries, last, delivered = await self._read_stream(stream, token, count, after, seen)
         replies: list[OutboundReply] = []
         for entry, fields in entries:
             try:
@@ -670,12 +697,13 @@ class RunQueue:
                         thread=str(body["thread"]),
                         message_id=str(body["message_id"]),
                         record=_text(fields["record"]),
+                        stream=stream,
                     )
                 )
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("outbox entry %s dropped, unreadable: %r", entry, exc)
                 record = _text(fields.get("record", ""))
-                await self._done(token, entry, record, "failed", "unreadable in the outbox")
+                await self._done(token, stream, entry, record, "failed", "unreadable in the outbox")
         return replies, last, delivered
 
     async def record_of(self, reply: OutboundReply) -> RunRecord | None:
@@ -690,15 +718,17 @@ class RunQueue:
     ) -> None:
         """Take ``reply`` off the outbox and note on its run whether it was sent."""
         status = "failed" if error is not None else "sent"
-        await self._done(token, reply.entry, reply.record, status, error or "")
+        await self._done(token, reply.stream, reply.entry, reply.record, status, error or "")
 
-    async def _done(self, token: str, entry: str, record: str, status: str, error: str) -> None:
+    async def _done(
+        self, token: str, stream: str, entry: str, record: str, status: str, error: str
+    ) -> None:
         # A record key outside this app's runs would be written by the script: refuse it.
         if not record.startswith(self._records):
             record = f"{self._records}unknown"
         with redis_outages():
             (outcome, *_) = await self._reply_done(
-                keys=[self._lease, self._outbox, record, self._progress],
+                keys=[self._lease, stream, record, self._progress],
                 args=[token, entry, status, error],
             )
         if _text(outcome) == "lost":
@@ -715,7 +745,7 @@ class RunQueue:
         taking over sends only the rest. Raises LeaseLost unless ``token`` holds the lease."""
         with redis_outages():
             (outcome, *_) = await self._pieces_sent(
-                keys=[self._lease, self._outbox, self._progress],
+                keys=[self._lease, reply.stream, self._progress],
                 args=[token, reply.entry, pieces],
             )
         if _text(outcome) == "lost":

@@ -175,9 +175,10 @@ class RunDispatcher:
         # The last run of each thread in hand: the next one waits for it.
         self._tails: dict[ThreadKey, asyncio.Task[None]] = {}
         self._tasks: dict[asyncio.Task[None], str] = {}  # task -> its entry id
-        # The same for replies, by chat (the address they go to).
+        # The same for replies, by chat (the address they go to); those in hand by outbox
+        # (True: the webhooks'), each read on its own up to its own cap.
         self._reply_tails: dict[str, asyncio.Task[None]] = {}
-        self._replies: dict[asyncio.Task[None], str] = {}
+        self._replies: dict[bool, dict[asyncio.Task[None], str]] = {False: {}, True: {}}
 
     async def run(self) -> None:
         """Deliver runs until ``stop``, while holding the queue's lease.
@@ -193,12 +194,16 @@ class RunDispatcher:
                     await self._retrying(self._queue.mark_webhooks)
                 loop = asyncio.get_running_loop()
                 loops = [loop.create_task(self._drain())]
-                if self._send_reply is not None or self._send_webhook is not None:
-                    loops.append(loop.create_task(self._send_replies()))
+                if self._send_reply is not None:
+                    loops.append(loop.create_task(self._send_replies(webhooks=False)))
+                if self._send_webhook is not None:
+                    loops.append(loop.create_task(self._send_replies(webhooks=True)))
                 try:
                     await self._hold(loops)
                 finally:
-                    await _cancel([*loops, *self._tasks, *self._replies])
+                    await _cancel(
+                        [*loops, *self._tasks, *self._replies[False], *self._replies[True]]
+                    )
         except _Stopping:
             pass
         finally:
@@ -361,45 +366,50 @@ class RunDispatcher:
             await self._pause(delay)
             delay = min(delay * 2, self._retry_cap_s)
 
-    async def _send_replies(self) -> None:
-        """Send the outbox's replies as ``_drain`` delivers runs: each chat's in order, chats
-        at once, reading on while replies wait (a chat the platform rate-limits holds up
-        only itself)."""
+    async def _send_replies(self, *, webhooks: bool) -> None:
+        """Send the outbox's replies (or the webhooks' outbox's) as ``_drain`` delivers runs:
+        each chat's in order, chats at once, reading on while replies wait (a chat the
+        platform rate-limits holds up only itself; webhooks, in their own outbox, none)."""
+        in_hand = self._replies[webhooks]
         try:
             after: str | None = "0"
             while after is not None:  # the replies the previous reader left
                 replies, after, _ = await self._retrying(
-                    self._queue.read_replies, self._token, _BATCH, after=after
+                    self._queue.read_replies, self._token, _BATCH, after=after, webhooks=webhooks
                 )
                 for reply in replies:
-                    self._send_later(reply)
-            seen = await self._retrying(self._queue.last_read, outbox=True)
+                    self._send_later(reply, in_hand)
+            seen = await self._retrying(self._queue.last_read, outbox=True, webhooks=webhooks)
             while True:
-                while len(self._replies) >= _MAX_REPLIES_IN_HAND:
-                    await asyncio.wait(list(self._replies), return_when=asyncio.FIRST_COMPLETED)
+                while len(in_hand) >= _MAX_REPLIES_IN_HAND:
+                    await asyncio.wait(list(in_hand), return_when=asyncio.FIRST_COMPLETED)
                 replies, last, delivered = await self._retrying(
-                    self._queue.read_replies, self._token, _BATCH, seen=seen
+                    self._queue.read_replies, self._token, _BATCH, seen=seen, webhooks=webhooks
                 )
-                in_hand = set(self._replies.values()) if replies else set()
+                entries = set(in_hand.values()) if replies else set()
                 for reply in replies:
-                    if reply.entry not in in_hand:
-                        self._send_later(reply)
+                    if reply.entry not in entries:
+                        self._send_later(reply, in_hand)
                 seen = last or delivered
                 if last is None:
-                    await self._retrying(self._queue.wait, seen, self._idle_wait_ms, outbox=True)
+                    await self._retrying(
+                        self._queue.wait, seen, self._idle_wait_ms, outbox=True, webhooks=webhooks
+                    )
         except LeaseLost:
             self._lost.set()
 
-    def _send_later(self, reply: OutboundReply) -> None:
+    def _send_later(self, reply: OutboundReply, in_hand: dict[asyncio.Task[None], str]) -> None:
         chat = json.dumps(reply.to, sort_keys=True)
         before = self._reply_tails.get(chat)
         task = asyncio.get_running_loop().create_task(self._send(reply, before))
         self._reply_tails[chat] = task
-        self._replies[task] = reply.entry
-        task.add_done_callback(lambda done: self._sent(chat, done))
+        in_hand[task] = reply.entry
+        task.add_done_callback(lambda done: self._sent(chat, done, in_hand))
 
-    def _sent(self, chat: str, task: asyncio.Task[None]) -> None:
-        self._replies.pop(task, None)
+    def _sent(
+        self, chat: str, task: asyncio.Task[None], in_hand: dict[asyncio.Task[None], str]
+    ) -> None:
+        in_hand.pop(task, None)
         if self._reply_tails.get(chat) is task:
             del self._reply_tails[chat]
 

@@ -232,12 +232,12 @@ class LosesOneReplyRead(RunQueue):
     lost: list[str] = []
 
     async def read_replies(
-        self, token: str, count: int, *, after: str | None = None, seen: str = "0-0"
+        self, token: str, count: int, *, after: str | None = None, seen: str = "0-0", **kw: Any
     ) -> Any:
-        got = await super().read_replies(token, count, after=after, seen=seen)
+        got = await super().read_replies(token, count, after=after, seen=seen, **kw)
         if after is None and got[0] and not self.lost:
             self.lost.extend(r.message_id for r in got[0])
-            return await super().read_replies(token, count, after=after, seen=seen)
+            return await super().read_replies(token, count, after=after, seen=seen, **kw)
         return got
 
 
@@ -358,7 +358,7 @@ async def test_a_worker_that_lost_its_lease_sends_nothing_more(client: Any) -> N
     try:
         await until(lambda: len(channel.sent) == 2)
         stalled.hold.set()  # the old worker wakes up, and finds its lease gone
-        await until(lambda: not old.dispatcher._replies)
+        await until(lambda: not old.dispatcher._replies[False])
     finally:
         await new.stop()
         await old.stop()

@@ -19,6 +19,7 @@ import pytest
 from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+import serve_app.runs
 from actors.key import ThreadKey
 from actors.run_queue import RunQueue
 from serve_app.webhooks import WebhookSender
@@ -338,7 +339,7 @@ async def test_a_run_whose_record_expired_is_not_posted(
     (run,), _, _ = await queue.read(token, 10)
     assert await queue.start(token, run)
     assert await queue.finish(token, run, error="failed")
-    (reply,), _, _ = await queue.read_replies(token, 10)
+    (reply,), _, _ = await queue.read_replies(token, 10, webhooks=True)
     assert webhook_id(reply.record, reply.entry).startswith("msg_")
     await queue.release(token)
     await client.delete(reply.record)  # then the record's time ran out
@@ -354,7 +355,7 @@ async def test_a_run_whose_record_expired_is_not_posted(
 
 
 async def _outbox_empty(client: Any, queue: RunQueue) -> bool:  # noqa: F811
-    return await client.xlen(queue._outbox) == 0
+    return await client.xlen(queue._webhook_box) == 0
 
 
 async def test_a_long_retry_after_still_gets_a_last_try_at_the_deadline(
@@ -384,7 +385,11 @@ async def test_a_long_retry_after_still_gets_a_last_try_at_the_deadline(
 async def test_a_stuck_webhook_never_holds_a_chats_reply_back(
     client: Any,  # noqa: F811
     receiver: PlatformServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Neither a sending slot nor room among the replies in hand: webhooks have their own
+    outbox and slots (here two in hand at most, and a receiver that never answers)."""
+    monkeypatch.setattr(serve_app.runs, "_MAX_REPLIES_IN_HAND", 2)
     queue, channel = queue_of(client), Channel()
     threads = Threads(client, load_config(None), booking_agents())
     stuck = asyncio.Event()
@@ -395,15 +400,19 @@ async def test_a_stuck_webhook_never_holds_a_chats_reply_back(
         await stuck.wait()
 
     hooked, chat = fresh(), fresh()
-    await queue.submit(hooked, msg("book a table", "w1"), webhook(receiver, hooked))
-    await queue.submit(chat, msg("book a room", "c1"), {"channel": "telegram", "chat_id": 7})
+    for n in range(3):
+        await queue.submit(hooked, msg("book a table", f"w{n}"), webhook(receiver, hooked))
     worker = Running(
         dispatcher(queue, threads, send_reply=channel, send_webhook=post, max_in_flight=1)
     )
     try:
-        await until(lambda: posted and channel.sent)  # the chat's reply went past it
+        await until(lambda: status_is(queue, hooked, "w2", "completed"))
+        in_hand = worker.dispatcher._replies
+        await until(lambda: len(in_hand[True]) + len(in_hand[False]) >= 2)  # stuck, in hand
+        await queue.submit(chat, msg("book a room", "c1"), {"channel": "telegram", "chat_id": 7})
+        await until(lambda: channel.sent)  # the chat's reply went past them
         stuck.set()
-        await until(lambda: reply_is(queue, hooked, "w1", "sent"))
+        await until(lambda: reply_is(queue, hooked, "w2", "sent"))
     finally:
         await worker.stop()
-    assert channel.sent[0][0] == 7
+    assert channel.sent[0][0] == 7 and len(posted) == 3

@@ -116,6 +116,11 @@ async def complete(kind: str, http_client: Any) -> ModelResponse:
                 api_key="k", base_url="http://x", http_client=http_client, max_retries=0
             )
         )
+    return await ask(provider)
+
+
+async def ask(provider: OpenAIProvider | AnthropicProvider) -> ModelResponse:
+    """One user message to ``provider``, which is closed afterwards."""
     try:
         return await provider.complete(
             agent="a",
@@ -240,15 +245,6 @@ async def test_a_refused_connection_says_so_not_only_timed_out(kind: str) -> Non
         if kind == "openai"
         else AnthropicProvider.from_settings("k", f"http://127.0.0.1:{port}", 5.0, 0)
     )
-    try:
-        with pytest.raises(ProviderError) as failed:
-            await provider.complete(
-                agent="a",
-                model="m",
-                messages=[ChatMessage(role="user", content="hi")],
-                tools=[],
-                temperature=None,
-            )
-    finally:
-        await provider.aclose()
+    with pytest.raises(ProviderError) as failed:
+        await ask(provider)
     assert f"Cannot connect to host 127.0.0.1:{port}" in str(failed.value)

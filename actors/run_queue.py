@@ -370,6 +370,9 @@ class RunQueue:
         self._webhook_box = f"{prefix}:webhooks"
         # How many pieces of a long reply were sent, by outbox entry.
         self._progress = f"{prefix}:progress"
+        # The same for the webhooks' outbox: entry ids repeat across streams (each stream
+        # numbers its own), so one stream's finished entry must not clear another's count.
+        self._webhook_progress = f"{prefix}:webhook-progress"
         self._records = f"{prefix}:run:"
         self._open = f"{prefix}:open:"
         self._webhooks = f"{prefix}:sends-webhooks"
@@ -503,6 +506,9 @@ class RunQueue:
                 except ResponseError as exc:
                     if "BUSYGROUP" not in str(exc):
                         raise
+
+    def _progress_of(self, stream: str) -> str:
+        return self._webhook_progress if stream == self._webhook_box else self._progress
 
     def _stream(self, outbox: bool, webhooks: bool) -> str:
         if webhooks:
@@ -728,7 +734,7 @@ class RunQueue:
             record = f"{self._records}unknown"
         with redis_outages():
             (outcome, *_) = await self._reply_done(
-                keys=[self._lease, stream, record, self._progress],
+                keys=[self._lease, stream, record, self._progress_of(stream)],
                 args=[token, entry, status, error],
             )
         if _text(outcome) == "lost":
@@ -737,7 +743,7 @@ class RunQueue:
     async def pieces_sent(self, reply: OutboundReply) -> int:
         """How many pieces of ``reply`` were sent already (by this or an earlier worker)."""
         with redis_outages():
-            sent = await self._client.hget(self._progress, reply.entry)
+            sent = await self._client.hget(self._progress_of(reply.stream), reply.entry)
         return int(sent) if sent is not None else 0
 
     async def piece_sent(self, token: str, reply: OutboundReply, pieces: int) -> None:
@@ -745,7 +751,7 @@ class RunQueue:
         taking over sends only the rest. Raises LeaseLost unless ``token`` holds the lease."""
         with redis_outages():
             (outcome, *_) = await self._pieces_sent(
-                keys=[self._lease, reply.stream, self._progress],
+                keys=[self._lease, reply.stream, self._progress_of(reply.stream)],
                 args=[token, reply.entry, pieces],
             )
         if _text(outcome) == "lost":

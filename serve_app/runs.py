@@ -487,9 +487,9 @@ class RunDispatcher:
         """``send()`` a piece of ``reply`` while holding one of ``slots``; None once sent,
         else why it could not be.
 
-        Asked to wait past the deadline (a Retry-After), it gives up at once; or, with
-        ``last_try_at_deadline`` (webhooks), tries once more at the deadline. A channel's
-        wait is not cut short: sending early during Telegram's flood control prolongs it.
+        The last try is at the deadline. Told to wait past it (a Retry-After), it gives up
+        at once, unless ``last_try_at_deadline`` (webhooks): a channel's wait is not cut
+        short, since sending early during Telegram's flood control prolongs it.
 
         ``deadline`` holds the reply's give-up time once a piece has failed (shared by its
         pieces). Raises LeaseLost (sending nothing) once this worker no longer holds the
@@ -508,7 +508,8 @@ class RunDispatcher:
                         "reply to %s of %s not sent: %s", reply.message_id, reply.thread, exc
                     )
                     return str(exc)
-                reason, wait = str(exc), max(delay, exc.retry_after or 0.0)
+                reason, asked = str(exc), exc.retry_after
+                wait = max(delay, asked or 0.0)
             except (LeaseLost, _Stopping):
                 raise
             except Exception as exc:  # a bug in a channel, not an outage
@@ -517,9 +518,8 @@ class RunDispatcher:
             now = time.monotonic()
             if not deadline:
                 deadline.append(now + self._reply_give_up_after_s)
-            if now + wait > deadline[0] and last_try_at_deadline and now < deadline[0]:
-                wait = deadline[0] - now  # asked to wait longer: one last try at the deadline
-            elif now + wait > deadline[0]:
+            told_to_wait_past = asked is not None and now + asked > deadline[0]
+            if now >= deadline[0] or (told_to_wait_past and not last_try_at_deadline):
                 log.warning(
                     "reply to %s of %s: giving up after %.0f s: %s",
                     reply.message_id,
@@ -528,6 +528,7 @@ class RunDispatcher:
                     reason,
                 )
                 return f"gave up after {self._reply_give_up_after_s:g} s; last: {reason}"
+            wait = min(wait, deadline[0] - now)  # the last try is at the deadline
             log.info("reply to %s: %s; sending again in %.2f s", reply.message_id, reason, wait)
             await self._pause(wait)
             delay = min(delay * 2, self._retry_cap_s)

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import email.utils
+import json
 import socket
 import time
 import uuid
@@ -21,7 +22,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 import serve_app.runs
 from actors.key import ThreadKey
-from actors.run_queue import RunQueue
+from actors.run_queue import OutboundReply, RunQueue
 from serve_app.webhooks import WebhookSender
 from stickyray.config import RunsConfig, load_config, parse_config
 from stickyray.errors import ChannelSendFailed, ConfigError
@@ -29,7 +30,7 @@ from stickyray.settings import Settings
 from stickyray.turns import InboundMessage, TurnResult
 from stickyray.webhooks import check_webhooks, url_refusal, webhook_id
 from tests.channel_platform import Call, PlatformServer
-from tests.unit.test_channel_replies import Channel, reply_is
+from tests.unit.test_channel_replies import Channel, reply_is, telegram
 from tests.unit.test_runs import (
     Running,
     Threads,
@@ -416,3 +417,28 @@ async def test_a_stuck_webhook_never_holds_a_chats_reply_back(
     finally:
         await worker.stop()
     assert channel.sent[0][0] == 7 and len(posted) == 3
+
+
+async def test_a_webhook_done_keeps_a_chat_replys_count_of_pieces_sent(
+    client: Any,  # noqa: F811
+) -> None:
+    """Each outbox numbers its own entries, so the same id can be in both at once."""
+    queue, token = queue_of(client), "w1"
+    assert await queue.acquire(token, 10.0)
+    await queue.join()
+    replies = {}
+    for stream, to in ((queue._outbox, telegram(1)), (queue._webhook_box, webhook_to(fresh()))):
+        body = {"to": to, "text": "a long reply", "thread": "default/t", "message_id": "m1"}
+        record = f"{queue._records}default/t/m1"
+        await client.xadd(stream, {"reply": json.dumps(body), "record": record}, id="1-1")
+        replies[stream] = OutboundReply(
+            "1-1", to, "a long reply", "default/t", "m1", record, stream
+        )
+    chat, hook = replies[queue._outbox], replies[queue._webhook_box]
+    await queue.piece_sent(token, chat, 2)
+    await queue.reply_done(token, hook)
+    assert await queue.pieces_sent(chat) == 2
+
+
+def webhook_to(key: ThreadKey) -> dict[str, Any]:
+    return {"channel": "webhook", "url": "http://127.0.0.1:9/hooks", "thread": str(key)}

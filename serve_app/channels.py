@@ -17,8 +17,10 @@ repeats queues nothing twice.
   ``whatsapp:<business phone number id>:<user's WhatsApp id>``; user ``whatsapp:<WhatsApp
   id>``.
 
-Messages that are not text (photos, voice, stickers, reactions, delivery statuses) and
-texts over ``threads.max_message_bytes`` are acknowledged and ignored, and counted.
+Photos, videos and documents (and Telegram's audio files) are read by their caption: the
+agent gets the words, after a note of what came with them. Other messages (voice,
+stickers, reactions, delivery statuses, media without a caption) and texts over
+``threads.max_message_bytes`` are acknowledged and ignored, and counted.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ __all__ = [
     "ChannelInbox",
     "ChannelMessage",
     "ChannelSender",
+    "TelegramUpdate",
+    "WhatsAppPayload",
     "http_refusal",
     "router",
     "split_text",
@@ -94,6 +98,13 @@ class _TelegramMessage(_Wire):
     chat: _TelegramChat
     sender: _TelegramUser | None = Field(default=None, alias="from")
     text: str | None = None
+    # A photo, video, document or audio file with words of the user's own: those are read.
+    caption: str | None = None
+    photo: list[Any] | None = None
+    video: Any = None
+    document: Any = None
+    audio: Any = None
+    animation: Any = None
     # A message in a forum topic of a group: the topic is a conversation of its own.
     message_thread_id: int | None = None
     is_topic_message: bool = False
@@ -110,11 +121,18 @@ class _WhatsAppText(_Wire):
     body: str
 
 
+class _WhatsAppMedia(_Wire):
+    caption: str | None = None
+
+
 class _WhatsAppMessage(_Wire):
     sender: str = Field(alias="from", pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,63}$")
     id: str = Field(min_length=1)
     type: str
     text: _WhatsAppText | None = None
+    image: _WhatsAppMedia | None = None
+    video: _WhatsAppMedia | None = None
+    document: _WhatsAppMedia | None = None
 
 
 class _WhatsAppMetadata(_Wire):
@@ -165,13 +183,26 @@ def _command(text: str, username: str | None) -> str | None:
     return addressed.group(1) + text[addressed.end() :]
 
 
+def _captioned(kind: str, caption: str | None) -> str | None:
+    """What the agent reads of a photo, video, document... that the user sent with words:
+    the words, after a note of what came with them, which the agent cannot see."""
+    if caption is None or not caption.strip():
+        return None
+    return f"[{kind} attached, not shown] {caption}"
+
+
 def telegram_messages(update: TelegramUpdate, username: str | None = None) -> list[ChannelMessage]:
-    """The text message in ``update`` (none for anything else, or for a command addressed
-    to another bot than ``username``)."""
+    """The text message in ``update``, or a captioned file's caption (none for anything
+    else, or for a command addressed to another bot than ``username``)."""
     message = update.message
-    if message is None or message.text is None:
+    if message is None:
         return []
-    text = _command(message.text, username)
+    if message.text is not None:
+        text = _command(message.text, username)
+    else:
+        kinds = ("photo", "video", "document", "audio", "animation")
+        kind = next((k for k in kinds if getattr(message, k) is not None), None)
+        text = _captioned(kind, message.caption) if kind is not None else None
     if text is None:
         return []
     chat = message.chat.id
@@ -194,7 +225,8 @@ def telegram_messages(update: TelegramUpdate, username: str | None = None) -> li
 
 
 def whatsapp_messages(payload: WhatsAppPayload) -> list[ChannelMessage]:
-    """The text messages in ``payload``, in order (statuses and other types are left out)."""
+    """The text messages in ``payload``, and captioned images, videos and documents, in
+    order (statuses and other types are left out)."""
     found: list[ChannelMessage] = []
     for entry in payload.entry:
         for change in entry.changes:
@@ -202,7 +234,13 @@ def whatsapp_messages(payload: WhatsAppPayload) -> list[ChannelMessage]:
                 continue
             number = change.value.metadata.phone_number_id
             for message in change.value.messages:
-                if message.type != "text" or message.text is None:
+                if message.type == "text" and message.text is not None:
+                    text: str | None = message.text.body
+                else:
+                    media = getattr(message, message.type, None)
+                    caption = media.caption if isinstance(media, _WhatsAppMedia) else None
+                    text = _captioned(message.type, caption)
+                if text is None:
                     continue
                 # Message ids ("wamid.<base64>") may hold characters a run id cannot.
                 digest = hashlib.sha256(message.id.encode()).hexdigest()[:40]
@@ -210,7 +248,7 @@ def whatsapp_messages(payload: WhatsAppPayload) -> list[ChannelMessage]:
                     ChannelMessage(
                         key=ThreadKey.of(f"whatsapp:{number}:{message.sender}"),
                         message=InboundMessage(
-                            text=message.text.body,
+                            text=text,
                             message_id=f"whatsapp:{digest}",
                             user_id=f"whatsapp:{message.sender}",
                             channel="whatsapp",

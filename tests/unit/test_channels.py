@@ -21,8 +21,10 @@ from serve_app.channels import (
     ChannelInbox,
     ChannelSender,
     TelegramUpdate,
+    WhatsAppPayload,
     split_text,
     telegram_messages,
+    whatsapp_messages,
     whatsapp_signature,
 )
 from stickyray.config import RunsConfig
@@ -159,6 +161,10 @@ def test_telegram_ignores_what_is_not_text_and_names_a_malformed_field(web: Any)
     assert bad.status_code == 422
     assert "body.message.chat.id" in bad.json()["error"]
     assert web.depth() == 0
+    with_words = update(None, message_id=10)
+    with_words["message"]["caption"] = "is this receipt right?"
+    assert post_telegram(web, with_words).json()["queued"] == 1  # read by its caption
+    assert web.depth() == 1
 
 
 def texts_of(text: str, username: str | None = "ShopBot") -> list[str]:
@@ -186,6 +192,35 @@ def test_a_forum_topic_is_a_thread_of_its_own_answered_in_the_topic() -> None:
     assert found.key == ThreadKey.of("telegram:-100:12")
     assert found.reply_to == {"channel": "telegram", "chat_id": -100, "message_thread_id": 12}
     assert found.message.message_id == "telegram:-100:7"
+
+
+def test_a_file_sent_with_words_is_read_by_its_words() -> None:
+    """The agent gets the caption, told that something came with it it cannot see."""
+    body = update(None)
+    body["message"]["caption"] = "this invoice is charged twice"
+    (found,) = telegram_messages(TelegramUpdate.model_validate(body))
+    assert found.message.text == "[photo attached, not shown] this invoice is charged twice"
+    body["message"] |= {"caption": "/reset", "document": {"file_id": "d"}}
+    (found,) = telegram_messages(TelegramUpdate.model_validate(body))  # never a command
+    assert found.message.text == "[photo attached, not shown] /reset"
+    body["message"]["caption"] = "  "
+    assert telegram_messages(TelegramUpdate.model_validate(body)) == []
+
+    def media(kind: str, wamid: str, caption: str | None) -> dict:
+        attached = {"id": "1"} | ({"caption": caption} if caption is not None else {})
+        return {"from": "34600111222", "id": wamid, "type": kind, kind: attached}
+
+    payload = wa_payload(
+        media("image", "wamid.1", "my passport"),
+        media("document", "wamid.2", "the contract"),
+        media("image", "wamid.3", None),  # nothing to read
+        {"from": "34600111222", "id": "wamid.4", "type": "sticker", "sticker": {"id": "s"}},
+    )
+    parsed = whatsapp_messages(WhatsAppPayload.model_validate(payload))
+    assert [m.message.text for m in parsed] == [
+        "[image attached, not shown] my passport",
+        "[document attached, not shown] the contract",
+    ]
 
 
 def test_whatsapp_answers_the_verification_challenge_only_with_our_token(web: Any) -> None:

@@ -1,6 +1,7 @@
 """Channels: Telegram and WhatsApp webhooks in, their send APIs out.
 
-A webhook authenticates the platform's call, turns each text message into a queued run of
+A webhook authenticates the platform's call, turns each text message (or captioned file)
+into a queued run of
 the chat's thread and answers 200 at once (the platforms wait a few seconds at most, and
 call again when they get no 2xx). The run worker answers the run like any other, then
 sends its reply back through the same channel (``ChannelSender``), from the run queue's
@@ -17,8 +18,8 @@ repeats queues nothing twice.
   ``whatsapp:<business phone number id>:<user's WhatsApp id>``; user ``whatsapp:<WhatsApp
   id>``.
 
-Photos, videos and documents (and Telegram's audio files) are read by their caption: the
-agent gets the words, after a note of what came with them. Other messages (voice,
+Photos, videos and documents (and Telegram's audio files and animations) are read by their
+caption: the agent gets the words, after a note of what came with them. Other messages (voice,
 stickers, reactions, delivery statuses, media without a caption) and texts over
 ``threads.max_message_bytes`` are acknowledged and ignored, and counted.
 """
@@ -200,9 +201,12 @@ def telegram_messages(update: TelegramUpdate, username: str | None = None) -> li
     if message.text is not None:
         text = _command(message.text, username)
     else:
-        kinds = ("photo", "video", "document", "audio", "animation")
+        # An animation comes with a document too (the Bot API keeps both): it goes first.
+        kinds = ("photo", "video", "animation", "audio", "document")
         kind = next((k for k in kinds if getattr(message, k) is not None), None)
-        text = _captioned(kind, message.caption) if kind is not None else None
+        # A caption addressed to another bot ("/scan@OtherBot") is not for this one either.
+        caption = _command(message.caption, username) if message.caption is not None else None
+        text = _captioned(kind, caption) if kind is not None else None
     if text is None:
         return []
     chat = message.chat.id
@@ -380,7 +384,8 @@ async def whatsapp_verify(
 
 @router.post("/whatsapp/webhook")
 async def whatsapp_webhook(request: Request) -> dict:
-    """A WhatsApp webhook call: each text message is queued as a run of its chat."""
+    """A WhatsApp webhook call: each text message (or captioned file) is queued as a run of
+    its chat."""
     inbox = _inbox(request)
     settings = inbox.settings
     if settings.whatsapp_access_token is None or settings.whatsapp_app_secret is None:

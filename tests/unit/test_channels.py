@@ -205,6 +205,17 @@ def test_a_file_sent_with_words_is_read_by_its_words() -> None:
     assert found.message.text == "[photo attached, not shown] /reset"
     body["message"]["caption"] = "  "
     assert telegram_messages(TelegramUpdate.model_validate(body)) == []
+    # A GIF: the Bot API sends a document beside the animation.
+    gif = update(None)
+    gif["message"] = {k: v for k, v in gif["message"].items() if k != "photo"} | {
+        "animation": {"file_id": "a"},
+        "document": {"file_id": "a"},
+        "caption": "is this the right one?",
+    }
+    (found,) = telegram_messages(TelegramUpdate.model_validate(gif))
+    assert found.message.text == "[animation attached, not shown] is this the right one?"
+    gif["message"]["caption"] = "/scan@OtherBot"  # for another bot in the group
+    assert telegram_messages(TelegramUpdate.model_validate(gif), "ShopBot") == []
 
     def media(kind: str, wamid: str, caption: str | None) -> dict:
         attached = {"id": "1"} | ({"caption": caption} if caption is not None else {})

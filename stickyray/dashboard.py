@@ -9,6 +9,7 @@ Ray's per-process labels, as the README's Metrics section says to.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,12 @@ def _quantiles(metric: str, by: str = "") -> list[Target]:
     ]
 
 
+# Lines, not stacked areas: for series that do not add up (a rate beside its failures,
+# percentiles, a ratio). The others stack, their total being meaningful.
+_lines = functools.partial(Panel, fill=0, stack=False)
+
 PANELS = [
-    Panel(
+    _lines(
         id=1,
         title="Turns per second, by agent",
         description="Turns stored, by the agent that answered (none: no agent answered).",
@@ -56,19 +61,15 @@ PANELS = [
                 legend="failed: {{agent}}",
             ),
         ],
-        fill=0,
-        stack=False,
     ),
-    Panel(
+    _lines(
         id=2,
         title="Turn latency",
         description="From starting a turn (after accepting its message) to storing it.",
         unit="s",
         targets=_quantiles("ray_stickyray_turn_seconds"),
-        fill=0,
-        stack=False,
     ),
-    Panel(
+    _lines(
         id=3,
         title="Supervisor decisions per turn",
         description="Turns in which the supervisor was called, over all turns: what sticky "
@@ -81,8 +82,6 @@ PANELS = [
                 legend="decisions per turn",
             )
         ],
-        fill=0,
-        stack=False,
     ),
     Panel(
         id=4,
@@ -121,7 +120,7 @@ PANELS = [
             )
         ],
     ),
-    Panel(
+    _lines(
         id=7,
         title="Model requests and failures per second",
         description="Model requests by agent, and agent calls whose provider failed after "
@@ -134,8 +133,6 @@ PANELS = [
                 legend="failed: {{agent}} {{model}}",
             ),
         ],
-        fill=0,
-        stack=False,
     ),
     Panel(
         id=8,
@@ -144,16 +141,14 @@ PANELS = [
         unit="ops",
         targets=[Target(expr=_rate("ray_stickyray_runs_total", "status"), legend="{{status}}")],
     ),
-    Panel(
+    _lines(
         id=9,
         title="Queued run wait",
         description="From being queued until a worker started delivering the run.",
         unit="s",
         targets=_quantiles("ray_stickyray_run_wait_seconds"),
-        fill=0,
-        stack=False,
     ),
-    Panel(
+    _lines(
         id=10,
         title="Channel messages and replies per second",
         description="Messages the Telegram and WhatsApp webhooks took, and replies sent back "
@@ -169,8 +164,6 @@ PANELS = [
                 legend="out {{channel}} {{status}}",
             ),
         ],
-        fill=0,
-        stack=False,
     ),
 ]
 

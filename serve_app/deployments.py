@@ -6,8 +6,9 @@ from ``agents.yaml`` so each agent scales on its own.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import Coroutine, Iterator, Sequence
+from contextlib import AsyncExitStack, contextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import numpy as np
@@ -81,6 +82,29 @@ class EmbedderDeployment:
         return [vectors[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+# The embedding calls made while one agent request is served, priced, so that they count in
+# its turn's usage. None outside a request: the memory API's calls belong to no turn.
+_EMBEDDING_SPEND: ContextVar[list[Usage] | None] = ContextVar("embedding_spend", default=None)
+
+
+@contextmanager
+def _embedding_spend() -> Iterator[list[Usage]]:
+    """Collect what the embedding model spends inside the block (this task and its children)."""
+    spent: list[Usage] = []
+    token = _EMBEDDING_SPEND.set(spent)
+    try:
+        yield spent
+    finally:
+        _EMBEDDING_SPEND.reset(token)
+
+
+def _plus(result: R, spent: list[Usage]) -> R:
+    """``result`` with the embedding calls made for it added to its usage."""
+    if not spent:
+        return result
+    return result.model_copy(update={"usage": sum(spent, result.usage)})
+
+
 # The agent label of embedding calls made for the memory API, which no agent makes. Agent
 # names cannot hold a hyphen, so it never mixes with one.
 MEMORY_API_LABEL = "memory-api"
@@ -96,7 +120,8 @@ async def open_memory(
     """The team's long-term memory on ``DATABASE_URL``, or None when no agent uses memory.
 
     Connections close with ``stack``. With ``metric_labels`` (app, agent), paid embedding
-    calls count in that agent's model metrics, under the embedding model's name.
+    calls count in that agent's model metrics, under the embedding model's name. Those made
+    while an agent request is served count in its result's usage too.
     """
     if not team.uses_memory:
         return None
@@ -112,15 +137,16 @@ async def open_memory(
     )
     vectors: Embedder
     if config.embedder == "openai":
-        on_usage = None
-        if metric_labels is not None:
-            app, agent = metric_labels
-            price = team.embedding_price()
+        price = team.embedding_price()
 
-            def on_usage(usage: Usage) -> None:
-                if price is not None:
-                    usage = usage.priced(price.input, price.output)
-                record_model_calls(app, agent, config.embedding_model, usage)
+        def on_usage(usage: Usage) -> None:
+            if price is not None:
+                usage = usage.priced(price.input, price.output)
+            if metric_labels is not None:
+                record_model_calls(*metric_labels, config.embedding_model, usage)
+            spent = _EMBEDDING_SPEND.get()
+            if spent is not None:
+                spent.append(usage)
 
         vectors = openai_embedder(config, settings, stack, on_usage)
     else:
@@ -186,26 +212,38 @@ class AgentDeployment:
         return self._stack.aclose()
 
     async def run(self, request: AgentRequest) -> AgentResult:
-        """Run the agent loop for one request."""
-        result = self._charged(await self._agent.run(request))
+        """Run the agent loop for one request.
+
+        Its usage is the chat model's plus the embedding model's (memory searches and writes);
+        each was counted in the metrics under its own model.
+        """
+        with _embedding_spend() as spent:
+            result = self._charged(await self._agent.run(request))
         record_model_calls(*self._metric_labels, result.usage, result.failed)
-        return result
+        return _plus(result, spent)
 
     async def compress(self, request: CompressRequest) -> CompressResult:
         """Keep messages leaving a thread's buffer as an episodic memory."""
-        try:
-            result = self._charged(await self._agent.compress(request))
-        except SummaryNotStored as exc:
-            # The summary was paid for: count it here and in the thread's turn. Still an
-            # error, so that any thread (one started by an earlier release too) keeps the
-            # messages and tries again.
-            usage = self._priced(exc.usage)
-            record_model_calls(*self._metric_labels, usage)
-            cause = exc.__cause__
-            reason = f"{type(cause).__name__}: {cause}"
-            raise CompressionNotStored(reason, usage.model_dump()) from None
+        with _embedding_spend() as spent:
+            try:
+                result = self._charged(await self._agent.compress(request))
+            except Exception as exc:
+                # What was paid for (the summary, its embedding) counts here and in the
+                # thread's turn. Still an error, so that any thread (one started by an earlier
+                # release too) keeps the messages and tries again.
+                paid = Usage()
+                cause: BaseException | None = exc
+                if isinstance(exc, SummaryNotStored):
+                    paid = self._priced(exc.usage)
+                    record_model_calls(*self._metric_labels, paid)
+                    cause = exc.__cause__
+                elif not spent:
+                    raise
+                paid = sum(spent, paid)
+                reason = f"{type(cause).__name__}: {cause}"
+                raise CompressionNotStored(reason, paid.model_dump()) from None
         record_model_calls(*self._metric_labels, result.usage)
-        return result
+        return _plus(result, spent)
 
     def _charged(self, result: R) -> R:
         """``result`` with the cost of its usage, when the team sets pricing."""

@@ -76,10 +76,10 @@ class StoreUnavailable(StickyrayError):
 
 
 class CompressionNotStored(StickyrayError):
-    """A model wrote a compression summary, but its memory could not be stored.
+    """A compression was paid for (its summary, its embedding), but its memory was not stored.
 
-    ``usage`` is what the summary cost (a ``Usage`` as a dict): the thread counts it in the
-    turn, and keeps the messages for the next turn to compress again.
+    ``usage`` is what it cost (a ``Usage`` as a dict): the thread counts it in the turn, and
+    keeps the messages for the next turn to compress again.
     """
 
     def __init__(self, reason: str, usage: dict[str, object]) -> None:

@@ -161,7 +161,12 @@ def test_embedding_calls_count_in_the_model_metrics(app: App, fake_llm: FakeLLMS
         created = client.post(f"/v1/users/{who}/memories", json={"content": f"{who} likes tea"})
         assert created.status_code == 201, created.text
         body = {"text": f"book a table, {who} says", "user_id": who}
-        assert client.post(f"/v1/threads/{new_thread()}/messages", json=body).status_code == 200
+        turn = client.post(f"/v1/threads/{new_thread()}/messages", json=body)
+        assert turn.status_code == 200, turn.text
+    # The turn's usage has the search too: bookings' model call and its embedding.
+    usage = turn.json()["usage_by_agent"]
+    assert usage["bookings"]["requests"] == 2 and usage["triage"]["requests"] == 1
+    assert turn.json()["usage"]["requests"] == 3
     url = metrics_url()
     assert url is not None
     # The memory API's and the agent's own searches, under the embedding model's name.

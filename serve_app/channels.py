@@ -1,10 +1,9 @@
 """Channels: Telegram and WhatsApp webhooks in, their send APIs out.
 
-A webhook authenticates the platform's call, turns each text message (or captioned file)
-into a queued run of
-the chat's thread and answers 200 at once (the platforms wait a few seconds at most, and
-call again when they get no 2xx). The run worker answers the run like any other, then
-sends its reply back through the same channel (``ChannelSender``), from the run queue's
+A webhook authenticates the platform's call, turns each message the agent can read into a
+queued run of the chat's thread and answers 200 at once (the platforms wait a few seconds
+at most, and call again when they get no 2xx). The run worker answers the run like any
+other, then sends its reply back through the same channel (``ChannelSender``), from the run queue's
 outbox. The platform's message id is the run's message id, so a webhook the platform
 repeats queues nothing twice.
 
@@ -19,9 +18,10 @@ repeats queues nothing twice.
   id>``.
 
 Photos, videos and documents (and Telegram's audio files and animations) are read by their
-caption: the agent gets the words, after a note of what came with them. Other messages (voice,
-stickers, reactions, delivery statuses, media without a caption) and texts over
-``threads.max_message_bytes`` are acknowledged and ignored, and counted.
+caption: the agent gets the words, after a note of what came with them. A tapped WhatsApp
+button or list row reads as its title; a shared place as its name, address and coordinates.
+Other messages (voice, stickers, reactions, delivery statuses, media without a caption) and
+texts over ``threads.max_message_bytes`` are acknowledged and ignored, and counted.
 """
 
 from __future__ import annotations
@@ -94,6 +94,17 @@ class _TelegramUser(_Wire):
     id: int
 
 
+class _TelegramLocation(_Wire):
+    latitude: float
+    longitude: float
+
+
+class _TelegramVenue(_Wire):
+    location: _TelegramLocation
+    title: str | None = None
+    address: str | None = None
+
+
 class _TelegramMessage(_Wire):
     message_id: int
     chat: _TelegramChat
@@ -106,6 +117,9 @@ class _TelegramMessage(_Wire):
     document: Any = None
     audio: Any = None
     animation: Any = None
+    # A place the user shared: a venue comes with its location too.
+    location: _TelegramLocation | None = None
+    venue: _TelegramVenue | None = None
     # A message in a forum topic of a group: the topic is a conversation of its own.
     message_thread_id: int | None = None
     is_topic_message: bool = False
@@ -126,6 +140,32 @@ class _WhatsAppMedia(_Wire):
     caption: str | None = None
 
 
+class _WhatsAppButton(_Wire):
+    """A quick-reply button of a template message, as the user tapped it."""
+
+    text: str | None = None
+
+
+class _WhatsAppChoice(_Wire):
+    """A reply button or a list row of an interactive message, as the user chose it."""
+
+    title: str | None = None
+    description: str | None = None
+
+
+class _WhatsAppInteractive(_Wire):
+    type: str
+    button_reply: _WhatsAppChoice | None = None
+    list_reply: _WhatsAppChoice | None = None
+
+
+class _WhatsAppLocation(_Wire):
+    latitude: float
+    longitude: float
+    name: str | None = None
+    address: str | None = None
+
+
 class _WhatsAppMessage(_Wire):
     sender: str = Field(alias="from", pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,63}$")
     id: str = Field(min_length=1)
@@ -134,6 +174,9 @@ class _WhatsAppMessage(_Wire):
     image: _WhatsAppMedia | None = None
     video: _WhatsAppMedia | None = None
     document: _WhatsAppMedia | None = None
+    button: _WhatsAppButton | None = None
+    interactive: _WhatsAppInteractive | None = None
+    location: _WhatsAppLocation | None = None
 
 
 class _WhatsAppMetadata(_Wire):
@@ -192,14 +235,56 @@ def _captioned(kind: str, caption: str | None) -> str | None:
     return f"[{kind} attached, not shown] {caption}"
 
 
+def _place(
+    latitude: float, longitude: float, name: str | None = None, address: str | None = None
+) -> str:
+    """What the agent reads of a location the user shared: its name and address, when the
+    platform gives them, then its coordinates."""
+    words = ", ".join(w.strip() for w in (name, address) if w is not None and w.strip())
+    where = f"{round(latitude, 6)}, {round(longitude, 6)}"
+    return f"[location shared] {words} ({where})" if words else f"[location shared] {where}"
+
+
+def _chosen(choice: _WhatsAppChoice | None) -> str | None:
+    """A tapped reply button or list row, read as if its title were typed (a row's
+    description after it)."""
+    if choice is None or choice.title is None or not choice.title.strip():
+        return None
+    if choice.description is not None and choice.description.strip():
+        return f"{choice.title} ({choice.description.strip()})"
+    return choice.title
+
+
+def _whatsapp_text(message: _WhatsAppMessage) -> str | None:
+    """What the agent reads of a WhatsApp message; None for what it cannot read."""
+    if message.type == "text" and message.text is not None:
+        return message.text.body
+    if message.type == "button" and message.button is not None:
+        return message.button.text
+    if message.type == "interactive" and message.interactive is not None:
+        chosen = message.interactive
+        return _chosen(chosen.button_reply or chosen.list_reply)
+    if message.type == "location" and message.location is not None:
+        at = message.location
+        return _place(at.latitude, at.longitude, at.name, at.address)
+    media = getattr(message, message.type, None)
+    caption = media.caption if isinstance(media, _WhatsAppMedia) else None
+    return _captioned(message.type, caption)
+
+
 def telegram_messages(update: TelegramUpdate, username: str | None = None) -> list[ChannelMessage]:
-    """The text message in ``update``, or a captioned file's caption (none for anything
-    else, or for a command addressed to another bot than ``username``)."""
+    """The text message in ``update``, a captioned file's caption, or a shared place (none
+    for anything else, or for a command addressed to another bot than ``username``)."""
     message = update.message
     if message is None:
         return []
     if message.text is not None:
         text = _command(message.text, username)
+    elif message.venue is not None:
+        venue = message.venue
+        text = _place(venue.location.latitude, venue.location.longitude, venue.title, venue.address)
+    elif message.location is not None:
+        text = _place(message.location.latitude, message.location.longitude)
     else:
         # An animation comes with a document too (the Bot API keeps both): it goes first.
         kinds = ("photo", "video", "animation", "audio", "document")
@@ -229,8 +314,9 @@ def telegram_messages(update: TelegramUpdate, username: str | None = None) -> li
 
 
 def whatsapp_messages(payload: WhatsAppPayload) -> list[ChannelMessage]:
-    """The text messages in ``payload``, and captioned images, videos and documents, in
-    order (statuses and other types are left out)."""
+    """The messages of ``payload`` the agent can read, in order: texts, tapped buttons and
+    list rows, shared locations, and captioned images, videos and documents (statuses and
+    other types are left out)."""
     found: list[ChannelMessage] = []
     for entry in payload.entry:
         for change in entry.changes:
@@ -238,12 +324,7 @@ def whatsapp_messages(payload: WhatsAppPayload) -> list[ChannelMessage]:
                 continue
             number = change.value.metadata.phone_number_id
             for message in change.value.messages:
-                if message.type == "text" and message.text is not None:
-                    text: str | None = message.text.body
-                else:
-                    media = getattr(message, message.type, None)
-                    caption = media.caption if isinstance(media, _WhatsAppMedia) else None
-                    text = _captioned(message.type, caption)
+                text = _whatsapp_text(message)
                 if text is None:
                     continue
                 # Message ids ("wamid.<base64>") may hold characters a run id cannot.

@@ -266,7 +266,7 @@ def _channel_metrics() -> _ChannelMetrics:
         messages=Counter(
             "stickyray_channel_messages_total",
             "Messages a channel webhook received, by outcome (queued, duplicate, ignored: "
-            "neither text nor a captioned file, or over threads.max_message_bytes)",
+            "nothing the agent can read, or over threads.max_message_bytes)",
             tag_keys=("app", "channel", "outcome"),
         ),
         replies=Counter(

@@ -234,6 +234,77 @@ def test_a_file_sent_with_words_is_read_by_its_words() -> None:
     ]
 
 
+def test_a_shared_place_is_read_by_its_name_and_coordinates() -> None:
+    venue = update(None)
+    venue["message"] = {k: v for k, v in venue["message"].items() if k != "photo"} | {
+        "location": {"latitude": 40.4168, "longitude": -3.7038},
+        "venue": {
+            "location": {"latitude": 40.4168, "longitude": -3.7038},
+            "title": "Puerta del Sol",
+            "address": "Plaza de la Puerta del Sol, Madrid",
+        },
+    }
+    (found,) = telegram_messages(TelegramUpdate.model_validate(venue))
+    assert found.message.text == (
+        "[location shared] Puerta del Sol, Plaza de la Puerta del Sol, Madrid (40.4168, -3.7038)"
+    )
+    del venue["message"]["venue"]
+    venue["message"]["location"] = {"latitude": 40.41683319, "longitude": -3.70379019}
+    (found,) = telegram_messages(TelegramUpdate.model_validate(venue))
+    assert found.message.text == "[location shared] 40.416833, -3.70379"
+
+    def place(wamid: str, **location: Any) -> dict:
+        return {"from": "34600111222", "id": wamid, "type": "location", "location": location}
+
+    payload = wa_payload(
+        place("wamid.1", latitude=41.3874, longitude=2.1686, name="Hotel Arts", address=" "),
+        place("wamid.2", latitude=41.3874, longitude=2.1686),
+    )
+    parsed = whatsapp_messages(WhatsAppPayload.model_validate(payload))
+    assert [m.message.text for m in parsed] == [
+        "[location shared] Hotel Arts (41.3874, 2.1686)",
+        "[location shared] 41.3874, 2.1686",
+    ]
+
+
+def test_a_tapped_button_or_list_row_is_read_as_its_title() -> None:
+    """Replies to the business's templates and interactive messages reach the agent."""
+
+    def tapped(wamid: str, kind: str, body: dict) -> dict:
+        return {"from": "34600111222", "id": wamid, "type": kind, kind: body}
+
+    payload = wa_payload(
+        tapped("wamid.1", "button", {"payload": "confirm-42", "text": "Confirm booking"}),
+        tapped(
+            "wamid.2",
+            "interactive",
+            {"type": "button_reply", "button_reply": {"id": "b1", "title": "Change date"}},
+        ),
+        tapped(
+            "wamid.3",
+            "interactive",
+            {
+                "type": "list_reply",
+                "list_reply": {"id": "r1", "title": "Express", "description": "1-2 days"},
+            },
+        ),
+        # A flow's answer has no words to read: not answered.
+        tapped("wamid.4", "interactive", {"type": "nfm_reply", "nfm_reply": {"name": "flow"}}),
+        tapped("wamid.5", "button", {"payload": "p"}),
+    )
+    parsed = whatsapp_messages(WhatsAppPayload.model_validate(payload))
+    assert [m.message.text for m in parsed] == [
+        "Confirm booking",
+        "Change date",
+        "Express (1-2 days)",
+    ]
+    assert parsed[0].reply_to == {
+        "channel": "whatsapp",
+        "phone_number_id": "1055",
+        "to": "34600111222",
+    }
+
+
 def test_whatsapp_answers_the_verification_challenge_only_with_our_token(web: Any) -> None:
     ok = web.client.get(
         "/v1/channels/whatsapp/webhook",
@@ -249,12 +320,13 @@ def test_whatsapp_answers_the_verification_challenge_only_with_our_token(web: An
 
 def test_whatsapp_queues_each_text_of_a_signed_call(web: Any) -> None:
     image = {"from": "34600111222", "id": "wamid.img", "type": "image", "image": {"id": "1"}}
-    body = wa_payload(wa_text("hola", "wamid.A+/1="), image, wa_text("2 people", "wamid.B"))
+    tap = {"from": "34600111222", "id": "wamid.C", "type": "button", "button": {"text": "Yes"}}
+    body = wa_payload(wa_text("hola", "wamid.A+/1="), image, wa_text("2 people", "wamid.B"), tap)
     response = post_whatsapp(web, body)
     assert response.status_code == 200
-    assert response.json() == {"queued": 2, "duplicate": 0, "ignored": 1}
-    assert web.depth() == 2
-    assert post_whatsapp(web, body).json() == {"queued": 0, "duplicate": 2, "ignored": 1}
+    assert response.json() == {"queued": 3, "duplicate": 0, "ignored": 1}
+    assert web.depth() == 3
+    assert post_whatsapp(web, body).json() == {"queued": 0, "duplicate": 3, "ignored": 1}
     statuses_only = post_whatsapp(web, wa_payload())
     assert statuses_only.json() == {"queued": 0, "duplicate": 0, "ignored": 0}
 

@@ -379,6 +379,7 @@ class Thread:
                 user_id=message.user_id,
                 buffer=self._buffer.entries(),
                 handoff_reason=reason,
+                stream_to=self.key.deltas_key(message.message_id) if message.stream else None,
             )
             result = await self._agents(agent, request)
             usage[agent] = usage.get(agent, Usage()) + result.usage

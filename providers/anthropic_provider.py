@@ -12,6 +12,7 @@ from providers.model import (
     ChatMessage,
     ModelResponse,
     StopReason,
+    TextSink,
     ToolCall,
     ToolChoice,
     ToolSpec,
@@ -136,6 +137,7 @@ class AnthropicProvider:
         temperature: float | None,
         max_tokens: int | None = None,
         tool_choice: ToolChoice = "auto",
+        on_text: TextSink | None = None,
     ) -> ModelResponse:
         system, wire = to_anthropic(messages)
         kwargs: dict[str, Any] = {}
@@ -151,15 +153,30 @@ class AnthropicProvider:
                 {"name": t.name, "description": t.description, "input_schema": t.parameters}
                 for t in tools
             ]
+        kwargs |= {
+            "model": model,
+            "max_tokens": max_tokens or DEFAULT_MAX_TOKENS,
+            "messages": wire,
+            "extra_headers": {AGENT_HEADER: agent},
+        }
+        if on_text is not None:
+            return await self._stream(agent, kwargs, on_text)
         try:
-            response = await self._client.messages.create(
-                model=model,
-                max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
-                messages=wire,  # type: ignore[arg-type]
-                extra_headers={AGENT_HEADER: agent},
-                **kwargs,
-            )
+            response = await self._client.messages.create(**kwargs)
         except anthropic.APIError as exc:
+            raise ProviderError.of("anthropic", agent, exc) from None
+        return read_reply("anthropic", agent, _read, response)
+
+    async def _stream(self, agent: str, kwargs: dict[str, Any], on_text: TextSink) -> ModelResponse:
+        """The same call, streamed: ``on_text`` gets the text as it comes, and the SDK's
+        stream gives the final message as an unstreamed call does."""
+        try:
+            async with self._client.messages.stream(**kwargs) as stream:
+                async for text in stream.text_stream:
+                    if text:
+                        await on_text(text)
+                response = await stream.get_final_message()
+        except Exception as exc:  # an error status, or a stream that broke off or was unreadable
             raise ProviderError.of("anthropic", agent, exc) from None
         return read_reply("anthropic", agent, _read, response)
 

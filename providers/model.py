@@ -5,7 +5,7 @@ Providers translate these to and from each vendor's format; nothing else sees ve
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,6 +21,7 @@ __all__ = [
     "ModelResponse",
     "Provider",
     "StopReason",
+    "TextSink",
     "ToolCall",
     "ToolChoice",
     "ToolSpec",
@@ -109,6 +110,10 @@ def read_reply(
         ) from None
 
 
+# Told each piece of a reply's text as the model writes it (a streamed call).
+TextSink = Callable[[str], Awaitable[None]]
+
+
 @runtime_checkable
 class Provider(Protocol):
     """Something that answers a conversation with text or tool calls."""
@@ -125,8 +130,13 @@ class Provider(Protocol):
         temperature: float | None,
         max_tokens: int | None = None,
         tool_choice: ToolChoice = "auto",
+        on_text: TextSink | None = None,
     ) -> ModelResponse:
-        """One model call. Raises ProviderError once its retries are spent."""
+        """One model call. Raises ProviderError once its retries are spent.
+
+        With ``on_text`` the call streams, and ``on_text`` is told the text as it comes; the
+        response is the same as without it.
+        """
         ...
 
     async def aclose(self) -> None:

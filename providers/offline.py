@@ -13,7 +13,14 @@ from __future__ import annotations
 import re
 
 from memory.embedders import Embedder
-from providers.model import ChatMessage, ModelResponse, ToolCall, ToolChoice, ToolSpec
+from providers.model import (
+    ChatMessage,
+    ModelResponse,
+    TextSink,
+    ToolCall,
+    ToolChoice,
+    ToolSpec,
+)
 from providers.routing import AgentProfile, EvidenceRouter, IntentProfile
 from stickyray.config import AgentConfig, TeamConfig
 
@@ -73,6 +80,20 @@ class OfflineProvider:
         temperature: float | None,
         max_tokens: int | None = None,
         tool_choice: ToolChoice = "auto",
+        on_text: TextSink | None = None,
+    ) -> ModelResponse:
+        response = await self._complete(agent, model, messages, tools, tool_choice)
+        if on_text is not None and response.text:
+            await on_text(response.text)  # no model to stream: the reply comes whole
+        return response
+
+    async def _complete(
+        self,
+        agent: str,
+        model: str,
+        messages: list[ChatMessage],
+        tools: list[ToolSpec],
+        tool_choice: ToolChoice,
     ) -> ModelResponse:
         last = messages[-1] if messages else None
         if last is not None and last.role == "tool":

@@ -7,7 +7,8 @@ import logging
 from typing import Any
 
 import openai
-from openai.types.chat import ChatCompletion
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from providers.model import (
     INVALID_JSON_KEY,
@@ -15,6 +16,7 @@ from providers.model import (
     ChatMessage,
     ModelResponse,
     StopReason,
+    TextSink,
     ToolCall,
     ToolChoice,
     ToolSpec,
@@ -128,6 +130,7 @@ class OpenAIProvider:
         temperature: float | None,
         max_tokens: int | None = None,
         tool_choice: ToolChoice = "auto",
+        on_text: TextSink | None = None,
     ) -> ModelResponse:
         kwargs: dict[str, Any] = {}
         if tools:
@@ -149,6 +152,8 @@ class OpenAIProvider:
         if temperature is not None:
             kwargs["temperature"] = temperature
         body = {"model": model, "messages": [_to_openai(m) for m in messages], **kwargs}
+        if on_text is not None:
+            return await self._stream(agent, body, on_text)
         try:
             # The client's own request path (retries, timeouts, typed errors and response),
             # without ``chat.completions.create``'s parameter transform: the body is already
@@ -160,6 +165,33 @@ class OpenAIProvider:
                 options={"headers": {AGENT_HEADER: agent}},
             )
         except openai.APIError as exc:
+            raise ProviderError.of("openai", agent, exc) from None
+        return read_reply("openai", agent, _read, response)
+
+    async def _stream(self, agent: str, body: dict[str, Any], on_text: TextSink) -> ModelResponse:
+        """The same call, streamed: ``on_text`` gets the reply's text as its chunks come, and
+        the SDK's own accumulator makes the completion read as an unstreamed one is."""
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        state = ChatCompletionStreamState()
+        try:
+            chunks = await self._client.post(
+                "/chat/completions",
+                body=body,
+                cast_to=ChatCompletion,
+                options={"headers": {AGENT_HEADER: agent}},
+                stream=True,
+                stream_cls=openai.AsyncStream[ChatCompletionChunk],
+            )
+            async with chunks:
+                async for chunk in chunks:
+                    state.handle_chunk(chunk)
+                    for choice in chunk.choices:
+                        if choice.index == 0 and choice.delta.content:
+                            await on_text(choice.delta.content)
+            # The snapshot, not get_final_completion(), which refuses a cut-off or filtered
+            # reply: those read as they do unstreamed.
+            response = state.current_completion_snapshot
+        except Exception as exc:  # an error status, or a stream that broke off or was unreadable
             raise ProviderError.of("openai", agent, exc) from None
         return read_reply("openai", agent, _read, response)
 

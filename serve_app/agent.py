@@ -5,7 +5,9 @@ A plain class, so it runs in unit tests without Ray; ``serve_app.deployments`` w
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 
 from providers.model import ChatMessage, ModelResponse, Provider, ToolCall, ToolSpec
 from providers.offline import HANDOFF_NOTE, RETURN_TOOL, TRANSFER_PREFIX
@@ -19,6 +21,9 @@ from stickyray.turns import AgentRequest, AgentResult, CompressRequest, Compress
 __all__ = ["RETURN_TOOL", "TRANSFER_PREFIX", "Agent"]
 
 log = logging.getLogger(__name__)
+
+# Told a model call's text as it comes: the call's number in the loop (from 1), and the text.
+StepSink = Callable[[int, str], Awaitable[None]]
 
 
 def check_tool_names(config: AgentConfig, team: TeamConfig, tools: list[Tool]) -> None:
@@ -121,8 +126,12 @@ class Agent:
         messages.append(ChatMessage(role="user", content=request.text))
         return messages
 
-    async def run(self, request: AgentRequest) -> AgentResult:
-        """Loop until the model answers, hands off, or runs out of iterations."""
+    async def run(self, request: AgentRequest, on_text: StepSink | None = None) -> AgentResult:
+        """Loop until the model answers, hands off, or runs out of iterations.
+
+        With ``on_text`` each model call streams, and ``on_text`` is told its text as it comes
+        with the call's number (a call whose text precedes tool calls is not the reply).
+        """
         name = self.config.name
         # Not when the thread was handed here in this very turn: that agent just decided, and
         # overruling it would pass the thread back and forth until the handoff limit.
@@ -155,6 +164,7 @@ class Agent:
                     # The last call answers from the tool results it has: tools it called now
                     # would never run. (A single call may still call tools: it may hand off.)
                     tool_choice="none" if iteration == last > 1 else "auto",
+                    on_text=None if on_text is None else functools.partial(on_text, iteration),
                 )
             except ProviderError as exc:
                 # The turn fails, but the calls already made were paid for: keep their usage.

@@ -14,7 +14,9 @@ from typing import Any, TypeVar
 import numpy as np
 from ray import serve
 from ray.serve import Deployment
+from redis.asyncio import Redis
 
+from actors.redis_store import connect_redis
 from memory.embedders import Embedder, LocalEmbedder
 from memory.long_term import SearchWeights
 from memory.service import LongTermMemory
@@ -23,6 +25,7 @@ from providers.offline import team_profiles
 from providers.routing import EvidenceRouter
 from serve_app.agent import Agent
 from serve_app.agent_memory import AgentMemory, SummaryNotStored
+from serve_app.deltas import DeltaWriter
 from serve_app.tools import intent_tools, resolve_tools
 from stickyray.config import AgentConfig, EmbedderConfig, TeamConfig
 from stickyray.errors import CompressionNotStored, ConfigError
@@ -176,6 +179,8 @@ class AgentDeployment:
         config = team.agent(agent_name)
         self._metric_labels = (app_name, agent_name, config.model_name)
         self._price = team.price_of(agent_name)
+        self._redis_url = settings.redis_url
+        self._redis: Redis | None = None  # opened by the first streamed reply
         provider = build_provider(
             config, team, settings, HandleEmbedder(embedder) if embedder is not None else None
         )
@@ -217,10 +222,25 @@ class AgentDeployment:
         Its usage is the chat model's plus the embedding model's (memory searches and writes);
         each was counted in the metrics under its own model.
         """
-        with _embedding_spend() as spent:
-            result = self._charged(await self._agent.run(request))
+        writer = self._writer(request)
+        try:
+            with _embedding_spend() as spent:
+                on_text = writer.write if writer is not None else None
+                result = self._charged(await self._agent.run(request, on_text))
+        finally:
+            if writer is not None:
+                await writer.close()
         record_model_calls(*self._metric_labels, result.usage, result.failed)
         return _plus(result, spent)
+
+    def _writer(self, request: AgentRequest) -> DeltaWriter | None:
+        """Where the reply's text goes as it is written, when the caller streams it."""
+        if request.stream_to is None or self._redis_url is None:
+            return None
+        if self._redis is None:
+            self._redis = connect_redis(self._redis_url)
+            self._stack.push_async_callback(self._redis.aclose)
+        return DeltaWriter(self._redis, request.stream_to, self._metric_labels[1])
 
     async def compress(self, request: CompressRequest) -> CompressResult:
         """Keep messages leaving a thread's buffer as an episodic memory."""

@@ -4,12 +4,13 @@ import asyncio
 import hmac
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.exceptions import RayError
@@ -23,6 +24,7 @@ from actors.run_queue import RunQueue, RunRecord
 from memory.long_term import MAX_CONTENT_CHARS
 from serve_app.channels import CHANNEL_ID_PREFIXES, MAX_BODY, ChannelInbox
 from serve_app.channels import router as channels_router
+from serve_app.deltas import read_deltas, sse
 from serve_app.deployments import MEMORY_API_LABEL, open_memory
 from serve_app.memory_api import router as memory_router
 from stickyray.config import TeamConfig
@@ -96,6 +98,16 @@ class MessageIn(BaseModel):
     @classmethod
     def _not_a_channels(cls, value: str | None) -> str | None:
         return _api_id(value)
+
+
+class ChatIn(MessageIn):
+    """A user message to answer now."""
+
+    stream: bool = Field(
+        default=False,
+        description="Answer with server-sent events: the reply's text as the model writes "
+        "it (`delta`), then the turn (`turn`) or an `error`.",
+    )
 
 
 class RunIn(MessageIn):
@@ -397,6 +409,8 @@ class Ingress:
             # One connection pool for thread state and the run queue.
             redis = connect_redis(settings.redis_url)
             self._stack.push_async_callback(redis.aclose)
+            self._redis = redis
+            self._turns: set[asyncio.Future[TurnResult]] = set()  # streamed, still running
             self._store = RedisThreadStore(redis)
             self._runs = RunQueue(redis, app_name, team.runs)
             self._worker_sends_webhooks = False  # until the queue says so (then for good)
@@ -441,15 +455,48 @@ class Ingress:
             user_id=body.user_id,
         )
 
-    @api.post("/v1/threads/{thread_id}/messages", response_model=TurnResult)
-    async def post_message(self, body: MessageIn, thread_id: str = ThreadIdPath) -> TurnResult:
+    @api.post(
+        "/v1/threads/{thread_id}/messages",
+        response_model=TurnResult,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def post_message(
+        self, body: ChatIn, thread_id: str = ThreadIdPath
+    ) -> TurnResult | StreamingResponse:
         """Send a message; the thread's active agent (or the supervisor) answers."""
         key = _key(thread_id)
         message = self._inbound(body)
+        if body.stream:
+            return self._streamed(key, message.model_copy(update={"stream": True}))
         try:
             return await self._directory.send(key, message)
         except Exception as exc:
             raise await self._failure(exc) from None
+
+    def _streamed(self, key: ThreadKey, message: InboundMessage) -> StreamingResponse:
+        """The turn as server-sent events: its text as it is written, then the turn."""
+        # Not cancelled with the request: a caller that goes away still gets its turn run
+        # once, and a retry with the same message_id gets its result.
+        turn = asyncio.ensure_future(self._directory.send(key, message))
+        self._turns.add(turn)
+        turn.add_done_callback(self._turns.discard)
+
+        async def events() -> AsyncIterator[bytes]:
+            async for piece in read_deltas(self._redis, key.deltas_key(message.message_id), turn):
+                yield sse("delta", piece)
+            try:
+                result = await asyncio.shield(turn)
+            except Exception as exc:
+                failure = await self._failure(exc)
+                yield sse("error", {"status": failure.status_code, "error": failure.detail})
+                return
+            yield sse("turn", result.model_dump(mode="json", by_alias=True))
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @api.post(
         "/v1/threads/{thread_id}/runs",

@@ -87,6 +87,9 @@ class InboundMessage(_Record):
     message_id: str
     user_id: str | None = None
     channel: str = "api"
+    # The caller reads the reply as it is written (see ``ThreadKey.deltas_key``). A hint for
+    # the live call only: never stored, so a turn redone later is not streamed.
+    stream: bool = Field(default=False, exclude=True)
 
 
 class Handoff(_Record):
@@ -110,6 +113,8 @@ class AgentRequest(_Record):
     user_id: str | None = None
     buffer: list[BufferEntry] = Field(default_factory=list)
     handoff_reason: str | None = None
+    # The Redis stream the agent adds its reply's text to as the model writes it.
+    stream_to: str | None = None
 
 
 class CompressRequest(_Record):

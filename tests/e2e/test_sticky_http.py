@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from collections.abc import Callable
 
+import httpx
 import pytest
 from ray import serve
 from ray.util.state import list_actors
@@ -122,6 +124,52 @@ def test_follow_ups_skip_the_supervisor_until_asked(app: App, fake_llm: FakeLLMS
         assert state["active_agent"] is None and state["buffer"] == []
         assert post(client, thread, "/reset")["command"] == "reset"
         assert len(fake_llm.requests) == before
+
+
+def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
+    events: list[tuple[str, dict]] = []
+    name = ""
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line.removeprefix("data: "))))
+    return events
+
+
+def test_a_streamed_turn_tells_its_reply_as_it_is_written(
+    app: App, fake_llm: FakeLLMServer
+) -> None:
+    script(fake_llm)
+    thread = new_thread()
+    body = {"text": "book a table for two tonight", "message_id": "m1", "stream": True}
+    url = f"/v1/threads/{thread}/messages"
+    with app.client() as client:
+        with client.stream("POST", url, json=body) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = sse_events(response)
+        names = [name for name, _ in events]
+        assert names[-1] == "turn" and set(names[:-1]) == {"delta"}
+        turn = events[-1][1]
+        assert (turn["turn"], turn["agent"], turn["status"]) == (1, "bookings", "completed")
+        assert turn["handoffs"][0]["from"] == "triage"
+        pieces = [piece for name, piece in events if name == "delta"]
+        assert {(p["agent"], p["step"]) for p in pieces} == {("bookings", 1)}
+        assert "".join(p["text"] for p in pieces) == turn["reply"]
+        assert turn["reply"] == "bookings says: book a table for two tonight"
+        # The same message again is not a second turn: its turn, told at once.
+        with client.stream("POST", url, json=body) as again:
+            assert sse_events(again) == [("turn", turn)]
+        history = client.get(f"{url.removesuffix('/messages')}/turns").json()["turns"]
+        assert [t["reply"] for t in history] == [turn["reply"]]
+        # The follow-up, unstreamed, goes straight to bookings as ever.
+        follow = client.post(url, json={"text": "for two"}).json()
+        assert (follow["turn"], follow["agent"], follow["handoffs"]) == (2, "bookings", [])
+        bad = client.post(url, json={"text": "hi", "stream": "maybe"})
+        assert bad.status_code == 422 and "body.stream" in bad.json()["error"]
+    streamed = [r.stream for r in fake_llm.requests_for(agent="bookings")]
+    assert streamed == [True, False]
 
 
 def test_handoff_loop_stops_after_three(app: App, fake_llm: FakeLLMServer) -> None:

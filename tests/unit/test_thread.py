@@ -557,3 +557,30 @@ async def test_observe_counts_a_turn_whose_commit_failed_once_when_it_is_stored(
     store.down = False
     await thread.handle(msg("book", mid="m1"))
     assert seen == [1]
+
+
+async def test_a_streamed_message_asks_every_agent_of_its_turn_to_stream(team: TeamConfig) -> None:
+    """Each agent called in the turn writes to the message's stream; other turns to none."""
+    seen: list[tuple[str, str | None]] = []
+
+    def noting(agent: str, behaviour: Behaviour) -> Behaviour:
+        def call(request: AgentRequest) -> AgentResult:
+            seen.append((agent, request.stream_to))
+            return behaviour(request)
+
+        return call
+
+    agents = Agents(
+        {
+            "triage": noting("triage", hand("triage", "bookings")),
+            "bookings": noting("bookings", reply("bookings")),
+        }
+    )
+    store = InMemoryThreadStore()
+    thread = await Thread.open(KEY, team, store, agents)
+    streamed = msg("book a table", "m1").model_copy(update={"stream": True})
+    await thread.handle(streamed)
+    await thread.handle(msg("for two", "m2"))
+    key = KEY.deltas_key("m1")
+    assert seen == [("triage", key), ("bookings", key), ("bookings", None)]
+    assert key == "stickyray:{default/t}:deltas:m1"

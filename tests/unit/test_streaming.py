@@ -1,0 +1,218 @@
+"""Streamed replies: the text as the model writes it, then the same turn as unstreamed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from actors.redis_store import connect_redis
+from providers.anthropic_provider import AnthropicProvider
+from providers.model import ChatMessage, ModelResponse, ToolSpec
+from providers.openai_provider import OpenAIProvider
+from serve_app.agent import Agent
+from serve_app.deltas import DELTAS_TTL_S, DeltaWriter, read_deltas
+from serve_app.deployments import AgentDeployment
+from serve_app.tools import resolve_tools
+from stickyray.config import TeamConfig
+from stickyray.errors import ProviderError
+from stickyray.settings import Settings
+from stickyray.testing import FakeLLMServer, FakeReply
+from stickyray.turns import AgentRequest
+from tests.e2e.teams import openai_team
+
+Provider = OpenAIProvider | AnthropicProvider
+
+
+@pytest.fixture(params=["openai", "anthropic"])
+async def provider(
+    request: pytest.FixtureRequest, fake_llm: FakeLLMServer
+) -> AsyncIterator[Provider]:
+    opened: Provider
+    if request.param == "openai":
+        opened = OpenAIProvider.from_settings("k", fake_llm.openai_base_url, 10, 0)
+    else:
+        opened = AnthropicProvider.from_settings("k", fake_llm.anthropic_base_url, 10, 0)
+    yield opened
+    await opened.aclose()
+
+
+MESSAGES = [
+    ChatMessage(role="system", content="You handle bookings."),
+    ChatMessage(role="user", content="a table for two"),
+]
+TOOLS = [ToolSpec(name="book", description="Book a table.")]
+
+
+async def call(provider: Provider, pieces: list[str] | None) -> ModelResponse:
+    async def sink(text: str) -> None:
+        assert pieces is not None
+        pieces.append(text)
+
+    return await provider.complete(
+        agent="bookings",
+        model="m",
+        messages=MESSAGES,
+        tools=TOOLS,
+        temperature=None,
+        on_text=sink if pieces is not None else None,
+    )
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        FakeReply.text("Booked a table for two at nine, by the window."),
+        FakeReply.tool_call("book", {"people": 2, "time": "21:00"}, text="Let me book it."),
+        FakeReply.tool_call("book", {"people": 2}),
+        FakeReply(content="A table for two at nine and", stop="max_tokens"),
+        FakeReply(stop="content_filter"),
+    ],
+    ids=["text", "text-then-tool", "tool", "cut-off", "filtered"],
+)
+async def test_a_streamed_reply_is_the_unstreamed_one_told_as_it_comes(
+    reply: FakeReply, provider: Provider, fake_llm: FakeLLMServer
+) -> None:
+    fake_llm.on(agent="bookings", reply=reply)
+    whole = await call(provider, None)
+    pieces: list[str] = []
+    streamed = await call(provider, pieces)
+    # The fake server numbers its tool call ids by request.
+    assert [(c.name, c.arguments) for c in streamed.tool_calls] == [
+        (c.name, c.arguments) for c in whole.tool_calls
+    ]
+    assert streamed.model_copy(update={"tool_calls": []}) == whole.model_copy(
+        update={"tool_calls": []}
+    )
+    assert "".join(pieces) == whole.text
+    if len(whole.text.split()) > 1:
+        assert len(pieces) > 1, "the text came in one piece: it was not streamed"
+    assert [r.stream for r in fake_llm.requests_for(agent="bookings")] == [False, True]
+
+
+async def test_a_refusal_is_not_told_as_text(provider: Provider, fake_llm: FakeLLMServer) -> None:
+    fake_llm.on(
+        agent="bookings", reply=FakeReply(content="I can't help with that.", stop="refusal")
+    )
+    whole = await call(provider, None)
+    pieces: list[str] = []
+    streamed = await call(provider, pieces)
+    assert streamed == whole and whole.stop == "refusal"
+    if isinstance(provider, OpenAIProvider):  # OpenAI streams a refusal apart from the text
+        assert pieces == []
+    else:
+        assert "".join(pieces) == whole.text
+
+
+async def test_a_streamed_call_that_fails_is_a_provider_error(
+    provider: Provider, fake_llm: FakeLLMServer
+) -> None:
+    fake_llm.on(agent="bookings", reply=FakeReply.error(400, "bad request body"))
+    with pytest.raises(ProviderError, match="bad request body"):
+        await call(provider, [])
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = connect_redis(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def test_the_ingress_reads_the_text_until_the_turn_is_done(redis: aioredis.Redis) -> None:
+    key = f"stickyray:{{default/{uuid.uuid4().hex}}}:deltas:m1"
+    turn: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    writer = DeltaWriter(redis, key, "bookings")
+    read: list[dict] = []
+
+    async def reader() -> None:
+        async for piece in read_deltas(redis, key, turn):
+            read.append(piece)
+
+    reading = asyncio.create_task(reader())
+    for word in ("Booked ", "a ", "table."):
+        await writer.write(1, word)
+    await writer.write(2, "")  # nothing to say: nothing written
+    await writer.close()
+    deadline = time.monotonic() + 10
+    while "".join(p["text"] for p in read) != "Booked a table.":
+        assert time.monotonic() < deadline, f"read so far: {read}"
+        await asyncio.sleep(0.01)
+    assert not reading.done()  # the turn is not over
+    assert 0 < await redis.ttl(key) <= DELTAS_TTL_S
+    turn.set_result("done")
+    await asyncio.wait_for(reading, 10)
+    assert {(p["agent"], p["step"]) for p in read} == {("bookings", 1)}
+    assert await redis.exists(key) == 0  # read: gone
+
+
+async def test_text_written_just_before_the_turn_ends_is_still_read(redis: aioredis.Redis) -> None:
+    key = f"stickyray:{{default/{uuid.uuid4().hex}}}:deltas:m1"
+    writer = DeltaWriter(redis, key, "bookings")
+    await writer.write(1, "Hello ")
+    await writer.write(3, "there")
+    await writer.close()
+    turn: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    turn.set_result("done")
+    read = [piece async for piece in read_deltas(redis, key, turn)]
+    assert read == [
+        {"agent": "bookings", "step": 1, "text": "Hello "},
+        {"agent": "bookings", "step": 3, "text": "there"},
+    ]
+
+
+async def test_an_agent_replica_streams_its_reply_when_asked(
+    settings: Settings, fake_llm: FakeLLMServer, redis: aioredis.Redis
+) -> None:
+    team = TeamConfig.model_validate(openai_team())
+    replica = AgentDeployment.__new__(AgentDeployment)
+    await AgentDeployment.__init__(replica, "invoices", team, settings, None, "test")
+    try:
+        reply = "Your invoice of March was paid on the 4th."
+        fake_llm.on(agent="invoices", reply=FakeReply.text(reply))
+        key = f"stickyray:{{default/{uuid.uuid4().hex}}}:deltas:m1"
+        asked = AgentRequest(thread="default/t", turn=1, text="was it paid?", stream_to=key)
+        result = await replica.run(asked)
+        assert result.reply == reply
+        entries: Any = await redis.xrange(key)
+        assert len(entries) >= 1
+        assert "".join(f[b"text"].decode() for _, f in entries) == reply
+        assert {(f[b"agent"], f[b"step"]) for _, f in entries} == {(b"invoices", b"1")}
+
+        unstreamed = await replica.run(asked.model_copy(update={"stream_to": None}))
+        assert unstreamed.reply == reply
+        assert [r.stream for r in fake_llm.requests_for(agent="invoices")] == [True, False]
+    finally:
+        closing = replica.__del__()
+        assert closing is not None
+        await closing
+
+
+async def test_each_model_call_of_the_loop_is_numbered(
+    provider: Provider, fake_llm: FakeLLMServer
+) -> None:
+    """Text written before tool calls is step 1; the reply, after their results, step 2."""
+    data = openai_team(provider=provider.name, model="m")
+    data["specialists"][1]["tools"] = ["current_time"]
+    team = TeamConfig.model_validate(data)
+    agent = Agent(team.agent("bookings"), team, provider, resolve_tools(["current_time"]))
+    fake_llm.on(
+        agent="bookings",
+        reply=FakeReply.tool_call("current_time", text="Let me look."),
+        times=1,
+    )
+    fake_llm.on(agent="bookings", reply=FakeReply.text("It is open now."))
+    told: list[tuple[int, str]] = []
+
+    async def sink(step: int, text: str) -> None:
+        told.append((step, text))
+
+    result = await agent.run(AgentRequest(thread="default/t", turn=1, text="open?"), sink)
+    assert result.reply == "It is open now." and result.tool_calls == ["current_time"]
+    steps = {step: "".join(t for s, t in told if s == step) for step, _ in told}
+    assert steps == {1: "Let me look.", 2: "It is open now."}

@@ -34,7 +34,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 import httpx
@@ -86,12 +86,16 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
+# Telegram's ids fit in 52 bits; a larger one would make a thread id over its limit.
+_TelegramId = Annotated[int, Field(ge=-(2**53), le=2**53)]
+
+
 class _TelegramChat(_Wire):
-    id: int
+    id: _TelegramId
 
 
 class _TelegramUser(_Wire):
-    id: int
+    id: _TelegramId
 
 
 class _TelegramLocation(_Wire):
@@ -106,7 +110,7 @@ class _TelegramVenue(_Wire):
 
 
 class _TelegramMessage(_Wire):
-    message_id: int
+    message_id: _TelegramId
     chat: _TelegramChat
     sender: _TelegramUser | None = Field(default=None, alias="from")
     text: str | None = None
@@ -121,7 +125,7 @@ class _TelegramMessage(_Wire):
     location: _TelegramLocation | None = None
     venue: _TelegramVenue | None = None
     # A message in a forum topic of a group: the topic is a conversation of its own.
-    message_thread_id: int | None = None
+    message_thread_id: _TelegramId | None = None
     is_topic_message: bool = False
 
 
@@ -154,7 +158,7 @@ class _WhatsAppChoice(_Wire):
 
 
 class _WhatsAppInteractive(_Wire):
-    type: str
+    type: str | None = None
     button_reply: _WhatsAppChoice | None = None
     list_reply: _WhatsAppChoice | None = None
 
@@ -185,7 +189,9 @@ class _WhatsAppMetadata(_Wire):
 
 class _WhatsAppValue(_Wire):
     metadata: _WhatsAppMetadata | None = None
-    messages: list[_WhatsAppMessage] = Field(default_factory=list)
+    # Each is read on its own (``_readable``): one Meta changed the shape of must not keep
+    # the others of its call from being answered.
+    messages: list[Any] = Field(default_factory=list)
 
 
 class _WhatsAppChange(_Wire):
@@ -241,8 +247,14 @@ def _place(
     """What the agent reads of a location the user shared: its name and address, when the
     platform gives them, then its coordinates."""
     words = ", ".join(w.strip() for w in (name, address) if w is not None and w.strip())
-    where = f"{round(latitude, 6)}, {round(longitude, 6)}"
+    where = f"{_degrees(latitude)}, {_degrees(longitude)}"
     return f"[location shared] {words} ({where})" if words else f"[location shared] {where}"
+
+
+def _degrees(value: float) -> str:
+    """A coordinate in plain decimals (never ``1e-05`` nor ``-0``), to a tenth of a metre."""
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
 
 
 def _chosen(choice: _WhatsAppChoice | None) -> str | None:
@@ -323,9 +335,10 @@ def whatsapp_messages(payload: WhatsAppPayload) -> list[ChannelMessage]:
             if change.field != "messages" or change.value.metadata is None:
                 continue
             number = change.value.metadata.phone_number_id
-            for message in change.value.messages:
-                text = _whatsapp_text(message)
-                if text is None:
+            for raw in change.value.messages:
+                message = _readable(raw)
+                text = _whatsapp_text(message) if message is not None else None
+                if message is None or text is None:
                     continue
                 # Message ids ("wamid.<base64>") may hold characters a run id cannot.
                 digest = hashlib.sha256(message.id.encode()).hexdigest()[:40]
@@ -346,6 +359,16 @@ def whatsapp_messages(payload: WhatsAppPayload) -> list[ChannelMessage]:
                     )
                 )
     return found
+
+
+def _readable(raw: Any) -> _WhatsAppMessage | None:
+    """One message of a call, or None (logged) when it is in no shape stickyray reads."""
+    try:
+        return _WhatsAppMessage.model_validate(raw)
+    except ValidationError as exc:
+        where = ".".join(str(part) for part in exc.errors()[0]["loc"])
+        log.warning("whatsapp message ignored: %s: %s", where or "message", exc.errors()[0]["msg"])
+        return None
 
 
 def _count_messages(payload: WhatsAppPayload) -> int:
@@ -465,8 +488,8 @@ async def whatsapp_verify(
 
 @router.post("/whatsapp/webhook")
 async def whatsapp_webhook(request: Request) -> dict:
-    """A WhatsApp webhook call: each text message (or captioned file) is queued as a run of
-    its chat."""
+    """A WhatsApp webhook call: each message the agent can read is queued as a run of its
+    chat; one in a shape stickyray does not read is counted as ignored."""
     inbox = _inbox(request)
     settings = inbox.settings
     if settings.whatsapp_access_token is None or settings.whatsapp_app_secret is None:

@@ -259,11 +259,15 @@ def test_a_shared_place_is_read_by_its_name_and_coordinates() -> None:
     payload = wa_payload(
         place("wamid.1", latitude=41.3874, longitude=2.1686, name="Hotel Arts", address=" "),
         place("wamid.2", latitude=41.3874, longitude=2.1686),
+        place("wamid.3", latitude=51.4779, longitude=-0.00001, name="Royal Observatory"),
+        place("wamid.4", latitude=-0.0000001, longitude=0.00009),
     )
     parsed = whatsapp_messages(WhatsAppPayload.model_validate(payload))
     assert [m.message.text for m in parsed] == [
         "[location shared] Hotel Arts (41.3874, 2.1686)",
         "[location shared] 41.3874, 2.1686",
+        "[location shared] Royal Observatory (51.4779, -0.00001)",  # never 1e-05
+        "[location shared] 0, 0.00009",  # never -0
     ]
 
 
@@ -329,6 +333,31 @@ def test_whatsapp_queues_each_text_of_a_signed_call(web: Any) -> None:
     assert post_whatsapp(web, body).json() == {"queued": 0, "duplicate": 3, "ignored": 1}
     statuses_only = post_whatsapp(web, wa_payload())
     assert statuses_only.json() == {"queued": 0, "duplicate": 0, "ignored": 0}
+
+
+def test_a_whatsapp_message_in_an_unread_shape_does_not_hold_back_the_others(web: Any) -> None:
+    """Meta repeats a refused call whole: the good messages in it would never be answered."""
+    odd = wa_text("hola", "wamid.odd", sender="+34 600")  # not a WhatsApp id
+    no_type = {"from": "34600111222", "id": "wamid.nt", "type": "interactive", "interactive": {}}
+    body = wa_payload(wa_text("book a table", "wamid.good"), odd, no_type)
+    response = post_whatsapp(web, body)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"queued": 1, "duplicate": 0, "ignored": 2}
+    assert web.depth() == 1
+
+
+def test_a_telegram_id_no_chat_has_is_refused_naming_it(web: Any) -> None:
+    """It would make a thread id over its limit: a 422, not a 500."""
+    body = update("hi")
+    body["message"]["chat"]["id"] = 10**130
+    refused = post_telegram(web, body)
+    assert refused.status_code == 422 and "body.message.chat.id" in refused.json()["error"]
+    topic = update("hi", chat=-100)
+    topic["message"] |= {"message_thread_id": 10**125, "is_topic_message": True}
+    refused = post_telegram(web, topic)
+    assert refused.status_code == 422, refused.text
+    assert "body.message.message_thread_id" in refused.json()["error"]
+    assert web.depth() == 0
 
 
 def test_whatsapp_refuses_a_bad_signature_and_queues_nothing(web: Any) -> None:

@@ -49,16 +49,24 @@ def storable_text(value: str) -> str:
     return value
 
 
-def storable_json(value: Any) -> Any:
-    """``value`` if Postgres can store it as jsonb: finite numbers, storable strings."""
+# Objects and lists in metadata nest at most this deep: far beyond any real use, and far
+# within what a response (and Python's recursion) can carry back.
+MAX_METADATA_DEPTH = 32
+
+
+def storable_json(value: Any, depth: int = 0) -> Any:
+    """``value`` if Postgres can store it as jsonb and it can be read back: finite numbers,
+    storable strings, at most ``MAX_METADATA_DEPTH`` levels of objects and lists."""
     if isinstance(value, str):
         return storable_text(value)
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"numbers must be finite, got {value}")
+    if isinstance(value, dict | list | tuple) and depth >= MAX_METADATA_DEPTH:
+        raise ValueError(f"nests deeper than {MAX_METADATA_DEPTH} levels of objects and lists")
     if isinstance(value, dict):
-        return {storable_text(str(k)): storable_json(v) for k, v in value.items()}
+        return {storable_text(str(k)): storable_json(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [storable_json(v) for v in value]
+        return [storable_json(v, depth + 1) for v in value]
     return value
 
 

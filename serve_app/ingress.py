@@ -188,11 +188,20 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     # Every 4xx and 5xx carries its message in "error", as validation errors do; "detail" is
     # kept for clients that read FastAPI's default shape.
+    if exc.status_code == 400 and exc.detail == _UNPARSED:
+        # FastAPI's answer to a body no JSON parser reads (invalid UTF-8, a number or a
+        # nesting too large): a 422 naming the body, as for any other malformed JSON.
+        cause = exc.__cause__
+        why = f" ({type(cause).__name__})" if cause is not None else ""
+        exc = StarletteHTTPException(422, f"body: not valid JSON{why}")
     return JSONResponse(
         status_code=exc.status_code,
         content={"error": exc.detail, "detail": exc.detail},
         headers=exc.headers,
     )
+
+
+_UNPARSED = "There was an error parsing the body"
 
 
 class _ErrorsAsJson:

@@ -120,11 +120,13 @@ async def delete_memory(request: Request, user_id: UserId, memory_id: str) -> Re
     """Delete one of the user's memories."""
     memory, _ = _memory(request)
     try:
-        valid = str(uuid.UUID(memory_id)) == memory_id.lower()
+        canonical = str(uuid.UUID(memory_id))
     except ValueError:
-        valid = False
+        canonical = None
+    # Any case of the UUID's canonical form; not the braced or unhyphenated ones UUID() takes.
+    valid = canonical is not None and canonical == memory_id.lower()
     try:
-        deleted = valid and await memory.forget(TENANT, user_id, memory_id)
+        deleted = valid and await memory.forget(TENANT, user_id, canonical or memory_id)
     except _OUTAGE as exc:
         raise _unavailable(exc) from None
     if not deleted:

@@ -170,6 +170,28 @@ def test_memory_outages_and_bad_fields(replica: types.SimpleNamespace) -> None:
     assert blank.status_code == 422 and "body.content" in blank.json()["error"]
     agent = client.post(users, json={"content": "x", "agent": "a\x00b"})
     assert agent.status_code == 422 and "body.agent" in agent.json()["error"]
+    # Nested past what a response carries back: refused, not stored to break every search.
+    deep: Any = "x"
+    for _ in range(300):
+        deep = [deep]
+    nested = client.post(users, json={"content": "deep", "metadata": {"a": deep}})
+    assert nested.status_code == 422 and "body.metadata" in nested.json()["error"]
+    assert "deeper than 32" in nested.json()["error"]
+    shallow: Any = "x"
+    for _ in range(31):
+        shallow = [shallow]
+    kept = client.post(users, json={"content": "shallow", "metadata": {"a": shallow}})
+    assert kept.status_code == 201, kept.text
+    assert client.get(f"{users}?query=deep&k=10").status_code == 200
+    # JSON no parser reads is malformed JSON too: a 422 naming the body, not a bare 400.
+    for raw in (b'{"content": "\xff\xfe"}', b'{"content": "x", "importance": 1' + b"0" * 5000):
+        unread = client.post(users, content=raw, headers={"Content-Type": "application/json"})
+        assert unread.status_code == 422, unread.text
+        assert unread.json()["error"].startswith("body: not valid JSON")
+    # A memory's id in capitals is the same memory, in every store.
+    tea = client.post(users, json={"content": "likes green tea"}).json()["id"]
+    assert client.delete(f"{users}/{tea.upper()}").status_code == 204
+    assert client.delete(f"{users}/{tea}").status_code == 404
     replica.embedder.fail = ProviderError("openai", "embedder", "RateLimitError: 429")
     for response in (client.get(f"{users}?query=tea"), client.post(users, json={"content": "x"})):
         assert response.status_code == 503

@@ -332,9 +332,10 @@ class Thread:
                 if isinstance(exc, CompressionNotStored):  # the summary was paid for
                     cost = cost + Usage.model_validate(exc.usage)
                 log.warning(
-                    "thread %s: compression failed (%s); keeping %d messages",
+                    "thread %s: compression failed (%s: %s); keeping %d messages",
                     self.key,
                     type(exc).__name__,
+                    exc,
                     len(messages),
                 )
                 unsaved.add(user_id)

@@ -170,10 +170,12 @@ class AgentMemory:
                 max_tokens=self._agent.max_tokens,
             )
             usage = response.usage
-            # A refusal is no summary. A NUL in a reply, or a reply longer than a memory
-            # holds, must not stop every later compression of this thread.
+            # A refusal is no summary. A NUL or a lone surrogate in a reply (neither can be
+            # stored), or a reply longer than a memory holds, must not stop every later
+            # compression of this thread, each paying for a summary again.
             if response.stop not in ("refusal", "content_filter"):
-                summary = response.text.replace("\x00", "").strip()
+                text = response.text.encode("utf-8", "replace").decode("utf-8")
+                summary = text.replace("\x00", "").strip()
         if not summary:
             summary = extractive_summary(request.messages)
         summary = _clip(summary, MAX_CONTENT_CHARS)

@@ -6,6 +6,7 @@ from ``agents.yaml`` so each agent scales on its own.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager
 from contextvars import ContextVar
@@ -42,6 +43,8 @@ __all__ = [
     "embedder_deployment",
     "open_memory",
 ]
+
+log = logging.getLogger(__name__)
 
 EMBEDDER_DEPLOYMENT = "Embedder"
 
@@ -226,7 +229,19 @@ class AgentDeployment:
         try:
             with _embedding_spend() as spent:
                 on_text = writer.write if writer is not None else None
-                result = self._charged(await self._agent.run(request, on_text))
+                try:
+                    result = self._charged(await self._agent.run(request, on_text))
+                except Exception as exc:
+                    if not spent:
+                        raise
+                    # Paid embeddings (a memory search before the store failed): the turn
+                    # fails as it would with the error, but keeps what it cost.
+                    log.warning("agent %s: %s: %s", self._metric_labels[1], type(exc).__name__, exc)
+                    result = AgentResult(
+                        agent=self._metric_labels[1],
+                        failed=True,
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
         finally:
             if writer is not None:
                 await writer.close()

@@ -88,7 +88,7 @@ class CompressionNotStored(StickyrayError):
         self.usage = usage
 
     def __str__(self) -> str:
-        return f"the summary was written but could not be stored: {self.reason}"
+        return f"the compression was paid for but its memory was not stored: {self.reason}"
 
 
 class ProviderError(StickyrayError):

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import inspect
 import itertools
+import json
 import logging
 import signal
 import socket
@@ -345,7 +346,9 @@ class FakeLLMServer:
         if fake_request.stream:
             frames = _aiter(wire.reply_stream(body, **shape))
             return StreamingResponse(frames, media_type="text/event-stream")
-        return JSONResponse(wire.reply_body(**shape))
+        # Escaped to ASCII, as the streamed frames are: a reply may then carry what UTF-8
+        # cannot (a lone surrogate), as a real server's JSON escapes can.
+        return Response(json.dumps(wire.reply_body(**shape)), media_type="application/json")
 
     def _record(self, fake_request: FakeRequest) -> None:
         with self._lock:

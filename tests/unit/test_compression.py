@@ -77,6 +77,17 @@ async def test_a_summary_longer_than_a_memory_holds_is_cut_at_a_word(
     assert summary.startswith(start) and summary[len(start)] == " "  # cut between words
 
 
+async def test_a_summary_with_a_lone_surrogate_is_stored_without_it(
+    fake_llm: FakeLLMServer, provider: OpenAIProvider, memory: LongTermMemory
+) -> None:
+    """Postgres cannot store one: refused, every later turn would pay for a summary again."""
+    bookings = AgentMemory(load_config(None).agent("bookings"), memory)
+    fake_llm.on(agent="bookings", reply=FakeReply.text("Booked \ud800 a table."))
+    result = await bookings.compress(request("a table for two"), provider)
+    assert result.memory_id is not None
+    assert await contents(memory) == ["Booked ? a table."]
+
+
 @pytest.mark.parametrize(
     "reply",
     [

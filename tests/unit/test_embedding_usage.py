@@ -169,3 +169,24 @@ async def test_an_extractive_summary_not_stored_carries_what_its_embedding_cost(
         closing = agent.__del__()
         assert closing is not None
         await closing
+
+
+async def test_a_turn_whose_memory_search_fails_keeps_what_its_embedding_cost(
+    replica: tuple[AgentDeployment, Counted],
+    fake_llm: FakeLLMServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The query was embedded (paid), then the store failed: the turn fails with the cost."""
+    agent, counted = replica
+
+    async def down(*args: object, **kwargs: object) -> None:
+        raise StoreUnavailable("postgres", "down")
+
+    store = agent._agent._memory._memory.store  # type: ignore[union-attr]
+    monkeypatch.setattr(store, "search", down)
+    request = AgentRequest(thread="default/t", turn=1, text="a table for two", user_id="u3")
+    result = await agent.run(request)
+    assert result.failed and result.error is not None and "StoreUnavailable" in result.error
+    spent = by_model(counted)
+    assert spent[EMBEDDING_MODEL].requests == 1
+    assert result.usage == spent[EMBEDDING_MODEL]

@@ -331,8 +331,9 @@ class _ApiKey:
             path = _route_path(scope)
             if path.startswith("/v1/") and not path.startswith("/v1/channels/"):
                 headers = dict(scope["headers"])
-                given = headers.get(b"authorization", b"")
-                if not hmac.compare_digest(given, f"Bearer {key}".encode()):
+                scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+                # The scheme's case is free (RFC 9110); the key's is not.
+                if scheme.lower() != b"bearer" or not hmac.compare_digest(token, key.encode()):
                     refused = HTTPException(
                         401,
                         "header Authorization: missing or wrong; send 'Bearer <STICKYRAY_API_KEY>'",

@@ -49,6 +49,14 @@ def test_with_a_key_every_api_route_needs_it(keyed: types.SimpleNamespace) -> No
         headers={"Authorization": f"Bearer {KEY}"},
     )
     assert ok.status_code == 200 and ok.json()["reply"] == "ok"
+    # The scheme in any case, as HTTP allows; the key exactly.
+    for scheme, key, status in (
+        ("bearer", KEY, 200),
+        ("BEARER", KEY, 200),
+        ("Bearer", KEY.upper(), 401),
+    ):
+        answer = client.get("/v1/threads/alice", headers={"Authorization": f"{scheme} {key}"})
+        assert answer.status_code in ((200, 404) if status == 200 else (401,)), scheme
 
 
 def test_health_docs_and_webhooks_do_not_take_the_key(keyed: types.SimpleNamespace) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import types
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from actors.key import ThreadKey
 from actors.redis_store import connect_redis
 from providers.anthropic_provider import AnthropicProvider
 from providers.model import ChatMessage, ModelResponse, ToolSpec
@@ -20,11 +23,12 @@ from serve_app.deltas import DELTAS_TTL_S, DeltaWriter, read_deltas
 from serve_app.deployments import AgentDeployment
 from serve_app.tools import resolve_tools
 from stickyray.config import TeamConfig
-from stickyray.errors import ProviderError
+from stickyray.errors import ProviderError, StoreUnavailable
 from stickyray.settings import Settings
 from stickyray.testing import FakeLLMServer, FakeReply
-from stickyray.turns import AgentRequest
+from stickyray.turns import AgentRequest, InboundMessage, TurnResult
 from tests.e2e.teams import openai_team
+from tests.unit.test_http_errors import replica  # noqa: F401 - the fixture
 
 Provider = OpenAIProvider | AnthropicProvider
 
@@ -170,25 +174,25 @@ async def test_an_agent_replica_streams_its_reply_when_asked(
     settings: Settings, fake_llm: FakeLLMServer, redis: aioredis.Redis
 ) -> None:
     team = TeamConfig.model_validate(openai_team())
-    replica = AgentDeployment.__new__(AgentDeployment)
-    await AgentDeployment.__init__(replica, "invoices", team, settings, None, "test")
+    serving = AgentDeployment.__new__(AgentDeployment)
+    await AgentDeployment.__init__(serving, "invoices", team, settings, None, "test")
     try:
         reply = "Your invoice of March was paid on the 4th."
         fake_llm.on(agent="invoices", reply=FakeReply.text(reply))
         key = f"stickyray:{{default/{uuid.uuid4().hex}}}:deltas:m1"
         asked = AgentRequest(thread="default/t", turn=1, text="was it paid?", stream_to=key)
-        result = await replica.run(asked)
+        result = await serving.run(asked)
         assert result.reply == reply
         entries: Any = await redis.xrange(key)
         assert len(entries) >= 1
         assert "".join(f[b"text"].decode() for _, f in entries) == reply
         assert {(f[b"agent"], f[b"step"]) for _, f in entries} == {(b"invoices", b"1")}
 
-        unstreamed = await replica.run(asked.model_copy(update={"stream_to": None}))
+        unstreamed = await serving.run(asked.model_copy(update={"stream_to": None}))
         assert unstreamed.reply == reply
         assert [r.stream for r in fake_llm.requests_for(agent="invoices")] == [True, False]
     finally:
-        closing = replica.__del__()
+        closing = serving.__del__()
         assert closing is not None
         await closing
 
@@ -216,3 +220,58 @@ async def test_each_model_call_of_the_loop_is_numbered(
     assert result.reply == "It is open now." and result.tool_calls == ["current_time"]
     steps = {step: "".join(t for s, t in told if s == step) for step, _ in told}
     assert steps == {1: "Let me look.", 2: "It is open now."}
+
+
+def events_of(body: str) -> list[tuple[str, dict]]:
+    """The server-sent events of ``body``, as (event, data) pairs."""
+    found = []
+    for frame in body.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in frame.splitlines())
+        found.append((lines["event"], json.loads(lines["data"])))
+    return found
+
+
+def test_a_streamed_message_answers_its_text_then_its_turn(
+    replica: types.SimpleNamespace,  # noqa: F811
+    redis_url: str,
+) -> None:
+    """Through the real app, with a directory whose agent writes as a replica does."""
+    instance = replica.instance
+    portal_redis: list[aioredis.Redis] = []
+
+    class Writing(type(instance._directory)):  # type: ignore[misc]
+        async def send(self, key: ThreadKey, message: InboundMessage) -> TurnResult:
+            if message.stream:
+                if not portal_redis:
+                    portal_redis.append(connect_redis(redis_url))
+                writer = DeltaWriter(portal_redis[0], key.deltas_key(message.message_id), "b")
+                for word in ("All ", "booked."):
+                    await writer.write(1, word)
+                await writer.close()
+            return await super().send(key, message)
+
+    instance._directory = Writing()
+    instance._redis = connect_redis(redis_url)
+    instance._turns = set()
+    thread = f"t-{uuid.uuid4().hex[:8]}"
+    url = f"/v1/threads/{thread}/messages"
+    body = {"text": "book", "message_id": "m1", "stream": True}
+    response = replica.client.post(url, json=body)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = events_of(response.text)
+    assert events[-1][0] == "turn" and events[-1][1]["reply"] == "ok"
+    assert "".join(data["text"] for name, data in events if name == "delta") == "All booked."
+    assert instance._directory.sent[0].stream is True
+    # Unstreamed, as ever: JSON, and the message is not marked.
+    plain = replica.client.post(url, json={"text": "more"})
+    assert plain.json()["reply"] == "ok" and instance._directory.sent[1].stream is False
+    # Once the stream began, a failure is its last event, with the status it would have had.
+    instance._directory.fail = StoreUnavailable("redis", "down")
+    failed = events_of(replica.client.post(url, json={"text": "again", "stream": True}).text)
+    assert failed == [
+        ("error", {"status": 503, "error": "redis is unavailable; the message was not processed"})
+    ]
+    # Bad input is refused before any event.
+    bad = replica.client.post(url, json={"text": "x", "stream": "maybe"})
+    assert bad.status_code == 422 and "body.stream" in bad.json()["error"]

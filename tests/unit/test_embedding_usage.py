@@ -119,14 +119,16 @@ async def test_a_compression_counts_the_embedding_of_its_summary(
     assert result.usage == spent["gpt-test"] + spent[EMBEDDING_MODEL]
 
 
-def store_down(agent: AgentDeployment, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Memories are embedded, then the store refuses them."""
+def store_down(
+    agent: AgentDeployment, monkeypatch: pytest.MonkeyPatch, operation: str = "add"
+) -> None:
+    """Text is embedded, then the store refuses the ``operation`` that uses it."""
 
     async def down(*args: object, **kwargs: object) -> None:
         raise StoreUnavailable("postgres", "down")
 
     store = agent._agent._memory._memory.store  # type: ignore[union-attr]
-    monkeypatch.setattr(store, "add", down)
+    monkeypatch.setattr(store, operation, down)
 
 
 async def test_a_summary_not_stored_carries_its_embedding_too(
@@ -178,12 +180,7 @@ async def test_a_turn_whose_memory_search_fails_keeps_what_its_embedding_cost(
 ) -> None:
     """The query was embedded (paid), then the store failed: the turn fails with the cost."""
     agent, counted = replica
-
-    async def down(*args: object, **kwargs: object) -> None:
-        raise StoreUnavailable("postgres", "down")
-
-    store = agent._agent._memory._memory.store  # type: ignore[union-attr]
-    monkeypatch.setattr(store, "search", down)
+    store_down(agent, monkeypatch, "search")
     request = AgentRequest(thread="default/t", turn=1, text="a table for two", user_id="u3")
     result = await agent.run(request)
     assert result.failed and result.error is not None and "StoreUnavailable" in result.error

@@ -10,6 +10,9 @@ slot of a Redis Cluster and every script declares all the keys it touches:
 - ``msgs``        hash: message id -> seq, or the TurnResult JSON once stored (a turn's or a
                   state-changing command's)
 - ``msgidx``      zset: message id scored by acceptance time, to expire ``msgs`` entries
+- ``msgfp``       hash: message id -> the fingerprint of the message it came with, so an id
+                  sent again with a different message is refused (none: written by a
+                  release before fingerprints, taken as the same message)
 """
 
 from __future__ import annotations
@@ -35,14 +38,20 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.key import ThreadKey
 from actors.store import Checkpoint, Incarnation, PendingTurn
-from stickyray.errors import CheckpointConflict, StoreUnavailable, ThreadFenced, TurnPending
+from stickyray.errors import (
+    CheckpointConflict,
+    MessageIdReused,
+    StoreUnavailable,
+    ThreadFenced,
+    TurnPending,
+)
 from stickyray.turns import InboundMessage, TurnResult
 
 __all__ = ["RedisThreadStore", "connect_redis", "redis_outages"]
 
-_PARTS = ("epoch", "checkpoint", "pending", "turns", "msgs", "msgidx")
+_PARTS = ("epoch", "checkpoint", "pending", "turns", "msgs", "msgidx", "msgfp")
 
-# KEYS: the six keys above. ARGV[1]: ttl.
+# KEYS: the seven keys above. ARGV[1]: ttl.
 _OPEN = """
 local epoch = redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
@@ -68,54 +77,61 @@ if found ~= tonumber(ARGV[2]) - 1 then
 end
 """
 
-# ARGV: epoch, message id, message JSON, now, message-id ttl, ttl.
-_ACCEPT = (
-    _FENCE
-    + """
-local expired = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', ARGV[4] - ARGV[5], 'LIMIT', 0, 100)
-if #expired > 0 then
-  redis.call('HDEL', KEYS[5], unpack(expired))
-  redis.call('ZREM', KEYS[6], unpack(expired))
-end
-local seen = redis.call('HGET', KEYS[5], ARGV[2])
-if seen then
-  return {'seen', seen}
-end
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  return {'busy', redis.call('HGET', KEYS[3], 'seq')}
-end
-local seq = tonumber(redis.call('HGET', KEYS[2], 'turn') or '0') + 1
-redis.call('HSET', KEYS[3], 'seq', seq, 'message', ARGV[3], 'attempts', 1)
-redis.call('HSET', KEYS[5], ARGV[2], seq)
-redis.call('ZADD', KEYS[6], ARGV[4], ARGV[2])
-for i = 3, 6 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
-return {'accepted', seq}
-"""
-)
 
-
-# A command's message id, answered before, is not answered again: the stored result stands.
-# ARGV[n] is the message id ('' = none); the script returns the stored value.
-def _seen(n: int) -> str:
+# A message id answered (or accepted) before is not answered again: the stored value stands,
+# unless the id came with another message. ARGV[n] is the message id ('' = none), ARGV[f]
+# the new message's fingerprint ('' = unknown).
+def _seen(n: int, f: int) -> str:
     return f"""
 if ARGV[{n}] ~= '' then
   local seen = redis.call('HGET', KEYS[5], ARGV[{n}])
   if seen then
+    local fingerprint = redis.call('HGET', KEYS[7], ARGV[{n}])
+    if fingerprint and fingerprint ~= '' and ARGV[{f}] ~= '' and fingerprint ~= ARGV[{f}] then
+      return {{'reused'}}
+    end
     return {{'seen', seen}}
   end
 end
 """
 
 
+# ARGV: epoch, message id, message JSON, now, message-id ttl, ttl, fingerprint.
+_ACCEPT = (
+    _FENCE
+    + """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', ARGV[4] - ARGV[5], 'LIMIT', 0, 100)
+if #expired > 0 then
+  redis.call('HDEL', KEYS[5], unpack(expired))
+  redis.call('HDEL', KEYS[7], unpack(expired))
+  redis.call('ZREM', KEYS[6], unpack(expired))
+end
+"""
+    + _seen(2, 7)
+    + """
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return {'busy', redis.call('HGET', KEYS[3], 'seq')}
+end
+local seq = tonumber(redis.call('HGET', KEYS[2], 'turn') or '0') + 1
+redis.call('HSET', KEYS[3], 'seq', seq, 'message', ARGV[3], 'attempts', 1)
+redis.call('HSET', KEYS[5], ARGV[2], seq)
+redis.call('HSET', KEYS[7], ARGV[2], ARGV[7])
+redis.call('ZADD', KEYS[6], ARGV[4], ARGV[2])
+for i = 3, 7 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+return {'accepted', seq}
+"""
+)
+
+
 # ARGV: epoch, new version, turn, checkpoint JSON, ttl, message id ('' = none), result JSON,
-# kind ('turn' or 'command'), now. A turn's result resolves the pending turn and joins the
-# history; a command's is only remembered under its message id.
+# kind ('turn' or 'command'), now, a command's fingerprint. A turn's result resolves the
+# pending turn and joins the history; a command's is only remembered under its message id.
 _COMMIT = (
     _FENCE
     + """
 if ARGV[8] == 'command' then
 """
-    + _seen(6)
+    + _seen(6, 10)
     + """
 end
 """
@@ -126,31 +142,32 @@ if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[5], ARGV[6], ARGV[7])
   if ARGV[8] == 'command' then
     redis.call('ZADD', KEYS[6], ARGV[9], ARGV[6])
+    if ARGV[10] ~= '' then redis.call('HSET', KEYS[7], ARGV[6], ARGV[10]) end
   else
     redis.call('HSET', KEYS[4], ARGV[3], ARGV[7])
     redis.call('DEL', KEYS[3])
   end
 end
-for i = 1, 6 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+for i = 1, 7 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 return {'ok'}
 """
 )
 
-# ARGV: epoch, new version, checkpoint JSON, ttl, message id ('' = none), result JSON, now.
-# The reset forgets every message id but its own.
+# ARGV: epoch, new version, checkpoint JSON, ttl, message id ('' = none), result JSON, now,
+# fingerprint. The reset forgets every message id but its own.
 _RESET = (
     _FENCE
-    + _seen(5)
+    + _seen(5, 8)
     + _CAS
     + """
-redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
 redis.call('HSET', KEYS[2], 'version', ARGV[2], 'turn', 0, 'data', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[5], ARGV[5], ARGV[6])
   redis.call('ZADD', KEYS[6], ARGV[7], ARGV[5])
-  redis.call('EXPIRE', KEYS[5], ARGV[4])
-  redis.call('EXPIRE', KEYS[6], ARGV[4])
+  if ARGV[8] ~= '' then redis.call('HSET', KEYS[7], ARGV[5], ARGV[8]) end
+  for i = 5, 7 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 end
 return {'ok'}
 """
@@ -290,10 +307,13 @@ class RedisThreadStore:
             time.time(),
             self._message_id_ttl_s,
             self._ttl_s,
+            message.fingerprint,
         )
         status = _text(status)
         if status == "fenced":
             raise ThreadFenced(str(key), epoch)
+        if status == "reused":
+            raise MessageIdReused(str(key), message.message_id)
         if status == "accepted":
             return int(rest[0])
         if status == "seen":
@@ -301,7 +321,12 @@ class RedisThreadStore:
         raise TurnPending(str(key), int(_text(rest[0])))
 
     async def commit(
-        self, key: ThreadKey, epoch: int, checkpoint: Checkpoint, result: TurnResult | None
+        self,
+        key: ThreadKey,
+        epoch: int,
+        checkpoint: Checkpoint,
+        result: TurnResult | None,
+        fingerprint: str = "",
     ) -> TurnResult | None:
         command = result is not None and result.command is not None
         status, *rest = await self._run(
@@ -316,8 +341,9 @@ class RedisThreadStore:
             result.model_dump_json(by_alias=True) if result is not None else "",
             "command" if command else "turn",
             time.time(),
+            fingerprint,
         )
-        return self._check(_text(status), rest, key, epoch, checkpoint)
+        return self._check(_text(status), rest, key, epoch, checkpoint, result)
 
     async def reset(
         self,
@@ -325,6 +351,7 @@ class RedisThreadStore:
         epoch: int,
         checkpoint: Checkpoint,
         result: TurnResult | None = None,
+        fingerprint: str = "",
     ) -> TurnResult | None:
         status, *rest = await self._run(
             self._reset,
@@ -336,15 +363,23 @@ class RedisThreadStore:
             result.message_id if result is not None else "",
             result.model_dump_json(by_alias=True) if result is not None else "",
             time.time(),
+            fingerprint,
         )
-        return self._check(_text(status), rest, key, epoch, checkpoint)
+        return self._check(_text(status), rest, key, epoch, checkpoint, result)
 
     @staticmethod
     def _check(
-        status: str, rest: list[Any], key: ThreadKey, epoch: int, checkpoint: Checkpoint
+        status: str,
+        rest: list[Any],
+        key: ThreadKey,
+        epoch: int,
+        checkpoint: Checkpoint,
+        result: TurnResult | None,
     ) -> TurnResult | None:
         if status == "fenced":
             raise ThreadFenced(str(key), epoch)
+        if status == "reused" and result is not None:
+            raise MessageIdReused(str(key), result.message_id)
         if status == "conflict":
             raise CheckpointConflict(str(key), checkpoint.version - 1, int(rest[0]))
         if status == "seen":

@@ -50,7 +50,7 @@ from redis.exceptions import ResponseError
 from actors.key import ThreadKey
 from actors.redis_store import redis_outages
 from stickyray.config import RunsConfig
-from stickyray.errors import InvalidThreadKey, RunQueueFull
+from stickyray.errors import InvalidThreadKey, MessageIdReused, RunQueueFull
 from stickyray.turns import SORRY_REPLY, InboundMessage, TurnResult
 from stickyray.webhooks import WEBHOOK_CHANNEL
 
@@ -74,8 +74,8 @@ RunStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 ReplyStatus = Literal["pending", "sent", "failed"]
 
 # KEYS: queue, record, the thread's open runs. ARGV: thread key, message id, message JSON,
-# now, cap, reply_to JSON or ''. Returns the status and the record's fields, read in the
-# same step.
+# now, cap, reply_to JSON or '', the message's fingerprint. Returns the status and the
+# record's fields, read in the same step.
 _SUBMIT = """
 if redis.call('EXISTS', KEYS[2]) == 0 then
   local queued = redis.call('XLEN', KEYS[1])
@@ -90,7 +90,7 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
     entry = redis.call('XADD', KEYS[1], '*', 'thread', ARGV[1], 'message', ARGV[3])
   end
   redis.call('HSET', KEYS[2], 'status', 'queued', 'created_at', ARGV[4], 'attempts', 0,
-             'entry', entry)
+             'entry', entry, 'fingerprint', ARGV[7])
   -- By the entry's id (Redis's clock, then its sequence): the order the runs will run in.
   local ms, seq = string.match(entry, '^(%d+)-(%d+)$')
   redis.call('ZADD', KEYS[3], tonumber(ms) * 1000 + math.min(tonumber(seq), 999), ARGV[2])
@@ -398,7 +398,8 @@ class RunQueue:
     ) -> tuple[RunRecord, bool]:
         """Queue ``message`` for ``key``; the run's record, and whether this call queued it.
 
-        A message id already queued (or run) returns that run, unchanged, full queue or not.
+        A message id already queued (or run) returns that run, unchanged, full queue or not;
+        MessageIdReused if it was queued with a different message.
         With ``reply_to``, finishing the run puts its reply in the outbox for that address.
         Raises RunQueueFull when ``runs.max_queued`` runs wait or run.
         """
@@ -416,10 +417,17 @@ class RunQueue:
                     time.time(),
                     self._config.max_queued,
                     json.dumps(reply_to) if reply_to is not None else "",
+                    message.fingerprint,
                 ],
             )
         if _text(status) == "full":
             raise RunQueueFull(int(fields), self._config.max_queued)
+        if _text(status) == "exists":
+            named = {_text(k): _text(v) for k, v in zip(fields[::2], fields[1::2], strict=True)}
+            stored = named.get("fingerprint")
+            # None: queued by a release before fingerprints, taken as the same message.
+            if stored is not None and stored != message.fingerprint:
+                raise MessageIdReused(str(key), message.message_id)
         return _record(key, message.message_id, fields), _text(status) == "queued"
 
     async def get(self, key: ThreadKey, message_id: str) -> RunRecord | None:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.key import ThreadKey
 from memory.buffer import BufferEntry
-from stickyray.errors import CheckpointConflict, ThreadFenced, TurnPending
+from stickyray.errors import CheckpointConflict, MessageIdReused, ThreadFenced, TurnPending
 from stickyray.turns import InboundMessage, TurnResult
 
 __all__ = [
@@ -71,19 +71,26 @@ class ThreadStore(Protocol):
     async def accept(self, key: ThreadKey, epoch: int, message: InboundMessage) -> int | TurnResult:
         """Record ``message`` as the next turn and return its number, before it runs.
 
-        A message id seen before returns that message's stored result instead.
+        A message id seen before returns that message's stored result instead, or raises
+        MessageIdReused if it came with a different message (``InboundMessage.fingerprint``).
         Raises ThreadFenced if ``epoch`` is no longer current.
         """
         ...
 
     async def commit(
-        self, key: ThreadKey, epoch: int, checkpoint: Checkpoint, result: TurnResult | None
+        self,
+        key: ThreadKey,
+        epoch: int,
+        checkpoint: Checkpoint,
+        result: TurnResult | None,
+        fingerprint: str = "",
     ) -> TurnResult | None:
         """Atomically store the checkpoint and, for a turn, its result (resolving the pending).
 
-        A command's result (``command`` set) is remembered under its message id but is not a
-        turn. If that id was answered before, nothing is written and the stored result is
-        returned: a retried command does not run twice. Otherwise returns None.
+        A command's result (``command`` set) is remembered under its message id, with its
+        message's ``fingerprint``, but is not a turn. If that id was answered before, nothing
+        is written and the stored result is returned: a retried command does not run twice
+        (MessageIdReused if the id came with a different message). Otherwise returns None.
         Raises ThreadFenced for a stale epoch, CheckpointConflict for a stale version.
         """
         ...
@@ -94,11 +101,13 @@ class ThreadStore(Protocol):
         epoch: int,
         checkpoint: Checkpoint,
         result: TurnResult | None = None,
+        fingerprint: str = "",
     ) -> TurnResult | None:
         """Delete the thread's history and message results; store ``checkpoint``.
 
-        ``result`` is the reset command's own, remembered afterwards; like a command's in
-        ``commit``, an id answered before writes nothing and returns the stored result.
+        ``result`` is the reset command's own, remembered afterwards with ``fingerprint``;
+        like a command's in ``commit``, an id answered before writes nothing and returns the
+        stored result.
         """
         ...
 
@@ -120,13 +129,24 @@ class ThreadView(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """A message id: when it was accepted, its turn, its result once stored, and the
+    fingerprint of the message it came with."""
+
+    at: float
+    seq: int
+    result: TurnResult | None
+    fingerprint: str
+
+
 @dataclass
 class _ThreadData:
     epoch: int = 0
     checkpoint: Checkpoint | None = None
     pending: PendingTurn | None = None
     turns: dict[int, TurnResult] = field(default_factory=dict)
-    results: dict[str, tuple[float, int, TurnResult | None]] = field(default_factory=dict)
+    results: dict[str, _Seen] = field(default_factory=dict)
 
 
 class InMemoryThreadStore:
@@ -160,30 +180,32 @@ class InMemoryThreadStore:
     async def accept(self, key: ThreadKey, epoch: int, message: InboundMessage) -> int | TurnResult:
         data = self._fence(key, epoch)
         now = self._now()
-        for message_id, (seen_at, _, _) in list(data.results.items()):
-            if now - seen_at > self._message_id_ttl_s:
+        for message_id, seen in list(data.results.items()):
+            if now - seen.at > self._message_id_ttl_s:
                 del data.results[message_id]
-        seen = data.results.get(message.message_id)
-        if seen is not None:
-            _, seq, result = seen
-            if result is None:
-                raise TurnPending(str(key), seq)
-            return result
+        stored = self._answered(key, data, message.message_id, message.fingerprint)
+        if stored is not None:
+            return stored
         if data.pending is not None:
             raise TurnPending(str(key), data.pending.seq)
         seq = (data.checkpoint.turn if data.checkpoint else 0) + 1
         data.pending = PendingTurn(seq=seq, message=message)
-        data.results[message.message_id] = (now, seq, None)
+        data.results[message.message_id] = _Seen(now, seq, None, message.fingerprint)
         return seq
 
-    def _answered(self, key: ThreadKey, data: _ThreadData, message_id: str) -> TurnResult | None:
-        """The stored result of ``message_id``; raises if it is a turn still pending."""
+    def _answered(
+        self, key: ThreadKey, data: _ThreadData, message_id: str, fingerprint: str
+    ) -> TurnResult | None:
+        """The stored result of ``message_id``; raises if the id came with another message,
+        or if it is a turn still pending."""
         seen = data.results.get(message_id)
         if seen is None:
             return None
-        if seen[2] is None:
-            raise TurnPending(str(key), seen[1])
-        return seen[2]
+        if seen.fingerprint and fingerprint and seen.fingerprint != fingerprint:
+            raise MessageIdReused(str(key), message_id)
+        if seen.result is None:
+            raise TurnPending(str(key), seen.seq)
+        return seen.result
 
     def _cas(self, key: ThreadKey, data: _ThreadData, checkpoint: Checkpoint) -> None:
         found = data.checkpoint.version if data.checkpoint else 0
@@ -192,21 +214,27 @@ class InMemoryThreadStore:
         data.checkpoint = checkpoint
 
     async def commit(
-        self, key: ThreadKey, epoch: int, checkpoint: Checkpoint, result: TurnResult | None
+        self,
+        key: ThreadKey,
+        epoch: int,
+        checkpoint: Checkpoint,
+        result: TurnResult | None,
+        fingerprint: str = "",
     ) -> TurnResult | None:
         data = self._fence(key, epoch)
         if result is not None and result.command is not None:
-            stored = self._answered(key, data, result.message_id)
+            stored = self._answered(key, data, result.message_id, fingerprint)
             if stored is not None:
                 return stored
             self._cas(key, data, checkpoint)
-            data.results[result.message_id] = (self._now(), result.turn, result)
+            data.results[result.message_id] = _Seen(self._now(), result.turn, result, fingerprint)
             return None
         self._cas(key, data, checkpoint)
         if result is not None:
             data.turns[result.turn] = result
-            seen_at, seq, _ = data.results.get(result.message_id, (self._now(), result.turn, None))
-            data.results[result.message_id] = (seen_at, seq, result)
+            seen = data.results.get(result.message_id)
+            accepted = seen or _Seen(self._now(), result.turn, None, fingerprint)
+            data.results[result.message_id] = replace(accepted, result=result)
             data.pending = None
         return None
 
@@ -216,10 +244,11 @@ class InMemoryThreadStore:
         epoch: int,
         checkpoint: Checkpoint,
         result: TurnResult | None = None,
+        fingerprint: str = "",
     ) -> TurnResult | None:
         data = self._fence(key, epoch)
         if result is not None:
-            stored = self._answered(key, data, result.message_id)
+            stored = self._answered(key, data, result.message_id, fingerprint)
             if stored is not None:
                 return stored
         self._cas(key, data, checkpoint)
@@ -227,7 +256,7 @@ class InMemoryThreadStore:
         data.results.clear()
         data.pending = None
         if result is not None:
-            data.results[result.message_id] = (self._now(), result.turn, result)
+            data.results[result.message_id] = _Seen(self._now(), result.turn, result, fingerprint)
         return None
 
     async def load(self, key: ThreadKey) -> Checkpoint | None:

@@ -25,6 +25,7 @@ from stickyray.config import TeamConfig
 from stickyray.errors import (
     CheckpointConflict,
     CompressionNotStored,
+    MessageIdReused,
     ThreadFenced,
     ThreadPassivated,
     TurnPending,
@@ -186,8 +187,8 @@ class Thread:
                     # reads it back and completes a pending turn; then the message again.
                     self._stale = True
                     return await self._handle(message)
-            except ThreadFenced:
-                raise
+            except (ThreadFenced, MessageIdReused):
+                raise  # superseded, or refused before anything was written
             except BaseException:
                 # Whatever stopped this message midway (a cancelled request, a store error),
                 # the store may hold what this incarnation did not see: the turn may be
@@ -258,11 +259,16 @@ class Thread:
         stored: TurnResult | None = None
         if outcome.clear_buffer:
             checkpoint = Checkpoint(version=self._version + 1)
-            stored = await self._guard(self._store.reset(self.key, self._epoch, checkpoint, result))
+            reset = self._store.reset(
+                self.key, self._epoch, checkpoint, result, fingerprint=message.fingerprint
+            )
+            stored = await self._guard(reset)
             if stored is None:
                 self._adopt_checkpoint(checkpoint)
         elif outcome.back_to_supervisor:
-            stored = await self._commit(None, self._buffer.entries(), self._turns, result)
+            stored = await self._commit(
+                None, self._buffer.entries(), self._turns, result, message.fingerprint
+            )
         return stored or result
 
     async def _run(self, message: InboundMessage, turn: int) -> TurnResult:
@@ -437,17 +443,23 @@ class Thread:
         )
 
     async def _commit(
-        self, active: str | None, buffer: list[BufferEntry], turn: int, result: TurnResult | None
+        self,
+        active: str | None,
+        buffer: list[BufferEntry],
+        turn: int,
+        result: TurnResult | None,
+        fingerprint: str = "",
     ) -> TurnResult | None:
         """Store first, then adopt: a failed write leaves the in-memory thread unchanged.
 
         Returns the stored result when ``result`` is a command answered before (nothing is
-        written or adopted then).
+        written or adopted then); ``fingerprint`` is that command's message's.
         """
         checkpoint = Checkpoint(
             active_agent=active, buffer=buffer, turn=turn, version=self._version + 1
         )
-        stored = await self._guard(self._store.commit(self.key, self._epoch, checkpoint, result))
+        write = self._store.commit(self.key, self._epoch, checkpoint, result, fingerprint)
+        stored = await self._guard(write)
         if stored is None:
             self._adopt_checkpoint(checkpoint)
         return stored

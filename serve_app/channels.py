@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.key import ThreadKey
 from actors.run_queue import RunQueue
-from stickyray.errors import ChannelSendFailed
+from stickyray.errors import ChannelSendFailed, MessageIdReused
 from stickyray.metrics import record_channel_message
 from stickyray.settings import Settings
 from stickyray.turns import InboundMessage, message_text
@@ -415,7 +415,17 @@ class ChannelInbox:
                 counts["ignored"] += 1
                 continue
             message = found.message.model_copy(update={"text": text})
-            _, queued = await self.runs.submit(found.key, message, found.reply_to)
+            try:
+                _, queued = await self.runs.submit(found.key, message, found.reply_to)
+            except MessageIdReused:
+                # The platform's message, delivered again and read differently (by a newer
+                # release, say): the first reading was queued and stands.
+                log.warning(
+                    "%s message %s: delivered again, read differently; the first reading stands",
+                    channel,
+                    message.message_id,
+                )
+                queued = False
             counts["queued" if queued else "duplicate"] += 1
         for outcome, n in counts.items():
             record_channel_message(self.app, channel, outcome, n)

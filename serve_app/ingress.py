@@ -31,6 +31,7 @@ from stickyray.config import TeamConfig
 from stickyray.errors import (
     CheckpointConflict,
     InvalidThreadKey,
+    MessageIdReused,
     ProviderError,
     RunQueueFull,
     StickyrayError,
@@ -360,6 +361,8 @@ def _http_error(exc: BaseException) -> HTTPException:
     cause = root_cause(exc)
     if isinstance(cause, RunQueueFull):
         return HTTPException(429, f"{cause}; retry later", headers={"Retry-After": "5"})
+    if isinstance(cause, MessageIdReused):
+        return HTTPException(422, f"body.message_id: {cause}")
     if isinstance(cause, StoreUnavailable):
         return HTTPException(503, f"{cause.store} is unavailable; the message was not processed")
     if isinstance(cause, CheckpointConflict):

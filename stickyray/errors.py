@@ -12,6 +12,7 @@ __all__ = [
     "CompressionNotStored",
     "ConfigError",
     "InvalidThreadKey",
+    "MessageIdReused",
     "ProviderError",
     "RunQueueFull",
     "StickyrayError",
@@ -150,6 +151,25 @@ class TurnPending(StickyrayError):
 
     def __str__(self) -> str:
         return f"turn {self.seq} of {self.thread} is still pending"
+
+
+class MessageIdReused(StickyrayError):
+    """A message id already taken in the thread by a different message (text or user).
+
+    A message id is an idempotency key: sent again with the same message it returns the
+    first answer; with another message it is refused, not answered with the first one's.
+    """
+
+    def __init__(self, thread: str, message_id: str) -> None:
+        super().__init__(thread, message_id)
+        self.thread = thread
+        self.message_id = message_id
+
+    def __str__(self) -> str:
+        return (
+            f"message_id {self.message_id!r} was already used in thread {self.thread} for a "
+            "different message; send each new message with a new message_id"
+        )
 
 
 class RunQueueFull(StickyrayError):

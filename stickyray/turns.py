@@ -5,6 +5,8 @@ They are pydantic models so they validate at the edges and pickle across Ray pro
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -90,6 +92,13 @@ class InboundMessage(_Record):
     # The caller reads the reply as it is written (see ``ThreadKey.deltas_key``). A hint for
     # the live call only: never stored, so a turn redone later is not streamed.
     stream: bool = Field(default=False, exclude=True)
+
+    @property
+    def fingerprint(self) -> str:
+        """What makes a message the same message when its id comes again: its text and
+        user (not its channel, nor how the reply is read)."""
+        said = json.dumps([self.text, self.user_id], ensure_ascii=False)
+        return hashlib.sha256(said.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 class Handoff(_Record):

@@ -66,7 +66,13 @@ async def test_same_message_id_five_times_is_one_turn(app: App, fake_llm: FakeLL
 
         sequential = [await post("retry-seq") for _ in range(5)]
         concurrent = await asyncio.gather(*(post("retry-par") for _ in range(5)))
+        # The id with another message: refused, not answered with the first one's reply.
+        reused = await client.post(
+            f"/v1/threads/{thread}/messages", json={"text": "for 3", "message_id": "retry-seq"}
+        )
         history = (await client.get(f"/v1/threads/{thread}/turns")).json()["turns"]
+    assert reused.status_code == 422
+    assert reused.json()["error"].startswith("body.message_id: message_id 'retry-seq' was")
     for batch in (sequential, concurrent):
         assert all(r.status_code == 200 for r in batch)
         assert len({r.text for r in batch}) == 1, "five identical replies"

@@ -137,6 +137,11 @@ def test_a_telegram_text_is_queued_once_as_a_run_of_its_chat(web: Any) -> None:
     assert record is not None and record.status == "queued"
     again = post_telegram(web, update("book a table for 2", chat=-1001, message_id=7))
     assert again.json() == {"queued": 0, "duplicate": 1, "ignored": 0}
+    # Delivered again and read differently (say, by a newer release): the first reading
+    # stands, and the platform is told it was taken.
+    reread = post_telegram(web, update("book a table for 3", chat=-1001, message_id=7))
+    assert reread.status_code == 200
+    assert reread.json() == {"queued": 0, "duplicate": 1, "ignored": 0}
     assert web.depth() == 1
 
 

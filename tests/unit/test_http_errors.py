@@ -22,7 +22,7 @@ from actors.store import Checkpoint
 from memory.in_memory import InMemoryMemoryStore
 from memory.service import LongTermMemory
 from stickyray.config import RunsConfig, load_config
-from stickyray.errors import ConfigError, ProviderError
+from stickyray.errors import ConfigError, MessageIdReused, ProviderError
 from stickyray.turns import InboundMessage, TurnResult
 
 
@@ -135,6 +135,17 @@ def test_a_failing_model_provider_is_a_503(replica: types.SimpleNamespace) -> No
     response = replica.client.post("/v1/threads/alice/messages", json={"text": "hi"})
     assert response.status_code == 503
     assert "model provider is unavailable" in response.json()["error"]
+
+
+def test_a_message_id_reused_for_another_message_is_a_422(
+    replica: types.SimpleNamespace,
+) -> None:
+    replica.instance._directory.fail = MessageIdReused("default/alice", "m-1")
+    response = replica.client.post(
+        "/v1/threads/alice/messages", json={"text": "hi", "message_id": "m-1"}
+    )
+    assert response.status_code == 422
+    assert response.json()["error"].startswith("body.message_id: message_id 'm-1' was already")
 
 
 def test_agents_without_a_serve_controller_is_a_503(

@@ -21,7 +21,7 @@ from actors.run_queue import LeaseLost, RunQueue
 from actors.thread import Thread
 from serve_app.runs import RunDispatcher, transient
 from stickyray.config import RunsConfig, TeamConfig, load_config
-from stickyray.errors import RunQueueFull, StoreUnavailable
+from stickyray.errors import MessageIdReused, RunQueueFull, StoreUnavailable
 from stickyray.turns import AgentRequest, AgentResult, InboundMessage, TurnResult
 from tests.unit.test_thread import Agents, booking_agents
 
@@ -140,6 +140,10 @@ async def test_submit_records_and_queues_once(client: Any) -> None:
     again, queued_again = await queue.submit(key, msg("book a table", "m1"))
     assert not queued_again and again == record
     assert await queue.depth() == 1
+    # The id of a run is its message's: another message with it is refused, not queued.
+    with pytest.raises(MessageIdReused, match="'m1' was already used"):
+        await queue.submit(key, msg("book a room", "m1"))
+    assert await queue.depth() == 1 and await queue.get(key, "m1") == record
     assert await queue.get(key, "never-sent") is None
     assert await queue.get(fresh(), "m1") is None  # a message id is per thread
     # A waiting run's record does not expire, however long the queue takes.

@@ -13,7 +13,13 @@ from actors.key import ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
 from actors.store import Checkpoint, InMemoryThreadStore
 from memory.buffer import BufferEntry
-from stickyray.errors import CheckpointConflict, StoreUnavailable, ThreadFenced, TurnPending
+from stickyray.errors import (
+    CheckpointConflict,
+    MessageIdReused,
+    StoreUnavailable,
+    ThreadFenced,
+    TurnPending,
+)
 from stickyray.turns import InboundMessage, TurnResult
 
 Store = InMemoryThreadStore | RedisThreadStore
@@ -83,11 +89,43 @@ async def test_accept_commit_and_history(store: Store) -> None:
 async def test_a_seen_message_id_returns_the_stored_result(store: Store) -> None:
     key = fresh()
     epoch = (await store.open(key)).epoch
-    assert await store.accept(key, epoch, msg("a")) == 1
+    assert await store.accept(key, epoch, msg("a", text="a table for two")) == 1
     await store.commit(key, epoch, ckpt(1, 1), done(key, "a", 1, reply="first reply"))
-    again = await store.accept(key, epoch, msg("a", text="different text, same id"))
+    # The same message again (how its reply is read does not matter): the first answer.
+    retried = InboundMessage(text="a table for two", message_id="a", channel="x", stream=True)
+    again = await store.accept(key, epoch, retried)
     assert isinstance(again, TurnResult) and again.reply == "first reply" and again.turn == 1
     assert (await store.load(key)).turn == 1  # type: ignore[union-attr]
+
+
+async def test_a_message_id_sent_with_another_message_is_refused(store: Store) -> None:
+    """Not answered with the first message's reply, not run, nothing written."""
+    key = fresh()
+    epoch = (await store.open(key)).epoch
+    assert await store.accept(key, epoch, msg("a", text="a table for two")) == 1
+    other_user = InboundMessage(text="a table for two", message_id="a", user_id="u2")
+    for reused in (msg("a", text="a table for three"), other_user):
+        with pytest.raises(MessageIdReused, match="'a' was already used") as refused:
+            await store.accept(key, epoch, reused)  # still pending: refused all the same
+        assert refused.value.message_id == "a"
+    await store.commit(key, epoch, ckpt(1, 1), done(key, "a", 1))
+    with pytest.raises(MessageIdReused):
+        await store.accept(key, epoch, msg("a", text="a table for three"))
+    assert [t.message_id for t in await store.turns(key)] == ["a"]
+    assert await store.accept(key, epoch, msg("b", text="a table for three")) == 2
+    # A command's id is its message's too, either way round.
+    supervisor = command(key, "c", 1, "supervisor")
+    fingerprint = msg("c", "/supervisor").fingerprint
+    await store.commit(key, epoch, ckpt(2, 2), done(key, "b", 2))
+    assert await store.commit(key, epoch, ckpt(2, 3), supervisor, fingerprint) is None
+    with pytest.raises(MessageIdReused):
+        await store.accept(key, epoch, msg("c", "hello"))
+    assert await store.commit(key, epoch, ckpt(2, 4), supervisor, fingerprint) == supervisor
+    with pytest.raises(MessageIdReused):
+        await store.commit(key, epoch, ckpt(2, 4), supervisor, msg("c", "/reset").fingerprint)
+    with pytest.raises(MessageIdReused):
+        await store.reset(key, epoch, Checkpoint(version=4), command(key, "b", 0, "reset"), "x")
+    assert (await store.load(key)).version == 3  # type: ignore[union-attr]
 
 
 async def test_pending_turn_survives_a_new_incarnation(store: Store) -> None:
@@ -136,7 +174,7 @@ async def test_reset_deletes_history_and_message_ids(store: Store) -> None:
     assert await store.turns(key) == []
     loaded = await store.load(key)
     assert loaded is not None and (loaded.turn, loaded.buffer, loaded.version) == (0, [], 2)
-    assert await store.accept(key, epoch, msg("a")) == 1  # the id is forgotten too
+    assert await store.accept(key, epoch, msg("a", "new")) == 1  # the id is forgotten too
 
 
 async def test_message_ids_expire() -> None:
@@ -147,7 +185,7 @@ async def test_message_ids_expire() -> None:
     await store.accept(key, epoch, msg("a"))
     await store.commit(key, epoch, ckpt(1, 1), done(key, "a", 1))
     now[0] += 61
-    assert await store.accept(key, epoch, msg("a")) == 2
+    assert await store.accept(key, epoch, msg("a", "a new message")) == 2
 
 
 async def test_redis_message_ids_expire_and_keys_have_ttls(redis_url: str) -> None:
@@ -164,7 +202,27 @@ async def test_redis_message_ids_expire_and_keys_have_ttls(redis_url: str) -> No
             await client.zadd(key.redis_key("msgidx"), {"a": 0})
         finally:
             await client.aclose()
-        assert await store.accept(key, epoch, msg("a")) == 2
+        assert await store.accept(key, epoch, msg("a", "a new message")) == 2
+
+
+async def test_redis_ids_from_before_fingerprints_are_taken_as_the_same_message(
+    redis_url: str,
+) -> None:
+    """A message id stored by a release without fingerprints (a rolling deploy) keeps its
+    first answer for any message, as that release did."""
+    key = fresh()
+    async with RedisThreadStore.from_url(redis_url, ttl_s=120) as store:
+        epoch = (await store.open(key)).epoch
+        await store.accept(key, epoch, msg("a"))
+        await store.commit(key, epoch, ckpt(1, 1), done(key, "a", 1, reply="first"))
+        client = connect_redis(redis_url)
+        try:
+            assert await client.hkeys(key.redis_key("msgfp")) == [b"a"]
+            await client.delete(key.redis_key("msgfp"))
+        finally:
+            await client.aclose()
+        again = await store.accept(key, epoch, msg("a", "another"))
+        assert isinstance(again, TurnResult) and again.reply == "first"
 
 
 async def test_unreachable_redis_is_store_unavailable(tmp_path) -> None:
@@ -209,7 +267,8 @@ async def test_a_command_is_remembered_by_id_but_is_not_a_turn(store: Store) -> 
     assert await store.commit(key, epoch, ckpt(1, 3, active="x"), again) == first
     loaded = await store.load(key)
     assert loaded is not None and (loaded.version, loaded.active_agent) == (2, None)
-    # The id is taken: a turn sent with it gets the command's answer.
+    # The id is taken: a turn sent with it gets the command's answer (the command's
+    # fingerprint unknown, as from a store's caller before fingerprints).
     assert await store.accept(key, epoch, msg("c")) == first
 
 

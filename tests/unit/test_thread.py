@@ -14,6 +14,7 @@ from actors.thread import MAX_TURN_ATTEMPTS, Thread
 from stickyray.config import TeamConfig, load_config
 from stickyray.errors import (
     CompressionNotStored,
+    MessageIdReused,
     ProviderError,
     StoreUnavailable,
     ThreadFenced,
@@ -184,6 +185,23 @@ async def test_same_message_id_is_one_turn(team: TeamConfig) -> None:
     assert [r.turn for r in (sequential[0], concurrent[0])] == [1, 2]
     assert agents.calls == [("triage", 1), ("bookings", 1), ("bookings", 2)]
     assert len(await store.turns(KEY)) == 2
+
+
+async def test_a_message_id_reused_for_another_message_is_refused(team: TeamConfig) -> None:
+    """Refused whether it named a turn or a command; the thread serves on as it was."""
+    agents, store = booking_agents(), InMemoryThreadStore()
+    thread = await Thread.open(KEY, team, store, agents)
+    await thread.handle(msg("book", mid="m1"))
+    left = await thread.handle(msg("/supervisor", mid="c1"))
+    epoch = thread._epoch
+    for reused in (msg("book two", mid="m1"), msg("/reset", mid="m1"), msg("hi", mid="c1")):
+        with pytest.raises(MessageIdReused):
+            await thread.handle(reused)
+    assert await thread.handle(msg("/supervisor", mid="c1")) == left
+    assert (await thread.handle(msg("book two", mid="m2"))).turn == 2
+    assert thread._epoch == epoch  # nothing to recover from: the thread was not reopened
+    assert [t.message_id for t in await store.turns(KEY)] == ["m1", "m2"]
+    assert agents.calls == [("triage", 1), ("bookings", 1), ("triage", 2), ("bookings", 2)]
 
 
 async def test_commands_change_state_without_agents(team: TeamConfig) -> None:

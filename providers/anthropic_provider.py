@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -163,7 +164,7 @@ class AnthropicProvider:
             return await self._stream(agent, kwargs, on_text)
         try:
             response = await self._client.messages.create(**kwargs)
-        except anthropic.APIError as exc:
+        except (anthropic.APIError, json.JSONDecodeError) as exc:  # or a JSON body cut short
             raise ProviderError.of("anthropic", agent, exc) from None
         return read_reply("anthropic", agent, _read, response)
 
@@ -178,6 +179,10 @@ class AnthropicProvider:
                 response = await stream.get_final_message()
         except Exception as exc:  # an error status, or a stream that broke off or was unreadable
             raise ProviderError.of("anthropic", agent, exc) from None
+        if response.stop_reason is None:
+            # Ended cleanly, but before the reply did (a proxy's timeout, say): the SDK stops
+            # iterating without an error, and the text so far is not the reply.
+            raise ProviderError("anthropic", agent, "the stream ended before its stop_reason")
         return read_reply("anthropic", agent, _read, response)
 
     async def aclose(self) -> None:

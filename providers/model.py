@@ -26,6 +26,7 @@ __all__ = [
     "ToolChoice",
     "ToolSpec",
     "read_reply",
+    "valid_unicode",
 ]
 
 
@@ -101,13 +102,27 @@ def read_reply(
     vendor: str, agent: str, read: Callable[[Any], ModelResponse], raw: Any
 ) -> ModelResponse:
     """``read(raw)``, with an answer in no shape the SDK knows (an HTML page from a proxy, a
-    compatible server's nulls) a ProviderError: the provider failed, like an error status."""
+    compatible server's nulls) a ProviderError: the provider failed, like an error status.
+
+    Its text is valid Unicode: a lone surrogate (a JSON escape a server may send) is "?",
+    so the turn can be stored and sent like any other."""
     try:
-        return read(raw)
+        response = read(raw)
     except (AttributeError, TypeError, ValueError) as exc:
         raise ProviderError(
             vendor, agent, f"unreadable response: {type(exc).__name__}: {exc}"
         ) from None
+    text = valid_unicode(response.text)
+    return response if text == response.text else response.model_copy(update={"text": text})
+
+
+def valid_unicode(text: str) -> str:
+    """``text`` with each lone surrogate (which UTF-8 cannot carry) as "?"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 # Told each piece of a reply's text as the model writes it (a streamed call).

@@ -164,7 +164,7 @@ class OpenAIProvider:
                 cast_to=ChatCompletion,
                 options={"headers": {AGENT_HEADER: agent}},
             )
-        except openai.APIError as exc:
+        except (openai.APIError, json.JSONDecodeError) as exc:  # or a JSON body cut short
             raise ProviderError.of("openai", agent, exc) from None
         return read_reply("openai", agent, _read, response)
 
@@ -193,6 +193,10 @@ class OpenAIProvider:
             response = state.current_completion_snapshot
         except Exception as exc:  # an error status, or a stream that broke off or was unreadable
             raise ProviderError.of("openai", agent, exc) from None
+        if not response.choices or response.choices[0].finish_reason is None:
+            # Ended cleanly, but before the reply did (a proxy's timeout, say): the SDK stops
+            # iterating without an error, and the text so far is not the reply.
+            raise ProviderError("openai", agent, "the stream ended before its finish_reason")
         return read_reply("openai", agent, _read, response)
 
     async def aclose(self) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from memory.long_term import MAX_CONTENT_CHARS, NewMemory
 from memory.service import LongTermMemory, extractive_summary
-from providers.model import ChatMessage, Provider, ToolSpec
+from providers.model import ChatMessage, Provider, ToolSpec, valid_unicode
 from serve_app.tools import Tool
 from stickyray.config import AgentConfig, AgentMemoryConfig
 from stickyray.turns import AgentRequest, CompressRequest, CompressResult, Usage
@@ -174,8 +174,7 @@ class AgentMemory:
             # stored), or a reply longer than a memory holds, must not stop every later
             # compression of this thread, each paying for a summary again.
             if response.stop not in ("refusal", "content_filter"):
-                text = response.text.encode("utf-8", "replace").decode("utf-8")
-                summary = text.replace("\x00", "").strip()
+                summary = valid_unicode(response.text).replace("\x00", "").strip()
         if not summary:
             summary = extractive_summary(request.messages)
         summary = _clip(summary, MAX_CONTENT_CHARS)

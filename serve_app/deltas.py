@@ -12,16 +12,18 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import redis.asyncio as aioredis
+
+from providers.model import valid_unicode
 
 __all__ = ["DELTAS_TTL_S", "DeltaWriter", "read_deltas", "sse"]
 
 log = logging.getLogger(__name__)
 
-# Longer than any turn: a reply nobody reads is gone by then.
+# Counted again from each write: a reply nobody reads is gone this long after its last text.
 DELTAS_TTL_S = 600
 # Entries kept per reply: a model's reply is far shorter than this many batches.
 _MAX_ENTRIES = 10_000
@@ -50,7 +52,7 @@ class DeltaWriter:
     async def write(self, step: int, text: str) -> None:
         """Queue ``text`` of model call ``step``; returns at once."""
         if not self._failed and text:
-            self._pending.append((step, text))
+            self._pending.append((step, valid_unicode(text)))
             self._wake.set()
 
     async def close(self) -> None:
@@ -60,7 +62,6 @@ class DeltaWriter:
         await self._task
 
     async def _drain(self) -> None:
-        expiring = False
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -75,10 +76,10 @@ class DeltaWriter:
                                 "text": text,
                             }
                             pipe.xadd(self._key, fields, maxlen=_MAX_ENTRIES, approximate=True)
-                        if not expiring:
-                            pipe.expire(self._key, DELTAS_TTL_S)
+                        # Every time: the reader may have deleted the stream (it left) and
+                        # this write made it again.
+                        pipe.expire(self._key, DELTAS_TTL_S)
                         await pipe.execute()
-                    expiring = True
                 except Exception as exc:
                     log.warning("reply text for %s not streamed: %s", self._key, exc)
                     self._failed = True
@@ -101,13 +102,16 @@ def _joined(batch: list[tuple[int, str]]) -> list[tuple[int, str]]:
 
 async def read_deltas(
     client: aioredis.Redis, key: str, turn: asyncio.Future[Any]
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     """The pieces added to ``key`` until ``turn`` is done, then the rest, then the key goes.
 
     Polls without blocking, so a reply being read holds no Redis connection between looks.
-    A Redis failure ends the pieces early; the turn still ends the stream.
+    A Redis failure ends the pieces early; the turn still ends the stream. A reader that
+    stops early (its caller went away) leaves the key to go when the turn is done, so a
+    retry of the message later does not read this delivery's text.
     """
     last = "0-0"
+    read_all = False
     try:
         while True:
             finished = turn.done()
@@ -117,14 +121,35 @@ async def read_deltas(
                     last = entry_id
                     yield _piece(fields)
             if finished and not found:
+                read_all = True
                 return
             if not found:
                 await asyncio.wait([turn], timeout=_POLL_S)
     except Exception as exc:  # Redis: the turn still answers
         log.warning("reply text of %s not read: %s", key, exc)
     finally:
-        with contextlib.suppress(Exception):
+        if read_all:
+            with contextlib.suppress(Exception):
+                await client.delete(key)
+        else:  # no await here: a reader cancelled with its request cannot wait
+            turn.add_done_callback(lambda _: _forget(client, key))
+
+
+_forgetting: set[asyncio.Task[Any]] = set()
+
+
+def _forget(client: aioredis.Redis, key: str) -> None:
+    """Delete ``key`` in the background (its TTL is the fallback if that fails)."""
+
+    async def delete() -> None:
+        try:
             await client.delete(key)
+        except Exception as exc:
+            log.info("reply text of %s left to expire: %s", key, exc)
+
+    task = asyncio.get_running_loop().create_task(delete())
+    _forgetting.add(task)
+    task.add_done_callback(_forgetting.discard)
 
 
 def _piece(fields: dict[Any, Any]) -> dict[str, Any]:
@@ -137,5 +162,6 @@ def _str(value: Any) -> str:
 
 
 def sse(event: str, data: Any) -> bytes:
-    """One server-sent event; JSON keeps ``data`` on one line."""
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+    """One server-sent event. JSON escaped to ASCII keeps ``data`` on one line for every
+    client: some split lines at U+2028 or U+0085 too, which JSON leaves raw otherwise."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()

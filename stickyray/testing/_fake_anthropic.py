@@ -185,8 +185,10 @@ def reply_stream(
     input_tokens: int,
     output_tokens: int,
     stop: StopReason | None = None,
+    complete: bool = True,
 ) -> Iterator[str]:
-    """SSE events from `message_start` to `message_stop`, as the Messages API streams them.
+    """SSE events from `message_start` to `message_stop`, as the Messages API streams them
+    (not ``complete``: ending before `message_delta`, which carries the stop reason).
 
     Text arrives word by word and tool input in small `input_json_delta` pieces, so client code
     that accumulates deltas is actually exercised.
@@ -219,6 +221,8 @@ def reply_stream(
                 {"type": "content_block_delta", "index": index, "delta": delta},
             )
         yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
+    if not complete:
+        return
     delta = {"stop_reason": _stop_reason(stop, tool_calls), "stop_sequence": None}
     usage = {"output_tokens": output_tokens}
     yield _event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})

@@ -214,8 +214,10 @@ def reply_stream(
     input_tokens: int,
     output_tokens: int,
     stop: StopReason | None = None,
+    complete: bool = True,
 ) -> Iterator[str]:
-    """SSE frames of `chat.completion.chunk` objects, ending with `data: [DONE]`.
+    """SSE frames of `chat.completion.chunk` objects, ending with `data: [DONE]` (not
+    ``complete``: ending before the chunk with the finish reason).
 
     Text arrives word by word and tool arguments in small pieces, so client code that
     accumulates deltas is actually exercised.
@@ -263,6 +265,8 @@ def reply_stream(
         for start in range(0, len(arguments), _ARGUMENT_PIECE):
             piece = arguments[start : start + _ARGUMENT_PIECE]
             yield chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+    if not complete:
+        return
     yield chunk({}, _finish_reason(stop, calls))
     if include_usage:
         yield _frame({**base, "choices": [], "usage": _usage(input_tokens, output_tokens)})

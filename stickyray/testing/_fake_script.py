@@ -82,6 +82,7 @@ class FakeReply:
     error_status: int | None = None
     error_message: str = ""
     stop: StopReason | None = None
+    broken_off: bool = False
 
     @classmethod
     def text(cls, content: str) -> FakeReply:
@@ -115,6 +116,14 @@ class FakeReply:
         return cls(content=text, calls=parsed)
 
     @classmethod
+    def broken_off_text(cls, content: str) -> FakeReply:
+        """A reply whose response ends cleanly before the reply does, as behind a proxy that
+        times out: streamed, its text comes but no finish (OpenAI's ``finish_reason`` and
+        ``[DONE]``, Anthropic's ``message_delta`` and ``message_stop``); unstreamed, its JSON
+        body stops halfway."""
+        return cls(content=content, broken_off=True)
+
+    @classmethod
     def error(cls, status: int, message: str) -> FakeReply:
         """An HTTP error in the calling API's error JSON shape."""
         if not 400 <= status <= 599:
@@ -133,6 +142,7 @@ class FakeReply:
             return f"error {self.error_status} {self.error_message!r}"
         names = [call.name for call in self.calls]
         stop = f" (stop: {self.stop})" if self.stop else ""
+        stop += " (broken off)" if self.broken_off else ""
         return f"text {self.content[:40]!r}" + (f" + tool calls {names}" if names else "") + stop
 
 
@@ -227,6 +237,7 @@ class _Wire(Protocol):
         input_tokens: int,
         output_tokens: int,
         stop: StopReason | None = None,
+        complete: bool = True,
     ) -> Iterator[str]: ...
 
 

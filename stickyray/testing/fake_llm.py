@@ -344,11 +344,14 @@ class FakeLLMServer:
             "stop": reply.stop,
         }
         if fake_request.stream:
-            frames = _aiter(wire.reply_stream(body, **shape))
-            return StreamingResponse(frames, media_type="text/event-stream")
+            stream = wire.reply_stream(body, **shape, complete=not reply.broken_off)
+            return StreamingResponse(_aiter(stream), media_type="text/event-stream")
         # Escaped to ASCII, as the streamed frames are: a reply may then carry what UTF-8
         # cannot (a lone surrogate), as a real server's JSON escapes can.
-        return Response(json.dumps(wire.reply_body(**shape)), media_type="application/json")
+        text = json.dumps(wire.reply_body(**shape))
+        if reply.broken_off:
+            text = text[: len(text) // 2]
+        return Response(text, media_type="application/json")
 
     def _record(self, fake_request: FakeRequest) -> None:
         with self._lock:

@@ -19,7 +19,7 @@ from providers.anthropic_provider import AnthropicProvider
 from providers.model import ChatMessage, ModelResponse, ToolSpec
 from providers.openai_provider import OpenAIProvider
 from serve_app.agent import Agent
-from serve_app.deltas import DELTAS_TTL_S, DeltaWriter, read_deltas
+from serve_app.deltas import DELTAS_TTL_S, DeltaWriter, read_deltas, sse
 from serve_app.deployments import AgentDeployment
 from serve_app.tools import resolve_tools
 from stickyray.config import TeamConfig
@@ -121,6 +121,38 @@ async def test_a_streamed_call_that_fails_is_a_provider_error(
         await call(provider, [])
 
 
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "unstreamed"])
+async def test_a_reply_that_breaks_off_cleanly_is_a_provider_error_not_a_reply(
+    streamed: bool, provider: Provider, fake_llm: FakeLLMServer
+) -> None:
+    """The response ends without an error, before the reply does: the text so far is not
+    the reply (the SDKs stop iterating a stream without complaint)."""
+    fake_llm.on(agent="bookings", reply=FakeReply.broken_off_text("Your refund of $120 was"))
+    pieces: list[str] = []
+    with pytest.raises(ProviderError):
+        await call(provider, pieces if streamed else None)
+    if streamed:
+        assert "".join(pieces) == "Your refund of $120 was"  # told, then failed
+
+
+async def test_a_lone_surrogate_in_a_reply_is_a_question_mark(
+    provider: Provider, fake_llm: FakeLLMServer
+) -> None:
+    """A JSON escape a server may send that UTF-8 cannot carry: the turn could not be
+    stored or sent with it."""
+    fake_llm.on(agent="bookings", reply=FakeReply.text("Here you go \ud83d and more."))
+    pieces: list[str] = []
+    for response in (await call(provider, None), await call(provider, pieces)):
+        assert response.text == "Here you go ? and more."
+    assert "\ud83d" in "".join(pieces)  # as told; the writer of deltas makes it "?" too
+
+
+def test_an_event_stays_on_one_line_for_every_client() -> None:
+    frame = sse("delta", {"text": "a\u2028b\x85c\ud83d\nd"})
+    lines = frame.decode("ascii").splitlines()  # splits at U+2028 and U+0085 too
+    assert lines == ["event: delta", 'data: {"text": "a\\u2028b\\u0085c\\ud83d\\nd"}', ""]
+
+
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = connect_redis(redis_url)
@@ -153,6 +185,28 @@ async def test_the_ingress_reads_the_text_until_the_turn_is_done(redis: aioredis
     await asyncio.wait_for(reading, 10)
     assert {(p["agent"], p["step"]) for p in read} == {("bookings", 1)}
     assert await redis.exists(key) == 0  # read: gone
+
+
+async def test_a_reader_that_leaves_early_leaves_nothing_behind(redis: aioredis.Redis) -> None:
+    """Its caller went away while the model still writes: the text goes when the turn is
+    done, not before (the writer would make it again, for a retry to read later)."""
+    key = f"stickyray:{{default/{uuid.uuid4().hex}}}:deltas:m1"
+    turn: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    writer = DeltaWriter(redis, key, "bookings")
+    await writer.write(1, "Booked ")
+    reading = read_deltas(redis, key, turn)
+    assert (await anext(reading))["text"] == "Booked "
+    await reading.aclose()  # as when the request is cancelled
+    await writer.write(1, "a table \ud83d.")
+    await writer.close()
+    assert 0 < await redis.ttl(key) <= DELTAS_TTL_S  # written after the reader left: expires
+    entries: Any = await redis.xrange(key)
+    assert entries[-1][1][b"text"] == b"a table ?."
+    turn.set_result("done")
+    deadline = time.monotonic() + 10
+    while await redis.exists(key):
+        assert time.monotonic() < deadline, "the text outlived its turn"
+        await asyncio.sleep(0.01)
 
 
 async def test_text_written_just_before_the_turn_ends_is_still_read(redis: aioredis.Redis) -> None:

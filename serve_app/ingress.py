@@ -106,6 +106,7 @@ class ChatIn(MessageIn):
 
     stream: bool = Field(
         default=False,
+        strict=True,  # only true or false: "no" or 1 is a client's mistake, not a choice
         description="Answer with server-sent events: the reply's text as the model writes "
         "it (`delta`), then the turn (`turn`) or an `error`.",
     )

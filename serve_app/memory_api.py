@@ -40,7 +40,8 @@ class MemoryIn(BaseModel):
 
     content: StorableText = Field(min_length=1, max_length=MAX_CONTENT_CHARS)
     kind: Literal["episodic", "semantic"] = "semantic"
-    importance: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Strict: JSON's true is no number, nor is "0.5" (an integer is).
+    importance: float = Field(default=0.5, ge=0.0, le=1.0, strict=True)
     agent: str | None = Field(default=None, pattern=AGENT_NAME_PATTERN)
     metadata: Annotated[dict[str, Any], AfterValidator(storable_json)] = Field(default_factory=dict)
 

@@ -181,6 +181,10 @@ def test_memory_outages_and_bad_fields(replica: types.SimpleNamespace) -> None:
     assert blank.status_code == 422 and "body.content" in blank.json()["error"]
     agent = client.post(users, json={"content": "x", "agent": "a\x00b"})
     assert agent.status_code == 422 and "body.agent" in agent.json()["error"]
+    for importance in (True, "0.5"):  # a number is what JSON writes as one
+        odd = client.post(users, json={"content": "x", "importance": importance})
+        assert odd.status_code == 422 and "body.importance" in odd.json()["error"]
+    assert client.post(users, json={"content": "tea", "importance": 1}).status_code == 201
     # Nested past what a response carries back: refused, not stored to break every search.
     deep: Any = "x"
     for _ in range(300):

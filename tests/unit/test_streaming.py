@@ -327,5 +327,6 @@ def test_a_streamed_message_answers_its_text_then_its_turn(
         ("error", {"status": 503, "error": "redis is unavailable; the message was not processed"})
     ]
     # Bad input is refused before any event.
-    bad = replica.client.post(url, json={"text": "x", "stream": "maybe"})
-    assert bad.status_code == 422 and "body.stream" in bad.json()["error"]
+    for stream in ("maybe", "true", 1):  # only JSON's true and false
+        bad = replica.client.post(url, json={"text": "x", "stream": stream})
+        assert bad.status_code == 422 and "body.stream" in bad.json()["error"]

@@ -196,6 +196,8 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
         cause = exc.__cause__
         why = f" ({type(cause).__name__})" if cause is not None else ""
         exc = StarletteHTTPException(422, f"body: not valid JSON{why}")
+    elif exc.status_code in (404, 405) and exc.detail in (_NO_ROUTE, _NO_METHOD):
+        exc = StarletteHTTPException(exc.status_code, _unrouted(request, exc), exc.headers)
     return JSONResponse(
         status_code=exc.status_code,
         content={"error": exc.detail, "detail": exc.detail},
@@ -204,6 +206,22 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
 
 
 _UNPARSED = "There was an error parsing the body"
+# Starlette's answers when no route matches a path, or none takes its method.
+_NO_ROUTE, _NO_METHOD = "Not Found", "Method Not Allowed"
+
+
+def _unrouted(request: Request, exc: StarletteHTTPException) -> str:
+    """What to fix in a request no route took: the path, or the method."""
+    path = _route_path(request.scope)
+    if exc.status_code == 405:
+        headers = exc.headers or {}
+        allowed = next((v for k, v in headers.items() if k.lower() == "allow"), "")
+        return f"{request.method} {path}: method not allowed here (allowed: {allowed}); see /docs"
+    hint = ""
+    if path.startswith(("/v1/threads/", "/v1/users/")):
+        # A path segment ends at '/', escaped or not: "a%2Fb" is two segments.
+        hint = " (a thread or user id has no '/', not even as %2F)"
+    return f"{request.method} {path}: no such endpoint{hint}; see /docs"
 
 
 class _ErrorsAsJson:

@@ -130,6 +130,25 @@ def test_an_error_is_answered_once_and_logged_once(
     assert [r.exc_info[1] for r in caplog.records if r.exc_info] == [replica.instance._store.fail]
 
 
+def test_a_request_no_route_takes_says_what_to_fix(replica: types.SimpleNamespace) -> None:
+    client = replica.client
+    slashed = client.post("/v1/threads/team%2Falice/messages", json={"text": "hi"})
+    assert slashed.status_code == 404
+    assert slashed.json()["error"] == (
+        "POST /v1/threads/team/alice/messages: no such endpoint (a thread or user id has no "
+        "'/', not even as %2F); see /docs"
+    )
+    assert client.get("/v2/x").json()["error"] == "GET /v2/x: no such endpoint; see /docs"
+    wrong = client.delete("/v1/threads/alice/messages")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"] == (
+        "DELETE /v1/threads/alice/messages: method not allowed here (allowed: POST); see /docs"
+    )
+    # A route's own 404 keeps its message.
+    missing = client.get("/v1/threads/missing")
+    assert missing.status_code == 404 and missing.json()["error"] == "thread 'missing' not found"
+
+
 def test_a_failing_model_provider_is_a_503(replica: types.SimpleNamespace) -> None:
     replica.instance._directory.fail = ProviderError("openai", "triage", "RateLimitError: 429")
     response = replica.client.post("/v1/threads/alice/messages", json={"text": "hi"})

@@ -109,6 +109,12 @@ class _TelegramVenue(_Wire):
     address: str | None = None
 
 
+class _TelegramContact(_Wire):
+    phone_number: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+
+
 class _TelegramMessage(_Wire):
     message_id: _TelegramId
     chat: _TelegramChat
@@ -124,6 +130,8 @@ class _TelegramMessage(_Wire):
     # A place the user shared: a venue comes with its location too.
     location: _TelegramLocation | None = None
     venue: _TelegramVenue | None = None
+    # A phone contact the user shared (from their address book, or their own number).
+    contact: _TelegramContact | None = None
     # A message in a forum topic of a group: the topic is a conversation of its own.
     message_thread_id: _TelegramId | None = None
     is_topic_message: bool = False
@@ -170,6 +178,24 @@ class _WhatsAppLocation(_Wire):
     address: str | None = None
 
 
+class _WhatsAppName(_Wire):
+    formatted_name: str | None = None
+
+
+class _WhatsAppPhone(_Wire):
+    phone: str | None = None
+
+
+class _WhatsAppEmail(_Wire):
+    email: str | None = None
+
+
+class _WhatsAppContact(_Wire):
+    name: _WhatsAppName | None = None
+    phones: list[_WhatsAppPhone] = Field(default_factory=list)
+    emails: list[_WhatsAppEmail] = Field(default_factory=list)
+
+
 class _WhatsAppMessage(_Wire):
     sender: str = Field(alias="from", pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,63}$")
     id: str = Field(min_length=1)
@@ -181,6 +207,7 @@ class _WhatsAppMessage(_Wire):
     button: _WhatsAppButton | None = None
     interactive: _WhatsAppInteractive | None = None
     location: _WhatsAppLocation | None = None
+    contacts: list[_WhatsAppContact] | None = None
 
 
 class _WhatsAppMetadata(_Wire):
@@ -257,6 +284,18 @@ def _degrees(value: float) -> str:
     return "0" if text in ("-0", "") else text
 
 
+def _contact(name: str | None, *ways: str | None) -> str | None:
+    """What the agent reads of a contact card the user shared: its name, then its phones
+    and emails; None for a card with none of them."""
+    said = [w.strip() for w in (name, *ways) if w is not None and w.strip()]
+    return ", ".join(said) if said else None
+
+
+def _contacts(cards: list[str | None]) -> str | None:
+    read = [card for card in cards if card is not None]
+    return "[contact shared] " + "; ".join(read) if read else None
+
+
 def _chosen(choice: _WhatsAppChoice | None) -> str | None:
     """A tapped reply button or list row, read as if its title were typed (a row's
     description after it)."""
@@ -279,14 +318,25 @@ def _whatsapp_text(message: _WhatsAppMessage) -> str | None:
     if message.type == "location" and message.location is not None:
         at = message.location
         return _place(at.latitude, at.longitude, at.name, at.address)
+    if message.type == "contacts" and message.contacts is not None:
+        return _contacts(
+            [
+                _contact(
+                    card.name.formatted_name if card.name else None,
+                    *(p.phone for p in card.phones),
+                    *(e.email for e in card.emails),
+                )
+                for card in message.contacts
+            ]
+        )
     media = getattr(message, message.type, None)
     caption = media.caption if isinstance(media, _WhatsAppMedia) else None
     return _captioned(message.type, caption)
 
 
 def telegram_messages(update: TelegramUpdate, username: str | None = None) -> list[ChannelMessage]:
-    """The text message in ``update``, a captioned file's caption, or a shared place (none
-    for anything else, or for a command addressed to another bot than ``username``)."""
+    """The text message in ``update``, a captioned file's caption, a shared place or contact
+    (none for anything else, or for a command addressed to another bot than ``username``)."""
     message = update.message
     if message is None:
         return []
@@ -297,6 +347,10 @@ def telegram_messages(update: TelegramUpdate, username: str | None = None) -> li
         text = _place(venue.location.latitude, venue.location.longitude, venue.title, venue.address)
     elif message.location is not None:
         text = _place(message.location.latitude, message.location.longitude)
+    elif message.contact is not None:
+        card = message.contact
+        name = " ".join(n.strip() for n in (card.first_name, card.last_name) if n and n.strip())
+        text = _contacts([_contact(name, card.phone_number)])
     else:
         # An animation comes with a document too (the Bot API keeps both): it goes first.
         kinds = ("photo", "video", "animation", "audio", "document")

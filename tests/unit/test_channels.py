@@ -276,6 +276,35 @@ def test_a_shared_place_is_read_by_its_name_and_coordinates() -> None:
     ]
 
 
+def test_a_shared_contact_is_read_by_its_name_phones_and_emails() -> None:
+    card = update(None)
+    card["message"] = {k: v for k, v in card["message"].items() if k != "photo"} | {
+        "contact": {"phone_number": "+34600111222", "first_name": "Marta", "last_name": "Ruiz"}
+    }
+    (found,) = telegram_messages(TelegramUpdate.model_validate(card))
+    assert found.message.text == "[contact shared] Marta Ruiz, +34600111222"
+    card["message"]["contact"] = {"phone_number": "34600", "first_name": " "}
+    (found,) = telegram_messages(TelegramUpdate.model_validate(card))
+    assert found.message.text == "[contact shared] 34600"
+
+    def shared(wamid: str, *contacts: dict) -> dict:
+        return {"from": "34600111222", "id": wamid, "type": "contacts", "contacts": contacts}
+
+    marta = {
+        "name": {"formatted_name": "Marta Ruiz", "first_name": "Marta"},
+        "phones": [{"phone": "+34 600 111 222", "type": "CELL", "wa_id": "34600111222"}],
+        "emails": [{"email": "marta@example.com", "type": "WORK"}],
+    }
+    payload = wa_payload(
+        shared("wamid.1", marta, {"name": {"formatted_name": "Luis"}, "phones": [{"phone": "1"}]}),
+        shared("wamid.2", {"name": {"formatted_name": " "}}),  # nothing to read: not answered
+    )
+    parsed = whatsapp_messages(WhatsAppPayload.model_validate(payload))
+    assert [m.message.text for m in parsed] == [
+        "[contact shared] Marta Ruiz, +34 600 111 222, marta@example.com; Luis, 1"
+    ]
+
+
 def test_a_tapped_button_or_list_row_is_read_as_its_title() -> None:
     """Replies to the business's templates and interactive messages reach the agent."""
 

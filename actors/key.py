@@ -43,9 +43,13 @@ class ThreadKey:
         """A Redis key of this thread. The braces keep a thread's keys in one cluster slot."""
         return f"stickyray:{{{self.tenant}/{self.thread_id}}}:{suffix}"
 
-    def deltas_key(self, message_id: str) -> str:
-        """The Redis stream of the text of ``message_id``'s reply, as it is written."""
-        return self.redis_key(f"deltas:{message_id}")
+    def deltas_key(self, message_id: str, fingerprint: str) -> str:
+        """The Redis stream of the text of ``message_id``'s reply, as it is written.
+
+        The message's fingerprint is in the key: a different message sent with the same id
+        (refused) must not read this one's reply meanwhile.
+        """
+        return self.redis_key(f"deltas:{message_id}:{fingerprint}")
 
     def __str__(self) -> str:
         return f"{self.tenant}/{self.thread_id}"

@@ -10,9 +10,12 @@ slot of a Redis Cluster and every script declares all the keys it touches:
 - ``msgs``        hash: message id -> seq, or the TurnResult JSON once stored (a turn's or a
                   state-changing command's)
 - ``msgidx``      zset: message id scored by acceptance time, to expire ``msgs`` entries
-- ``msgfp``       hash: message id -> the fingerprint of the message it came with, so an id
-                  sent again with a different message is refused (none: written by a
-                  release before fingerprints, taken as the same message)
+- ``msgfp``       hash: message id -> "<acceptance time> <fingerprint>" of the message it
+                  came with, so an id sent again with a different message is refused. It
+                  counts only while ``msgidx`` holds the id at that time: a release before
+                  fingerprints neither writes nor deletes it, and its writes (an id accepted
+                  again after a reset or its expiry) leave a stale one, taken as none: the
+                  same message, as that release took it
 """
 
 from __future__ import annotations
@@ -86,12 +89,26 @@ def _seen(n: int, f: int) -> str:
 if ARGV[{n}] ~= '' then
   local seen = redis.call('HGET', KEYS[5], ARGV[{n}])
   if seen then
-    local fingerprint = redis.call('HGET', KEYS[7], ARGV[{n}])
-    if fingerprint and fingerprint ~= '' and ARGV[{f}] ~= '' and fingerprint ~= ARGV[{f}] then
-      return {{'reused'}}
+    local stamped = redis.call('HGET', KEYS[7], ARGV[{n}])
+    if stamped and ARGV[{f}] ~= '' then
+      local at, fingerprint = string.match(stamped, '^(%S+) (%x+)$')
+      local score = redis.call('ZSCORE', KEYS[6], ARGV[{n}])
+      if fingerprint and score and tonumber(score) == tonumber(at)
+         and fingerprint ~= ARGV[{f}] then
+        return {{'reused'}}
+      end
     end
     return {{'seen', seen}}
   end
+end
+"""
+
+
+# The fingerprint ARGV[f] of message id ARGV[n], stamped with its acceptance time ARGV[t].
+def _stamp(n: int, t: int, f: int) -> str:
+    return f"""
+if ARGV[{f}] ~= '' then
+  redis.call('HSET', KEYS[7], ARGV[{n}], ARGV[{t}] .. ' ' .. ARGV[{f}])
 end
 """
 
@@ -115,8 +132,10 @@ end
 local seq = tonumber(redis.call('HGET', KEYS[2], 'turn') or '0') + 1
 redis.call('HSET', KEYS[3], 'seq', seq, 'message', ARGV[3], 'attempts', 1)
 redis.call('HSET', KEYS[5], ARGV[2], seq)
-redis.call('HSET', KEYS[7], ARGV[2], ARGV[7])
 redis.call('ZADD', KEYS[6], ARGV[4], ARGV[2])
+"""
+    + _stamp(2, 4, 7)
+    + """
 for i = 3, 7 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
 return {'accepted', seq}
 """
@@ -142,7 +161,9 @@ if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[5], ARGV[6], ARGV[7])
   if ARGV[8] == 'command' then
     redis.call('ZADD', KEYS[6], ARGV[9], ARGV[6])
-    if ARGV[10] ~= '' then redis.call('HSET', KEYS[7], ARGV[6], ARGV[10]) end
+"""
+    + _stamp(6, 9, 10)
+    + """
   else
     redis.call('HSET', KEYS[4], ARGV[3], ARGV[7])
     redis.call('DEL', KEYS[3])
@@ -166,7 +187,9 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[5], ARGV[5], ARGV[6])
   redis.call('ZADD', KEYS[6], ARGV[7], ARGV[5])
-  if ARGV[8] ~= '' then redis.call('HSET', KEYS[7], ARGV[5], ARGV[8]) end
+"""
+    + _stamp(5, 7, 8)
+    + """
   for i = 5, 7 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 end
 return {'ok'}

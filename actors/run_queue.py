@@ -426,7 +426,7 @@ class RunQueue:
             named = {_text(k): _text(v) for k, v in zip(fields[::2], fields[1::2], strict=True)}
             stored = named.get("fingerprint")
             # None: queued by a release before fingerprints, taken as the same message.
-            if stored is not None and stored != message.fingerprint:
+            if stored and stored != message.fingerprint:
                 raise MessageIdReused(str(key), message.message_id)
         return _record(key, message.message_id, fields), _text(status) == "queued"
 

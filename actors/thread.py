@@ -41,6 +41,7 @@ from stickyray.turns import (
     ThreadSnapshot,
     TurnResult,
     Usage,
+    fingerprint,
 )
 
 __all__ = ["MAX_TURN_ATTEMPTS", "AgentCaller", "Thread"]
@@ -255,20 +256,18 @@ class Thread:
             completed_at=self._clock(),
         )
         # A command that changes the thread is stored with its message id, so a retry gets the
-        # first answer back instead of, say, resetting the turns accepted in between.
+        # first answer back instead of, say, resetting the turns accepted in between. It is
+        # the same command however it was sent ("/RESET", by POST .../reset, by any user).
+        said = fingerprint(f"/{name}")
         stored: TurnResult | None = None
         if outcome.clear_buffer:
             checkpoint = Checkpoint(version=self._version + 1)
-            reset = self._store.reset(
-                self.key, self._epoch, checkpoint, result, fingerprint=message.fingerprint
-            )
+            reset = self._store.reset(self.key, self._epoch, checkpoint, result, fingerprint=said)
             stored = await self._guard(reset)
             if stored is None:
                 self._adopt_checkpoint(checkpoint)
         elif outcome.back_to_supervisor:
-            stored = await self._commit(
-                None, self._buffer.entries(), self._turns, result, message.fingerprint
-            )
+            stored = await self._commit(None, self._buffer.entries(), self._turns, result, said)
         return stored or result
 
     async def _run(self, message: InboundMessage, turn: int) -> TurnResult:
@@ -386,7 +385,11 @@ class Thread:
                 user_id=message.user_id,
                 buffer=self._buffer.entries(),
                 handoff_reason=reason,
-                stream_to=self.key.deltas_key(message.message_id) if message.stream else None,
+                stream_to=(
+                    self.key.deltas_key(message.message_id, message.fingerprint)
+                    if message.stream
+                    else None
+                ),
             )
             result = await self._agents(agent, request)
             usage[agent] = usage.get(agent, Usage()) + result.usage

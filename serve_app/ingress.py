@@ -514,7 +514,8 @@ class Ingress:
         turn.add_done_callback(self._turns.discard)
 
         async def events() -> AsyncIterator[bytes]:
-            async for piece in read_deltas(self._redis, key.deltas_key(message.message_id), turn):
+            deltas = key.deltas_key(message.message_id, message.fingerprint)
+            async for piece in read_deltas(self._redis, deltas, turn):
                 yield sse("delta", piece)
             try:
                 result = await asyncio.shield(turn)

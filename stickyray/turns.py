@@ -24,6 +24,7 @@ __all__ = [
     "ThreadSnapshot",
     "TurnResult",
     "Usage",
+    "fingerprint",
     "message_text",
 ]
 
@@ -97,8 +98,13 @@ class InboundMessage(_Record):
     def fingerprint(self) -> str:
         """What makes a message the same message when its id comes again: its text and
         user (not its channel, nor how the reply is read)."""
-        said = json.dumps([self.text, self.user_id], ensure_ascii=False)
-        return hashlib.sha256(said.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        return fingerprint(self.text, self.user_id)
+
+
+def fingerprint(text: str, user_id: str | None = None) -> str:
+    """A short hash of what was said and by whom (hex)."""
+    said = json.dumps([text, user_id], ensure_ascii=False)
+    return hashlib.sha256(said.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 class Handoff(_Record):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -223,6 +224,28 @@ async def test_redis_ids_from_before_fingerprints_are_taken_as_the_same_message(
             await client.aclose()
         again = await store.accept(key, epoch, msg("a", "another"))
         assert isinstance(again, TurnResult) and again.reply == "first"
+
+
+async def test_redis_fingerprints_a_release_before_them_outdated_do_not_count(
+    redis_url: str,
+) -> None:
+    """That release resets (or expires) ids without their fingerprints, then accepts an id
+    again at a new time: the fingerprint left from before is not that message's."""
+    key = fresh()
+    async with RedisThreadStore.from_url(redis_url, ttl_s=120) as store:
+        epoch = (await store.open(key)).epoch
+        await store.accept(key, epoch, msg("a", "A"))
+        await store.commit(key, epoch, ckpt(1, 1), done(key, "a", 1, reply="to A"))
+        with pytest.raises(MessageIdReused):
+            await store.accept(key, epoch, msg("a", "B"))
+        client = connect_redis(redis_url)
+        try:
+            # What that release's accept of "a" (now message B) leaves: a new time in msgidx.
+            await client.zadd(key.redis_key("msgidx"), {"a": time.time() + 0.5})
+        finally:
+            await client.aclose()
+        again = await store.accept(key, epoch, msg("a", "B"))
+        assert isinstance(again, TurnResult) and again.reply == "to A"  # no false refusal
 
 
 async def test_unreachable_redis_is_store_unavailable(tmp_path) -> None:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis as redis_sync
 import redis.asyncio as aioredis
 
 from actors.key import ThreadKey
@@ -23,7 +24,7 @@ from serve_app.deltas import DELTAS_TTL_S, DeltaWriter, read_deltas, sse
 from serve_app.deployments import AgentDeployment
 from serve_app.tools import resolve_tools
 from stickyray.config import TeamConfig
-from stickyray.errors import ProviderError, StoreUnavailable
+from stickyray.errors import MessageIdReused, ProviderError, StoreUnavailable
 from stickyray.settings import Settings
 from stickyray.testing import FakeLLMServer, FakeReply
 from stickyray.turns import AgentRequest, InboundMessage, TurnResult
@@ -295,10 +296,13 @@ def test_a_streamed_message_answers_its_text_then_its_turn(
 
     class Writing(type(instance._directory)):  # type: ignore[misc]
         async def send(self, key: ThreadKey, message: InboundMessage) -> TurnResult:
+            if self.fail is not None:  # refused before any agent runs
+                raise self.fail
             if message.stream:
                 if not portal_redis:
                     portal_redis.append(connect_redis(redis_url))
-                writer = DeltaWriter(portal_redis[0], key.deltas_key(message.message_id), "b")
+                deltas = key.deltas_key(message.message_id, message.fingerprint)
+                writer = DeltaWriter(portal_redis[0], deltas, "b")
                 for word in ("All ", "booked."):
                     await writer.write(1, word)
                 await writer.close()
@@ -326,6 +330,22 @@ def test_a_streamed_message_answers_its_text_then_its_turn(
     assert failed == [
         ("error", {"status": 503, "error": "redis is unavailable; the message was not processed"})
     ]
+    # A different message sent with an id in use reads nothing of that one's reply.
+    in_use = InboundMessage(text="book a table", message_id="m9")
+    writing = redis_sync.Redis.from_url(redis_url)
+    try:
+        deltas = ThreadKey.of(thread).deltas_key("m9", in_use.fingerprint)
+        writing.xadd(deltas, {"agent": "b", "step": 1, "text": "Your table is booked"})
+    finally:
+        writing.close()
+    instance._directory.fail = MessageIdReused(thread, "m9")
+    instance._redis = connect_redis(redis_url)  # each request runs in a loop of its own
+    reused = events_of(
+        replica.client.post(
+            url, json={"text": "cancel it", "message_id": "m9", "stream": True}
+        ).text
+    )
+    assert [(name, data["status"]) for name, data in reused] == [("error", 422)]
     # Bad input is refused before any event.
     for stream in ("maybe", "true", 1):  # only JSON's true and false
         bad = replica.client.post(url, json={"text": "x", "stream": stream})

@@ -198,6 +198,9 @@ async def test_a_message_id_reused_for_another_message_is_refused(team: TeamConf
         with pytest.raises(MessageIdReused):
             await thread.handle(reused)
     assert await thread.handle(msg("/supervisor", mid="c1")) == left
+    # A command is the same command however it is written, and whoever sends it.
+    again = InboundMessage(text="/SUPERVISOR now", message_id="c1", user_id="u2")
+    assert await thread.handle(again) == left
     assert (await thread.handle(msg("book two", mid="m2"))).turn == 2
     assert thread._epoch == epoch  # nothing to recover from: the thread was not reopened
     assert [t.message_id for t in await store.turns(KEY)] == ["m1", "m2"]
@@ -599,6 +602,6 @@ async def test_a_streamed_message_asks_every_agent_of_its_turn_to_stream(team: T
     streamed = msg("book a table", "m1").model_copy(update={"stream": True})
     await thread.handle(streamed)
     await thread.handle(msg("for two", "m2"))
-    key = KEY.deltas_key("m1")
+    key = KEY.deltas_key("m1", streamed.fingerprint)
     assert seen == [("triage", key), ("bookings", key), ("bookings", None)]
-    assert key == "stickyray:{default/t}:deltas:m1"
+    assert key == f"stickyray:{{default/t}}:deltas:m1:{streamed.fingerprint}"

@@ -51,7 +51,8 @@ class Turn(BaseModel):
         """The agents the turn is scored against; none for a command, which is not routed."""
         if parse_command(self.user) is not None:
             return []
-        return [service.lower() for service in self.services]
+        # Once each: a label written twice is still one agent to have answered.
+        return list(dict.fromkeys(service.lower() for service in self.services))
 
     @field_validator("user")
     @classmethod

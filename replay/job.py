@@ -231,8 +231,12 @@ def check_inputs(
                 "the report's baselines route with the local embedding model: "
                 f"{LocalEmbedder.INSTALL_HINT}"
             )
-    check_tools(team)
-    read, skipped = load_dialogues(dialogues, limit, team.threads.max_message_bytes)
+        # A tool's module may exist only on the cluster: the job resolves it there.
+        check_tools(team)
+    try:
+        read, skipped = load_dialogues(dialogues, limit, team.threads.max_message_bytes)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the dialogues file {dialogues}: {exc.strerror}") from None
     if not read:
         why = (
             f"all {len(skipped)} lines were skipped; the first, line {skipped[0].line}: "
@@ -243,6 +247,9 @@ def check_inputs(
         raise ConfigError(f"{dialogues}: no dialogue to replay ({why})")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        # An existing folder may still refuse files: find out now, not after the replay.
+        with tempfile.TemporaryFile(dir=out):
+            pass
     except OSError as exc:
         raise ConfigError(f"--out {out} cannot be a report folder: {exc}") from None
     return ReplayInputs(team, read, skipped)

@@ -133,7 +133,7 @@ def submit_replay(
     try:
         try:
             client = JobSubmissionClient(_dashboard(address))
-        except (ConnectionError, RuntimeError) as exc:
+        except (OSError, RuntimeError, ValueError) as exc:  # requests' errors are OSErrors
             print(
                 f"stickyray: cannot reach the Ray Jobs API at {address}: {exc}. "
                 "--address takes the dashboard's address (http://HEAD:8265) of a running cluster",

@@ -7,12 +7,13 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from memory.embedders import LocalEmbedder
 from replay.baselines import baselines
-from replay.dataset import Dialogue, load_dialogues, load_team, team_from_agents
+from replay.dataset import Dialogue, Turn, load_dialogues, load_team, team_from_agents
 from replay.job import REFUSED_LINE, REPORT_LINE, TurnRecord, _record, check_inputs
 from replay.report import pack_report, summarize, unpack_report, write_report
 from replay.submit import _LogPrinter, _stage, submit_replay
@@ -123,6 +124,42 @@ def test_inputs_are_checked_before_anything_runs(tmp_path: Path) -> None:
     assert inputs.team.specialists[0].name == "hotels_1"
     assert [d.dialogue_id for d in inputs.dialogues] == ["a"] and inputs.skipped == []
     assert out.is_dir()
+
+
+def test_files_and_folders_that_refuse_access_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dialogues = write_lines(tmp_path / "d.jsonl", b'{"dialogue_id": "a", "turns": [{"user": "x"}]}')
+    agents = tmp_path / "agents.json"
+    agents.write_text('[{"name": "Hotels_1"}]')
+    # An existing folder that takes no files fails now, not after the whole replay.
+    with pytest.raises(ConfigError, match="--out /proc cannot be a report folder"):
+        check_inputs(dialogues, agents, Path("/proc"), 4, None)
+    opened = Path.open
+
+    def locked(path: Path, *args: Any, **kwargs: Any) -> Any:
+        if path == dialogues:
+            raise PermissionError(13, "Permission denied", str(path))
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", locked)
+    with pytest.raises(ConfigError, match=r"cannot read the dialogues file .*: Permission denied"):
+        check_inputs(dialogues, agents, tmp_path / "out", 4, None)
+
+
+def test_tool_modules_are_resolved_where_the_job_runs(tmp_path: Path) -> None:
+    dialogues = write_lines(tmp_path / "d.jsonl", b'{"dialogue_id": "a", "turns": [{"user": "x"}]}')
+    agents = tmp_path / "agents.yaml"
+    agents.write_text(
+        "supervisor: {name: triage, description: Routes}\n"
+        "specialists: [{name: billing, description: Invoices,"
+        " tools: ['cluster_only_tools:lookup_invoice']}]\n"
+    )
+    # Here, where the job runs, the module is missing: that stops the replay ...
+    with pytest.raises(ConfigError, match="cannot import 'cluster_only_tools'"):
+        check_inputs(dialogues, agents, tmp_path / "out", 4, None)
+    # ... but a job for another cluster resolves it there, with the cluster's packages.
+    assert check_inputs(dialogues, agents, tmp_path / "out", 4, None, environment=False)
 
 
 def test_nothing_to_replay_stops_before_anything_runs(
@@ -243,6 +280,18 @@ def test_a_confusion_is_charged_to_every_service_the_turn_addressed() -> None:
     }
 
 
+def test_a_label_written_twice_counts_once() -> None:
+    turn = Turn(user="a room in Paris", services=["Hotels_1", "hotels_1", "HOTELS_1"])
+    assert turn.labels == ["hotels_1"]
+    dialogue = Dialogue(dialogue_id="d", turns=[turn, Turn(user="x", services=["Foo_1", "foo_1"])])
+    body = {"agent": "travel_1", "reply": "...", "command": None}
+    records = [_record(dialogue, i, body, 0.01, "triage") for i in range(2)]
+    team = team_from_agents(AGENTS, Path("agents.json"))
+    routing = summarize(team, [dialogue], records, [], 1.0)["routing"]
+    assert routing["confusion"]["hotels_1"] == {"most_frequent_wrong": "travel_1", "count": 1}
+    assert routing["unknown_labels"] == {"foo_1": 1}
+
+
 def test_labels_that_name_no_agent_are_reported(tmp_path: Path) -> None:
     team = team_from_agents(AGENTS, Path("agents.json"))
     records = [record(["hotel"], "hotels_1"), record(["hotel", "hotels_1"], "hotels_1")]
@@ -361,6 +410,10 @@ def test_an_unreachable_cluster_is_a_message_not_a_traceback(tmp_path: Path, cap
     code = submit_replay(dialogues, agents, tmp_path / "out", address=f"http://127.0.0.1:{port}")
     assert code == 2
     assert "cannot reach the Ray Jobs API" in capsys.readouterr().err
+    # Nor is an address that is not one: the message names it, the command exits with 2.
+    for address in ["http://127.0.0.1:99999", "http://[::1"]:
+        assert submit_replay(dialogues, agents, tmp_path / "out", address=address) == 2
+        assert f"cannot reach the Ray Jobs API at {address}" in capsys.readouterr().err
 
 
 def test_inputs_are_staged_under_names_that_keep_their_format(tmp_path: Path) -> None:

@@ -89,9 +89,6 @@ DEFAULT_EF_SEARCH = 200
 # the final order is by combined score, so the k best by score must be among them.
 _OVERSAMPLE = 4
 _MIN_CANDIDATES = 40
-# The exact pass for rows that recency and importance could lift into the k best reads at
-# most this many (the most similar first).
-_MAX_EXACT = 2000
 
 # A search's hits count as accesses. An UPDATE by `id = ANY(...)` alone locks rows in the
 # order of its plan (uuid order by the primary key for a few ids, physical order by a bitmap
@@ -395,24 +392,9 @@ class PostgresMemoryStore:
             now = self._clock()
             scored = self._score(tenant, user_id, rows, now, weights)
             hits = rank(scored, k)
-            if len(rows) == wanted and len(hits) == k and weights.similarity > 0:
-                # Rows beyond the candidates are less similar, but recency and importance can
-                # add up to w_r + w_i: one of them still beats the k-th hit if its similarity
-                # reaches (score_k - w_r - w_i) / w_s. Those rows are fetched exactly, so the
-                # result is the k best by score, as the in-memory reference computes it.
-                reach = (hits[-1].score - weights.recency - weights.importance) / weights.similarity
-                farthest = min(similarity for _, _, similarity in scored)
-                if reach < farthest:
-                    exact = [*args[:3], _MAX_EXACT, *args[4:], 1.0 - reach]
-                    more = await conn.fetch(
-                        f"{select} AND (embedding <=> $3) <= ${len(exact)}"
-                        " ORDER BY (embedding <=> $3) + 0 LIMIT $4",
-                        *exact,
-                    )
-                    seen = {record.id for _, record, _ in scored}
-                    extra = [row for row in more if row["id"] not in seen]
-                    scored += self._score(tenant, user_id, extra, now, weights)
-                    hits = rank(scored, k)
+            if len(rows) == wanted and len(hits) == k:
+                query = (where, args)
+                hits = await self._exact_pass(conn, tenant, user_id, scored, query, now, k, weights)
             ids = [uuid.UUID(hit.memory.id) for hit in hits]
             touched = await conn.fetch(_TOUCH, tenant, user_id, ids, now)
             fresh = {
@@ -437,6 +419,59 @@ class PostgresMemoryStore:
             for hit in hits
             if hit.memory.id in kept
         ]
+
+    async def _exact_pass(
+        self,
+        conn: asyncpg.Connection,
+        tenant: str,
+        user_id: str,
+        scored: list[tuple[float, MemoryRecord, float]],
+        query: tuple[str, list[Any]],
+        now: datetime,
+        k: int,
+        weights: SearchWeights,
+    ) -> list[MemoryHit]:
+        """The k best by score among every matching row, given the index's candidates.
+
+        Rows beyond the candidates are less similar, but recency and importance can add up
+        to w_r + w_i: one of them still beats the k-th hit if its similarity reaches
+        (score_k - w_r - w_i) / w_s, and any row can when w_s is 0. All such rows are
+        scored, reading only what the score needs; only the winners are then read whole.
+        """
+        where, args = query
+        hits = rank(scored, k)
+        exact = [*args[:3], None, *args[4:]]  # LIMIT NULL: every row in reach
+        light = (
+            "SELECT id::text AS id, kind, importance, created_at, embedding <=> $3 AS distance"
+            f" FROM memories WHERE {where}"
+        )
+        if weights.similarity > 0:
+            reach = (hits[-1].score - weights.recency - weights.importance) / weights.similarity
+            if reach >= min(similarity for _, _, similarity in scored):
+                return hits  # every row in reach is a candidate already
+            exact.append(1.0 - reach)
+            light += f" AND (embedding <=> $3) <= ${len(exact)}"
+        seen = {record.id for _, record, _ in scored}
+        best = [(score, record.id) for score, record, _ in scored]
+        for row in await conn.fetch(f"{light} LIMIT $4", *exact):
+            if row["id"] not in seen:
+                similarity = min(max(1.0 - float(row["distance"]), -1.0), 1.0)
+                importance = _real(row["importance"])
+                score = combined_score(
+                    similarity, importance, row["kind"], row["created_at"], now, weights
+                )
+                best.append((score, row["id"]))
+        best.sort(key=lambda pair: (-pair[0], pair[1]))
+        winners = [uuid.UUID(id_) for _, id_ in best[:k] if id_ not in seen]
+        if not winners:
+            return hits
+        whole = [*args[:3], None, *args[4:], winners]
+        rows = await conn.fetch(
+            f"SELECT {_SELECT}, embedding <=> $3 AS distance FROM memories WHERE {where}"
+            f" AND id = ANY(${len(whole)}::uuid[]) LIMIT $4",
+            *whole,
+        )
+        return rank(scored + self._score(tenant, user_id, rows, now, weights), k)
 
     def _score(
         self,

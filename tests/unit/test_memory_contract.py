@@ -165,6 +165,29 @@ async def test_the_k_best_are_by_score_not_only_by_similarity(store: Store, cloc
     assert contents(hits)[1:] == ["old chat 59", "old chat 58"]
 
 
+async def test_the_best_score_is_found_among_thousands_more_similar(store: Store) -> None:
+    tenant, user = scope()
+    # More close, unimportant chats than any pass over the most similar rows would read...
+    chats = [NewMemory(content=f"chat {i}", importance=0.0) for i in range(2100)]
+    await store.add(tenant, user, chats, stack([tilted(0.90, 1 + i % 300) for i in range(2100)]))
+    # ...and a fact a little less similar, which importance lifts above every one of them.
+    fact = [NewMemory(content="is vegetarian", kind="semantic", importance=1.0)]
+    await store.add(tenant, user, fact, stack([tilted(0.85, 350)]))
+    assert contents(await store.search(tenant, user, axis(0), k=1)) == ["is vegetarian"]
+
+
+async def test_similarity_weight_zero_ranks_by_the_other_weights(store: Store) -> None:
+    tenant, user = scope()
+    near = [NewMemory(content=f"near {i}", importance=0.0) for i in range(50)]
+    await store.add(tenant, user, near, stack([tilted(0.95, i + 1) for i in range(50)]))
+    far = [NewMemory(content=f"far {i}", importance=1.0) for i in range(3)]
+    await store.add(tenant, user, far, stack([tilted(0.10, 100 + i) for i in range(3)]))
+    weights = SearchWeights(similarity=0.0, recency=0.2, importance=1.0)
+    hits = await store.search(tenant, user, axis(0), k=3, weights=weights)
+    assert sorted(contents(hits)) == ["far 0", "far 1", "far 2"]
+    assert [h.similarity for h in hits] == pytest.approx([0.10] * 3, abs=1e-4)
+
+
 async def test_kind_filter_still_returns_k(store: Store) -> None:
     tenant, user = scope()
     # Sixty near semantic memories crowd the few far episodic ones out of any index pass.

@@ -45,6 +45,11 @@ def _compressed_id(request: CompressRequest) -> str:
     return str(uuid.uuid5(_COMPRESSED, name))
 
 
+def _storable(text: str) -> str:
+    """``text`` as a memory can hold it: no NUL, no lone surrogate."""
+    return valid_unicode(text).replace("\x00", "").strip()
+
+
 def _clip(text: str, limit: int) -> str:
     """``text`` if it fits in ``limit`` characters, else its start cut at a word and "..."."""
     if len(text) <= limit:
@@ -174,9 +179,10 @@ class AgentMemory:
             # stored), or a reply longer than a memory holds, must not stop every later
             # compression of this thread, each paying for a summary again.
             if response.stop not in ("refusal", "content_filter"):
-                summary = valid_unicode(response.text).replace("\x00", "").strip()
+                summary = _storable(response.text)
         if not summary:
-            summary = extractive_summary(request.messages)
+            # The messages themselves: a model's reply among them may hold a NUL too.
+            summary = _storable(extractive_summary(request.messages))
         summary = _clip(summary, MAX_CONTENT_CHARS)
         turns = sorted({e.turn for e in request.messages})
         metadata: dict[str, Any] = {
@@ -184,15 +190,15 @@ class AgentMemory:
             "thread": request.thread,
             "turns": [turns[0], turns[-1]],
         }
-        memory = NewMemory(
-            id=_compressed_id(request),
-            kind="episodic",
-            content=summary,
-            agent=None,
-            importance=0.5,
-            metadata=metadata,
-        )
         try:
+            memory = NewMemory(
+                id=_compressed_id(request),
+                kind="episodic",
+                content=summary,
+                agent=None,
+                importance=0.5,
+                metadata=metadata,
+            )
             record = await self._memory.remember(request.tenant, request.user_id, memory)
         except Exception as exc:
             if usage.requests:

@@ -111,6 +111,21 @@ async def test_no_usable_summary_keeps_the_messages_themselves(
     assert kept.startswith("Conversation excerpt") and "user: a table for two" in kept
 
 
+async def test_replies_no_memory_can_hold_are_kept_without_what_it_cannot(
+    fake_llm: FakeLLMServer, provider: OpenAIProvider, memory: LongTermMemory
+) -> None:
+    """No summary, so the messages themselves are kept, and a model's reply had a NUL."""
+    bookings = AgentMemory(load_config(None).agent("bookings"), memory)
+    fake_llm.on(agent="bookings", reply=FakeReply(stop="content_filter"))
+    said = BufferEntry(role="assistant", agent="bookings", text="Booked.\x00", turn=1)
+    messages = [*request("a table for two").messages, said]
+    compress = request().model_copy(update={"messages": messages})
+    result = await bookings.compress(compress, provider)
+    assert result.memory_id is not None
+    (kept,) = await contents(memory)
+    assert "bookings: Booked." in kept and "\x00" not in kept
+
+
 async def test_a_summary_that_cannot_be_stored_keeps_its_cost_for_the_replica(
     fake_llm: FakeLLMServer,
     provider: OpenAIProvider,

@@ -41,6 +41,7 @@ from stickyray.turns import (
     ThreadSnapshot,
     TurnResult,
     Usage,
+    anonymous_owner,
     fingerprint,
 )
 
@@ -328,7 +329,7 @@ class Thread:
             request = CompressRequest(
                 thread=str(self.key),
                 tenant=self.key.tenant,
-                user_id=user_id or f"thread:{self.key}",
+                user_id=user_id or anonymous_owner(str(self.key)),
                 messages=messages,
             )
             try:

@@ -12,7 +12,7 @@ from memory.service import LongTermMemory, extractive_summary
 from providers.model import ChatMessage, Provider, ToolSpec, valid_unicode
 from serve_app.tools import Tool
 from stickyray.config import AgentConfig, AgentMemoryConfig
-from stickyray.turns import AgentRequest, CompressRequest, CompressResult, Usage
+from stickyray.turns import AgentRequest, CompressRequest, CompressResult, Usage, anonymous_owner
 
 __all__ = ["AgentMemory", "SummaryNotStored", "memory_user"]
 
@@ -61,7 +61,7 @@ def _clip(text: str, limit: int) -> str:
 
 def memory_user(request: AgentRequest | CompressRequest) -> str:
     """Whose memories these are: the user, or the thread for anonymous conversations."""
-    return request.user_id or f"thread:{request.thread}"
+    return request.user_id or anonymous_owner(request.thread)
 
 
 class SummaryNotStored(Exception):

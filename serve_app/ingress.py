@@ -26,7 +26,8 @@ from serve_app.channels import CHANNEL_ID_PREFIXES, MAX_BODY, ChannelInbox
 from serve_app.channels import router as channels_router
 from serve_app.deltas import read_deltas, sse
 from serve_app.deployments import MEMORY_API_LABEL, open_memory
-from serve_app.memory_api import router as memory_router
+from serve_app.memory_api import thread_router as thread_memory_router
+from serve_app.memory_api import user_router as user_memory_router
 from stickyray.config import TeamConfig
 from stickyray.errors import (
     CheckpointConflict,
@@ -57,7 +58,8 @@ api = FastAPI(
     description="Sticky multi-agent assistant runtime: send messages to conversation threads.",
     version="0.1.0",
 )
-api.include_router(memory_router)
+api.include_router(user_memory_router)
+api.include_router(thread_memory_router)
 api.include_router(channels_router)
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "ThreadSnapshot",
     "TurnResult",
     "Usage",
+    "anonymous_owner",
     "fingerprint",
     "message_text",
 ]
@@ -139,6 +140,14 @@ class CompressRequest(_Record):
     tenant: str
     user_id: str
     messages: list[BufferEntry]
+
+
+def anonymous_owner(thread: str) -> str:
+    """Whose memories the messages of ``thread`` (tenant/thread_id) without a user_id make.
+
+    The thread's own; no user id holds a '/', so it is never a user's.
+    """
+    return f"thread:{thread}"
 
 
 class CompressResult(_Record):

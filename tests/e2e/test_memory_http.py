@@ -109,6 +109,28 @@ def test_memory_tools_write_memories(app: App, fake_llm: FakeLLMServer) -> None:
     assert set(MEMORY_TOOLS) <= tools  # the names start-up checks for clashes
 
 
+def test_an_anonymous_threads_memories_are_read_and_deleted_by_thread(
+    app: App, fake_llm: FakeLLMServer
+) -> None:
+    fake_llm.on(agent="triage", reply=FakeReply.tool_call("transfer_to_bookings", {"reason": "b"}))
+    fake_llm.on(agent="bookings", after_tool_result=True, reply=FakeReply.text("saved"))
+    fake_llm.on(
+        agent="bookings",
+        user_contains="vegan",
+        reply=FakeReply.tool_call("remember", {"content": "The guest is vegan"}),
+    )
+    thread = new_thread()
+    with app.client() as client:
+        reply = client.post(f"/v1/threads/{thread}/messages", json={"text": "book, I am vegan"})
+        assert reply.status_code == 200 and reply.json()["reply"] == "saved"
+        found = client.get(f"/v1/threads/{thread}/memories", params={"query": "vegan"}).json()
+        (hit,) = [h for h in found["memories"] if h["memory"]["content"] == "The guest is vegan"]
+        memory_id = hit["memory"]["id"]
+        assert client.delete(f"/v1/threads/{thread}/memories/{memory_id}").status_code == 204
+        again = client.get(f"/v1/threads/{thread}/memories", params={"query": "vegan"}).json()
+    assert all(h["memory"]["id"] != memory_id for h in again["memories"])
+
+
 def test_memory_api_validates_and_scopes(app: App, fake_llm: FakeLLMServer) -> None:
     who, other = user(), user()
     with app.client() as client:

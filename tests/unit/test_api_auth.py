@@ -32,6 +32,7 @@ def test_with_a_key_every_api_route_needs_it(keyed: types.SimpleNamespace) -> No
         ("POST", "/v1/threads/alice/reset", None),
         ("GET", "/v1/agents", None),
         ("GET", "/v1/users/alice/memories", None),
+        ("GET", "/v1/threads/alice/memories", None),
     ]:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
             response = client.request(method, path, json=body, headers=headers)

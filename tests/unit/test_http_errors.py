@@ -23,7 +23,7 @@ from memory.in_memory import InMemoryMemoryStore
 from memory.service import LongTermMemory
 from stickyray.config import RunsConfig, load_config
 from stickyray.errors import ConfigError, MessageIdReused, ProviderError
-from stickyray.turns import InboundMessage, TurnResult
+from stickyray.turns import InboundMessage, TurnResult, anonymous_owner
 
 
 class Store:
@@ -230,6 +230,30 @@ def test_memory_outages_and_bad_fields(replica: types.SimpleNamespace) -> None:
     for response in (client.get(f"{users}?query=tea"), client.post(users, json={"content": "x"})):
         assert response.status_code == 503
         assert response.json()["error"].startswith("the embedding model is unavailable")
+
+
+def test_an_anonymous_threads_memories_are_the_threads_own(
+    replica: types.SimpleNamespace,
+) -> None:
+    """A thread whose messages carry no user_id keeps memories its API reads and deletes."""
+    client = replica.client
+    thread = "/v1/threads/t-anon"
+    stored = client.post(f"{thread}/memories", json={"content": "likes green tea"})
+    assert stored.status_code == 201, stored.text
+    found = client.get(f"{thread}/memories?query=tea").json()
+    # The owner the thread's turns write to when a message has no user_id.
+    assert found["user_id"] == anonymous_owner("default/t-anon")
+    assert [h["memory"]["content"] for h in found["memories"]] == ["likes green tea"]
+    # Not a user's: a user with the thread's id has none of them.
+    assert client.get("/v1/users/t-anon/memories?query=tea").json()["memories"] == []
+    assert client.put(f"{thread}/core/profile", json={"value": "calm"}).status_code == 200
+    assert client.get(f"{thread}/core/profile").json()["value"] == "calm"
+    assert client.delete(f"{thread}/core/profile").status_code == 204
+    assert client.delete(f"{thread}/memories/{stored.json()['id']}").status_code == 204
+    gone = client.delete(f"{thread}/memories/{stored.json()['id']}")
+    assert gone.status_code == 404 and gone.json()["error"].startswith("thread 't-anon' has no")
+    bad = client.get("/v1/threads/no spaces/memories?query=tea")
+    assert bad.status_code == 422 and "path.thread_id" in bad.json()["error"]
 
 
 def test_a_core_block_over_the_users_maximum_is_a_409(replica: types.SimpleNamespace) -> None:

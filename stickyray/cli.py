@@ -27,12 +27,13 @@ def _serve(args: argparse.Namespace) -> int:
     from providers.factory import check_providers
     from serve_app.tools import check_tools
     from stickyray.config import load_config, sample_config_path
-    from stickyray.settings import load_settings
+    from stickyray.settings import check_ray_address, load_settings
     from stickyray.webhooks import check_webhooks
 
     # Everything that can be wrong in the user's files is checked before Ray starts.
     try:
         settings = load_settings()
+        check_ray_address(settings.ray_address)
         path = args.config or settings.config or sample_config_path()
         team = load_config(path)
         check_providers(team, settings)
@@ -341,9 +342,13 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     from stickyray.chat import run_chat
+    from stickyray.settings import ONE_WORD, ONE_WORD_RULE
 
     # The key is all this client reads from the environment: the rest is the server's.
     key = os.environ.get("STICKYRAY_API_KEY") or None
+    if key is not None and not ONE_WORD.fullmatch(key):
+        print(f"stickyray: STICKYRAY_API_KEY {ONE_WORD_RULE}", file=sys.stderr)
+        return 2
     return run_chat(args.url, args.thread, api_key=key)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -44,10 +44,13 @@ __all__ = [
 AGENT_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
 INTENT_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
 ProviderName = Literal["openai", "anthropic", "offline"]
+SLOT_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+SlotName = Annotated[str, Field(pattern=SLOT_NAME_PATTERN)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or nan: `.inf` is valid YAML, and an infinite timeout breaks what computes with it.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class AutoscalingConfig(_Strict):
@@ -92,8 +95,19 @@ class IntentConfig(_Strict):
 
     name: str = Field(pattern=INTENT_NAME_PATTERN)
     description: str = ""
-    required_slots: list[str] = Field(default_factory=list)
-    optional_slots: list[str] = Field(default_factory=list)
+    required_slots: list[SlotName] = Field(default_factory=list)
+    optional_slots: list[SlotName] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _slots_once(self) -> IntentConfig:
+        # They become one JSON schema's properties: a repeated one makes a schema that
+        # providers refuse on the first call.
+        seen: set[str] = set()
+        for slot in [*self.required_slots, *self.optional_slots]:
+            if slot in seen:
+                raise ValueError(f"slot {slot!r} is listed twice")
+            seen.add(slot)
+        return self
 
 
 class AgentConfig(_Strict):
@@ -337,6 +351,12 @@ class TeamConfig(_Strict):
             for target in agent.handoffs or []:
                 if target == agent.name:
                     raise ValueError(f"agent {agent.name!r} lists itself in handoffs")
+                if target == self.supervisor.name:
+                    raise ValueError(
+                        f"agent {agent.name!r} lists the supervisor {target!r} in handoffs: "
+                        "a specialist hands back with return_to_supervisor "
+                        "(can_return_to_supervisor), which needs no handoff"
+                    )
                 if target not in specialists:
                     raise ValueError(
                         f"agent {agent.name!r} hands off to unknown agent {target!r}; "
@@ -416,6 +436,27 @@ def _format_errors(path: Path, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping.
+
+    PyYAML keeps the last one: a second `specialists:` would drop the first list's agents
+    without a word.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor`: keys written next to it override the merged ones
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_config(data: Any, source: Path) -> TeamConfig:
     """Validate already-parsed YAML/JSON data; errors name ``source`` and the field."""
     if not isinstance(data, dict):
@@ -438,7 +479,9 @@ def load_config(path: Path | str | None = None) -> TeamConfig:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source}: not UTF-8 (byte {exc.start}): save it as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(f"{source}: the file is empty: it needs a supervisor and specialists")
     return parse_config(data, source)

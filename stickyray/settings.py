@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from stickyray.errors import ConfigError
 from stickyray.webhooks import check_secret
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["Settings", "check_ray_address", "load_settings"]
 
 
 class Settings(BaseSettings):
@@ -68,6 +68,8 @@ class Settings(BaseSettings):
 
     @field_validator(
         "api_key",
+        "openai_api_key",
+        "anthropic_api_key",
         "telegram_bot_token",
         "telegram_webhook_secret",
         "whatsapp_access_token",
@@ -78,8 +80,8 @@ class Settings(BaseSettings):
     def _one_word(cls, secret: SecretStr | None) -> SecretStr | None:
         # A trailing newline (a secret mounted from a file) would end up in an HTTP header,
         # whose error then quotes the secret.
-        if secret is not None and not re.fullmatch(r"[\x21-\x7e]+", secret.get_secret_value()):
-            raise ValueError("must be printable ASCII without spaces or line breaks")
+        if secret is not None and not ONE_WORD.fullmatch(secret.get_secret_value()):
+            raise ValueError(ONE_WORD_RULE)
         return secret
 
     @field_validator("webhook_secret")
@@ -128,12 +130,21 @@ class Settings(BaseSettings):
                 )
         return self
 
-    @field_validator("telegram_api_base", "whatsapp_api_base")
+    @field_validator(
+        "openai_base_url", "anthropic_base_url", "telegram_api_base", "whatsapp_api_base"
+    )
     @classmethod
     def _http_base(cls, url: str) -> str:
         # Anything else fails every reply only once the first one is sent.
         if not url.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        return url
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql:// or postgres://")
         return url
 
     @field_validator("redis_url")
@@ -145,6 +156,10 @@ class Settings(BaseSettings):
         return url
 
 
+# What an HTTP header carries of a secret: printable ASCII, one word.
+ONE_WORD = re.compile(r"[\x21-\x7e]+")
+ONE_WORD_RULE = "must be printable ASCII without spaces or line breaks"
+_RAY_ADDRESS = re.compile(r"auto|local|ray://\S+|(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}")
 _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD")
 
 
@@ -173,3 +188,17 @@ def load_settings() -> Settings:
             else:
                 problems.append(f"{name}: {message} (got {_shown(err.get('input'))!r})")
         raise ConfigError("bad environment setting: " + "; ".join(problems)) from None
+
+
+def check_ray_address(address: str | None) -> None:
+    """Raise ConfigError naming RAY_ADDRESS unless ``ray.init`` takes it.
+
+    Only where this process joins a cluster: `ray job submit` reads the same variable as
+    the dashboard's http:// address, so a shell may hold that form for other commands.
+    """
+    if address is not None and not _RAY_ADDRESS.fullmatch(address):
+        raise ConfigError(
+            f"bad environment setting: RAY_ADDRESS: must be auto, local, HOST:PORT of the head's "
+            f"GCS (e.g. 10.0.0.5:6379) or ray://HOST:10001 (got {address!r}); the dashboard's "
+            "http:// address is for `ray job submit` and `stickyray replay --address`"
+        )

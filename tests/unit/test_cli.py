@@ -71,6 +71,23 @@ def test_chat_refuses_a_thread_id_the_server_would(capsys: pytest.CaptureFixture
     assert "thread id 'alice#2'" in capsys.readouterr().err
 
 
+def test_serve_refuses_the_dashboards_address_as_ray_address(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray's job tools read RAY_ADDRESS as the dashboard's http:// address; ray.init cannot."""
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert cli(["serve"]) == 2
+    assert "RAY_ADDRESS: must be auto, local, HOST:PORT" in capsys.readouterr().err
+
+
+def test_chat_refuses_a_key_no_header_carries(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STICKYRAY_API_KEY", "cl\u00e9")
+    assert cli(["chat", "alice", "--url", "http://127.0.0.1:9"]) == 2
+    assert "STICKYRAY_API_KEY must be printable ASCII" in capsys.readouterr().err
+
+
 def test_stop_requests_during_start_up_wait_then_abort(capsys: pytest.CaptureFixture[str]) -> None:
     stop = StopRequests()
     stop.request()  # the first waits for the app to be up...

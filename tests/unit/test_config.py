@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from stickyray.config import ModelPrice, load_config, sample_config_path
+from stickyray.config import ModelPrice, TeamConfig, load_config, sample_config_path
 from stickyray.errors import ConfigError
-from stickyray.settings import load_settings
+from stickyray.settings import check_ray_address, load_settings
 from stickyray.turns import Usage
 from tests.e2e.teams import openai_team
+
+
+def load_config_text(text: str) -> TeamConfig:
+    with tempfile.TemporaryDirectory() as folder:
+        return load_config(write(Path(folder), text))
 
 
 def write(tmp_path: Path, data: object) -> Path:
@@ -51,6 +57,21 @@ def test_sample_config_loads() -> None:
         (lambda t: t["threads"].update(buffer_size=0), "threads.buffer_size"),
         (lambda t: t.update(specialists=[]), "specialists"),
         (lambda t: t.update(embedder={"num_replicas": 0}), "embedder.num_replicas"),
+        (lambda t: t["specialists"][0].update(handoffs=["triage"]), "lists the supervisor"),
+        (lambda t: t["threads"].update(idle_timeout_s=float("inf")), "finite number"),
+        (lambda t: t["supervisor"].update(tool_timeout_s=float("nan")), "finite number"),
+        (
+            lambda t: t["specialists"][0].update(
+                intents=[{"name": "Pay", "required_slots": ["date"], "optional_slots": ["date"]}]
+            ),
+            "specialists.0.intents.0: slot 'date' is listed twice",
+        ),
+        (
+            lambda t: t["specialists"][0].update(
+                intents=[{"name": "Pay", "required_slots": ["party size"]}]
+            ),
+            "specialists.0.intents.0.required_slots.0",
+        ),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path: Path, mutate, expected: str) -> None:
@@ -70,6 +91,34 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
         load_config(write(tmp_path, "supervisor: [unclosed"))
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(write(tmp_path, "- a list"))
+    with pytest.raises(ConfigError, match="the file is empty"):
+        load_config(write(tmp_path, "# nothing yet\n"))
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one(tmp_path: Path) -> None:
+    """YAML keeps the last: the first list's agents would vanish without a word."""
+    team = (
+        "supervisor: {name: triage, description: Routes}\n"
+        "specialists: [{name: a, description: A}]\n"
+        "specialists: [{name: b, description: B}]\n"
+    )
+    with pytest.raises(ConfigError, match="key 'specialists' is given twice") as err:
+        load_config(write(tmp_path, team))
+    assert "line 3" in str(err.value)
+    # A merge key is no repetition: the keys written next to it override the merged ones.
+    merged = (
+        "supervisor: &base {name: triage, description: Routes}\n"
+        "specialists: [{<<: *base, name: a}]\n"
+    )
+    assert load_config(write(tmp_path, merged)).specialists[0].description == "Routes"
+
+
+def test_the_readmes_reference_agents_yaml_is_valid() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## Configuration: `agents.yaml`", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    team = load_config_text(example)
+    assert {s.name for s in team.specialists} == {"invoices", "bookings", "support"}
 
 
 def test_environment_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,14 +154,38 @@ def test_an_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("STICKYRAY_REDIS_APPENDFSYNC", "sometimes"), ("REDIS_URL", "localhost:6379")],
+    [
+        ("STICKYRAY_REDIS_APPENDFSYNC", "sometimes"),
+        ("REDIS_URL", "localhost:6379"),
+        ("DATABASE_URL", "localhost:5432/db"),
+        ("OPENAI_BASE_URL", "api.openai.com/v1"),
+        ("ANTHROPIC_BASE_URL", "ftp://example.com"),
+        ("OPENAI_API_KEY", "sk-from-a-file\n"),
+        ("ANTHROPIC_API_KEY", "sk-ant two words"),
+        ("STICKYRAY_API_KEY", "cl\u00e9"),  # no HTTP header carries it
+    ],
 )
 def test_bad_values_are_caught_before_anything_starts(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
 ) -> None:
     monkeypatch.setenv(name, value)
-    with pytest.raises(ConfigError, match=name):
+    with pytest.raises(ConfigError, match=name) as err:
         load_settings()
+    if name.endswith("_KEY"):  # a credential is never echoed
+        assert value.split()[0] not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "address", ["auto", "local", "10.0.0.5:6379", "head.internal:6379", "ray://head:10001"]
+)
+def test_ray_addresses_ray_init_takes_are_taken(address: str) -> None:
+    check_ray_address(address)
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:8265", "not an address", "head"])
+def test_a_ray_address_ray_init_refuses_is_named(address: str) -> None:
+    with pytest.raises(ConfigError, match="RAY_ADDRESS: must be auto, local, HOST:PORT"):
+        check_ray_address(address)
 
 
 def test_a_config_that_is_not_utf8_says_so(tmp_path: Path) -> None:

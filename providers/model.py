@@ -27,6 +27,7 @@ __all__ = [
     "ToolSpec",
     "read_reply",
     "valid_unicode",
+    "valid_unicode_json",
 ]
 
 
@@ -113,7 +114,19 @@ def read_reply(
             vendor, agent, f"unreadable response: {type(exc).__name__}: {exc}"
         ) from None
     text = valid_unicode(response.text)
-    return response if text == response.text else response.model_copy(update={"text": text})
+    # Tool calls too: their arguments go back to the model in the next request, and into
+    # tool results and handoff notes, which the SDK could not encode.
+    calls = [_valid_call(call) for call in response.tool_calls]
+    if text == response.text and calls == response.tool_calls:
+        return response
+    return response.model_copy(update={"text": text, "tool_calls": calls})
+
+
+def _valid_call(call: ToolCall) -> ToolCall:
+    name, arguments = valid_unicode(call.name), valid_unicode_json(call.arguments)
+    if name == call.name and arguments == call.arguments:
+        return call
+    return call.model_copy(update={"name": name, "arguments": arguments})
 
 
 def valid_unicode(text: str) -> str:
@@ -123,6 +136,17 @@ def valid_unicode(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", "replace").decode("utf-8")
     return text
+
+
+def valid_unicode_json(value: Any) -> Any:
+    """Parsed JSON with each string (keys too) made ``valid_unicode``."""
+    if isinstance(value, str):
+        return valid_unicode(value)
+    if isinstance(value, list):
+        return [valid_unicode_json(item) for item in value]
+    if isinstance(value, dict):
+        return {valid_unicode_json(key): valid_unicode_json(item) for key, item in value.items()}
+    return value
 
 
 # Told each piece of a reply's text as the model writes it (a streamed call).

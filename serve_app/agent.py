@@ -9,7 +9,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 
-from providers.model import ChatMessage, ModelResponse, Provider, ToolCall, ToolSpec
+from providers.model import ChatMessage, ModelResponse, Provider, ToolCall, ToolSpec, valid_unicode
 from providers.offline import HANDOFF_NOTE, RETURN_TOOL, TRANSFER_PREFIX
 from providers.routing import EvidenceRouter
 from serve_app.agent_memory import MEMORY_TOOLS, AgentMemory
@@ -263,7 +263,8 @@ class Agent:
                 f"error: the arguments of {call.name!r} were cut off or not a JSON object; "
                 "call it again with complete JSON arguments"
             )
-        return await tool.run(call.arguments, self.config.tool_timeout_s)
+        # What a tool returns goes to the model: a lone surrogate would fail the request.
+        return valid_unicode(await tool.run(call.arguments, self.config.tool_timeout_s))
 
 
 def _final_reply(agent: str, response: ModelResponse) -> tuple[str, str | None]:

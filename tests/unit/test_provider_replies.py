@@ -67,6 +67,30 @@ async def test_a_tool_call_the_token_limit_cut_off_does_not_run(
 
 
 @pytest.mark.parametrize("kind", KINDS)
+async def test_lone_surrogates_in_tool_calls_and_results_do_not_fail_the_turn(
+    kind: str, fake_llm: FakeLLMServer
+) -> None:
+    """A server may send one as a JSON escape; the next request could not encode it."""
+    noted: list[str] = []
+
+    def note(s: str) -> str:
+        noted.append(s)
+        return f"noted {s} and \udc00"
+
+    agent = bookings_agent(kind, fake_llm, [Tool("note", "Take a note", note)])
+    fake_llm.on(
+        agent="bookings",
+        after_tool_result=True,
+        reply=lambda r: FakeReply.text(f"tool said: {r.tool_results[-1]}"),
+    )
+    fake_llm.on(agent="bookings", reply=FakeReply.tool_call("note", {"s": "smile \ud83d"}))
+    result = await agent.run(request("note that I smiled"))
+    assert noted == ["smile ?"]
+    assert result.reply == "tool said: noted smile ? and ?"
+    assert result.usage.requests == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_refused_filtered_empty_and_cut_off_replies(
     kind: str, fake_llm: FakeLLMServer
 ) -> None:

@@ -74,17 +74,21 @@ def tool_choice(body: dict[str, Any]) -> str:
 
 
 def last_user_text(body: dict[str, Any]) -> str:
-    """Text of the last user message that has any text, ignoring tool_result blocks.
+    """Text of the last text block of a user turn, ignoring tool_result blocks.
 
     A user turn that only carries tool results is skipped, so after a tool round trip this is
     still what the person asked, the same as the OpenAI view (where results are role=tool).
+    Anthropic wants user and assistant turns to alternate, so consecutive user messages (one
+    left without a reply by a failed turn, then the new one) arrive as one turn, a text
+    block each: the last block is the last message, as OpenAI's last role=user is.
     """
     for message in reversed(_messages(body)):
         if message.get("role") != "user":
             continue
         blocks = _blocks(message.get("content"))
-        if any(block.get("type") == "text" for block in blocks):
-            return _text(blocks)
+        texts = [b.get("text") for b in blocks if b.get("type") == "text"]
+        if texts:
+            return texts[-1] if isinstance(texts[-1], str) else ""
     return ""
 
 

@@ -4,9 +4,10 @@ Point the real SDKs (or any process on the machine, e.g. Ray workers) at it, scr
 and assert on what your agents sent::
 
     with FakeLLMServer() as fake:
+        # Rules match in order: the user's text is still there after the tool round trip.
+        fake.on(agent="bookings", after_tool_result=True, reply="Found 3 flights.")
         fake.on(agent="bookings", user_contains="flight", reply=FakeReply.tool_call(
             "search_flights", {"to": "LIS"}))
-        fake.on(agent="bookings", after_tool_result=True, reply="Found 3 flights.")
         client = openai.OpenAI(base_url=fake.openai_base_url, api_key="test")
         ...
         assert fake.count(agent="bookings") == 2

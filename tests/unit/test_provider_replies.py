@@ -91,6 +91,44 @@ async def test_lone_surrogates_in_tool_calls_and_results_do_not_fail_the_turn(
 
 
 @pytest.mark.parametrize("kind", KINDS)
+async def test_the_fake_matches_the_newest_message_on_either_vendor(
+    kind: str, fake_llm: FakeLLMServer
+) -> None:
+    """A failed turn leaves a message without a reply: Anthropic gets both in one user turn."""
+    fake_llm.on(agent="bookings", user_contains="cancel", reply="Cancelling your booking.")
+    fake_llm.on(agent="bookings", reply="Hello! How can I help?")
+    messages = [
+        ChatMessage(role="user", content="cancel my booking"),
+        ChatMessage(role="user", content="hello"),
+    ]
+    response = await provider_for(kind, fake_llm).complete(
+        agent="bookings", model="m-test", messages=messages, tools=[], temperature=None
+    )
+    assert response.text == "Hello! How can I help?"
+    assert fake_llm.requests[-1].last_user_text == "hello"
+
+
+async def test_the_fake_llm_modules_example_runs_as_written(fake_llm: FakeLLMServer) -> None:
+    """Its module docstring: a tool call for a flight, then the answer from its result."""
+    fake_llm.on(agent="bookings", after_tool_result=True, reply="Found 3 flights.")
+    fake_llm.on(
+        agent="bookings",
+        user_contains="flight",
+        reply=FakeReply.tool_call("search_flights", {"to": "LIS"}),
+    )
+    searched: list[str] = []
+
+    def search_flights(to: str) -> str:
+        searched.append(to)
+        return "3 flights"
+
+    agent = bookings_agent("openai", fake_llm, [Tool("search_flights", "Search", search_flights)])
+    result = await agent.run(request("a flight to Lisbon"))
+    assert (result.reply, searched) == ("Found 3 flights.", ["LIS"])
+    assert fake_llm.count(agent="bookings") == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_refused_filtered_empty_and_cut_off_replies(
     kind: str, fake_llm: FakeLLMServer
 ) -> None:

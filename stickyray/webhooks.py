@@ -18,9 +18,11 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
+from urllib.parse import unquote_to_bytes
 
 import httpx
 
@@ -55,6 +57,10 @@ _DELIVERY_FIELDS = {"reply", "reply_error"}
 # slashes, backslashes, percent signs (encoded twice) and NULs, overlong UTF-8 (%c0, %c1)
 # and IIS's %u escapes, and ";" (Tomcat, Jetty and Spring read "/..;/" as "/../").
 _AMBIGUOUS = (b"%2e", b"%2f", b"%5c", b"%25", b"%00", b"%c0", b"%c1", b"%u", b"\\", b";")
+# A "%" that starts no escape is sent as it is, and a server that decodes twice reads
+# "%2%65" as "%2e" and then "."; escapes that decode to no UTF-8 (overlong forms of any
+# length, as "%e0%80%ae" for ".") are read as "." or "/" by lenient decoders.
+_BARE_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
 
 def _parse(url: str) -> tuple[httpx.URL, bytes]:
@@ -72,12 +78,25 @@ def _parse(url: str) -> tuple[httpx.URL, bytes]:
     if parsed.userinfo:
         raise ValueError("must not hold credentials (user:password@)")
     path = parsed.raw_path.split(b"?", 1)[0]
-    if any(part in path.lower() for part in _AMBIGUOUS):
+    if (
+        any(part in path.lower() for part in _AMBIGUOUS)
+        or _BARE_PERCENT.search(path)
+        or not _utf8(unquote_to_bytes(path))
+    ):
         raise ValueError(
-            "must not have encoded dots, slashes, backslashes, percent signs or NULs, overlong "
-            "or %u escapes, nor ';', in its path"
+            "must not have encoded dots, slashes, backslashes, percent signs or NULs, a '%' "
+            "that starts no escape, escapes that are not UTF-8 (overlong ones) or %u escapes, "
+            "nor ';', in its path"
         )
     return parsed, path
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def normalize_prefix(prefix: str) -> str:

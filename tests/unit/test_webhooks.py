@@ -66,6 +66,7 @@ def prefixes(*urls: str) -> list[str]:
         "https://hooks.example.com/stickyray/runs?token=abc",
         "https://HOOKS.example.com:443/stickyray/x",
         "http://127.0.0.1:9000/anything",
+        "https://hooks.example.com/stickyray/caf%C3%A9/%20x",  # escapes of valid UTF-8
     ],
 )
 def test_a_url_under_an_allowed_prefix_may_be_called(url: str) -> None:
@@ -84,6 +85,14 @@ def test_a_url_under_an_allowed_prefix_may_be_called(url: str) -> None:
         ("https://hooks.example.com/stickyray/a%00", "NULs"),
         ("https://hooks.example.com/stickyray/%c0%ae%c0%ae/admin", "overlong"),
         ("https://hooks.example.com/stickyray/%u002e%u002e/admin", "overlong"),
+        # Decoded twice, "%2%65" is "%2e", then ".": a '%' must start an escape.
+        ("https://hooks.example.com/stickyray/%2%65%2%65/admin", "starts no escape"),
+        ("https://hooks.example.com/stickyray/%%32%65%%32%65/admin", "starts no escape"),
+        ("https://hooks.example.com/stickyray/a%", "starts no escape"),
+        # Overlong UTF-8 of any length is no UTF-8 at all.
+        ("https://hooks.example.com/stickyray/%e0%80%ae%e0%80%ae/admin", "not UTF-8"),
+        ("https://hooks.example.com/stickyray/..%e0%80%afadmin", "not UTF-8"),
+        ("https://hooks.example.com/stickyray/%f0%80%80%ae%f0%80%80%ae/admin", "not UTF-8"),
         ("https://hooks.example.com/stickyray/x#", "fragment"),  # even an empty one
         ("https://hooks.example.com.evil.net/stickyray/", "not under"),
         ("http://hooks.example.com/stickyray/", "not under"),  # another scheme

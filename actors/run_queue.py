@@ -91,7 +91,8 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
   end
   redis.call('HSET', KEYS[2], 'status', 'queued', 'created_at', ARGV[4], 'attempts', 0,
              'entry', entry, 'fingerprint', ARGV[7])
-  -- By the entry's id (Redis's clock, then its sequence): the order the runs will run in.
+  -- By the entry's id (Redis's clock, then its sequence): the order the runs will run in
+  -- (_position in Python).
   local ms, seq = string.match(entry, '^(%d+)-(%d+)$')
   redis.call('ZADD', KEYS[3], tonumber(ms) * 1000 + math.min(tonumber(seq), 999), ARGV[2])
   return {'queued', redis.call('HGETALL', KEYS[2])}
@@ -330,6 +331,12 @@ class OutboundReply:
     stream: str
 
 
+def _position(entry: str) -> int:
+    """A run's place in its thread's open index, from its stream entry id (as _SUBMIT)."""
+    ms, seq = entry.split("-")
+    return int(ms) * 1000 + min(int(seq), 999)
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -452,13 +459,23 @@ class RunQueue:
             return None, False
         return _record(key, message_id, fields), _text(outcome) == "cancelled"
 
-    async def open_runs(self, key: ThreadKey, limit: int) -> list[RunRecord]:
+    async def open_runs(
+        self, key: ThreadKey, limit: int, after: str | None = None
+    ) -> list[RunRecord] | None:
         """The thread's runs not finished (queued or running), in queue order, at most
-        ``limit``."""
+        ``limit``, from the one queued after run ``after`` (None: ``after`` names no run of
+        the thread, or one whose record expired)."""
         with redis_outages():
+            start = "-inf"
+            if after is not None:
+                entry = await self._client.hget(self._record_key(key, after), "entry")
+                if entry is None:
+                    return None
+                start = f"({_position(_text(entry))}"
             while True:
                 index = self._open_key(key)
-                mids = [_text(m) for m in await self._client.zrange(index, 0, limit - 1)]
+                page = await self._client.zrangebyscore(index, start, "+inf", start=0, num=limit)
+                mids = [_text(m) for m in page]
                 async with self._client.pipeline(transaction=False) as pipe:
                     for mid in mids:
                         pipe.hgetall(self._record_key(key, mid))

@@ -583,14 +583,21 @@ class Ingress:
         self,
         thread_id: str = ThreadIdPath,
         limit: int = Query(default=100, ge=1, le=1000),
+        after: str | None = Query(
+            default=None, max_length=128, description="The last run of the previous page."
+        ),
     ) -> OpenRuns:
         """The thread's runs that are queued or running, in the order they run (finished
-        ones are its turns)."""
+        ones are its turns), from the one after run ``after``."""
         key = _key(thread_id)
         try:
-            runs = await self._runs.open_runs(key, limit)
+            runs = await self._runs.open_runs(key, limit, after)
         except StoreUnavailable as exc:
             raise _http_error(exc) from None
+        if runs is None:
+            raise HTTPException(
+                422, f"query.after: thread {thread_id!r} has no run {after!r} (or it expired)"
+            )
         return OpenRuns(thread_id=thread_id, runs=runs)
 
     @api.get("/v1/threads/{thread_id}/runs/{message_id}", response_model=RunRecord)

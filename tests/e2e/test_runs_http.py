@@ -103,6 +103,11 @@ def test_runs_answer_in_the_background_in_order(app: App, fake_llm: FakeLLMServe
         assert cancelled.json()["status"] == "cancelled" and cancelled.json()["result"] is None
         waiting = client.get(f"/v1/threads/{thread}/runs").json()
         assert [r["message_id"] for r in waiting["runs"]] == ["m0", "m1", "m2"]
+        # Pages: from the run after the last one shown.
+        page = client.get(f"/v1/threads/{thread}/runs?limit=1&after=m1").json()["runs"]
+        assert [r["message_id"] for r in page] == ["m2"]
+        unknown = client.get(f"/v1/threads/{thread}/runs?after=m9")
+        assert unknown.status_code == 422 and unknown.json()["error"].startswith("query.after")
         records = finished(client, thread, "m0", "m1", "m2")
         assert client.get(f"/v1/threads/{thread}/runs?limit=5").json()["runs"] == []
         late = client.post(f"/v1/threads/{thread}/runs/m0/cancel")

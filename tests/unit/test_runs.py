@@ -196,6 +196,26 @@ async def test_runs_of_a_thread_run_in_order_and_threads_run_at_once(client: Any
     assert 0 < ttl <= RunsConfig().result_ttl_s
 
 
+async def test_open_runs_are_listed_a_page_at_a_time(client: Any) -> None:
+    queue, key = queue_of(client), fresh()
+    for n in range(5):
+        await queue.submit(key, msg(f"run {n}", f"m{n}"))
+
+    async def page(after: str | None) -> list[str] | None:
+        runs = await queue.open_runs(key, 2, after)
+        return None if runs is None else [r.message_id for r in runs]
+
+    assert await page(None) == ["m0", "m1"]
+    assert await page("m1") == ["m2", "m3"]
+    assert await page("m3") == ["m4"]
+    assert await page("m4") == []
+    # A run that finished (here, cancelled) still marks its place in the queue.
+    assert (await queue.cancel(key, "m2"))[1]
+    assert await page("m2") == ["m3", "m4"]
+    assert await page("m1") == ["m3", "m4"]
+    assert await page("nothing like it") is None
+
+
 async def test_open_runs_are_listed_and_a_queued_one_can_be_cancelled(client: Any) -> None:
     gate = Gate()
     threads = Threads(client, load_config(None), GatedAgents(gate))

@@ -17,7 +17,7 @@ import pytest
 
 from actors.key import ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
-from actors.run_queue import LeaseLost, RunQueue
+from actors.run_queue import LeaseLost, RunQueue, RunRecord
 from actors.thread import Thread
 from serve_app.runs import RunDispatcher, transient
 from stickyray.config import RunsConfig, TeamConfig, load_config
@@ -196,6 +196,13 @@ async def test_runs_of_a_thread_run_in_order_and_threads_run_at_once(client: Any
     assert 0 < ttl <= RunsConfig().result_ttl_s
 
 
+async def open_runs(queue: RunQueue, key: ThreadKey, limit: int) -> list[RunRecord]:
+    """The first page of the thread's open runs."""
+    runs = await queue.open_runs(key, limit)
+    assert runs is not None
+    return runs
+
+
 async def test_open_runs_are_listed_a_page_at_a_time(client: Any) -> None:
     queue, key = queue_of(client), fresh()
     for n in range(5):
@@ -224,7 +231,7 @@ async def test_open_runs_are_listed_and_a_queued_one_can_be_cancelled(client: An
     for text in ["slow: a table for 2", "at 8 pm", "yes please"]:
         await queue.submit(key, msg(text, text))
     assert await queue.cancel(key, "nothing like it") == (None, False)
-    assert [r.message_id for r in await queue.open_runs(key, 2)] == [
+    assert [r.message_id for r in await open_runs(queue, key, 2)] == [
         "slow: a table for 2",
         "at 8 pm",
     ]
@@ -234,7 +241,7 @@ async def test_open_runs_are_listed_and_a_queued_one_can_be_cancelled(client: An
         record, cancelled = await queue.cancel(key, "at 8 pm")
         assert cancelled and record is not None and record.status == "cancelled"
         assert record.finished_at is not None and record.result is None
-        assert [(r.message_id, r.status) for r in await queue.open_runs(key, 100)] == [
+        assert [(r.message_id, r.status) for r in await open_runs(queue, key, 100)] == [
             ("slow: a table for 2", "running"),
             ("yes please", "queued"),
         ]
@@ -300,13 +307,13 @@ async def test_open_runs_are_listed_in_queue_order_and_only_while_open(
     for mid in ("first", "second", "third"):
         await queue.submit(key, msg(mid, mid))
     monkeypatch.undo()
-    listed = await queue.open_runs(key, 10)
+    listed = await open_runs(queue, key, 10)
     assert [r.message_id for r in listed] == ["first", "second", "third"]
     # Finished by a worker that does not keep the index (an earlier release, mid-deploy),
     # and one whose record is gone: neither is open, and neither stays in the index.
     await client.hset(queue._record_key(key, "first"), "status", "completed")
     await client.delete(queue._record_key(key, "second"))
-    assert [r.message_id for r in await queue.open_runs(key, 2)] == ["third"]
+    assert [r.message_id for r in await open_runs(queue, key, 2)] == ["third"]
     assert await client.zrange(queue._open_key(key), 0, -1) == [b"third"]
 
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from stickyray.config import TeamConfig
 
-__all__ = ["COMMANDS", "CommandOutcome", "parse_command", "run_command"]
+__all__ = ["CHANGING", "COMMANDS", "Command", "CommandOutcome", "parse_command", "run_command"]
 
-# A command is a single slash-word, optionally followed by arguments. "/path/to/file broke"
-# does not match, so pasted paths still reach the agents.
-_COMMAND = re.compile(r"^\s*/([A-Za-z][A-Za-z_-]*)(?:\s+.*)?\s*$", re.DOTALL)
+# A command is a single slash-word, maybe ended by punctuation ("/supervisor."), maybe followed
+# by more text. "/path/to/file broke" does not match, so pasted paths still reach the agents.
+_COMMAND = re.compile(r"^\s*/([A-Za-z][A-Za-z_-]*)[.!?]*(?:\s+(.*?))?\s*$", re.DOTALL)
 
 COMMANDS: dict[str, str] = {
     "supervisor": "go back to the supervisor; your next message is routed again",
@@ -20,6 +20,18 @@ COMMANDS: dict[str, str] = {
     "agents": "list the agents and what they do",
     "help": "show this help",
 }
+
+
+# The commands that change the thread: their answers are stored under their message ids.
+CHANGING = frozenset({"supervisor", "reset"})
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command as typed: its lower-cased name and the text after it ("" if none)."""
+
+    name: str
+    after: str = ""
 
 
 @dataclass(frozen=True)
@@ -36,10 +48,10 @@ class CommandOutcome:
         return self.back_to_supervisor or self.clear_buffer
 
 
-def parse_command(text: str) -> str | None:
-    """The lower-cased command name if ``text`` is a command, else None."""
+def parse_command(text: str) -> Command | None:
+    """The command ``text`` is, or None."""
     match = _COMMAND.match(text)
-    return match.group(1).lower() if match else None
+    return Command(match.group(1).lower(), match.group(2) or "") if match else None
 
 
 def _help() -> str:
@@ -48,10 +60,25 @@ def _help() -> str:
 
 
 def run_command(
-    name: str, *, active_agent: str | None, turns: int, team: TeamConfig
+    name: str, *, active_agent: str | None, turns: int, team: TeamConfig, after: str = ""
 ) -> CommandOutcome:
-    """Carry out command ``name`` against a thread's state."""
+    """Carry out command ``name`` against a thread's state.
+
+    A command that changes the thread takes no text ``after`` it: "/reset my password" is
+    more likely a question than a wish to lose the conversation, so it changes nothing and
+    says how to do either. One that only reads ignores what follows.
+    """
     supervisor = team.supervisor.name
+    if name in CHANGING and after:
+        if name == "reset":
+            return CommandOutcome(
+                "Nothing was reset: /reset takes no text after it. Send /reset on its own to "
+                "clear this thread, or write your message without the leading '/'."
+            )
+        return CommandOutcome(
+            "Nothing changed: /supervisor takes no text after it. Send /supervisor on its "
+            "own, then your message, and the supervisor routes that message."
+        )
     if name == "supervisor":
         if active_agent is None:
             # Stored all the same: the write is fenced, so an incarnation that missed a handoff

@@ -21,7 +21,7 @@ slot of a Redis Cluster and every script declares all the keys it touches:
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -54,11 +54,11 @@ __all__ = ["RedisThreadStore", "connect_redis", "redis_outages"]
 
 _PARTS = ("epoch", "checkpoint", "pending", "turns", "msgs", "msgidx", "msgfp")
 
-# KEYS: the seven keys above. ARGV[1]: ttl.
+# KEYS: the seven keys above. ARGV[1]: ttl, ARGV[2]: '1' to count an attempt of a pending turn.
 _OPEN = """
 local epoch = redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
-if redis.call('EXISTS', KEYS[3]) == 1 then
+if redis.call('EXISTS', KEYS[3]) == 1 and ARGV[2] == '1' then
   redis.call('HINCRBY', KEYS[3], 'attempts', 1)
 end
 return {epoch, redis.call('HGET', KEYS[2], 'data') or false,
@@ -175,21 +175,45 @@ return {'ok'}
 )
 
 # ARGV: epoch, new version, checkpoint JSON, ttl, message id ('' = none), result JSON, now,
-# fingerprint. The reset forgets every message id but its own.
+# fingerprint, then the fingerprints to keep. The reset forgets every message id but its own
+# and those answered (not pending) whose current fingerprint is one to keep: the commands'.
 _RESET = (
     _FENCE
     + _seen(5, 8)
     + _CAS
     + """
+local kept = {}
+if #ARGV > 8 then
+  local keep = {}
+  for i = 9, #ARGV do keep[ARGV[i]] = true end
+  local stamps = redis.call('HGETALL', KEYS[7])
+  for i = 1, #stamps, 2 do
+    local at, fingerprint = string.match(stamps[i + 1], '^(%S+) (%x+)$')
+    if fingerprint and keep[fingerprint] then
+      local score = redis.call('ZSCORE', KEYS[6], stamps[i])
+      local seen = redis.call('HGET', KEYS[5], stamps[i])
+      if score and tonumber(score) == tonumber(at) and seen and string.sub(seen, 1, 1) == '{' then
+        table.insert(kept, {stamps[i], seen, score, stamps[i + 1]})
+      end
+    end
+  end
+end
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
 redis.call('HSET', KEYS[2], 'version', ARGV[2], 'turn', 0, 'data', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+for _, id in ipairs(kept) do
+  redis.call('HSET', KEYS[5], id[1], id[2])
+  redis.call('ZADD', KEYS[6], id[3], id[1])
+  redis.call('HSET', KEYS[7], id[1], id[4])
+end
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[5], ARGV[5], ARGV[6])
   redis.call('ZADD', KEYS[6], ARGV[7], ARGV[5])
 """
     + _stamp(5, 7, 8)
     + """
+end
+if #kept > 0 or ARGV[5] ~= '' then
   for i = 5, 7 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 end
 return {'ok'}
@@ -308,8 +332,10 @@ class RedisThreadStore:
             result: list[Any] = await script(keys=self._keys(key), args=list(args))
         return result
 
-    async def open(self, key: ThreadKey) -> Incarnation:
-        epoch, data, (seq, message, attempts) = await self._run(self._open, key, self._ttl_s)
+    async def open(self, key: ThreadKey, count_attempt: bool = True) -> Incarnation:
+        epoch, data, (seq, message, attempts) = await self._run(
+            self._open, key, self._ttl_s, "1" if count_attempt else "0"
+        )
         checkpoint = Checkpoint.model_validate_json(data) if data else Checkpoint()
         pending = None
         if seq is not None:
@@ -375,6 +401,7 @@ class RedisThreadStore:
         checkpoint: Checkpoint,
         result: TurnResult | None = None,
         fingerprint: str = "",
+        keep: Collection[str] = (),
     ) -> TurnResult | None:
         status, *rest = await self._run(
             self._reset,
@@ -387,6 +414,7 @@ class RedisThreadStore:
             result.model_dump_json(by_alias=True) if result is not None else "",
             time.time(),
             fingerprint,
+            *sorted(keep),
         )
         return self._check(_text(status), rest, key, epoch, checkpoint, result)
 

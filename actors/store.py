@@ -8,7 +8,7 @@ version, so the state can only move from version N to N+1 and never forks.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
@@ -64,8 +64,9 @@ class Incarnation(BaseModel):
 class ThreadStore(Protocol):
     """The write side, used only by the thread's own actor."""
 
-    async def open(self, key: ThreadKey) -> Incarnation:
-        """Take a new epoch and read the state; a pending turn's attempt count goes up."""
+    async def open(self, key: ThreadKey, count_attempt: bool = True) -> Incarnation:
+        """Take a new epoch and read the state; a pending turn's attempt count goes up,
+        unless ``count_attempt`` is False (the caller knows the turn has not run since)."""
         ...
 
     async def accept(self, key: ThreadKey, epoch: int, message: InboundMessage) -> int | TurnResult:
@@ -102,12 +103,14 @@ class ThreadStore(Protocol):
         checkpoint: Checkpoint,
         result: TurnResult | None = None,
         fingerprint: str = "",
+        keep: Collection[str] = (),
     ) -> TurnResult | None:
         """Delete the thread's history and message results; store ``checkpoint``.
 
         ``result`` is the reset command's own, remembered afterwards with ``fingerprint``;
         like a command's in ``commit``, an id answered before writes nothing and returns the
-        stored result.
+        stored result. Stored results of messages whose fingerprint is in ``keep`` (the
+        commands') stay, so a late retry of one is answered and does not run again.
         """
         ...
 
@@ -168,10 +171,10 @@ class InMemoryThreadStore:
             raise ThreadFenced(str(key), epoch)
         return data
 
-    async def open(self, key: ThreadKey) -> Incarnation:
+    async def open(self, key: ThreadKey, count_attempt: bool = True) -> Incarnation:
         data = self._data(key)
         data.epoch += 1
-        if data.pending is not None:
+        if data.pending is not None and count_attempt:
             data.pending = data.pending.model_copy(update={"attempts": data.pending.attempts + 1})
         return Incarnation(
             epoch=data.epoch, checkpoint=data.checkpoint or Checkpoint(), pending=data.pending
@@ -245,6 +248,7 @@ class InMemoryThreadStore:
         checkpoint: Checkpoint,
         result: TurnResult | None = None,
         fingerprint: str = "",
+        keep: Collection[str] = (),
     ) -> TurnResult | None:
         data = self._fence(key, epoch)
         if result is not None:
@@ -253,7 +257,14 @@ class InMemoryThreadStore:
                 return stored
         self._cas(key, data, checkpoint)
         data.turns.clear()
-        data.results.clear()
+        now = self._now()
+        data.results = {
+            message_id: seen
+            for message_id, seen in data.results.items()
+            if seen.result is not None
+            and seen.fingerprint in keep
+            and now - seen.at <= self._message_id_ttl_s
+        }
         data.pending = None
         if result is not None:
             data.results[result.message_id] = _Seen(self._now(), result.turn, result, fingerprint)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
-from actors.commands import parse_command, run_command
+from actors.commands import CHANGING, Command, parse_command, run_command
 from actors.key import ThreadKey
 from actors.store import Checkpoint, Incarnation, PendingTurn, ThreadStore
 from memory.buffer import BufferEntry, ShortTermBuffer
@@ -60,6 +60,8 @@ _SORRY = SORRY_REPLY
 
 # Trimming is ``_compact``'s job; this cap only bounds memory if compression keeps failing.
 _BUFFER_CAP = 4
+# What the commands that change the thread are fingerprinted as: a reset keeps their answers.
+_COMMANDS_SAID = frozenset(fingerprint(f"/{name}") for name in CHANGING)
 
 
 def _with_usage(result: TurnResult, extra: dict[str, Usage]) -> TurnResult:
@@ -185,9 +187,9 @@ class Thread:
                 except (TurnPending, CheckpointConflict):
                     # Only this incarnation writes (fencing), so the store holding a write
                     # it did not see complete means an earlier send of that write was applied
-                    # and its answer lost (a retried script, a cancelled turn). Reopening
-                    # reads it back and completes a pending turn; then the message again.
-                    self._stale = True
+                    # and its answer lost (a retried script). Reopening reads it back and
+                    # completes a pending turn, which has not run yet: no attempt is counted.
+                    await self._reopen(count_attempt=False)
                     return await self._handle(message)
             except (ThreadFenced, MessageIdReused):
                 raise  # superseded, or refused before anything was written
@@ -218,8 +220,8 @@ class Thread:
             self._fenced = True
             raise
 
-    async def _reopen(self) -> None:
-        incarnation = await self._guard(self._store.open(self.key))
+    async def _reopen(self, count_attempt: bool = True) -> None:
+        incarnation = await self._guard(self._store.open(self.key, count_attempt))
         self._adopt(incarnation)
         self._stale = False
         await self._resolve(incarnation.pending)
@@ -245,8 +247,11 @@ class Thread:
         )
         await self._run(pending.message, pending.seq)
 
-    async def _command(self, name: str, message: InboundMessage) -> TurnResult:
-        outcome = run_command(name, active_agent=self._active, turns=self._turns, team=self._team)
+    async def _command(self, command: Command, message: InboundMessage) -> TurnResult:
+        name = command.name
+        outcome = run_command(
+            name, active_agent=self._active, turns=self._turns, team=self._team, after=command.after
+        )
         result = TurnResult(
             thread_id=self.key.thread_id,
             message_id=message.message_id,
@@ -263,12 +268,19 @@ class Thread:
         stored: TurnResult | None = None
         if outcome.clear_buffer:
             checkpoint = Checkpoint(version=self._version + 1)
-            reset = self._store.reset(self.key, self._epoch, checkpoint, result, fingerprint=said)
+            reset = self._store.reset(
+                self.key, self._epoch, checkpoint, result, fingerprint=said, keep=_COMMANDS_SAID
+            )
             stored = await self._guard(reset)
             if stored is None:
                 self._adopt_checkpoint(checkpoint)
         elif outcome.back_to_supervisor:
             stored = await self._commit(None, self._buffer.entries(), self._turns, result, said)
+        if stored is not None:
+            # Answered before: by a retry of the message, or by an earlier send of this very
+            # write whose answer was lost, in which case the store holds the command's state
+            # and this incarnation does not. Read it back before the next message.
+            self._stale = True
         return stored or result
 
     async def _run(self, message: InboundMessage, turn: int) -> TurnResult:

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from actors.commands import parse_command, run_command
+from actors.commands import CHANGING, COMMANDS, Command, parse_command, run_command
 from actors.key import ThreadKey
 from stickyray.config import load_config
 from stickyray.errors import CheckpointConflict, InvalidThreadKey, ProviderError, StoreUnavailable
@@ -45,12 +45,34 @@ def test_errors_survive_pickling() -> None:
 
 
 def test_parse_command() -> None:
-    assert parse_command("/supervisor") == "supervisor"
-    assert parse_command("  /STATUS  ") == "status"
-    assert parse_command("/foo bar baz") == "foo"
+    assert parse_command("/supervisor") == Command("supervisor")
+    assert parse_command("  /STATUS  ") == Command("status")
+    assert parse_command("/supervisor.") == Command("supervisor")
+    assert parse_command("/help!?") == Command("help")
+    assert parse_command("/foo bar baz") == Command("foo", "bar baz")
+    assert parse_command("/reset my\npassword ") == Command("reset", "my\npassword")
     assert parse_command("/path/to/file is broken") is None
+    assert parse_command("/status.txt is missing") is None
     assert parse_command("hello /status") is None
     assert parse_command("/") is None
+
+
+@pytest.mark.parametrize("name", sorted(CHANGING))
+def test_a_command_that_changes_the_thread_takes_no_text_after_it(name: str) -> None:
+    """ "/reset my password" is a question more likely than a wish to lose the thread."""
+    team = load_config(None)
+    out = run_command(name, active_agent="bookings", turns=4, team=team, after="my password")
+    assert not out.changes_state and f"Send /{name} on its own" in out.reply
+    status = run_command("status", active_agent="bookings", turns=4, team=team, after="please")
+    assert "bookings" in status.reply
+
+
+def test_the_commands_that_change_the_thread_are_the_changing_ones() -> None:
+    """A reset keeps the answers of CHANGING commands: it must name every one."""
+    team = load_config(None)
+    for name in COMMANDS:
+        out = run_command(name, active_agent="bookings", turns=4, team=team)
+        assert out.changes_state == (name in CHANGING)
 
 
 def test_commands_against_state() -> None:

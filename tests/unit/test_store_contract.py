@@ -138,6 +138,10 @@ async def test_pending_turn_survives_a_new_incarnation(store: Store) -> None:
     assert (reopened.pending.seq, reopened.pending.message.text) == (1, "lost?")
     assert reopened.pending.attempts == 2
     assert (await store.open(key)).pending.attempts == 3  # type: ignore[union-attr]
+    # Reopened to read back a write whose answer was lost: the turn has not run since.
+    same = await store.open(key, count_attempt=False)
+    assert same.pending is not None and same.pending.attempts == 3
+    assert same.epoch == reopened.epoch + 2
 
 
 async def test_stale_epoch_is_fenced_everywhere(store: Store) -> None:
@@ -311,6 +315,32 @@ async def test_a_reset_remembers_its_own_id(store: Store) -> None:
     await store.accept(key, epoch, msg("p"))
     with pytest.raises(TurnPending, match="still pending"):
         await store.reset(key, epoch, Checkpoint(version=4), command(key, "p", 0, "reset"))
+
+
+async def test_a_reset_keeps_the_answers_it_is_asked_to_keep(store: Store) -> None:
+    """The commands' (by fingerprint): a late retry of one must not run it again."""
+    key = fresh()
+    epoch = (await store.open(key)).epoch
+    await store.accept(key, epoch, InboundMessage(text="/supervisor", message_id="a"))
+    await store.commit(key, epoch, ckpt(1, 1), done(key, "a", 1))  # a turn of the same text
+    left = command(key, "s", 1, "left")
+    assert await store.commit(key, epoch, ckpt(1, 2, None), left, "a1") is None
+    keep = ("b2", "a1")
+    first = command(key, "r1", 0, "reset")
+    assert await store.reset(key, epoch, Checkpoint(version=3), first, "b2", keep) is None
+    await store.accept(key, epoch, msg("p"))  # pending: an id no reset keeps
+    second = command(key, "r2", 0, "reset again")
+    assert await store.reset(key, epoch, Checkpoint(version=4), second, "b2", keep) is None
+    assert await store.reset(key, epoch, Checkpoint(version=5), first, "b2", keep) == first
+    assert await store.commit(key, epoch, ckpt(0, 5, "x"), left, "a1") == left
+    with pytest.raises(MessageIdReused):  # kept with its fingerprint
+        await store.reset(key, epoch, Checkpoint(version=5), command(key, "r1", 0, "x"), "c3")
+    assert (await store.load(key)).version == 4  # type: ignore[union-attr]
+    assert await store.accept(key, epoch, msg("a")) == 1  # the turn's id is forgotten
+    await store.commit(key, epoch, ckpt(1, 5), done(key, "a", 1))
+    assert await store.accept(key, epoch, msg("p")) == 2  # and the pending one's
+    # What is kept still expires with the other ids (in Redis: its TTLs are set again).
+    assert await store.reset(key, epoch, Checkpoint(version=6), second, "b2", keep) == second
 
 
 async def test_redis_refusing_writes_is_store_unavailable(redis_url: str) -> None:

@@ -197,12 +197,12 @@ async def test_a_message_id_reused_for_another_message_is_refused(team: TeamConf
     for reused in (msg("book two", mid="m1"), msg("/reset", mid="m1"), msg("hi", mid="c1")):
         with pytest.raises(MessageIdReused):
             await thread.handle(reused)
+    assert thread._epoch == epoch  # refused before any write: the thread was not reopened
     assert await thread.handle(msg("/supervisor", mid="c1")) == left
     # A command is the same command however it is written, and whoever sends it.
-    again = InboundMessage(text="/SUPERVISOR now", message_id="c1", user_id="u2")
+    again = InboundMessage(text=" /SUPERVISOR! ", message_id="c1", user_id="u2")
     assert await thread.handle(again) == left
     assert (await thread.handle(msg("book two", mid="m2"))).turn == 2
-    assert thread._epoch == epoch  # nothing to recover from: the thread was not reopened
     assert [t.message_id for t in await store.turns(KEY)] == ["m1", "m2"]
     assert agents.calls == [("triage", 1), ("bookings", 1), ("triage", 2), ("bookings", 2)]
 
@@ -400,6 +400,11 @@ class ResendingStore(InMemoryThreadStore):
             await super().commit(*args, **kwargs)
         return await super().commit(*args, **kwargs)
 
+    async def reset(self, *args, **kwargs):
+        if self.resend == "commit":
+            await super().reset(*args, **kwargs)
+        return await super().reset(*args, **kwargs)
+
 
 @pytest.mark.parametrize("write", ["accept", "commit"])
 async def test_a_write_applied_twice_still_answers_the_message_once(
@@ -415,6 +420,60 @@ async def test_a_write_applied_twice_still_answers_the_message_once(
     assert (await thread.handle(msg("for two"))).turn == 2
     # The second send of an accept answers "turn 1 is pending": it runs once, not twice.
     assert agents.calls == [("triage", 1), ("bookings", 1), ("bookings", 2)]
+
+
+@pytest.mark.parametrize("command", ["/supervisor", "/reset"])
+async def test_a_command_applied_twice_is_in_force_for_the_next_message(
+    team: TeamConfig, command: str
+) -> None:
+    """The second send answers with the stored result; the state it stored still counts."""
+    agents, store = booking_agents(), ResendingStore()
+    thread = await Thread.open(KEY, team, store, agents)
+    await thread.handle(msg("book", mid="m1"))
+    store.resend = "commit"
+    await thread.handle(msg(command, mid="c1"))
+    store.resend = None
+    agents.calls.clear()
+    after = await thread.handle(msg("book again", mid="m2"))
+    assert agents.calls[0] == ("triage", after.turn)  # routed again, not sent to bookings
+    assert after.turn == (1 if command == "/reset" else 2)
+
+
+async def test_a_lost_answer_does_not_count_as_an_interruption(team: TeamConfig) -> None:
+    """A turn's accept applied twice, then one cancelled request: it still gets its run."""
+    agents = BlockingAgents({"triage": hand("triage", "bookings"), "bookings": reply("bookings")})
+    store = ResendingStore()
+    thread = await Thread.open(KEY, team, store, agents)
+    store.resend = "accept"
+    agents.block = True
+    turn = asyncio.create_task(thread.handle(msg("book", mid="m1")))
+    await agents.started.wait()
+    store.resend = None
+    turn.cancel()  # the one real interruption
+    with pytest.raises(asyncio.CancelledError):
+        await turn
+    agents.block = False
+    retried = await thread.handle(msg("book", mid="m1"))
+    assert (retried.status, retried.agent) == ("completed", "bookings")
+
+
+async def test_a_late_retry_of_a_reset_wipes_nothing_after_another_reset(
+    team: TeamConfig,
+) -> None:
+    agents, store = booking_agents(), InMemoryThreadStore()
+    thread = await Thread.open(KEY, team, store, agents)
+    await thread.handle(msg("book", mid="m1"))
+    first = await thread.handle(msg("/reset", mid="r1"))
+    left = await thread.handle(msg("/supervisor", mid="s1"))
+    await thread.handle(msg("/reset", mid="r2"))  # forgets m1, not the commands' answers
+    await thread.handle(msg("book", mid="m2"))
+    await thread.handle(msg("for two", mid="m3"))
+    assert await thread.handle(msg("/reset", mid="r1")) == first
+    assert await thread.handle(msg("/supervisor", mid="s1")) == left
+    assert [t.message_id for t in await store.turns(KEY)] == ["m2", "m3"]
+    assert thread.active_agent == "bookings"
+    retried = await thread.handle(msg("book", mid="m1"))  # a turn's id is forgotten
+    assert retried.turn == 3
 
 
 async def test_a_superseded_incarnation_cannot_confirm_a_supervisor_command(

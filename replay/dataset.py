@@ -233,6 +233,8 @@ def load_team(path: Path) -> TeamConfig:
             raise ConfigError(f"{path}: cannot read the agents file: {exc.strerror}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to read") from None
         if not isinstance(entries, list) or not entries:
             raise ConfigError(f"{path}: expected a non-empty JSON list of agents")
         return team_from_agents(entries, path)

@@ -217,6 +217,8 @@ def check_inputs(
     from serve_app.tools import check_tools
     from stickyray.settings import load_settings
 
+    if dialogues.is_dir():
+        raise ConfigError(f"{dialogues} is a folder: give the dialogues file (JSON lines)")
     if not dialogues.is_file():
         raise ConfigError(f"dialogues file not found: {dialogues}")
     if concurrency < 1:

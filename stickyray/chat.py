@@ -50,6 +50,11 @@ def _converse(url: str, thread_id: str, source: TextIO, api_key: str | None) -> 
             if not text:
                 continue
             try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # stdin's bytes were not UTF-8 (kept as surrogates)
+                print("error: that line is not UTF-8, so it was not sent", file=sys.stderr)
+                continue
+            try:
                 response = client.post(f"/v1/threads/{thread_id}/messages", json={"text": text})
             except httpx.HTTPError as exc:
                 print(f"error: cannot reach {url}: {exc}", file=sys.stderr)

@@ -56,6 +56,11 @@ def _serve(args: argparse.Namespace) -> int:
     postgres: Any = None
     redis_url = settings.redis_url
     what = "embedded Redis"
+    # From here on, Ctrl-C and SIGTERM go through StopRequests: the first one during
+    # start-up stops the app once it is up, a second aborts, stopping what started.
+    stop = StopRequests()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.request())
     try:
         if redis_url is None:
             embedded = EmbeddedRedis(settings.data_dir / "redis", settings.redis_appendfsync)
@@ -65,23 +70,35 @@ def _serve(args: argparse.Namespace) -> int:
         if team.uses_memory:
             what = "long-term memory (DATABASE_URL or the embedded Postgres)"
             settings, postgres = _start_memory(team, settings)
-    except Exception as exc:
+    except BaseException as exc:
         # Ray has not started: say what could not start and why, and leave nothing running.
+        stop.settled()
         if embedded is not None:
             embedded.stop()
+        if isinstance(exc, KeyboardInterrupt):
+            print("stickyray: start-up aborted; stopped what started", file=sys.stderr)
+            return 130
+        if not isinstance(exc, Exception):
+            raise
         print(f"stickyray: cannot start {what}: {exc}", file=sys.stderr)
         return 2
 
-    stop = StopRequests()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.request())
     try:
-        # RAY_ADDRESS unset: a new local cluster, never a stranger's cluster found by accident.
-        ray.init(
-            address=settings.ray_address or "local",
-            namespace="stickyray",
-            logging_level=logging.WARNING,
-        )
+        try:
+            # RAY_ADDRESS unset: a new local cluster, never a stranger's found by accident.
+            ray.init(
+                address=settings.ray_address or "local",
+                namespace="stickyray",
+                logging_level=logging.WARNING,
+            )
+        except ConnectionError as exc:  # RAY_ADDRESS names a cluster that is not there
+            print(
+                f"stickyray: cannot join the Ray cluster at RAY_ADDRESS={settings.ray_address}: "
+                f"{exc}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 2
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(team, settings), name=APP_NAME, route_prefix="/")
         stop.settled()
@@ -412,7 +429,7 @@ def _parser() -> argparse.ArgumentParser:
     dashboard.add_argument(
         "--out",
         type=Path,
-        help="the file to write, such as Grafana's provisioning folder; standard output if absent",
+        help="the file to write (e.g. in Grafana's provisioning folder); standard output if absent",
     )
     dashboard.set_defaults(func=_dashboard)
 

@@ -6,6 +6,7 @@ silently ignored setting.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -449,6 +450,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # `<<: *anchor`: keys written next to it override the merged ones
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a {type(key).__name__} cannot be a key", key_node.start_mark
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice", key_node.start_mark
@@ -482,6 +487,8 @@ def load_config(path: Path | str | None = None) -> TeamConfig:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to read") from None
     if data is None:
         raise ConfigError(f"{source}: the file is empty: it needs a supervisor and specialists")
     return parse_config(data, source)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,7 +26,9 @@ class Settings(BaseSettings):
 
     # An empty variable (``OPENAI_API_KEY=`` in a .env file or a unit) means unset, as in
     # most tools; taken as a value it would be an empty key or the current directory.
-    model_config = SettingsConfigDict(extra="ignore", frozen=True, env_ignore_empty=True)
+    model_config = SettingsConfigDict(
+        extra="ignore", frozen=True, env_ignore_empty=True, allow_inf_nan=False
+    )
 
     config: Path | None = Field(default=None, alias="STICKYRAY_CONFIG")
     data_dir: Path = Field(default=Path(".stickyray"), alias="STICKYRAY_DATA_DIR")
@@ -145,6 +148,8 @@ class Settings(BaseSettings):
     def _postgres_scheme(cls, url: str | None) -> str | None:
         if url is not None and not url.startswith(("postgresql://", "postgres://")):
             raise ValueError("must start with postgresql:// or postgres://")
+        if url is not None:
+            urlsplit(url)  # ValueError for a URL no client can parse, e.g. "Invalid IPv6 URL"
         return url
 
     @field_validator("redis_url")

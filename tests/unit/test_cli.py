@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 import yaml
 
+from stickyray.chat import run_chat
 from stickyray.cli import StopRequests
 from stickyray.cli import main as cli
 from stickyray.config import sample_config_path
@@ -78,6 +80,42 @@ def test_serve_refuses_the_dashboards_address_as_ray_address(
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     assert cli(["serve"]) == 2
     assert "RAY_ADDRESS: must be auto, local, HOST:PORT" in capsys.readouterr().err
+
+
+def test_chat_skips_a_line_that_is_not_utf8(capsys: pytest.CaptureFixture[str]) -> None:
+    """Python reads such bytes as lone surrogates, which no JSON body can carry."""
+    # Not sent, so nothing needs to listen on the URL; the chat goes on to the end of input.
+    assert run_chat("http://127.0.0.1:9", "t1", stdin=io.StringIO("caf\udce9\n")) == 0
+    assert "not UTF-8, so it was not sent" in capsys.readouterr().err
+
+
+def no_memory_team() -> dict:
+    config = yaml.safe_load(sample_config_path().read_text())
+    for agent in [config["supervisor"], *config["specialists"]]:
+        agent.pop("memory", None)
+    return config
+
+
+def test_serve_names_a_ray_cluster_it_cannot_join(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    redis_url: str,
+) -> None:
+    """What ray.init raises for RAY_ADDRESS=auto with no cluster: a message, exit 2."""
+    import ray
+
+    def no_cluster(**_: object) -> None:
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "init", no_cluster)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    path = tmp_path / "agents.yaml"
+    path.write_text(yaml.safe_dump(no_memory_team()))
+    assert cli(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot join the Ray cluster at RAY_ADDRESS=auto: Could not find any" in err
 
 
 def test_chat_refuses_a_key_no_header_carries(

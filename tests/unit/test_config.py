@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -113,12 +114,51 @@ def test_a_key_given_twice_is_an_error_not_the_last_one(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, merged)).specialists[0].description == "Routes"
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("? [a, b]\n: 1\n", "a list cannot be a key"),
+        ("supervisor: {? {a: 1} : x}\n", "a dict cannot be a key"),
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply to read"),
+    ],
+)
+def test_yaml_that_is_no_configuration_is_an_error_not_a_crash(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
 def test_the_readmes_reference_agents_yaml_is_valid() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     section = readme.split("## Configuration: `agents.yaml`", 1)[1]
     example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     team = load_config_text(example)
     assert {s.name for s in team.specialists} == {"invoices", "bookings", "support"}
+
+
+def test_the_readmes_agents_yaml_snippets_are_valid_in_the_reference() -> None:
+    """Each fragment (memory, runs) added to the reference, agents merged by name."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = [part.split("```", 1)[0] for part in readme.split("```yaml\n")[1:]]
+    reference = yaml.safe_load(
+        readme.split("## Configuration: `agents.yaml`", 1)[1]
+        .split("```yaml\n", 1)[1]
+        .split("```", 1)[0]
+    )
+    fragments = [yaml.safe_load(block) for block in blocks]
+    fragments = [f for f in fragments if f != reference]
+    assert {key for f in fragments for key in f} >= {"memory", "runs"}
+    for fragment in fragments:
+        config = copy.deepcopy(reference)
+        for key, value in fragment.items():
+            if key != "specialists":
+                config[key] = value
+                continue
+            for agent in value:
+                (same,) = [s for s in config["specialists"] if s["name"] == agent["name"]]
+                same.update(agent)
+        load_config_text(yaml.safe_dump(config))
 
 
 def test_environment_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,6 +198,10 @@ def test_an_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
         ("STICKYRAY_REDIS_APPENDFSYNC", "sometimes"),
         ("REDIS_URL", "localhost:6379"),
         ("DATABASE_URL", "localhost:5432/db"),
+        ("DATABASE_URL", "postgresql://u:p@[bad/db"),
+        ("STICKYRAY_LLM_TIMEOUT_S", "inf"),  # every model call would fail
+        ("STICKYRAY_LLM_TIMEOUT_S", "1e400"),
+        ("STICKYRAY_LLM_TIMEOUT_S", "nan"),
         ("OPENAI_BASE_URL", "api.openai.com/v1"),
         ("ANTHROPIC_BASE_URL", "ftp://example.com"),
         ("OPENAI_API_KEY", "sk-from-a-file\n"),

@@ -106,6 +106,7 @@ def test_inputs_are_checked_before_anything_runs(tmp_path: Path) -> None:
             check_inputs(**args)
 
     fails("dialogues file not found", dialogues=tmp_path / "none.jsonl")
+    fails("is a folder: give the dialogues file", dialogues=tmp_path)
     fails("agents file not found", agents=tmp_path / "none.json")
     fails("--concurrency must be at least 1, got 0", concurrency=0)
     fails("--limit must be at least 1, got 0", limit=0)
@@ -223,6 +224,10 @@ def test_an_agents_file_that_cannot_be_read_says_so(tmp_path: Path) -> None:
     (tmp_path / "agents.json").mkdir()
     with pytest.raises(ConfigError, match="cannot read the agents file"):
         load_team(tmp_path / "agents.json")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="nested too deeply to read"):
+        load_team(deep)
 
 
 def test_a_command_in_a_recorded_dialogue_runs_but_is_not_scored() -> None:

@@ -404,7 +404,14 @@ class Thread:
                     else None
                 ),
             )
-            result = await self._agents(agent, request)
+            try:
+                result = await self._agents(agent, request)
+            except Exception as exc:  # a replica or store failure: failed, with what came before
+                log.warning("thread %s turn %d: agent %s: %s", self.key, turn, agent, exc)
+                error = f"{type(exc).__name__}: {exc}"
+                return self._result(
+                    message, turn, agent, _SORRY, handoffs, usage, error, "failed"
+                ), self._active
             usage[agent] = usage.get(agent, Usage()) + result.usage
             if result.failed:
                 # Recorded like any failed turn, with what the calls so far cost.

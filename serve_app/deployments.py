@@ -226,11 +226,13 @@ class AgentDeployment:
         each was counted in the metrics under its own model.
         """
         writer = self._writer(request)
+        model_failed = False  # the chat model's provider, not memory: what the metric counts
         try:
             with _embedding_spend() as spent:
                 on_text = writer.write if writer is not None else None
                 try:
                     result = self._charged(await self._agent.run(request, on_text))
+                    model_failed = result.failed
                 except Exception as exc:
                     if not spent:
                         raise
@@ -245,7 +247,7 @@ class AgentDeployment:
         finally:
             if writer is not None:
                 await writer.close()
-        record_model_calls(*self._metric_labels, result.usage, result.failed)
+        record_model_calls(*self._metric_labels, result.usage, model_failed)
         return _plus(result, spent)
 
     def _writer(self, request: AgentRequest) -> DeltaWriter | None:

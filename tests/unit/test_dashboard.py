@@ -52,3 +52,16 @@ def test_the_command_writes_the_dashboard(
     assert json.loads(out.read_text())["uid"] == "ours"
     assert cli(["dashboard", "--out", str(tmp_path / "missing" / "d.json")]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_turn_latency_buckets_reach_past_a_model_call_that_times_out_on_every_retry() -> None:
+    """Otherwise p95/p99 sit at the top bucket through the outages they should show."""
+    from stickyray.metrics import RUN_WAIT_BUCKETS, TURN_SECONDS_BUCKETS
+    from stickyray.settings import Settings
+
+    defaults = Settings()
+    one_call = defaults.llm_timeout_s * (defaults.llm_max_retries + 1)
+    assert TURN_SECONDS_BUCKETS[-1] >= 2 * one_call  # a supervisor and a specialist
+    assert TURN_SECONDS_BUCKETS == sorted(set(TURN_SECONDS_BUCKETS))
+    assert RUN_WAIT_BUCKETS == sorted(set(RUN_WAIT_BUCKETS))
+    assert RUN_WAIT_BUCKETS[-1] >= 3600  # runs.give_up_after_s's default

@@ -181,9 +181,18 @@ async def test_a_turn_whose_memory_search_fails_keeps_what_its_embedding_cost(
     """The query was embedded (paid), then the store failed: the turn fails with the cost."""
     agent, counted = replica
     store_down(agent, monkeypatch, "search")
+    flagged: list[bool] = []
+    counting = deployments.record_model_calls
+
+    def count(app: str, agent: str, model: str, usage: Usage, failed: bool = False) -> None:
+        flagged.append(failed)
+        counting(app, agent, model, usage, failed)
+
+    monkeypatch.setattr(deployments, "record_model_calls", count)
     request = AgentRequest(thread="default/t", turn=1, text="a table for two", user_id="u3")
     result = await agent.run(request)
     assert result.failed and result.error is not None and "StoreUnavailable" in result.error
+    assert flagged and not any(flagged)  # memory failed, not the model's provider
     spent = by_model(counted)
     assert spent[EMBEDDING_MODEL].requests == 1
     assert result.usage == spent[EMBEDDING_MODEL]

@@ -285,6 +285,26 @@ async def test_a_failing_provider_fails_the_turn_not_the_thread(team: TeamConfig
     assert (await thread.handle(msg("book again"))).turn == 2
 
 
+async def test_an_agent_call_that_raises_fails_the_turn_with_what_came_before(
+    team: TeamConfig,
+) -> None:
+    """A replica or its memory store down: the supervisor's routing was still paid for."""
+
+    def down(request: AgentRequest) -> AgentResult:
+        raise StoreUnavailable("postgres", "connection refused")
+
+    agents = Agents({"triage": hand("triage", "bookings"), "bookings": down})
+    store = InMemoryThreadStore()
+    thread = await Thread.open(KEY, team, store, agents)
+    result = await thread.handle(msg("book a table"))
+    assert (result.status, result.agent) == ("failed", "bookings")
+    assert "StoreUnavailable" in (result.error or "")
+    assert [(h.from_agent, h.to) for h in result.handoffs] == [("triage", "bookings")]
+    assert result.usage_by_agent == {"triage": Usage(input_tokens=5, output_tokens=1)}
+    assert (await store.turns(KEY)) == [result]
+    assert thread.active_agent is None  # the handoff did not complete
+
+
 async def test_a_failed_answer_is_a_failed_turn_that_still_counts_its_tokens(
     team: TeamConfig,
 ) -> None:

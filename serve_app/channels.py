@@ -119,6 +119,11 @@ class _TelegramMessage(_Wire):
     message_id: _TelegramId
     chat: _TelegramChat
     sender: _TelegramUser | None = Field(default=None, alias="from")
+    # Sent on behalf of a chat (an anonymous group admin, "send as" a channel): ``from`` is
+    # then a placeholder account that every such message in every chat shares.
+    sender_chat: _TelegramChat | None = None
+    # A channel's post copied into its discussion group: the channel's, not a request.
+    is_automatic_forward: bool = False
     text: str | None = None
     # A photo, video, document or audio file with words of the user's own: those are read.
     caption: str | None = None
@@ -338,7 +343,7 @@ def telegram_messages(update: TelegramUpdate, username: str | None = None) -> li
     """The text message in ``update``, a captioned file's caption, a shared place or contact
     (none for anything else, or for a command addressed to another bot than ``username``)."""
     message = update.message
-    if message is None:
+    if message is None or message.is_automatic_forward:
         return []
     if message.text is not None:
         text = _command(message.text, username)
@@ -371,7 +376,13 @@ def telegram_messages(update: TelegramUpdate, username: str | None = None) -> li
             message=InboundMessage(
                 text=text,
                 message_id=f"telegram:{chat}:{message.message_id}",
-                user_id=f"telegram:{message.sender.id}" if message.sender else None,
+                # No person behind a chat's own messages: their memories stay the thread's,
+                # rather than a placeholder's shared by every group.
+                user_id=(
+                    f"telegram:{message.sender.id}"
+                    if message.sender is not None and message.sender_chat is None
+                    else None
+                ),
                 channel="telegram",
             ),
             reply_to=reply_to,
@@ -635,7 +646,14 @@ class ChannelSender:
         body: dict[str, Any] = {"chat_id": to["chat_id"], "text": text}
         if "message_thread_id" in to:
             body["message_thread_id"] = to["message_thread_id"]
-        await self._post("telegram", f"{url}/sendMessage", body)
+        send = f"{url}/sendMessage"
+        try:
+            await self._post("telegram", send, body)
+        except _Migrated as moved:  # the group became a supergroup: Telegram names its new id
+            try:
+                await self._post("telegram", send, body | {"chat_id": moved.chat_id})
+            except _Migrated:
+                raise ChannelSendFailed("telegram", "chat moved twice", permanent=True) from None
 
     async def _whatsapp(self, to: dict[str, Any], text: str) -> None:
         token = self._settings.whatsapp_access_token
@@ -670,6 +688,8 @@ class ChannelSender:
             raise ChannelSendFailed(channel, reason, permanent=False) from None
         if response.is_success:
             return
+        if channel == "telegram" and (moved := _migrated_to(response)) is not None:
+            raise _Migrated(moved)
         reason, retry_after, code = http_refusal(response)
         # 429 (too many messages), 5xx and Meta's throttling codes pass; any other 4xx
         # (blocked by the user, a chat that does not exist, a bad token) fails again.
@@ -684,6 +704,24 @@ class ChannelSender:
             not transient,
             retry_after,
         )
+
+
+class _Migrated(Exception):
+    """Telegram's answer for a group upgraded to a supergroup: send to ``chat_id`` instead."""
+
+    def __init__(self, chat_id: int) -> None:
+        super().__init__(chat_id)
+        self.chat_id = chat_id
+
+
+def _migrated_to(response: httpx.Response) -> int | None:
+    """The chat id a Telegram refusal says the chat moved to, if it says so."""
+    try:
+        parameters = response.json().get("parameters")
+        moved = parameters.get("migrate_to_chat_id")
+    except (ValueError, RecursionError, AttributeError):
+        return None
+    return moved if isinstance(moved, int) and not isinstance(moved, bool) else None
 
 
 def _retry_after(header: str | None) -> float | None:

@@ -190,6 +190,19 @@ def test_a_group_command_is_this_bots_only_when_it_names_this_bot() -> None:
     assert parsed[0].reply_to == {"channel": "telegram", "chat_id": 42}
 
 
+def test_a_message_on_behalf_of_a_chat_has_no_user_to_remember() -> None:
+    """Anonymous admins and "send as" channels come from placeholders every group shares."""
+    body = update("what did I order?", chat=-100, sender=1087968824)  # GroupAnonymousBot
+    body["message"]["sender_chat"] = {"id": -100, "type": "supergroup"}
+    (found,) = telegram_messages(TelegramUpdate.model_validate(body))
+    assert found.message.user_id is None  # memories stay the group thread's
+    assert found.key == ThreadKey.of("telegram:-100")
+    forward = update("a channel post", chat=-100, sender=777000)
+    forward["message"] |= {"sender_chat": {"id": -200, "type": "channel"}}
+    forward["message"]["is_automatic_forward"] = True
+    assert telegram_messages(TelegramUpdate.model_validate(forward)) == []
+
+
 def test_a_forum_topic_is_a_thread_of_its_own_answered_in_the_topic() -> None:
     body = update("book a table", chat=-100)
     body["message"] |= {"message_thread_id": 12, "is_topic_message": True}
@@ -504,6 +517,12 @@ async def test_the_sender_tells_lasting_refusals_from_passing_ones(
         with pytest.raises(ChannelSendFailed) as undeliverable:
             await sender.send({"channel": "whatsapp", "phone_number_id": "1", "to": "2"}, "x")
         assert undeliverable.value.permanent
+        # A group upgraded to a supergroup: the reply goes to the id Telegram names.
+        moved = {"migrate_to_chat_id": -1001234567890}
+        upgraded = "Bad Request: group chat was upgraded to a supergroup chat"
+        platform.refuse(400, {"ok": False, "description": upgraded, "parameters": moved})
+        await sender.send({"channel": "telegram", "chat_id": -4567}, "still here")
+        assert [c.body["chat_id"] for c in platform.calls[-2:]] == [-4567, -1001234567890]
         # A platform that quotes the token back: the error (logged, stored) does not.
         platform.refuse(401, {"ok": False, "description": "token 123:abc is not valid"})
         with pytest.raises(ChannelSendFailed) as bad_token:

@@ -78,6 +78,12 @@ def _lookup(name: str) -> Any | None:
         return None
 
 
+def _actor_id(handle: Any) -> str | None:
+    """The id of the actor behind ``handle`` (hex), as the runtime context gives it."""
+    actor_id = getattr(handle, "_actor_id", None)
+    return actor_id.hex() if actor_id is not None else None
+
+
 async def passivate_actor(name: str, actor_id: str | None = None, timeout_s: float = 60.0) -> None:
     """Ask the thread actor called ``name`` to passivate; return once Ray has released the name.
 
@@ -87,6 +93,11 @@ async def passivate_actor(name: str, actor_id: str | None = None, timeout_s: flo
     """
     handle = await asyncio.to_thread(_lookup, name)
     if handle is None:
+        return
+    if actor_id is not None and _actor_id(handle) not in (None, actor_id):
+        # The name is a later incarnation's, maybe one still in its constructor (the caller
+        # itself, or one waiting on its own victims): a call would wait for it to be up.
+        log.info("thread actor %s is a later incarnation than %s: left alone", name, actor_id)
         return
     try:
         # Without an id, called as the previous release's actors expect (no argument, None
@@ -101,9 +112,14 @@ async def passivate_actor(name: str, actor_id: str | None = None, timeout_s: flo
         # incarnation's, which waiting for the name to be released would wait on.
         return
     ray.kill(handle, no_restart=True)  # its state is stored; waiting buys nothing
+    killed = _actor_id(handle)
     deadline = time.monotonic() + timeout_s
     delay = 0.01
-    while await asyncio.to_thread(_lookup, name) is not None:
+    while (holder := await asyncio.to_thread(_lookup, name)) is not None:
+        if killed is not None and _actor_id(holder) != killed:
+            # Released, and taken again by the next incarnation (the killed one's messages,
+            # re-sent at once): waiting for the name to be free would wait out the timeout.
+            return
         if time.monotonic() > deadline:
             log.warning(
                 "thread actor %s still registered %.0f s after passivation", name, timeout_s

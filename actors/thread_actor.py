@@ -56,7 +56,9 @@ class ThreadActor:
             threads.max_live_threads,
             idle_timeout_s=threads.idle_timeout_s,
         )
-        victims = await self._live.activate(self._me)
+        # An entry left by an earlier incarnation of this very thread (one that crashed) names
+        # this actor now: asking it to passivate would wait on this constructor for ever.
+        victims = [v for v in await self._live.activate(self._me) if v.name != self._me.name]
         if victims:
             log.info("passivating %d least recently used threads for %s", len(victims), key)
             await asyncio.gather(*(passivate_actor(v.name, v.actor_id) for v in victims))

@@ -99,3 +99,47 @@ async def test_victims_of_either_release_are_passivated_once(monkeypatch) -> Non
         monkeypatch.setattr(directory, "_lookup", lambda name, it=lookups: next(it))
         await directory.passivate_actor("thread/default/alice", actor_id)
         assert (handle in killed) is goes
+
+
+class _ActorId:
+    def __init__(self, hex_id: str) -> None:
+        self._hex = hex_id
+
+    def hex(self) -> str:
+        return self._hex
+
+
+class _Actor(_Handle):
+    """A handle that knows which actor it names, as Ray's do; records passivate calls."""
+
+    def __init__(self, actor_id: str) -> None:
+        self.calls: list[str | None] = []
+
+        async def passivate(asked: str | None = None) -> bool:
+            self.calls.append(asked)
+            return asked in (None, actor_id)
+
+        super().__init__(passivate)
+        self._actor_id = _ActorId(actor_id)
+
+
+async def test_a_name_held_by_another_incarnation_is_not_asked_to_passivate(
+    monkeypatch,
+) -> None:
+    """It may be in its constructor (the caller itself): the call would wait for it."""
+    later = _Actor("a2")
+    monkeypatch.setattr(directory, "_lookup", lambda name: later)
+    monkeypatch.setattr(directory.ray, "kill", lambda handle, no_restart: None)
+    await directory.passivate_actor("thread/default/alice", "a1")
+    assert later.calls == []
+
+
+async def test_a_name_taken_again_at_once_ends_the_wait(monkeypatch, caplog) -> None:
+    """The victim's own messages, re-sent, bring its thread back under the same name."""
+    victim, back = _Actor("a1"), _Actor("a3")
+    lookups = iter([victim, victim, back])
+    monkeypatch.setattr(directory, "_lookup", lambda name: next(lookups, back))
+    monkeypatch.setattr(directory.ray, "kill", lambda handle, no_restart: None)
+    await directory.passivate_actor("thread/default/alice", "a1", timeout_s=30)
+    assert victim.calls == ["a1"] and back.calls == []
+    assert "still registered" not in caplog.text

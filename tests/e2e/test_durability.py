@@ -238,6 +238,31 @@ def test_a_dead_incarnations_leftover_never_passivates_the_live_one(
     assert epoch_in_redis(redis_url, thread) == epoch, "the live incarnation was passivated"
 
 
+def test_a_crashed_incarnations_leftover_never_holds_up_its_own_thread(
+    small_app: App, fake_llm: FakeLLMServer, redis_url: str
+) -> None:
+    """The next actor of the thread, making room, finds its own name among the victims."""
+    route_to_bookings(fake_llm)
+    thread = new_thread()
+    name = ThreadKey.of(thread).actor_name
+    admin = redis.Redis.from_url(redis_url, decode_responses=True)
+    with small_app.client(timeout=45) as client:
+        send(client, thread, "book")
+        (actor,) = list_actors(filters=[("name", "=", name), ("state", "=", "ALIVE")])
+        assert actor.node_id
+        live_set = live_set_key(actor.node_id)
+        crashed = {str(m) for m in admin.zrange(live_set, 0, -1) if str(m).startswith(name)}
+        assert crashed and sigkill_actor(name)
+        # The leftover is the oldest member of a full set: the next actor must make room.
+        admin.zadd(live_set, dict.fromkeys(crashed, 0))
+        padding = {f"thread/default/pad-{uuid.uuid4().hex[:8]}#0": time.time() for _ in range(5)}
+        admin.zadd(live_set, padding)
+        after = send(client, thread, "for two")  # hung for ever, waiting on itself
+    admin.zrem(live_set, *padding)
+    admin.close()
+    assert (after["turn"], after["agent"]) == (2, "bookings")
+
+
 @pytest.fixture(scope="module")
 def idle_app(deploy) -> App:
     team = openai_team()

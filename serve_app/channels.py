@@ -92,6 +92,7 @@ _TelegramId = Annotated[int, Field(ge=-(2**53), le=2**53)]
 
 class _TelegramChat(_Wire):
     id: _TelegramId
+    type: str | None = None  # private, group, supergroup or channel
 
 
 class _TelegramUser(_Wire):
@@ -376,18 +377,27 @@ def telegram_messages(update: TelegramUpdate, username: str | None = None) -> li
             message=InboundMessage(
                 text=text,
                 message_id=f"telegram:{chat}:{message.message_id}",
-                # No person behind a chat's own messages: their memories stay the thread's,
-                # rather than a placeholder's shared by every group.
-                user_id=(
-                    f"telegram:{message.sender.id}"
-                    if message.sender is not None and message.sender_chat is None
-                    else None
-                ),
+                user_id=_telegram_user(message),
                 channel="telegram",
             ),
             reply_to=reply_to,
         )
     ]
+
+
+def _telegram_user(message: _TelegramMessage) -> str | None:
+    """Whose memories a Telegram message makes and recalls.
+
+    The sender's; in a group, the sender's in that group only, so nothing said in a private
+    chat is recalled in front of the group (nor the other way round). A message on behalf of
+    a chat has no person behind it: its memories stay the thread's, rather than those of
+    the placeholder sender Telegram gives every such message in every chat.
+    """
+    if message.sender is None or message.sender_chat is not None:
+        return None
+    if message.chat.type in ("group", "supergroup"):
+        return f"telegram:{message.sender.id}@{message.chat.id}"
+    return f"telegram:{message.sender.id}"
 
 
 def whatsapp_messages(payload: WhatsAppPayload) -> list[ChannelMessage]:

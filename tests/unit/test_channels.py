@@ -197,6 +197,14 @@ def test_a_message_on_behalf_of_a_chat_has_no_user_to_remember() -> None:
     (found,) = telegram_messages(TelegramUpdate.model_validate(body))
     assert found.message.user_id is None  # memories stay the group thread's
     assert found.key == ThreadKey.of("telegram:-100")
+    person = update("what did I order?", chat=-100, sender=5)
+    person["message"]["chat"]["type"] = "supergroup"
+    (said,) = telegram_messages(TelegramUpdate.model_validate(person))
+    assert said.message.user_id == "telegram:5@-100"  # not the memories of their private chat
+    private = update("what did I order?", chat=5, sender=5)
+    assert telegram_messages(TelegramUpdate.model_validate(private))[0].message.user_id == (
+        "telegram:5"
+    )
     forward = update("a channel post", chat=-100, sender=777000)
     forward["message"] |= {"sender_chat": {"id": -200, "type": "channel"}}
     forward["message"]["is_automatic_forward"] = True

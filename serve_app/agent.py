@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Awaitable, Callable
 
 from providers.model import ChatMessage, ModelResponse, Provider, ToolCall, ToolSpec, valid_unicode
@@ -178,8 +179,9 @@ class Agent:
                     failed=True,
                 )
             usage = usage + response.usage
-            handoff = next((c for c in response.tool_calls if c.name in self._handoffs), None)
-            if handoff is not None:
+            handoffs = [c for c in response.tool_calls if c.name in self._handoffs]
+            handoff = handoffs[0] if handoffs else None
+            if handoff is not None and len(response.tool_calls) == 1 and not handoff.malformed:
                 return AgentResult(
                     agent=name,
                     handoff_to=self._handoffs[handoff.name],
@@ -203,16 +205,27 @@ class Agent:
                 # that ignored tool_choice): running the tools now would have their side
                 # effects (a booking) behind a reply saying the request failed.
                 break
-            messages.append(
-                ChatMessage(role="assistant", content=response.text, tool_calls=response.tool_calls)
-            )
-            for call in response.tool_calls:
-                tool_log.append(call.name)
-                messages.append(
-                    ChatMessage(
-                        role="tool", tool_call_id=call.id, content=await self._run(call, tools)
-                    )
+            # A name no tool has goes back as one the vendor's API takes (a model may invent
+            # "multi_tool_use.parallel", which would fail the next request); the error sent
+            # with it names the call as the model wrote it.
+            called = [
+                c
+                if c.name in tools or c.name in self._handoffs
+                else c.model_copy(
+                    update={"name": _UNSAFE_NAME.sub("_", c.name)[:64] or "unknown_tool"}
                 )
+                for c in response.tool_calls
+            ]
+            messages.append(ChatMessage(role="assistant", content=response.text, tool_calls=called))
+            for call in response.tool_calls:
+                if handoff is not None:
+                    # A handoff hands the thread over: the calls beside it would run for an
+                    # agent that is gone, and a cut-off one has lost its reason. None runs.
+                    content = _handoff_refused(call, handoff)
+                else:
+                    tool_log.append(call.name)
+                    content = await self._run(call, tools)
+                messages.append(ChatMessage(role="tool", tool_call_id=call.id, content=content))
         log.warning("agent %s hit max_iterations=%d", name, self.config.max_iterations)
         return AgentResult(
             agent=name,
@@ -239,10 +252,15 @@ class Agent:
             return AgentResult(
                 agent=self.config.name, handoff_to=decision.agent, handoff_reason=reason
             )
-        if RETURN_TOOL in self._handoffs:
+        supervisor = self._team.supervisor.name
+        # Only a suggestion the supervisor can follow: otherwise it sends the thread straight
+        # back here, a paid round trip on every turn.
+        if RETURN_TOOL in self._handoffs and decision.agent in self._team.handoff_targets(
+            supervisor
+        ):
             return AgentResult(
                 agent=self.config.name,
-                handoff_to=self._team.supervisor.name,
+                handoff_to=supervisor,
                 handoff_reason=f"{reason} [suggested: {decision.agent}]",
             )
         return None
@@ -265,6 +283,22 @@ class Agent:
             )
         # What a tool returns goes to the model: a lone surrogate would fail the request.
         return valid_unicode(await tool.run(call.arguments, self.config.tool_timeout_s))
+
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def _handoff_refused(call: ToolCall, handoff: ToolCall) -> str:
+    """What a call gets back from a reply that hands off, but not alone or not whole."""
+    if call is handoff and call.malformed:
+        return (
+            f"error: the arguments of {call.name!r} were cut off; call it again, alone, with "
+            "its reason"
+        )
+    return (
+        f"error: not run: {handoff.name} hands the conversation over, so it must be the only "
+        f"tool call of its reply; call the other tools first, then {handoff.name} alone"
+    )
 
 
 def _final_reply(agent: str, response: ModelResponse) -> tuple[str, str | None]:

@@ -10,8 +10,10 @@ import asyncio
 import importlib
 import inspect
 import re
+import threading
 import typing
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +29,42 @@ __all__ = ["Tool", "ToolError", "check_tools", "intent_tools", "resolve_tool", "
 
 class ToolError(Exception):
     """A tool reference cannot be resolved."""
+
+
+# Threads of one sync tool: a call still running past its timeout keeps its thread (a thread
+# cannot be stopped). Each tool has threads of its own, so a backend that never answers uses
+# up only its tool's, never the event loop's default executor, which the model clients need
+# too (aiohttp resolves host names there).
+MAX_THREADS_PER_TOOL = 8
+
+
+class _ToolBusy(Exception):
+    """Every thread of a sync tool is taken by calls still running."""
+
+
+class _Lane:
+    """The threads of one sync tool function, and how many of its calls still run."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(MAX_THREADS_PER_TOOL, thread_name_prefix="stickyray-tool")
+        self._lock = threading.Lock()
+        self.running = 0
+
+    def _done(self, _: Future[Any]) -> None:  # run, failed or cancelled before it started
+        with self._lock:
+            self.running -= 1
+
+    async def call(self, func: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        with self._lock:
+            if self.running >= MAX_THREADS_PER_TOOL:
+                raise _ToolBusy(self.running)
+            self.running += 1
+        future = self._pool.submit(func, **kwargs)
+        future.add_done_callback(self._done)
+        return await asyncio.wrap_future(future)
+
+
+_LANES: dict[Callable[..., Any], _Lane] = {}
 
 
 @dataclass(frozen=True)
@@ -89,6 +127,11 @@ class Tool:
         try:
             async with deadline:
                 result = await self._call(kwargs)
+        except _ToolBusy as busy:
+            return (
+                f"error: {self.name} is not answering: {busy} earlier calls are still running; "
+                "do not call it again in this conversation turn"
+            )
         except Exception as exc:  # a tool's failure is reported to the model, not raised
             if deadline.expired():  # not a TimeoutError the tool raised itself
                 # A function running in a thread cannot be stopped, and may still do its work.
@@ -102,7 +145,10 @@ class Tool:
     async def _call(self, kwargs: dict[str, Any]) -> Any:
         if inspect.iscoroutinefunction(self.func):
             return await self.func(**kwargs)
-        result = await asyncio.to_thread(self.func, **kwargs)
+        lane = _LANES.get(self.func)
+        if lane is None:
+            lane = _LANES[self.func] = _Lane()
+        result = await lane.call(self.func, kwargs)
         if inspect.isawaitable(result):  # a sync wrapper (a decorator) around an async tool
             result = await result
         return result

@@ -346,3 +346,127 @@ def test_anthropic_temperatures_stop_at_one() -> None:
         parse_config(data, source=__import__("pathlib").Path("<test>"))
     data["specialists"][1]["temperature"] = 1.0
     parse_config(data, source=__import__("pathlib").Path("<test>"))
+
+
+def history_tool_names(request) -> list[str]:
+    """The tool call names an outgoing request carries in its history, on either vendor."""
+    names: list[str] = []
+    for message in request.messages:
+        for call in message.get("tool_calls") or []:  # OpenAI
+            names.append(call["function"]["name"])
+        content = message.get("content")
+        if isinstance(content, list):  # Anthropic
+            names += [b["name"] for b in content if b.get("type") == "tool_use"]
+    return names
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_an_invented_tool_name_goes_back_in_a_form_the_api_takes(
+    kind: str, fake_llm: FakeLLMServer
+) -> None:
+    """Models invent "multi_tool_use.parallel"; OpenAI refuses that name in the history."""
+    import re
+
+    cfg = team(kind)
+    agent = Agent(cfg.agent("bookings"), cfg, provider_for(kind, fake_llm), [])
+    fake_llm.queue(FakeReply.tool_call("multi_tool_use.parallel", {"tool_uses": []}))
+    fake_llm.queue(FakeReply.text("done"))
+    result = await agent.run(request("go"))
+    assert result.reply == "done"
+    follow_up = fake_llm.requests[-1]
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", n) for n in history_tool_names(follow_up))
+    assert "no tool called 'multi_tool_use.parallel'" in follow_up.tool_results[0]
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_a_handoff_beside_other_calls_or_cut_off_runs_nothing_and_goes_back(
+    kind: str, fake_llm: FakeLLMServer
+) -> None:
+    import dataclasses
+
+    ran: list[str] = []
+
+    def book_table(people: int) -> str:
+        ran.append(f"booked for {people}")
+        return "booked"
+
+    from serve_app.tools import Tool
+
+    cfg = team(kind, max_iterations=4)
+    tools = [Tool("book_table", "Book a table", book_table)]
+    agent = Agent(cfg.agent("bookings"), cfg, provider_for(kind, fake_llm), tools)
+    fake_llm.queue(
+        FakeReply.tool_calls([("book_table", {"people": 2}), ("return_to_supervisor", {})])
+    )
+    cut = FakeReply.tool_call("return_to_supervisor", {"reason": "the user wants a ta"})
+    fake_llm.queue(dataclasses.replace(cut, stop="max_tokens"))
+    fake_llm.queue(FakeReply.tool_call("return_to_supervisor", {"reason": "taxi"}))
+    result = await agent.run(request("book for 2, and I need a taxi"))
+    assert (result.handoff_to, result.handoff_reason) == ("triage", "taxi")
+    assert ran == [] and result.tool_calls == []  # the booking was not made behind its back
+    mixed, cut_off = fake_llm.requests[1].tool_results, fake_llm.requests[2].tool_results[-1:]
+    assert all("must be the only tool call" in r for r in mixed) and len(mixed) == 2
+    assert "were cut off" in cut_off[0]
+    fake_llm.assert_complete()
+
+
+async def test_the_precheck_suggests_only_agents_the_supervisor_can_reach(
+    fake_llm: FakeLLMServer,
+) -> None:
+    """Otherwise the supervisor sends the thread straight back: a paid round trip a turn."""
+    from memory.embedders import LocalEmbedder
+    from providers.offline import team_profiles
+    from providers.routing import EvidenceRouter
+
+    data = openai_team(provider="openai", model="m-test")
+    data["routing"] = {"precheck": True}
+    data["supervisor"]["handoffs"] = ["invoices", "bookings"]  # support: not from triage
+    data["specialists"][1]["handoffs"] = []  # bookings may only return
+    cfg = parse_config(data, source=__import__("pathlib").Path("<test>"))
+    router = EvidenceRouter(LocalEmbedder(), team_profiles(cfg))
+    bookings = Agent(cfg.agent("bookings"), cfg, provider_for("openai", fake_llm), [], None, router)
+    fake_llm.on(agent="bookings", reply=FakeReply.text("booked"))
+    refund = "I want a refund, there is a wrong charge on my last invoice"
+    crash = "the app crashes every time I open it, I get an error screen"
+    assert (await bookings.run(request(refund))).handoff_to == "triage"  # invoices: reachable
+    stays = await bookings.run(request(crash))
+    assert stays.handoff_to is None and stays.reply == "booked"
+
+
+async def test_a_sync_tool_that_hangs_takes_only_its_own_threads(fake_llm: FakeLLMServer) -> None:
+    """Its calls keep their threads after the timeout; other tools and the model go on."""
+    import asyncio
+    import threading
+
+    from serve_app.tools import MAX_THREADS_PER_TOOL, Tool
+
+    backend = threading.Event()
+
+    def lookup_order(order_id: str) -> str:
+        """A backend with no timeout of its own, as requests.get without one."""
+        backend.wait()
+        return f"order {order_id}"
+
+    stuck = Tool("lookup_order", "Look up an order", lookup_order)
+    clock = resolve_tool("current_time")
+    try:
+        for n in range(MAX_THREADS_PER_TOOL):
+            answer = await stuck.run({"order_id": str(n)}, timeout_s=0.05)
+            assert "did not finish within 0.05 s" in answer
+        refused = await stuck.run({"order_id": "x"}, timeout_s=5)
+        assert refused.startswith("error: lookup_order is not answering: 8 earlier calls")
+        assert (await clock.run({}, timeout_s=5)).startswith("20")  # its threads are its own
+        # The event loop's default executor, which the model clients use, is free too.
+        assert await asyncio.to_thread(lambda: "free") == "free"
+        cfg = team("openai")
+        fake_llm.on(agent="bookings", reply=FakeReply.text("still here"))
+        agent = Agent(cfg.agent("bookings"), cfg, provider_for("openai", fake_llm), [])
+        assert (await agent.run(request("hi"))).reply == "still here"
+    finally:
+        backend.set()  # the backend answers: the threads come back
+    for _ in range(500):
+        if await stuck.run({"order_id": "y"}, timeout_s=5) == "order y":
+            break
+        await asyncio.sleep(0.01)  # polling for the threads to finish their calls
+    else:
+        raise AssertionError("the tool's threads never came back")

@@ -33,6 +33,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
@@ -700,7 +701,7 @@ class ChannelSender:
             return
         if channel == "telegram" and (moved := _migrated_to(response)) is not None:
             raise _Migrated(moved)
-        reason, retry_after, code = http_refusal(response)
+        reason, retry_after, code = http_refusal(response, self._redacted)
         # 429 (too many messages), 5xx and Meta's throttling codes pass; any other 4xx
         # (blocked by the user, a chat that does not exist, a bad token) fails again.
         transient = (
@@ -749,25 +750,32 @@ def _retry_after(header: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def http_refusal(response: httpx.Response) -> tuple[str, float | None, int | None]:
+def http_refusal(
+    response: httpx.Response, redact: Callable[[str], str] = str
+) -> tuple[str, float | None, int | None]:
     """What an HTTP error answer (a platform's, a webhook's) says, how long it asks to wait,
-    and its error code."""
+    and its error code. ``redact`` cleans the whole text before it is cut short, so that no
+    part of a secret it quotes survives the cut."""
     retry_after = _retry_after(response.headers.get("retry-after"))
+
+    def said(text: str) -> str:
+        return redact(text)[:200]
+
     try:
         body = response.json()
     except (ValueError, RecursionError):  # not JSON, not text, or nested past the parser
-        return response.text[:200], retry_after, None
+        return said(response.text), retry_after, None
     if not isinstance(body, dict):
-        return str(body)[:200], retry_after, None
+        return said(str(body)), retry_after, None
     # Telegram: {"ok": false, "description": ..., "parameters": {"retry_after": n}}
     parameters = body.get("parameters")
     if isinstance(parameters, dict) and isinstance(parameters.get("retry_after"), int | float):
         retry_after = float(parameters["retry_after"])
     if isinstance(body.get("description"), str):
-        return body["description"][:200], retry_after, None
+        return said(body["description"]), retry_after, None
     # Meta: {"error": {"message": ..., "code": ...}}
     error = body.get("error")
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         code = error.get("code")
-        return error["message"][:200], retry_after, code if isinstance(code, int) else None
-    return json.dumps(body)[:200], retry_after, None
+        return said(error["message"]), retry_after, code if isinstance(code, int) else None
+    return said(json.dumps(body)), retry_after, None

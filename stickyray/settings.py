@@ -169,7 +169,10 @@ _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD")
 
 
 def _shown(value: Any) -> Any:
-    """``value`` with whatever precedes the host of a URL (``user:password@``) masked."""
+    """``value`` with whatever precedes the host of a URL (``user:password@``) masked, and
+    any ``password=...`` (libpq's keyword form, a query parameter)."""
+    if isinstance(value, str):
+        value = re.sub(r"(?i)(password\s*=\s*)('[^']*'|[^\s&;]+)", r"\1***", value)
     if isinstance(value, str) and "@" in value:
         scheme = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value)
         prefix = scheme.group(0) if scheme else ""

@@ -45,8 +45,9 @@ def test_prompt_has_core_block_and_relevant_memory(app: App, fake_llm: FakeLLMSe
         body = {"text": "book a table; how will you notify me, by WhatsApp?", "user_id": who}
         assert client.post(f"/v1/threads/{new_thread()}/messages", json=body).status_code == 200
     system = fake_llm.requests_for(agent="bookings")[-1].system
-    assert "[user_profile] Name: Ana Lopez" in system
-    assert "The user prefers WhatsApp for notifications" in system
+    assert '- user_profile: "Name: Ana Lopez"' in system  # quoted data, in its block
+    assert '"The user prefers WhatsApp for notifications"' in system
+    assert system.index("<memory>") < system.index("Ana Lopez") < system.rindex("</memory>")
     # The supervisor has no memory section: nothing of the user leaks into its prompt.
     assert "Ana Lopez" not in fake_llm.requests_for(agent="triage")[-1].system
 

@@ -69,6 +69,27 @@ def test_health_docs_and_webhooks_do_not_take_the_key(keyed: types.SimpleNamespa
     assert client.post("/v1/channels/telegram/webhook", json={}).status_code != 401
 
 
+def test_health_without_the_key_says_what_is_down_not_where(
+    keyed: types.SimpleNamespace,
+) -> None:
+    """Hosts and ports in the errors go to the log, not to whoever asks."""
+    from stickyray.errors import StoreUnavailable
+
+    class Down:
+        async def ping(self) -> None:
+            raise StoreUnavailable("redis", "Error 111 connecting to 10.1.2.3:6379")
+
+    def no_controller() -> dict[str, str]:
+        raise ConnectionError("GCS at 10.1.2.4:6380 unreachable")
+
+    keyed.instance._store = Down()
+    keyed.instance._serve_checks = no_controller
+    answer = keyed.client.get("/healthz")
+    assert answer.status_code == 503
+    assert answer.json()["checks"] == {"redis": "down", "ray": "down"}
+    assert "10.1.2" not in answer.text
+
+
 def test_without_a_key_the_api_is_open(replica: types.SimpleNamespace) -> None:  # noqa: F811
     response = replica.client.post("/v1/threads/alice/messages", json={"text": "hi"})
     assert response.status_code == 200

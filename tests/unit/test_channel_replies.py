@@ -167,6 +167,14 @@ def test_a_refusal_in_no_shape_is_still_read() -> None:
         assert retry_after is None and code is None and isinstance(reason, str)
 
 
+def test_a_secret_quoted_across_the_cut_is_redacted_whole() -> None:
+    """Cut first and redacted after, the start of a token at the cut would survive."""
+    token = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"
+    quoted = httpx.Response(400, json={"ok": False, "description": "x" * 180 + " bot" + token})
+    reason, _, _ = http_refusal(quoted, lambda text: text.replace(token, "***"))
+    assert "123456789" not in reason and reason.endswith("bot***")
+
+
 async def test_a_reply_left_by_a_stopped_worker_is_sent_by_the_next(
     client: Any,  # noqa: F811
 ) -> None:

@@ -219,6 +219,14 @@ def test_bad_values_are_caught_before_anything_starts(
         assert value.split()[0] not in str(err.value)
 
 
+def test_a_database_password_is_never_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """libpq's keyword form has no '@' to mask before: its password= is masked."""
+    monkeypatch.setenv("DATABASE_URL", "host=db.internal user=app password=hunter2 dbname=m")
+    with pytest.raises(ConfigError, match="DATABASE_URL") as err:
+        load_settings()
+    assert "hunter2" not in str(err.value) and "password=***" in str(err.value)
+
+
 @pytest.mark.parametrize(
     "address", ["auto", "local", "10.0.0.5:6379", "head.internal:6379", "ray://head:10001"]
 )

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from actors.commands import CHANGING, parse_command
 from memory.embedders import LocalEmbedder
 from providers.offline import team_profiles
 from providers.routing import RECENT_USER_MESSAGES, EvidenceRouter
@@ -63,7 +64,8 @@ def baselines(team: TeamConfig, dialogues: list[Dialogue]) -> dict[str, dict[str
     with the same router and embedding model the offline agents use."""
     embedder = LocalEmbedder()
     router = EvidenceRouter(embedder, team_profiles(team))
-    texts = [[t.user for t in d.turns] for d in dialogues]
+    # Only messages are routed, as in the thread: a command is answered by the thread.
+    texts = [[t.user for t in d.turns if parse_command(t.user) is None] for d in dialogues]
     flat = embedder.embed_sync([t for turns in texts for t in turns])
     out: dict[str, dict[str, float | None]] = {}
     asyncio.run(router.prepare())
@@ -75,9 +77,9 @@ def baselines(team: TeamConfig, dialogues: list[Dialogue]) -> dict[str, dict[str
         for dialogue, turn_texts in zip(dialogues, texts, strict=True):
             vectors = flat[at : at + len(turn_texts)]
             at += len(turn_texts)
-            agents, made = STRATEGIES[name](router, vectors, turn_texts)
+            agents, made = _replayed(STRATEGIES[name], router, dialogue, vectors)
             decisions += made
-            turns += len(turn_texts)
+            turns += len(dialogue.turns)
             for turn, agent in zip(dialogue.turns, agents, strict=True):
                 labels = turn.labels  # as the run scores it: commands are not
                 if labels:
@@ -88,3 +90,38 @@ def baselines(team: TeamConfig, dialogues: list[Dialogue]) -> dict[str, dict[str
             "supervisor_decisions_per_turn": round(decisions / max(turns, 1), 4),
         }
     return out
+
+
+def _replayed(
+    policy: Policy, router: EvidenceRouter, dialogue: Dialogue, vectors: np.ndarray
+) -> tuple[list[str | None], int]:
+    """The agent active at each turn of ``dialogue`` under ``policy``, and its decisions.
+
+    ``vectors`` are the dialogue's messages (its commands left out). A command keeps the
+    agent it found; ``/supervisor`` and ``/reset`` end a stretch, and the policy starts
+    afresh on the messages after them, as the thread routes the next message again.
+    """
+    agents: list[str | None] = []
+    stretch: list[int] = []  # positions in ``agents`` of the current stretch's messages
+    decisions = at = 0
+
+    def route() -> None:
+        nonlocal decisions, at
+        if stretch:
+            texts = [dialogue.turns[i].user for i in stretch]
+            routed, made = policy(router, vectors[at : at + len(stretch)], texts)
+            for position, agent in zip(stretch, routed, strict=True):
+                agents[position] = agent
+            decisions, at = decisions + made, at + len(stretch)
+            stretch.clear()
+
+    for index, turn in enumerate(dialogue.turns):
+        command = parse_command(turn.user)
+        if command is None:
+            stretch.append(index)
+            agents.append(None)
+            continue
+        route()
+        agents.append(agents[-1] if agents and command.name not in CHANGING else None)
+    route()
+    return agents, decisions

@@ -20,13 +20,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from actors.commands import parse_command
 from stickyray.config import (
     AGENT_NAME_PATTERN,
     INTENT_NAME_PATTERN,
+    SlotName,
     TeamConfig,
+    check_slots_once,
     load_config,
     parse_config,
 )
@@ -94,8 +104,9 @@ def load_dialogues(
         if limit is not None and len(dialogues) >= limit:
             break
         try:
-            # Decoded line by line, so one bad byte costs its line and not the file.
-            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            # Decoded line by line, so one bad byte costs its line and not the file. A byte
+            # order mark is dropped wherever it is (files joined with cat carry several).
+            line = raw.decode("utf-8-sig")
             dialogue = Dialogue.model_validate_json(line)
         except UnicodeDecodeError as exc:
             skipped.append(SkippedLine(line=number, error=f"line: not UTF-8 ({exc.reason})"))
@@ -135,8 +146,11 @@ def load_dialogues(
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
-            if line.strip():
+            if line.removeprefix(_BOM).strip():
                 yield number, line
+
+
+_BOM = "\ufeff".encode()
 
 
 class _Named(BaseModel):
@@ -149,9 +163,16 @@ class _Named(BaseModel):
 
 
 class _Intent(_Named):
+    # Checked as the config checks them, so an error names the user's entry
+    # (agents[0].intents[1]...) and not the generated config.
     name: str = Field(pattern=INTENT_NAME_PATTERN)  # it becomes a tool name
-    required_slots: list[str] = Field(default_factory=list)
-    optional_slots: list[str] = Field(default_factory=list)
+    required_slots: list[SlotName] = Field(default_factory=list)
+    optional_slots: list[SlotName] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _slots_once(self) -> _Intent:
+        check_slots_once(self.required_slots, self.optional_slots)
+        return self
 
 
 class _Service(_Named):
@@ -183,6 +204,15 @@ def team_from_agents(entries: list[Any], source: Path) -> TeamConfig:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
         what = "expected a JSON object" if first["type"] == "model_type" else first["msg"]
         raise ConfigError(f"{source}: agents{where}: {what}") from None
+    first_named: dict[str, int] = {}
+    for index, service in enumerate(services):
+        # Agents are named after services lower-cased: Hotels_1 and HOTELS_1 would be one.
+        seen = first_named.setdefault(_agent_name(service.name), index)
+        if seen != index:
+            raise ConfigError(
+                f"{source}: agents[{index}].name: {service.name!r} names the same agent as "
+                f"agents[{seen}] ({services[seen].name!r}): agent names ignore case"
+            )
     specialists = [
         {
             "name": _agent_name(service.name),

@@ -27,11 +27,20 @@ __all__ = [
 REPORT_FILES = ("report.json", "report.md", "routing.png", "turns.jsonl")
 
 
-def _pct(values: list[float], q: float) -> float:
+def _pct_ms(values: list[float], q: float) -> float | None:
+    """A percentile of latencies in seconds, in ms; None when no turn was timed."""
     if not values:
-        return 0.0
+        return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+    return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000, 1)
+
+
+def _most_frequent(wrong: Counter[str]) -> dict[str, Any]:
+    """The wrong agent that answered most often; a tie goes to the first name, and the
+    others tied are listed, so the table does not depend on the order of the dialogues."""
+    top = max(wrong.values())
+    tied = sorted(agent for agent, count in wrong.items() if count == top)
+    return {"most_frequent_wrong": tied[0], "count": top, "tied_with": tied[1:]}
 
 
 def _domain(name: str) -> str:
@@ -112,10 +121,7 @@ def summarize(
                 wrong[label][record.agent or "(none)"] += 1
     agents = {a.name for a in team.agents}
     unknown = Counter(label for r in records for label in r.labels if label not in agents)
-    confusion = {
-        right: {"most_frequent_wrong": c.most_common(1)[0][0], "count": c.most_common(1)[0][1]}
-        for right, c in sorted(wrong.items())
-    }
+    confusion = {right: _most_frequent(c) for right, c in sorted(wrong.items())}
     decisions = sum(1 for r in records if r.supervisor_called)
     latencies = [r.latency_s for r in records if r.status != "error"]
     runtime = {
@@ -153,10 +159,11 @@ def summarize(
             if cost
             else None
         ),
+        # Of turns that got an answer; null when none did (0 would read as instant).
         "latency_ms": {
-            "p50": round(_pct(latencies, 0.50) * 1000, 1),
-            "p95": round(_pct(latencies, 0.95) * 1000, 1),
-            "p99": round(_pct(latencies, 0.99) * 1000, 1),
+            "p50": _pct_ms(latencies, 0.50),
+            "p95": _pct_ms(latencies, 0.95),
+            "p99": _pct_ms(latencies, 0.99),
         },
         # A completed turn can carry an error too (an agent that ran out of iterations).
         "errors": sum(1 for r in records if r.status != "completed" or r.error),
@@ -188,8 +195,11 @@ def _markdown(report: dict[str, Any]) -> str:
         f"{figure(routing['domain_accuracy'])}.",
         f"Handoffs {routing['handoffs']}, returns to the supervisor "
         f"{routing['returns_to_supervisor']}, errors {report['errors']}.",
-        f"Turn latency p50 {report['latency_ms']['p50']} ms, p95 "
-        f"{report['latency_ms']['p95']} ms, p99 {report['latency_ms']['p99']} ms.",
+        "Turn latency "
+        + ", ".join(
+            f"{q} {'n/a' if ms is None else f'{ms} ms'}" for q, ms in report["latency_ms"].items()
+        )
+        + ".",
         "",
         "## Accuracy per domain",
         "",
@@ -207,7 +217,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "| --- | --- | --- |",
     ]
     lines += [
-        f"| {r} | {c['most_frequent_wrong']} | {c['count']} |"
+        f"| {r} | {', '.join([c['most_frequent_wrong'], *c['tied_with']])} | {c['count']} |"
         for r, c in routing["confusion"].items()
     ]
     if routing["unknown_labels"]:

@@ -36,8 +36,10 @@ __all__ = [
     "MemoryConfig",
     "RoutingConfig",
     "RunsConfig",
+    "SlotName",
     "TeamConfig",
     "ThreadsConfig",
+    "check_slots_once",
     "load_config",
     "sample_config_path",
 ]
@@ -101,14 +103,18 @@ class IntentConfig(_Strict):
 
     @model_validator(mode="after")
     def _slots_once(self) -> IntentConfig:
-        # They become one JSON schema's properties: a repeated one makes a schema that
-        # providers refuse on the first call.
-        seen: set[str] = set()
-        for slot in [*self.required_slots, *self.optional_slots]:
-            if slot in seen:
-                raise ValueError(f"slot {slot!r} is listed twice")
-            seen.add(slot)
+        check_slots_once(self.required_slots, self.optional_slots)
         return self
+
+
+def check_slots_once(required: list[str], optional: list[str]) -> None:
+    """An intent's slots become one JSON schema's properties: a repeated one makes a schema
+    that providers refuse on the first call."""
+    seen: set[str] = set()
+    for slot in [*required, *optional]:
+        if slot in seen:
+            raise ValueError(f"slot {slot!r} is listed twice")
+        seen.add(slot)
 
 
 class AgentConfig(_Strict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,20 @@ def test_a_bad_line_costs_that_line_only(tmp_path: Path) -> None:
         (5, skipped[2].error),
     ]
     assert "EOF" in skipped[2].error or "JSON" in skipped[2].error
+
+
+def test_a_byte_order_mark_is_dropped_on_any_line(tmp_path: Path) -> None:
+    bom = b"\xef\xbb\xbf"
+    only = write_lines(tmp_path / "only.jsonl", bom)
+    assert load_dialogues(only) == ([], [])  # an empty file, not a malformed line
+    joined = write_lines(
+        tmp_path / "joined.jsonl",
+        bom,
+        b'{"dialogue_id": "a", "turns": [{"user": "hi"}]}',
+        bom + b'{"dialogue_id": "b", "turns": [{"user": "hi"}]}',
+    )
+    dialogues, skipped = load_dialogues(joined)
+    assert [d.dialogue_id for d in dialogues] == ["a", "b"] and skipped == []
 
 
 def test_limit_counts_dialogues_read(tmp_path: Path) -> None:
@@ -208,12 +223,23 @@ def test_turns_the_ingress_would_refuse_are_skipped_lines(tmp_path: Path) -> Non
 
 def test_agents_list_names_are_checked_on_the_users_entry() -> None:
     def fails(entries: list, where: str) -> None:
-        with pytest.raises(ConfigError, match=where.replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(ConfigError, match=re.escape(where)):
             team_from_agents(entries, Path("agents.json"))
 
     fails([{"name": "Hotels_1"}, {"name": "Rent-A-Car_1"}], "agents[1].name: Value error")
     fails([{"name": "x" * 41}], "agents[0].name")
     fails([{"name": "Hotels_1", "intents": [{"name": "Find Hotels"}]}], "agents[0].intents[0].name")
+    fails(
+        [{"name": "Hotels_1"}, {"name": "HOTELS_1"}],
+        "agents[1].name: 'HOTELS_1' names the same agent as agents[0] ('Hotels_1')",
+    )
+    slot = [{"name": "Hotels_1", "intents": [{"name": "Find", "required_slots": ["check-in"]}]}]
+    fails(slot, "agents[0].intents[0].required_slots[0]: String should match")
+    twice = {"name": "Find", "required_slots": ["city"], "optional_slots": ["city"]}
+    fails(
+        [{"name": "Hotels_1", "intents": [twice]}],
+        "agents[0].intents[0]: Value error, slot 'city' is listed twice",
+    )
     # A service called Supervisor is an agent like any other; the generated one steps aside.
     team = team_from_agents([{"name": "Supervisor"}, {"name": "Hotels_1"}], Path("agents.json"))
     assert team.supervisor.name == "supervisor_2"
@@ -250,6 +276,33 @@ def test_a_command_in_a_recorded_dialogue_runs_but_is_not_scored() -> None:
         assert figures["accuracy"] == 1.0
 
 
+def test_the_baselines_route_messages_and_not_commands() -> None:
+    team = team_from_agents(AGENTS, Path("agents.json"))
+    hotel = [
+        {"user": "I need a hotel room in Paris", "services": ["Hotels_1"]},
+        {"user": "Book a room for two nights please", "services": ["Hotels_1"]},
+    ]
+    helped = Dialogue.model_validate({"dialogue_id": "d", "turns": [{"user": "/help"}, *hotel]})
+    figures = baselines(team, [helped])
+    # "/help" is answered by the thread: routing it would stick to whatever it resembles.
+    assert figures["sticky without return"] == {
+        "accuracy": 1.0,
+        "supervisor_decisions_per_turn": round(1 / 3, 4),
+    }
+    assert figures["stateless (route every turn)"]["supervisor_decisions_per_turn"] == round(
+        2 / 3, 4
+    )
+    # After /supervisor the next message is routed afresh, as the thread does.
+    sights = {"user": "What attractions can I visit in Paris?", "services": ["Travel_1"]}
+    back = Dialogue.model_validate(
+        {"dialogue_id": "e", "turns": [*hotel, {"user": "/supervisor"}, sights]}
+    )
+    assert baselines(team, [back])["sticky without return"] == {
+        "accuracy": 1.0,
+        "supervisor_decisions_per_turn": 0.5,
+    }
+
+
 def record(labels: list[str], agent: str | None, **fields: object) -> TurnRecord:
     return TurnRecord(dialogue_id="d", index=0, labels=labels, agent=agent, **fields)
 
@@ -270,9 +323,9 @@ def test_every_accuracy_figure_scores_a_turn_the_same_way() -> None:
     assert routing["domain_accuracy"] == round(2 / 3, 4)
     assert routing["per_service"] == {"hotels_1": 1.0, "hotels_4": 0.0, "travel_1": 0.5}
     assert routing["per_domain"] == {"hotels": 1.0, "travel": 0.5}
-    assert routing["confusion"]["hotels_4"] == {"most_frequent_wrong": "hotels_1", "count": 1}
+    assert routing["confusion"]["hotels_4"] == wrong("hotels_1", 1)
     # A wrong answer to a turn that addressed two services is charged to both.
-    assert routing["confusion"]["travel_1"] == {"most_frequent_wrong": "(none)", "count": 1}
+    assert routing["confusion"]["travel_1"] == wrong("(none)", 1)
     assert routing["unknown_labels"] == {"hotels_4": 1}  # AGENTS has no Hotels_4
 
 
@@ -280,9 +333,23 @@ def test_a_confusion_is_charged_to_every_service_the_turn_addressed() -> None:
     team = team_from_agents(AGENTS, Path("agents.json"))
     report = summarize(team, [], [record(["travel_1", "hotels_1"], "hotels_4")], [], 1.0)
     assert report["routing"]["confusion"] == {
-        "hotels_1": {"most_frequent_wrong": "hotels_4", "count": 1},
-        "travel_1": {"most_frequent_wrong": "hotels_4", "count": 1},
+        "hotels_1": wrong("hotels_4", 1),
+        "travel_1": wrong("hotels_4", 1),
     }
+
+
+def wrong(agent: str, count: int, *tied: str) -> dict[str, object]:
+    return {"most_frequent_wrong": agent, "count": count, "tied_with": list(tied)}
+
+
+def test_a_tie_among_wrong_agents_is_shown_whatever_the_dialogue_order(tmp_path: Path) -> None:
+    team = team_from_agents(AGENTS, Path("agents.json"))
+    first = TurnRecord(dialogue_id="a", index=0, labels=["hotels_4"], agent="travel_1")
+    second = TurnRecord(dialogue_id="b", index=0, labels=["hotels_4"], agent="hotels_1")
+    for records in ([first, second], [second, first]):
+        report = write_report(tmp_path, team, [], records, [], 1.0)
+        assert report["routing"]["confusion"] == {"hotels_4": wrong("hotels_1", 1, "travel_1")}
+        assert "| hotels_4 | hotels_1, travel_1 | 1 |" in (tmp_path / "report.md").read_text()
 
 
 def test_a_label_written_twice_counts_once() -> None:
@@ -293,7 +360,7 @@ def test_a_label_written_twice_counts_once() -> None:
     records = [_record(dialogue, i, body, 0.01, "triage") for i in range(2)]
     team = team_from_agents(AGENTS, Path("agents.json"))
     routing = summarize(team, [dialogue], records, [], 1.0)["routing"]
-    assert routing["confusion"]["hotels_1"] == {"most_frequent_wrong": "travel_1", "count": 1}
+    assert routing["confusion"]["hotels_1"] == wrong("travel_1", 1)
     assert routing["unknown_labels"] == {"foo_1": 1}
 
 
@@ -361,6 +428,17 @@ def test_a_replay_without_labels_has_no_accuracy_rather_than_zero(tmp_path: Path
     assert "| sticky with switching (this run) | n/a | 0.500 |" in markdown
     assert "| stateless | n/a | 0.000 |" in markdown
     assert (tmp_path / "routing.png").stat().st_size > 0
+
+
+def test_no_answered_turn_has_no_latency_rather_than_zero(tmp_path: Path) -> None:
+    failed = record(["hotels_1"], None, status="error", error="ConnectError", latency_s=0.0)
+    team = team_from_agents(AGENTS, Path("agents.json"))
+    report = write_report(tmp_path, team, [], [failed], [], 1.0)
+    assert report["latency_ms"] == {"p50": None, "p95": None, "p99": None}
+    assert report["errors"] == 1
+    assert "Turn latency p50 n/a, p95 n/a, p99 n/a." in (tmp_path / "report.md").read_text()
+    timed = record(["hotels_1"], "hotels_1", latency_s=0.25)
+    assert write_report(tmp_path, team, [], [failed, timed], [], 1.0)["latency_ms"]["p99"] == 250.0
 
 
 def test_the_report_travels_in_one_log_line(tmp_path: Path) -> None:

@@ -101,10 +101,12 @@ def _joined(batch: list[tuple[int, str]]) -> list[tuple[int, str]]:
 
 
 async def read_deltas(
-    client: aioredis.Redis, key: str, turn: asyncio.Future[Any]
-) -> AsyncGenerator[dict[str, Any], None]:
+    client: aioredis.Redis, key: str, turn: asyncio.Future[Any], idle_s: float | None = None
+) -> AsyncGenerator[dict[str, Any] | None, None]:
     """The pieces added to ``key`` until ``turn`` is done, then the rest, then the key goes.
 
+    With ``idle_s``, ``None`` comes after each ``idle_s`` seconds without a piece, for the
+    caller to keep its connection alive.
     Polls without blocking, so a reply being read holds no Redis connection between looks.
     A Redis failure ends the pieces early; the turn still ends the stream. A reader that
     stops early (its caller went away) leaves the key to go when the turn is done, so a
@@ -112,6 +114,8 @@ async def read_deltas(
     """
     last = "0-0"
     read_all = False
+    clock = asyncio.get_running_loop().time
+    quiet_since = clock()
     try:
         while True:
             finished = turn.done()
@@ -120,10 +124,14 @@ async def read_deltas(
                 for entry_id, fields in entries:
                     last = entry_id
                     yield _piece(fields)
+                    quiet_since = clock()
             if finished and not found:
                 read_all = True
                 return
             if not found:
+                if idle_s is not None and clock() - quiet_since >= idle_s:
+                    yield None
+                    quiet_since = clock()
                 await asyncio.wait([turn], timeout=_POLL_S)
     except Exception as exc:  # Redis: the turn still answers
         log.warning("reply text of %s not read: %s", key, exc)

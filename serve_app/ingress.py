@@ -3,6 +3,7 @@
 import asyncio
 import hmac
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -177,15 +178,22 @@ class Health(BaseModel):
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # Name each field plainly ("body.text: ...") as well as FastAPI's structured detail.
-    messages = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err.get("loc", ()))
-        messages.append(f"{field}: {err.get('msg')}")
+    # Name each field plainly ("body.text: ...") as well as FastAPI's structured detail; the
+    # first few only, so a body of many mistakes does not get an answer many times its size.
+    errors = exc.errors()
+    shown = errors[:_ERRORS_SHOWN]
+    messages = [
+        f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}" for err in shown
+    ]
+    if len(errors) > len(shown):
+        messages.append(f"and {len(errors) - len(shown)} more")
     return JSONResponse(
         status_code=422,
-        content={"error": "; ".join(messages), "detail": _jsonable(exc.errors())},
+        content={"error": "; ".join(messages), "detail": _jsonable(shown)},
     )
+
+
+_ERRORS_SHOWN = 20
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -198,8 +206,17 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
         cause = exc.__cause__
         why = f" ({type(cause).__name__})" if cause is not None else ""
         exc = StarletteHTTPException(422, f"body: not valid JSON{why}")
-    elif exc.status_code in (404, 405) and exc.detail in (_NO_ROUTE, _NO_METHOD):
-        exc = StarletteHTTPException(exc.status_code, _unrouted(request, exc), exc.headers)
+    elif exc.status_code == 405 and exc.detail == _NO_METHOD:
+        # Starlette names the methods of the first route on the path; the path can have more.
+        allowed = ", ".join(_allowed(request, exc))
+        path = _route_path(request.scope)
+        exc = StarletteHTTPException(
+            405,
+            f"{request.method} {path}: method not allowed here (allowed: {allowed}); see /docs",
+            {"Allow": allowed},
+        )
+    elif exc.status_code == 404 and exc.detail == _NO_ROUTE:
+        exc = StarletteHTTPException(404, _unrouted(request), exc.headers)
     return JSONResponse(
         status_code=exc.status_code,
         content={"error": exc.detail, "detail": exc.detail},
@@ -207,18 +224,47 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
     )
 
 
+# A quiet stream (routing, tools, retries) sends a comment this often, so that proxies and
+# load balancers, which close idle connections after a minute or so, keep it open.
+STREAM_KEEPALIVE_S = 15.0
+_ENDED: Any = object()  # no more pieces
+
+
+def _event(piece: dict[str, Any] | None) -> bytes:
+    """A piece of the reply as a ``delta`` event; a keep-alive comment for ``None``."""
+    return b": keep-alive\n\n" if piece is None else sse("delta", piece)
+
+
+def _settled(turn: "asyncio.Future[TurnResult]") -> None:
+    """Reads a streamed turn's failure: its caller may have gone, and nothing else would."""
+    if not turn.cancelled() and (failed := turn.exception()) is not None:
+        log.info("a streamed turn ended without a reply: %s: %s", type(failed).__name__, failed)
+
+
 _UNPARSED = "There was an error parsing the body"
 # Starlette's answers when no route matches a path, or none takes its method.
 _NO_ROUTE, _NO_METHOD = "Not Found", "Method Not Allowed"
 
 
-def _unrouted(request: Request, exc: StarletteHTTPException) -> str:
-    """What to fix in a request no route took: the path, or the method."""
+def _allowed(request: Request, exc: StarletteHTTPException) -> list[str]:
+    """Every method some endpoint takes on the request's path.
+
+    Starlette's 405 names the methods of the first route on the path only; the API's schema
+    lists every endpoint's.
+    """
+    methods = {m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()}
     path = _route_path(request.scope)
-    if exc.status_code == 405:
-        headers = exc.headers or {}
-        allowed = next((v for k, v in headers.items() if k.lower() == "allow"), "")
-        return f"{request.method} {path}: method not allowed here (allowed: {allowed}); see /docs"
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), path):
+            methods |= {m.upper() for m in operations}
+    if "GET" in methods:
+        methods.add("HEAD")  # Starlette answers HEAD wherever it answers GET
+    return sorted(methods)
+
+
+def _unrouted(request: Request) -> str:
+    """What to fix in a request no route took."""
+    path = _route_path(request.scope)
     hint = ""
     if path.startswith(("/v1/threads/", "/v1/users/")):
         # A path segment ends at '/', escaped or not: "a%2Fb" is two segments.
@@ -445,6 +491,7 @@ class Ingress:
             self._stack.push_async_callback(redis.aclose)
             self._redis = redis
             self._turns: set[asyncio.Future[TurnResult]] = set()  # streamed, still running
+            self._keepalive_s = STREAM_KEEPALIVE_S
             self._store = RedisThreadStore(redis)
             self._runs = RunQueue(redis, app_name, team.runs)
             self._worker_sends_webhooks = False  # until the queue says so (then for good)
@@ -501,24 +548,35 @@ class Ingress:
         key = _key(thread_id)
         message = self._inbound(body)
         if body.stream:
-            return self._streamed(key, message.model_copy(update={"stream": True}))
+            return await self._streamed(key, message.model_copy(update={"stream": True}))
         try:
             return await self._directory.send(key, message)
         except Exception as exc:
             raise await self._failure(exc) from None
 
-    def _streamed(self, key: ThreadKey, message: InboundMessage) -> StreamingResponse:
+    async def _streamed(self, key: ThreadKey, message: InboundMessage) -> StreamingResponse:
         """The turn as server-sent events: its text as it is written, then the turn."""
         # Not cancelled with the request: a caller that goes away still gets its turn run
         # once, and a retry with the same message_id gets its result.
         turn = asyncio.ensure_future(self._directory.send(key, message))
         self._turns.add(turn)
         turn.add_done_callback(self._turns.discard)
+        turn.add_done_callback(_settled)
+        deltas = key.deltas_key(message.message_id, message.fingerprint)
+        pieces = read_deltas(self._redis, deltas, turn, idle_s=self._keepalive_s)
+        # The headers wait for the first piece, the end of the turn or a keep-alive: a
+        # refusal (a reused message id, Redis down) comes first and keeps its status code.
+        first = await anext(pieces, _ENDED)
+        if first is _ENDED and turn.done() and not turn.cancelled():
+            failed = turn.exception()
+            if failed is not None:
+                raise await self._failure(failed) from None
 
         async def events() -> AsyncIterator[bytes]:
-            deltas = key.deltas_key(message.message_id, message.fingerprint)
-            async for piece in read_deltas(self._redis, deltas, turn):
-                yield sse("delta", piece)
+            if first is not _ENDED:
+                yield _event(first)
+                async for piece in pieces:
+                    yield _event(piece)
             try:
                 result = await asyncio.shield(turn)
             except Exception as exc:
@@ -590,6 +648,7 @@ class Ingress:
         """The thread's runs that are queued or running, in the order they run (finished
         ones are its turns), from the one after run ``after``."""
         key = _key(thread_id)
+        after = after or None  # "after=" is the first page, as in the README's example
         try:
             runs = await self._runs.open_runs(key, limit, after)
         except StoreUnavailable as exc:

@@ -85,6 +85,7 @@ def replica(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
     instance._app_name = "stickyray"
     instance._store = Store()
     instance._directory = Directory()
+    instance._keepalive_s = ingress.STREAM_KEEPALIVE_S
     # serve.ingress finds the replica's instance through the replica context.
     context = types.SimpleNamespace(servable_object=instance)
     monkeypatch.setattr(serve, "get_replica_context", lambda: context)
@@ -144,6 +145,12 @@ def test_a_request_no_route_takes_says_what_to_fix(replica: types.SimpleNamespac
     assert wrong.json()["error"] == (
         "DELETE /v1/threads/alice/messages: method not allowed here (allowed: POST); see /docs"
     )
+    # Every method of the path, not only the first route's.
+    runs = client.patch("/v1/threads/alice/runs")
+    assert runs.status_code == 405 and runs.headers["allow"] == "GET, HEAD, POST"
+    assert "(allowed: GET, HEAD, POST)" in runs.json()["error"]
+    core = client.patch("/v1/users/bob/core/profile")
+    assert core.headers["allow"] == "DELETE, GET, HEAD, PUT"
     # A route's own 404 keeps its message.
     missing = client.get("/v1/threads/missing")
     assert missing.status_code == 404 and missing.json()["error"] == "thread 'missing' not found"
@@ -324,3 +331,27 @@ def test_a_webhook_waits_for_the_run_worker_of_this_release(
         taken = replica.client.post("/v1/threads/alice/runs", json=run)
         assert "queued (this stand-in" in taken.json()["error"]
     assert instance._runs.asked == 2
+
+
+def test_a_body_of_many_mistakes_gets_an_answer_of_a_few(replica: types.SimpleNamespace) -> None:
+    body = {"text": "hi", **{f"field{i}": i for i in range(5000)}}
+    response = replica.client.post("/v1/threads/alice/messages", json=body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error.startswith("body.field0: Extra inputs are not permitted")
+    assert error.endswith("; and 4980 more") and len(response.json()["detail"]) == 20
+    assert len(response.content) < 10_000
+
+
+def test_an_empty_after_is_the_first_page_of_runs(replica: types.SimpleNamespace) -> None:
+    asked: list[tuple[int, str | None]] = []
+
+    class Runs:
+        async def open_runs(self, key: ThreadKey, limit: int, after: str | None) -> list:
+            asked.append((limit, after))
+            return []
+
+    replica.instance._runs = Runs()
+    response = replica.client.get("/v1/threads/alice/runs?limit=100&after=")  # as in the README
+    assert response.status_code == 200 and response.json() == {"thread_id": "alice", "runs": []}
+    assert asked == [(100, None)]

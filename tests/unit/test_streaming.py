@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import types
 import uuid
@@ -14,6 +15,7 @@ import pytest
 import redis as redis_sync
 import redis.asyncio as aioredis
 
+import serve_app.ingress as ingress
 from actors.key import ThreadKey
 from actors.redis_store import connect_redis
 from providers.anthropic_provider import AnthropicProvider
@@ -169,6 +171,7 @@ async def test_the_ingress_reads_the_text_until_the_turn_is_done(redis: aioredis
 
     async def reader() -> None:
         async for piece in read_deltas(redis, key, turn):
+            assert piece is not None  # keep-alives only when asked for
             read.append(piece)
 
     reading = asyncio.create_task(reader())
@@ -196,7 +199,7 @@ async def test_a_reader_that_leaves_early_leaves_nothing_behind(redis: aioredis.
     writer = DeltaWriter(redis, key, "bookings")
     await writer.write(1, "Booked ")
     reading = read_deltas(redis, key, turn)
-    assert (await anext(reading))["text"] == "Booked "
+    assert await anext(reading) == {"agent": "bookings", "step": 1, "text": "Booked "}
     await reading.aclose()  # as when the request is cancelled
     await writer.write(1, "a table \ud83d.")
     await writer.close()
@@ -222,6 +225,22 @@ async def test_text_written_just_before_the_turn_ends_is_still_read(redis: aiore
     assert read == [
         {"agent": "bookings", "step": 1, "text": "Hello "},
         {"agent": "bookings", "step": 3, "text": "there"},
+    ]
+
+
+async def test_a_quiet_turn_is_kept_alive_while_it_runs(redis: aioredis.Redis) -> None:
+    key = f"stickyray:{{default/{uuid.uuid4().hex}}}:deltas:m1"
+    turn: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    reading = read_deltas(redis, key, turn, idle_s=0.05)
+    assert await anext(reading) is None  # nothing written yet: a keep-alive
+    assert await anext(reading) is None
+    writer = DeltaWriter(redis, key, "bookings")
+    await writer.write(1, "Booked.")
+    await writer.close()
+    turn.set_result("done")
+    rest = [piece async for piece in reading]
+    assert [p for p in rest if p is not None] == [
+        {"agent": "bookings", "step": 1, "text": "Booked."}
     ]
 
 
@@ -278,9 +297,11 @@ async def test_each_model_call_of_the_loop_is_numbered(
 
 
 def events_of(body: str) -> list[tuple[str, dict]]:
-    """The server-sent events of ``body``, as (event, data) pairs."""
+    """The server-sent events of ``body``, as (event, data) pairs; comments left out."""
     found = []
     for frame in body.strip().split("\n\n"):
+        if frame.startswith(":"):
+            continue
         lines = dict(line.split(": ", 1) for line in frame.splitlines())
         found.append((lines["event"], json.loads(lines["data"])))
     return found
@@ -289,23 +310,28 @@ def events_of(body: str) -> list[tuple[str, dict]]:
 def test_a_streamed_message_answers_its_text_then_its_turn(
     replica: types.SimpleNamespace,  # noqa: F811
     redis_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Through the real app, with a directory whose agent writes as a replica does."""
     instance = replica.instance
     portal_redis: list[aioredis.Redis] = []
 
     class Writing(type(instance._directory)):  # type: ignore[misc]
+        fail_after_text: Exception | None = None
+
         async def send(self, key: ThreadKey, message: InboundMessage) -> TurnResult:
             if self.fail is not None:  # refused before any agent runs
                 raise self.fail
             if message.stream:
-                if not portal_redis:
-                    portal_redis.append(connect_redis(redis_url))
+                # Each request runs in an event loop of its own: so does its client.
+                portal_redis.append(connect_redis(redis_url))
                 deltas = key.deltas_key(message.message_id, message.fingerprint)
-                writer = DeltaWriter(portal_redis[0], deltas, "b")
+                writer = DeltaWriter(portal_redis[-1], deltas, "b")
                 for word in ("All ", "booked."):
                     await writer.write(1, word)
                 await writer.close()
+                if self.fail_after_text is not None:  # the agent's replica died, say
+                    raise self.fail_after_text
             return await super().send(key, message)
 
     instance._directory = Writing()
@@ -324,12 +350,26 @@ def test_a_streamed_message_answers_its_text_then_its_turn(
     # Unstreamed, as ever: JSON, and the message is not marked.
     plain = replica.client.post(url, json={"text": "more"})
     assert plain.json()["reply"] == "ok" and instance._directory.sent[1].stream is False
-    # Once the stream began, a failure is its last event, with the status it would have had.
+    # Refused before any text: the status it has unstreamed, for clients, proxies and logs.
     instance._directory.fail = StoreUnavailable("redis", "down")
-    failed = events_of(replica.client.post(url, json={"text": "again", "stream": True}).text)
-    assert failed == [
-        ("error", {"status": 503, "error": "redis is unavailable; the message was not processed"})
-    ]
+    refused = replica.client.post(url, json={"text": "again", "stream": True})
+    assert refused.status_code == 503
+    assert refused.json()["error"] == "redis is unavailable; the message was not processed"
+    # Once the stream began, a failure is its last event, with the status it would have had.
+    instance._directory.fail = None
+    instance._directory.fail_after_text = StoreUnavailable("redis", "down")
+    instance._redis = connect_redis(redis_url)  # each request runs in a loop of its own
+    with caplog.at_level(logging.INFO, logger="serve_app.ingress"):
+        failed = events_of(replica.client.post(url, json={"text": "again", "stream": True}).text)
+    # Read and logged whether or not its caller is still there to be told.
+    assert "a streamed turn ended without a reply: StoreUnavailable" in caplog.text
+    assert "".join(data["text"] for name, data in failed if name == "delta") == "All booked."
+    assert failed[-1][0] == "error"
+    assert failed[-1][1] == {
+        "status": 503,
+        "error": "redis is unavailable; the message was not processed",
+    }
+    instance._directory.fail_after_text = None
     # A different message sent with an id in use reads nothing of that one's reply.
     in_use = InboundMessage(text="book a table", message_id="m9")
     writing = redis_sync.Redis.from_url(redis_url)
@@ -340,13 +380,53 @@ def test_a_streamed_message_answers_its_text_then_its_turn(
         writing.close()
     instance._directory.fail = MessageIdReused(thread, "m9")
     instance._redis = connect_redis(redis_url)  # each request runs in a loop of its own
-    reused = events_of(
-        replica.client.post(
-            url, json={"text": "cancel it", "message_id": "m9", "stream": True}
-        ).text
+    reused = replica.client.post(
+        url, json={"text": "cancel it", "message_id": "m9", "stream": True}
     )
-    assert [(name, data["status"]) for name, data in reused] == [("error", 422)]
+    assert reused.status_code == 422 and "message_id" in reused.json()["error"]
+    assert "booked" not in reused.text
     # Bad input is refused before any event.
     for stream in ("maybe", "true", 1):  # only JSON's true and false
         bad = replica.client.post(url, json={"text": "x", "stream": stream})
         assert bad.status_code == 422 and "body.stream" in bad.json()["error"]
+
+
+def test_a_quiet_streamed_turn_sends_keep_alives(
+    replica: types.SimpleNamespace,  # noqa: F811
+    redis_url: str,
+) -> None:
+    """Routing, tools and retries can keep a turn quiet for longer than a proxy waits."""
+    instance = replica.instance
+    instance._keepalive_s = 0.05
+
+    class Slow(type(instance._directory)):  # type: ignore[misc]
+        async def send(self, key: ThreadKey, message: InboundMessage) -> TurnResult:
+            await asyncio.sleep(0.5)  # a model that takes its time
+            return await super().send(key, message)
+
+    instance._directory = Slow()
+    instance._redis = connect_redis(redis_url)
+    instance._turns = set()
+    response = replica.client.post(
+        f"/v1/threads/t-{uuid.uuid4().hex[:8]}/messages", json={"text": "hi", "stream": True}
+    )
+    assert response.status_code == 200
+    frames = response.text.strip().split("\n\n")
+    assert len(frames) >= 3 and set(frames[:-1]) == {": keep-alive"}
+    assert events_of(response.text) == [("turn", events_of(frames[-1])[0][1])]
+
+
+def test_a_streamed_turn_whose_caller_left_has_its_failure_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def left() -> None:
+        turn: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
+        turn.add_done_callback(ingress._settled)
+        turn.set_exception(StoreUnavailable("redis", "down"))
+        await asyncio.sleep(0)  # the callbacks run
+
+    with caplog.at_level(logging.INFO, logger="serve_app.ingress"):
+        asyncio.run(left())
+    assert [r.getMessage() for r in caplog.records] == [
+        "a streamed turn ended without a reply: StoreUnavailable: redis is unavailable: down"
+    ]

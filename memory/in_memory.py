@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -124,11 +125,15 @@ class InMemoryMemoryStore:
 
     async def delete(self, tenant: str, user_id: str, memory_id: str) -> bool:
         """Delete one memory; False if (tenant, user) has no memory with that id."""
+        try:
+            key = str(uuid.UUID(memory_id))  # any form of it, upper-case too, as Postgres reads it
+        except ValueError:
+            return False  # no memory has an id that is not a UUID
         scope = self._scopes.get((tenant, user_id))
         if scope is None:
             return False
         for i, record in enumerate(scope.records):
-            if record.id == memory_id:
+            if record.id == key:
                 del scope.records[i]
                 scope.vectors = np.delete(scope.vectors, i, axis=0)
                 return True

@@ -197,7 +197,10 @@ class MemoryStore(Protocol):
         ...
 
     async def delete(self, tenant: str, user_id: str, memory_id: str) -> bool:
-        """Delete one memory; False if (tenant, user) has no memory with that id."""
+        """Delete one memory; False if (tenant, user) has no memory with that id.
+
+        ``memory_id`` is a UUID in any form (upper-case, braces, no hyphens).
+        """
         ...
 
     async def get_core(self, tenant: str, user_id: str) -> list[CoreBlock]:

@@ -58,9 +58,10 @@ _DOWN: tuple[type[BaseException], ...] = (
     pgerr.AdminShutdownError,
     pgerr.CrashShutdownError,
     pgerr.CannotConnectNowError,
-    pgerr.TooManyConnectionsError,
+    pgerr.InsufficientResourcesError,  # class 53: too many connections, disk full, out of memory
     pgerr.QueryCanceledError,  # the server's statement_timeout, or an operator's cancel
     pgerr.LockNotAvailableError,  # the server's lock_timeout
+    pgerr.ReadOnlySQLTransactionError,  # a write to a standby, or a read-only database
 )
 
 # What a connection the server closed while it sat in the pool fails with.
@@ -73,6 +74,18 @@ _STALE: tuple[type[BaseException], ...] = (
 # How long a statement, or a wait for a pooled connection, may take before the store is
 # unavailable (a 503) rather than a hang: a frozen server, or a table locked by a reindex.
 DEFAULT_TIMEOUT_S = 10.0
+
+_MAX_EF_SEARCH = 1000  # the most pgvector takes
+
+# The server's own limit, as a share of the client's command timeout. The server gives up
+# first, so the statement ends there too: a client that gives up closes the connection, and a
+# backend waiting for a lock does not notice that, so it would keep its connection slot.
+_SERVER_SHARE = 0.9
+
+# How long a connection given up mid-statement waits for asyncpg's request to cancel that
+# statement before it is closed (closing cancels the request). Enough for the request to
+# reach the server, and on a server that answers, for its reply.
+_CANCEL_WAIT_S = 0.5
 
 _COLUMNS = (
     "id, agent, kind, content, importance, created_at, last_accessed_at, access_count, metadata"
@@ -126,11 +139,13 @@ def _real(value: float) -> float:
 
 
 async def _abandon(conn: asyncpg.Connection, transaction: Any, exc: BaseException) -> None:
-    """End a transaction that ``exc`` interrupted, without ever replacing ``exc``.
+    """End a transaction that ``exc`` interrupted, without replacing ``exc``.
 
     A timed-out or cancelled statement may still be running on a frozen server, and a
     rollback would wait for it (up to the command timeout) before the cancellation could
-    go on: the connection is closed instead. So is one whose rollback fails.
+    go on: the connection is closed instead, once asyncpg's request to cancel the statement
+    is through or ``_CANCEL_WAIT_S`` has passed. So is one whose rollback fails. (A second
+    cancellation during that wait ends it, and is what is raised.)
     """
     if not isinstance(exc, TimeoutError | asyncio.CancelledError):
         try:
@@ -138,9 +153,17 @@ async def _abandon(conn: asyncpg.Connection, transaction: Any, exc: BaseExceptio
             return
         except Exception:  # lost, or BEGIN never happened: nothing to keep
             pass
-    # A connection the server dropped is already back with its pool, which replaces it.
-    with contextlib.suppress(pgerr.InterfaceError):
-        conn.terminate()
+    try:
+        # Closing the connection would cancel asyncpg's request to cancel the statement (its
+        # tasks are in a private set, hence getattr), and a backend waiting for a lock does
+        # not notice that its client left: it would wait on, in its connection slot.
+        pending = [task for task in getattr(conn, "_cancellations", ()) if not task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=_CANCEL_WAIT_S)
+    finally:  # also when the caller cancels the wait
+        # A connection the server dropped is already back with its pool, which replaces it.
+        with contextlib.suppress(pgerr.InterfaceError):
+            conn.terminate()
 
 
 class PostgresMemoryStore:
@@ -149,9 +172,12 @@ class PostgresMemoryStore:
     ``ef_search`` is the floor of pgvector's ``hnsw.ef_search`` per query (see
     ``DEFAULT_EF_SEARCH``); a query for k results raises it to the candidates it fetches.
     ``acquire_timeout`` bounds the wait for a pooled connection (None: no bound); bound each
-    statement with the pool's ``command_timeout``. ``embedder_id`` names the model the
-    embeddings come from (``MemoryConfig.embedder_id``): ``setup()`` records it in a new store
-    and refuses a store that another model filled (see memory/reembed.py).
+    statement with the pool's ``command_timeout``, and ``statement_timeout`` a little under
+    it: each transaction sets the server's ``statement_timeout`` and ``lock_timeout`` to that
+    many seconds, so the server ends a statement before the client gives up on it (None:
+    the server's own settings). ``embedder_id`` names the model the embeddings come from
+    (``MemoryConfig.embedder_id``): ``setup()`` records it in a new store and refuses a store
+    that another model filled (see memory/reembed.py).
     """
 
     def __init__(
@@ -162,15 +188,23 @@ class PostgresMemoryStore:
         ef_search: int = DEFAULT_EF_SEARCH,
         acquire_timeout: float | None = DEFAULT_TIMEOUT_S,
         embedder_id: str | None = None,
+        statement_timeout: float | None = None,
     ) -> None:
         if dimension < 1:
             raise ValueError(f"dimension must be at least 1, got {dimension}")
+        if statement_timeout is not None and statement_timeout <= 0:
+            raise ValueError(f"statement_timeout must be positive, got {statement_timeout}")
         self._pool = pool
         self._dimension = dimension
         self._clock = clock
         self._ef_search = ef_search
         self._acquire_timeout = acquire_timeout
         self._embedder_id = embedder_id
+        self._limits: dict[str, str] = {}
+        if statement_timeout is not None:
+            limit = str(max(1, round(statement_timeout * 1000)))  # ms; 0 would be no limit
+            self._limits = {"statement_timeout": limit, "lock_timeout": limit}
+        self._read_only_seen = False
 
     @classmethod
     @asynccontextmanager
@@ -187,7 +221,8 @@ class PostgresMemoryStore:
         """A store on a new pool for ``url``, closed on exit; ``options`` go to the store.
 
         A statement that runs past ``command_timeout`` seconds, or a wait for a connection
-        past ``acquire_timeout``, raises StoreUnavailable.
+        past ``acquire_timeout``, raises StoreUnavailable. The server is told to end a
+        statement, or a wait for a lock, a little before ``command_timeout``.
         """
         try:
             pool = await asyncpg.create_pool(
@@ -200,6 +235,8 @@ class PostgresMemoryStore:
             )
         except _DOWN as exc:
             raise StoreUnavailable("postgres", str(exc) or type(exc).__name__) from exc
+        if command_timeout is not None:
+            options.setdefault("statement_timeout", command_timeout * _SERVER_SHARE)
         try:
             yield cls(pool, dimension, acquire_timeout=acquire_timeout, **options)
         finally:
@@ -257,12 +294,13 @@ class PostgresMemoryStore:
     async def _scoped(
         self, tenant: str, settings: dict[str, str] | None = None
     ) -> AsyncIterator[asyncpg.Connection]:
-        """A connection in a transaction whose RLS tenant is ``tenant``, plus local settings.
+        """A connection in a transaction whose RLS tenant is ``tenant``, plus local settings
+        (the server's limits first, so ``settings`` may override them).
 
         A pooled connection the server closed while it sat idle (a restart, an idle timeout)
         fails its first statement; nothing was done on it yet, so one other is tried.
         """
-        values = {"stickyray.tenant": tenant, **(settings or {})}
+        values = {"stickyray.tenant": tenant, **self._limits, **(settings or {})}
         calls = ", ".join(
             f"set_config(${2 * i + 1}, ${2 * i + 2}, true)" for i in range(len(values))
         )
@@ -371,8 +409,9 @@ class PostgresMemoryStore:
             where += f" AND (agent IS NULL OR agent = ${len(args)})"
         select = f"SELECT {_SELECT}, embedding <=> $3 AS distance FROM memories WHERE {where}"
         settings = {
-            # An HNSW scan yields at most ef_search rows, so it must cover the candidates.
-            "hnsw.ef_search": str(max(self._ef_search, wanted)),
+            # An HNSW scan yields at most ef_search rows, so it must cover the candidates; past
+            # pgvector's limit the scan comes back short and the exact pass below runs.
+            "hnsw.ef_search": str(min(max(self._ef_search, wanted), _MAX_EF_SEARCH)),
             # The access-count UPDATE makes every search a write; waiting for its WAL flush
             # would cost more than the search. A crash may lose the last few counts, no more.
             "synchronous_commit": "off",
@@ -396,7 +435,9 @@ class PostgresMemoryStore:
                 query = (where, args)
                 hits = await self._exact_pass(conn, tenant, user_id, scored, query, now, k, weights)
             ids = [uuid.UUID(hit.memory.id) for hit in hits]
-            touched = await conn.fetch(_TOUCH, tenant, user_id, ids, now)
+            touched = await self._touch(conn, tenant, user_id, ids, now)
+            if touched is None:
+                return hits
             fresh = {
                 row["id"]: {"access_count": row[1], "last_accessed_at": row[2]} for row in touched
             }
@@ -419,6 +460,28 @@ class PostgresMemoryStore:
             for hit in hits
             if hit.memory.id in kept
         ]
+
+    async def _touch(
+        self,
+        conn: asyncpg.Connection,
+        tenant: str,
+        user_id: str,
+        ids: list[uuid.UUID],
+        now: datetime,
+    ) -> list[asyncpg.Record] | None:
+        """Count the hits as accesses: their new counts, or None if the server is read-only.
+
+        The count is a recency hint, so a hot standby (or a database set read-only) still
+        answers searches. The failed UPDATE aborts the transaction; it wrote nothing, and its
+        COMMIT rolls it back.
+        """
+        try:
+            return await conn.fetch(_TOUCH, tenant, user_id, ids, now)
+        except pgerr.ReadOnlySQLTransactionError:
+            level = logging.DEBUG if self._read_only_seen else logging.INFO
+            self._read_only_seen = True
+            log.log(level, "postgres is read-only: searches do not count their hits as accesses")
+            return None
 
     async def _exact_pass(
         self,

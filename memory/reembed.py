@@ -34,6 +34,24 @@ _NIL = uuid.UUID(int=0)
 
 _RECORD = "SELECT model, target_model, target_dimension FROM stickyray_embedder"
 
+# The schemas that hold a store: `memories` beside `stickyray_migrations`, so that an
+# unrelated table of that name is not taken for one.
+_STORE_SCHEMAS = """
+SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relname = 'memories' AND c.relkind IN ('r', 'p')
+   AND EXISTS (SELECT FROM pg_class m
+                WHERE m.relnamespace = c.relnamespace AND m.relname = 'stickyray_migrations')
+ ORDER BY n.nspname
+"""
+
+# The schema this session's search_path finds `memories` in, if that path was set on
+# purpose (in the URL, or for the role or database) rather than left at the server's default.
+_CHOSEN_SCHEMA = """
+SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.oid = to_regclass('memories')
+   AND (SELECT source FROM pg_settings WHERE name = 'search_path') <> 'default'
+"""
+
 
 async def column_dimension(conn: asyncpg.Connection, column: str) -> int | None:
     """The width of ``memories.<column>``; None if the table or the column does not exist."""
@@ -111,15 +129,50 @@ async def reembed(
             "from this role: set DATABASE_URL to a superuser, or to the tables' owner with "
             "BYPASSRLS"
         )
+    path = await conn.fetchval("SELECT current_setting('search_path')")
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _REEMBED_LOCK):
         raise ConfigError("another re-embedding of this database is running")
     try:
+        await _enter_store_schema(conn)
         return await _reembed(conn, embedder, model, batch_size, progress or (lambda *_: None))
     finally:
         # A connection that broke, or was cancelled mid-statement, cannot unlock; its lock
         # ends with its session, and the error that stopped the run is the one to see.
         with contextlib.suppress(Exception):
-            await conn.execute("SELECT pg_advisory_unlock($1)", _REEMBED_LOCK)
+            await conn.execute(
+                "SELECT pg_advisory_unlock($1), set_config('search_path', $2, false)",
+                _REEMBED_LOCK,
+                path,
+            )
+
+
+async def _enter_store_schema(conn: asyncpg.Connection) -> None:
+    """Put the schema that holds the store first on this session's search_path.
+
+    The servers find the tables on their own role's search_path (a schema of the role's own,
+    say, which `"$user"` names), and this role's may not reach it. Nothing is changed when no
+    schema holds a store. ConfigError when several do, unless the session's search_path was
+    set to find one of them.
+    """
+    schemas = [row[0] for row in await conn.fetch(_STORE_SCHEMAS)]
+    if not schemas:
+        return
+    schema = schemas[0]
+    if len(schemas) > 1:
+        schema = await conn.fetchval(_CHOSEN_SCHEMA)
+        if schema not in schemas:
+            raise ConfigError(
+                f"this database holds memory tables in {len(schemas)} schemas "
+                f"({', '.join(schemas)}), and re-embedding moves one store: put its schema "
+                "first on the search_path in DATABASE_URL (for example "
+                f"?search_path={schemas[-1]},public)"
+            )
+    # Ahead of the path, not in its place: pgvector's type may live in a schema on it.
+    await conn.execute(
+        "SELECT set_config('search_path', quote_ident($1) || ', ' || current_setting("
+        "'search_path'), false)",
+        schema,
+    )
 
 
 async def _reembed(

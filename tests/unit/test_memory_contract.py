@@ -147,6 +147,8 @@ async def test_search_returns_exactly_k_best_first(store: Store) -> None:
     for k in (1, 25, 60):
         assert len(await store.search(tenant, user, axis(0), k=k)) == k
     assert len(await store.search(tenant, user, axis(0), k=100)) == 60
+    # More candidates than one HNSW scan may yield (pgvector allows ef_search up to 1000).
+    assert len(await store.search(tenant, user, axis(0), k=300)) == 60
     assert await store.search(tenant, user, axis(0), k=0) == []
     assert await store.search(tenant, "nobody", axis(0), k=5) == []
 
@@ -280,6 +282,20 @@ async def test_delete(store: Store) -> None:
     assert await store.delete(tenant, user, "not-a-uuid") is False
     assert await store.delete(tenant, user, str(uuid.uuid4())) is False
     assert contents(await store.search(tenant, user, axis(0), k=5)) == ["kept"]
+
+
+async def test_delete_takes_any_form_of_the_id(store: Store) -> None:
+    tenant, user = scope()
+    records = await store.add(
+        tenant, user, [NewMemory(content=f"m{i}") for i in range(3)], stack([axis(0)] * 3)
+    )
+    forms = [
+        records[0].id.upper(),
+        "{" + records[1].id + "}",
+        records[2].id.replace("-", ""),
+    ]
+    assert [await store.delete(tenant, user, form) for form in forms] == [True] * 3
+    assert await store.search(tenant, user, axis(0), k=5) == []
 
 
 async def test_core_blocks(store: Store, clock: Clock) -> None:

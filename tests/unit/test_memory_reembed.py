@@ -282,6 +282,48 @@ async def test_reembed_to_another_width(database: Database) -> None:
     assert await top_hit(database.url, new, "t1", "two") == ("two", pytest.approx(1.0, abs=1e-5))
 
 
+def with_search_path(url: str, schema: str) -> str:
+    """``url`` whose sessions have ``schema`` as their search_path."""
+    return f"{url}{'&' if '?' in url else '?'}search_path={schema}"
+
+
+async def test_reembed_finds_the_store_in_the_roles_own_schema(database: Database) -> None:
+    """With a schema named after the role, `"$user"` puts the tables there, off the
+    superuser's search_path."""
+    admin = await asyncpg.connect(database.admin_url)
+    try:
+        await admin.execute("CREATE SCHEMA stickyray AUTHORIZATION stickyray")
+        old, new = HashEmbedder("a", 8), HashEmbedder("c", 16)
+        await set_up(database.url, "test/a", 8)
+        await remember(database.url, old, "t1", ["one", "two"])
+        assert await admin.fetchval("SELECT to_regclass('memories')") is None
+        assert await reembed(admin, new, "test/c") == 2
+        assert await admin.fetchval("SHOW search_path") == '"$user", public'  # as it was
+    finally:
+        await admin.close()
+    await set_up(database.url, "test/c", 16)
+    assert (await top_hit(database.url, new, "t1", "two"))[0] == "two"
+
+
+async def test_reembed_moves_only_the_store_its_search_path_names(database: Database) -> None:
+    admin = await asyncpg.connect(database.admin_url)
+    try:
+        await admin.execute("CREATE SCHEMA stickyray AUTHORIZATION stickyray")
+    finally:
+        await admin.close()
+    old, new = HashEmbedder("a", 8), HashEmbedder("b", 8)
+    in_public = with_search_path(database.url, "public")
+    for url in (database.url, in_public):
+        await set_up(url, "test/a", 8)
+        await remember(url, old, "t1", ["one"])
+    with pytest.raises(ConfigError, match=r"in 2 schemas \(public, stickyray\).*search_path"):
+        await admin_reembed(database, new)
+    chosen = Database(database.url, with_search_path(database.admin_url, "stickyray,public"))
+    assert await admin_reembed(chosen, new) == 1
+    await set_up(database.url, "test/b", 8)
+    await set_up(in_public, "test/a", 8)  # the other store is as it was
+
+
 async def test_reembed_is_refused_where_it_cannot_move_everything(database: Database) -> None:
     embedder = HashEmbedder("b", 8)
     conn = await asyncpg.connect(database.admin_url)

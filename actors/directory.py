@@ -203,7 +203,7 @@ class ThreadDirectory:
     def _get_or_create(self, key: ThreadKey, name: str) -> Any:
         if self._pooled:
             return _RemoteThreadHost.options(name=name, **_ACTOR_OPTIONS).remote(
-                self._team, self._redis_url, self._agent_handles, self._app
+                self._team, self._redis_url, self._agent_handles, self._app, name
             )
         return _RemoteThreadActor.options(name=name, **_ACTOR_OPTIONS).remote(
             key, self._team, self._redis_url, self._agent_handles, self._app

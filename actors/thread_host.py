@@ -4,7 +4,9 @@ Created only by ``actors.directory`` when ``threads.hosting`` is ``pooled``. A t
 the host its key hashes to, so every ingress replica finds it in the same place. The turn
 logic is the same ``Thread`` as in a per-thread actor: it opens with a new epoch, restores its
 checkpoint, resolves a pending turn and is fenced by the epoch, so a host crash or a second
-host holding the same thread loses nothing. Threads idle past ``idle_timeout_s`` are closed,
+host holding the same thread loses nothing. A host of another config version still holding the
+thread (during a deploy) is asked to close it first, after its turn in progress, so that turn
+is not run a second time here. Threads idle past ``idle_timeout_s`` are closed,
 at most ``max_live_threads`` stay open (the least recently used close first), and a host left
 with no threads for ``idle_timeout_s`` exits.
 """
@@ -28,9 +30,14 @@ from stickyray.errors import ThreadFenced, ThreadPassivated
 from stickyray.metrics import TurnReporter
 from stickyray.turns import InboundMessage, TurnResult
 
-__all__ = ["ThreadHost"]
+__all__ = ["HANDOVER_TIMEOUT_S", "ThreadHost"]
 
 log = logging.getLogger(__name__)
+
+# How long a host waits for another to finish a thread's turn and close it. Longer than any
+# turn should take; past it the thread opens here anyway, fencing the other's turn.
+HANDOVER_TIMEOUT_S = 600.0
+_HOLDER = "host"  # the Redis key part naming the host that holds a thread
 
 
 class ThreadHost:
@@ -42,8 +49,10 @@ class ThreadHost:
         redis_url: str,
         agent_handles: dict[str, Any],
         app: str,
+        name: str | None = None,
     ) -> None:
         threads = team.threads
+        self._name = name  # this host's actor name, recorded as the holder of its threads
         self._team = team
         self._redis = connect_redis(redis_url)
         self._store = RedisThreadStore(
@@ -88,9 +97,7 @@ class ThreadHost:
         pending = self._opening.get(key)
         if pending is None:
             # One open per key, however many of its messages arrive at once.
-            pending = asyncio.ensure_future(
-                Thread.open(key, self._team, self._store, self._agents, observe=self._observe)
-            )
+            pending = asyncio.ensure_future(self._open(key))
             self._opening[key] = pending
             pending.add_done_callback(lambda _: self._opening.pop(key, None))
         thread = await pending
@@ -98,6 +105,54 @@ class ThreadHost:
             self._threads[key] = thread
             self._evict_over_cap(opening=key)
         return thread
+
+    async def _open(self, key: ThreadKey) -> Thread:
+        await self._take_over(key)
+        return await Thread.open(key, self._team, self._store, self._agents, observe=self._observe)
+
+    async def _take_over(self, key: ThreadKey) -> None:
+        """Record this host as the holder of ``key``; if another host held it, wait for that
+        one to close it after its turn in progress.
+
+        After a config deploy, a thread's next message comes to a host of the new version
+        while the old one may still be running the thread's turn: opening at once would take
+        a new epoch, fence that turn mid-way, and run it again here. Crashes are unaffected:
+        a dead holder is not waited for.
+        """
+        if self._name is None:
+            return
+        try:
+            previous = await self._redis.set(
+                key.redis_key(_HOLDER), self._name, ex=self._team.threads.checkpoint_ttl_s, get=True
+            )
+        except Exception as exc:  # opening the thread reports Redis being down
+            log.info("thread %s: holder not recorded: %s", key, exc)
+            return
+        if isinstance(previous, bytes):
+            previous = previous.decode()
+        if not isinstance(previous, str) or previous == self._name:
+            return
+        holder = await asyncio.to_thread(self._lookup, previous)
+        if holder is None:
+            return
+        try:
+            await asyncio.wait_for(holder.passivate.remote(key), HANDOVER_TIMEOUT_S)
+        except TimeoutError:
+            log.warning(
+                "thread %s: %s did not close it within %.0f s: opening it here anyway",
+                key,
+                previous,
+                HANDOVER_TIMEOUT_S,
+            )
+        except Exception as exc:  # gone meanwhile: its turns are stored or pending
+            log.info("thread %s: %s could not close it (%s)", key, previous, exc)
+
+    @staticmethod
+    def _lookup(name: str) -> Any | None:
+        try:
+            return ray.get_actor(name, namespace=ray.get_runtime_context().namespace)
+        except ValueError:
+            return None
 
     def _forget(self, key: ThreadKey, thread: Thread) -> None:
         if self._threads.get(key) is thread:

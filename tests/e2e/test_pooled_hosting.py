@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import ray
+from ray import serve
 
 from actors.directory import NAMESPACE, passivate_thread, pool_scope
 from actors.key import ThreadKey
+from actors.thread_host import ThreadHost
 from stickyray.config import TeamConfig
-from stickyray.testing import FakeLLMServer
+from stickyray.testing import FakeLLMServer, FakeReply
 from stickyray.turns import InboundMessage
 from tests.e2e.conftest import (
     App,
@@ -145,6 +150,49 @@ def test_passivated_thread_reopens_where_it_was(app: App, fake_llm: FakeLLMServe
         back = send(client, thread, "still there?")
     assert (back["turn"], back["agent"], back["handoffs"]) == (2, "bookings", [])
     assert fake_llm.count(agent="triage") == 1
+
+
+def test_a_thread_moves_to_the_next_config_version_after_its_turn_in_progress(
+    app: App, fake_llm: FakeLLMServer, redis_url: str
+) -> None:
+    """A deploy that changes agents.yaml names new hosts. A thread's next message reaching
+    one while its old host still runs a turn waits for that turn, which runs once."""
+    fake_llm.on(
+        agent="bookings", user_contains="slow one", reply=FakeReply.text("done"), latency_s=3
+    )
+    route_to_bookings(fake_llm)
+    thread = new_thread()
+    key = ThreadKey.of(thread)
+    team = TeamConfig.model_validate(app.team.model_dump())
+    name = f"threadhost/{app.name}/next-version/0"
+    handles = {a.name: serve.get_deployment_handle(a.name, app.name) for a in team.agents}
+    host: Any = (  # Any: ray's stubs do not see ThreadHost's methods as remote methods
+        ray.remote(ThreadHost)
+        .options(name=name, namespace=NAMESPACE, num_cpus=0)
+        .remote(team, redis_url, handles, app.name, name)
+    )
+
+    def slow_ones() -> int:
+        asked = fake_llm.requests_for(agent="bookings")
+        return sum(r.last_user_text == "slow one" for r in asked)
+
+    try:
+        with app.client() as client, ThreadPoolExecutor(1) as pool:
+            send(client, thread, "book")
+            old = host_of(app, thread)
+            slow = pool.submit(send, client, thread, "slow one")
+            wait_for(lambda: slow_ones() == 1, timeout=30, what="the slow turn to start")
+            message = InboundMessage(text="for two", message_id=uuid.uuid4().hex)
+            moved = ray.get(host.handle.remote(key, message), timeout=60)
+            slowly = slow.result(timeout=60)
+        assert (slowly["turn"], slowly["status"], slowly["reply"]) == (2, "completed", "done")
+        assert (moved.turn, moved.status, moved.agent) == (3, "completed", "bookings")
+        assert slow_ones() == 1, "the turn in progress ran once"
+        old_host = ray.get_actor(old, namespace=NAMESPACE)
+        assert key not in ray.get(old_host.open_threads.remote())
+        assert ray.get(host.open_threads.remote()) == [key]
+    finally:
+        ray.kill(host, no_restart=True)
 
 
 @pytest.fixture(scope="module")

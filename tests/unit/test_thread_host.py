@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
+import types
 import uuid
 import zlib
 
 from actors.directory import host_name
 from actors.key import ThreadKey
+from actors.redis_store import connect_redis
 from actors.thread_host import ThreadHost
 from stickyray.config import load_config
 from stickyray.turns import InboundMessage
@@ -24,11 +27,11 @@ def test_a_key_always_lands_on_the_same_host_and_keys_spread() -> None:
     assert len(counts) == 4 and min(counts.values()) > 400
 
 
-async def open_host(redis_url: str, cap: int) -> ThreadHost:
+async def open_host(redis_url: str, cap: int, name: str | None = None) -> ThreadHost:
     team = load_config(None)
     threads = team.threads.model_copy(update={"hosting": "pooled", "max_live_threads": cap})
     host = ThreadHost.__new__(ThreadHost)  # Ray awaits the async __init__; here we do
-    await host.__init__(team.model_copy(update={"threads": threads}), redis_url, {}, "test")  # type: ignore[misc]
+    await host.__init__(team.model_copy(update={"threads": threads}), redis_url, {}, "test", name)  # type: ignore[misc]
     return host
 
 
@@ -104,3 +107,58 @@ async def test_an_idle_actor_goes_even_when_leaving_the_live_set_fails(
     await asyncio.wait_for(actor._idle_watch, timeout=10)
     # Closed but alive, it would keep the thread's name and bounce every message.
     assert killed == ["this actor"]
+
+
+class Handle:
+    """A host as another host reaches it through Ray: ``handle.passivate.remote(key)``."""
+
+    def __init__(self, host: ThreadHost) -> None:
+        self.passivate = types.SimpleNamespace(remote=host.passivate)
+
+
+async def test_a_thread_moves_to_a_new_version_host_after_its_turn_in_progress(
+    redis_url: str,
+) -> None:
+    """A config deploy names new hosts: the thread's next message comes to one while the old
+    host is still running the thread's turn. Opening at once fenced that turn mid-way and ran
+    it a second time in the new host."""
+    old = await open_host(redis_url, cap=10, name=f"threadhost/app/v1/{uuid.uuid4().hex}")
+    new = await open_host(redis_url, cap=10, name=f"threadhost/app/v2/{uuid.uuid4().hex}")
+    hosts = {old._name: old, new._name: new}
+    looked_up: list[str] = []
+
+    def lookup(name: str) -> Handle | None:
+        looked_up.append(name)
+        return Handle(hosts[name]) if name in hosts else None
+
+    old._lookup = new._lookup = lookup  # type: ignore[method-assign]
+    key = ThreadKey.of(f"move-{uuid.uuid4().hex}")
+    await status(old, key.thread_id)
+    epoch = old._threads[key].epoch
+    redis = connect_redis(redis_url)
+    try:
+        async with old._threads[key]._lock:  # a turn in progress in the old host
+            moving = asyncio.create_task(status(new, key.thread_id))
+            deadline = time.monotonic() + 10
+            while key in await old.open_threads():  # asked to close it
+                assert time.monotonic() < deadline, "the old host was never asked"
+                await asyncio.sleep(0.01)
+            assert not moving.done()
+            # The turn in progress keeps its epoch: nothing fenced it.
+            assert int(await redis.get(key.redis_key("epoch")) or 0) == epoch
+        assert "Turns so far: 0" in await asyncio.wait_for(moving, 10)
+        assert await new.open_threads() == [key] and await old.open_threads() == []
+        assert int(await redis.get(key.redis_key("epoch")) or 0) == epoch + 1
+        # Back in the old host (an old replica's message): the new one lets go the same way.
+        await status(old, key.thread_id)
+        assert await new.open_threads() == [] and await old.open_threads() == [key]
+        # A holder that is gone (crashed) is not waited for; neither is the host itself.
+        await redis.set(key.redis_key("host"), "threadhost/app/v0/gone")
+        await old.passivate(key)
+        looked_up.clear()
+        await status(new, key.thread_id)
+        await new.passivate(key)
+        await status(new, key.thread_id)
+        assert looked_up == ["threadhost/app/v0/gone"]
+    finally:
+        await redis.aclose()

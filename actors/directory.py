@@ -23,7 +23,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-from actors.key import ThreadKey
+from actors.key import NAMESPACE, ThreadKey
 from actors.thread_actor import ThreadActor
 from actors.thread_host import ThreadHost
 from stickyray.config import TeamConfig
@@ -42,8 +42,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-NAMESPACE = "stickyray"
 
 # Thread actors wait on I/O, so they claim no CPU; detached so that they outlive the ingress
 # replica that created them (any replica may route to any thread). Ray does not restart them:

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 from stickyray.errors import InvalidThreadKey
 
-__all__ = ["DEFAULT_TENANT", "ID_PATTERN", "ThreadKey"]
+__all__ = ["DEFAULT_TENANT", "ID_PATTERN", "NAMESPACE", "ThreadKey"]
 
+# The Ray namespace of thread actors and thread hosts, whichever process creates them.
+NAMESPACE = "stickyray"
 DEFAULT_TENANT = "default"
 # Tenants, thread ids, user ids and message ids all follow this rule.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$"

@@ -22,7 +22,7 @@ from typing import Any
 import ray
 
 from actors.agent_client import ServeAgentCaller
-from actors.key import ThreadKey
+from actors.key import NAMESPACE, ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
 from actors.thread import Thread
 from stickyray.config import TeamConfig
@@ -150,7 +150,7 @@ class ThreadHost:
     @staticmethod
     def _lookup(name: str) -> Any | None:
         try:
-            return ray.get_actor(name, namespace=ray.get_runtime_context().namespace)
+            return ray.get_actor(name, namespace=NAMESPACE)
         except ValueError:
             return None
 

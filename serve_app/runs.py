@@ -172,6 +172,7 @@ class RunDispatcher:
         self._posting = asyncio.Semaphore(max_in_flight)
         self._lost = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._closing = False  # deliveries are being stopped: none may start
         # The last run of each thread in hand: the next one waits for it.
         self._tails: dict[ThreadKey, asyncio.Task[None]] = {}
         self._tasks: dict[asyncio.Task[None], str] = {}  # task -> its entry id
@@ -201,14 +202,27 @@ class RunDispatcher:
                 try:
                     await self._hold(loops)
                 finally:
-                    await _cancel(
-                        [*loops, *self._tasks, *self._replies[False], *self._replies[True]]
-                    )
+                    await self._stop_deliveries(loops)
         except _Stopping:
             pass
         finally:
             with contextlib.suppress(StoreUnavailable, _Stopping):
                 await self._queue.release(self._token)  # else it expires by itself
+
+    async def _stop_deliveries(self, loops: list[asyncio.Task[None]]) -> None:
+        """Stop the readers, then every delivery in hand, and start no new one meanwhile.
+
+        A cancel can be lost in a Redis call: a reader that outlives one would dispatch the
+        runs it just read, behind deliveries being cancelled, so a thread's later run could
+        start before its earlier ones (and next to the next worker's deliveries).
+        """
+        self._closing = True
+        try:
+            await _cancel(loops)
+            while in_hand := [*self._tasks, *self._replies[False], *self._replies[True]]:
+                await _cancel(in_hand)
+        finally:
+            self._closing = False
 
     def stop(self) -> None:
         """Make ``run`` stop its deliveries, give the lease up and return."""
@@ -292,6 +306,8 @@ class RunDispatcher:
                     self._dispatch(run)
 
     def _dispatch(self, run: QueuedRun) -> None:
+        if self._closing:
+            return  # it stays queued, for whoever reads next
         before = self._tails.get(run.key)
         task = asyncio.get_running_loop().create_task(self._process(run, before))
         self._tails[run.key] = task
@@ -399,6 +415,8 @@ class RunDispatcher:
             self._lost.set()
 
     def _send_later(self, reply: OutboundReply, in_hand: dict[asyncio.Task[None], str]) -> None:
+        if self._closing:
+            return  # it stays in the outbox, for whoever reads next
         chat = json.dumps(reply.to, sort_keys=True)
         before = self._reply_tails.get(chat)
         task = asyncio.get_running_loop().create_task(self._send(reply, before))

@@ -638,3 +638,45 @@ def test_only_outages_count_as_transient() -> None:
     assert not transient(RayTaskError("handle", "traceback", None))
     creation = RayTaskError("ThreadActor.__init__", "Traceback: ...", ValueError("bad"))
     assert not transient(ActorDiedError(creation))
+
+
+async def test_a_run_read_while_the_worker_stops_is_left_queued_behind_its_thread(
+    client: Any,
+) -> None:
+    """Stopping (a deploy) lands while the reader fetches a thread's next run: delivering it
+    would run it before the runs still queued ahead of it, beside the next worker."""
+    queue = queue_of(client)
+    key = fresh()
+    delivered: list[str] = []
+    hang = asyncio.Event()
+
+    async def deliver(key: ThreadKey, message: InboundMessage) -> TurnResult:
+        delivered.append(message.message_id)
+        if message.message_id == "r1":
+            await hang.wait()  # a turn that is still running when the worker stops
+        return TurnResult(
+            thread_id=key.thread_id, message_id=message.message_id, turn=1, agent=None, reply="ok"
+        )
+
+    worker = dispatcher(queue, deliver, idle_wait_ms=1000)
+    armed: list[bool] = []
+    read = queue.read
+
+    async def read_while_stopping(*args: Any, **kwargs: Any) -> Any:
+        if armed and not armed[0]:
+            armed[0] = True
+            worker.stop()  # while this read is in flight
+        return await read(*args, **kwargs)
+
+    queue.read = read_while_stopping  # type: ignore[method-assign]
+    await queue.submit(key, msg("one", "r1"))
+    await queue.submit(key, msg("two", "r2"))
+    running = asyncio.create_task(worker.run())
+    await until(lambda: delivered == ["r1"])
+    armed.append(False)
+    await queue.submit(key, msg("three", "r3"))
+    await asyncio.wait_for(running, 10)
+    assert armed == [True]
+    assert not [task for task in worker._tasks if not task.done()]
+    statuses = [(await queue.get(key, m)).status for m in ("r1", "r2", "r3")]  # type: ignore[union-attr]
+    assert (delivered, statuses) == (["r1"], ["running", "queued", "queued"])

@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from ray.exceptions import ActorDiedError, RayError, RayTaskError
 
@@ -98,6 +99,26 @@ _MAX_REPLIES_IN_HAND = 1000  # replies read and not sent yet: reading waits beyo
 
 class _Stopping(Exception):
     """The dispatcher was asked to stop."""
+
+
+class _Both:
+    """A slot of ``first``, then one of ``second``: waiting for the first holds neither."""
+
+    def __init__(self, first: asyncio.Semaphore, second: asyncio.Semaphore) -> None:
+        self._first = first
+        self._second = second
+
+    async def __aenter__(self) -> None:
+        await self._first.acquire()
+        try:
+            await self._second.acquire()
+        except BaseException:
+            self._first.release()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._second.release()
+        self._first.release()
 
 
 async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
@@ -169,7 +190,11 @@ class RunDispatcher:
         self._reply_give_up_after_s = reply_give_up_after_s
         self._sending = asyncio.Semaphore(max_in_flight)
         # Webhooks have slots of their own: slow receivers never hold a chat's reply back.
+        # And each receiver (origin) a quarter of them at most: one that is down does not
+        # hold every other receiver's webhooks back while its calls time out.
         self._posting = asyncio.Semaphore(max_in_flight)
+        self._per_receiver = max(1, max_in_flight // 4)
+        self._receivers: dict[str, asyncio.Semaphore] = {}
         self._lost = asyncio.Event()
         self._stopping = asyncio.Event()
         self._closing = False  # deliveries are being stopped: none may start
@@ -485,11 +510,13 @@ class RunDispatcher:
             return "the run's record expired before its webhook took it"
         url, body = str(reply.to.get("url")), webhook_body(record)
         message_id = webhook_id(reply.record, reply.entry)
+        origin = urlsplit(url)._replace(path="", query="", fragment="").geturl()
+        receiver = self._receivers.setdefault(origin, asyncio.Semaphore(self._per_receiver))
         return await self._send_until_done(
             reply,
             lambda: send_webhook(url, message_id, body),
             deadline,
-            self._posting,
+            _Both(receiver, self._posting),
             last_try_at_deadline=True,
         )
 
@@ -498,7 +525,7 @@ class RunDispatcher:
         reply: OutboundReply,
         send: Callable[[], Awaitable[None]],
         deadline: list[float],
-        slots: asyncio.Semaphore,
+        slots: asyncio.Semaphore | _Both,
         *,
         last_try_at_deadline: bool = False,
     ) -> str | None:

@@ -8,6 +8,13 @@ from typing import Any
 
 import anthropic
 
+from providers._retries import (
+    SERVER_ERROR_TYPES,
+    StreamBroke,
+    error_type,
+    refuse_long_retry_after,
+    retry_stream,
+)
 from providers.model import (
     NOT_AN_OBJECT_KEY,
     ChatMessage,
@@ -35,7 +42,9 @@ def _blocks(message: ChatMessage) -> list[dict[str, Any]]:
         return [
             {"type": "tool_result", "tool_use_id": message.tool_call_id, "content": message.content}
         ]
-    blocks: list[dict[str, Any]] = []
+    # Thinking first, unchanged: a tool result sent without the thinking blocks of the
+    # answer that called the tool is refused when thinking is on.
+    blocks: list[dict[str, Any]] = [dict(block) for block in message.reasoning]
     if message.content.strip():  # the API refuses a text block of whitespace only
         blocks.append({"type": "text", "text": message.content})
     for call in message.tool_calls:
@@ -80,8 +89,11 @@ def _read(response: anthropic.types.Message) -> ModelResponse:
     stop = _STOPS.get(response.stop_reason, "end")
     texts: list[str] = []
     calls: list[ToolCall] = []
+    reasoning: list[dict[str, Any]] = []
     for block in response.content:
-        if block.type == "text":
+        if block.type in ("thinking", "redacted_thinking"):
+            reasoning.append(block.model_dump(mode="json", exclude_none=True))
+        elif block.type == "text":
             texts.append(block.text)
         elif block.type == "tool_use":
             args = block.input
@@ -91,42 +103,71 @@ def _read(response: anthropic.types.Message) -> ModelResponse:
     if stop == "max_tokens":
         # The last tool_use block may be incomplete, its input a fragment parsed to {}.
         calls = [call.cut_off() for call in calls]
+    usage = _usage(response.usage)
+    return ModelResponse(
+        text="".join(texts),
+        tool_calls=calls,
+        usage=usage,
+        model=response.model,
+        stop=stop,
+        reasoning=reasoning,
+    )
+
+
+def _usage(tokens: anthropic.types.Usage) -> Usage:
     # input_tokens leaves out what the prompt cache read or wrote; OpenAI's prompt_tokens
     # include cached tokens, so both count every token of the prompt.
-    tokens = response.usage
     prompt = (
         (tokens.input_tokens or 0)
         + (tokens.cache_read_input_tokens or 0)
         + (tokens.cache_creation_input_tokens or 0)
     )
-    usage = Usage(input_tokens=prompt, output_tokens=tokens.output_tokens or 0, requests=1)
-    return ModelResponse(
-        text="".join(texts), tool_calls=calls, usage=usage, model=response.model, stop=stop
-    )
+    return Usage(input_tokens=prompt, output_tokens=tokens.output_tokens or 0, requests=1)
+
+
+def _transient(exc: Exception) -> bool:
+    """Whether a stream's error is one a new request may not meet: the server's or the
+    connection's (timeouts included), not the request's."""
+    if isinstance(exc, anthropic.APIConnectionError):
+        return True
+    return isinstance(exc, anthropic.APIStatusError) and error_type(exc.body) in SERVER_ERROR_TYPES
 
 
 class AnthropicProvider:
-    """A Provider on ``anthropic.AsyncAnthropic``; the SDK does timeouts and retries."""
+    """A Provider on ``anthropic.AsyncAnthropic``; the SDK does timeouts and retries, and a
+    stream that breaks before its first text is made again as often (``providers._retries``),
+    ``retry_delay_s`` the first backoff."""
 
     name = "anthropic"
 
-    def __init__(self, client: anthropic.AsyncAnthropic) -> None:
+    def __init__(self, client: anthropic.AsyncAnthropic, *, retry_delay_s: float = 0.5) -> None:
         self._client = client
+        self._retry_delay_s = retry_delay_s
 
     @classmethod
     def from_settings(
-        cls, api_key: str, base_url: str, timeout_s: float, max_retries: int
+        cls,
+        api_key: str,
+        base_url: str,
+        timeout_s: float,
+        max_retries: int,
+        *,
+        retry_delay_s: float = 0.5,
     ) -> AnthropicProvider:
         """A provider with its own client."""
         # aiohttp under the SDK, as for OpenAI (httpx's pool is costly with many calls in flight).
+        # The SDK waits as long as a Retry-After asks (an hour, say): the hook refuses that.
+        http_client = anthropic.DefaultAioHttpClient(
+            timeout=timeout_s, event_hooks={"response": [refuse_long_retry_after]}
+        )
         client = anthropic.AsyncAnthropic(
             api_key=api_key,
             base_url=base_url,
             timeout=timeout_s,
             max_retries=max_retries,
-            http_client=anthropic.DefaultAioHttpClient(timeout=timeout_s),
+            http_client=http_client,
         )
-        return cls(client)
+        return cls(client, retry_delay_s=retry_delay_s)
 
     async def complete(
         self,
@@ -171,18 +212,39 @@ class AnthropicProvider:
     async def _stream(self, agent: str, kwargs: dict[str, Any], on_text: TextSink) -> ModelResponse:
         """The same call, streamed: ``on_text`` gets the text as it comes, and the SDK's
         stream gives the final message as an unstreamed call does."""
+
+        async def attempt(sink: TextSink) -> ModelResponse:
+            return await self._stream_once(agent, kwargs, sink)
+
+        retries, delay_s = self._client.max_retries, self._retry_delay_s
+        return await retry_stream(
+            "anthropic", agent, attempt, on_text, retries=retries, delay_s=delay_s
+        )
+
+    async def _stream_once(
+        self, agent: str, kwargs: dict[str, Any], on_text: TextSink
+    ) -> ModelResponse:
+        opened = False
+        started: anthropic.types.Message | None = None
         try:
             async with self._client.messages.stream(**kwargs) as stream:
-                async for text in stream.text_stream:
-                    if text:
-                        await on_text(text)
+                opened = True  # the SDK's retries are behind us
+                async for event in stream:
+                    if event.type == "message_start":
+                        started = event.message
+                    elif event.type == "text" and event.text:
+                        await on_text(event.text)
                 response = await stream.get_final_message()
         except Exception as exc:  # an error status, or a stream that broke off or was unreadable
-            raise ProviderError.of("anthropic", agent, exc) from None
+            failed = ProviderError.of("anthropic", agent, exc)
+            if opened and _transient(exc):  # an overload sent in the stream, a dropped connection
+                spent = _usage(started.usage) if started is not None else Usage()
+                raise StreamBroke(failed.detail, spent) from None
+            raise failed from None
         if response.stop_reason is None:
             # Ended cleanly, but before the reply did (a proxy's timeout, say): the SDK stops
             # iterating without an error, and the text so far is not the reply.
-            raise ProviderError("anthropic", agent, "the stream ended before its stop_reason")
+            raise StreamBroke("the stream ended before its stop_reason", _usage(response.usage))
         return read_reply("anthropic", agent, _read, response)
 
     async def aclose(self) -> None:

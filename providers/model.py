@@ -87,6 +87,8 @@ class ChatMessage(_Wire):
     content: str = ""
     tool_calls: list[ToolCall] = Field(default_factory=list)
     tool_call_id: str | None = None
+    # An assistant message's reasoning blocks, as its vendor sent them (see ModelResponse).
+    reasoning: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ModelResponse(_Wire):
@@ -97,6 +99,9 @@ class ModelResponse(_Wire):
     usage: Usage = Usage(requests=1)  # one response, one request
     model: str = ""
     stop: StopReason = "end"
+    # Blocks the vendor wants back unchanged with the tool results of this answer
+    # (Anthropic's thinking and redacted_thinking, with their signatures); opaque here.
+    reasoning: list[dict[str, Any]] = Field(default_factory=list)
 
 
 def read_reply(

@@ -10,6 +10,7 @@ import openai
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from providers._retries import SERVER_ERROR_TYPES, StreamBroke, error_type, retry_stream
 from providers.model import (
     INVALID_JSON_KEY,
     NOT_AN_OBJECT_KEY,
@@ -96,17 +97,34 @@ def _read(response: ChatCompletion) -> ModelResponse:
     return ModelResponse(text=text, tool_calls=calls, usage=usage, model=response.model, stop=stop)
 
 
+def _transient(exc: Exception) -> bool:
+    """Whether a stream's error is one a new request may not meet: the server's or the
+    connection's (timeouts included), not the request's."""
+    if isinstance(exc, openai.APIConnectionError):
+        return True
+    return isinstance(exc, openai.APIError) and error_type(exc.body) in SERVER_ERROR_TYPES
+
+
 class OpenAIProvider:
-    """A Provider on ``openai.AsyncOpenAI``; the SDK does timeouts and retries with backoff."""
+    """A Provider on ``openai.AsyncOpenAI``; the SDK does timeouts and retries with backoff,
+    and a stream that breaks before its first text is made again as often
+    (``providers._retries``), ``retry_delay_s`` the first backoff."""
 
     name = "openai"
 
-    def __init__(self, client: openai.AsyncOpenAI) -> None:
+    def __init__(self, client: openai.AsyncOpenAI, *, retry_delay_s: float = 0.5) -> None:
         self._client = client
+        self._retry_delay_s = retry_delay_s
 
     @classmethod
     def from_settings(
-        cls, api_key: str, base_url: str, timeout_s: float, max_retries: int
+        cls,
+        api_key: str,
+        base_url: str,
+        timeout_s: float,
+        max_retries: int,
+        *,
+        retry_delay_s: float = 0.5,
     ) -> OpenAIProvider:
         """A provider with its own client."""
         # aiohttp under the SDK: httpx's pool scans every open connection per request, which
@@ -118,7 +136,7 @@ class OpenAIProvider:
             max_retries=max_retries,
             http_client=openai.DefaultAioHttpClient(timeout=timeout_s),
         )
-        return cls(client)
+        return cls(client, retry_delay_s=retry_delay_s)
 
     async def complete(
         self,
@@ -172,7 +190,21 @@ class OpenAIProvider:
         """The same call, streamed: ``on_text`` gets the reply's text as its chunks come, and
         the SDK's own accumulator makes the completion read as an unstreamed one is."""
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+
+        async def attempt(sink: TextSink) -> ModelResponse:
+            return await self._stream_once(agent, body, sink)
+
+        retries, delay_s = self._client.max_retries, self._retry_delay_s
+        return await retry_stream(
+            "openai", agent, attempt, on_text, retries=retries, delay_s=delay_s
+        )
+
+    async def _stream_once(
+        self, agent: str, body: dict[str, Any], on_text: TextSink
+    ) -> ModelResponse:
+        # Usage comes in the last chunk, after the finish: a stream that breaks reports none.
         state = ChatCompletionStreamState()
+        opened = seen = False
         try:
             chunks = await self._client.post(
                 "/chat/completions",
@@ -182,21 +214,28 @@ class OpenAIProvider:
                 stream=True,
                 stream_cls=openai.AsyncStream[ChatCompletionChunk],
             )
+            opened = True  # the SDK's retries are behind us
             async with chunks:
                 async for chunk in chunks:
                     state.handle_chunk(chunk)
+                    seen = True
                     for choice in chunk.choices:
                         if choice.index == 0 and choice.delta.content:
                             await on_text(choice.delta.content)
-            # The snapshot, not get_final_completion(), which refuses a cut-off or filtered
-            # reply: those read as they do unstreamed.
-            response = state.current_completion_snapshot
         except Exception as exc:  # an error status, or a stream that broke off or was unreadable
-            raise ProviderError.of("openai", agent, exc) from None
-        if not response.choices or response.choices[0].finish_reason is None:
+            failed = ProviderError.of("openai", agent, exc)
+            if opened and _transient(
+                exc
+            ):  # a server error sent in the stream, a dropped connection
+                raise StreamBroke(failed.detail, Usage()) from None
+            raise failed from None
+        # The snapshot, not get_final_completion(), which refuses a cut-off or filtered
+        # reply: those read as they do unstreamed.
+        response = state.current_completion_snapshot if seen else None
+        if response is None or not response.choices or response.choices[0].finish_reason is None:
             # Ended cleanly, but before the reply did (a proxy's timeout, say): the SDK stops
             # iterating without an error, and the text so far is not the reply.
-            raise ProviderError("openai", agent, "the stream ended before its finish_reason")
+            raise StreamBroke("the stream ended before its finish_reason", Usage())
         return read_reply("openai", agent, _read, response)
 
     async def aclose(self) -> None:

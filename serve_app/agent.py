@@ -216,7 +216,14 @@ class Agent:
                 )
                 for c in response.tool_calls
             ]
-            messages.append(ChatMessage(role="assistant", content=response.text, tool_calls=called))
+            messages.append(
+                ChatMessage(
+                    role="assistant",
+                    content=response.text,
+                    tool_calls=called,
+                    reasoning=response.reasoning,
+                )
+            )
             for call in response.tool_calls:
                 if handoff is not None:
                     # A handoff hands the thread over: the calls beside it would run for an

@@ -190,9 +190,11 @@ def reply_stream(
     output_tokens: int,
     stop: StopReason | None = None,
     complete: bool = True,
+    error: dict[str, Any] | None = None,
 ) -> Iterator[str]:
     """SSE events from `message_start` to `message_stop`, as the Messages API streams them
-    (not ``complete``: ending before `message_delta`, which carries the stop reason).
+    (not ``complete``: ending before `message_delta`, which carries the stop reason; with
+    ``error``, an `error_body`, an `error` event in its place).
 
     Text arrives word by word and tool input in small `input_json_delta` pieces, so client code
     that accumulates deltas is actually exercised.
@@ -225,6 +227,9 @@ def reply_stream(
                 {"type": "content_block_delta", "index": index, "delta": delta},
             )
         yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
+    if error is not None:  # an `error_body`, sent in place of the finish
+        yield _event("error", error)
+        return
     if not complete:
         return
     delta = {"stop_reason": _stop_reason(stop, tool_calls), "stop_sequence": None}

@@ -215,9 +215,11 @@ def reply_stream(
     output_tokens: int,
     stop: StopReason | None = None,
     complete: bool = True,
+    error: dict[str, Any] | None = None,
 ) -> Iterator[str]:
     """SSE frames of `chat.completion.chunk` objects, ending with `data: [DONE]` (not
-    ``complete``: ending before the chunk with the finish reason).
+    ``complete``: ending before the chunk with the finish reason; with ``error``, an
+    `error_body`, a frame of it in its place).
 
     Text arrives word by word and tool arguments in small pieces, so client code that
     accumulates deltas is actually exercised.
@@ -265,6 +267,9 @@ def reply_stream(
         for start in range(0, len(arguments), _ARGUMENT_PIECE):
             piece = arguments[start : start + _ARGUMENT_PIECE]
             yield chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+    if error is not None:  # an `error_body`, sent in place of the finish
+        yield _frame(error)
+        return
     if not complete:
         return
     yield chunk({}, _finish_reason(stop, calls))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Protocol
 
 Api = Literal["openai", "anthropic"]
@@ -75,6 +75,8 @@ class FakeReply:
     """A scripted model reply: text, tool calls (optionally with text), or an HTTP error.
 
     ``stop`` makes the reply end for another reason than finishing (see ``StopReason``).
+    ``in_stream``: a streamed request gets the error inside its stream, after the text.
+    ``retry_after_s``: the error's ``Retry-After`` header.
     """
 
     content: str = ""
@@ -83,6 +85,8 @@ class FakeReply:
     error_message: str = ""
     stop: StopReason | None = None
     broken_off: bool = False
+    in_stream: bool = False
+    retry_after_s: float | None = None
 
     @classmethod
     def text(cls, content: str) -> FakeReply:
@@ -124,11 +128,20 @@ class FakeReply:
         return cls(content=content, broken_off=True)
 
     @classmethod
-    def error(cls, status: int, message: str) -> FakeReply:
-        """An HTTP error in the calling API's error JSON shape."""
+    def error(cls, status: int, message: str, *, retry_after_s: float | None = None) -> FakeReply:
+        """An HTTP error in the calling API's error JSON shape, with a ``Retry-After`` header
+        of ``retry_after_s`` seconds if given."""
         if not 400 <= status <= 599:
             raise ValueError(f"error status must be 4xx or 5xx, got {status}")
-        return cls(error_status=status, error_message=message)
+        return cls(error_status=status, error_message=message, retry_after_s=retry_after_s)
+
+    @classmethod
+    def error_in_stream(cls, status: int, message: str, *, text: str = "") -> FakeReply:
+        """The error ``status`` would be, sent by a streamed reply after its 200 and ``text``,
+        as the APIs report a failure mid-stream: Anthropic an ``error`` event (529 is
+        ``overloaded_error``), OpenAI a chunk holding an ``error`` (5xx is ``server_error``).
+        Unstreamed, it is the HTTP error."""
+        return replace(cls.error(status, message), content=text, in_stream=True)
 
     @property
     def output_tokens(self) -> int:
@@ -139,7 +152,8 @@ class FakeReply:
     def describe(self) -> str:
         """Short human description for assertion messages."""
         if self.error_status is not None:
-            return f"error {self.error_status} {self.error_message!r}"
+            where = f" in stream after {self.content[:40]!r}" if self.in_stream else ""
+            return f"error {self.error_status} {self.error_message!r}{where}"
         names = [call.name for call in self.calls]
         stop = f" (stop: {self.stop})" if self.stop else ""
         stop += " (broken off)" if self.broken_off else ""
@@ -238,6 +252,7 @@ class _Wire(Protocol):
         output_tokens: int,
         stop: StopReason | None = None,
         complete: bool = True,
+        error: dict[str, Any] | None = None,
     ) -> Iterator[str]: ...
 
 

@@ -332,9 +332,13 @@ class FakeLLMServer:
         reply, headers = await self._reply_for(fake_request)
         if fake_request.latency_s > 0:
             await asyncio.sleep(fake_request.latency_s)
+        error = None
         if reply.error_status is not None:
             error = wire.error_body(reply.error_status, reply.error_message)
-            return JSONResponse(error, status_code=reply.error_status, headers=headers)
+            if reply.retry_after_s is not None:
+                headers = {**headers, "retry-after": f"{reply.retry_after_s:g}"}
+            if not (reply.in_stream and fake_request.stream):
+                return JSONResponse(error, status_code=reply.error_status, headers=headers)
         shape: dict[str, Any] = {
             "seq": next(self._seq),
             "model": fake_request.model,
@@ -345,7 +349,7 @@ class FakeLLMServer:
             "stop": reply.stop,
         }
         if fake_request.stream:
-            stream = wire.reply_stream(body, **shape, complete=not reply.broken_off)
+            stream = wire.reply_stream(body, **shape, complete=not reply.broken_off, error=error)
             return StreamingResponse(_aiter(stream), media_type="text/event-stream")
         # Escaped to ASCII, as the streamed frames are: a reply may then carry what UTF-8
         # cannot (a lone surrogate), as a real server's JSON escapes can.

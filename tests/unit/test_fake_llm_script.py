@@ -126,6 +126,32 @@ def test_scripted_errors_use_each_apis_shape(
     assert [r.api for r in fake.requests] == ["openai", "anthropic"]
 
 
+def test_an_error_can_come_inside_a_stream_or_with_retry_after(
+    fake: FakeLLMServer, oai: openai.OpenAI, claude: anthropic.Anthropic
+) -> None:
+    fake.on(api="openai", reply=FakeReply.error_in_stream(500, "server hiccup", text="Hi"))
+    fake.on(api="anthropic", reply=FakeReply.error_in_stream(529, "Overloaded", text="Hi"))
+    told: list[str] = []
+    with pytest.raises(openai.APIError, match="server hiccup") as caught:
+        for chunk in ask_openai(oai, stream=True):
+            told += [c.delta.content for c in chunk.choices if c.delta.content]
+    assert told == ["Hi"] and caught.value.type == "server_error"
+    with pytest.raises(anthropic.APIStatusError, match="overloaded_error"):
+        with claude.messages.stream(
+            model="claude-test", max_tokens=64, messages=[{"role": "user", "content": "hey"}]
+        ) as stream:
+            for text in stream.text_stream:
+                told.append(text)
+    assert told == ["Hi", "Hi"]
+    with pytest.raises(openai.InternalServerError):  # unstreamed, the HTTP error
+        ask_openai(oai)
+    fake.reset()
+    fake.on(reply=FakeReply.error(429, "slow down", retry_after_s=3600))
+    with pytest.raises(openai.RateLimitError) as limited:
+        ask_openai(oai)
+    assert limited.value.response.headers["retry-after"] == "3600"
+
+
 def test_failing_reply_function_becomes_500(fake: FakeLLMServer, oai: openai.OpenAI) -> None:
     def broken(request: FakeRequest) -> FakeReply:
         raise KeyError("boom")

@@ -19,7 +19,7 @@ from providers.factory import build_provider
 from providers.model import ChatMessage, ModelResponse
 from providers.openai_provider import OpenAIProvider
 from serve_app.agent import Agent
-from serve_app.tools import Tool
+from serve_app.tools import Tool, resolve_tools
 from stickyray.config import parse_config
 from stickyray.errors import ProviderError
 from stickyray.settings import Settings
@@ -310,3 +310,55 @@ async def test_a_refused_connection_says_so_not_only_timed_out(kind: str) -> Non
     with pytest.raises(ProviderError) as failed:
         await ask(provider)
     assert f"Cannot connect to host 127.0.0.1:{port}" in str(failed.value)
+
+
+async def test_anthropic_thinking_goes_back_unchanged_with_the_tool_results() -> None:
+    """With thinking on (the default of newer models), a tool result sent without the
+    thinking blocks of the answer that called the tool is refused with a 400."""
+    thinking = {"type": "thinking", "thinking": "Call current_time.", "signature": "EqQB..sig"}
+    hidden = {"type": "redacted_thinking", "data": "EmwKAhgB..."}
+    replies: list[dict[str, Any]] = [
+        {
+            "content": [
+                thinking,
+                hidden,
+                {"type": "tool_use", "id": "toolu_1", "name": "current_time", "input": {}},
+            ],
+            "stop_reason": "tool_use",
+        },
+        {"content": [{"type": "text", "text": "It is noon."}], "stop_reason": "end_turn"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    def answer(request: Any) -> Any:
+        sent.append(json.loads(request.content))
+        body = {
+            "id": f"m{len(sent)}",
+            "type": "message",
+            "role": "assistant",
+            "model": "m",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 5, "output_tokens": 5},
+            **replies[len(sent) - 1],
+        }
+        return httpx2.Response(200, json=body)
+
+    client = anthropic.AsyncAnthropic(
+        api_key="k",
+        base_url="http://x",
+        http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(answer)),
+        max_retries=0,
+    )
+    data = openai_team(provider="anthropic", model="m")
+    data["specialists"][1]["tools"] = ["current_time"]
+    team = parse_config(data, source=__import__("pathlib").Path("<test>"))
+    agent = Agent(
+        team.agent("bookings"), team, AnthropicProvider(client), resolve_tools(["current_time"])
+    )
+    result = await agent.run(AgentRequest(thread="default/t", turn=1, text="what time is it?"))
+    await client.close()
+    assert result.reply == "It is noon."
+    called = sent[1]["messages"][-2]
+    assert called["role"] == "assistant"
+    assert called["content"][:2] == [thinking, hidden]  # first, as sent, signature and all
+    assert called["content"][2]["type"] == "tool_use"

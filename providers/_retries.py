@@ -1,0 +1,130 @@
+"""Retries the SDKs leave undone: a streamed reply that fails after its response began, and a
+``Retry-After`` longer than a model call should wait.
+
+The SDKs retry a request until its response starts. A streamed reply can still fail after
+that: an overload or server error sent inside the stream, a dropped connection, a stream that
+ends before its finish. While none of its text has gone to the caller (who shows what it is
+told), the provider makes the whole call again, with backoff, as many times as the SDK retries
+a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from providers.model import ModelResponse, TextSink
+from stickyray.errors import ProviderError
+from stickyray.turns import Usage
+
+__all__ = [
+    "MAX_RETRY_AFTER_S",
+    "SERVER_ERROR_TYPES",
+    "StreamBroke",
+    "error_type",
+    "refuse_long_retry_after",
+    "retry_stream",
+]
+
+log = logging.getLogger(__name__)
+
+# The OpenAI SDK's own limit; the Anthropic SDK has none and would sleep for an hour if asked.
+MAX_RETRY_AFTER_S = 120.0
+# Error types (Anthropic's and OpenAI's) that a stream reports for a failure of the server,
+# not of the request: a new request may well succeed.
+SERVER_ERROR_TYPES = frozenset({"api_error", "overloaded_error", "server_error"})
+_MAX_DELAY_S = 8.0  # the SDKs' longest backoff
+
+
+class StreamBroke(Exception):
+    """A streamed attempt that failed after its response began, in a way the next attempt may
+    not; ``usage`` is what the stream reported spending before it broke."""
+
+    def __init__(self, detail: str, usage: Usage) -> None:
+        super().__init__(detail, usage)
+        self.detail = detail
+        self.usage = usage
+
+
+def error_type(body: object) -> str | None:
+    """The ``type`` of an API error body: Anthropic's ``{"error": {"type": ...}}``, or the
+    error object itself, as the OpenAI SDK keeps it."""
+    if not isinstance(body, dict):
+        return None
+    inner = body.get("error")
+    kind = (inner if isinstance(inner, dict) else body).get("type")
+    return kind if isinstance(kind, str) else None
+
+
+async def retry_stream(
+    vendor: str,
+    agent: str,
+    attempt: Callable[[TextSink], Awaitable[ModelResponse]],
+    on_text: TextSink,
+    *,
+    retries: int,
+    delay_s: float,
+) -> ModelResponse:
+    """``attempt(sink)``, made again after a StreamBroke at most ``retries`` times, but only
+    while ``on_text`` has been told nothing. What broken attempts spent counts in the reply."""
+    told = False
+    spent = Usage()
+
+    async def tell(text: str) -> None:
+        nonlocal told
+        told = True
+        await on_text(text)
+
+    retry = 0
+    while True:
+        try:
+            response = await attempt(tell)
+        except StreamBroke as broke:
+            spent += broke.usage
+            if told or retry >= retries:
+                raise ProviderError(vendor, agent, broke.detail) from None
+            retry += 1
+            wait = min(delay_s * 2 ** (retry - 1), _MAX_DELAY_S) * (1 - 0.25 * random.random())
+            log.warning(
+                "%s stream for agent %s broke before its text (%s; it spent %d input and %d "
+                "output tokens): retry %d of %d in %.1f s",
+                vendor,
+                agent,
+                broke.detail,
+                broke.usage.input_tokens,
+                broke.usage.output_tokens,
+                retry,
+                retries,
+                wait,
+            )
+            await asyncio.sleep(wait)
+            continue
+        if spent == Usage():
+            return response
+        return response.model_copy(update={"usage": spent + response.usage})
+
+
+async def refuse_long_retry_after(response: Any) -> None:
+    """An HTTP client response hook: an answer asking for a wait over ``MAX_RETRY_AFTER_S``
+    is not retried (``x-should-retry: false``, which both SDKs obey), so the call fails at
+    once, as the OpenAI SDK makes it do, instead of holding its turn for as long as asked."""
+    wait = _retry_after_s(response.headers)
+    if wait is not None and wait > MAX_RETRY_AFTER_S:
+        response.headers["x-should-retry"] = "false"
+
+
+def _retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """The seconds to wait, read as the SDKs read them: ``retry-after-ms``, then
+    ``Retry-After`` in seconds or as a date."""
+    for name, per_second in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        try:
+            return float(headers.get(name, "")) / per_second
+        except ValueError:
+            pass
+    date = email.utils.parsedate_tz(headers.get("retry-after", ""))
+    return None if date is None else email.utils.mktime_tz(date) - time.time()

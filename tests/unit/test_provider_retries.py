@@ -1,0 +1,197 @@
+"""What the providers retry beyond their SDKs: a stream that breaks before its first text is
+made again; a Retry-After too long to wait for fails the call instead of holding it."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+import types
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from providers._retries import refuse_long_retry_after
+from providers.anthropic_provider import AnthropicProvider
+from providers.model import ChatMessage, ModelResponse
+from providers.openai_provider import OpenAIProvider
+from stickyray.errors import ProviderError
+from stickyray.testing import FakeLLMServer, FakeReply, _fake_anthropic, _fake_openai
+
+Provider = OpenAIProvider | AnthropicProvider
+KINDS = ["openai", "anthropic"]
+REPLY = "Booked a table for two at nine."
+
+
+def open_provider(kind: str, url: str, retries: int) -> Provider:
+    """A provider whose backoff takes no time, so tests wait for nothing."""
+    if kind == "openai":
+        return OpenAIProvider.from_settings("k", f"{url}/v1", 10, retries, retry_delay_s=0)
+    return AnthropicProvider.from_settings("k", url, 10, retries, retry_delay_s=0)
+
+
+@pytest.fixture(params=KINDS)
+async def provider(
+    request: pytest.FixtureRequest, fake_llm: FakeLLMServer
+) -> AsyncIterator[Provider]:
+    opened = open_provider(request.param, fake_llm.url, retries=2)
+    yield opened
+    await opened.aclose()
+
+
+async def call(provider: Provider, pieces: list[str] | None) -> ModelResponse:
+    async def sink(text: str) -> None:
+        assert pieces is not None
+        pieces.append(text)
+
+    async with asyncio.timeout(10):  # a call that waits would fail the test, not hang it
+        return await provider.complete(
+            agent="bookings",
+            model="m",
+            messages=[ChatMessage(role="user", content="a table for two")],
+            tools=[],
+            temperature=None,
+            on_text=sink if pieces is not None else None,
+        )
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        FakeReply.error_in_stream(529, "Overloaded"),
+        FakeReply.error_in_stream(500, "The server had an error"),
+        FakeReply.broken_off_text(""),
+    ],
+    ids=["overloaded", "server-error", "ended-early"],
+)
+async def test_a_stream_that_breaks_before_its_text_is_made_again(
+    failure: FakeReply, provider: Provider, fake_llm: FakeLLMServer
+) -> None:
+    fake_llm.on(reply=REPLY)
+    whole = await call(provider, None)
+    fake_llm.queue(failure)
+    pieces: list[str] = []
+    streamed = await call(provider, pieces)
+    assert streamed.text == "".join(pieces) == REPLY
+    assert [r.stream for r in fake_llm.requests] == [False, True, True]
+    if isinstance(provider, AnthropicProvider):  # its message_start reported tokens spent
+        assert streamed.usage.requests == 2
+        assert streamed.usage.input_tokens == 2 * whole.usage.input_tokens
+    else:  # OpenAI's usage comes after the finish: the broken stream reported none
+        assert streamed.usage == whole.usage
+
+
+async def test_a_stream_that_breaks_after_its_text_is_not_made_again(
+    provider: Provider, fake_llm: FakeLLMServer
+) -> None:
+    """The caller has shown the text: a new reply would be told after it."""
+    fake_llm.queue(FakeReply.error_in_stream(529, "Overloaded", text="Your refund of"))
+    pieces: list[str] = []
+    with pytest.raises(ProviderError, match="Overloaded|overloaded"):
+        await call(provider, pieces)
+    assert "".join(pieces) == "Your refund of"
+    assert fake_llm.count() == 1
+
+
+async def test_a_stream_is_made_again_as_often_as_the_sdk_retries(
+    provider: Provider, fake_llm: FakeLLMServer
+) -> None:
+    fake_llm.on(reply=FakeReply.error_in_stream(500, "still down"))
+    with pytest.raises(ProviderError, match="still down"):
+        await call(provider, [])
+    assert fake_llm.count() == 3  # the first try, then max_retries (2)
+
+
+async def test_an_error_of_the_request_in_a_stream_is_not_retried(
+    provider: Provider, fake_llm: FakeLLMServer
+) -> None:
+    fake_llm.on(reply=FakeReply.error_in_stream(400, "bad request body"))
+    with pytest.raises(ProviderError, match="bad request body"):
+        await call(provider, [])
+    assert fake_llm.count() == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_connection_dropped_before_the_text_is_made_again(kind: str) -> None:
+    """The 200 came, then the connection closed: the SDK does not retry that."""
+    wire = _fake_openai if kind == "openai" else _fake_anthropic
+    calls = 0
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        nonlocal calls
+        calls += 1
+        body = await request.json()
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        frames = wire.reply_stream(
+            body, seq=calls, model="m", text=REPLY, tool_calls=[], input_tokens=4, output_tokens=7
+        )
+        if calls == 1:
+            await response.write(next(frames).encode())  # the stream's start, no text
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        for frame in frames:
+            await response.write(frame.encode())
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    app.router.add_post("/v1/messages", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    provider = open_provider(kind, f"http://127.0.0.1:{port}", retries=2)
+    try:
+        pieces: list[str] = []
+        response = await call(provider, pieces)
+    finally:
+        await provider.aclose()
+        await runner.cleanup()
+    assert response.text == "".join(pieces) == REPLY
+    assert calls == 2
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["unstreamed", "streamed"])
+async def test_a_long_retry_after_fails_the_call_instead_of_waiting(
+    streamed: bool, provider: Provider, fake_llm: FakeLLMServer
+) -> None:
+    """The Anthropic SDK would sleep the hour asked, holding the turn; the OpenAI SDK fails
+    at once: both now fail at once."""
+    fake_llm.on(reply=FakeReply.error(429, "slow down", retry_after_s=3600))
+    with pytest.raises(ProviderError, match="slow down"):
+        await call(provider, [] if streamed else None)
+    assert fake_llm.count() == 1
+
+
+async def test_a_short_retry_after_is_still_waited_for(
+    provider: Provider, fake_llm: FakeLLMServer
+) -> None:
+    fake_llm.queue(FakeReply.error(429, "slow down", retry_after_s=0.01))
+    fake_llm.on(reply=REPLY)
+    assert (await call(provider, None)).text == REPLY
+    assert fake_llm.count() == 2
+
+
+@pytest.mark.parametrize(
+    ("headers", "refused"),
+    [
+        ({"retry-after": "30"}, False),
+        ({"retry-after": "121"}, True),
+        ({"retry-after-ms": "300000", "retry-after": "1"}, True),  # ms first, as the SDKs
+        ({"retry-after": email.utils.formatdate(time.time() + 3600, usegmt=True)}, True),
+        ({"retry-after": email.utils.formatdate(time.time() + 5, usegmt=True)}, False),
+        ({"retry-after": "soon"}, False),
+        ({}, False),
+    ],
+)
+async def test_retry_after_is_read_in_each_of_its_forms(
+    headers: dict[str, str], refused: bool
+) -> None:
+    response = types.SimpleNamespace(headers=dict(headers))
+    await refuse_long_retry_after(response)
+    assert (response.headers.get("x-should-retry") == "false") == refused

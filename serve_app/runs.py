@@ -244,8 +244,11 @@ class RunDispatcher:
         self._closing = True
         try:
             await _cancel(loops)
-            while in_hand := [*self._tasks, *self._replies[False], *self._replies[True]]:
+            # Done ones leave these maps in their callbacks, which may not have run yet.
+            tasks = (*self._tasks, *self._replies[False], *self._replies[True])
+            while in_hand := [t for t in tasks if not t.done()]:
                 await _cancel(in_hand)
+                tasks = (*self._tasks, *self._replies[False], *self._replies[True])
         finally:
             self._closing = False
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -680,3 +681,24 @@ async def test_a_run_read_while_the_worker_stops_is_left_queued_behind_its_threa
     assert not [task for task in worker._tasks if not task.done()]
     statuses = [(await queue.get(key, m)).status for m in ("r1", "r2", "r3")]  # type: ignore[union-attr]
     assert (delivered, statuses) == (["r1"], ["running", "queued", "queued"])
+
+
+def test_stopping_does_not_spin_on_a_delivery_that_ended_but_is_still_listed() -> None:
+    """A delivery can end while its removal from the in-hand map is still queued: stopping
+    must wait for the ones running, not loop on that one without ever yielding."""
+    worker = RunDispatcher(Any, Any, max_in_flight=1)  # type: ignore[arg-type]
+    stopped = threading.Event()
+
+    async def stop_with_a_finished_task_listed() -> None:
+        finished = asyncio.get_running_loop().create_task(asyncio.sleep(0))
+        await finished
+        worker._tasks[finished] = "0-1"  # its callback has not taken it out yet
+        await worker._stop_deliveries([])
+        stopped.set()
+
+    runner = threading.Thread(
+        target=asyncio.run, args=(stop_with_a_finished_task_listed(),), daemon=True
+    )
+    runner.start()
+    runner.join(timeout=10)
+    assert stopped.is_set(), "stopping spun on a finished delivery"

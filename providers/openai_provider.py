@@ -224,9 +224,8 @@ class OpenAIProvider:
                             await on_text(choice.delta.content)
         except Exception as exc:  # an error status, or a stream that broke off or was unreadable
             failed = ProviderError.of("openai", agent, exc)
-            if opened and _transient(
-                exc
-            ):  # a server error sent in the stream, a dropped connection
+            # A server error sent in the stream, or a dropped connection: worth another try.
+            if opened and _transient(exc):
                 raise StreamBroke(failed.detail, Usage()) from None
             raise failed from None
         # The snapshot, not get_final_completion(), which refuses a cut-off or filtered

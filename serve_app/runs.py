@@ -244,11 +244,8 @@ class RunDispatcher:
         self._closing = True
         try:
             await _cancel(loops)
-            # Done ones leave these maps in their callbacks, which may not have run yet.
-            tasks = (*self._tasks, *self._replies[False], *self._replies[True])
-            while in_hand := [t for t in tasks if not t.done()]:
-                await _cancel(in_hand)
-                tasks = (*self._tasks, *self._replies[False], *self._replies[True])
+            # Only the readers dispatch, so what is in hand now is all there will be.
+            await _cancel([*self._tasks, *self._replies[False], *self._replies[True]])
         finally:
             self._closing = False
 

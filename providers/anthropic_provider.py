@@ -15,6 +15,7 @@ from providers._retries import (
     refuse_long_retry_after,
     retry_stream,
 )
+from providers._timeouts import unstreamed_timeout
 from providers.model import (
     NOT_AN_OBJECT_KEY,
     ChatMessage,
@@ -204,7 +205,10 @@ class AnthropicProvider:
         if on_text is not None:
             return await self._stream(agent, kwargs, on_text)
         try:
-            response = await self._client.messages.create(**kwargs)
+            timeout = anthropic.Timeout(self._client.timeout)
+            response = await self._client.messages.create(
+                **kwargs, timeout=unstreamed_timeout(timeout, kwargs["max_tokens"])
+            )
         except (anthropic.APIError, json.JSONDecodeError) as exc:  # or a JSON body cut short
             raise ProviderError.of("anthropic", agent, exc) from None
         return read_reply("anthropic", agent, _read, response)

@@ -11,6 +11,7 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from providers._retries import SERVER_ERROR_TYPES, StreamBroke, error_type, retry_stream
+from providers._timeouts import unstreamed_timeout
 from providers.model import (
     INVALID_JSON_KEY,
     NOT_AN_OBJECT_KEY,
@@ -180,7 +181,10 @@ class OpenAIProvider:
                 "/chat/completions",
                 body=body,
                 cast_to=ChatCompletion,
-                options={"headers": {AGENT_HEADER: agent}},
+                options={
+                    "headers": {AGENT_HEADER: agent},
+                    "timeout": unstreamed_timeout(openai.Timeout(self._client.timeout), max_tokens),
+                },
             )
         except (openai.APIError, json.JSONDecodeError) as exc:  # or a JSON body cut short
             raise ProviderError.of("openai", agent, exc) from None

@@ -195,3 +195,39 @@ async def test_retry_after_is_read_in_each_of_its_forms(
     response = types.SimpleNamespace(headers=dict(headers))
     await refuse_long_retry_after(response)
     assert (response.headers.get("x-should-retry") == "false") == refused
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("max_tokens", "waited"),
+    [(71, True), (1, False)],  # 71 tokens at ~36 a second: 2 s; one token: the client's 0.3 s
+)
+async def test_an_unstreamed_reply_is_waited_for_as_long_as_its_tokens_take_to_write(
+    kind: str, max_tokens: int, waited: bool, fake_llm: FakeLLMServer
+) -> None:
+    """A reply comes whole after 1 s: a model writing ``max_tokens`` may take that long, so
+    the call waits instead of timing out and asking for the reply again; a reply that
+    cannot be that long is not waited for past the client's timeout (a hung server)."""
+    fake_llm.on(reply=REPLY, latency_s=1.0)
+    if kind == "openai":
+        provider: Provider = OpenAIProvider.from_settings("k", f"{fake_llm.url}/v1", 0.3, 1)
+    else:
+        provider = AnthropicProvider.from_settings("k", fake_llm.url, 0.3, 1)
+    try:
+        async with asyncio.timeout(10):
+            reply = provider.complete(
+                agent="bookings",
+                model="m",
+                messages=[ChatMessage(role="user", content="a table for two")],
+                tools=[],
+                temperature=None,
+                max_tokens=max_tokens,
+            )
+            if waited:
+                assert (await reply).text == REPLY
+            else:
+                with pytest.raises(ProviderError, match="timed out|Timeout|timeout"):
+                    await reply
+    finally:
+        await provider.aclose()
+    assert fake_llm.count() == (1 if waited else 2)  # timed out: asked again once

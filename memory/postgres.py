@@ -13,8 +13,6 @@ Pools need the pgvector codec on every connection: pass ``init=init_connection``
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import uuid
@@ -26,8 +24,15 @@ from typing import Any
 import asyncpg
 import numpy as np
 from asyncpg import exceptions as pgerr
-from pgvector.asyncpg import register_vector
 
+from memory._pg_connections import (
+    DEFAULT_TIMEOUT_S,
+    SERVER_SHARE,
+    init_connection,
+    server_limits,
+    transaction,
+    unavailable,
+)
 from memory._records import check_new, core_block, new_records, now_utc, rank, unit_rows
 from memory.long_term import (
     CoreBlock,
@@ -40,7 +45,7 @@ from memory.long_term import (
 )
 from memory.migrations import migrate
 from memory.reembed import check_embedder, column_dimension
-from stickyray.errors import ConfigError, StoreUnavailable
+from stickyray.errors import ConfigError
 
 __all__ = [
     "DEFAULT_EF_SEARCH",
@@ -52,40 +57,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-_DOWN: tuple[type[BaseException], ...] = (
-    OSError,  # refused, no socket file, and TimeoutError: command_timeout, pool acquire
-    pgerr.PostgresConnectionError,  # class 08, including "closed in the middle of operation"
-    pgerr.AdminShutdownError,
-    pgerr.CrashShutdownError,
-    pgerr.CannotConnectNowError,
-    pgerr.InsufficientResourcesError,  # class 53: too many connections, disk full, out of memory
-    pgerr.QueryCanceledError,  # the server's statement_timeout, or an operator's cancel
-    pgerr.LockNotAvailableError,  # the server's lock_timeout
-    pgerr.ReadOnlySQLTransactionError,  # a write to a standby, or a read-only database
-)
-
-# What a connection the server closed while it sat in the pool fails with.
-_STALE: tuple[type[BaseException], ...] = (
-    ConnectionError,  # reset, broken pipe
-    pgerr.ConnectionDoesNotExistError,  # "connection was closed in the middle of operation"
-    pgerr.AdminShutdownError,  # the server's goodbye: terminated, or shutting down
-)
-
-# How long a statement, or a wait for a pooled connection, may take before the store is
-# unavailable (a 503) rather than a hang: a frozen server, or a table locked by a reindex.
-DEFAULT_TIMEOUT_S = 10.0
-
 _MAX_EF_SEARCH = 1000  # the most pgvector takes
-
-# The server's own limit, as a share of the client's command timeout. The server gives up
-# first, so the statement ends there too: a client that gives up closes the connection, and a
-# backend waiting for a lock does not notice that, so it would keep its connection slot.
-_SERVER_SHARE = 0.9
-
-# How long a connection given up mid-statement waits for asyncpg's request to cancel that
-# statement before it is closed (closing cancels the request). Enough for the request to
-# reach the server, and on a server that answers, for its reply.
-_CANCEL_WAIT_S = 0.5
 
 _COLUMNS = (
     "id, agent, kind, content, importance, created_at, last_accessed_at, access_count, metadata"
@@ -118,52 +90,9 @@ RETURNING m.id::text, m.access_count, m.last_accessed_at
 """
 
 
-# The schema pgvector's type lives in: `public` usually, but managed Postgres often installs
-# extensions into their own schema (on the search_path), and the codec must name it.
-_VECTOR_SCHEMA = """
-SELECT n.nspname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
- WHERE t.typname = 'vector' ORDER BY pg_type_is_visible(t.oid) DESC, n.nspname LIMIT 1
-"""
-
-
-async def init_connection(conn: asyncpg.Connection) -> None:
-    """Pool ``init``: register the pgvector codec (skipped until ``setup()`` creates it)."""
-    schema = await conn.fetchval(_VECTOR_SCHEMA)
-    if schema is not None:
-        await register_vector(conn, schema=schema)
-
-
 def _real(value: float) -> float:
     # importance is a `real`: the shortest float32 repr gives back what the caller wrote.
     return float(str(np.float32(value)))
-
-
-async def _abandon(conn: asyncpg.Connection, transaction: Any, exc: BaseException) -> None:
-    """End a transaction that ``exc`` interrupted, without replacing ``exc``.
-
-    A timed-out or cancelled statement may still be running on a frozen server, and a
-    rollback would wait for it (up to the command timeout) before the cancellation could
-    go on: the connection is closed instead, once asyncpg's request to cancel the statement
-    is through or ``_CANCEL_WAIT_S`` has passed. So is one whose rollback fails. (A second
-    cancellation during that wait ends it, and is what is raised.)
-    """
-    if not isinstance(exc, TimeoutError | asyncio.CancelledError):
-        try:
-            await transaction.rollback()
-            return
-        except Exception:  # lost, or BEGIN never happened: nothing to keep
-            pass
-    try:
-        # Closing the connection would cancel asyncpg's request to cancel the statement (its
-        # tasks are in a private set, hence getattr), and a backend waiting for a lock does
-        # not notice that its client left: it would wait on, in its connection slot.
-        pending = [task for task in getattr(conn, "_cancellations", ()) if not task.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=_CANCEL_WAIT_S)
-    finally:  # also when the caller cancels the wait
-        # A connection the server dropped is already back with its pool, which replaces it.
-        with contextlib.suppress(pgerr.InterfaceError):
-            conn.terminate()
 
 
 class PostgresMemoryStore:
@@ -200,10 +129,7 @@ class PostgresMemoryStore:
         self._ef_search = ef_search
         self._acquire_timeout = acquire_timeout
         self._embedder_id = embedder_id
-        self._limits: dict[str, str] = {}
-        if statement_timeout is not None:
-            limit = str(max(1, round(statement_timeout * 1000)))  # ms; 0 would be no limit
-            self._limits = {"statement_timeout": limit, "lock_timeout": limit}
+        self._limits = server_limits(statement_timeout)
         self._read_only_seen = False
 
     @classmethod
@@ -224,7 +150,7 @@ class PostgresMemoryStore:
         past ``acquire_timeout``, raises StoreUnavailable. The server is told to end a
         statement, or a wait for a lock, a little before ``command_timeout``.
         """
-        try:
+        with unavailable():
             pool = await asyncpg.create_pool(
                 url,
                 min_size=1,
@@ -233,10 +159,8 @@ class PostgresMemoryStore:
                 timeout=10.0,
                 command_timeout=command_timeout,
             )
-        except _DOWN as exc:
-            raise StoreUnavailable("postgres", str(exc) or type(exc).__name__) from exc
         if command_timeout is not None:
-            options.setdefault("statement_timeout", command_timeout * _SERVER_SHARE)
+            options.setdefault("statement_timeout", command_timeout * SERVER_SHARE)
         try:
             yield cls(pool, dimension, acquire_timeout=acquire_timeout, **options)
         finally:
@@ -253,19 +177,15 @@ class PostgresMemoryStore:
         With ``embedder_id``, ConfigError if another model's memories are stored; without,
         ValueError if they have another dimension.
         """
-        try:
+        with unavailable():
             async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
                 await migrate(conn, self._dimension)
                 await self._check(conn)
-        except _DOWN as exc:
-            raise StoreUnavailable("postgres", str(exc) or type(exc).__name__) from exc
         # Connections opened before the extension existed have no vector codec yet.
         await self._pool.expire_connections()
-        try:
+        with unavailable():
             async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
                 probe = await conn.fetchval("SELECT '[1]'::vector")
-        except _DOWN as exc:
-            raise StoreUnavailable("postgres", str(exc) or type(exc).__name__) from exc
         if isinstance(probe, str):  # without the codec, asyncpg gives the text form
             raise ConfigError(
                 "the pgvector codec is not registered on the pool's connections: "
@@ -295,37 +215,10 @@ class PostgresMemoryStore:
         self, tenant: str, settings: dict[str, str] | None = None
     ) -> AsyncIterator[asyncpg.Connection]:
         """A connection in a transaction whose RLS tenant is ``tenant``, plus local settings
-        (the server's limits first, so ``settings`` may override them).
-
-        A pooled connection the server closed while it sat idle (a restart, an idle timeout)
-        fails its first statement; nothing was done on it yet, so one other is tried.
-        """
+        (the server's limits first, so ``settings`` may override them)."""
         values = {"stickyray.tenant": tenant, **self._limits, **(settings or {})}
-        calls = ", ".join(
-            f"set_config(${2 * i + 1}, ${2 * i + 2}, true)" for i in range(len(values))
-        )
-        args = [x for kv in values.items() for x in kv]
-        try:
-            for retry in (False, True):
-                async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
-                    transaction = conn.transaction()
-                    begun = False
-                    try:
-                        await transaction.start()
-                        await conn.execute(f"SELECT {calls}", *args)
-                        begun = True
-                        yield conn
-                        await transaction.commit()
-                        return
-                    except BaseException as exc:
-                        # Not asyncpg's transaction block: on a lost connection it raises
-                        # InterfaceError in place of the error that says what happened.
-                        await _abandon(conn, transaction, exc)
-                        if begun or retry or not isinstance(exc, _STALE):
-                            raise
-                    log.info("postgres closed a pooled connection; trying another")
-        except _DOWN as exc:
-            raise StoreUnavailable("postgres", str(exc) or type(exc).__name__) from exc
+        async with transaction(self._pool, self._acquire_timeout, values) as conn:
+            yield conn
 
     async def add(
         self, tenant: str, user_id: str, memories: list[NewMemory], embeddings: np.ndarray

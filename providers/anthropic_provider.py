@@ -118,12 +118,15 @@ def _read(response: anthropic.types.Message) -> ModelResponse:
 def _usage(tokens: anthropic.types.Usage) -> Usage:
     # input_tokens leaves out what the prompt cache read or wrote; OpenAI's prompt_tokens
     # include cached tokens, so both count every token of the prompt.
-    prompt = (
-        (tokens.input_tokens or 0)
-        + (tokens.cache_read_input_tokens or 0)
-        + (tokens.cache_creation_input_tokens or 0)
+    read = tokens.cache_read_input_tokens or 0
+    written = tokens.cache_creation_input_tokens or 0
+    return Usage(
+        input_tokens=(tokens.input_tokens or 0) + read + written,
+        output_tokens=tokens.output_tokens or 0,
+        requests=1,
+        cached_input_tokens=read,
+        cache_write_tokens=written,
     )
-    return Usage(input_tokens=prompt, output_tokens=tokens.output_tokens or 0, requests=1)
 
 
 def _transient(exc: Exception) -> bool:

@@ -90,10 +90,12 @@ def _read(response: ChatCompletion) -> ModelResponse:
         text, stop = choice.refusal, "refusal"
     usage = Usage(requests=1)
     if response.usage is not None:  # compatible servers may send nulls
+        details = response.usage.prompt_tokens_details
         usage = Usage(
             input_tokens=response.usage.prompt_tokens or 0,
             output_tokens=response.usage.completion_tokens or 0,
             requests=1,
+            cached_input_tokens=(details.cached_tokens or 0) if details is not None else 0,
         )
     return ModelResponse(text=text, tool_calls=calls, usage=usage, model=response.model, stop=stop)
 

@@ -147,7 +147,7 @@ async def open_memory(
 
         def on_usage(usage: Usage) -> None:
             if price is not None:
-                usage = usage.priced(price.input, price.output)
+                usage = price.charge(usage)
             if metric_labels is not None:
                 record_model_calls(*metric_labels, config.embedding_model, usage)
             spent = _EMBEDDING_SPEND.get()
@@ -291,7 +291,7 @@ class AgentDeployment:
     def _priced(self, usage: Usage) -> Usage:
         if self._price is None:
             return usage
-        return usage.priced(self._price.input, self._price.output)
+        return self._price.charge(usage)
 
 
 def agent_deployment(config: AgentConfig) -> Deployment:

@@ -270,9 +270,7 @@ def _spending(spent: list[Usage], price: Any) -> str:
     said = f"the embedding model took {total.input_tokens:,} tokens in {total.requests:,} requests"
     if price is None:
         return f"{said} (add it to agents.yaml's pricing for its cost)"
-    return (
-        f"{said}, ${total.priced(price.input, price.output).cost_usd:.6f} at agents.yaml's pricing"
-    )
+    return f"{said}, ${price.charge(total).cost_usd:.6f} at agents.yaml's pricing"
 
 
 async def _reembed_all(

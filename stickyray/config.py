@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -23,6 +23,9 @@ from pydantic import (
 
 from stickyray.errors import ConfigError
 from stickyray.webhooks import normalize_prefix
+
+if TYPE_CHECKING:
+    from stickyray.turns import Usage
 
 __all__ = [
     "AGENT_NAME_PATTERN",
@@ -282,10 +285,17 @@ class EmbedderConfig(_Strict):
 
 
 class ModelPrice(_Strict):
-    """What a model costs, in US dollars per million tokens."""
+    """What a model costs, in US dollars per million tokens: input, output, and input read
+    from or written to the vendor's prompt cache (the input price when not given)."""
 
     input: float = Field(ge=0, le=100_000, allow_inf_nan=False)
     output: float = Field(ge=0, le=100_000, allow_inf_nan=False)
+    cached_input: float | None = Field(default=None, ge=0, le=100_000, allow_inf_nan=False)
+    cache_write: float | None = Field(default=None, ge=0, le=100_000, allow_inf_nan=False)
+
+    def charge(self, usage: Usage) -> Usage:
+        """``usage`` with its cost at this price."""
+        return usage.priced(self.input, self.output, self.cached_input, self.cache_write)
 
 
 class TeamConfig(_Strict):

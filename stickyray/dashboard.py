@@ -96,16 +96,21 @@ PANELS = [
             )
         ],
     ),
-    Panel(
+    _lines(  # the cache's tokens are part of the input ones: they do not add up
         id=5,
         title="Model tokens per second",
-        description="Tokens of model requests (and OpenAI embedding requests), by model.",
+        description="Tokens of model requests (and OpenAI embedding requests), by model; "
+        "of the input, those the prompt cache read or wrote.",
         unit="short",
         targets=[
             Target(
                 expr=_rate("ray_stickyray_llm_tokens_total", "model, direction"),
                 legend="{{model}} {{direction}}",
-            )
+            ),
+            Target(
+                expr=_rate("ray_stickyray_llm_cache_tokens_total", "model, use"),
+                legend="{{model}} input, cache {{use}}",
+            ),
         ],
     ),
     Panel(

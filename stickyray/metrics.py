@@ -62,6 +62,7 @@ class _TurnMetrics:
 class _ModelMetrics:
     requests: Any
     tokens: Any
+    cache_tokens: Any
     cost: Any
     failures: Any
 
@@ -110,6 +111,12 @@ def _model_metrics() -> _ModelMetrics:
             "stickyray_llm_tokens_total",
             "Model tokens by agent, model and direction (input or output)",
             tag_keys=("app", "agent", "model", "direction"),
+        ),
+        cache_tokens=Counter(
+            "stickyray_llm_cache_tokens_total",
+            "Input tokens the vendor's prompt cache read or wrote (part of the input tokens), "
+            "by agent, model and use (read or write)",
+            tag_keys=("app", "agent", "model", "use"),
         ),
         cost=Counter(
             "stickyray_llm_cost_usd_total",
@@ -224,6 +231,12 @@ def record_model_calls(
         for direction, tokens in (("input", usage.input_tokens), ("output", usage.output_tokens)):
             if tokens:
                 metrics.tokens.inc(tokens, tags={**tags, "direction": direction})
+        for use, tokens in (
+            ("read", usage.cached_input_tokens),
+            ("write", usage.cache_write_tokens),
+        ):
+            if tokens:
+                metrics.cache_tokens.inc(tokens, tags={**tags, "use": use})
         if usage.cost_usd:
             metrics.cost.inc(usage.cost_usd, tags=tags)
         if failed:

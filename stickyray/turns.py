@@ -45,6 +45,10 @@ class Usage(_Record):
     requests: int = 0
     # US dollars, at the prices of agents.yaml's `pricing`; None when the team sets none.
     cost_usd: float | None = None
+    # Of input_tokens: those the vendor's prompt cache gave (OpenAI's cached tokens,
+    # Anthropic's cache reads), and those it stored (Anthropic's cache writes).
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         # A cost is known when every part with tokens has one: a priced part plus an unpriced
@@ -58,15 +62,31 @@ class Usage(_Record):
             output_tokens=self.output_tokens + other.output_tokens,
             requests=self.requests + other.requests,
             cost_usd=sum(u.cost_usd or 0.0 for u in parts) if known else None,
+            cached_input_tokens=self.cached_input_tokens + other.cached_input_tokens,
+            cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
         )
 
     @property
     def _spent_nothing(self) -> bool:
         return self.input_tokens == self.output_tokens == self.requests == 0
 
-    def priced(self, input_per_mtok: float, output_per_mtok: float) -> Usage:
-        """This usage with its cost at these prices (US dollars per million tokens)."""
-        cost = (self.input_tokens * input_per_mtok + self.output_tokens * output_per_mtok) / 1e6
+    def priced(
+        self,
+        input_per_mtok: float,
+        output_per_mtok: float,
+        cached_input_per_mtok: float | None = None,
+        cache_write_per_mtok: float | None = None,
+    ) -> Usage:
+        """This usage with its cost at these prices (US dollars per million tokens); input
+        tokens from or into the prompt cache at theirs, the input price when not given."""
+        cached, written = self.cached_input_tokens, self.cache_write_tokens
+        fresh = max(0, self.input_tokens - cached - written)
+        cost = (
+            fresh * input_per_mtok
+            + cached * (input_per_mtok if cached_input_per_mtok is None else cached_input_per_mtok)
+            + written * (input_per_mtok if cache_write_per_mtok is None else cache_write_per_mtok)
+            + self.output_tokens * output_per_mtok
+        ) / 1e6
         return self.model_copy(update={"cost_usd": cost})
 
 

@@ -162,6 +162,14 @@ def _message(seq: int, model: str, content: list[dict[str, Any]]) -> dict[str, A
     }
 
 
+def _input(input_tokens: int, cache_read: int, cache_write: int) -> dict[str, int]:
+    """The usage of the prompt: ``input_tokens`` leaves out what the cache read or wrote."""
+    usage = {"input_tokens": input_tokens - cache_read - cache_write}
+    if cache_read or cache_write:
+        usage |= {"cache_read_input_tokens": cache_read, "cache_creation_input_tokens": cache_write}
+    return usage
+
+
 def reply_body(
     *,
     seq: int,
@@ -171,11 +179,16 @@ def reply_body(
     input_tokens: int,
     output_tokens: int,
     stop: StopReason | None = None,
+    cache_read: int = 0,
+    cache_write: int = 0,
 ) -> dict[str, Any]:
     """A complete `message` object."""
     message = _message(seq, model, _content(seq, text, tool_calls, stop))
     message["stop_reason"] = _stop_reason(stop, tool_calls)
-    message["usage"] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
+    message["usage"] = {
+        **_input(input_tokens, cache_read, cache_write),
+        "output_tokens": output_tokens,
+    }
     return message
 
 
@@ -189,6 +202,8 @@ def reply_stream(
     input_tokens: int,
     output_tokens: int,
     stop: StopReason | None = None,
+    cache_read: int = 0,
+    cache_write: int = 0,
     complete: bool = True,
     error: dict[str, Any] | None = None,
 ) -> Iterator[str]:
@@ -200,7 +215,7 @@ def reply_stream(
     that accumulates deltas is actually exercised.
     """
     start = _message(seq, model, [])
-    start["usage"] = {"input_tokens": input_tokens, "output_tokens": 1}
+    start["usage"] = {**_input(input_tokens, cache_read, cache_write), "output_tokens": 1}
     yield _event("message_start", {"type": "message_start", "message": start})
     yield _event("ping", {"type": "ping"})
     for index, block in enumerate(_content(seq, text, tool_calls, stop)):

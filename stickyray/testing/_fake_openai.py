@@ -150,12 +150,15 @@ def _calls(seq: int, tool_calls: Sequence[ToolCallSpec]) -> list[dict[str, Any]]
     ]
 
 
-def _usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": input_tokens,
+def _usage(input_tokens: int, output_tokens: int, cache_read: int) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": input_tokens,  # the cached ones too
         "completion_tokens": output_tokens,
         "total_tokens": input_tokens + output_tokens,
     }
+    if cache_read:
+        usage["prompt_tokens_details"] = {"cached_tokens": cache_read}
+    return usage
 
 
 def _finish_reason(stop: StopReason | None, calls: list[dict[str, Any]]) -> str:
@@ -175,6 +178,8 @@ def reply_body(
     input_tokens: int,
     output_tokens: int,
     stop: StopReason | None = None,
+    cache_read: int = 0,
+    cache_write: int = 0,
 ) -> dict[str, Any]:
     """A complete `chat.completion` object."""
     calls = _calls(seq, tool_calls)
@@ -199,7 +204,7 @@ def reply_body(
                 "logprobs": None,
             }
         ],
-        "usage": _usage(input_tokens, output_tokens),
+        "usage": _usage(input_tokens, output_tokens, cache_read),
         "system_fingerprint": "fake",
     }
 
@@ -214,6 +219,8 @@ def reply_stream(
     input_tokens: int,
     output_tokens: int,
     stop: StopReason | None = None,
+    cache_read: int = 0,
+    cache_write: int = 0,
     complete: bool = True,
     error: dict[str, Any] | None = None,
 ) -> Iterator[str]:
@@ -274,7 +281,9 @@ def reply_stream(
         return
     yield chunk({}, _finish_reason(stop, calls))
     if include_usage:
-        yield _frame({**base, "choices": [], "usage": _usage(input_tokens, output_tokens)})
+        yield _frame(
+            {**base, "choices": [], "usage": _usage(input_tokens, output_tokens, cache_read)}
+        )
     yield "data: [DONE]\n\n"
 
 

@@ -77,6 +77,8 @@ class FakeReply:
     ``stop`` makes the reply end for another reason than finishing (see ``StopReason``).
     ``in_stream``: a streamed request gets the error inside its stream, after the text.
     ``retry_after_s``: the error's ``Retry-After`` header.
+    ``cache_read_tokens``, ``cache_write_tokens``: input tokens the reply reports as read
+    from, and written to, the prompt cache (see ``cached``).
     """
 
     content: str = ""
@@ -87,6 +89,8 @@ class FakeReply:
     broken_off: bool = False
     in_stream: bool = False
     retry_after_s: float | None = None
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
     @classmethod
     def text(cls, content: str) -> FakeReply:
@@ -142,6 +146,16 @@ class FakeReply:
         ``overloaded_error``), OpenAI a chunk holding an ``error`` (5xx is ``server_error``).
         Unstreamed, it is the HTTP error."""
         return replace(cls.error(status, message), content=text, in_stream=True)
+
+    def cached(self, *, read: int = 0, written: int = 0) -> FakeReply:
+        """This reply, reporting ``read`` of its input tokens as read from the prompt cache
+        and ``written`` as written to it (at most the request's input tokens in all). OpenAI
+        reports reads as ``prompt_tokens_details.cached_tokens`` and no writes; Anthropic
+        both, as ``cache_read_input_tokens`` and ``cache_creation_input_tokens``, apart from
+        ``input_tokens``."""
+        if read < 0 or written < 0:
+            raise ValueError(f"cached tokens must be >= 0, got read={read} written={written}")
+        return replace(self, cache_read_tokens=read, cache_write_tokens=written)
 
     @property
     def output_tokens(self) -> int:

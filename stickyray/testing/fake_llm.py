@@ -348,6 +348,10 @@ class FakeLLMServer:
             "output_tokens": reply.output_tokens,
             "stop": reply.stop,
         }
+        read = min(reply.cache_read_tokens, fake_request.input_tokens)
+        written = min(reply.cache_write_tokens, fake_request.input_tokens - read)
+        if read or written:
+            shape |= {"cache_read": read, "cache_write": written}
         if fake_request.stream:
             stream = wire.reply_stream(body, **shape, complete=not reply.broken_off, error=error)
             return StreamingResponse(_aiter(stream), media_type="text/event-stream")

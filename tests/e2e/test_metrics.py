@@ -15,8 +15,8 @@ from stickyray.testing import FakeLLMServer, FakeReply
 from tests.e2e.conftest import App, new_thread
 from tests.e2e.teams import openai_team
 
-# Dollars per million tokens: 1 for input, 2 for output.
-PRICES = {"gpt-metrics": {"input": 1.0, "output": 2.0}}
+# Dollars per million tokens: 1 for input, 0.5 for input read from the prompt cache, 2 for output.
+PRICES = {"gpt-metrics": {"input": 1.0, "output": 2.0, "cached_input": 0.5}}
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,7 @@ OURS = {
     "to_agent",
     "model",
     "direction",
+    "use",
     "channel",
     "outcome",
 }
@@ -59,7 +60,7 @@ def scrape(url: str, app_name: str) -> tuple[Series, dict[str, set[str]]]:
 
 def test_turns_handoffs_tokens_and_cost_are_counted(app: App, fake_llm: FakeLLMServer) -> None:
     fake_llm.on(agent="triage", reply=FakeReply.tool_call("transfer_to_bookings", {"reason": "b"}))
-    fake_llm.on(agent="bookings", reply=FakeReply.text("booked"))
+    fake_llm.on(agent="bookings", reply=FakeReply.text("booked").cached(read=2))
     first, second = new_thread(), new_thread()
     sends = [
         (first, "book a room", "m1"),
@@ -79,7 +80,10 @@ def test_turns_handoffs_tokens_and_cost_are_counted(app: App, fake_llm: FakeLLMS
     cost: dict[str, float] = defaultdict(float)
     for body in bodies.values():
         for agent, usage in body["usage_by_agent"].items():
-            expected_cost = (usage["input_tokens"] * 1.0 + usage["output_tokens"] * 2.0) / 1e6
+            cached = usage["cached_input_tokens"]
+            assert cached == (2 * usage["requests"] if agent == "bookings" else 0)
+            fresh = usage["input_tokens"] - cached
+            expected_cost = (fresh * 1.0 + cached * 0.5 + usage["output_tokens"] * 2.0) / 1e6
             assert usage["cost_usd"] == pytest.approx(expected_cost)
             cost[agent] += usage["cost_usd"]
         assert body["usage"]["cost_usd"] == pytest.approx(
@@ -98,6 +102,10 @@ def test_turns_handoffs_tokens_and_cost_are_counted(app: App, fake_llm: FakeLLMS
         ): 2,
         ("ray_stickyray_llm_requests_total", (("agent", "triage"), ("model", "gpt-metrics"))): 2,
         ("ray_stickyray_llm_requests_total", (("agent", "bookings"), ("model", "gpt-metrics"))): 3,
+        (
+            "ray_stickyray_llm_cache_tokens_total",
+            (("agent", "bookings"), ("model", "gpt-metrics"), ("use", "read")),
+        ): 6,
     }
     tokens = [("triage", "input"), ("bookings", "input"), ("bookings", "output")]
     # The turns are done; Ray's metrics agent exports every few seconds. Were the retried m2
@@ -142,6 +150,7 @@ def test_turns_handoffs_tokens_and_cost_are_counted(app: App, fake_llm: FakeLLMS
         "ray_stickyray_handoffs_total",
         "ray_stickyray_llm_requests_total",
         "ray_stickyray_llm_tokens_total",
+        "ray_stickyray_llm_cache_tokens_total",
         "ray_stickyray_llm_cost_usd_total",
     }
     assert exercised <= metric_names()

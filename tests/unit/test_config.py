@@ -322,6 +322,32 @@ def test_pricing_covers_every_paid_model(tmp_path: Path) -> None:
     assert (usage + usage).cost_usd is None and (Usage() + Usage()).cost_usd is None
 
 
+def test_prompt_cache_tokens_are_charged_at_their_own_prices(tmp_path: Path) -> None:
+    data = openai_team(model="gpt-a")
+    data["pricing"] = {"gpt-a": {"input": 3, "output": 15, "cached_input": 0.3, "cache_write": 6}}
+    price = load_config(write(tmp_path, data)).price_of("triage")
+    assert price is not None
+    # 10,000 input tokens: 7,000 read from the cache, 2,000 written to it, 1,000 fresh.
+    usage = Usage(
+        input_tokens=10_000,
+        output_tokens=100,
+        requests=1,
+        cached_input_tokens=7_000,
+        cache_write_tokens=2_000,
+    )
+    cost = (1_000 * 3 + 7_000 * 0.3 + 2_000 * 6 + 100 * 15) / 1e6
+    assert price.charge(usage).cost_usd == pytest.approx(cost)
+    assert (price.charge(usage) + price.charge(usage)).cost_usd == pytest.approx(2 * cost)
+    assert (usage + usage).cached_input_tokens == 14_000
+    assert (usage + usage).cache_write_tokens == 4_000
+    # Without their prices, cache reads and writes cost what input does.
+    plain = ModelPrice(input=3, output=15)
+    assert plain.charge(usage).cost_usd == pytest.approx((10_000 * 3 + 100 * 15) / 1e6)
+    data["pricing"]["gpt-a"]["cached_input"] = -1
+    with pytest.raises(ConfigError, match="pricing.gpt-a.cached_input"):
+        load_config(write(tmp_path, data))
+
+
 def test_pricing_covers_the_paid_embedding_model(tmp_path: Path) -> None:
     data = openai_team(model="gpt-a")
     data["pricing"] = {"gpt-a": {"input": 0.15, "output": 0.6}}

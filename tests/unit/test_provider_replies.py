@@ -243,6 +243,35 @@ async def test_anthropic_input_tokens_include_the_prompt_cache() -> None:
     assert (response.usage.input_tokens, response.usage.output_tokens) == (4050, 2)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_prompt_cache_reads_and_writes_are_counted_apart(
+    kind: str, streamed: bool, fake_llm: FakeLLMServer
+) -> None:
+    """Both vendors' cache counts, through their SDKs: OpenAI reports reads only."""
+    fake_llm.on(reply=FakeReply.text("hello there").cached(read=3, written=2))
+    provider = provider_for(kind, fake_llm)
+    pieces: list[str] = []
+
+    async def sink(text: str) -> None:
+        pieces.append(text)
+
+    response = await provider.complete(
+        agent="bookings",
+        model="m",
+        messages=[ChatMessage(role="user", content="one two three four five six seven")],
+        tools=[],
+        temperature=None,
+        on_text=sink if streamed else None,
+    )
+    assert response.text == "hello there" and ("".join(pieces) == "hello there") == streamed
+    prompt = fake_llm.requests[-1].input_tokens
+    written = 2 if kind == "anthropic" else 0
+    usage = response.usage
+    assert (usage.input_tokens, usage.output_tokens) == (prompt, 2)  # every prompt token
+    assert (usage.cached_input_tokens, usage.cache_write_tokens) == (3, written)
+
+
 def test_whitespace_only_text_is_not_sent_to_anthropic() -> None:
     """The Messages API answers 400 to a text block with no visible character."""
     _, wire = to_anthropic(

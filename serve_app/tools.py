@@ -34,34 +34,53 @@ class ToolError(Exception):
 # Threads of one sync tool: a call still running past its timeout keeps its thread (a thread
 # cannot be stopped). Each tool has threads of its own, so a backend that never answers uses
 # up only its tool's, never the event loop's default executor, which the model clients need
-# too (aiohttp resolves host names there).
+# too (aiohttp resolves host names there). Calls beyond them wait for a thread, within their
+# own timeout.
 MAX_THREADS_PER_TOOL = 8
 
 
 class _ToolBusy(Exception):
-    """Every thread of a sync tool is taken by calls still running."""
+    """Every thread of a sync tool is held by a call that ran past its timeout."""
+
+
+class _Attempt:
+    """Whether a tool call started: one that timed out waiting for a thread never ran."""
+
+    started = False
 
 
 class _Lane:
-    """The threads of one sync tool function, and how many of its calls still run."""
+    """The threads of one sync tool function, and how many hold calls past their timeout."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(MAX_THREADS_PER_TOOL, thread_name_prefix="stickyray-tool")
         self._lock = threading.Lock()
-        self.running = 0
+        self.stuck = 0
 
-    def _done(self, _: Future[Any]) -> None:  # run, failed or cancelled before it started
+    def _unstuck(self, _: Future[Any]) -> None:
         with self._lock:
-            self.running -= 1
+            self.stuck -= 1
 
-    async def call(self, func: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    async def call(
+        self, func: Callable[..., Any], kwargs: dict[str, Any], attempt: _Attempt
+    ) -> Any:
         with self._lock:
-            if self.running >= MAX_THREADS_PER_TOOL:
-                raise _ToolBusy(self.running)
-            self.running += 1
+            # Waiting would only run out the caller's timeout too: nothing frees a thread
+            # but a backend that answers at last.
+            if self.stuck >= MAX_THREADS_PER_TOOL:
+                raise _ToolBusy(self.stuck)
+        attempt.started = True  # until it is known not to have
         future = self._pool.submit(func, **kwargs)
-        future.add_done_callback(self._done)
-        return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # its timeout, or the turn's end
+            # Not started: it is dropped and never runs. Running: it keeps its thread.
+            attempt.started = not future.cancel()
+            if attempt.started:
+                with self._lock:
+                    self.stuck += 1
+                future.add_done_callback(self._unstuck)
+            raise
 
 
 _LANES: dict[Callable[..., Any], _Lane] = {}
@@ -124,31 +143,40 @@ class Tool:
                 return f"error: invalid arguments for {self.name}: {exc.errors()}"
             kwargs = {name: getattr(args, name) for name in type(args).model_fields}
         deadline = asyncio.timeout(timeout_s)
+        attempt = _Attempt()
         try:
             async with deadline:
-                result = await self._call(kwargs)
+                result = await self._call(kwargs, attempt)
+            # A result that cannot be shown is the tool's failure too (a repr that raises).
+            return result if isinstance(result, str) else repr(result)
         except _ToolBusy as busy:
             return (
                 f"error: {self.name} is not answering: {busy} earlier calls are still running; "
                 "do not call it again in this conversation turn"
             )
-        except Exception as exc:  # a tool's failure is reported to the model, not raised
-            if deadline.expired():  # not a TimeoutError the tool raised itself
-                # A function running in a thread cannot be stopped, and may still do its work.
+        # SystemExit too: a tool's argparse or sys.exit() must not stop the replica's loop.
+        except (Exception, SystemExit) as exc:  # a failure is reported to the model, not raised
+            if not deadline.expired():  # not a TimeoutError the tool raised itself
+                return f"error: {self.name} failed: {type(exc).__name__}: {exc}"
+            if not attempt.started:
                 return (
-                    f"error: {self.name} did not finish within {timeout_s:g} s; it may still "
-                    "complete, so check before calling it again"
+                    f"error: {self.name} did not start within {timeout_s:g} s, its earlier "
+                    "calls still running; it did not run"
                 )
-            return f"error: {self.name} failed: {type(exc).__name__}: {exc}"
-        return result if isinstance(result, str) else repr(result)
+            # A function running in a thread cannot be stopped, and may still do its work.
+            return (
+                f"error: {self.name} did not finish within {timeout_s:g} s; it may still "
+                "complete, so check before calling it again"
+            )
 
-    async def _call(self, kwargs: dict[str, Any]) -> Any:
+    async def _call(self, kwargs: dict[str, Any], attempt: _Attempt) -> Any:
         if inspect.iscoroutinefunction(self.func):
+            attempt.started = True
             return await self.func(**kwargs)
         lane = _LANES.get(self.func)
         if lane is None:
             lane = _LANES[self.func] = _Lane()
-        result = await lane.call(self.func, kwargs)
+        result = await lane.call(self.func, kwargs, attempt)
         if inspect.isawaitable(result):  # a sync wrapper (a decorator) around an async tool
             result = await result
         return result

@@ -5,6 +5,7 @@ A plain class, so it runs in unit tests without Ray; ``serve_app.deployments`` w
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import re
@@ -224,15 +225,21 @@ class Agent:
                     reasoning=response.reasoning,
                 )
             )
-            for call in response.tool_calls:
-                if handoff is not None:
-                    # A handoff hands the thread over: the calls beside it would run for an
-                    # agent that is gone, and a cut-off one has lost its reason. None runs.
-                    content = _handoff_refused(call, handoff)
-                else:
-                    tool_log.append(call.name)
-                    content = await self._run(call, tools)
-                messages.append(ChatMessage(role="tool", tool_call_id=call.id, content=content))
+            if handoff is not None:
+                # A handoff hands the thread over: the calls beside it would run for an agent
+                # that is gone, and a cut-off one has lost its reason. None runs.
+                outputs = [_handoff_refused(call, handoff) for call in response.tool_calls]
+            else:
+                tool_log.extend(call.name for call in response.tool_calls)
+                # The calls of one reply were sent together, none waiting for another's
+                # result: they run at once, so their waits (and timeouts) do not add up.
+                outputs = await asyncio.gather(
+                    *(self._run(call, tools) for call in response.tool_calls)
+                )
+            messages.extend(
+                ChatMessage(role="tool", tool_call_id=call.id, content=output)
+                for call, output in zip(response.tool_calls, outputs, strict=True)
+            )
         log.warning("agent %s hit max_iterations=%d", name, self.config.max_iterations)
         return AgentResult(
             agent=name,
@@ -288,11 +295,27 @@ class Agent:
                 f"error: the arguments of {call.name!r} were cut off or not a JSON object; "
                 "call it again with complete JSON arguments"
             )
+        output = await tool.run(call.arguments, self.config.tool_timeout_s)
         # What a tool returns goes to the model: a lone surrogate would fail the request.
-        return valid_unicode(await tool.run(call.arguments, self.config.tool_timeout_s))
+        return _capped(valid_unicode(output), self.config.tool_output_max_chars)
 
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def _capped(output: str, limit: int) -> str:
+    """``output`` within ``limit`` characters: its start and its end (where a table's total
+    or a log's error often is), and how much was cut between them."""
+    if len(output) <= limit:
+        return output
+    kept = limit - _CUT_NOTE_CHARS
+    head, tail = kept * 3 // 4, kept - kept * 3 // 4
+    cut = len(output) - head - tail
+    return f"{output[:head]}\n[... {cut:,} characters cut ...]\n{output[len(output) - tail :]}"
+
+
+# Room for the note of what was cut, up to 10 billion characters.
+_CUT_NOTE_CHARS = len("\n[... 9,999,999,999 characters cut ...]\n")
 
 
 def _handoff_refused(call: ToolCall, handoff: ToolCall) -> str:

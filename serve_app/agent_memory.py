@@ -194,10 +194,11 @@ class AgentMemory:
                 max_tokens=self._agent.max_tokens,
             )
             usage = response.usage
-            # A refusal is no summary. A NUL or a lone surrogate in a reply (neither can be
-            # stored), or a reply longer than a memory holds, must not stop every later
+            # A refusal is no summary, nor is one the token limit cut off (what it left out
+            # leaves the buffer with it). A NUL or a lone surrogate in a reply (neither can
+            # be stored), or a reply longer than a memory holds, must not stop every later
             # compression of this thread, each paying for a summary again.
-            if response.stop not in ("refusal", "content_filter"):
+            if response.stop not in ("refusal", "content_filter", "max_tokens"):
                 summary = _storable(response.text)
         if not summary:
             # The messages themselves: a model's reply among them may hold a NUL too.

@@ -135,6 +135,9 @@ class AgentConfig(_Strict):
     # One tool call's deadline: the thread runs one turn at a time, so a hung backend
     # would hold the conversation.
     tool_timeout_s: float = Field(default=30.0, gt=0)
+    # What one tool call may put into the conversation, which every later model call of the
+    # turn sends (and pays for) again; a longer output keeps its start and its end.
+    tool_output_max_chars: int = Field(default=20_000, ge=200)
     handoffs: list[str] | None = None
     can_return_to_supervisor: bool = True
     tools: list[str] = Field(default_factory=list)

@@ -94,8 +94,10 @@ async def test_a_summary_with_a_lone_surrogate_is_stored_without_it(
         FakeReply(content="I can't summarise this.", stop="refusal"),
         FakeReply(stop="content_filter"),
         FakeReply.text("\x00\x00"),
+        # Cut off by the token limit: the rest of the summary, and what it kept, are gone.
+        FakeReply(content="The user asked about", stop="max_tokens"),
     ],
-    ids=["refusal", "filtered", "nul-only"],
+    ids=["refusal", "filtered", "nul-only", "cut-off"],
 )
 async def test_no_usable_summary_keeps_the_messages_themselves(
     reply: FakeReply,

@@ -27,6 +27,10 @@ def run_chat(
     except InvalidThreadKey as exc:
         print(f"stickyray: thread id {thread_id!r}: {exc.reason}", file=sys.stderr)
         return 2
+    problem = _url_problem(url)
+    if problem is not None:
+        print(f"stickyray: --url {url!r}: {problem}", file=sys.stderr)
+        return 2
     source = stdin or sys.stdin
     print(f"thread {thread_id} at {url}  (/help for commands, Ctrl-D or Ctrl-C to quit)")
     try:
@@ -34,6 +38,18 @@ def run_chat(
     except KeyboardInterrupt:
         print()
         return 0
+
+
+def _url_problem(url: str) -> str | None:
+    """What is wrong with the server URL, checked before the first line is typed."""
+    example = "give the server's address, e.g. http://127.0.0.1:8000"
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        return f"not a URL ({exc}): {example}"
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        return f"needs http:// or https:// and a host: {example}"
+    return None
 
 
 def _converse(url: str, thread_id: str, source: TextIO, api_key: str | None) -> int:

@@ -27,7 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
     from providers.factory import check_providers
     from serve_app.tools import check_tools
     from stickyray.config import load_config, sample_config_path
-    from stickyray.settings import check_ray_address, load_settings
+    from stickyray.settings import check_ray_address, load_settings, masked
     from stickyray.webhooks import check_webhooks
 
     # Everything that can be wrong in the user's files is checked before Ray starts.
@@ -59,6 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
     # From here on, Ctrl-C and SIGTERM go through StopRequests: the first one during
     # start-up stops the app once it is up, a second aborts, stopping what started.
     stop = StopRequests()
+    deploying = False
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.request())
     try:
@@ -92,14 +93,25 @@ def _serve(args: argparse.Namespace) -> int:
                 logging_level=logging.WARNING,
             )
         except ConnectionError as exc:  # RAY_ADDRESS names a cluster that is not there
+            address = settings.ray_address
+            reason = str(exc)
+            if address:  # Ray's reason may quote the address, password and all
+                reason = reason.replace(address, masked(address))
             print(
-                f"stickyray: cannot join the Ray cluster at RAY_ADDRESS={settings.ray_address}: "
-                f"{exc}",
+                f"stickyray: cannot join the Ray cluster at RAY_ADDRESS={masked(address)}: "
+                f"{reason}",
                 file=sys.stderr,
                 flush=True,
             )
             return 2
         serve.start(http_options={"host": host, "port": port})
+        # Serve already running on the cluster keeps its own host and port (Ray only logs
+        # that the new ones are ignored): the app would not be where we say it is.
+        conflict = http_mismatch(host, port, *_serve_http())
+        if conflict is not None:
+            print(f"stickyray: {conflict}", file=sys.stderr, flush=True)
+            return 2
+        deploying = True
         serve.run(build_app(team, settings), name=APP_NAME, route_prefix="/")
         stop.settled()
         print(
@@ -135,7 +147,8 @@ def _serve(args: argparse.Namespace) -> int:
         stop.settled()  # a Ctrl-C during the clean-up must not cut it short
         if ray.is_initialized():
             if settings.ray_address:
-                serve.delete(APP_NAME)
+                if deploying:  # else the app of that name is another run's, left alone
+                    serve.delete(APP_NAME)
             else:
                 serve.shutdown()
             ray.shutdown()
@@ -144,6 +157,32 @@ def _serve(args: argparse.Namespace) -> int:
         if postgres is not None:
             postgres.stop()
     return 0
+
+
+def _serve_http() -> tuple[str | None, int]:
+    """The host and port the Serve instance this process is connected to listens on."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()  # raises, rather than None, when no Serve runs
+    if client is None:
+        raise RuntimeError("Ray Serve is not running")
+    config = client.http_config
+    return config.host, config.port
+
+
+def http_mismatch(host: str, port: int, running_host: str | None, running_port: int) -> str | None:
+    """What stops serving at ``host``:``port`` when Serve on the cluster listens at
+    ``running_host``:``running_port`` (host None: HTTP off); None if nothing does."""
+    if (running_host, running_port) == (host, port):
+        return None
+    fix = "shut Serve down on the cluster (`serve shutdown`, which deletes every app on it)"
+    if running_host is None:
+        return f"Serve is already running on this cluster with HTTP off: {fix} and start again"
+    return (
+        f"Serve is already running on this cluster at http://{running_host}:{running_port} and "
+        f"keeps that host and port, so it cannot serve at http://{host}:{port}: serve there "
+        f"(--host {running_host} --port {running_port}), or {fix} and start again"
+    )
 
 
 class StopRequests:

@@ -157,10 +157,36 @@ class AgentConfig(_Strict):
             raise ValueError("set num_replicas or autoscaling_config, not both")
         if self.provider != "offline" and not self.model:
             raise ValueError(f"model is required for provider {self.provider!r}")
+        if "provider" not in self.model_fields_set:
+            # The default provider answers offline: a model without a provider is one left
+            # out, and the agent would give canned replies, uncharged, under the model's name.
+            for field in ("model", "temperature"):
+                if getattr(self, field) is not None:
+                    raise ValueError(
+                        f"{field} is set but provider is offline (the default): add provider: "
+                        f"openai or anthropic, or remove {field}"
+                    )
         if self.provider == "anthropic" and self.temperature is not None and self.temperature > 1:
             # Anthropic's range is 0-1: every call would be refused.
             raise ValueError("temperature: at most 1.0 for provider anthropic")
+        self._check_slot_names()
         return self
+
+    def _check_slot_names(self) -> None:
+        used = list(
+            dict.fromkeys(s for i in self.intents for s in [*i.required_slots, *i.optional_slots])
+        )
+        unused = [slot for slot in self.slots if slot not in used]
+        undescribed = [slot for slot in used if slot not in self.slots]
+        # A slot no intent takes still describes the agent to the offline router; one beside
+        # an intent slot left without a description is a misspelling of it.
+        if unused and undescribed:
+            raise ValueError(
+                f"agent {self.name!r}: slots: {unused[0]!r} is not a slot of its intents (they "
+                f"take {', '.join(used)}), and {', '.join(undescribed)} has no description: "
+                "correct the name (a slot kept for routing only needs every intent slot "
+                "described)"
+            )
 
     @property
     def model_name(self) -> str:
@@ -357,6 +383,21 @@ class TeamConfig(_Strict):
         if agent.provider == "offline" or agent.model is None:
             return ModelPrice(input=0, output=0)
         return self.pricing[agent.model]
+
+    @model_validator(mode="after")
+    def _check_windows(self) -> TeamConfig:
+        # The thread keeps at most buffer_size messages, whichever agent is active: a longer
+        # window would never fill.
+        size = self.threads.buffer_size
+        for agent in self.agents:
+            window = agent.memory.short_window if agent.memory is not None else None
+            if window is not None and window > size:
+                raise ValueError(
+                    f"agent {agent.name!r}: memory.short_window ({window}) is larger than "
+                    f"threads.buffer_size ({size}), the most messages a thread keeps: lower "
+                    "short_window or raise buffer_size"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_names(self) -> TeamConfig:

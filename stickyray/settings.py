@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from stickyray.errors import ConfigError
 from stickyray.webhooks import check_secret
 
-__all__ = ["Settings", "check_ray_address", "load_settings"]
+__all__ = ["Settings", "check_ray_address", "load_settings", "masked"]
 
 
 class Settings(BaseSettings):
@@ -168,7 +168,7 @@ _RAY_ADDRESS = re.compile(r"auto|local|ray://\S+|(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.
 _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD")
 
 
-def _shown(value: Any) -> Any:
+def masked(value: Any) -> Any:
     """``value`` with whatever precedes the host of a URL (``user:password@``) masked, and
     any ``password=...`` (libpq's keyword form, a query parameter)."""
     if isinstance(value, str):
@@ -194,7 +194,7 @@ def load_settings() -> Settings:
             elif _SECRET.search(name):  # never echo a credential into logs
                 problems.append(f"{name}: {message}")
             else:
-                problems.append(f"{name}: {message} (got {_shown(err.get('input'))!r})")
+                problems.append(f"{name}: {message} (got {masked(err.get('input'))!r})")
         raise ConfigError("bad environment setting: " + "; ".join(problems)) from None
 
 
@@ -207,6 +207,6 @@ def check_ray_address(address: str | None) -> None:
     if address is not None and not _RAY_ADDRESS.fullmatch(address):
         raise ConfigError(
             f"bad environment setting: RAY_ADDRESS: must be auto, local, HOST:PORT of the head's "
-            f"GCS (e.g. 10.0.0.5:6379) or ray://HOST:10001 (got {address!r}); the dashboard's "
-            "http:// address is for `ray job submit` and `stickyray replay --address`"
+            f"GCS (e.g. 10.0.0.5:6379) or ray://HOST:10001 (got {masked(address)!r}); the "
+            "dashboard's http:// address is for `ray job submit` and `stickyray replay --address`"
         )

@@ -80,6 +80,19 @@ def test_serve_refuses_the_dashboards_address_as_ray_address(
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     assert cli(["serve"]) == 2
     assert "RAY_ADDRESS: must be auto, local, HOST:PORT" in capsys.readouterr().err
+    monkeypatch.setenv("RAY_ADDRESS", "https://admin:s3cret@head:8265")
+    assert cli(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "s3cret" not in err and "https://***@head:8265" in err
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "127.0.0.1:8000", "http://"])
+def test_chat_refuses_a_url_it_cannot_send_to(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # Checked before the first line is read: a line is waiting, and nothing is sent.
+    assert run_chat(url, "t1", stdin=io.StringIO("hello\n")) == 2
+    err = capsys.readouterr().err
+    assert f"stickyray: --url {url!r}: " in err
+    assert "give the server's address, e.g. http://127.0.0.1:8000" in err
 
 
 def test_chat_skips_a_line_that_is_not_utf8(capsys: pytest.CaptureFixture[str]) -> None:
@@ -116,6 +129,31 @@ def test_serve_names_a_ray_cluster_it_cannot_join(
     assert cli(["serve", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "cannot join the Ray cluster at RAY_ADDRESS=auto: Could not find any" in err
+
+
+def test_serve_never_repeats_the_ray_addresss_password(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    redis_url: str,
+) -> None:
+    """Ray's own reason may quote the address it could not reach."""
+    import ray
+
+    address = "ray://admin:s3cret@head:10001"
+
+    def unreachable(**_: object) -> None:
+        raise ConnectionError(f"ray client connection to {address} timed out")
+
+    monkeypatch.setattr(ray, "init", unreachable)
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    path = tmp_path / "agents.yaml"
+    path.write_text(yaml.safe_dump(no_memory_team()))
+    assert cli(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "s3cret" not in err
+    assert "RAY_ADDRESS=ray://***@head:10001: ray client connection to ray://***@head:10001" in err
 
 
 def test_chat_refuses_a_key_no_header_carries(

@@ -363,3 +363,9 @@ def test_pricing_covers_the_paid_embedding_model(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, data)).embedding_price() == ModelPrice(input=0.02, output=0)
     del data["pricing"]
     assert load_config(write(tmp_path, data)).embedding_price() is None
+
+
+def test_a_ray_address_refused_never_repeats_its_password() -> None:
+    with pytest.raises(ConfigError, match="RAY_ADDRESS") as err:
+        check_ray_address("https://admin:s3cret@head:8265")
+    assert "s3cret" not in str(err.value) and "'https://***@head:8265'" in str(err.value)

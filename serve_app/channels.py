@@ -20,8 +20,9 @@ repeats queues nothing twice.
 Photos, videos and documents (and Telegram's audio files and animations) are read by their
 caption: the agent gets the words, after a note of what came with them. A tapped WhatsApp
 button or list row reads as its title; a shared place as its name, address and coordinates.
-Other messages (voice, stickers, reactions, delivery statuses, media without a caption) and
-texts over ``threads.max_message_bytes`` are acknowledged and ignored, and counted.
+Other messages (voice, stickers, reactions, media without a caption) and texts over
+``threads.max_message_bytes`` are acknowledged and ignored, and counted. Of WhatsApp's
+delivery statuses only a failed one is read: logged, and counted as a failed reply.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from actors.key import ThreadKey
 from actors.run_queue import RunQueue
 from stickyray.errors import ChannelSendFailed, MessageIdReused
-from stickyray.metrics import record_channel_message
+from stickyray.metrics import record_channel_message, record_reply
 from stickyray.settings import Settings
 from stickyray.turns import InboundMessage, message_text
 
@@ -226,6 +227,21 @@ class _WhatsAppValue(_Wire):
     # Each is read on its own (``_readable``): one Meta changed the shape of must not keep
     # the others of its call from being answered.
     messages: list[Any] = Field(default_factory=list)
+    # What became of the business's own messages (``_failed_replies``), read on their own too.
+    statuses: list[Any] = Field(default_factory=list)
+
+
+class _WhatsAppError(_Wire):
+    code: int | None = None
+    title: str | None = None
+
+
+class _WhatsAppStatus(_Wire):
+    """What became of a message the business sent: sent, delivered, read or failed."""
+
+    status: str
+    recipient_id: str | None = None
+    errors: list[_WhatsAppError] = Field(default_factory=list)
 
 
 class _WhatsAppChange(_Wire):
@@ -265,6 +281,19 @@ def _command(text: str, username: str | None) -> str | None:
     if username is None or addressed.group(2).lower() != username.lower():
         return None
     return addressed.group(1) + text[addressed.end() :]
+
+
+# A Telegram user's first message is ``/start`` (and a deep link's payload, if they came by
+# one): the user opening the chat, not one of the thread's commands.
+_START = re.compile(r"^/start(?:\s+(.*?))?\s*$", re.DOTALL)
+
+
+def _greeting(text: str) -> str:
+    """``text``, unless it is ``/start``: then "Hello", or "Hello (<payload>)" with one."""
+    start = _START.match(text)
+    if start is None:
+        return text
+    return f"Hello ({start.group(1)})" if start.group(1) else "Hello"
 
 
 def _captioned(kind: str, caption: str | None) -> str | None:
@@ -342,13 +371,15 @@ def _whatsapp_text(message: _WhatsAppMessage) -> str | None:
 
 
 def telegram_messages(update: TelegramUpdate, username: str | None = None) -> list[ChannelMessage]:
-    """The text message in ``update``, a captioned file's caption, a shared place or contact
-    (none for anything else, or for a command addressed to another bot than ``username``)."""
+    """The text message in ``update`` (``/start`` as a greeting), a captioned file's caption,
+    a shared place or contact (none for anything else, or for a command addressed to another
+    bot than ``username``)."""
     message = update.message
     if message is None or message.is_automatic_forward:
         return []
     if message.text is not None:
         text = _command(message.text, username)
+        text = _greeting(text) if text is not None else None
     elif message.venue is not None:
         venue = message.venue
         text = _place(venue.location.latitude, venue.location.longitude, venue.title, venue.address)
@@ -445,6 +476,31 @@ def _readable(raw: Any) -> _WhatsAppMessage | None:
         where = ".".join(str(part) for part in exc.errors()[0]["loc"])
         log.warning("whatsapp message ignored: %s: %s", where or "message", exc.errors()[0]["msg"])
         return None
+
+
+def _failed_replies(payload: WhatsAppPayload) -> list[tuple[str, str]]:
+    """Whom each message the business sent and Meta then failed to deliver (outside the
+    24-hour window, undeliverable...) was for, and why: one per failed status of ``payload``."""
+    failed: list[tuple[str, str]] = []
+    for entry in payload.entry:
+        for change in entry.changes:
+            if change.field != "messages":
+                continue
+            for raw in change.value.statuses:
+                if not isinstance(raw, dict) or raw.get("status") != "failed":
+                    continue
+                try:
+                    status = _WhatsAppStatus.model_validate(raw)
+                except ValidationError as exc:  # still a failure: counted, with what was read
+                    where = ".".join(str(part) for part in exc.errors()[0]["loc"])
+                    failed.append(("unknown recipient", f"{where}: {exc.errors()[0]['msg']}"))
+                    continue
+                why = "; ".join(
+                    " ".join(str(w) for w in (e.code, e.title) if w is not None)
+                    for e in status.errors
+                )
+                failed.append((status.recipient_id or "unknown recipient", why or "no error given"))
+    return failed
 
 
 def _count_messages(payload: WhatsAppPayload) -> int:
@@ -575,7 +631,8 @@ async def whatsapp_verify(
 @router.post("/whatsapp/webhook")
 async def whatsapp_webhook(request: Request) -> dict:
     """A WhatsApp webhook call: each message the agent can read is queued as a run of its
-    chat; one in a shape stickyray does not read is counted as ignored."""
+    chat; one in a shape stickyray does not read is counted as ignored. A status saying a
+    reply failed is logged and counted."""
     inbox = _inbox(request)
     settings = inbox.settings
     if settings.whatsapp_access_token is None or settings.whatsapp_app_secret is None:
@@ -585,6 +642,11 @@ async def whatsapp_webhook(request: Request) -> dict:
     if not _same(request.headers.get("x-hub-signature-256"), expected):
         raise HTTPException(401, "header X-Hub-Signature-256: missing or wrong")
     payload = _parse(WhatsAppPayload, body)
+    # Meta accepts a reply, then reports its failure here: the run's record keeps "sent"
+    # (no wamid is stored with the run to match it by), so the failure is logged and counted.
+    for recipient, why in _failed_replies(payload):
+        log.warning("whatsapp reply to %s failed after Meta accepted it: %s", recipient, why)
+        record_reply(inbox.app, "whatsapp", "failed")
     messages = whatsapp_messages(payload)
     return await inbox.queue("whatsapp", messages, _count_messages(payload))
 
@@ -595,8 +657,9 @@ def _units(text: str) -> int:
 
 
 def split_text(text: str, limit: int = MAX_TEXT) -> list[str]:
-    """``text`` in pieces of at most ``limit`` UTF-16 units that join back into ``text``:
-    each cut after a line break, or else a space, in the second half of its piece."""
+    """``text`` in pieces of at most ``limit`` UTF-16 units that join back into ``text``
+    (less whitespace no piece could hold): each cut after a line break, or else a space, in
+    the second half of its piece."""
     pieces: list[str] = []
     while _units(text) > limit:
         end = limit
@@ -606,11 +669,21 @@ def split_text(text: str, limit: int = MAX_TEXT) -> list[str]:
         if cut < 0:
             cut = text.rfind(" ", end // 2, end)
         cut = cut + 1 if cut >= 0 else end  # the separator ends its piece
-        pieces.append(text[:cut])
+        _add_piece(pieces, text[:cut], limit)
         text = text[cut:]
-    if text:
-        pieces.append(text)
+    _add_piece(pieces, text, limit)
     return pieces
+
+
+def _add_piece(pieces: list[str], piece: str, limit: int) -> None:
+    # Telegram refuses a message of whitespace alone ("message text is empty"), which would
+    # fail a reply whose every word was sent: such a piece ends the one before it when it
+    # fits, else it is dropped (it shows nothing). The cut depends on the text alone, so a
+    # worker that takes over a reply counts the same pieces as the one that started it.
+    if piece.strip():
+        pieces.append(piece)
+    elif pieces and _units(pieces[-1] + piece) <= limit:
+        pieces[-1] += piece
 
 
 # Meta answers throttling and its own outages with HTTP 400 and one of these codes: they pass.

@@ -346,6 +346,38 @@ async def test_a_reply_cut_short_says_how_much_was_sent(client: Any) -> None:  #
     assert record.reply_error == "telegram: HTTP 400: message is too long (1 of 2 pieces were sent)"
 
 
+class RefusesBlanks(Channel):
+    """Answers a text of whitespace alone as Telegram does."""
+
+    async def __call__(self, to: dict[str, Any], text: str) -> None:
+        if not text.strip():
+            self.calls += 1
+            raise ChannelSendFailed("telegram", "HTTP 400: message text is empty", permanent=True)
+        await super().__call__(to, text)
+
+
+async def test_a_reply_ending_in_blank_lines_past_the_limit_is_sent(client: Any) -> None:  # noqa: F811
+    reply = "x" * 4094 + ".\n\n\n"
+
+    async def answers(key: Any, message: InboundMessage) -> TurnResult:
+        return TurnResult(
+            thread_id=key.thread_id, message_id=message.message_id, turn=1, agent="x", reply=reply
+        )
+
+    queue, channel = queue_of(client), RefusesBlanks()
+    key = fresh()
+    await queue.submit(key, msg("tell me everything", "m1"), telegram(10))
+    worker = Running(dispatcher(queue, answers, send_reply=channel))
+    try:
+        await until(lambda: channel.calls)
+        await until(lambda: reply_is(queue, key, "m1", "sent"), 2)
+    finally:
+        await worker.stop()
+    record = await queue.get(key, "m1")
+    assert record is not None and record.reply_error is None
+    assert channel.sent == [(10, reply[:4096])] and channel.calls == 1  # no blank second one
+
+
 async def test_a_worker_that_lost_its_lease_sends_nothing_more(client: Any) -> None:  # noqa: F811
     queue = queue_of(client)
     threads = Threads(client, load_config(None), booking_agents())

@@ -1,0 +1,101 @@
+"""WhatsApp's statuses: a reply Meta accepted and then failed to deliver is reported later in
+the webhook; it is logged and counted as a failed reply (the webhook on the real FastAPI
+app and a real Redis run queue, no Ray)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+import serve_app.channels as channels
+from tests.unit.test_channels import post_whatsapp, wa_payload, wa_text, web  # noqa: F401
+
+
+def status(state: str, recipient: str = "34600111222", **more: Any) -> dict:
+    return {
+        "id": f"wamid.{state}",
+        "status": state,
+        "timestamp": "1700000000",
+        "recipient_id": recipient,
+        **more,
+    }
+
+
+def with_statuses(*statuses: Any, messages: tuple[dict, ...] = ()) -> dict:
+    body = wa_payload(*messages)
+    body["entry"][0]["changes"][0]["value"]["statuses"] = list(statuses)
+    return body
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str]]:
+    """The replies the webhook counts (app, channel, status)."""
+    calls: list[tuple[str, str, str]] = []
+    monkeypatch.setattr(channels, "record_reply", lambda *tags: calls.append(tags))
+    return calls
+
+
+def test_a_reply_that_failed_after_it_was_sent_is_logged_and_counted(
+    web: Any,  # noqa: F811
+    counted: list[tuple[str, str, str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    outside_window = status("failed", errors=[{"code": 131047, "title": "Re-engagement message"}])
+    undeliverable = status(
+        "failed", "447700900123", errors=[{"code": 131026, "title": "Message undeliverable"}]
+    )
+    body = with_statuses(
+        status("sent"),
+        outside_window,
+        status("delivered"),
+        undeliverable,
+        status("read"),
+        messages=(wa_text("hola", "wamid.in"),),
+    )
+    with caplog.at_level(logging.WARNING, logger=channels.__name__):
+        response = post_whatsapp(web, body)
+    assert response.status_code == 200, response.text
+    # The statuses are not messages: the message of the same call is queued as ever.
+    assert response.json() == {"queued": 1, "duplicate": 0, "ignored": 0}
+    assert counted == [("test", "whatsapp", "failed")] * 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "whatsapp reply to 34600111222 failed after Meta accepted it: 131047 Re-engagement message",
+        "whatsapp reply to 447700900123 failed after Meta accepted it: "
+        "131026 Message undeliverable",
+    ]
+
+
+def test_statuses_of_delivered_replies_are_neither_logged_nor_counted(
+    web: Any,  # noqa: F811
+    counted: list[tuple[str, str, str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = with_statuses(status("sent"), status("delivered"), status("read"))
+    with caplog.at_level(logging.INFO, logger=channels.__name__):
+        response = post_whatsapp(web, body)
+    assert response.json() == {"queued": 0, "duplicate": 0, "ignored": 0}
+    assert counted == [] and caplog.records == []
+
+
+def test_a_failed_status_in_an_odd_shape_is_still_counted(
+    web: Any,  # noqa: F811
+    counted: list[tuple[str, str, str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Meta's status fields change over time: a failure is counted with what can be read."""
+    bare = {"id": "wamid.x", "status": "failed"}  # no recipient, no errors
+    untitled = status("failed", errors=[{"code": 131049}, {"title": "Spam rate limit hit"}])
+    odd = status("failed", errors="131026")
+    body = with_statuses(bare, untitled, odd, "not a status")
+    with caplog.at_level(logging.WARNING, logger=channels.__name__):
+        response = post_whatsapp(web, body)
+    assert response.status_code == 200, response.text
+    assert counted == [("test", "whatsapp", "failed")] * 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "whatsapp reply to unknown recipient failed after Meta accepted it: no error given",
+        "whatsapp reply to 34600111222 failed after Meta accepted it: 131049; Spam rate limit hit",
+        "whatsapp reply to unknown recipient failed after Meta accepted it: "
+        "errors: Input should be a valid list",
+    ]

@@ -221,7 +221,8 @@ class ThreadDirectory:
             pending = asyncio.ensure_future(asyncio.to_thread(self._get_or_create, key, name))
             self._creating[name] = pending
             pending.add_done_callback(lambda _: self._creating.pop(name, None))
-        handle = await pending
+        # Shielded: one waiter cancelled (its client gone) must not cancel the others' lookup.
+        handle = await asyncio.shield(pending)
         self._cache[name] = handle
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

@@ -54,16 +54,31 @@ __all__ = ["RedisThreadStore", "connect_redis", "redis_outages"]
 
 _PARTS = ("epoch", "checkpoint", "pending", "turns", "msgs", "msgidx", "msgfp")
 
+
+# Every write (opening included) gives all the thread's keys the same expiry, ARGV[t], so they
+# go together: a checkpoint outliving its epoch would restart the epoch at 1 and let a stale
+# incarnation's writes through, and a message accepted just before its checkpoint expired
+# would be run again without the state it was accepted on.
+def _expire_all(t: int) -> str:
+    return f"""
+for i = 1, 7 do redis.call('EXPIRE', KEYS[i], ARGV[{t}]) end
+"""
+
+
 # KEYS: the seven keys above. ARGV[1]: ttl, ARGV[2]: '1' to count an attempt of a pending turn.
-_OPEN = """
+_OPEN = (
+    """
 local epoch = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
+"""
+    + _expire_all(1)
+    + """
 if redis.call('EXISTS', KEYS[3]) == 1 and ARGV[2] == '1' then
   redis.call('HINCRBY', KEYS[3], 'attempts', 1)
 end
 return {epoch, redis.call('HGET', KEYS[2], 'data') or false,
         redis.call('HMGET', KEYS[3], 'seq', 'message', 'attempts')}
 """
+)
 
 # Every write starts here: ARGV[1] is the writer's epoch, refused unless it is current.
 _FENCE = """
@@ -135,8 +150,8 @@ redis.call('HSET', KEYS[5], ARGV[2], seq)
 redis.call('ZADD', KEYS[6], ARGV[4], ARGV[2])
 """
     + _stamp(2, 4, 7)
+    + _expire_all(6)
     + """
-for i = 3, 7 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
 return {'accepted', seq}
 """
 )
@@ -169,7 +184,9 @@ if ARGV[6] ~= '' then
     redis.call('DEL', KEYS[3])
   end
 end
-for i = 1, 7 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+"""
+    + _expire_all(5)
+    + """
 return {'ok'}
 """
 )
@@ -200,7 +217,6 @@ if #ARGV > 8 then
 end
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
 redis.call('HSET', KEYS[2], 'version', ARGV[2], 'turn', 0, 'data', ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
 for _, id in ipairs(kept) do
   redis.call('HSET', KEYS[5], id[1], id[2])
   redis.call('ZADD', KEYS[6], id[3], id[1])
@@ -213,9 +229,9 @@ if ARGV[5] ~= '' then
     + _stamp(5, 7, 8)
     + """
 end
-if #kept > 0 or ARGV[5] ~= '' then
-  for i = 5, 7 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
-end
+"""
+    + _expire_all(4)
+    + """
 return {'ok'}
 """
 )
@@ -339,10 +355,8 @@ class RedisThreadStore:
         checkpoint = Checkpoint.model_validate_json(data) if data else Checkpoint()
         pending = None
         if seq is not None:
-            pending = PendingTurn(
-                seq=int(seq),
-                message=InboundMessage.model_validate_json(message),
-                attempts=int(attempts),
+            pending = PendingTurn.model_validate(
+                {"seq": int(seq), "message": message, "attempts": int(attempts)}
             )
         return Incarnation(epoch=int(epoch), checkpoint=checkpoint, pending=pending)
 

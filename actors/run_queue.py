@@ -609,7 +609,7 @@ class RunQueue:
         """The run in a stream entry; None, with the entry gone, if it cannot be read."""
         try:
             key = ThreadKey(*_text(data["thread"]).split("/", 1))
-            message = InboundMessage.model_validate_json(data["message"])
+            message = InboundMessage.stored(data["message"])
             reply_to = json.loads(data["reply_to"]) if "reply_to" in data else None
             if reply_to is not None and not isinstance(reply_to, dict):
                 raise ValueError(f"reply_to is not an object: {reply_to!r}")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.key import ThreadKey
 from memory.buffer import BufferEntry
@@ -32,7 +32,8 @@ __all__ = [
 class Checkpoint(BaseModel):
     """Everything a thread actor needs to resume a conversation."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Stored: an instance still on an older release must open a thread a newer one wrote.
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     active_agent: str | None = None
     buffer: list[BufferEntry] = Field(default_factory=list)
@@ -43,17 +44,26 @@ class Checkpoint(BaseModel):
 class PendingTurn(BaseModel):
     """A message accepted as turn ``seq`` whose outcome is not stored yet."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)  # stored, like Checkpoint
 
     seq: int
     message: InboundMessage
     attempts: int = 1
 
+    @field_validator("message", mode="before")
+    @classmethod
+    def _known_fields(cls, value: Any) -> Any:
+        # InboundMessage itself refuses fields it does not know; stored here, it is a record
+        # a newer release may have added some to, and the thread must still open.
+        if isinstance(value, str | bytes | dict):
+            return InboundMessage.stored(value)
+        return value
+
 
 class Incarnation(BaseModel):
     """What a new incarnation of a thread starts from."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)  # made of stored records
 
     epoch: int
     checkpoint: Checkpoint

@@ -6,8 +6,9 @@ logic is the same ``Thread`` as in a per-thread actor: it opens with a new epoch
 checkpoint, resolves a pending turn and is fenced by the epoch, so a host crash or a second
 host holding the same thread loses nothing. A host of another config version still holding the
 thread (during a deploy) is asked to close it first, after its turn in progress, so that turn
-is not run a second time here. Threads idle past ``idle_timeout_s`` are closed,
-at most ``max_live_threads`` stay open (the least recently used close first), and a host left
+is not run a second time here; for the same reason a host does not reopen a thread it is
+still closing before that turn is done. Threads idle past ``idle_timeout_s`` are closed, at
+most ``max_live_threads`` stay open (the least recently used close first), and a host left
 with no threads for ``idle_timeout_s`` exits.
 """
 
@@ -62,7 +63,8 @@ class ThreadHost:
         self._observe = TurnReporter(app, team.supervisor.name)
         self._threads: OrderedDict[ThreadKey, Thread] = OrderedDict()
         self._opening: dict[ThreadKey, asyncio.Future[Thread]] = {}
-        self._closing: set[asyncio.Task[None]] = set()
+        # Threads forgotten but still finishing their turn in progress, by key.
+        self._closing: dict[ThreadKey, asyncio.Task[None]] = {}
         self._cap = threads.max_live_threads
         self._idle_timeout_s = threads.idle_timeout_s
         self._empty_since = time.time()
@@ -82,8 +84,11 @@ class ThreadHost:
         """Close the thread ``key`` after its turn in progress (its state is stored)."""
         thread = self._threads.get(key)
         if thread is not None:
-            self._forget(key, thread)
-            await thread.close()
+            self._close_later(key, thread)
+        closing = self._closing.get(key)
+        if closing is not None:
+            # Shielded: a caller giving up on the wait does not stop the close.
+            await asyncio.shield(closing)
 
     async def open_threads(self) -> list[ThreadKey]:
         """The threads open in this host, least recently used first."""
@@ -100,13 +105,19 @@ class ThreadHost:
             pending = asyncio.ensure_future(self._open(key))
             self._opening[key] = pending
             pending.add_done_callback(lambda _: self._opening.pop(key, None))
-        thread = await pending
+        # Shielded: one waiter cancelled (its request gone) must not cancel the others' open.
+        thread = await asyncio.shield(pending)
         if self._threads.get(key) is not thread:
             self._threads[key] = thread
             self._evict_over_cap(opening=key)
         return thread
 
     async def _open(self, key: ThreadKey) -> Thread:
+        closing = self._closing.get(key)
+        if closing is not None:
+            # Its last incarnation here is still finishing a turn: a new one would take an
+            # epoch, fence that turn mid-way and run it again as a pending turn.
+            await asyncio.wait({closing})
         await self._take_over(key)
         return await Thread.open(key, self._team, self._store, self._agents, observe=self._observe)
 
@@ -175,8 +186,12 @@ class ThreadHost:
     def _close_later(self, key: ThreadKey, thread: Thread) -> None:
         self._forget(key, thread)
         task = asyncio.get_running_loop().create_task(thread.close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._closing[key] = task
+        task.add_done_callback(lambda done: self._closed(key, done))
+
+    def _closed(self, key: ThreadKey, task: asyncio.Task[None]) -> None:
+        if self._closing.get(key) is task:
+            del self._closing[key]
 
     async def _watch_idle(self) -> None:
         # A timer, not a wait for a condition: it wakes a few times per timeout to compare.
@@ -187,7 +202,8 @@ class ThreadHost:
             for key, thread in list(self._threads.items()):
                 if now - thread.last_active >= self._idle_timeout_s and not thread.busy:
                     self._close_later(key, thread)
-            idle = not self._threads and not self._opening
+            # Not while a thread still finishes its turn: exiting would interrupt it.
+            idle = not self._threads and not self._opening and not self._closing
             if idle and now - self._empty_since >= self._idle_timeout_s:
                 log.info("thread host idle for %.0f s: exiting", now - self._empty_since)
                 ray.kill(ray.get_runtime_context().current_actor, no_restart=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -120,6 +120,16 @@ class InboundMessage(_Record):
         """What makes a message the same message when its id comes again: its text and
         user (not its channel, nor how the reply is read)."""
         return fingerprint(self.text, self.user_id)
+
+    @classmethod
+    def stored(cls, value: str | bytes | dict[str, Any]) -> InboundMessage:
+        """A message read back from storage (a pending turn, a queued run), as JSON or its
+        fields: a newer release may have added fields, which this one drops (the ingress
+        still refuses them in a request)."""
+        fields = json.loads(value) if isinstance(value, str | bytes) else value
+        if not isinstance(fields, dict):
+            raise ValueError(f"a stored message is an object, not {type(fields).__name__}")
+        return cls.model_validate({k: v for k, v in fields.items() if k in cls.model_fields})
 
 
 def fingerprint(text: str, user_id: str | None = None) -> str:

@@ -433,23 +433,30 @@ async def test_an_unreadable_entry_fails_its_run_and_the_rest_go_on(client: Any)
     queue, key = queue_of(client), fresh()
     threads = Threads(client, team, booking_agents())
     await queue.submit(key, msg("a table for 2", "m1"))
-    # An entry a later release might write: a field this one does not know.
-    newer = msg("at 8 pm", "m2").model_dump() | {"priority": 1}
-    await queue.submit(key, InboundMessage(**{k: v for k, v in newer.items() if k != "priority"}))
-    entries = await client.xrange(queue._queue)
-    await client.xadd(queue._queue, {"thread": str(key), "message": json.dumps(newer)}, id="*")
-    await client.xdel(queue._queue, entries[-1][0])
+
+    async def rewritten(fields: dict[str, Any]) -> None:
+        """The queue's last entry, as ``fields`` in place of its message."""
+        entries = await client.xrange(queue._queue)
+        await client.xadd(queue._queue, {"thread": str(key), "message": json.dumps(fields)})
+        await client.xdel(queue._queue, entries[-1][0])
+
+    # An entry a later release might write, with a field this one does not know: still run.
+    await queue.submit(key, msg("at 8 pm", "m2"))
+    await rewritten(msg("at 8 pm", "m2").model_dump() | {"priority": 1})
+    # One that cannot be a message (no text): failed.
+    await queue.submit(key, msg("by the window", "m3"))
+    await rewritten({"message_id": "m3", "channel": "api"})
     await client.xadd(queue._queue, {"garbage": "1"})
-    await queue.submit(key, msg("yes please", "m3"))
+    await queue.submit(key, msg("yes please", "m4"))
     worker = await running(dispatcher(queue, threads))
     try:
-        await until(lambda: status_is(queue, key, "m3", "completed"))
+        await until(lambda: status_is(queue, key, "m4", "completed"))
     finally:
         await stop(worker)
-    broken = await queue.get(key, "m2")
+    broken = await queue.get(key, "m3")
     assert broken is not None and broken.status == "failed" and broken.result is None
     assert broken.error is not None and "unreadable run" in broken.error
-    assert [t.message_id for t in await threads.store.turns(key)] == ["m1", "m3"]
+    assert [t.message_id for t in await threads.store.turns(key)] == ["m1", "m2", "m4"]
     assert await queue.depth() == 0
 
 

@@ -8,13 +8,15 @@ import time
 import types
 import uuid
 import zlib
+from collections.abc import Callable
 
 from actors.directory import host_name
 from actors.key import ThreadKey
 from actors.redis_store import connect_redis
+from actors.store import Incarnation, InMemoryThreadStore
 from actors.thread_host import ThreadHost
 from stickyray.config import load_config
-from stickyray.turns import InboundMessage
+from stickyray.turns import AgentRequest, AgentResult, CompressResult, InboundMessage
 
 
 def test_a_key_always_lands_on_the_same_host_and_keys_spread() -> None:
@@ -47,7 +49,7 @@ async def test_the_least_recently_used_thread_closes_over_the_cap(redis_url: str
     a, b, c = (f"lru-{i}-{id(host)}" for i in range(3))
     for thread in (a, b, a, c):
         await status(host, thread)
-    await asyncio.gather(*host._closing)
+    await asyncio.gather(*host._closing.values())
     assert await host.open_threads() == [ThreadKey.of(a), ThreadKey.of(c)]
     # The closed one reopens on its next message, as a new incarnation.
     await status(host, b)
@@ -162,3 +164,84 @@ async def test_a_thread_moves_to_a_new_version_host_after_its_turn_in_progress(
         assert looked_up == ["threadhost/app/v0/gone"]
     finally:
         await redis.aclose()
+
+
+class GatedAgents:
+    """Agents whose every call waits for the test to let it answer; records the turns."""
+
+    def __init__(self) -> None:
+        self.turns: list[int] = []
+        self.go = asyncio.Event()
+
+    async def __call__(self, agent: str, request: AgentRequest) -> AgentResult:
+        self.turns.append(request.turn)
+        await self.go.wait()
+        return AgentResult(agent=agent, reply=f"{agent}: {request.text}")
+
+    async def compress(self, agent: str, request: object) -> CompressResult:
+        return CompressResult()
+
+
+async def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.005)
+
+
+async def test_a_thread_still_closing_is_not_opened_again_under_its_turn(
+    redis_url: str,
+) -> None:
+    """Asked to close a thread with a turn in progress (another host takes it over), the
+    host forgot it at once; a message arriving meanwhile opened a second incarnation, which
+    ran the pending turn again and fenced the first run: two runs, then a failed turn."""
+    host = await open_host(redis_url, cap=10)
+    store = host._store = InMemoryThreadStore()  # type: ignore[assignment]
+    agents = host._agents = GatedAgents()  # type: ignore[assignment]
+    key = ThreadKey.of(f"closing-{uuid.uuid4().hex}")
+    first = asyncio.create_task(host.handle(key, InboundMessage(text="book", message_id="m1")))
+    await wait_for(lambda: agents.turns == [1], "turn 1 never started")
+    closing = asyncio.create_task(host.passivate(key))
+    await wait_for(lambda: key not in host._threads, "never asked to close")
+    status = InboundMessage(text="/status", message_id="m2")
+    second = asyncio.create_task(host.handle(key, status))
+    await wait_for(lambda: key in host._opening, "the message never reached the host")
+    # Nothing on this path waits for I/O (in-memory store, no holder to ask): a few passes
+    # of the loop take an open that does not wait for the close as far as the agent.
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert agents.turns == [1], "turn 1 ran again under its first run"
+    agents.go.set()
+    assert (await asyncio.wait_for(first, 10)).status == "completed"
+    await asyncio.wait_for(closing, 10)
+    # Opened once the turn was stored: the message sees it, and it ran once.
+    assert "Turns so far: 1" in (await asyncio.wait_for(second, 10)).reply
+    assert agents.turns == [1]
+    assert [t.status for t in await store.turns(key)] == ["completed"]
+
+
+async def test_a_message_given_up_on_does_not_cancel_the_open_others_wait_for(
+    redis_url: str,
+) -> None:
+    """Two messages of a thread share its one open; the first one's request cancelled (its
+    client went away) cancelled the open for the second too."""
+    host = await open_host(redis_url, cap=10)
+    store = InMemoryThreadStore()
+    reading, read = asyncio.Event(), asyncio.Event()
+
+    class SlowStore(InMemoryThreadStore):
+        async def open(self, key: ThreadKey, count_attempt: bool = True) -> Incarnation:
+            reading.set()
+            await read.wait()  # Redis slow to answer
+            return await store.open(key, count_attempt)
+
+    host._store = SlowStore()  # type: ignore[assignment]
+    key = ThreadKey.of(f"shared-{uuid.uuid4().hex}")
+    gone = asyncio.create_task(host.handle(key, InboundMessage(text="/status", message_id="a")))
+    waiting = asyncio.create_task(host.handle(key, InboundMessage(text="/status", message_id="b")))
+    await asyncio.wait_for(reading.wait(), 10)
+    gone.cancel()
+    await asyncio.wait({gone})
+    read.set()
+    assert "Turns so far: 0" in (await asyncio.wait_for(waiting, 10)).reply
+    assert await host.open_threads() == [key]

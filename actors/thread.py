@@ -43,6 +43,7 @@ from stickyray.turns import (
     Usage,
     anonymous_owner,
     fingerprint,
+    sorry,
 )
 
 __all__ = ["MAX_TURN_ATTEMPTS", "AgentCaller", "Thread"]
@@ -293,10 +294,20 @@ class Thread:
             return await self._record_failure(message, turn, reason, started)
         buffer = self._buffer.entries()
         user = message.user_id
-        buffer.append(BufferEntry(role="user", text=message.text, turn=turn, user_id=user))
+        # What the turn's tools did goes on its last entry: also when the turn failed after
+        # doing it, so that the message sent again is not done twice.
+        done = result.actions if result.status == "failed" else []
+        buffer.append(
+            BufferEntry(role="user", text=message.text, turn=turn, user_id=user, actions=done)
+        )
         if result.status == "completed":  # an apology is no context for the next turn
             reply = BufferEntry(
-                role="assistant", text=result.reply, turn=turn, agent=result.agent, user_id=user
+                role="assistant",
+                text=result.reply,
+                turn=turn,
+                agent=result.agent,
+                user_id=user,
+                actions=result.actions,
             )
             buffer.append(reply)
         buffer, compressed = await self._compact(buffer, active, message)
@@ -388,6 +399,7 @@ class Thread:
         limit = self._team.threads.max_handoffs_per_turn
         handoffs: list[Handoff] = []
         usage: dict[str, Usage] = {}
+        actions: list[str] = []  # the tool calls run so far, by any agent of the turn
         reason: str | None = None
         while True:
             request = AgentRequest(
@@ -398,6 +410,7 @@ class Thread:
                 user_id=message.user_id,
                 buffer=self._buffer.entries(),
                 handoff_reason=reason,
+                earlier=list(actions),
                 stream_to=(
                     self.key.deltas_key(message.message_id, message.fingerprint)
                     if message.stream
@@ -410,13 +423,15 @@ class Thread:
                 log.warning("thread %s turn %d: agent %s: %s", self.key, turn, agent, exc)
                 error = f"{type(exc).__name__}: {exc}"
                 return self._result(
-                    message, turn, agent, _SORRY, handoffs, usage, error, "failed"
+                    message, turn, agent, sorry(actions), handoffs, usage, error, "failed", actions
                 ), self._active
             usage[agent] = usage.get(agent, Usage()) + result.usage
+            actions += result.actions
             if result.failed:
-                # Recorded like any failed turn, with what the calls so far cost.
+                # Recorded like any failed turn, with what the calls so far cost and did.
+                reply = sorry(actions)
                 return self._result(
-                    message, turn, agent, _SORRY, handoffs, usage, result.error, "failed"
+                    message, turn, agent, reply, handoffs, usage, result.error, "failed", actions
                 ), self._active
             if result.handoff_to is None:
                 break
@@ -428,7 +443,7 @@ class Thread:
                     "to start over."
                 )
                 return self._result(
-                    message, turn, agent, reply, handoffs, usage, "handoff_limit", "failed"
+                    message, turn, agent, reply, handoffs, usage, "handoff_limit", "failed", actions
                 ), self._active
             handoffs.append(
                 Handoff(from_agent=agent, to=result.handoff_to, reason=result.handoff_reason)
@@ -436,7 +451,15 @@ class Thread:
             agent, reason = result.handoff_to, result.handoff_reason
         active = None if agent == supervisor else agent
         turn_result = self._result(
-            message, turn, agent, result.reply or "", handoffs, usage, result.error, "completed"
+            message,
+            turn,
+            agent,
+            result.reply or "",
+            handoffs,
+            usage,
+            result.error,
+            "completed",
+            actions,
         )
         return turn_result, active
 
@@ -450,6 +473,7 @@ class Thread:
         usage: dict[str, Usage],
         error: str | None,
         status: str,
+        actions: list[str] | None = None,
     ) -> TurnResult:
         return TurnResult(
             thread_id=self.key.thread_id,
@@ -463,6 +487,7 @@ class Thread:
             usage_by_agent=usage,
             error=error,
             completed_at=self._clock(),
+            actions=actions or [],
         )
 
     async def _commit(

@@ -6,7 +6,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["BufferEntry", "ShortTermBuffer"]
 
@@ -27,6 +27,9 @@ class BufferEntry(BaseModel):
     turn: int
     agent: str | None = None
     user_id: str | None = None
+    # The tool calls its turn ran (``TurnResult.actions``), on the turn's last entry: what
+    # was done stays known to later turns, also when the turn failed after doing it.
+    actions: list[str] = Field(default_factory=list)
 
 
 class ShortTermBuffer:

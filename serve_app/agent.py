@@ -18,7 +18,14 @@ from serve_app.agent_memory import MEMORY_TOOLS, AgentMemory
 from serve_app.tools import Tool
 from stickyray.config import AgentConfig, TeamConfig
 from stickyray.errors import ConfigError, ProviderError
-from stickyray.turns import AgentRequest, AgentResult, CompressRequest, CompressResult, Usage
+from stickyray.turns import (
+    AgentRequest,
+    AgentResult,
+    CompressRequest,
+    CompressResult,
+    Usage,
+    action_line,
+)
 
 __all__ = ["RETURN_TOOL", "TRANSFER_PREFIX", "Agent"]
 
@@ -114,6 +121,8 @@ class Agent:
         system += f"\n\nYou are the {self.config.name} agent."
         if request.handoff_reason:
             system += f" {HANDOFF_NOTE} {request.handoff_reason}"
+        if request.earlier:
+            system += f"\n\n{EARLIER_NOTE}\n" + "\n".join(f"- {a}" for a in request.earlier)
         if memory:
             system += f"\n\n{memory}"
         window = self.config.memory.short_window if self.config.memory else None
@@ -124,7 +133,11 @@ class Agent:
             buffer = buffer[1:]
         messages = [ChatMessage(role="system", content=system)]
         for entry in buffer:
+            if entry.actions and entry.role == "assistant":
+                messages.append(ChatMessage(role="assistant", content=_done(entry.actions)))
             messages.append(ChatMessage(role=entry.role, content=entry.text))
+            if entry.actions and entry.role == "user":  # its turn failed after doing them
+                messages.append(ChatMessage(role="assistant", content=_done(entry.actions)))
         messages.append(ChatMessage(role="user", content=request.text))
         return messages
 
@@ -153,6 +166,7 @@ class Agent:
         messages = self.build_messages(request, memory)
         usage = Usage()
         tool_log: list[str] = []
+        actions: list[str] = []  # each call run, with what it returned
         last = self.config.max_iterations
         for iteration in range(1, last + 1):
             try:
@@ -176,6 +190,7 @@ class Agent:
                     usage=usage,
                     llm_calls=iteration - 1,
                     tool_calls=tool_log,
+                    actions=actions,
                     error=str(exc),
                     failed=True,
                 )
@@ -190,6 +205,7 @@ class Agent:
                     usage=usage,
                     llm_calls=iteration,
                     tool_calls=tool_log,
+                    actions=actions,
                 )
             if not response.tool_calls:
                 reply, error = _final_reply(name, response)
@@ -199,6 +215,7 @@ class Agent:
                     usage=usage,
                     llm_calls=iteration,
                     tool_calls=tool_log,
+                    actions=actions,
                     error=error,
                 )
             if iteration == last:
@@ -236,6 +253,10 @@ class Agent:
                 outputs = await asyncio.gather(
                     *(self._run(call, tools) for call in response.tool_calls)
                 )
+                actions.extend(
+                    action_line(name, call.name, call.arguments, output)
+                    for call, output in zip(response.tool_calls, outputs, strict=True)
+                )
             messages.extend(
                 ChatMessage(role="tool", tool_call_id=call.id, content=output)
                 for call, output in zip(response.tool_calls, outputs, strict=True)
@@ -250,6 +271,7 @@ class Agent:
             usage=usage,
             llm_calls=self.config.max_iterations,
             tool_calls=tool_log,
+            actions=actions,
             error="max_iterations",
         )
 
@@ -316,6 +338,18 @@ def _capped(output: str, limit: int) -> str:
 
 # Room for the note of what was cut, up to 10 billion characters.
 _CUT_NOTE_CHARS = len("\n[... 9,999,999,999 characters cut ...]\n")
+
+
+# How the tool calls of agents that handed the thread on are told to the next one.
+EARLIER_NOTE = (
+    "Earlier in this turn, before the conversation came to you, these tool calls ran. They "
+    "are done: do not run them again; tell the user what they did if it matters:"
+)
+
+
+def _done(actions: list[str]) -> str:
+    """What a turn's tool calls did, as the assistant's note in the conversation."""
+    return "[tool calls run in this turn: " + "; ".join(actions) + "]"
 
 
 def _handoff_refused(call: ToolCall, handoff: ToolCall) -> str:

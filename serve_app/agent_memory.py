@@ -180,6 +180,7 @@ class AgentMemory:
         if provider.name != "offline":
             excerpt = "\n".join(
                 f"{e.role if e.role == 'user' else (e.agent or 'assistant')}: {e.text}"
+                + (f" [tool calls: {'; '.join(e.actions)}]" if e.actions else "")
                 for e in request.messages
             )
             response = await provider.complete(

@@ -24,9 +24,11 @@ __all__ = [
     "ThreadSnapshot",
     "TurnResult",
     "Usage",
+    "action_line",
     "anonymous_owner",
     "fingerprint",
     "message_text",
+    "sorry",
 ]
 
 
@@ -96,6 +98,36 @@ SORRY_REPLY = (
 )
 
 
+def sorry(actions: list[str]) -> str:
+    """What a user is told when their message could not be answered after the tools named in
+    ``actions`` (``AgentResult.actions``) ran: sent again as it is, it would do them twice."""
+    if not actions:
+        return SORRY_REPLY
+    names = list(dict.fromkeys(_tool_of(action) for action in actions))
+    return (
+        "Sorry, something went wrong before this message was fully answered, after some of "
+        f"it was already done ({', '.join(names)}). Please ask what was done before sending "
+        "it again."
+    )
+
+
+def action_line(agent: str, tool: str, arguments: dict[str, Any], output: str) -> str:
+    """One tool call that ran, for ``AgentResult.actions``: who ran what, with which
+    arguments, and what it returned (both cut short: a record, not the data)."""
+    said = " ".join(output.split())
+    shown = json.dumps(arguments, ensure_ascii=False, default=str)
+    return f"{agent} ran {tool}({_short(shown, 200)}): {_short(said, 300)}"
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _tool_of(action: str) -> str:
+    # As action_line writes it: "<agent> ran <tool>(<arguments>): <output>".
+    return action.split(" ran ", 1)[-1].split("(", 1)[0]
+
+
 def message_text(value: str) -> str:
     """``value`` if the ingress takes it as a message's text, else ValueError saying why."""
     if not value.strip():
@@ -161,6 +193,9 @@ class AgentRequest(_Record):
     handoff_reason: str | None = None
     # The Redis stream the agent adds its reply's text to as the model writes it.
     stream_to: str | None = None
+    # The tool calls that agents handing the thread on ran earlier in this turn (their
+    # ``AgentResult.actions``): done, not to be done again.
+    earlier: list[str] = Field(default_factory=list)
 
 
 class CompressRequest(_Record):
@@ -191,7 +226,8 @@ class AgentResult(_Record):
     """An agent's answer: a reply, or a handoff to another agent, with what it cost.
 
     ``failed`` means the agent could not answer (its provider failed after retries); the
-    usage of the calls made before that is still counted.
+    usage of the calls made before that is still counted. ``actions`` are the tool calls it
+    ran, each in a line with what it returned, whether it answered, handed off or failed.
     """
 
     agent: str
@@ -203,6 +239,7 @@ class AgentResult(_Record):
     tool_calls: list[str] = Field(default_factory=list)
     error: str | None = None
     failed: bool = False
+    actions: list[str] = Field(default_factory=list)
 
 
 class TurnResult(_Record):
@@ -229,6 +266,8 @@ class TurnResult(_Record):
     command: str | None = None
     error: str | None = None
     completed_at: float = 0.0
+    # The tool calls the turn ran, by any of its agents, each with what it returned.
+    actions: list[str] = Field(default_factory=list)
 
 
 class ThreadSnapshot(_Record):

@@ -134,3 +134,32 @@ async def test_a_long_tool_output_keeps_its_start_and_end_within_the_limit(
     assert seen.startswith("header\nrow 0:") and seen.endswith("total: 20000 rows")
     cut = len(export_orders()) - len(seen.split("\n[... ", 1)[0]) - len(seen.rsplit("]\n", 1)[1])
     assert f"[... {cut:,} characters cut ...]" in seen
+
+
+async def test_what_tools_did_is_recorded_and_told_to_the_agent_handed_the_thread(
+    fake_llm: FakeLLMServer,
+) -> None:
+    """An agent that books and then hands off: the next agent is told the booking is done."""
+
+    def book_room(hotel: str) -> str:
+        return f"booked {hotel}, confirmation BK-123"
+
+    cfg = team("openai", max_iterations=3)
+    tools = [Tool("book_room", "Book a room", book_room)]
+    bookings = Agent(cfg.agent("bookings"), cfg, provider_for("openai", fake_llm), tools)
+    fake_llm.queue(
+        FakeReply.tool_call("book_room", {"hotel": "Ritz"}),
+        FakeReply.tool_call("return_to_supervisor", {"reason": "the app crashes"}),
+    )
+    handed = await bookings.run(request("Book me the Ritz. Also the app keeps crashing."))
+    assert handed.handoff_to == "triage"
+    line = 'bookings ran book_room({"hotel": "Ritz"}): booked Ritz, confirmation BK-123'
+    assert handed.actions == [line]
+    triage = Agent(cfg.agent("triage"), cfg, provider_for("openai", fake_llm), [])
+    fake_llm.on(agent="triage", reply=FakeReply.text("Your room is booked; about the app..."))
+    follow = request("Book me the Ritz. Also the app keeps crashing.").model_copy(
+        update={"handoff_reason": handed.handoff_reason, "earlier": handed.actions}
+    )
+    await triage.run(follow)
+    system = fake_llm.requests[-1].system
+    assert line in system and "do not run them again" in system

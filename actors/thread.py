@@ -42,6 +42,7 @@ from stickyray.turns import (
     TurnResult,
     Usage,
     anonymous_owner,
+    done,
     fingerprint,
     sorry,
 )
@@ -442,6 +443,8 @@ class Thread:
                     "without an answer, so I stopped. Please rephrase it, or type /supervisor "
                     "to start over."
                 )
+                if actions:  # the tools named, as for any turn that failed after they ran
+                    reply += f" {done(actions)}"
                 return self._result(
                     message, turn, agent, reply, handoffs, usage, "handoff_limit", "failed", actions
                 ), self._active

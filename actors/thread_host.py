@@ -106,11 +106,7 @@ class ThreadHost:
             self._opening[key] = pending
             pending.add_done_callback(lambda _: self._opening.pop(key, None))
         # Shielded: one waiter cancelled (its request gone) must not cancel the others' open.
-        thread = await asyncio.shield(pending)
-        if self._threads.get(key) is not thread:
-            self._threads[key] = thread
-            self._evict_over_cap(opening=key)
-        return thread
+        return await asyncio.shield(pending)
 
     async def _open(self, key: ThreadKey) -> Thread:
         closing = self._closing.get(key)
@@ -119,7 +115,14 @@ class ThreadHost:
             # epoch, fence that turn mid-way and run it again as a pending turn.
             await asyncio.wait({closing})
         await self._take_over(key)
-        return await Thread.open(key, self._team, self._store, self._agents, observe=self._observe)
+        thread = await Thread.open(
+            key, self._team, self._store, self._agents, observe=self._observe
+        )
+        # Registered here, not by its waiters: an open they all gave up on still took an
+        # epoch, and unregistered, the next message would open the thread again.
+        self._threads[key] = thread
+        self._evict_over_cap(opening=key)
+        return thread
 
     async def _take_over(self, key: ThreadKey) -> None:
         """Record this host as the holder of ``key``; if another host held it, wait for that

@@ -14,7 +14,7 @@ from serve_app.tools import Tool
 from stickyray.config import AgentConfig, AgentMemoryConfig
 from stickyray.turns import AgentRequest, CompressRequest, CompressResult, Usage, anonymous_owner
 
-__all__ = ["AgentMemory", "SummaryNotStored", "memory_user"]
+__all__ = ["AgentMemory", "SummaryNotStored", "memory_user", "quoted"]
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,8 @@ MEMORY_PREAMBLE = (
 )
 
 
-def _quoted(text: str) -> str:
-    """``text`` as a one-line JSON string that cannot close the memory block."""
+def quoted(text: str) -> str:
+    """``text`` as a one-line JSON string that cannot close the block it is quoted in."""
     return json.dumps(text, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
 
 
@@ -117,11 +117,11 @@ class AgentMemory:
         lines = [MEMORY_PREAMBLE, "<memory>"]
         if core:
             lines.append("core blocks:")
-            lines += [f"- {b.label}: {_quoted(b.value)}" for b in core]
+            lines += [f"- {b.label}: {quoted(b.value)}" for b in core]
         if hits:
             lines.append("relevant memories:")
             lines += [
-                f"- {h.memory.created_at:%Y-%m-%d}, {h.memory.kind}: {_quoted(h.memory.content)}"
+                f"- {h.memory.created_at:%Y-%m-%d}, {h.memory.kind}: {quoted(h.memory.content)}"
                 for h in hits
             ]
         lines.append("</memory>")
@@ -142,7 +142,7 @@ class AgentMemory:
             )
             if not hits:
                 return "no memories found"
-            return "\n".join(f"- {h.memory.kind}: {_quoted(h.memory.content)}" for h in hits)
+            return "\n".join(f"- {h.memory.kind}: {quoted(h.memory.content)}" for h in hits)
 
         async def remember(content: str, importance: float = 0.5) -> str:
             """Store a fact about the user in long-term memory."""

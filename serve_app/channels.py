@@ -642,13 +642,15 @@ async def whatsapp_webhook(request: Request) -> dict:
     if not _same(request.headers.get("x-hub-signature-256"), expected):
         raise HTTPException(401, "header X-Hub-Signature-256: missing or wrong")
     payload = _parse(WhatsAppPayload, body)
+    messages = whatsapp_messages(payload)
+    queued = await inbox.queue("whatsapp", messages, _count_messages(payload))
     # Meta accepts a reply, then reports its failure here: the run's record keeps "sent"
-    # (no wamid is stored with the run to match it by), so the failure is logged and counted.
+    # (no wamid is stored with the run to match it by), so the failure is logged and counted,
+    # once the call is answered 200 (refused, Meta sends the whole call again).
     for recipient, why in _failed_replies(payload):
         log.warning("whatsapp reply to %s failed after Meta accepted it: %s", recipient, why)
         record_reply(inbox.app, "whatsapp", "failed")
-    messages = whatsapp_messages(payload)
-    return await inbox.queue("whatsapp", messages, _count_messages(payload))
+    return queued
 
 
 def _units(text: str) -> int:

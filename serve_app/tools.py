@@ -24,7 +24,15 @@ from providers.model import ToolSpec
 from stickyray.config import AgentConfig, TeamConfig
 from stickyray.errors import ConfigError
 
-__all__ = ["Tool", "ToolError", "check_tools", "intent_tools", "resolve_tool", "resolve_tools"]
+__all__ = [
+    "Tool",
+    "ToolError",
+    "ToolOutcome",
+    "check_tools",
+    "intent_tools",
+    "resolve_tool",
+    "resolve_tools",
+]
 
 
 class ToolError(Exception):
@@ -87,6 +95,16 @@ _LANES: dict[Callable[..., Any], _Lane] = {}
 
 
 @dataclass(frozen=True)
+class ToolOutcome:
+    """What a tool call gives the model, and whether the tool's function started (it may
+    then have done something, even if it failed); refused arguments, or a call that never
+    got a thread, did nothing."""
+
+    text: str
+    ran: bool
+
+
+@dataclass(frozen=True)
 class Tool:
     """A callable with the schema the model sees."""
 
@@ -124,23 +142,27 @@ class Tool:
         Errors become text too: the model can correct itself, the turn does not fail. So does
         a call still running after ``timeout_s``.
         """
+        return (await self.call(arguments, timeout_s)).text
+
+    async def call(self, arguments: dict[str, Any], timeout_s: float | None = None) -> ToolOutcome:
+        """``run``, also saying whether the function started."""
         if self.parameters is not None:
             # A schema given outright (intents): only its properties, and null is absent.
             known = self.parameters.get("properties", {})
             unknown = sorted(set(arguments) - set(known))
             if unknown:
-                return (
-                    f"error: {self.name} has no {', '.join(unknown)}; it takes {', '.join(known)}"
-                )
+                return self._refused(f"has no {', '.join(unknown)}; it takes {', '.join(known)}")
             kwargs = {k: v for k, v in arguments.items() if v is not None}
             missing = [n for n in self.parameters.get("required", []) if n not in kwargs]
             if missing:
-                return f"error: {self.name} needs {', '.join(missing)}"
+                return self._refused(f"needs {', '.join(missing)}")
         else:
             try:
                 args = self._args_model().model_validate(arguments)
             except ValidationError as exc:
-                return f"error: invalid arguments for {self.name}: {exc.errors()}"
+                return ToolOutcome(
+                    f"error: invalid arguments for {self.name}: {exc.errors()}", False
+                )
             kwargs = {name: getattr(args, name) for name in type(args).model_fields}
         deadline = asyncio.timeout(timeout_s)
         attempt = _Attempt()
@@ -148,26 +170,31 @@ class Tool:
             async with deadline:
                 result = await self._call(kwargs, attempt)
             # A result that cannot be shown is the tool's failure too (a repr that raises).
-            return result if isinstance(result, str) else repr(result)
+            return ToolOutcome(result if isinstance(result, str) else repr(result), True)
         except _ToolBusy as busy:
-            return (
-                f"error: {self.name} is not answering: {busy} earlier calls are still running; "
-                "do not call it again in this conversation turn"
+            return self._refused(
+                f"is not answering: {busy} earlier calls are still running; do not call it "
+                "again in this conversation turn"
             )
         # SystemExit too: a tool's argparse or sys.exit() must not stop the replica's loop.
         except (Exception, SystemExit) as exc:  # a failure is reported to the model, not raised
             if not deadline.expired():  # not a TimeoutError the tool raised itself
-                return f"error: {self.name} failed: {type(exc).__name__}: {exc}"
+                failed = f"error: {self.name} failed: {type(exc).__name__}: {exc}"
+                return ToolOutcome(failed, attempt.started)
             if not attempt.started:
-                return (
-                    f"error: {self.name} did not start within {timeout_s:g} s, its earlier "
-                    "calls still running; it did not run"
+                return self._refused(
+                    f"did not start within {timeout_s:g} s, its earlier calls still running; "
+                    "it did not run"
                 )
             # A function running in a thread cannot be stopped, and may still do its work.
-            return (
+            return ToolOutcome(
                 f"error: {self.name} did not finish within {timeout_s:g} s; it may still "
-                "complete, so check before calling it again"
+                "complete, so check before calling it again",
+                True,
             )
+
+    def _refused(self, why: str) -> ToolOutcome:
+        return ToolOutcome(f"error: {self.name} {why}", False)
 
     async def _call(self, kwargs: dict[str, Any], attempt: _Attempt) -> Any:
         if inspect.iscoroutinefunction(self.func):

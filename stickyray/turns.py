@@ -26,6 +26,7 @@ __all__ = [
     "Usage",
     "action_line",
     "anonymous_owner",
+    "done",
     "fingerprint",
     "message_text",
     "sorry",
@@ -103,11 +104,15 @@ def sorry(actions: list[str]) -> str:
     ``actions`` (``AgentResult.actions``) ran: sent again as it is, it would do them twice."""
     if not actions:
         return SORRY_REPLY
+    return f"Sorry, something went wrong before this message was fully answered. {done(actions)}"
+
+
+def done(actions: list[str]) -> str:
+    """What a user whose message was not fully answered is told of the tools that ran."""
     names = list(dict.fromkeys(_tool_of(action) for action in actions))
     return (
-        "Sorry, something went wrong before this message was fully answered, after some of "
-        f"it was already done ({', '.join(names)}). Please ask what was done before sending "
-        "it again."
+        f"Some of it was already done ({', '.join(names)}): please ask what was done before "
+        "sending it again."
     )
 
 

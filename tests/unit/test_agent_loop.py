@@ -9,7 +9,7 @@ from providers.anthropic_provider import AnthropicProvider
 from providers.factory import build_provider, check_providers
 from providers.openai_provider import OpenAIProvider
 from serve_app.agent import Agent
-from serve_app.tools import ToolError, intent_tools, resolve_tool, resolve_tools
+from serve_app.tools import ToolError, ToolOutcome, intent_tools, resolve_tool, resolve_tools
 from stickyray.config import parse_config
 from stickyray.errors import ConfigError
 from stickyray.settings import Settings
@@ -203,12 +203,13 @@ async def test_arguments_that_are_not_a_json_object_do_not_run_the_tool(
     for raw in ('{"order_id": "A-17', "[1, 2]", '"A-17"'):  # cut off, or not an object
         call = ToolCall(id="c1", name="cancel_order", arguments=_parse_arguments(raw))
         assert call.malformed
-        assert "not a JSON object" in await agent._run(call, tools)
+        refused = await agent._run(call, tools)
+        assert "not a JSON object" in refused.text and not refused.ran
     assert cancelled == []
     whole = _parse_arguments('{"order_id": "A-17"}')
     assert not ToolCall(id="c2", name="cancel_order", arguments=whole).malformed
     whole_call = ToolCall(id="c2", name="cancel_order", arguments=whole)
-    assert await agent._run(whole_call, tools) == "cancelled A-17"
+    assert await agent._run(whole_call, tools) == ToolOutcome("cancelled A-17", ran=True)
 
 
 def test_tool_references_resolve_or_explain() -> None:

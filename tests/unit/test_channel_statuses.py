@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import serve_app.channels as channels
+from stickyray.errors import StoreUnavailable
 from tests.unit.test_channels import post_whatsapp, wa_payload, wa_text, web  # noqa: F401
 
 
@@ -99,3 +100,24 @@ def test_a_failed_status_in_an_odd_shape_is_still_counted(
         "whatsapp reply to unknown recipient failed after Meta accepted it: "
         "errors: Input should be a valid list",
     ]
+
+
+def test_a_failed_status_in_a_call_refused_is_counted_once_meta_sends_it_again(
+    web: Any,  # noqa: F811
+    counted: list[tuple[str, str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refused (Redis down), Meta sends the whole call again: the failure counts once."""
+    failed = status("failed", errors=[{"code": 131047, "title": "Re-engagement message"}])
+    body = with_statuses(failed, messages=(wa_text("hola", "wamid.in"),))
+    queue = channels.ChannelInbox.queue
+
+    async def redis_down(self: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
+        raise StoreUnavailable("redis", "down")
+
+    monkeypatch.setattr(channels.ChannelInbox, "queue", redis_down)
+    assert post_whatsapp(web, body).status_code == 503
+    assert counted == []
+    monkeypatch.setattr(channels.ChannelInbox, "queue", queue)
+    assert post_whatsapp(web, body).status_code == 200
+    assert counted == [("test", "whatsapp", "failed")]

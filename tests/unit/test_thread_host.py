@@ -9,11 +9,15 @@ import types
 import uuid
 import zlib
 from collections.abc import Callable
+from typing import Any
+
+import pytest
 
 from actors.directory import host_name
 from actors.key import ThreadKey
 from actors.redis_store import connect_redis
 from actors.store import Incarnation, InMemoryThreadStore
+from actors.thread import Thread
 from actors.thread_host import ThreadHost
 from stickyray.config import load_config
 from stickyray.turns import AgentRequest, AgentResult, CompressResult, InboundMessage
@@ -245,3 +249,40 @@ async def test_a_message_given_up_on_does_not_cancel_the_open_others_wait_for(
     read.set()
     assert "Turns so far: 0" in (await asyncio.wait_for(waiting, 10)).reply
     assert await host.open_threads() == [key]
+
+
+async def test_an_open_every_waiter_gave_up_on_is_still_the_threads_open_one(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It took an epoch (and may have run a pending turn): the next message uses it."""
+    host = await open_host(redis_url, cap=10)
+    key = ThreadKey.of(f"orphan-{uuid.uuid4().hex[:6]}")
+    opening = asyncio.Event()
+    opened: list[int] = []
+    real_open = Thread.open
+
+    async def slow_open(*args: Any, **kwargs: Any) -> Thread:
+        await opening.wait()  # until the only waiter is gone
+        thread = await real_open(*args, **kwargs)
+        opened.append(thread.epoch)
+        return thread
+
+    monkeypatch.setattr(Thread, "open", slow_open)
+    waiter = asyncio.ensure_future(status(host, key.thread_id))
+    for _ in range(500):  # until the open has started
+        if key in host._opening:
+            break
+        await asyncio.sleep(0.01)
+    waiter.cancel()
+    opening.set()
+    for _ in range(500):
+        if opened:
+            break
+        await asyncio.sleep(0.01)
+    for _ in range(500):
+        if key not in host._opening:
+            break
+        await asyncio.sleep(0.01)
+    assert await host.open_threads() == [key]
+    await status(host, key.thread_id)
+    assert opened == [1]  # not opened again, with a second epoch

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from serve_app.agent import Agent
+from serve_app.agent_memory import quoted
 from serve_app.tools import MAX_THREADS_PER_TOOL, Tool
 from stickyray.testing import FakeLLMServer, FakeReply
 from tests.unit.test_agent_loop import close_providers, provider_for, request, team  # noqa: F401
@@ -162,4 +163,4 @@ async def test_what_tools_did_is_recorded_and_told_to_the_agent_handed_the_threa
     )
     await triage.run(follow)
     system = fake_llm.requests[-1].system
-    assert line in system and "do not run them again" in system
+    assert quoted(line) in system and "do not run them again" in system

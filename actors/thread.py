@@ -297,9 +297,11 @@ class Thread:
         user = message.user_id
         # What the turn's tools did goes on its last entry: also when the turn failed after
         # doing it, so that the message sent again is not done twice.
-        done = result.actions if result.status == "failed" else []
+        before_failing = result.actions if result.status == "failed" else []
         buffer.append(
-            BufferEntry(role="user", text=message.text, turn=turn, user_id=user, actions=done)
+            BufferEntry(
+                role="user", text=message.text, turn=turn, user_id=user, actions=before_failing
+            )
         )
         if result.status == "completed":  # an apology is no context for the next turn
             reply = BufferEntry(

@@ -8,8 +8,17 @@ from datetime import UTC, datetime
 import numpy as np
 
 from memory.long_term import CoreBlock, MemoryHit, MemoryRecord, NewMemory
+from stickyray.errors import CoreBlocksFull
 
-__all__ = ["check_new", "core_block", "new_records", "now_utc", "rank", "unit_rows"]
+__all__ = [
+    "check_new",
+    "check_room",
+    "core_block",
+    "new_records",
+    "now_utc",
+    "rank",
+    "unit_rows",
+]
 
 
 def now_utc() -> datetime:
@@ -48,6 +57,15 @@ def core_block(label: str, value: str, limit: int, now: datetime) -> CoreBlock:
             f"core block {label!r} is {len(value)} characters, over its limit of {limit}"
         )
     return CoreBlock(label=label, value=value, limit=limit, updated_at=now)
+
+
+def check_room(label: str, labels: list[str], max_blocks: int | None) -> None:
+    """CoreBlocksFull if a block ``label`` would be one more than ``max_blocks``."""
+    if max_blocks is not None and label not in labels and len(labels) >= max_blocks:
+        raise CoreBlocksFull(
+            f"the user has {len(labels)} core blocks, the most allowed "
+            f"(memory.max_core_blocks); replace one of: {', '.join(sorted(labels))}"
+        )
 
 
 def check_new(memories: list[NewMemory], embeddings: np.ndarray, dimension: int) -> np.ndarray:

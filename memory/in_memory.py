@@ -9,7 +9,15 @@ from datetime import datetime
 
 import numpy as np
 
-from memory._records import check_new, core_block, new_records, now_utc, rank, unit_rows
+from memory._records import (
+    check_new,
+    check_room,
+    core_block,
+    new_records,
+    now_utc,
+    rank,
+    unit_rows,
+)
 from memory.long_term import (
     CoreBlock,
     MemoryHit,
@@ -145,11 +153,19 @@ class InMemoryMemoryStore:
         return [blocks[label] for label in sorted(blocks)]
 
     async def put_core(
-        self, tenant: str, user_id: str, label: str, value: str, limit: int
+        self,
+        tenant: str,
+        user_id: str,
+        label: str,
+        value: str,
+        limit: int,
+        max_blocks: int | None = None,
     ) -> CoreBlock:
-        """Create or replace a core block; ValueError if ``value`` is over ``limit`` chars."""
+        """Create or replace a core block (see MemoryStore.put_core)."""
         block = core_block(label, value, limit, self._clock())
-        self._core.setdefault((tenant, user_id), {})[label] = block
+        blocks = self._core.setdefault((tenant, user_id), {})
+        check_room(block.label, list(blocks), max_blocks)
+        blocks[block.label] = block
         return block
 
     async def delete_core(self, tenant: str, user_id: str, label: str) -> bool:

@@ -208,9 +208,19 @@ class MemoryStore(Protocol):
         ...
 
     async def put_core(
-        self, tenant: str, user_id: str, label: str, value: str, limit: int
+        self,
+        tenant: str,
+        user_id: str,
+        label: str,
+        value: str,
+        limit: int,
+        max_blocks: int | None = None,
     ) -> CoreBlock:
-        """Create or replace a core block; ValueError if ``value`` is over ``limit`` chars."""
+        """Create or replace a core block; ValueError if ``value`` is over ``limit`` chars.
+
+        CoreBlocksFull if ``label`` is new and (tenant, user) has ``max_blocks`` blocks
+        already: counted and written as one step, so concurrent writers cannot pass it.
+        """
         ...
 
     async def delete_core(self, tenant: str, user_id: str, label: str) -> bool:

@@ -33,7 +33,15 @@ from memory._pg_connections import (
     transaction,
     unavailable,
 )
-from memory._records import check_new, core_block, new_records, now_utc, rank, unit_rows
+from memory._records import (
+    check_new,
+    check_room,
+    core_block,
+    new_records,
+    now_utc,
+    rank,
+    unit_rows,
+)
 from memory.long_term import (
     CoreBlock,
     MemoryHit,
@@ -58,6 +66,10 @@ log = logging.getLogger(__name__)
 
 
 _MAX_EF_SEARCH = 1000  # the most pgvector takes
+
+# The first key of the per-user transaction lock that counting core blocks takes (the
+# two-key form: its own space, apart from the migrations' one-key locks).
+_CORE_LOCK = 0x5374_0001
 
 _COLUMNS = (
     "id, agent, kind, content, importance, created_at, last_accessed_at, access_count, metadata"
@@ -480,11 +492,35 @@ class PostgresMemoryStore:
         return [CoreBlock(**dict(row.items())) for row in rows]
 
     async def put_core(
-        self, tenant: str, user_id: str, label: str, value: str, limit: int
+        self,
+        tenant: str,
+        user_id: str,
+        label: str,
+        value: str,
+        limit: int,
+        max_blocks: int | None = None,
     ) -> CoreBlock:
-        """Create or replace a core block; ValueError if ``value`` is over ``limit`` chars."""
+        """Create or replace a core block (see MemoryStore.put_core).
+
+        With ``max_blocks``, the user's blocks are counted under a transaction lock of that
+        user's own, so two writers of new labels (two replicas, one turn each) take turns.
+        """
         block = core_block(label, value, limit, self._clock())
         async with self._scoped(tenant) as conn:
+            if max_blocks is not None:
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1,"
+                    " hashtext(json_build_array($2::text, $3::text)::text))",
+                    _CORE_LOCK,
+                    tenant,
+                    user_id,
+                )
+                labels = await conn.fetch(
+                    "SELECT label FROM core_blocks WHERE tenant = $1 AND user_id = $2",
+                    tenant,
+                    user_id,
+                )
+                check_room(block.label, [row["label"] for row in labels], max_blocks)
             await conn.execute(
                 "INSERT INTO core_blocks (tenant, user_id, label, value, char_limit, updated_at)"
                 " VALUES ($1, $2, $3, $4, $5, $6)"

@@ -16,7 +16,6 @@ from memory.long_term import (
     SearchWeights,
     storable_text,
 )
-from stickyray.errors import CoreBlocksFull
 
 __all__ = ["DEFAULT_MAX_CORE_BLOCKS", "LongTermMemory", "extractive_summary"]
 
@@ -89,13 +88,9 @@ class LongTermMemory:
         ValueError when over ``limit`` or not storable; CoreBlocksFull for a new label when
         the user has ``max_core_blocks`` already.
         """
-        labels = [block.label for block in await self.store.get_core(tenant, user_id)]
-        if label not in labels and len(labels) >= self.max_core_blocks:
-            raise CoreBlocksFull(
-                f"the user has {len(labels)} core blocks, the most allowed "
-                f"(memory.max_core_blocks); replace one of: {', '.join(sorted(labels))}"
-            )
-        return await self.store.put_core(tenant, user_id, label, storable_text(value), limit)
+        return await self.store.put_core(
+            tenant, user_id, label, storable_text(value), limit, self.max_core_blocks
+        )
 
     async def delete_core(self, tenant: str, user_id: str, label: str) -> bool:
         """Delete one core block; False if the user has none with that label."""

@@ -23,7 +23,7 @@ from memory.in_memory import InMemoryMemoryStore
 from memory.long_term import MemoryStore, NewMemory, SearchWeights
 from memory.migrations import MIGRATIONS
 from memory.postgres import PostgresMemoryStore, init_connection
-from stickyray.errors import StoreUnavailable
+from stickyray.errors import CoreBlocksFull, StoreUnavailable
 
 DIM = 384
 Store = InMemoryMemoryStore | PostgresMemoryStore
@@ -324,6 +324,27 @@ async def test_core_blocks(store: Store, clock: Clock) -> None:
     assert await store.delete_core(tenant, user, "persona") is True
     assert await store.delete_core(tenant, user, "persona") is False
     assert await store.get_core(tenant, user) == [replaced]
+
+
+async def test_at_most_max_blocks_core_blocks_even_when_written_at_once(store: Store) -> None:
+    """Two replicas' turns adding a block each for one user must not both pass the count."""
+    tenant, user = scope()
+    labels = [f"note_{i}" for i in range(6)]
+    # Every pooled connection open first, so that the writes below really overlap.
+    await asyncio.gather(*(store.get_core(tenant, user) for _ in labels))
+    results = await asyncio.gather(
+        *(store.put_core(tenant, user, label, "x", 10, max_blocks=1) for label in labels),
+        return_exceptions=True,
+    )
+    assert sum(not isinstance(r, BaseException) for r in results) == 1
+    full = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, CoreBlocksFull) for r in full), full
+    (kept,) = await store.get_core(tenant, user)
+    assert "replace one of: " + kept.label in str(full[0])
+
+    replaced = await store.put_core(tenant, user, kept.label, "y", 10, max_blocks=1)
+    assert await store.get_core(tenant, user) == [replaced]  # replacing is not one more
+    await store.put_core(tenant, "user-2", "note_0", "z", 10, max_blocks=1)  # per user
 
 
 async def test_hits_count_as_accesses(store: Store, clock: Clock) -> None:

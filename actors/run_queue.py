@@ -33,6 +33,10 @@ live in one slot of a Redis Cluster:
   acknowledges and deletes the entry, and notes on the run's record whether the reply was
   sent: at least once, since a worker that stops between sending and acknowledging leaves
   the entry to the next one.
+- ``sent:<platform id>``  the record key of the run a message sent to a channel belongs
+  to, by the id the platform gave that message (a WhatsApp ``wamid``), for as long as the
+  record lasts: a platform that reports a delivery failure later (WhatsApp's statuses)
+  names the message by that id, and the failure is noted on the run.
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ log = logging.getLogger(__name__)
 
 GROUP = "workers"
 _CONSUMER = "worker"
+# The longest platform message id kept (WhatsApp's are some 60 characters).
+_MAX_PLATFORM_ID = 256
 
 RunStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 ReplyStatus = Literal["pending", "sent", "failed"]
@@ -217,13 +223,30 @@ _REPLY_DONE = (
 redis.call('XACK', KEYS[2], 'workers', ARGV[2])
 redis.call('XDEL', KEYS[2], ARGV[2])
 redis.call('HDEL', KEYS[4], ARGV[2])
-if redis.call('EXISTS', KEYS[3]) == 1 then
+-- A platform may report a piece undelivered (``_NOT_DELIVERED``) before this: that stands.
+if redis.call('EXISTS', KEYS[3]) == 1 and redis.call('HGET', KEYS[3], 'reply') ~= 'failed' then
   redis.call('HSET', KEYS[3], 'reply', ARGV[3])
   if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], 'reply_error', ARGV[4]) end
 end
 return {'done'}
 """
 )
+
+# KEYS: record, the platform id's key. Maps the id to the run for as long as its record
+# lasts (a finished run's record has its expiry); a record already gone maps nothing.
+_SENT_AS = """
+local ttl = redis.call('TTL', KEYS[1])
+if ttl > 0 then redis.call('SET', KEYS[2], KEYS[1], 'EX', ttl) end
+return ttl
+"""
+
+# KEYS: record. ARGV: why. Notes that the platform did not deliver the run's reply after
+# all; 1 if the record was there to note it on.
+_NOT_DELIVERED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'reply', 'failed', 'reply_error', ARGV[1])
+return 1
+"""
 
 # KEYS: lease, outbox, progress. ARGV: token, entry id, pieces sent. Only while the reply is
 # in the outbox: a reply done already leaves nothing behind.
@@ -383,6 +406,7 @@ class RunQueue:
         self._records = f"{prefix}:run:"
         self._open = f"{prefix}:open:"
         self._webhooks = f"{prefix}:sends-webhooks"
+        self._sent = f"{prefix}:sent:"
         self._submit = client.register_script(_SUBMIT)
         self._read = client.register_script(_READ)
         self._start = client.register_script(_START)
@@ -393,6 +417,8 @@ class RunQueue:
         self._reply_done = client.register_script(_REPLY_DONE)
         self._pieces_sent = client.register_script(_PIECES_SENT)
         self._cancel = client.register_script(_CANCEL)
+        self._sent_as = client.register_script(_SENT_AS)
+        self._not_delivered = client.register_script(_NOT_DELIVERED)
 
     def _record_key(self, key: ThreadKey, message_id: str) -> str:
         return f"{self._records}{key}/{message_id}"
@@ -764,6 +790,33 @@ class RunQueue:
             )
         if _text(outcome) == "lost":
             raise LeaseLost(token)
+
+    async def sent_as(self, reply: OutboundReply, platform_id: str) -> None:
+        """Note that the channel calls a message it was sent of ``reply`` ``platform_id``
+        (a WhatsApp ``wamid``), so that a failure it reports later by that id is noted on
+        the run (``not_delivered``)."""
+        if not platform_id or len(platform_id) > _MAX_PLATFORM_ID:
+            return
+        with redis_outages():
+            await self._sent_as(keys=[reply.record, f"{self._sent}{platform_id}"])
+
+    async def not_delivered(self, platform_id: str, why: str) -> str | None:
+        """Note on the run whose reply the channel calls ``platform_id`` that the channel
+        did not deliver it after all (``reply`` failed, ``reply_error`` why). Which run that
+        was (``<tenant>/<thread>/<message id>``); None if none is known: not sent by this
+        app, or its record expired."""
+        if not platform_id or len(platform_id) > _MAX_PLATFORM_ID:
+            return None
+        with redis_outages():
+            record = await self._client.get(f"{self._sent}{platform_id}")
+            if record is None:
+                return None
+            record = _text(record)
+            if not record.startswith(self._records):
+                return None
+            if not await self._not_delivered(keys=[record], args=[why]):
+                return None
+        return record.removeprefix(self._records)
 
     async def pieces_sent(self, reply: OutboundReply) -> int:
         """How many pieces of ``reply`` were sent already (by this or an earlier worker)."""

@@ -22,7 +22,8 @@ caption: the agent gets the words, after a note of what came with them. A tapped
 button or list row reads as its title; a shared place as its name, address and coordinates.
 Other messages (voice, stickers, reactions, media without a caption) and texts over
 ``threads.max_message_bytes`` are acknowledged and ignored, and counted. Of WhatsApp's
-delivery statuses only a failed one is read: logged, and counted as a failed reply.
+delivery statuses only a failed one is read: logged, counted as a failed reply, and noted on
+the run whose reply it was (found by the message id WhatsApp answered the send with).
 """
 
 from __future__ import annotations
@@ -240,6 +241,7 @@ class _WhatsAppStatus(_Wire):
     """What became of a message the business sent: sent, delivered, read or failed."""
 
     status: str
+    id: str | None = None  # the wamid Meta answered the send with
     recipient_id: str | None = None
     errors: list[_WhatsAppError] = Field(default_factory=list)
 
@@ -478,10 +480,20 @@ def _readable(raw: Any) -> _WhatsAppMessage | None:
         return None
 
 
-def _failed_replies(payload: WhatsAppPayload) -> list[tuple[str, str]]:
-    """Whom each message the business sent and Meta then failed to deliver (outside the
-    24-hour window, undeliverable...) was for, and why: one per failed status of ``payload``."""
-    failed: list[tuple[str, str]] = []
+@dataclass(frozen=True)
+class _Failure:
+    """A message the business sent that Meta then failed to deliver: whom it was for, why,
+    and Meta's id for it (the ``wamid`` the send was answered with), if the status had one."""
+
+    recipient: str
+    why: str
+    platform_id: str | None = None
+
+
+def _failed_replies(payload: WhatsAppPayload) -> list[_Failure]:
+    """The messages the business sent that Meta then failed to deliver (outside the 24-hour
+    window, undeliverable...): one per failed status of ``payload``."""
+    failed: list[_Failure] = []
     for entry in payload.entry:
         for change in entry.changes:
             if change.field != "messages":
@@ -493,13 +505,23 @@ def _failed_replies(payload: WhatsAppPayload) -> list[tuple[str, str]]:
                     status = _WhatsAppStatus.model_validate(raw)
                 except ValidationError as exc:  # still a failure: counted, with what was read
                     where = ".".join(str(part) for part in exc.errors()[0]["loc"])
-                    failed.append(("unknown recipient", f"{where}: {exc.errors()[0]['msg']}"))
+                    why = f"{where}: {exc.errors()[0]['msg']}"
+                    platform_id = raw.get("id")
+                    if not isinstance(platform_id, str):
+                        platform_id = None
+                    failed.append(_Failure("unknown recipient", why, platform_id))
                     continue
                 why = "; ".join(
                     " ".join(str(w) for w in (e.code, e.title) if w is not None)
                     for e in status.errors
                 )
-                failed.append((status.recipient_id or "unknown recipient", why or "no error given"))
+                failed.append(
+                    _Failure(
+                        status.recipient_id or "unknown recipient",
+                        why or "no error given",
+                        status.id,
+                    )
+                )
     return failed
 
 
@@ -632,7 +654,7 @@ async def whatsapp_verify(
 async def whatsapp_webhook(request: Request) -> dict:
     """A WhatsApp webhook call: each message the agent can read is queued as a run of its
     chat; one in a shape stickyray does not read is counted as ignored. A status saying a
-    reply failed is logged and counted."""
+    reply failed is logged, counted, and noted on its run."""
     inbox = _inbox(request)
     settings = inbox.settings
     if settings.whatsapp_access_token is None or settings.whatsapp_app_secret is None:
@@ -644,11 +666,19 @@ async def whatsapp_webhook(request: Request) -> dict:
     payload = _parse(WhatsAppPayload, body)
     messages = whatsapp_messages(payload)
     queued = await inbox.queue("whatsapp", messages, _count_messages(payload))
-    # Meta accepts a reply, then reports its failure here: the run's record keeps "sent"
-    # (no wamid is stored with the run to match it by), so the failure is logged and counted,
-    # once the call is answered 200 (refused, Meta sends the whole call again).
-    for recipient, why in _failed_replies(payload):
-        log.warning("whatsapp reply to %s failed after Meta accepted it: %s", recipient, why)
+    # Meta accepts a reply, then may report its failure here, by the wamid it answered the
+    # send with: the run that reply was of notes it (its reply: failed). All are noted
+    # before any is counted: refused (Redis down), Meta sends the whole call again.
+    failures = _failed_replies(payload)
+    runs = [
+        await inbox.runs.not_delivered(failure.platform_id, f"not delivered: {failure.why}")
+        if failure.platform_id is not None
+        else None
+        for failure in failures
+    ]
+    for failure, run in zip(failures, runs, strict=True):
+        whose = failure.recipient if run is None else f"{failure.recipient} (run {run})"
+        log.warning("whatsapp reply to %s failed after Meta accepted it: %s", whose, failure.why)
         record_reply(inbox.app, "whatsapp", "failed")
     return queued
 
@@ -714,15 +744,16 @@ class ChannelSender:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def send(self, to: dict[str, Any], text: str) -> None:
-        """Send ``text`` to the chat ``to`` names; raises ChannelSendFailed."""
+    async def send(self, to: dict[str, Any], text: str) -> str | None:
+        """Send ``text`` to the chat ``to`` names; raises ChannelSendFailed. Returns the id
+        WhatsApp gave the message (its statuses name it so), None for Telegram."""
         channel = str(to.get("channel"))
         if channel == "telegram":
             await self._telegram(to, text)
-        elif channel == "whatsapp":
-            await self._whatsapp(to, text)
-        else:
-            raise ChannelSendFailed(channel, "no such channel", permanent=True)
+            return None
+        if channel == "whatsapp":
+            return await self._whatsapp(to, text)
+        raise ChannelSendFailed(channel, "no such channel", permanent=True)
 
     async def _telegram(self, to: dict[str, Any], text: str) -> None:
         token = self._settings.telegram_bot_token
@@ -741,7 +772,7 @@ class ChannelSender:
             except _Migrated:
                 raise ChannelSendFailed("telegram", "chat moved twice", permanent=True) from None
 
-    async def _whatsapp(self, to: dict[str, Any], text: str) -> None:
+    async def _whatsapp(self, to: dict[str, Any], text: str) -> str | None:
         token = self._settings.whatsapp_access_token
         if token is None:
             raise ChannelSendFailed("whatsapp", "WHATSAPP_ACCESS_TOKEN is not set", permanent=True)
@@ -754,7 +785,12 @@ class ChannelSender:
             "text": {"body": text},
         }
         headers = {"Authorization": f"Bearer {token.get_secret_value()}"}
-        await self._post("whatsapp", url, body, headers)
+        response = await self._post("whatsapp", url, body, headers)
+        try:  # {"messages": [{"id": "wamid...."}], ...}; sent all the same without one
+            platform_id = response.json()["messages"][0]["id"]
+        except (ValueError, LookupError, TypeError):
+            return None
+        return platform_id if isinstance(platform_id, str) else None
 
     def _redacted(self, text: str) -> str:
         for secret in self._secrets:
@@ -763,7 +799,7 @@ class ChannelSender:
 
     async def _post(
         self, channel: str, url: str, body: dict, headers: dict[str, str] | None = None
-    ) -> None:
+    ) -> httpx.Response:
         try:
             response = await self._client.post(url, json=body, headers=headers)
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:  # fails every time
@@ -773,7 +809,7 @@ class ChannelSender:
             reason = self._redacted(f"{type(exc).__name__}: {exc}")
             raise ChannelSendFailed(channel, reason, permanent=False) from None
         if response.is_success:
-            return
+            return response
         if channel == "telegram" and (moved := _migrated_to(response)) is not None:
             raise _Migrated(moved)
         reason, retry_after, code = http_refusal(response, self._redacted)

@@ -73,9 +73,10 @@ T = TypeVar("T")
 RUN_WORKER_DEPLOYMENT = "RunWorker"
 
 Deliver = Callable[[ThreadKey, InboundMessage], Awaitable[TurnResult]]
-# Sends a reply's text to the channel address a run was submitted with; raises
-# ChannelSendFailed when the channel does not take it.
-SendReply = Callable[[dict[str, Any], str], Awaitable[None]]
+# Sends a reply's text to the channel address a run was submitted with; returns the id the
+# channel gave the message when a later report of its delivery names it by that id (a
+# WhatsApp wamid), else None; raises ChannelSendFailed when the channel does not take it.
+SendReply = Callable[[dict[str, Any], str], Awaitable[str | None]]
 # POSTs a finished run's outcome (the body) to its webhook URL under a webhook id; raises
 # ChannelSendFailed when the receiver does not take it.
 SendWebhook = Callable[[str, str, bytes], Awaitable[None]]
@@ -485,17 +486,23 @@ class RunDispatcher:
             return "no channel sender in this worker"
         pieces = split_text(reply.text)
         sent = await self._retrying(self._queue.pieces_sent, reply)
+        named: list[str] = []  # the channel's id for the piece just sent, if it gave one
+
+        async def send_piece(text: str) -> None:
+            platform_id = await send_reply(reply.to, text)
+            if platform_id:
+                named.append(platform_id)
+
         for number in range(sent, len(pieces)):
             error = await self._send_until_done(
-                reply,
-                functools.partial(send_reply, reply.to, pieces[number]),
-                deadline,
-                self._sending,
+                reply, functools.partial(send_piece, pieces[number]), deadline, self._sending
             )
             if error is not None:
                 if number > 0:
                     error += f" ({number} of {len(pieces)} pieces were sent)"
                 return error
+            while named:  # so that the channel's later report of a failure finds the run
+                await self._retrying(self._queue.sent_as, reply, named.pop())
             if number + 1 < len(pieces):
                 await self._retrying(self._queue.piece_sent, self._token, reply, number + 1)
         return None

@@ -25,6 +25,16 @@ class Call:
     raw: bytes = b""  # the body as sent (what a signature covers)
 
 
+def whatsapp_sent(call: Call, number: int) -> dict[str, Any]:
+    """What the Cloud API answers a message it accepted with."""
+    to = call.body.get("to") if isinstance(call.body, dict) else None
+    return {
+        "messaging_product": "whatsapp",
+        "contacts": [{"input": to, "wa_id": to}],
+        "messages": [{"id": f"wamid.out{number}"}],
+    }
+
+
 class PlatformServer:
     """Records calls; answers 200 ``{"ok": true}`` unless a refusal is queued."""
 
@@ -67,6 +77,8 @@ class PlatformServer:
             self.calls.append(call)
             if self._refusals:
                 return self._refusals.pop(0)
+        if call.path.endswith("/messages"):  # WhatsApp's answer: the message's id (wamid)
+            return 200, whatsapp_sent(call, len(self.calls)), {}
         return 200, {"ok": True, "result": {"message_id": len(self.calls)}}, {}
 
     def refuse(

@@ -331,6 +331,81 @@ async def test_pieces_sent_are_not_sent_again_by_the_next_worker(
     assert await client.hlen(queue._progress) == 0  # nothing left behind
 
 
+class WhatsApp:
+    """Takes every message and names it as WhatsApp does (``wamid.out<n>``); ``on_send``
+    runs as each is taken, before the id is returned."""
+
+    def __init__(self, on_send: Any = None) -> None:
+        self.sent: list[str] = []
+        self.on_send = on_send
+
+    async def __call__(self, to: dict[str, Any], text: str) -> str:
+        self.sent.append(text)
+        if self.on_send is not None:
+            await self.on_send(len(self.sent))
+        return f"wamid.out{len(self.sent)}"
+
+
+def whatsapp() -> dict[str, Any]:
+    return {"channel": "whatsapp", "phone_number_id": "1055", "to": "34600111222"}
+
+
+async def test_a_reply_whatsapp_fails_to_deliver_later_is_noted_on_its_run(
+    client: Any,  # noqa: F811
+) -> None:
+    """WhatsApp answers a send with the message's id, and names it so when it reports
+    later that it could not deliver it: the run's record then says the reply failed."""
+    queue, channel = queue_of(client), WhatsApp()
+    key = fresh()
+    await queue.submit(key, msg("tell me everything", "m1"), whatsapp())
+    worker = Running(dispatcher(queue, answers_at_length, send_reply=channel))
+    try:
+        await until(lambda: reply_is(queue, key, "m1", "sent"))
+    finally:
+        await worker.stop()
+    assert len(channel.sent) == 2
+    assert await queue.not_delivered("wamid.elsewhere", "not delivered: 131026") is None
+    run = await queue.not_delivered("wamid.out2", "not delivered: 131047 Re-engagement message")
+    assert run == f"{key}/m1"
+    record = await queue.get(key, "m1")
+    assert record is not None and record.reply == "failed"
+    assert record.reply_error == "not delivered: 131047 Re-engagement message"
+    # The id is kept as long as the record, and no longer.
+    sent_key = f"{queue._sent}wamid.out1"
+    assert 0 < await client.ttl(sent_key) <= await client.ttl(queue._record_key(key, "m1"))
+
+
+async def test_a_failure_reported_before_the_reply_is_done_stands(
+    client: Any,  # noqa: F811
+) -> None:
+    """The first piece's failure arrives while the second is being sent: finishing the
+    reply does not turn it back into sent."""
+    queue = queue_of(client)
+    key = fresh()
+
+    async def report_first_piece(sent: int) -> None:
+        if sent == 2:
+            assert await queue.not_delivered("wamid.out1", "not delivered: 131026") is not None
+
+    channel = WhatsApp(report_first_piece)
+    await queue.submit(key, msg("tell me everything", "m1"), whatsapp())
+    worker = Running(dispatcher(queue, answers_at_length, send_reply=channel))
+    try:
+        await until(lambda: reply_taken_off(queue, channel))
+    finally:
+        await worker.stop()
+    record = await queue.get(key, "m1")
+    assert record is not None and (record.reply, record.reply_error) == (
+        "failed",
+        "not delivered: 131026",
+    )
+
+
+async def reply_taken_off(queue: RunQueue, channel: WhatsApp) -> bool:
+    """Both pieces sent, and the reply done with: off the outbox."""
+    return len(channel.sent) == 2 and await queue._client.xlen(queue._outbox) == 0
+
+
 async def test_a_reply_cut_short_says_how_much_was_sent(client: Any) -> None:  # noqa: F811
     refused = ChannelSendFailed("telegram", "HTTP 400: message is too long", permanent=True)
     queue, channel = queue_of(client), Channel(None, refused)

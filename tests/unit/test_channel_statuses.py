@@ -1,6 +1,6 @@
 """WhatsApp's statuses: a reply Meta accepted and then failed to deliver is reported later in
-the webhook; it is logged and counted as a failed reply (the webhook on the real FastAPI
-app and a real Redis run queue, no Ray)."""
+the webhook; it is logged, counted as a failed reply, and noted on its run (the webhook on
+the real FastAPI app and a real Redis run queue, no Ray)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from typing import Any
 import pytest
 
 import serve_app.channels as channels
+from actors.key import ThreadKey
 from stickyray.errors import StoreUnavailable
+from tests.unit.test_channel_replies import WhatsApp, answers_at_length, reply_is, whatsapp
 from tests.unit.test_channels import post_whatsapp, wa_payload, wa_text, web  # noqa: F401
+from tests.unit.test_runs import Running, dispatcher, msg, until
 
 
 def status(state: str, recipient: str = "34600111222", **more: Any) -> dict:
@@ -121,3 +124,39 @@ def test_a_failed_status_in_a_call_refused_is_counted_once_meta_sends_it_again(
     monkeypatch.setattr(channels.ChannelInbox, "queue", queue)
     assert post_whatsapp(web, body).status_code == 200
     assert counted == [("test", "whatsapp", "failed")]
+
+
+def test_a_failed_status_is_noted_on_the_run_whose_reply_it_was(
+    web: Any,  # noqa: F811
+    counted: list[tuple[str, str, str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Meta names the reply by the wamid it answered the send with: the run that reply was
+    of says it failed, and why; a status of a message sent by something else changes none."""
+    key = ThreadKey.of("whatsapp:1055:34600111222")
+    channel = WhatsApp()
+
+    async def answer() -> None:
+        await web.queue.submit(key, msg("book a table", "wamid.in1"), whatsapp())
+        worker = Running(dispatcher(web.queue, answers_at_length, send_reply=channel))
+        try:
+            await until(lambda: reply_is(web.queue, key, "wamid.in1", "sent"))
+        finally:
+            await worker.stop()
+
+    web.client.portal.call(answer)
+    outside_window = status("failed", errors=[{"code": 131047, "title": "Re-engagement message"}])
+    body = with_statuses(outside_window | {"id": "wamid.out2"}, status("failed"))
+    with caplog.at_level(logging.WARNING, logger=channels.__name__):
+        assert post_whatsapp(web, body).status_code == 200
+    record = web.record(key.thread_id, "wamid.in1")
+    assert (record.reply, record.reply_error) == (
+        "failed",
+        "not delivered: 131047 Re-engagement message",
+    )
+    assert counted == [("test", "whatsapp", "failed")] * 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"whatsapp reply to 34600111222 (run {key}/wamid.in1) failed after Meta accepted it: "
+        "131047 Re-engagement message",
+        "whatsapp reply to 34600111222 failed after Meta accepted it: no error given",
+    ]

@@ -479,14 +479,19 @@ async def test_the_sender_calls_each_platform_api_as_documented(
 ) -> None:
     sender = ChannelSender(channel_settings(redis_url, platform.url))
     try:
-        await sender.send({"channel": "telegram", "chat_id": -5}, "hello")
-        await sender.send(
+        assert await sender.send({"channel": "telegram", "chat_id": -5}, "hello") is None
+        sent_as = await sender.send(
             {"channel": "whatsapp", "phone_number_id": "1055", "to": "34600111222"}, "hola"
         )
         await sender.send({"channel": "telegram", "chat_id": -5, "message_thread_id": 12}, "t")
+        # An answer without the message's id: sent all the same, with nothing to name it by.
+        platform.refuse(200, {"messaging_product": "whatsapp", "messages": []})
+        unnamed = await sender.send({"channel": "whatsapp", "phone_number_id": "1", "to": "2"}, "x")
     finally:
         await sender.aclose()
-    telegram, whatsapp, topic = platform.calls
+    assert sent_as == "wamid.out2"  # the id its statuses will name it by
+    assert unnamed is None
+    telegram, whatsapp, topic, _ = platform.calls
     assert topic.body == {"chat_id": -5, "text": "t", "message_thread_id": 12}
     assert telegram.path == "/bot123:abc/sendMessage"
     assert telegram.body == {"chat_id": -5, "text": "hello"}

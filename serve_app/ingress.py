@@ -416,6 +416,32 @@ class _ApiKey:
 api.add_middleware(_ApiKey)
 
 
+class _HeadAsGet:
+    """HEAD answered as GET is, without the body (HTTP's rule; a load balancer's health
+    check may use it): FastAPI's routes, unlike Starlette's, take only the methods they
+    name. The outermost middleware, so a refusal to HEAD has no body either."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self._app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self._app({**scope, "method": "GET"}, receive, headers_only)
+
+
+api.add_middleware(_HeadAsGet)
+
+
 def _jsonable(errors: Any) -> Any:
     out = []
     for err in errors:

@@ -259,6 +259,8 @@ def test_each_agent_is_its_own_deployment_with_its_replicas(app: App) -> None:
     with app.client() as client:
         agents = {a["name"]: a for a in client.get("/v1/agents").json()}
         health = client.get("/healthz")
+        checked = client.head("/healthz")  # as a load balancer may check it
+    assert (checked.status_code, checked.content) == (200, b"")
     assert agents["bookings"]["replicas"] == 2
     assert agents["triage"]["role"] == "supervisor" and agents["support"]["role"] == "specialist"
     assert health.status_code == 200 and health.json()["checks"]["redis"] == "ok"

@@ -151,6 +151,12 @@ def test_a_request_no_route_takes_says_what_to_fix(replica: types.SimpleNamespac
     assert "(allowed: GET, HEAD, POST)" in runs.json()["error"]
     core = client.patch("/v1/users/bob/core/profile")
     assert core.headers["allow"] == "DELETE, GET, HEAD, PUT"
+    # HEAD is answered wherever GET is, as GET is, with no body (so is a refusal).
+    head = client.head("/v1/threads/missing")
+    assert (head.status_code, head.content) == (404, b"")
+    assert int(head.headers["content-length"]) == len(client.get("/v1/threads/missing").content)
+    refused = client.head("/v1/threads/alice/messages")
+    assert (refused.status_code, refused.headers["allow"], refused.content) == (405, "POST", b"")
     # A route's own 404 keeps its message.
     missing = client.get("/v1/threads/missing")
     assert missing.status_code == 404 and missing.json()["error"] == "thread 'missing' not found"

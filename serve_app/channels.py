@@ -54,6 +54,7 @@ from stickyray.settings import Settings
 from stickyray.turns import InboundMessage, message_text
 
 __all__ = [
+    "CHANNELS_PREFIX",
     "CHANNEL_ID_PREFIXES",
     "ChannelInbox",
     "ChannelMessage",
@@ -79,7 +80,8 @@ MAX_TEXT = 4096
 # A webhook call is a few KB; WhatsApp batches at most a few messages in one.
 MAX_BODY = 1024 * 1024
 
-router = APIRouter(prefix="/v1/channels", tags=["channels"])
+CHANNELS_PREFIX = "/v1/channels"
+router = APIRouter(prefix=CHANNELS_PREFIX, tags=["channels"])
 
 
 # -- Wire formats: only the fields stickyray reads; the platforms add fields over time.

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -23,7 +23,7 @@ from actors.key import ID_PATTERN, ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
 from actors.run_queue import RunQueue, RunRecord
 from memory.long_term import MAX_CONTENT_CHARS
-from serve_app.channels import CHANNEL_ID_PREFIXES, MAX_BODY, ChannelInbox
+from serve_app.channels import CHANNEL_ID_PREFIXES, CHANNELS_PREFIX, MAX_BODY, ChannelInbox
 from serve_app.channels import router as channels_router
 from serve_app.deltas import read_deltas, sse
 from serve_app.deployments import MEMORY_API_LABEL, open_memory
@@ -54,10 +54,54 @@ log = logging.getLogger(__name__)
 INGRESS_DEPLOYMENT = "StickyrayIngress"
 
 
+async def _known_query(request: Request) -> None:
+    """Refuse a query parameter the endpoint does not take, or one given twice, as a body's
+    unknown field is refused: a misspelt ``limt=1`` must not quietly return every run.
+
+    What an endpoint takes is what its schema (``/docs``) lists. The channels' webhooks are
+    left alone: their platforms add parameters as they see fit.
+    """
+    route = request.scope.get("route")
+    path = str(getattr(route, "path", ""))
+    if not path or path.startswith(CHANNELS_PREFIX) or not request.query_params:
+        return
+    operation = request.app.openapi()["paths"].get(path, {}).get(request.method.lower(), {})
+    taken = {
+        p["name"]: p.get("schema", {}).get("type") == "array"
+        for p in operation.get("parameters", [])
+        if p.get("in") == "query"
+    }
+    errors = []
+    for name in dict.fromkeys(request.query_params.keys()):
+        values = request.query_params.getlist(name)
+        if name not in taken:
+            known = ", ".join(sorted(taken)) or "none"
+            errors.append(
+                {
+                    "type": "extra_forbidden",
+                    "loc": ("query", name),
+                    "msg": f"unknown parameter (this endpoint takes: {known})",
+                    "input": values[0],
+                }
+            )
+        elif len(values) > 1 and not taken[name]:
+            errors.append(
+                {
+                    "type": "too_long",
+                    "loc": ("query", name),
+                    "msg": f"given {len(values)} times; it takes one value",
+                    "input": values,
+                }
+            )
+    if errors:
+        raise RequestValidationError(errors)
+
+
 api = FastAPI(
     title="stickyray",
     description="Sticky multi-agent assistant runtime: send messages to conversation threads.",
     version="0.1.0",
+    dependencies=[Depends(_known_query)],
 )
 api.include_router(user_memory_router)
 api.include_router(thread_memory_router)

@@ -361,3 +361,28 @@ def test_an_empty_after_is_the_first_page_of_runs(replica: types.SimpleNamespace
     response = replica.client.get("/v1/threads/alice/runs?limit=100&after=")  # as in the README
     assert response.status_code == 200 and response.json() == {"thread_id": "alice", "runs": []}
     assert asked == [(100, None)]
+
+
+def test_a_query_parameter_the_endpoint_does_not_take_is_refused_by_name(
+    replica: types.SimpleNamespace,
+) -> None:
+    """As an unknown body field is: a misspelt ``limt`` must not quietly return everything."""
+    client = replica.client
+    misspelt = client.get("/v1/threads/alice/turns?limt=1")
+    assert misspelt.status_code == 422
+    assert misspelt.json()["error"] == (
+        "query.limt: unknown parameter (this endpoint takes: after, limit)"
+    )
+    twice = client.get("/v1/users/bob/memories?query=tea&kind=episodic&kind=semantic")
+    assert twice.status_code == 422
+    assert twice.json()["error"] == "query.kind: given 2 times; it takes one value"
+    none_taken = client.get("/v1/users/bob/core/persona?full=1")
+    assert none_taken.json()["error"] == "query.full: unknown parameter (this endpoint takes: none)"
+    assert client.get("/v1/users/bob/memories?query=tea&kind=episodic").status_code == 200
+    # Nor is the parameter the server's own methods take (it was a 500).
+    itself = client.get("/v1/threads/alice/turns?self=1")
+    assert itself.status_code == 422 and itself.json()["error"].startswith("query.self: unknown")
+    # A platform's webhook takes whatever the platform adds: not refused for it.
+    verify = "hub.mode=subscribe&hub.verify_token=t&hub.challenge=1&hub.extra=x"
+    answer = client.get(f"/v1/channels/whatsapp/webhook?{verify}")
+    assert answer.json()["error"] == "channels are not ready"  # here: passed the check

@@ -18,8 +18,13 @@ live in one slot of a Redis Cluster:
   its run waits; finishing (or cancelling) the run writes it, acknowledges and deletes the
   entry in one script, and the record then expires ``result_ttl_s`` later.
 - ``open:<tenant>/<thread>``  sorted set of the thread's runs not finished (message ids,
-  scored by their entry ids: queue order), for listing them: submitting adds one, finishing
+  scored by their place in the queue), for listing them: submitting adds one, finishing
   or cancelling removes it in the same script, and the set is gone once its last run is.
+- ``last-position``  the place in the queue given last: each run's is its entry id's
+  millisecond times 1000 plus its sequence or, when that is not past the last one
+  (over 999 entries in a millisecond, or Redis's clock behind its last entry's after a
+  failover), the last one plus one: unique, and in queue order, so listing runs by it
+  neither reorders nor skips them. The run's record keeps it (``position``).
 - ``sends-webhooks``  set once a worker that sends webhooks has held the lease; until then
   (a rolling deploy from a release without them) runs naming one are refused.
 - ``lease``  which worker may read the queue (see ``acquire``): one at a time, so a
@@ -79,9 +84,9 @@ _MAX_PLATFORM_ID = 256
 RunStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 ReplyStatus = Literal["pending", "sent", "failed"]
 
-# KEYS: queue, record, the thread's open runs. ARGV: thread key, message id, message JSON,
-# now, cap, reply_to JSON or '', the message's fingerprint. Returns the status and the
-# record's fields, read in the same step.
+# KEYS: queue, record, the thread's open runs, the last position. ARGV: thread key, message
+# id, message JSON, now, cap, reply_to JSON or '', the message's fingerprint. Returns the
+# status and the record's fields, read in the same step.
 _SUBMIT = """
 if redis.call('EXISTS', KEYS[2]) == 0 then
   local queued = redis.call('XLEN', KEYS[1])
@@ -95,12 +100,16 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
   else
     entry = redis.call('XADD', KEYS[1], '*', 'thread', ARGV[1], 'message', ARGV[3])
   end
-  redis.call('HSET', KEYS[2], 'status', 'queued', 'created_at', ARGV[4], 'attempts', 0,
-             'entry', entry, 'fingerprint', ARGV[7])
-  -- By the entry's id (Redis's clock, then its sequence): the order the runs will run in
-  -- (_position in Python).
+  -- The order the runs will run in: by the entry's id (Redis's clock, then its sequence;
+  -- _position in Python), moved past the last run's place when it is not past it.
   local ms, seq = string.match(entry, '^(%d+)-(%d+)$')
-  redis.call('ZADD', KEYS[3], tonumber(ms) * 1000 + math.min(tonumber(seq), 999), ARGV[2])
+  local position = tonumber(ms) * 1000 + math.min(tonumber(seq), 999)
+  local last = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if position <= last then position = last + 1 end
+  redis.call('SET', KEYS[4], string.format('%d', position))
+  redis.call('HSET', KEYS[2], 'status', 'queued', 'created_at', ARGV[4], 'attempts', 0,
+             'entry', entry, 'fingerprint', ARGV[7], 'position', string.format('%d', position))
+  redis.call('ZADD', KEYS[3], string.format('%d', position), ARGV[2])
   return {'queued', redis.call('HGETALL', KEYS[2])}
 end
 return {'exists', redis.call('HGETALL', KEYS[2])}
@@ -355,7 +364,8 @@ class OutboundReply:
 
 
 def _position(entry: str) -> int:
-    """A run's place in its thread's open index, from its stream entry id (as _SUBMIT)."""
+    """A run's place in its thread's open index, from its stream entry id, as a release
+    that kept no ``position`` in the record gave it."""
     ms, seq = entry.split("-")
     return int(ms) * 1000 + min(int(seq), 999)
 
@@ -405,6 +415,7 @@ class RunQueue:
         self._webhook_progress = f"{prefix}:webhook-progress"
         self._records = f"{prefix}:run:"
         self._open = f"{prefix}:open:"
+        self._last_position = f"{prefix}:last-position"
         self._webhooks = f"{prefix}:sends-webhooks"
         self._sent = f"{prefix}:sent:"
         self._submit = client.register_script(_SUBMIT)
@@ -442,6 +453,7 @@ class RunQueue:
                     self._queue,
                     self._record_key(key, message.message_id),
                     self._open_key(key),
+                    self._last_position,
                 ],
                 args=[
                     str(key),
@@ -494,10 +506,13 @@ class RunQueue:
         with redis_outages():
             start = "-inf"
             if after is not None:
-                entry = await self._client.hget(self._record_key(key, after), "entry")
-                if entry is None:
+                position, entry = await self._client.hmget(
+                    self._record_key(key, after), ["position", "entry"]
+                )
+                if position is None and entry is None:
                     return None
-                start = f"({_position(_text(entry))}"
+                # Queued by a release that kept no position: the one it was listed by.
+                start = f"({_text(position) if position is not None else _position(_text(entry))}"
             while True:
                 index = self._open_key(key)
                 page = await self._client.zrangebyscore(index, start, "+inf", start=0, num=limit)

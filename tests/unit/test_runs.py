@@ -10,6 +10,7 @@ import asyncio
 import functools
 import json
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -222,6 +223,9 @@ async def test_open_runs_are_listed_a_page_at_a_time(client: Any) -> None:
     assert await page("m2") == ["m3", "m4"]
     assert await page("m1") == ["m3", "m4"]
     assert await page("nothing like it") is None
+    # A run queued by a release that kept no position is placed by its entry, as it was.
+    await client.hdel(queue._record_key(key, "m0"), "position")
+    assert await page("m0") == ["m1", "m3"]
 
 
 async def test_open_runs_are_listed_and_a_queued_one_can_be_cancelled(client: Any) -> None:
@@ -316,6 +320,28 @@ async def test_open_runs_are_listed_in_queue_order_and_only_while_open(
     await client.delete(queue._record_key(key, "second"))
     assert [r.message_id for r in await open_runs(queue, key, 2)] == ["third"]
     assert await client.zrange(queue._open_key(key), 0, -1) == [b"third"]
+
+
+async def test_runs_queued_in_one_millisecond_past_its_1000th_are_listed_in_order(
+    client: Any,
+) -> None:
+    """Redis numbers entries on in the last entry's millisecond when its clock is behind
+    (after a failover to a replica whose clock lags): the 1000th and later are still
+    listed in queue order, and a page at a time, none skipped."""
+    queue, key = queue_of(client), fresh()
+    await queue.submit(fresh(), msg("makes the stream", "s0"))
+    ahead = int(time.time() * 1000) + 600_000  # a minute ahead of Redis's clock: it lags
+    await client.execute_command("XSETID", queue._queue, f"{ahead}-997")
+    mids = ["z1", "a2", "m3", "b4"]  # entries ...-998, -999, -1000, -1001
+    for mid in mids:
+        await queue.submit(key, msg(mid, mid))
+    assert [r.message_id for r in await open_runs(queue, key, 10)] == mids
+    paged: list[str] = []
+    after = None
+    while (page := await queue.open_runs(key, 1, after)) and len(paged) < 10:
+        paged.append(page[0].message_id)
+        after = page[0].message_id
+    assert paged == mids
 
 
 async def test_a_thread_with_many_runs_takes_no_room_from_others(client: Any) -> None:

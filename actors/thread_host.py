@@ -7,7 +7,8 @@ checkpoint, resolves a pending turn and is fenced by the epoch, so a host crash 
 host holding the same thread loses nothing. A host of another config version still holding the
 thread (during a deploy) is asked to close it first, after its turn in progress, so that turn
 is not run a second time here; for the same reason a host does not reopen a thread it is
-still closing before that turn is done. Threads idle past ``idle_timeout_s`` are closed, at
+still closing before that turn is done, and a host asked to close a thread it is still opening
+closes it once it is open. Threads idle past ``idle_timeout_s`` are closed, at
 most ``max_live_threads`` stay open (the least recently used close first), and a host left
 with no threads for ``idle_timeout_s`` exits.
 """
@@ -15,6 +16,7 @@ with no threads for ``idle_timeout_s`` exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -65,6 +67,10 @@ class ThreadHost:
         self._opening: dict[ThreadKey, asyncio.Future[Thread]] = {}
         # Threads forgotten but still finishing their turn in progress, by key.
         self._closing: dict[ThreadKey, asyncio.Task[None]] = {}
+        # Threads whose open waits for the host that held them to close them.
+        self._handing_over: set[ThreadKey] = set()
+        # When this host last recorded itself as each open thread's holder (monotonic).
+        self._held_at: dict[ThreadKey, float] = {}
         self._cap = threads.max_live_threads
         self._idle_timeout_s = threads.idle_timeout_s
         self._empty_since = time.time()
@@ -73,6 +79,7 @@ class ThreadHost:
     async def handle(self, key: ThreadKey, message: InboundMessage) -> TurnResult:
         """Run one message through the thread ``key``, opening it here if needed."""
         thread = await self._thread(key)
+        await self._still_holding(key)
         try:
             return await thread.handle(message)
         except (ThreadFenced, ThreadPassivated):
@@ -81,7 +88,17 @@ class ThreadHost:
             raise
 
     async def passivate(self, key: ThreadKey) -> None:
-        """Close the thread ``key`` after its turn in progress (its state is stored)."""
+        """Close the thread ``key`` after its turn in progress (its state is stored).
+
+        A thread still opening here is closed once open (after the turn its open let in,
+        if any). One whose open waits for another host to close it is not waited for: the
+        two hosts would wait for each other; that open looks again at who holds the thread
+        once its wait is over, and does not open it if another host took it meanwhile.
+        """
+        pending = self._opening.get(key)
+        if pending is not None and key not in self._handing_over:
+            with contextlib.suppress(Exception):  # an open that failed left nothing to close
+                await asyncio.shield(pending)
         thread = self._threads.get(key)
         if thread is not None:
             self._close_later(key, thread)
@@ -114,41 +131,60 @@ class ThreadHost:
             # Its last incarnation here is still finishing a turn: a new one would take an
             # epoch, fence that turn mid-way and run it again as a pending turn.
             await asyncio.wait({closing})
-        await self._take_over(key)
+        self._handing_over.add(key)
+        try:
+            held_at = await self._take_over(key)
+        finally:
+            self._handing_over.discard(key)
         thread = await Thread.open(
             key, self._team, self._store, self._agents, observe=self._observe
         )
         # Registered here, not by its waiters: an open they all gave up on still took an
         # epoch, and unregistered, the next message would open the thread again.
         self._threads[key] = thread
+        if held_at is not None:
+            self._held_at[key] = held_at
         self._evict_over_cap(opening=key)
         return thread
 
-    async def _take_over(self, key: ThreadKey) -> None:
+    async def _take_over(self, key: ThreadKey) -> float | None:
         """Record this host as the holder of ``key``; if another host held it, wait for that
-        one to close it after its turn in progress.
+        one to close it after its turn in progress. When it was recorded (monotonic; None if
+        it was not).
 
         After a config deploy, a thread's next message comes to a host of the new version
         while the old one may still be running the thread's turn: opening at once would take
         a new epoch, fence that turn mid-way, and run it again here. Crashes are unaffected:
-        a dead holder is not waited for.
+        a dead holder is not waited for. ThreadPassivated (the directory delivers again) if
+        yet another host recorded itself as the holder during the wait.
         """
         if self._name is None:
-            return
+            return None
+        recorded = time.monotonic()
         try:
             previous = await self._redis.set(
                 key.redis_key(_HOLDER), self._name, ex=self._team.threads.checkpoint_ttl_s, get=True
             )
         except Exception as exc:  # opening the thread reports Redis being down
             log.info("thread %s: holder not recorded: %s", key, exc)
-            return
+            return None
         if isinstance(previous, bytes):
             previous = previous.decode()
         if not isinstance(previous, str) or previous == self._name:
-            return
+            return recorded
         holder = await asyncio.to_thread(self._lookup, previous)
         if holder is None:
-            return
+            return recorded
+        await self._wait_closed(key, previous, holder)
+        current = None
+        with contextlib.suppress(Exception):  # Redis down: opening the thread reports it
+            current = await self._redis.get(key.redis_key(_HOLDER))
+        if isinstance(current, bytes) and current.decode() != self._name:
+            # Both hosts asked each other at once; the later one to record itself opens it.
+            raise ThreadPassivated(str(key))
+        return recorded
+
+    async def _wait_closed(self, key: ThreadKey, previous: str, holder: Any) -> None:
         try:
             await asyncio.wait_for(holder.passivate.remote(key), HANDOVER_TIMEOUT_S)
         except TimeoutError:
@@ -168,9 +204,24 @@ class ThreadHost:
         except ValueError:
             return None
 
+    async def _still_holding(self, key: ThreadKey) -> None:
+        """Renew this host's record as the holder of ``key`` halfway through its expiry: a
+        thread kept open (busy) for longer would otherwise lose it, and a host taking it
+        over after a deploy would not wait for its turn in progress."""
+        held_at = self._held_at.get(key)
+        ttl = self._team.threads.checkpoint_ttl_s
+        if self._name is None or held_at is None or time.monotonic() - held_at < ttl / 2:
+            return
+        try:
+            await self._redis.expire(key.redis_key(_HOLDER), ttl)
+            self._held_at[key] = time.monotonic()
+        except Exception as exc:  # the turn reports Redis being down
+            log.info("thread %s: holder record not renewed: %s", key, exc)
+
     def _forget(self, key: ThreadKey, thread: Thread) -> None:
         if self._threads.get(key) is thread:
             del self._threads[key]
+            self._held_at.pop(key, None)
             if not self._threads:
                 self._empty_since = time.time()
 

@@ -20,6 +20,7 @@ from actors.store import Incarnation, InMemoryThreadStore
 from actors.thread import Thread
 from actors.thread_host import ThreadHost
 from stickyray.config import load_config
+from stickyray.errors import ThreadPassivated
 from stickyray.turns import AgentRequest, AgentResult, CompressResult, InboundMessage
 
 
@@ -286,3 +287,107 @@ async def test_an_open_every_waiter_gave_up_on_is_still_the_threads_open_one(
     assert await host.open_threads() == [key]
     await status(host, key.thread_id)
     assert opened == [1]  # not opened again, with a second epoch
+
+
+async def two_version_hosts(redis_url: str) -> tuple[ThreadHost, ThreadHost, dict[str, Any]]:
+    """An old and a new config version's host of one app, which reach each other as through
+    Ray; the dict's ``gate``, when set, holds every such call until it opens."""
+    old = await open_host(redis_url, cap=10, name=f"threadhost/app/v1/{uuid.uuid4().hex}")
+    new = await open_host(redis_url, cap=10, name=f"threadhost/app/v2/{uuid.uuid4().hex}")
+    hosts = {old._name: old, new._name: new}
+    calls: dict[str, Any] = {"gate": None, "asked": []}
+
+    def lookup(name: str) -> Any:
+        if name not in hosts:
+            return None
+        host = hosts[name]
+
+        async def passivate(key: ThreadKey) -> None:
+            calls["asked"].append(name)
+            if calls["gate"] is not None:
+                await calls["gate"].wait()
+            await host.passivate(key)
+
+        return types.SimpleNamespace(passivate=types.SimpleNamespace(remote=passivate))
+
+    old._lookup = new._lookup = lookup  # type: ignore[method-assign]
+    return old, new, calls
+
+
+async def test_a_thread_still_opening_when_another_host_takes_it_over_is_closed_once_open(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asked to close a thread it had not finished opening, the old host said done at once;
+    its open then took an epoch after the new host's and fenced the new host's turns."""
+    old, new, _ = await two_version_hosts(redis_url)
+    key = ThreadKey.of(f"opening-{uuid.uuid4().hex}")
+    reading, read = asyncio.Event(), asyncio.Event()
+    real_open = Thread.open
+
+    async def slow_first_open(*args: Any, **kwargs: Any) -> Thread:
+        if not reading.is_set():  # the old host's: Redis slow to answer it
+            reading.set()
+            await read.wait()
+        return await real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Thread, "open", slow_first_open)
+    first = asyncio.create_task(status(old, key.thread_id))
+    await asyncio.wait_for(reading.wait(), 10)
+    moving = asyncio.create_task(status(new, key.thread_id))
+    for _ in range(20):  # the new host has asked the old one by now
+        await asyncio.sleep(0.01)
+    assert not moving.done(), "the new host opened the thread while the old one opened it"
+    read.set()
+    assert "Turns so far: 0" in await asyncio.wait_for(first, 10)
+    assert "Turns so far: 0" in await asyncio.wait_for(moving, 10)
+    assert await old.open_threads() == [] and await new.open_threads() == [key]
+    # The new host's incarnation is the thread's latest: its next turn is not fenced.
+    assert "Turns so far: 0" in await status(new, key.thread_id)
+
+
+async def test_two_hosts_that_each_find_the_other_holding_a_thread_do_not_wait_for_each_other(
+    redis_url: str,
+) -> None:
+    """Each asks the other to close the thread while both are opening it; waiting for an
+    open that waits in turn would hold both for the handover timeout (10 minutes)."""
+    old, new, calls = await two_version_hosts(redis_url)
+    key = ThreadKey.of(f"both-{uuid.uuid4().hex}")
+    redis = connect_redis(redis_url)
+    try:
+        await redis.set(key.redis_key("host"), old._name)  # the old host held it, then closed
+        calls["gate"] = asyncio.Event()
+        to_new = asyncio.create_task(status(new, key.thread_id))
+        await wait_for(lambda: calls["asked"] == [old._name], "the new host never asked")
+        to_old = asyncio.create_task(status(old, key.thread_id))
+        await wait_for(lambda: len(calls["asked"]) == 2, "the old host never asked")
+        calls["gate"].set()
+        # The later one to record itself opens the thread; the other's message goes again.
+        assert "Turns so far: 0" in await asyncio.wait_for(to_old, 10)
+        with pytest.raises(ThreadPassivated):
+            await asyncio.wait_for(to_new, 10)
+        assert await old.open_threads() == [key] and await new.open_threads() == []
+    finally:
+        await redis.aclose()
+
+
+async def test_a_host_renews_its_record_as_the_holder_of_a_thread_it_keeps_open(
+    redis_url: str,
+) -> None:
+    """The record expires with the thread's checkpoints (30 days): a thread kept open longer
+    lost it, and after a deploy the new host opened it under its turn in progress."""
+    host = await open_host(redis_url, cap=10, name=f"threadhost/app/v1/{uuid.uuid4().hex}")
+    key = ThreadKey.of(f"held-{uuid.uuid4().hex}")
+    ttl = host._team.threads.checkpoint_ttl_s
+    redis = connect_redis(redis_url)
+    try:
+        await status(host, key.thread_id)
+        assert ttl - 60 < await redis.ttl(key.redis_key("host")) <= ttl
+        await redis.expire(key.redis_key("host"), 100)
+        await status(host, key.thread_id)  # recorded moments ago: not renewed yet
+        assert await redis.ttl(key.redis_key("host")) <= 100
+        host._held_at[key] -= ttl / 2  # half its expiry later
+        await status(host, key.thread_id)
+        assert ttl - 60 < await redis.ttl(key.redis_key("host")) <= ttl
+        assert await redis.get(key.redis_key("host")) == host._name.encode()  # type: ignore[union-attr]
+    finally:
+        await redis.aclose()

@@ -354,7 +354,7 @@ async def test_two_hosts_that_each_find_the_other_holding_a_thread_do_not_wait_f
     key = ThreadKey.of(f"both-{uuid.uuid4().hex}")
     redis = connect_redis(redis_url)
     try:
-        await redis.set(key.redis_key("host"), old._name)  # the old host held it, then closed
+        await redis.set(key.redis_key("host"), str(old._name))  # the old host held it, then closed
         calls["gate"] = asyncio.Event()
         to_new = asyncio.create_task(status(new, key.thread_id))
         await wait_for(lambda: calls["asked"] == [old._name], "the new host never asked")

@@ -33,6 +33,18 @@ from memory._pg_connections import (
     transaction,
     unavailable,
 )
+from memory._pg_search import (
+    DEFAULT_EF_SEARCH,
+    MAX_EF_SEARCH,
+    MIN_CANDIDATES,
+    OVERSAMPLE,
+    SELECT,
+    TOUCH,
+    exact_pass,
+    real,
+    record_of,
+    score_rows,
+)
 from memory._records import (
     check_new,
     check_room,
@@ -49,7 +61,6 @@ from memory.long_term import (
     MemoryRecord,
     NewMemory,
     SearchWeights,
-    combined_score,
 )
 from memory.migrations import migrate
 from memory.reembed import check_embedder, column_dimension
@@ -65,46 +76,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-_MAX_EF_SEARCH = 1000  # the most pgvector takes
-
 # The first key of the per-user transaction lock that counting core blocks takes (the
 # two-key form: its own space, apart from the migrations' one-key locks).
 _CORE_LOCK = 0x5374_0001
-
-_COLUMNS = (
-    "id, agent, kind, content, importance, created_at, last_accessed_at, access_count, metadata"
-)
-_SELECT = _COLUMNS.replace("id,", "id::text AS id,", 1)
-
-# The floor of hnsw.ef_search. bench/memory_search.py, recall@10 at ef_search 40/64/100/200:
-# ~0.97/0.99/1.0/1.0 on 100,000 clustered memories, ~0.90/0.91/0.93/0.96-0.98 on 10,000
-# sparser ones (less structure is harder for HNSW). 200 is the only one that clears 0.95 on
-# both, and costs ~1.5 ms more (p50 ~3 ms at 100,000, against ~1.6 ms at 40).
-DEFAULT_EF_SEARCH = 200
-
-# Candidates fetched from the index per result wanted, and never fewer than this floor:
-# the final order is by combined score, so the k best by score must be among them.
-_OVERSAMPLE = 4
-_MIN_CANDIDATES = 40
-
-# A search's hits count as accesses. An UPDATE by `id = ANY(...)` alone locks rows in the
-# order of its plan (uuid order by the primary key for a few ids, physical order by a bitmap
-# for more), so two searches of one user with different k deadlocked. The rows are locked
-# first, in id order, skipping those another transaction holds: a search never waits for
-# another, and a count skipped under contention only lags (it is a recency hint).
-_TOUCH = """
-UPDATE memories m SET access_count = m.access_count + 1, last_accessed_at = $4
-  FROM (SELECT id FROM memories
-         WHERE tenant = $1 AND user_id = $2 AND id = ANY($3::uuid[])
-         ORDER BY id FOR NO KEY UPDATE SKIP LOCKED) locked
- WHERE m.id = locked.id
-RETURNING m.id::text, m.access_count, m.last_accessed_at
-"""
-
-
-def _real(value: float) -> float:
-    # importance is a `real`: the shortest float32 repr gives back what the caller wrote.
-    return float(str(np.float32(value)))
 
 
 class PostgresMemoryStore:
@@ -239,7 +213,7 @@ class PostgresMemoryStore:
         rows = check_new(memories, embeddings, self._dimension)
         now = self._clock()
         records = [
-            record.model_copy(update={"importance": _real(record.importance)})
+            record.model_copy(update={"importance": real(record.importance)})
             for record in new_records(tenant, user_id, memories, now)
         ]
         if not records:
@@ -270,13 +244,13 @@ class PostgresMemoryStore:
             if given:
                 # Some may have been stored before: what is stored is what is returned.
                 found = await conn.fetch(
-                    f"SELECT {_SELECT} FROM memories"
+                    f"SELECT {SELECT} FROM memories"
                     " WHERE tenant = $1 AND user_id = $2 AND id = ANY($3::uuid[])",
                     tenant,
                     user_id,
                     given,
                 )
-                stored = {row["id"]: self._record(tenant, user_id, row) for row in found}
+                stored = {row["id"]: record_of(tenant, user_id, row) for row in found}
                 for key in given:
                     if str(key) not in stored:  # row-level security hides the other tenant's
                         raise ValueError(f"memory id {key} is taken by another tenant or user")
@@ -303,7 +277,7 @@ class PostgresMemoryStore:
         if k == 0:
             return []
         weights = weights or SearchWeights()
-        wanted = max(_OVERSAMPLE * k, _MIN_CANDIDATES)
+        wanted = max(OVERSAMPLE * k, MIN_CANDIDATES)
         where = "tenant = $1 AND user_id = $2"
         args: list[Any] = [tenant, user_id, query, wanted]
         if kinds is not None:
@@ -312,11 +286,11 @@ class PostgresMemoryStore:
         if agent is not None:
             args.append(agent)
             where += f" AND (agent IS NULL OR agent = ${len(args)})"
-        select = f"SELECT {_SELECT}, embedding <=> $3 AS distance FROM memories WHERE {where}"
+        select = f"SELECT {SELECT}, embedding <=> $3 AS distance FROM memories WHERE {where}"
         settings = {
             # An HNSW scan yields at most ef_search rows, so it must cover the candidates; past
             # pgvector's limit the scan comes back short and the exact pass below runs.
-            "hnsw.ef_search": str(min(max(self._ef_search, wanted), _MAX_EF_SEARCH)),
+            "hnsw.ef_search": str(min(max(self._ef_search, wanted), MAX_EF_SEARCH)),
             # The access-count UPDATE makes every search a write; waiting for its WAL flush
             # would cost more than the search. A crash may lose the last few counts, no more.
             "synchronous_commit": "off",
@@ -334,11 +308,11 @@ class PostgresMemoryStore:
                 # match at all, and costs one distance per matching row.
                 rows = await conn.fetch(f"{select} ORDER BY (embedding <=> $3) + 0 LIMIT $4", *args)
             now = self._clock()
-            scored = self._score(tenant, user_id, rows, now, weights)
+            scored = score_rows(tenant, user_id, rows, now, weights)
             hits = rank(scored, k)
             if len(rows) == wanted and len(hits) == k:
                 query = (where, args)
-                hits = await self._exact_pass(conn, tenant, user_id, scored, query, now, k, weights)
+                hits = await exact_pass(conn, tenant, user_id, scored, query, now, k, weights)
             ids = [uuid.UUID(hit.memory.id) for hit in hits]
             touched = await self._touch(conn, tenant, user_id, ids, now)
             if touched is None:
@@ -381,89 +355,12 @@ class PostgresMemoryStore:
         COMMIT rolls it back.
         """
         try:
-            return await conn.fetch(_TOUCH, tenant, user_id, ids, now)
+            return await conn.fetch(TOUCH, tenant, user_id, ids, now)
         except pgerr.ReadOnlySQLTransactionError:
             level = logging.DEBUG if self._read_only_seen else logging.INFO
             self._read_only_seen = True
             log.log(level, "postgres is read-only: searches do not count their hits as accesses")
             return None
-
-    async def _exact_pass(
-        self,
-        conn: asyncpg.Connection,
-        tenant: str,
-        user_id: str,
-        scored: list[tuple[float, MemoryRecord, float]],
-        query: tuple[str, list[Any]],
-        now: datetime,
-        k: int,
-        weights: SearchWeights,
-    ) -> list[MemoryHit]:
-        """The k best by score among every matching row, given the index's candidates.
-
-        Rows beyond the candidates are less similar, but recency and importance can add up
-        to w_r + w_i: one of them still beats the k-th hit if its similarity reaches
-        (score_k - w_r - w_i) / w_s, and any row can when w_s is 0. All such rows are
-        scored, reading only what the score needs; only the winners are then read whole.
-        """
-        where, args = query
-        hits = rank(scored, k)
-        exact = [*args[:3], None, *args[4:]]  # LIMIT NULL: every row in reach
-        light = (
-            "SELECT id::text AS id, kind, importance, created_at, embedding <=> $3 AS distance"
-            f" FROM memories WHERE {where}"
-        )
-        if weights.similarity > 0:
-            reach = (hits[-1].score - weights.recency - weights.importance) / weights.similarity
-            if reach >= min(similarity for _, _, similarity in scored):
-                return hits  # every row in reach is a candidate already
-            exact.append(1.0 - reach)
-            light += f" AND (embedding <=> $3) <= ${len(exact)}"
-        seen = {record.id for _, record, _ in scored}
-        best = [(score, record.id) for score, record, _ in scored]
-        for row in await conn.fetch(f"{light} LIMIT $4", *exact):
-            if row["id"] not in seen:
-                similarity = min(max(1.0 - float(row["distance"]), -1.0), 1.0)
-                importance = _real(row["importance"])
-                score = combined_score(
-                    similarity, importance, row["kind"], row["created_at"], now, weights
-                )
-                best.append((score, row["id"]))
-        best.sort(key=lambda pair: (-pair[0], pair[1]))
-        winners = [uuid.UUID(id_) for _, id_ in best[:k] if id_ not in seen]
-        if not winners:
-            return hits
-        whole = [*args[:3], None, *args[4:], winners]
-        rows = await conn.fetch(
-            f"SELECT {_SELECT}, embedding <=> $3 AS distance FROM memories WHERE {where}"
-            f" AND id = ANY(${len(whole)}::uuid[]) LIMIT $4",
-            *whole,
-        )
-        return rank(scored + self._score(tenant, user_id, rows, now, weights), k)
-
-    def _score(
-        self,
-        tenant: str,
-        user_id: str,
-        rows: list[asyncpg.Record],
-        now: datetime,
-        weights: SearchWeights,
-    ) -> list[tuple[float, MemoryRecord, float]]:
-        scored = []
-        for row in rows:
-            similarity = min(max(1.0 - float(row["distance"]), -1.0), 1.0)
-            record = self._record(tenant, user_id, row)
-            score = combined_score(
-                similarity, record.importance, record.kind, record.created_at, now, weights
-            )
-            scored.append((score, record, similarity))
-        return scored
-
-    @staticmethod
-    def _record(tenant: str, user_id: str, row: asyncpg.Record) -> MemoryRecord:
-        fields = {name: row[name] for name in _COLUMNS.split(", ")}
-        fields.update(importance=_real(row["importance"]), metadata=json.loads(row["metadata"]))
-        return MemoryRecord(tenant=tenant, user_id=user_id, **fields)
 
     async def delete(self, tenant: str, user_id: str, memory_id: str) -> bool:
         """Delete one memory; False if (tenant, user) has no memory with that id."""

@@ -97,12 +97,15 @@ def _replayed(
 ) -> tuple[list[str | None], int]:
     """The agent active at each turn of ``dialogue`` under ``policy``, and its decisions.
 
-    ``vectors`` are the dialogue's messages (its commands left out). A command keeps the
-    agent it found; ``/supervisor`` and ``/reset`` end a stretch, and the policy starts
-    afresh on the messages after them, as the thread routes the next message again.
+    ``vectors`` are the dialogue's messages (its commands left out). As in the thread, only
+    ``/supervisor`` and ``/reset`` with nothing after them change the thread: they end a
+    stretch, and the policy starts afresh on the messages after them. Any other command
+    (``/help``, ``/supervisor please``) only reads the thread: it shows the agent of the turn
+    before it, and the stretch goes on across it.
     """
     agents: list[str | None] = []
     stretch: list[int] = []  # positions in ``agents`` of the current stretch's messages
+    reading: list[int] = []  # positions of the commands that leave the thread as it is
     decisions = at = 0
 
     def route() -> None:
@@ -121,7 +124,13 @@ def _replayed(
             stretch.append(index)
             agents.append(None)
             continue
-        route()
-        agents.append(agents[-1] if agents and command.name not in CHANGING else None)
+        agents.append(None)
+        if command.name in CHANGING and not command.after:
+            route()
+        else:
+            # Its stretch may not be routed yet: filled in once every stretch is.
+            reading.append(index)
     route()
+    for index in reading:  # in order, so a run of commands passes the agent along
+        agents[index] = agents[index - 1] if index else None
     return agents, decisions

@@ -34,6 +34,7 @@ from actors.commands import parse_command
 from stickyray.config import (
     AGENT_NAME_PATTERN,
     INTENT_NAME_PATTERN,
+    AgentConfig,
     SlotName,
     TeamConfig,
     check_slots_once,
@@ -213,6 +214,19 @@ def team_from_agents(entries: list[Any], source: Path) -> TeamConfig:
                 f"{source}: agents[{index}].name: {service.name!r} names the same agent as "
                 f"agents[{seen}] ({services[seen].name!r}): agent names ignore case"
             )
+        # Both become one mapping (slots) or one namespace (tools): the last of two would
+        # silently replace the first.
+        for field, names in (
+            ("slots", [slot.name for slot in service.slots]),
+            ("intents", [intent.name for intent in service.intents]),
+        ):
+            repeated = _repeated(names)
+            if repeated is not None:
+                before, again = repeated
+                raise ConfigError(
+                    f"{source}: agents[{index}].{field}[{again}].name: {names[again]!r} "
+                    f"repeats {field}[{before}]"
+                )
     specialists = [
         {
             "name": _agent_name(service.name),
@@ -225,6 +239,14 @@ def team_from_agents(entries: list[Any], source: Path) -> TeamConfig:
         }
         for service in services
     ]
+    for index, specialist in enumerate(specialists):
+        # What the config checks of one agent (an intent slot beside a misspelt one), checked
+        # here, so the error names the user's entry and not the generated config.
+        try:
+            AgentConfig.model_validate(specialist)
+        except ValidationError as exc:
+            what = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"{source}: agents[{index}]: {what}") from None
     taken = {specialist["name"] for specialist in specialists}
     supervisor = next(n for n in _supervisor_names() if n not in taken)
     config = {
@@ -239,6 +261,16 @@ def team_from_agents(entries: list[Any], source: Path) -> TeamConfig:
         "ingress": {"max_ongoing_requests": 1000},
     }
     return parse_config(config, source)
+
+
+def _repeated(names: list[str]) -> tuple[int, int] | None:
+    """The positions of the first name given before and of its first use, or None."""
+    first: dict[str, int] = {}
+    for position, name in enumerate(names):
+        seen = first.setdefault(name, position)
+        if seen != position:
+            return seen, position
+    return None
 
 
 def _supervisor_names() -> Iterator[str]:

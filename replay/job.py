@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import logging
 import sys
 import tempfile
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import NamedTuple
 
@@ -135,13 +136,17 @@ async def replay_dialogues(
                     response.raise_for_status()
                     body = response.json()
                 except (httpx.HTTPError, ValueError) as exc:
+                    if isinstance(exc, httpx.HTTPStatusError):
+                        error = _refusal(exc.response)
+                    else:
+                        error = f"{type(exc).__name__}: {exc}"
                     records.append(
                         TurnRecord(
                             dialogue_id=dialogue.dialogue_id,
                             index=index,
                             labels=turn.labels,
                             status="error",
-                            error=f"{type(exc).__name__}: {exc}"[:300],
+                            error=_shortened(error),
                         )
                     )
                     continue
@@ -178,6 +183,38 @@ async def replay_dialogues(
     return records
 
 
+def _refusal(response: httpx.Response) -> str:
+    """The status of an error answer and what the ingress said about it.
+
+    The ingress puts its message in ``error`` (``detail`` too, for FastAPI's shape); a proxy
+    in front of it may answer with anything, so its text is kept instead.
+    """
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    said = next(
+        (
+            body[key]
+            for key in ("error", "detail")
+            if isinstance(body, dict) and isinstance(body.get(key), str) and body[key]
+        ),
+        None,
+    )
+    if said is None:
+        said = response.text or response.reason_phrase
+    return f"HTTP {response.status_code}: {' '.join(said.split())}"
+
+
+# Room for the ingress's own messages; a proxy's error page, or a validation answer naming
+# many fields, is cut: each failed turn keeps its error in turns.jsonl.
+_ERROR_CHARS = 500
+
+
+def _shortened(error: str) -> str:
+    return error if len(error) <= _ERROR_CHARS else error[: _ERROR_CHARS - 3] + "..."
+
+
 def _serve_http_port(dashboard_url: str | None) -> int:
     """The HTTP port of the cluster's running Serve proxy (from the Serve REST API)."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
@@ -208,9 +245,10 @@ def check_inputs(
 ) -> ReplayInputs:
     """Everything a replay's user can get wrong, checked before anything is deployed.
 
-    Raises ``ConfigError`` saying what to fix; creates ``out``. ``environment=False`` skips
-    what depends on this process's environment (API keys, installed packages), for a job
-    that will run with another machine's.
+    Raises ``ConfigError`` saying what to fix. ``out`` is tried, not kept: the folders made
+    to try it are removed, so a replay that never runs leaves none behind.
+    ``environment=False`` skips what depends on this process's environment (API keys,
+    installed packages), for a job that will run with another machine's.
     """
     from memory.embedders import LocalEmbedder
     from providers.factory import check_providers
@@ -247,14 +285,36 @@ def check_inputs(
             else "the file is empty"
         )
         raise ConfigError(f"{dialogues}: no dialogue to replay ({why})")
+    made: list[Path] = []
     try:
+        made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
         out.mkdir(parents=True, exist_ok=True)
         # An existing folder may still refuse files: find out now, not after the replay.
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as exc:
         raise ConfigError(f"--out {out} cannot be a report folder: {exc}") from None
+    finally:
+        # The report makes them again when there is one to write.
+        for folder in made:
+            with suppress(OSError):
+                folder.rmdir()
     return ReplayInputs(team, read, skipped)
+
+
+def _label_warnings(team: TeamConfig, dialogues: list[Dialogue]) -> list[str]:
+    """What is wrong with the labels the replay is scored against, before it runs."""
+    labels = {label for d in dialogues for t in d.turns for label in t.labels}
+    if not labels:
+        # A misspelt field ("service") is ignored like any other field the format has not.
+        return [
+            'no turn has a label (a turn\'s "services"), so routing accuracy cannot be scored: '
+            "the report shows n/a"
+        ]
+    unknown = sorted(labels - {a.name for a in team.agents})
+    if unknown:
+        return [f"labels that name no agent, scored as wrong: {', '.join(unknown)}"]
+    return []
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -289,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the replay job."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    # The log repeats labels and paths from the user's files: where the locale cannot encode
+    # them, an escape is better than a job lost to an encoding error.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
         team, dialogues, skipped = check_inputs(
             args.dialogues, args.agents, args.out, args.concurrency, args.limit
@@ -302,13 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     team = team.model_copy(update={"threads": threads, "runs": runs})
     for line in skipped:
         print(f"replay: skipped line {line.line}: {line.error}", flush=True)
-    agents = {a.name for a in team.agents}
-    unknown = sorted({label for d in dialogues for t in d.turns for label in t.labels} - agents)
-    if unknown:
-        print(
-            f"replay: warning: labels that name no agent, scored as wrong: {', '.join(unknown)}",
-            flush=True,
-        )
+    for warning in _label_warnings(team, dialogues):
+        print(f"replay: warning: {warning}", flush=True)
     print(
         f"replay: {len(dialogues)} dialogues, {sum(len(d.turns) for d in dialogues)} turns, "
         f"{len(team.specialists)} specialists",

@@ -172,6 +172,13 @@ def summarize(
     }
 
 
+def _inline(text: object) -> str:
+    """``text`` made safe for one Markdown table cell: a ``|`` would end the cell and a line
+    break the row. Labels come from the user's dataset, so they may hold either."""
+    escaped = str(text).replace("\\", "\\\\").replace("|", "\\|")
+    return " ".join(escaped.splitlines())
+
+
 def _markdown(report: dict[str, Any]) -> str:
     routing = report["routing"]
     lines = [
@@ -186,7 +193,7 @@ def _markdown(report: dict[str, Any]) -> str:
     ]
     for name, figures in report["strategies"].items():
         lines.append(
-            f"| {name} | {figure(figures['accuracy'])} | "
+            f"| {_inline(name)} | {figure(figures['accuracy'])} | "
             f"{figures['supervisor_decisions_per_turn']:.3f} |"
         )
     lines += [
@@ -206,9 +213,9 @@ def _markdown(report: dict[str, Any]) -> str:
         "| domain | accuracy |",
         "| --- | --- |",
     ]
-    lines += [f"| {d} | {a:.3f} |" for d, a in routing["per_domain"].items()]
+    lines += [f"| {_inline(d)} | {a:.3f} |" for d, a in routing["per_domain"].items()]
     lines += ["", "## Accuracy per service", "", "| service | accuracy |", "| --- | --- |"]
-    lines += [f"| {s} | {a:.3f} |" for s, a in routing["per_service"].items()]
+    lines += [f"| {_inline(s)} | {a:.3f} |" for s, a in routing["per_service"].items()]
     lines += [
         "",
         "## Most frequent wrong agent",
@@ -217,14 +224,17 @@ def _markdown(report: dict[str, Any]) -> str:
         "| --- | --- | --- |",
     ]
     lines += [
-        f"| {r} | {', '.join([c['most_frequent_wrong'], *c['tied_with']])} | {c['count']} |"
+        f"| {_inline(r)} | {_inline(', '.join([c['most_frequent_wrong'], *c['tied_with']]))} "
+        f"| {c['count']} |"
         for r, c in routing["confusion"].items()
     ]
     if routing["unknown_labels"]:
         lines += [
             "",
             "Labels that name no agent (those turns count as wrong): "
-            + ", ".join(f"{label} ({n} turns)" for label, n in routing["unknown_labels"].items())
+            + ", ".join(
+                f"{_inline(label)} ({n} turns)" for label, n in routing["unknown_labels"].items()
+            )
             + ".",
         ]
     lines += [
@@ -248,7 +258,7 @@ def _markdown(report: dict[str, Any]) -> str:
     for agent in sorted(set(report["agent_calls"]) | set(report["llm_calls"])):
         t = report["tokens"].get(agent, {"input": 0, "output": 0})
         row = (
-            f"| {agent} | {report['agent_calls'].get(agent, 0)} | "
+            f"| {_inline(agent)} | {report['agent_calls'].get(agent, 0)} | "
             f"{report['llm_calls'].get(agent, 0)} | {t['input']} | {t['output']} |"
         )
         if cost is not None:
@@ -294,9 +304,11 @@ def write_report(
     """Write report.json, report.md, routing.png and turns.jsonl into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     report = summarize(team, dialogues, records, skipped, elapsed_s, baselines)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(_markdown(report))
-    (out / "turns.jsonl").write_text("".join(r.model_dump_json() + "\n" for r in records))
+    # Whatever the machine's locale: labels and dialogue ids may be any Unicode.
+    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out / "report.md").write_text(_markdown(report), encoding="utf-8")
+    turns = "".join(r.model_dump_json() + "\n" for r in records)
+    (out / "turns.jsonl").write_text(turns, encoding="utf-8")
     _chart(report, out / "routing.png")
     return report
 

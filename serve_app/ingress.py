@@ -21,9 +21,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from actors.directory import ThreadDirectory, pool_scope, root_cause
 from actors.key import ID_PATTERN, ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
-from actors.run_queue import RunQueue, RunRecord
+from actors.run_queue import RunQueue
+from actors.run_records import RunRecord
 from memory.long_term import MAX_CONTENT_CHARS
-from serve_app.channels import CHANNEL_ID_PREFIXES, CHANNELS_PREFIX, MAX_BODY, ChannelInbox
+from serve_app.channel_messages import CHANNEL_ID_PREFIXES
+from serve_app.channels import CHANNELS_PREFIX, MAX_BODY, ChannelInbox
 from serve_app.channels import router as channels_router
 from serve_app.deltas import read_deltas, sse
 from serve_app.deployments import MEMORY_API_LABEL, open_memory

@@ -38,8 +38,9 @@ from ray.exceptions import ActorDiedError, RayError, RayTaskError
 from actors.directory import ThreadDirectory, pool_scope, root_cause
 from actors.key import ThreadKey
 from actors.redis_store import connect_redis
-from actors.run_queue import LeaseLost, OutboundReply, QueuedRun, RunQueue
-from serve_app.channels import ChannelSender, split_text
+from actors.run_queue import LeaseLost, RunQueue
+from actors.run_records import OutboundReply, QueuedRun
+from serve_app.channel_sender import ChannelSender, split_text
 from serve_app.webhooks import WebhookSender
 from stickyray.config import TeamConfig
 from stickyray.errors import (

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import httpx
 from standardwebhooks.webhooks import Webhook
 
-from serve_app.channels import http_refusal
+from serve_app.channel_sender import http_refusal
 from stickyray.errors import ChannelSendFailed
 from stickyray.webhooks import WEBHOOK_CHANNEL, url_refusal
 

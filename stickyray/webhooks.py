@@ -29,7 +29,7 @@ import httpx
 from stickyray.errors import ConfigError
 
 if TYPE_CHECKING:
-    from actors.run_queue import RunRecord
+    from actors.run_records import RunRecord
     from stickyray.config import TeamConfig
     from stickyray.settings import Settings
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from actors.run_queue import RunQueue
-from serve_app.channels import http_refusal
+from serve_app.channel_sender import http_refusal
 from stickyray.config import RunsConfig, load_config
 from stickyray.errors import ChannelSendFailed
 from stickyray.turns import SORRY_REPLY, InboundMessage, TurnResult

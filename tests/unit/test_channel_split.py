@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from serve_app.channels import split_text
+from serve_app.channel_sender import split_text
 
 
 def units(text: str) -> int:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from actors.key import ThreadKey
-from serve_app.channels import ChannelInbox, TelegramUpdate, telegram_messages
+from serve_app.channel_telegram import TelegramUpdate, telegram_messages
+from serve_app.channels import ChannelInbox
 from stickyray.config import load_config
 from tests.unit.test_channels import channel_settings, texts_of, update
 from tests.unit.test_runs import (

@@ -17,16 +17,10 @@ import serve_app.ingress as ingress
 from actors.key import ThreadKey
 from actors.redis_store import connect_redis
 from actors.run_queue import RunQueue
-from serve_app.channels import (
-    ChannelInbox,
-    ChannelSender,
-    TelegramUpdate,
-    WhatsAppPayload,
-    split_text,
-    telegram_messages,
-    whatsapp_messages,
-    whatsapp_signature,
-)
+from serve_app.channel_sender import ChannelSender, split_text
+from serve_app.channel_telegram import TelegramUpdate, telegram_messages
+from serve_app.channel_whatsapp import WhatsAppPayload, whatsapp_messages
+from serve_app.channels import ChannelInbox, whatsapp_signature
 from stickyray.config import RunsConfig
 from stickyray.errors import ChannelSendFailed
 from stickyray.settings import Settings

@@ -19,7 +19,8 @@ import pytest
 
 from actors.key import ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
-from actors.run_queue import LeaseLost, RunQueue, RunRecord
+from actors.run_queue import LeaseLost, RunQueue
+from actors.run_records import RunRecord
 from actors.thread import Thread
 from serve_app.runs import RunDispatcher, transient
 from stickyray.config import RunsConfig, TeamConfig, load_config

@@ -22,7 +22,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 import serve_app.runs
 from actors.key import ThreadKey
-from actors.run_queue import OutboundReply, RunQueue
+from actors.run_queue import RunQueue
+from actors.run_records import OutboundReply
 from serve_app.webhooks import WebhookSender
 from stickyray.config import RunsConfig, load_config, parse_config
 from stickyray.errors import ChannelSendFailed, ConfigError

@@ -71,7 +71,8 @@ async def retry_stream(
     delay_s: float,
 ) -> ModelResponse:
     """``attempt(sink)``, made again after a StreamBroke at most ``retries`` times, but only
-    while ``on_text`` has been told nothing. What broken attempts spent counts in the reply."""
+    while ``on_text`` has been told nothing. What broken attempts spent counts in the reply,
+    or, when the last one breaks too, in the ProviderError's ``usage``."""
     told = False
     spent = Usage()
 
@@ -87,7 +88,7 @@ async def retry_stream(
         except StreamBroke as broke:
             spent += broke.usage
             if told or retry >= retries:
-                raise ProviderError(vendor, agent, broke.detail) from None
+                raise ProviderError(vendor, agent, broke.detail, spent.model_dump()) from None
             retry += 1
             wait = min(delay_s * 2 ** (retry - 1), _MAX_DELAY_S) * (1 - 0.25 * random.random())
             log.warning(

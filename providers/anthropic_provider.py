@@ -18,6 +18,7 @@ from providers._retries import (
 from providers._timeouts import unstreamed_timeout
 from providers.model import (
     NOT_AN_OBJECT_KEY,
+    UNMEASURED,
     ChatMessage,
     ModelResponse,
     StopReason,
@@ -115,7 +116,10 @@ def _read(response: anthropic.types.Message) -> ModelResponse:
     )
 
 
-def _usage(tokens: anthropic.types.Usage) -> Usage:
+def _usage(tokens: anthropic.types.Usage | None) -> Usage:
+    # The SDK does not validate replies: a compatible server may send no usage at all.
+    if tokens is None:
+        return UNMEASURED
     # input_tokens leaves out what the prompt cache read or wrote; OpenAI's prompt_tokens
     # include cached tokens, so both count every token of the prompt.
     read = tokens.cache_read_input_tokens or 0
@@ -245,7 +249,8 @@ class AnthropicProvider:
         except Exception as exc:  # an error status, or a stream that broke off or was unreadable
             failed = ProviderError.of("anthropic", agent, exc)
             if opened and _transient(exc):  # an overload sent in the stream, a dropped connection
-                spent = _usage(started.usage) if started is not None else Usage()
+                # message_start carries the usage so far; without it, a request of unknown tokens.
+                spent = _usage(started.usage if started is not None else None)
                 raise StreamBroke(failed.detail, spent) from None
             raise failed from None
         if response.stop_reason is None:

@@ -5,6 +5,7 @@ Providers translate these to and from each vendor's format; nothing else sees ve
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -17,6 +18,7 @@ __all__ = [
     "CUT_OFF_KEY",
     "INVALID_JSON_KEY",
     "NOT_AN_OBJECT_KEY",
+    "UNMEASURED",
     "ChatMessage",
     "ModelResponse",
     "Provider",
@@ -29,6 +31,9 @@ __all__ = [
     "valid_unicode",
     "valid_unicode_json",
 ]
+
+
+log = logging.getLogger(__name__)
 
 
 class _Wire(BaseModel):
@@ -104,6 +109,11 @@ class ModelResponse(_Wire):
     reasoning: list[dict[str, Any]] = Field(default_factory=list)
 
 
+# What a request whose tokens are unknown spent: itself (a reply without usage, a stream
+# that broke before its usage came).
+UNMEASURED = Usage(requests=1, unmeasured_requests=1)
+
+
 def read_reply(
     vendor: str, agent: str, read: Callable[[Any], ModelResponse], raw: Any
 ) -> ModelResponse:
@@ -111,13 +121,22 @@ def read_reply(
     compatible server's nulls) a ProviderError: the provider failed, like an error status.
 
     Its text is valid Unicode: a lone surrogate (a JSON escape a server may send) is "?",
-    so the turn can be stored and sent like any other."""
+    so the turn can be stored and sent like any other. An answer without token usage is
+    taken, with a warning: its cost is unknown (``Usage.unmeasured_requests``)."""
     try:
         response = read(raw)
     except (AttributeError, TypeError, ValueError) as exc:
         raise ProviderError(
             vendor, agent, f"unreadable response: {type(exc).__name__}: {exc}"
         ) from None
+    if response.usage.unmeasured_requests:
+        log.warning(
+            "%s reply for agent %s (model %s) reported no token usage: its tokens count as 0 "
+            "and its cost is unknown",
+            vendor,
+            agent,
+            response.model,
+        )
     text = valid_unicode(response.text)
     # Tool calls too: their arguments go back to the model in the next request, and into
     # tool results and handoff notes, which the SDK could not encode.

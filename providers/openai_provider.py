@@ -15,6 +15,7 @@ from providers._timeouts import unstreamed_timeout
 from providers.model import (
     INVALID_JSON_KEY,
     NOT_AN_OBJECT_KEY,
+    UNMEASURED,
     ChatMessage,
     ModelResponse,
     StopReason,
@@ -88,8 +89,8 @@ def _read(response: ChatCompletion) -> ModelResponse:
     text = choice.content or ""
     if choice.refusal:
         text, stop = choice.refusal, "refusal"
-    usage = Usage(requests=1)
-    if response.usage is not None:  # compatible servers may send nulls
+    usage = UNMEASURED  # a compatible server may send no usage, or ignore include_usage
+    if response.usage is not None:  # and nulls in it
         details = response.usage.prompt_tokens_details
         usage = Usage(
             input_tokens=response.usage.prompt_tokens or 0,
@@ -208,7 +209,8 @@ class OpenAIProvider:
     async def _stream_once(
         self, agent: str, body: dict[str, Any], on_text: TextSink
     ) -> ModelResponse:
-        # Usage comes in the last chunk, after the finish: a stream that breaks reports none.
+        # Usage comes in the last chunk, after the finish: a stream that breaks reports none,
+        # so it counts as a request whose tokens are unknown.
         state = ChatCompletionStreamState()
         opened = seen = False
         try:
@@ -232,7 +234,7 @@ class OpenAIProvider:
             failed = ProviderError.of("openai", agent, exc)
             # A server error sent in the stream, or a dropped connection: worth another try.
             if opened and _transient(exc):
-                raise StreamBroke(failed.detail, Usage()) from None
+                raise StreamBroke(failed.detail, UNMEASURED) from None
             raise failed from None
         # The snapshot, not get_final_completion(), which refuses a cut-off or filtered
         # reply: those read as they do unstreamed.
@@ -240,7 +242,7 @@ class OpenAIProvider:
         if response is None or not response.choices or response.choices[0].finish_reason is None:
             # Ended cleanly, but before the reply did (a proxy's timeout, say): the SDK stops
             # iterating without an error, and the text so far is not the reply.
-            raise StreamBroke("the stream ended before its finish_reason", Usage())
+            raise StreamBroke("the stream ended before its finish_reason", UNMEASURED)
         return read_reply("openai", agent, _read, response)
 
     async def aclose(self) -> None:

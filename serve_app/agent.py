@@ -184,11 +184,12 @@ class Agent:
                     on_text=None if on_text is None else functools.partial(on_text, iteration),
                 )
             except ProviderError as exc:
-                # The turn fails, but the calls already made were paid for: keep their usage.
+                # The turn fails, but the calls already made were paid for: keep their usage,
+                # and that of the failed call's broken attempts.
                 log.warning("agent %s: %s", name, exc)
                 return AgentResult(
                     agent=name,
-                    usage=usage,
+                    usage=usage + Usage.model_validate(exc.usage),
                     llm_calls=iteration - 1,
                     tool_calls=tool_log,
                     actions=actions,

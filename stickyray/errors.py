@@ -93,13 +93,20 @@ class CompressionNotStored(StickyrayError):
 
 
 class ProviderError(StickyrayError):
-    """An LLM provider call failed after its retries."""
+    """An LLM provider call failed after its retries.
 
-    def __init__(self, provider: str, agent: str, detail: str) -> None:
-        super().__init__(provider, agent, detail)
+    ``usage`` is what its attempts are known to have spent (a ``Usage`` as a dict: those of
+    streams that broke after their response began), empty when none is known.
+    """
+
+    def __init__(
+        self, provider: str, agent: str, detail: str, usage: dict[str, object] | None = None
+    ) -> None:
+        super().__init__(provider, agent, detail, usage)
         self.provider = provider
         self.agent = agent
         self.detail = detail
+        self.usage = usage or {}
 
     def __str__(self) -> str:
         return f"{self.provider} call for agent {self.agent!r} failed: {self.detail}"

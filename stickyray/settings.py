@@ -138,9 +138,30 @@ class Settings(BaseSettings):
     )
     @classmethod
     def _http_base(cls, url: str) -> str:
-        # Anything else fails every reply only once the first one is sent.
+        # Anything else fails every reply only once the first one is sent, or the SDK's client
+        # refuses it as an agent's replica starts, inside Ray.
+        if _NOT_IN_URL.search(url):
+            # Refused, not stripped, as keys are: a trailing newline from a file, say.
+            raise ValueError(
+                "must be a URL without spaces, line breaks or control characters: remove them"
+            )
         if not url.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (ValueError for a port that is no number of 0-65535)
+        except ValueError as exc:
+            raise ValueError(f"is not a URL ({exc})") from None
+        if not parts.hostname:
+            raise ValueError("must name a host: http(s)://HOST[:PORT][/PATH]")
+        return url
+
+    @field_validator("anthropic_base_url")
+    @classmethod
+    def _anthropic_base(cls, url: str) -> str:
+        # The SDK adds /v1 itself: every call would go to /v1/v1/messages and get a 404.
+        if urlsplit(url).path.rstrip("/").endswith("/v1"):
+            raise ValueError("must not end in /v1 (the Anthropic SDK adds it): drop the /v1")
         return url
 
     @field_validator("database_url")
@@ -164,6 +185,8 @@ class Settings(BaseSettings):
 # What an HTTP header carries of a secret: printable ASCII, one word.
 ONE_WORD = re.compile(r"[\x21-\x7e]+")
 ONE_WORD_RULE = "must be printable ASCII without spaces or line breaks"
+# What no URL holds (RFC 3986 escapes them): whitespace and control characters.
+_NOT_IN_URL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 _RAY_ADDRESS = re.compile(r"auto|local|ray://\S+|(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}")
 _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD")
 

@@ -46,16 +46,21 @@ class Usage(_Record):
     input_tokens: int = 0
     output_tokens: int = 0
     requests: int = 0
-    # US dollars, at the prices of agents.yaml's `pricing`; None when the team sets none.
+    # US dollars, at the prices of agents.yaml's `pricing`; None when the team sets none, or
+    # when it is unknown (see unmeasured_requests).
     cost_usd: float | None = None
     # Of input_tokens: those the vendor's prompt cache gave (OpenAI's cached tokens,
     # Anthropic's cache reads), and those it stored (Anthropic's cache writes).
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
+    # Of requests: those whose reply reported no token usage (a compatible server that sends
+    # none, a stream that broke before its usage came). Their tokens count as 0, so no price
+    # gives their cost: a usage with any has an unknown one.
+    unmeasured_requests: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         # A cost is known when every part with tokens has one: a priced part plus an unpriced
-        # one is unknown, not the priced part alone. Nothing spent costs nothing.
+        # (or unmeasured) one is unknown, not the priced part alone. Nothing spent costs nothing.
         parts = (self, other)
         known = any(u.cost_usd is not None for u in parts) and all(
             u.cost_usd is not None or u._spent_nothing for u in parts
@@ -67,6 +72,7 @@ class Usage(_Record):
             cost_usd=sum(u.cost_usd or 0.0 for u in parts) if known else None,
             cached_input_tokens=self.cached_input_tokens + other.cached_input_tokens,
             cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
+            unmeasured_requests=self.unmeasured_requests + other.unmeasured_requests,
         )
 
     @property
@@ -81,7 +87,12 @@ class Usage(_Record):
         cache_write_per_mtok: float | None = None,
     ) -> Usage:
         """This usage with its cost at these prices (US dollars per million tokens); input
-        tokens from or into the prompt cache at theirs, the input price when not given."""
+        tokens from or into the prompt cache at theirs, the input price when not given.
+
+        With ``unmeasured_requests`` the cost is unknown (None): some requests' tokens are.
+        """
+        if self.unmeasured_requests:
+            return self.model_copy(update={"cost_usd": None})
         cached, written = self.cached_input_tokens, self.cache_write_tokens
         fresh = max(0, self.input_tokens - cached - written)
         cost = (

@@ -12,6 +12,7 @@ import yaml
 from stickyray.config import ModelPrice, TeamConfig, load_config, sample_config_path
 from stickyray.errors import ConfigError
 from stickyray.settings import check_ray_address, load_settings
+from stickyray.testing import FakeLLMServer
 from stickyray.turns import Usage
 from tests.e2e.teams import openai_team
 
@@ -225,6 +226,43 @@ def test_a_database_password_is_never_echoed(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(ConfigError, match="DATABASE_URL") as err:
         load_settings()
     assert "hunter2" not in str(err.value) and "password=***" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fix"),
+    [
+        ("OPENAI_BASE_URL", "http://127.0.0.1:8080/v1\n", "without spaces, line breaks"),
+        ("ANTHROPIC_BASE_URL", " https://api.anthropic.com", "without spaces, line breaks"),
+        ("OPENAI_BASE_URL", "http:// 127.0.0.1/v1", "without spaces, line breaks"),
+        ("OPENAI_BASE_URL", "http://127.0.0.1\t:8080/v1", "without spaces, line breaks"),
+        ("OPENAI_BASE_URL", "http://", "must name a host"),
+        ("ANTHROPIC_BASE_URL", "https://:443", "must name a host"),
+        ("TELEGRAM_API_BASE", "https://user@", "must name a host"),
+        ("OPENAI_BASE_URL", "http://127.0.0.1:99999/v1", "is not a URL"),
+        ("ANTHROPIC_BASE_URL", "https://api.anthropic.com/v1", "drop the /v1"),
+        ("ANTHROPIC_BASE_URL", "http://127.0.0.1:8080/proxy/v1/", "drop the /v1"),
+    ],
+)
+def test_a_base_url_the_sdks_cannot_call_stops_the_start_saying_what_to_fix(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, fix: str
+) -> None:
+    """Taken, it would fail each agent's replica as it starts, inside Ray, or every call
+    (Anthropic's SDK adds /v1 itself: /v1/v1/messages is a 404)."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"{name}: [^;]*{fix}"):
+        load_settings()
+
+
+def test_the_base_urls_the_fake_llm_prints_are_taken(
+    monkeypatch: pytest.MonkeyPatch, fake_llm_server: FakeLLMServer
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_llm_server.openai_base_url)
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", fake_llm_server.anthropic_base_url + "/")
+    settings = load_settings()
+    assert (settings.openai_base_url, settings.anthropic_base_url) == (
+        fake_llm_server.openai_base_url,
+        fake_llm_server.anthropic_base_url + "/",
+    )
 
 
 @pytest.mark.parametrize(

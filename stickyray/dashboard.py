@@ -128,14 +128,18 @@ PANELS = [
     _lines(
         id=7,
         title="Model requests and failures per second",
-        description="Model requests by agent, and agent calls whose provider failed after "
-        "its retries.",
+        description="Model requests by agent; agent calls whose provider failed after its "
+        "retries; and requests whose reply reported no token usage (their cost is unknown).",
         unit="reqps",
         targets=[
             Target(expr=_rate("ray_stickyray_llm_requests_total", "agent"), legend="{{agent}}"),
             Target(
                 expr=_rate("ray_stickyray_agent_failures_total", "agent, model"),
                 legend="failed: {{agent}} {{model}}",
+            ),
+            Target(
+                expr=_rate("ray_stickyray_llm_unmeasured_requests_total", "agent, model"),
+                legend="no usage: {{agent}} {{model}}",
             ),
         ],
     ),

@@ -65,6 +65,7 @@ class _ModelMetrics:
     cache_tokens: Any
     cost: Any
     failures: Any
+    unmeasured: Any
 
 
 @functools.cache
@@ -126,6 +127,12 @@ def _model_metrics() -> _ModelMetrics:
         failures=Counter(
             "stickyray_agent_failures_total",
             "Agent calls that could not answer (the provider failed after its retries)",
+            tag_keys=("app", "agent", "model"),
+        ),
+        unmeasured=Counter(
+            "stickyray_llm_unmeasured_requests_total",
+            "Model requests whose reply reported no token usage (part of the requests): their "
+            "tokens count as 0 and their cost is unknown",
             tag_keys=("app", "agent", "model"),
         ),
     )
@@ -237,6 +244,8 @@ def record_model_calls(
         ):
             if tokens:
                 metrics.cache_tokens.inc(tokens, tags={**tags, "use": use})
+        if usage.unmeasured_requests:
+            metrics.unmeasured.inc(usage.unmeasured_requests, tags=tags)
         if usage.cost_usd:
             metrics.cost.inc(usage.cost_usd, tags=tags)
         if failed:

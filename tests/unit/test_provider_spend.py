@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import types
 from pathlib import Path
 
 import anthropic
@@ -18,6 +19,7 @@ from providers.model import UNMEASURED, ChatMessage, ModelResponse
 from providers.openai_provider import OpenAIProvider
 from serve_app.agent import Agent
 from serve_app.tools import resolve_tools
+from stickyray import metrics
 from stickyray.config import ModelPrice, parse_config
 from stickyray.errors import ProviderError
 from stickyray.testing import FakeLLMServer, FakeReply, _fake_anthropic, _fake_openai
@@ -168,3 +170,28 @@ async def test_a_turn_whose_streams_all_broke_keeps_what_they_spent(
         assert result.usage.input_tokens == first + 2 * broken
     else:
         assert result.usage.input_tokens == first and result.usage.unmeasured_requests == 2
+
+
+def test_requests_of_unknown_cost_are_counted_in_their_own_metric(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cost metric leaves them out: without a count of them, a dashboard's cost would
+    look complete."""
+    counted: dict[str, list[tuple[float, dict[str, str]]]] = {}
+
+    class Counter:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+            counted.setdefault(self.name, []).append((value, tags or {}))
+
+    fields = ("requests", "tokens", "cache_tokens", "cost", "failures", "unmeasured")
+    fake = types.SimpleNamespace(**{name: Counter(name) for name in fields})
+    monkeypatch.setattr(metrics, "_model_metrics", lambda: fake)
+    measured = PRICE.charge(Usage(input_tokens=1_000, output_tokens=200, requests=1))
+    metrics.record_model_calls("app", "bookings", "m", PRICE.charge(measured + UNMEASURED))
+    tags = {"app": "app", "agent": "bookings", "model": "m"}
+    assert counted["unmeasured"] == [(1, tags)]
+    assert counted["requests"] == [(2, tags)]
+    assert "cost" not in counted  # unknown, so not a figure that is too low

@@ -30,8 +30,8 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from ray.exceptions import ActorDiedError, RayError, RayTaskError
 
@@ -55,7 +55,7 @@ from stickyray.errors import (
 from stickyray.metrics import record_reply, record_run
 from stickyray.settings import Settings
 from stickyray.turns import InboundMessage, TurnResult
-from stickyray.webhooks import WEBHOOK_CHANNEL, webhook_body, webhook_id
+from stickyray.webhooks import WEBHOOK_CHANNEL, receiver_of, webhook_body, webhook_id
 
 __all__ = [
     "RUN_WORKER_DEPLOYMENT",
@@ -101,6 +101,16 @@ _MAX_REPLIES_IN_HAND = 1000  # replies read and not sent yet: reading waits beyo
 
 class _Stopping(Exception):
     """The dispatcher was asked to stop."""
+
+
+@dataclass
+class _Receiver:
+    """A webhook receiver's share of the posting slots, the webhooks using it now, and since
+    when its calls have been failing (None: the last one was taken)."""
+
+    slots: asyncio.Semaphore
+    users: int = 0
+    failing_since: float | None = None
 
 
 class _Both:
@@ -196,7 +206,9 @@ class RunDispatcher:
         # hold every other receiver's webhooks back while its calls time out.
         self._posting = asyncio.Semaphore(max_in_flight)
         self._per_receiver = max(1, max_in_flight // 4)
-        self._receivers: dict[str, asyncio.Semaphore] = {}
+        # By receiver_of(url); kept while in use or failing, so that its later webhooks share
+        # the give-up time of the first failure.
+        self._receivers: dict[str, _Receiver] = {}
         self._lost = asyncio.Event()
         self._stopping = asyncio.Event()
         self._closing = False  # deliveries are being stopped: none may start
@@ -390,7 +402,8 @@ class RunDispatcher:
                         return None, reason
             if deadline is None:
                 deadline = time.monotonic() + self._give_up_after_s
-            if time.monotonic() + delay > deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 log.warning(
                     "run %s of %s: giving up after %.0f s of outages: %s",
                     run.message.message_id,
@@ -399,14 +412,15 @@ class RunDispatcher:
                     reason,
                 )
                 return None, f"gave up after {self._give_up_after_s:g} s of outages; last: {reason}"
+            wait = min(delay, deadline - now)  # the last try is at the deadline
             log.info(
                 "run %s of %s: %s; delivering again in %.2f s",
                 run.message.message_id,
                 run.key,
                 reason,
-                delay,
+                wait,
             )
-            await self._pause(delay)
+            await self._pause(wait)
             delay = min(delay * 2, self._retry_cap_s)
 
     async def _send_replies(self, *, webhooks: bool) -> None:
@@ -515,18 +529,43 @@ class RunDispatcher:
             return "no webhook sender in this worker"
         record = await self._retrying(self._queue.record_of, reply)
         if record is None:
+            log.warning(
+                "webhook of %s of %s dropped: its record expired", reply.message_id, reply.thread
+            )
             return "the run's record expired before its webhook took it"
         url, body = str(reply.to.get("url")), webhook_body(record)
         message_id = webhook_id(reply.record, reply.entry)
-        origin = urlsplit(url)._replace(path="", query="", fragment="").geturl()
-        receiver = self._receivers.setdefault(origin, asyncio.Semaphore(self._per_receiver))
-        return await self._send_until_done(
-            reply,
-            lambda: send_webhook(url, message_id, body),
-            deadline,
-            _Both(receiver, self._posting),
-            last_try_at_deadline=True,
-        )
+        origin = receiver_of(url)
+        receiver = self._receivers.get(origin)
+        if receiver is None:
+            receiver = self._receivers[origin] = _Receiver(asyncio.Semaphore(self._per_receiver))
+        if receiver.failing_since is not None and not deadline:
+            # Failing since before this webhook: it gives up when the first one did, or a
+            # thread's webhooks to a receiver that is down would each wait the whole time.
+            deadline.append(receiver.failing_since + self._reply_give_up_after_s)
+
+        async def post() -> None:
+            try:
+                await send_webhook(url, message_id, body)
+            except ChannelSendFailed as exc:
+                if not exc.permanent and receiver.failing_since is None:
+                    receiver.failing_since = time.monotonic()
+                raise
+            receiver.failing_since = None
+
+        receiver.users += 1
+        try:
+            return await self._send_until_done(
+                reply,
+                post,
+                deadline,
+                _Both(receiver.slots, self._posting),
+                last_try_at_deadline=True,
+            )
+        finally:
+            receiver.users -= 1
+            if not receiver.users and receiver.failing_since is None:
+                self._receivers.pop(origin, None)
 
     async def _send_until_done(
         self,

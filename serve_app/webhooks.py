@@ -30,8 +30,14 @@ class WebhookSender:
         self._signer = Webhook(secret) if secret is not None else None
         self._timeout_s = timeout_s
         self._prefixes = prefixes
-        # Redirects are refused, never followed: the allowed URL is the only one called.
-        self._client = httpx.AsyncClient(timeout=timeout_s, follow_redirects=False)
+        # Redirects are refused, never followed: the allowed URL is the only one called. No
+        # cap on connections: the run worker's posting slots bound them, and with httpx's
+        # 100 one receiver's calls waiting out their timeout would hold every other's back.
+        self._client = httpx.AsyncClient(
+            timeout=timeout_s,
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
+        )
         logging.getLogger("httpx").setLevel(logging.WARNING)  # a URL may hold a token
 
     async def aclose(self) -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "check_webhooks",
     "check_secret",
     "normalize_prefix",
+    "receiver_of",
     "url_refusal",
     "webhook_body",
     "webhook_id",
@@ -106,6 +107,17 @@ def normalize_prefix(prefix: str) -> str:
         raise ValueError("must not have a query or a fragment: it is a prefix of URLs")
     origin = str(parsed.copy_with(raw_path=b"/")).removesuffix("/")
     return origin + (path.rstrip(b"/") or b"/").decode("ascii")
+
+
+def receiver_of(url: str) -> str:
+    """The server a webhook URL calls, as ``url_refusal`` compares them: scheme, host
+    (lowercased) and port (the scheme's default left out), whatever the URL's spelling."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return url  # refused when sent; its own receiver meanwhile
+    port = f":{parsed.port}" if parsed.port is not None else ""
+    return f"{parsed.scheme}://{parsed.host}{port}"
 
 
 def url_refusal(url: str, prefixes: list[str]) -> str | None:

@@ -11,6 +11,7 @@ import functools
 import json
 import threading
 import time
+import types
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -580,6 +581,39 @@ async def test_a_run_that_meets_outages_for_too_long_fails(client: Any) -> None:
     assert failed is not None and failed.status == "failed" and failed.attempts > 1
     assert failed.error is not None and failed.error.startswith("gave up after 0.3 s")
     assert "StoreUnavailable" in failed.error
+
+
+async def test_a_run_is_tried_until_its_outages_last_give_up_after_s(
+    client: Any,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It gave up when its next backoff would pass the deadline: up to a whole backoff
+    (30 s by default) early, while its error said the outages had lasted the full time."""
+    queue, key = queue_of(client), fresh()
+    clock = [1000.0]  # the worker's clock, moved only by its backoffs
+    tries: list[float] = []
+
+    async def down(k: ThreadKey, message: InboundMessage) -> TurnResult:
+        tries.append(round(clock[0] - 1000.0, 3))
+        raise StoreUnavailable("redis", "connection refused")
+
+    async def backoff(seconds: float) -> None:
+        clock[0] += seconds
+        await asyncio.sleep(0)
+
+    # The module's own view of the clock: asyncio's stays real.
+    worker_time = types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time)
+    monkeypatch.setattr("serve_app.runs.time", worker_time)
+    await queue.submit(key, msg("a table for 2", "m1"))
+    worker_of = dispatcher(queue, down, retry_cap_s=0.4, give_up_after_s=0.5)
+    monkeypatch.setattr(worker_of, "_pause", backoff)
+    worker = await running(worker_of)
+    try:
+        await until(lambda: status_is(queue, key, "m1", "failed"))
+    finally:
+        await stop(worker)
+    # Backoffs of 0.05, 0.1, 0.2, then 0.4 cut to the deadline: the last try is at it.
+    assert tries == [0.0, 0.05, 0.15, 0.35, 0.5]
 
 
 async def test_a_lost_read_keeps_order_and_the_worker_does_not_spin(client: Any) -> None:

@@ -452,36 +452,3 @@ async def test_a_webhook_done_keeps_a_chat_replys_count_of_pieces_sent(
 
 def webhook_to(key: ThreadKey) -> dict[str, Any]:
     return {"channel": "webhook", "url": "http://127.0.0.1:9/hooks", "thread": str(key)}
-
-
-async def test_a_receiver_that_is_down_holds_up_no_other_receiver(client: Any) -> None:  # noqa: F811
-    """Each receiver gets a quarter of the webhook slots at most (here one of four): its
-    calls hanging until they time out leave the others' slots free."""
-    queue = queue_of(client)
-    threads = Threads(client, load_config(None), booking_agents())
-    down = asyncio.Event()
-    posting: list[str] = []
-    posted: list[str] = []
-
-    async def post(url: str, webhook_id: str, body: bytes) -> None:
-        posting.append(url)
-        if url.startswith("https://down.example"):
-            await down.wait()  # a receiver that never answers, until its calls time out
-        posted.append(url)
-
-    for n in range(4):
-        key = fresh()
-        to = {"channel": "webhook", "url": f"https://down.example/hooks/{n}", "thread": str(key)}
-        await queue.submit(key, msg("book a table", f"d{n}"), to)
-    worker = Running(dispatcher(queue, threads, send_webhook=post, max_in_flight=4))
-    try:
-        await until(lambda: posting)
-        key = fresh()
-        up = {"channel": "webhook", "url": "https://up.example/hooks", "thread": str(key)}
-        await queue.submit(key, msg("book a room", "u1"), up)
-        await until(lambda: posted == ["https://up.example/hooks"])
-        assert len([url for url in posting if "down" in url]) == 1
-        down.set()
-        await until(lambda: len(posted) == 5)
-    finally:
-        await worker.stop()

@@ -83,7 +83,9 @@ class _LogPrinter:
         if line.startswith(REPORT_LINE):
             return
         self.refused = self.refused or line.startswith(REFUSED_LINE)
-        print(line, flush=True)
+        # The job writes UTF-8; a terminal whose encoding cannot show a label gets it escaped.
+        encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+        print(line.encode(encoding, "backslashreplace").decode(encoding), flush=True)
 
 
 def _fetch_report(client: Any, job_id: str, out: Path) -> bool:

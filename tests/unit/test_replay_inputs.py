@@ -15,9 +15,9 @@ import pytest
 from memory.embedders import LocalEmbedder
 from replay.baselines import baselines
 from replay.dataset import Dialogue, Turn, load_dialogues, load_team, team_from_agents
-from replay.job import REFUSED_LINE, REPORT_LINE, TurnRecord, _record, check_inputs
+from replay.job import TurnRecord, _record, check_inputs
 from replay.report import pack_report, summarize, unpack_report, write_report
-from replay.submit import _LogPrinter, _stage, submit_replay
+from replay.submit import _stage, submit_replay
 from stickyray.errors import ConfigError
 from tests.conftest import free_port
 
@@ -464,24 +464,6 @@ def test_unpacking_writes_only_the_report_files(tmp_path: Path) -> None:
     assert unpack_report(packed, tmp_path / "out") == ["report.json"]
     assert not (tmp_path / "escaped.txt").exists()
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.json"]
-
-
-def test_the_log_is_printed_in_whole_lines_without_the_report(capsys) -> None:
-    printer = _LogPrinter()
-    for chunk in ["replay: 2 dia", "logues\n", REPORT_LINE + "AAAA", "BBBB\nreplay: done", ""]:
-        printer.feed(chunk)
-    printer.close()
-    assert capsys.readouterr().out == "replay: 2 dialogues\nreplay: done\n"
-
-
-def test_a_job_that_refused_its_inputs_is_told_apart(capsys) -> None:
-    printer = _LogPrinter()
-    printer.feed("replay: 2 dialogues\n")
-    assert not printer.refused
-    printer.feed(f"{REFUSED_LINE}agent 'triage' uses provider openai: set OPENAI_API_KEY")
-    printer.close()
-    assert printer.refused
-    assert "set OPENAI_API_KEY" in capsys.readouterr().out
 
 
 def test_an_unreachable_cluster_is_a_message_not_a_traceback(tmp_path: Path, capsys) -> None:

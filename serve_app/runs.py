@@ -17,20 +17,18 @@ directory, as the ingress sends a posted message; the thread deduplicates by mes
 - A run from a channel (Telegram, WhatsApp) has its reply put in the queue's outbox as it
   finishes; the worker sends the outbox's replies through the channel, in order per chat,
   retrying the channel's outages for up to ``runs.reply_give_up_after_s``. A run queued
-  with a webhook URL has its outcome POSTed there the same way, in order per thread.
+  with a webhook URL has its outcome POSTed there the same way, in order per thread
+  (``serve_app.run_outbox``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ray.exceptions import ActorDiedError, RayError, RayTaskError
@@ -39,12 +37,12 @@ from actors.directory import ThreadDirectory, pool_scope, root_cause
 from actors.key import ThreadKey
 from actors.redis_store import connect_redis
 from actors.run_queue import LeaseLost, RunQueue
-from actors.run_records import OutboundReply, QueuedRun
-from serve_app.channel_sender import ChannelSender, split_text
+from actors.run_records import QueuedRun
+from serve_app.channel_sender import ChannelSender
+from serve_app.run_outbox import BATCH, Outbox, SendReply, SendWebhook, Stopping
 from serve_app.webhooks import WebhookSender
 from stickyray.config import TeamConfig
 from stickyray.errors import (
-    ChannelSendFailed,
     CheckpointConflict,
     ProviderError,
     StoreUnavailable,
@@ -52,10 +50,9 @@ from stickyray.errors import (
     ThreadPassivated,
     TurnPending,
 )
-from stickyray.metrics import record_reply, record_run
+from stickyray.metrics import record_run
 from stickyray.settings import Settings
 from stickyray.turns import InboundMessage, TurnResult
-from stickyray.webhooks import WEBHOOK_CHANNEL, receiver_of, webhook_body, webhook_id
 
 __all__ = [
     "RUN_WORKER_DEPLOYMENT",
@@ -74,13 +71,6 @@ T = TypeVar("T")
 RUN_WORKER_DEPLOYMENT = "RunWorker"
 
 Deliver = Callable[[ThreadKey, InboundMessage], Awaitable[TurnResult]]
-# Sends a reply's text to the channel address a run was submitted with; returns the id the
-# channel gave the message when a later report of its delivery names it by that id (a
-# WhatsApp wamid), else None; raises ChannelSendFailed when the channel does not take it.
-SendReply = Callable[[dict[str, Any], str], Awaitable[str | None]]
-# POSTs a finished run's outcome (the body) to its webhook URL under a webhook id; raises
-# ChannelSendFailed when the receiver does not take it.
-SendWebhook = Callable[[str, str, bytes], Awaitable[None]]
 
 # Errors that pass: delivering again later succeeds (the thread deduplicates the message).
 _TRANSIENT = (
@@ -94,43 +84,6 @@ _TRANSIENT = (
     ConnectionError,
     TimeoutError,
 )
-
-_BATCH = 100  # entries per read
-_MAX_REPLIES_IN_HAND = 1000  # replies read and not sent yet: reading waits beyond this
-
-
-class _Stopping(Exception):
-    """The dispatcher was asked to stop."""
-
-
-@dataclass
-class _Receiver:
-    """A webhook receiver's share of the posting slots, the webhooks using it now, and since
-    when its calls have been failing (None: the last one was taken)."""
-
-    slots: asyncio.Semaphore
-    users: int = 0
-    failing_since: float | None = None
-
-
-class _Both:
-    """A slot of ``first``, then one of ``second``: waiting for the first holds neither."""
-
-    def __init__(self, first: asyncio.Semaphore, second: asyncio.Semaphore) -> None:
-        self._first = first
-        self._second = second
-
-    async def __aenter__(self) -> None:
-        await self._first.acquire()
-        try:
-            await self._second.acquire()
-        except BaseException:
-            self._first.release()
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._second.release()
-        self._first.release()
 
 
 async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
@@ -199,26 +152,34 @@ class RunDispatcher:
         self._delivering = asyncio.Semaphore(max_in_flight)
         self._send_reply = send_reply
         self._send_webhook = send_webhook
-        self._reply_give_up_after_s = reply_give_up_after_s
-        self._sending = asyncio.Semaphore(max_in_flight)
-        # Webhooks have slots of their own: slow receivers never hold a chat's reply back.
-        # And each receiver (origin) a quarter of them at most: one that is down does not
-        # hold every other receiver's webhooks back while its calls time out.
-        self._posting = asyncio.Semaphore(max_in_flight)
-        self._per_receiver = max(1, max_in_flight // 4)
-        # By receiver_of(url); kept while in use or failing, so that its later webhooks share
-        # the give-up time of the first failure.
-        self._receivers: dict[str, _Receiver] = {}
+        self._outbox = Outbox(
+            queue,
+            self,
+            max_in_flight=max_in_flight,
+            app=app,
+            send_reply=send_reply,
+            send_webhook=send_webhook,
+            reply_give_up_after_s=reply_give_up_after_s,
+            retry_cap_s=retry_cap_s,
+            idle_wait_ms=idle_wait_ms,
+        )
         self._lost = asyncio.Event()
         self._stopping = asyncio.Event()
         self._closing = False  # deliveries are being stopped: none may start
         # The last run of each thread in hand: the next one waits for it.
         self._tails: dict[ThreadKey, asyncio.Task[None]] = {}
         self._tasks: dict[asyncio.Task[None], str] = {}  # task -> its entry id
-        # The same for replies, by chat (the address they go to); those in hand by outbox
-        # (True: the webhooks'), each read on its own up to its own cap.
-        self._reply_tails: dict[str, asyncio.Task[None]] = {}
-        self._replies: dict[bool, dict[asyncio.Task[None], str]] = {False: {}, True: {}}
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def lose(self) -> None:
+        self._lost.set()
 
     async def run(self) -> None:
         """Deliver runs until ``stop``, while holding the queue's lease.
@@ -231,21 +192,21 @@ class RunDispatcher:
             while await self._acquire():
                 self._lost.clear()
                 if self._send_webhook is not None:
-                    await self._retrying(self._queue.mark_webhooks)
+                    await self.retrying(self._queue.mark_webhooks)
                 loop = asyncio.get_running_loop()
                 loops = [loop.create_task(self._drain())]
                 if self._send_reply is not None:
-                    loops.append(loop.create_task(self._send_replies(webhooks=False)))
+                    loops.append(loop.create_task(self._outbox.drain(webhooks=False)))
                 if self._send_webhook is not None:
-                    loops.append(loop.create_task(self._send_replies(webhooks=True)))
+                    loops.append(loop.create_task(self._outbox.drain(webhooks=True)))
                 try:
                     await self._hold(loops)
                 finally:
                     await self._stop_deliveries(loops)
-        except _Stopping:
+        except Stopping:
             pass
         finally:
-            with contextlib.suppress(StoreUnavailable, _Stopping):
+            with contextlib.suppress(StoreUnavailable, Stopping):
                 await self._queue.release(self._token)  # else it expires by itself
 
     async def _stop_deliveries(self, loops: list[asyncio.Task[None]]) -> None:
@@ -259,7 +220,7 @@ class RunDispatcher:
         try:
             await _cancel(loops)
             # Only the readers dispatch, so what is in hand now is all there will be.
-            await _cancel([*self._tasks, *self._replies[False], *self._replies[True]])
+            await _cancel([*self._tasks, *self._outbox.in_hand()])
         finally:
             self._closing = False
 
@@ -267,22 +228,22 @@ class RunDispatcher:
         """Make ``run`` stop its deliveries, give the lease up and return."""
         self._stopping.set()
 
-    async def _pause(self, seconds: float) -> None:
-        """Sleep, unless asked to stop (``_Stopping``)."""
+    async def pause(self, seconds: float) -> None:
+        """Sleep, unless asked to stop (``Stopping``)."""
         stopping = asyncio.get_running_loop().create_task(self._stopping.wait())
         try:
             await asyncio.wait([stopping], timeout=seconds)
         finally:
             stopping.cancel()
         if self._stopping.is_set():
-            raise _Stopping
+            raise Stopping
 
     async def _acquire(self) -> bool:
         # Polls, since Redis cannot notify: at most one second after the lease is free.
         while not self._stopping.is_set():
-            if await self._retrying(self._queue.acquire, self._token, self._lease_s):
+            if await self.retrying(self._queue.acquire, self._token, self._lease_s):
                 return True
-            await self._pause(min(1.0, self._lease_s / 3))
+            await self.pause(min(1.0, self._lease_s / 3))
         return False
 
     async def _hold(self, loops: list[asyncio.Task[None]]) -> None:
@@ -304,7 +265,7 @@ class RunDispatcher:
                         return
                 if stopping in done:
                     return
-                if lost in done or not await self._retrying(
+                if lost in done or not await self.retrying(
                     self._queue.renew, self._token, self._lease_s
                 ):
                     log.warning("run queue lease lost; stopping deliveries until it is back")
@@ -315,12 +276,12 @@ class RunDispatcher:
 
     async def _drain(self) -> None:
         try:
-            await self._retrying(self._queue.join)
+            await self.retrying(self._queue.join)
             await self._read_unfinished()  # the runs the previous reader left
-            seen = await self._retrying(self._queue.last_read)
+            seen = await self.retrying(self._queue.last_read)
             while True:
-                runs, last, delivered = await self._retrying(
-                    self._queue.read, self._token, _BATCH, seen=seen
+                runs, last, delivered = await self.retrying(
+                    self._queue.read, self._token, BATCH, seen=seen
                 )
                 in_hand = set(self._tasks.values()) if runs else set()
                 for run in runs:
@@ -328,7 +289,7 @@ class RunDispatcher:
                         self._dispatch(run)
                 seen = last or delivered
                 if last is None:
-                    await self._retrying(self._queue.wait, seen, self._idle_wait_ms)
+                    await self.retrying(self._queue.wait, seen, self._idle_wait_ms)
         except LeaseLost:
             self._lost.set()
 
@@ -337,9 +298,7 @@ class RunDispatcher:
         in_hand = set(self._tasks.values())
         after: str | None = "0"
         while after is not None:
-            runs, after, _ = await self._retrying(
-                self._queue.read, self._token, _BATCH, after=after
-            )
+            runs, after, _ = await self.retrying(self._queue.read, self._token, BATCH, after=after)
             for run in runs:
                 if run.entry not in in_hand:
                     self._dispatch(run)
@@ -365,11 +324,11 @@ class RunDispatcher:
             result, error = await self._deliver_until_done(run)
             if result is None and error is None:
                 return  # finished already, by a worker that took over
-            await self._retrying(self._queue.finish, self._token, run, result=result, error=error)
+            await self.retrying(self._queue.finish, self._token, run, result=result, error=error)
             record_run(self._app, status=result.status if result is not None else "failed")
         except LeaseLost:
             self._lost.set()  # the run stays queued, for the worker that holds the lease
-        except _Stopping:
+        except Stopping:
             pass  # the run stays queued, for the next worker
         except Exception as exc:  # a bug, not an outage (those are retried)
             log.exception("run %s of %s failed in the run worker", run.message.message_id, run.key)
@@ -386,7 +345,7 @@ class RunDispatcher:
         deadline: float | None = None  # counted from the first outage, not the queueing
         while True:
             async with self._delivering:  # not held while backing off
-                if not await self._retrying(self._queue.start, self._token, run):
+                if not await self.retrying(self._queue.start, self._token, run):
                     return None, None  # or cancelled before it started
                 if deadline is None:  # the first delivery: how long the run waited for it
                     record_run(self._app, waited=time.time() - run.queued_at)
@@ -420,223 +379,21 @@ class RunDispatcher:
                 reason,
                 wait,
             )
-            await self._pause(wait)
+            await self.pause(wait)
             delay = min(delay * 2, self._retry_cap_s)
 
-    async def _send_replies(self, *, webhooks: bool) -> None:
-        """Send the outbox's replies (or the webhooks' outbox's) as ``_drain`` delivers runs:
-        each chat's in order, chats at once, reading on while replies wait (a chat the
-        platform rate-limits holds up only itself; webhooks, in their own outbox, none)."""
-        in_hand = self._replies[webhooks]
-        try:
-            after: str | None = "0"
-            while after is not None:  # the replies the previous reader left
-                replies, after, _ = await self._retrying(
-                    self._queue.read_replies, self._token, _BATCH, after=after, webhooks=webhooks
-                )
-                for reply in replies:
-                    self._send_later(reply, in_hand)
-            seen = await self._retrying(self._queue.last_read, outbox=True, webhooks=webhooks)
-            while True:
-                while len(in_hand) >= _MAX_REPLIES_IN_HAND:
-                    await asyncio.wait(list(in_hand), return_when=asyncio.FIRST_COMPLETED)
-                replies, last, delivered = await self._retrying(
-                    self._queue.read_replies, self._token, _BATCH, seen=seen, webhooks=webhooks
-                )
-                entries = set(in_hand.values()) if replies else set()
-                for reply in replies:
-                    if reply.entry not in entries:
-                        self._send_later(reply, in_hand)
-                seen = last or delivered
-                if last is None:
-                    await self._retrying(
-                        self._queue.wait, seen, self._idle_wait_ms, outbox=True, webhooks=webhooks
-                    )
-        except LeaseLost:
-            self._lost.set()
-
-    def _send_later(self, reply: OutboundReply, in_hand: dict[asyncio.Task[None], str]) -> None:
-        if self._closing:
-            return  # it stays in the outbox, for whoever reads next
-        chat = json.dumps(reply.to, sort_keys=True)
-        before = self._reply_tails.get(chat)
-        task = asyncio.get_running_loop().create_task(self._send(reply, before))
-        self._reply_tails[chat] = task
-        in_hand[task] = reply.entry
-        task.add_done_callback(lambda done: self._sent(chat, done, in_hand))
-
-    def _sent(
-        self, chat: str, task: asyncio.Task[None], in_hand: dict[asyncio.Task[None], str]
-    ) -> None:
-        in_hand.pop(task, None)
-        if self._reply_tails.get(chat) is task:
-            del self._reply_tails[chat]
-
-    async def _send(self, reply: OutboundReply, before: asyncio.Task[None] | None) -> None:
-        if before is not None:
-            await asyncio.wait([before])
-        try:
-            error = await self._send_pieces(reply)
-            await self._retrying(self._queue.reply_done, self._token, reply, error=error)
-            channel = str(reply.to.get("channel", "unknown"))
-            record_reply(self._app, channel, "failed" if error is not None else "sent")
-        except LeaseLost:
-            self._lost.set()  # the reply stays in the outbox, for the worker with the lease
-        except _Stopping:
-            pass  # the reply stays in the outbox, for the next worker
-        except Exception:  # a bug: the reply stays, for the next worker to take over
-            log.exception(
-                "reply to %s of %s failed in the run worker", reply.message_id, reply.thread
-            )
-
-    async def _send_pieces(self, reply: OutboundReply) -> str | None:
-        """Send the pieces of ``reply`` not sent yet, in order; None once all are sent, else
-        why the rest could not be. Each piece sent is recorded in Redis, so a worker that
-        takes over does not send it again. A webhook gets one piece: the run's record."""
-        deadline: list[float] = []  # the reply's give-up time, from its first failure
-        if reply.to.get("channel") == WEBHOOK_CHANNEL:
-            return await self._send_outcome(reply, deadline)
-        send_reply = self._send_reply
-        if send_reply is None:
-            return "no channel sender in this worker"
-        pieces = split_text(reply.text)
-        sent = await self._retrying(self._queue.pieces_sent, reply)
-        named: list[str] = []  # the channel's id for the piece just sent, if it gave one
-
-        async def send_piece(text: str) -> None:
-            platform_id = await send_reply(reply.to, text)
-            if platform_id:
-                named.append(platform_id)
-
-        for number in range(sent, len(pieces)):
-            error = await self._send_until_done(
-                reply, functools.partial(send_piece, pieces[number]), deadline, self._sending
-            )
-            if error is not None:
-                if number > 0:
-                    error += f" ({number} of {len(pieces)} pieces were sent)"
-                return error
-            while named:  # so that the channel's later report of a failure finds the run
-                await self._retrying(self._queue.sent_as, reply, named.pop())
-            if number + 1 < len(pieces):
-                await self._retrying(self._queue.piece_sent, self._token, reply, number + 1)
-        return None
-
-    async def _send_outcome(self, reply: OutboundReply, deadline: list[float]) -> str | None:
-        """POST the record of ``reply``'s finished run to its webhook; as ``_send_pieces``."""
-        send_webhook = self._send_webhook
-        if send_webhook is None:
-            return "no webhook sender in this worker"
-        record = await self._retrying(self._queue.record_of, reply)
-        if record is None:
-            log.warning(
-                "webhook of %s of %s dropped: its record expired", reply.message_id, reply.thread
-            )
-            return "the run's record expired before its webhook took it"
-        url, body = str(reply.to.get("url")), webhook_body(record)
-        message_id = webhook_id(reply.record, reply.entry)
-        origin = receiver_of(url)
-        receiver = self._receivers.get(origin)
-        if receiver is None:
-            receiver = self._receivers[origin] = _Receiver(asyncio.Semaphore(self._per_receiver))
-        if receiver.failing_since is not None and not deadline:
-            # Failing since before this webhook: it gives up when the first one did, or a
-            # thread's webhooks to a receiver that is down would each wait the whole time.
-            deadline.append(receiver.failing_since + self._reply_give_up_after_s)
-
-        async def post() -> None:
-            try:
-                await send_webhook(url, message_id, body)
-            except ChannelSendFailed as exc:
-                if not exc.permanent and receiver.failing_since is None:
-                    receiver.failing_since = time.monotonic()
-                raise
-            receiver.failing_since = None
-
-        receiver.users += 1
-        try:
-            return await self._send_until_done(
-                reply,
-                post,
-                deadline,
-                _Both(receiver.slots, self._posting),
-                last_try_at_deadline=True,
-            )
-        finally:
-            receiver.users -= 1
-            if not receiver.users and receiver.failing_since is None:
-                self._receivers.pop(origin, None)
-
-    async def _send_until_done(
-        self,
-        reply: OutboundReply,
-        send: Callable[[], Awaitable[None]],
-        deadline: list[float],
-        slots: asyncio.Semaphore | _Both,
-        *,
-        last_try_at_deadline: bool = False,
-    ) -> str | None:
-        """``send()`` a piece of ``reply`` while holding one of ``slots``; None once sent,
-        else why it could not be.
-
-        The last try is at the deadline. Told to wait past it (a Retry-After), it gives up
-        at once, unless ``last_try_at_deadline`` (webhooks): a channel's wait is not cut
-        short, since sending early during Telegram's flood control prolongs it.
-
-        ``deadline`` holds the reply's give-up time once a piece has failed (shared by its
-        pieces). Raises LeaseLost (sending nothing) once this worker no longer holds the
-        lease: the reply is then the next worker's to send.
-        """
-        delay = 0.5
-        while True:
-            try:
-                async with slots:
-                    await self._still_leased()
-                    await send()
-                return None
-            except ChannelSendFailed as exc:
-                if exc.permanent:
-                    log.warning(
-                        "reply to %s of %s not sent: %s", reply.message_id, reply.thread, exc
-                    )
-                    return str(exc)
-                reason, asked = str(exc), exc.retry_after
-                wait = max(delay, asked or 0.0)
-            except (LeaseLost, _Stopping):
-                raise
-            except Exception as exc:  # a bug in a channel, not an outage
-                log.exception("reply to %s of %s failed", reply.message_id, reply.thread)
-                return f"{type(exc).__name__}: {exc}"
-            now = time.monotonic()
-            if not deadline:
-                deadline.append(now + self._reply_give_up_after_s)
-            told_to_wait_past = asked is not None and now + asked > deadline[0]
-            if now >= deadline[0] or (told_to_wait_past and not last_try_at_deadline):
-                log.warning(
-                    "reply to %s of %s: giving up after %.0f s: %s",
-                    reply.message_id,
-                    reply.thread,
-                    self._reply_give_up_after_s,
-                    reason,
-                )
-                return f"gave up after {self._reply_give_up_after_s:g} s; last: {reason}"
-            wait = min(wait, deadline[0] - now)  # the last try is at the deadline
-            log.info("reply to %s: %s; sending again in %.2f s", reply.message_id, reason, wait)
-            await self._pause(wait)
-            delay = min(delay * 2, self._retry_cap_s)
-
-    async def _still_leased(self) -> None:
+    async def still_leased(self) -> None:
         """Raise LeaseLost unless this worker still holds the lease, extending it if so.
 
         Checked before each message to a channel, which no script can guard: a worker that
         stalled past its lease, or lost it during a Redis outage, sends nothing more.
         """
-        if self._lost.is_set() or not await self._retrying(
+        if self._lost.is_set() or not await self.retrying(
             self._queue.renew, self._token, self._lease_s
         ):
             raise LeaseLost(self._token)
 
-    async def _retrying(self, call: Callable[..., Awaitable[T]], *args: Any, **kw: Any) -> T:
+    async def retrying(self, call: Callable[..., Awaitable[T]], *args: Any, **kw: Any) -> T:
         """``call(*args, **kw)``, again with backoff while Redis is unavailable."""
         delay = 0.05
         while True:
@@ -644,7 +401,7 @@ class RunDispatcher:
                 return await call(*args, **kw)
             except StoreUnavailable as exc:
                 log.warning("run queue: %s; trying again in %.2f s", exc, delay)
-            await self._pause(delay)
+            await self.pause(delay)
             delay = min(delay * 2, 5.0)
 
 

@@ -469,7 +469,7 @@ async def test_a_worker_that_lost_its_lease_sends_nothing_more(client: Any) -> N
     try:
         await until(lambda: len(channel.sent) == 2)
         stalled.hold.set()  # the old worker wakes up, and finds its lease gone
-        await until(lambda: not old.dispatcher._replies[False])
+        await until(lambda: not old.dispatcher._outbox._replies[False])
     finally:
         await new.stop()
         await old.stop()

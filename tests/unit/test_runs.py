@@ -606,7 +606,7 @@ async def test_a_run_is_tried_until_its_outages_last_give_up_after_s(
     monkeypatch.setattr("serve_app.runs.time", worker_time)
     await queue.submit(key, msg("a table for 2", "m1"))
     worker_of = dispatcher(queue, down, retry_cap_s=0.4, give_up_after_s=0.5)
-    monkeypatch.setattr(worker_of, "_pause", backoff)
+    monkeypatch.setattr(worker_of, "pause", backoff)
     worker = await running(worker_of)
     try:
         await until(lambda: status_is(queue, key, "m1", "failed"))

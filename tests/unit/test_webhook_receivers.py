@@ -68,7 +68,7 @@ async def test_a_receiver_that_is_down_holds_up_no_other_receiver_however_spelt(
         down.set()
         await until(lambda: len(posted) == 5)
         # A receiver nobody is posting to, and whose last call was taken, is not kept.
-        await until(lambda: not worker.dispatcher._receivers)
+        await until(lambda: not worker.dispatcher._outbox._receivers)
     finally:
         await worker.stop()
 

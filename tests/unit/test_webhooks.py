@@ -20,7 +20,7 @@ import pytest
 from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-import serve_app.runs
+import serve_app.run_outbox
 from actors.key import ThreadKey
 from actors.run_queue import RunQueue
 from actors.run_records import OutboundReply
@@ -400,7 +400,7 @@ async def test_a_stuck_webhook_never_holds_a_chats_reply_back(
 ) -> None:
     """Neither a sending slot nor room among the replies in hand: webhooks have their own
     outbox and slots (here two in hand at most, and a receiver that never answers)."""
-    monkeypatch.setattr(serve_app.runs, "_MAX_REPLIES_IN_HAND", 2)
+    monkeypatch.setattr(serve_app.run_outbox, "_MAX_REPLIES_IN_HAND", 2)
     queue, channel = queue_of(client), Channel()
     threads = Threads(client, load_config(None), booking_agents())
     stuck = asyncio.Event()
@@ -418,7 +418,7 @@ async def test_a_stuck_webhook_never_holds_a_chats_reply_back(
     )
     try:
         await until(lambda: status_is(queue, hooked, "w2", "completed"))
-        in_hand = worker.dispatcher._replies
+        in_hand = worker.dispatcher._outbox._replies
         await until(lambda: len(in_hand[True]) + len(in_hand[False]) >= 2)  # stuck, in hand
         await queue.submit(chat, msg("book a room", "c1"), {"channel": "telegram", "chat_id": 7})
         await until(lambda: channel.sent)  # the chat's reply went past them

@@ -11,7 +11,9 @@ __all__ = ["CHANGING", "COMMANDS", "Command", "CommandOutcome", "parse_command",
 
 # A command is a single slash-word, maybe ended by punctuation ("/supervisor."), maybe followed
 # by more text. "/path/to/file broke" does not match, so pasted paths still reach the agents.
-_COMMAND = re.compile(r"^\s*/([A-Za-z][A-Za-z_-]*)[.!?]*(?:\s+(.*?))?\s*$", re.DOTALL)
+# Matched against the stripped text with a greedy tail: a lazy tail before trailing spaces
+# backtracks over them, taking time in the square of their number inside the thread actor.
+_COMMAND = re.compile(r"/([A-Za-z][A-Za-z_-]*)[.!?]*(?:\s+(.*))?", re.DOTALL)
 
 COMMANDS: dict[str, str] = {
     "supervisor": "go back to the supervisor; your next message is routed again",
@@ -50,7 +52,7 @@ class CommandOutcome:
 
 def parse_command(text: str) -> Command | None:
     """The command ``text`` is, or None."""
-    match = _COMMAND.match(text)
+    match = _COMMAND.fullmatch(text.strip())
     return Command(match.group(1).lower(), match.group(2) or "") if match else None
 
 

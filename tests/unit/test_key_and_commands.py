@@ -57,6 +57,15 @@ def test_parse_command() -> None:
     assert parse_command("/") is None
 
 
+@pytest.mark.timeout(10)
+def test_a_long_run_of_spaces_is_parsed_in_one_pass() -> None:
+    """Parsing runs in the thread actor: a lazy match backtracking over every space of a
+    200,000-space message would hold its event loop for minutes, not milliseconds."""
+    spaces = " " * 200_000
+    assert parse_command(f"/a x{spaces}y") == Command("a", f"x{spaces}y")
+    assert parse_command(f"/status{spaces}") == Command("status")
+
+
 @pytest.mark.parametrize("name", sorted(CHANGING))
 def test_a_command_that_changes_the_thread_takes_no_text_after_it(name: str) -> None:
     """ "/reset my password" is a question more likely than a wish to lose the thread."""

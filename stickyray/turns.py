@@ -156,7 +156,8 @@ class InboundMessage(_Record):
     """A user message accepted by the ingress, normalised from any channel."""
 
     text: str
-    message_id: str
+    # The stores key a turn's answer by it: an empty one would answer no retry.
+    message_id: str = Field(min_length=1)
     user_id: str | None = None
     channel: str = "api"
     # The caller reads the reply as it is written (see ``ThreadKey.deltas_key``). A hint for

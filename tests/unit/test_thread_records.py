@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import uuid
 
+import pytest
+from pydantic import ValidationError
+
 from actors.key import ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
 from actors.store import Checkpoint, Incarnation, PendingTurn
@@ -71,3 +74,10 @@ async def test_a_thread_a_newer_release_wrote_still_opens_and_completes_its_turn
         await client.aclose()
     assert [(t.turn, t.status) for t in turns] == [(1, "completed"), (2, "completed")]
     assert agents.turns[-1] == (2, "for two")
+
+
+def test_a_message_without_an_id_is_refused_before_any_store_sees_it() -> None:
+    """The Redis store keys a turn's answer by the message id: with "" it stored none, so
+    the turn stayed pending and every later message of the thread was refused."""
+    with pytest.raises(ValidationError, match="message_id"):
+        InboundMessage(text="hi", message_id="")

@@ -202,6 +202,8 @@ class Thread:
                 # Reopening before the next one completes it, as after a crash.
                 self._stale = True
                 raise
+            finally:  # idle time counts from the reply: a long turn is no idle time
+                self.last_active = self._clock()
 
     async def _handle(self, message: InboundMessage) -> TurnResult:
         if self._stale:
@@ -334,35 +336,40 @@ class Thread:
     ) -> tuple[list[BufferEntry], dict[str, Usage]]:
         """Trim the buffer to the active agent's window, keeping what leaves as memories.
 
+        A turn's messages become a memory of the agent that answered it, if that agent
+        compresses, else of the active agent, if it does (a failed turn has no answer);
+        otherwise they leave unkept. So a specialist's conversation is kept by its memory
+        also when it leaves the buffer after a handback, while the supervisor answers.
         Each user's messages become a memory of that user (a thread can be shared, or learn
-        its user partway). Messages leave only once the agent has stored them (when it
-        compresses); those whose memory failed stay, and the next turn tries again.
-        Returns the buffer and what summarising cost, per agent.
+        its user partway). Messages leave only once the agent has stored them; those whose
+        memory failed stay, and the next turn tries again. Returns the buffer and what
+        summarising cost, per agent.
         """
         limit = self._team.buffer_limit(active)
         if len(buffer) <= limit:
             return buffer, {}
         leaving, kept = buffer[:-limit], buffer[-limit:]
-        agent = self._team.agent(active) if active else self._team.supervisor
-        if agent.memory is None or not agent.memory.compression:
-            return kept, {}
-        by_user: dict[str | None, list[BufferEntry]] = {}
-        for entry in leaving:
-            by_user.setdefault(entry.user_id, []).append(entry)
-        unsaved: set[str | None] = set()
-        cost = Usage()
-        for user_id, messages in by_user.items():
+        answered_by = {e.turn: e.agent for e in buffer if e.role == "assistant" and e.agent}
+        keepers = [(self._keeper(answered_by.get(e.turn), active), e.user_id) for e in leaving]
+        groups: dict[tuple[str, str | None], list[BufferEntry]] = {}
+        for keeper, entry in zip(keepers, leaving, strict=True):
+            if keeper[0] is not None:
+                groups.setdefault((keeper[0], keeper[1]), []).append(entry)
+        unsaved: set[tuple[str | None, str | None]] = set()
+        spent: dict[str, Usage] = {}
+        for (agent, user_id), messages in groups.items():
             request = CompressRequest(
                 thread=str(self.key),
                 tenant=self.key.tenant,
                 user_id=user_id or anonymous_owner(str(self.key)),
                 messages=messages,
             )
+            cost = Usage()
             try:
-                cost = cost + (await self._agents.compress(agent.name, request)).usage
+                cost = (await self._agents.compress(agent, request)).usage
             except Exception as exc:  # keep the messages; nothing leaves without its memory
                 if isinstance(exc, CompressionNotStored):  # the summary was paid for
-                    cost = cost + Usage.model_validate(exc.usage)
+                    cost = Usage.model_validate(exc.usage)
                 log.warning(
                     "thread %s: compression failed (%s: %s); keeping %d messages",
                     self.key,
@@ -370,9 +377,25 @@ class Thread:
                     exc,
                     len(messages),
                 )
-                unsaved.add(user_id)
-        spent = {agent.name: cost} if cost != Usage() else {}
-        return [e for e in leaving if e.user_id in unsaved] + kept, spent
+                unsaved.add((agent, user_id))
+            if cost != Usage():
+                spent[agent] = spent.get(agent, Usage()) + cost
+        stay = [e for keeper, e in zip(keepers, leaving, strict=True) if keeper in unsaved]
+        return stay + kept, spent
+
+    def _keeper(self, answered: str | None, active: str | None) -> str | None:
+        """The agent whose memory keeps a leaving turn that ``answered`` answered: that agent
+        if it compresses, else the active one if it does; None: the turn leaves unkept."""
+        for name in (answered, active or self._team.supervisor.name):
+            if name is None:
+                continue
+            try:
+                agent = self._team.agent(name)
+            except KeyError:  # an agent a deploy removed
+                continue
+            if agent.memory is not None and agent.memory.compression:
+                return agent.name
+        return None
 
     async def _record_failure(
         self, message: InboundMessage, turn: int, reason: str, started: float | None = None

@@ -541,58 +541,6 @@ async def test_buffer_keeps_the_last_n_messages(team: TeamConfig) -> None:
     assert [e.text for e in thread.snapshot().buffer] == ["n3", "triage: n3", "n4", "triage: n4"]
 
 
-async def test_overflow_is_compressed_before_it_leaves(team: TeamConfig) -> None:
-    data = team.model_dump()
-    data["specialists"][1]["memory"] = {"short_window": 4}  # bookings
-    with_memory = TeamConfig.model_validate(data)
-    agents, store = booking_agents(), InMemoryThreadStore()
-    thread = await Thread.open(KEY, with_memory, store, agents)
-    results = [await thread.handle(msg(text)) for text in ("book", "two people", "at nine")]
-    assert agents.compressed == [("bookings", ["book", "bookings: book"])]
-    # The summary was written within the third turn: its tokens are that turn's.
-    assert results[2].usage_by_agent["bookings"] == Usage(input_tokens=103, output_tokens=12)
-    assert results[2].usage == Usage(input_tokens=103, output_tokens=12)
-    assert results[1].usage == Usage(input_tokens=3, output_tokens=2)
-    assert [e.text for e in thread.snapshot().buffer] == [
-        "two people",
-        "bookings: two people",
-        "at nine",
-        "bookings: at nine",
-    ]
-    agents.compress_fails = True
-    await thread.handle(msg("by the window"))
-    assert len(thread.snapshot().buffer) == 6, "nothing leaves without its memory"
-    agents.compress_fails, agents.summary_not_stored = False, True
-    unstored = await thread.handle(msg("for four"))
-    assert len(thread.snapshot().buffer) == 8, "nothing leaves without its memory"
-    # A summary that was written but not stored was paid for within this turn.
-    assert unstored.usage == Usage(input_tokens=103, output_tokens=12)
-    agents.summary_not_stored = False
-    await thread.handle(msg("thanks"))
-    assert agents.compressed[-1][1][:2] == ["two people", "bookings: two people"]
-    assert len(thread.snapshot().buffer) == 4
-
-
-async def test_each_users_messages_become_that_users_memory(team: TeamConfig) -> None:
-    data = team.model_dump()
-    data["specialists"][1]["memory"] = {"short_window": 4}  # bookings
-    with_memory = TeamConfig.model_validate(data)
-    agents = booking_agents()
-    thread = await Thread.open(KEY, with_memory, InMemoryThreadStore(), agents)
-
-    def said(text: str, user: str | None) -> InboundMessage:
-        return InboundMessage(text=text, message_id=f"{user}-{text}", user_id=user)
-
-    await thread.handle(said("my card ends 4242", "alice"))
-    await thread.handle(said("book", None))  # before the channel knew who it was
-    await thread.handle(said("for two", "bob"))  # a shared thread: a new user joins
-    await thread.handle(said("at nine", "bob"))
-    # Leaving: alice's turn and the anonymous one, each kept for its own user only.
-    assert agents.compressed_for == ["alice", "thread:default/t"]
-    assert agents.compressed[0][1] == ["my card ends 4242", "bookings: my card ends 4242"]
-    assert [e.user_id for e in thread.snapshot().buffer] == ["bob"] * 4
-
-
 async def test_observe_sees_each_turn_run_once(team: TeamConfig) -> None:
     seen: list[tuple[int, str | None, float]] = []
     thread = await Thread.open(

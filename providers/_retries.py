@@ -72,7 +72,8 @@ async def retry_stream(
 ) -> ModelResponse:
     """``attempt(sink)``, made again after a StreamBroke at most ``retries`` times, but only
     while ``on_text`` has been told nothing. What broken attempts spent counts in the reply,
-    or, when the last one breaks too, in the ProviderError's ``usage``."""
+    or, when the last attempt breaks too or fails otherwise, in the ProviderError's
+    ``usage``."""
     told = False
     spent = Usage()
 
@@ -105,6 +106,12 @@ async def retry_stream(
             )
             await asyncio.sleep(wait)
             continue
+        except ProviderError as failed:  # a retry refused (a 400, a 429 past the SDK's tries)
+            if spent == Usage():
+                raise
+            # The broken attempts before it were paid for all the same.
+            total = spent + Usage.model_validate(failed.usage)
+            raise ProviderError(vendor, agent, failed.detail, total.model_dump()) from None
         if spent == Usage():
             return response
         return response.model_copy(update={"usage": spent + response.usage})

@@ -144,6 +144,29 @@ async def test_what_streams_that_all_broke_spent_is_on_the_error(
 
 
 @pytest.mark.parametrize("kind", KINDS)
+async def test_a_broken_stream_counts_when_the_retry_fails_another_way(
+    kind: str, fake_llm: FakeLLMServer
+) -> None:
+    """The retry refused with a 400: the error carried nothing, so the paid broken stream
+    was lost (Anthropic's tokens; OpenAI's unknown cost read as a known $0.00)."""
+    status = 500 if kind == "openai" else 529
+    fake_llm.queue(FakeReply.error_in_stream(status, "overloaded"), FakeReply.error(400, "bad"))
+    provider = open_provider(kind, fake_llm.url, retries=1)
+    try:
+        with pytest.raises(ProviderError, match="bad") as failed:
+            await call(provider)
+    finally:
+        await provider.aclose()
+    assert fake_llm.count() == 2
+    spent = Usage.model_validate(failed.value.usage)
+    assert spent.requests == 1
+    if kind == "anthropic":
+        assert spent.input_tokens == fake_llm.requests[0].input_tokens > 0
+    else:
+        assert spent.unmeasured_requests == 1 and PRICE.charge(spent).cost_usd is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_a_turn_whose_streams_all_broke_keeps_what_they_spent(
     kind: str, fake_llm: FakeLLMServer
 ) -> None:

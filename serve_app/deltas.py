@@ -108,7 +108,8 @@ async def read_deltas(
     With ``idle_s``, ``None`` comes after each ``idle_s`` seconds without a piece, for the
     caller to keep its connection alive.
     Polls without blocking, so a reply being read holds no Redis connection between looks.
-    A Redis failure ends the pieces early; the turn still ends the stream. A reader that
+    A Redis failure ends the pieces early (the keep-alives go on); the turn still ends the
+    stream. A reader that
     stops early (its caller went away) leaves the key to go when the turn is done, so a
     retry of the message later does not read this delivery's text.
     """
@@ -135,6 +136,10 @@ async def read_deltas(
                 await asyncio.wait([turn], timeout=_POLL_S)
     except Exception as exc:  # Redis: the turn still answers
         log.warning("reply text of %s not read: %s", key, exc)
+        while idle_s is not None and not turn.done():  # and its caller still waits for it
+            await asyncio.wait([turn], timeout=idle_s)
+            if not turn.done():
+                yield None
     finally:
         if read_all:
             with contextlib.suppress(Exception):

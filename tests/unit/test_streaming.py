@@ -244,6 +244,39 @@ async def test_a_quiet_turn_is_kept_alive_while_it_runs(redis: aioredis.Redis) -
     ]
 
 
+class _FailsAfterOneRead:
+    """A Redis client whose reads fail after the first, as in an outage during a turn."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self.reads = 0
+
+    async def xread(self, *args: Any, **kw: Any) -> Any:
+        self.reads += 1
+        if self.reads > 1:
+            raise ConnectionError("redis went away")
+        return await self._redis.xread(*args, **kw)
+
+    async def delete(self, key: str) -> int:
+        return int(await self._redis.delete(key))
+
+
+async def test_a_turn_stays_kept_alive_after_its_text_cannot_be_read(
+    redis: aioredis.Redis,
+) -> None:
+    """The keep-alives stopped with the text: a long turn's connection fell silent until it
+    ended, and a proxy closing idle connections lost the caller its turn."""
+    key = f"stickyray:{{default/{uuid.uuid4().hex}}}:deltas:m1"
+    turn: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    client = _FailsAfterOneRead(redis)
+    reading = read_deltas(client, key, turn, idle_s=0.05)  # type: ignore[arg-type]
+    for _ in range(3):  # the outage came at the second read
+        assert await anext(reading) is None
+    assert client.reads == 2
+    turn.set_result("done")
+    assert [piece async for piece in reading] == []
+
+
 async def test_an_agent_replica_streams_its_reply_when_asked(
     settings: Settings, fake_llm: FakeLLMServer, redis: aioredis.Redis
 ) -> None:

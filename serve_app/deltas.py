@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -43,6 +44,9 @@ class DeltaWriter:
         self._client = client
         self._key = key
         self._agent = agent
+        # Names this agent call in its pieces: a turn run again (its thread actor was lost
+        # midway) writes to the same stream, its steps numbered from 1 again.
+        self._call = uuid.uuid4().hex[:12]
         self._pending: list[tuple[int, str]] = []
         self._wake = asyncio.Event()
         self._closing = False
@@ -72,6 +76,7 @@ class DeltaWriter:
                         for step, text in _joined(batch):
                             fields: dict[Any, Any] = {
                                 "agent": self._agent,
+                                "call": self._call,
                                 "step": step,
                                 "text": text,
                             }
@@ -167,7 +172,12 @@ def _forget(client: aioredis.Redis, key: str) -> None:
 
 def _piece(fields: dict[Any, Any]) -> dict[str, Any]:
     text = {_str(k): _str(v) for k, v in fields.items()}
-    return {"agent": text.get("agent"), "step": int(text.get("step", 0)), "text": text.get("text")}
+    return {
+        "agent": text.get("agent"),
+        "call": text.get("call"),
+        "step": int(text.get("step", 0)),
+        "text": text.get("text"),
+    }
 
 
 def _str(value: Any) -> str:

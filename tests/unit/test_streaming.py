@@ -10,6 +10,7 @@ import types
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 import redis as redis_sync
@@ -199,7 +200,7 @@ async def test_a_reader_that_leaves_early_leaves_nothing_behind(redis: aioredis.
     writer = DeltaWriter(redis, key, "bookings")
     await writer.write(1, "Booked ")
     reading = read_deltas(redis, key, turn)
-    assert await anext(reading) == {"agent": "bookings", "step": 1, "text": "Booked "}
+    assert await anext(reading) == {"agent": "bookings", "call": ANY, "step": 1, "text": "Booked "}
     await reading.aclose()  # as when the request is cancelled
     await writer.write(1, "a table \ud83d.")
     await writer.close()
@@ -223,9 +224,25 @@ async def test_text_written_just_before_the_turn_ends_is_still_read(redis: aiore
     turn.set_result("done")
     read = [piece async for piece in read_deltas(redis, key, turn)]
     assert read == [
-        {"agent": "bookings", "step": 1, "text": "Hello "},
-        {"agent": "bookings", "step": 3, "text": "there"},
+        {"agent": "bookings", "call": ANY, "step": 1, "text": "Hello "},
+        {"agent": "bookings", "call": ANY, "step": 3, "text": "there"},
     ]
+    assert read[0]["call"] == read[1]["call"] is not None  # one agent call
+
+
+async def test_a_turn_run_again_is_told_apart_from_its_first_run(redis: aioredis.Redis) -> None:
+    """Its thread actor was lost midway: the turn runs again into the same stream, its steps
+    numbered from 1 again, and a client made one bubble of both runs' text."""
+    key = f"stickyray:{{default/{uuid.uuid4().hex}}}:deltas:m1"
+    for text in ("I can book a ta", "I can book a table for two."):
+        writer = DeltaWriter(redis, key, "bookings")
+        await writer.write(1, text)
+        await writer.close()
+    turn: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    turn.set_result("done")
+    first, second = [piece async for piece in read_deltas(redis, key, turn)]
+    assert (first["step"], second["step"]) == (1, 1)
+    assert first["call"] != second["call"]
 
 
 async def test_a_quiet_turn_is_kept_alive_while_it_runs(redis: aioredis.Redis) -> None:
@@ -240,7 +257,7 @@ async def test_a_quiet_turn_is_kept_alive_while_it_runs(redis: aioredis.Redis) -
     turn.set_result("done")
     rest = [piece async for piece in reading]
     assert [p for p in rest if p is not None] == [
-        {"agent": "bookings", "step": 1, "text": "Booked."}
+        {"agent": "bookings", "call": ANY, "step": 1, "text": "Booked."}
     ]
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import ValidationError, create_model
+from pydantic import ConfigDict, ValidationError, create_model
 
 from providers.model import ToolSpec
 from stickyray.config import AgentConfig, TeamConfig
@@ -124,12 +124,22 @@ class Tool:
         # annotations`` they are strings that mean nothing here.
         hints = typing.get_type_hints(self.func, include_extras=True)
         fields: dict[str, Any] = {}
+        takes_any = False  # **kwargs: any other name the model gives goes there
         for param in inspect.signature(self.func).parameters.values():
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                takes_any = takes_any or param.kind == param.VAR_KEYWORD
                 continue  # *args / **kwargs: nothing a model can name
             default = param.default if param.default is not inspect.Parameter.empty else ...
             fields[param.name] = (hints.get(param.name, Any), default)
-        return create_model(f"{self.name}_args", **fields)
+        # A name the function does not take is refused, not dropped: {"orderId": "A-1"}
+        # for cancel_order(order_id="latest") must not cancel the latest order.
+        config = ConfigDict(extra="allow" if takes_any else "forbid")
+        return create_model(f"{self.name}_args", __config__=config, **fields)
+
+    def _optional(self) -> set[str]:
+        """The parameters with a default: a null for one of them means "not given"."""
+        params = inspect.signature(self.func).parameters.values()
+        return {p.name for p in params if p.default is not inspect.Parameter.empty}
 
     def _schema(self) -> dict[str, Any]:
         schema = self._args_model().model_json_schema()
@@ -157,13 +167,16 @@ class Tool:
             if missing:
                 return self._refused(f"needs {', '.join(missing)}")
         else:
+            optional = self._optional()
+            given = {k: v for k, v in arguments.items() if v is not None or k not in optional}
             try:
-                args = self._args_model().model_validate(arguments)
+                args = self._args_model().model_validate(given)
             except ValidationError as exc:
                 return ToolOutcome(
                     f"error: invalid arguments for {self.name}: {exc.errors()}", False
                 )
             kwargs = {name: getattr(args, name) for name in type(args).model_fields}
+            kwargs |= args.model_extra or {}
         deadline = asyncio.timeout(timeout_s)
         attempt = _Attempt()
         try:

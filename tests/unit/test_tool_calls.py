@@ -164,3 +164,43 @@ async def test_what_tools_did_is_recorded_and_told_to_the_agent_handed_the_threa
     await triage.run(follow)
     system = fake_llm.requests[-1].system
     assert quoted(line) in system and "do not run them again" in system
+
+
+async def test_an_argument_the_function_does_not_take_is_refused_not_dropped() -> None:
+    """Dropped, {"orderId": "A-123"} cancelled the latest order, cancel_order's default."""
+    cancelled: list[str] = []
+
+    def cancel_order(order_id: str = "latest") -> str:
+        cancelled.append(order_id)
+        return f"cancelled order {order_id}"
+
+    tool = Tool("cancel_order", "Cancel an order", cancel_order)
+    outcome = await tool.call({"orderId": "A-123"})
+    assert not outcome.ran and "orderId" in outcome.text and cancelled == []
+    assert tool.spec().parameters["additionalProperties"] is False
+    assert (await tool.call({"order_id": "A-123"})).text == "cancelled order A-123"
+
+
+async def test_a_tool_taking_any_keywords_gets_every_argument() -> None:
+    def search(city: str, **filters: object) -> str:
+        return f"{city} {sorted(filters.items())}"
+
+    assert await Tool("search", "Search", search).run({"city": "Lisbon", "stars": 4}) == (
+        "Lisbon [('stars', 4)]"
+    )
+
+
+async def test_null_for_an_argument_with_a_default_means_not_given() -> None:
+    """As intents take it: models send null for optional parameters they leave out."""
+
+    def local_time(timezone: str = "UTC") -> str:
+        return f"time in {timezone}"
+
+    tool = Tool("local_time", "The time", local_time)
+    assert await tool.run({"timezone": None}) == "time in UTC"
+
+    # A required argument given as null is still refused.
+    def echo(text: str) -> str:
+        return text
+
+    assert "invalid arguments" in await Tool("echo", "Echo", echo).run({"text": None})

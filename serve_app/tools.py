@@ -244,6 +244,11 @@ def resolve_tool(ref: str) -> Tool:
             module = importlib.import_module(module_name)
         except Exception as exc:  # a bad name, or any error the module raises as it loads
             raise ToolError(f"tool {ref!r}: cannot import {module_name!r}: {exc}") from None
+        except SystemExit as exc:  # a script's sys.exit() would end start-up in its words
+            raise ToolError(
+                f"tool {ref!r}: cannot import {module_name!r}: it calls sys.exit({exc.code!r}) "
+                "as it loads"
+            ) from None
         found = getattr(module, attr, None)
         if not callable(found):
             raise ToolError(f"tool {ref!r}: {module_name!r} has no function {attr!r}")

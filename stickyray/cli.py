@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from stickyray.errors import ConfigError, StoreUnavailable
 
 if TYPE_CHECKING:
+    from stickyray.config import TeamConfig
     from stickyray.turns import Usage
 
 __all__ = ["main"]
@@ -26,7 +27,6 @@ log = logging.getLogger("stickyray")
 def _serve(args: argparse.Namespace) -> int:
     from providers.factory import check_providers
     from serve_app.tools import check_tools
-    from stickyray.config import load_config, sample_config_path
     from stickyray.settings import check_ray_address, load_settings, masked
     from stickyray.webhooks import check_webhooks
 
@@ -34,15 +34,14 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = load_settings()
         check_ray_address(settings.ray_address)
-        path = args.config or settings.config or sample_config_path()
-        team = load_config(path)
+        path, team = _load_team(args.config, settings.config)
         check_providers(team, settings)
         check_tools(team)
         check_webhooks(team, settings)
     except ConfigError as exc:
         print(f"stickyray: {exc}", file=sys.stderr)
         return 2
-    host = args.host or settings.host
+    host = args.host if args.host is not None else settings.host
     port = args.port or settings.port
 
     import ray
@@ -159,6 +158,21 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_team(given: Path | None, from_env: Path | None) -> tuple[Path, TeamConfig]:
+    """The team of ``--config``, else of STICKYRAY_CONFIG, else the shipped sample; an error
+    about the file says when its path came from STICKYRAY_CONFIG."""
+    from stickyray.config import load_config, sample_config_path
+
+    if given is not None or from_env is None:
+        path = given or sample_config_path()
+        return path, load_config(path)
+    try:
+        return from_env, load_config(from_env)
+    except ConfigError as exc:
+        message = str(exc).replace(f"{from_env}:", f"{from_env} (from STICKYRAY_CONFIG):", 1)
+        raise ConfigError(message) from None
+
+
 def _serve_http() -> tuple[str | None, int]:
     """The host and port the Serve instance this process is connected to listens on."""
     from ray.serve.context import _get_global_client
@@ -239,13 +253,12 @@ def _reembed(args: argparse.Namespace) -> int:
 
     from memory.embedded_postgres import EmbeddedPostgres
     from memory.embedders import LocalEmbedder
-    from stickyray.config import load_config, sample_config_path
     from stickyray.errors import StickyrayError
     from stickyray.settings import load_settings
 
     try:
         settings = load_settings()
-        team = load_config(args.config or settings.config or sample_config_path())
+        _, team = _load_team(args.config, settings.config)
         if team.memory.embedder == "openai" and settings.openai_api_key is None:
             raise ConfigError("memory.embedder openai needs OPENAI_API_KEY")
         if team.memory.embedder == "local" and not LocalEmbedder.installed():
@@ -363,6 +376,15 @@ def _port(value: str) -> int:
     return port
 
 
+def _host(value: str) -> str:
+    from stickyray.settings import check_host
+
+    try:
+        return check_host(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} {exc}") from None
+
+
 def _check(args: argparse.Namespace) -> int:
     from serve_app.tools import check_tools
     from stickyray.config import load_config
@@ -445,7 +467,9 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="agents.yaml (default: STICKYRAY_CONFIG, else the shipped customer-assistant sample)",
     )
-    serve.add_argument("--host", help="bind address (default: STICKYRAY_HOST or 127.0.0.1)")
+    serve.add_argument(
+        "--host", type=_host, help="bind address (default: STICKYRAY_HOST or 127.0.0.1)"
+    )
     serve.add_argument(
         "--port", type=_port, help="HTTP port, 1-65535 (default: STICKYRAY_PORT or 8000)"
     )

@@ -6,13 +6,12 @@ silently ignored setting.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -21,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from stickyray.config_files import format_errors, read_yaml
 from stickyray.errors import ConfigError
 from stickyray.webhooks import normalize_prefix
 
@@ -52,6 +52,29 @@ INTENT_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
 ProviderName = Literal["openai", "anthropic", "offline"]
 SLOT_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 SlotName = Annotated[str, Field(pattern=SLOT_NAME_PATTERN)]
+# Redis refuses an expiry past its clock's range ("invalid expire time") on every write: a
+# retention is at most ten years.
+MAX_TTL_S = 10 * 365 * 24 * 3600
+
+
+def _not_blank(value: str) -> str:
+    # min_length=1 takes " ": a description the model routes on that says nothing.
+    if not value.strip():
+        raise ValueError("must not be blank: write some text, not only spaces")
+    return value
+
+
+def _model_name(value: str) -> str:
+    # The provider answers "model not found" to every call of a name with spaces around it.
+    if not value.strip():
+        raise ValueError("must not be blank: name the model, e.g. gpt-4o-mini")
+    if value != value.strip():
+        raise ValueError(f"must not start or end with spaces: write {value.strip()!r}")
+    return value
+
+
+_Description = Annotated[str, AfterValidator(_not_blank)]
+_ModelName = Annotated[str, AfterValidator(_model_name)]
 
 
 class _Strict(BaseModel):
@@ -124,10 +147,10 @@ class AgentConfig(_Strict):
     """One agent: its prompt, model, handoffs and how Ray Serve scales it."""
 
     name: str = Field(pattern=AGENT_NAME_PATTERN)
-    description: str = Field(min_length=1)
+    description: _Description
     instructions: str = ""
     provider: ProviderName = "offline"
-    model: str | None = None
+    model: _ModelName | None = None
     # None leaves sampling to the provider's default (some models reject the parameter).
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_iterations: int = Field(default=6, ge=1, le=50)
@@ -201,12 +224,13 @@ class ThreadsConfig(_Strict):
     max_handoffs_per_turn: int = Field(default=3, ge=0, le=10)
     max_message_bytes: int = Field(default=16 * 1024, ge=1)
     # Retention: a thread's stored state lives this long after its last turn.
-    checkpoint_ttl_s: int = Field(default=30 * 24 * 3600, ge=60)
+    checkpoint_ttl_s: int = Field(default=30 * 24 * 3600, ge=60, le=MAX_TTL_S)
     # A retried message id returns its first reply for this long.
-    message_id_ttl_s: int = Field(default=24 * 3600, ge=1)
+    message_id_ttl_s: int = Field(default=24 * 3600, ge=1, le=MAX_TTL_S)
     # Passivation: an actor idle this long checkpoints and exits; at most this many live
-    # thread actors per node, the least recently used making room for new ones.
-    idle_timeout_s: float = Field(default=300.0, gt=0)
+    # thread actors per node, the least recently used making room for new ones. At most 30
+    # days: the node's live set expires twice this later, in milliseconds (actors/liveness.py).
+    idle_timeout_s: float = Field(default=300.0, gt=0, le=30 * 24 * 3600)
     max_live_threads: int = Field(default=1000, ge=1)
     # Hosting: "actor" gives every thread its own named actor (an OS process); "pooled" keeps
     # threads as objects inside `pool_size` named host actors, a thread's host chosen by a hash
@@ -220,7 +244,7 @@ class MemoryConfig(_Strict):
     """Long-term memory for the whole team: the embedder and how search scores combine."""
 
     embedder: Literal["local", "openai"] = "local"
-    embedding_model: str = "text-embedding-3-small"
+    embedding_model: _ModelName = "text-embedding-3-small"
     # Unset: the model's own size (1536 for OpenAI's small and ada models), not asked for.
     # Set: asked for (text-embedding-3 models shorten their vectors). At most 2000, the most
     # pgvector's HNSW index takes.
@@ -279,7 +303,7 @@ class RunsConfig(_Strict):
     # Runs waiting or running; more get a 429.
     max_queued: int = Field(default=10_000, ge=1, le=1_000_000)
     # A finished run's record (status and turn) is kept this long.
-    result_ttl_s: int = Field(default=24 * 3600, ge=60)
+    result_ttl_s: int = Field(default=24 * 3600, ge=60, le=MAX_TTL_S)
     # A run whose delivery keeps failing with an outage this long fails with the last error
     # (an outage that never ends is a misconfiguration), letting its thread's next runs go.
     give_up_after_s: float = Field(default=3600.0, gt=0)
@@ -488,40 +512,6 @@ def sample_config_path() -> Path:
     return Path(str(resources.files("stickyray") / "sample_agents.yaml"))
 
 
-def _format_errors(path: Path, exc: ValidationError) -> str:
-    lines = [f"{path}: invalid configuration"]
-    for err in exc.errors():
-        field = ".".join(str(part) for part in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {field}: {msg}")
-    return "\n".join(lines)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping.
-
-    PyYAML keeps the last one: a second `specialists:` would drop the first list's agents
-    without a word.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *anchor`: keys written next to it override the merged ones
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, Hashable):
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"a {type(key).__name__} cannot be a key", key_node.start_mark
-                )
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def parse_config(data: Any, source: Path) -> TeamConfig:
     """Validate already-parsed YAML/JSON data; errors name ``source`` and the field."""
     if not isinstance(data, dict):
@@ -531,24 +521,13 @@ def parse_config(data: Any, source: Path) -> TeamConfig:
     try:
         return TeamConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(source, exc)) from None
+        raise ConfigError(format_errors(source, exc)) from None
 
 
 def load_config(path: Path | str | None = None) -> TeamConfig:
     """Load and validate ``agents.yaml``; ``None`` loads the shipped sample."""
     source = Path(path) if path is not None else sample_config_path()
-    try:
-        text = source.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read configuration: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not UTF-8 (byte {exc.start}): save it as UTF-8") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: nested too deeply to read") from None
+    data = read_yaml(source)
     if data is None:
         raise ConfigError(f"{source}: the file is empty: it needs a supervisor and specialists")
     return parse_config(data, source)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from stickyray.errors import ConfigError
 from stickyray.webhooks import check_secret
 
-__all__ = ["Settings", "check_ray_address", "load_settings", "masked"]
+__all__ = ["Settings", "check_host", "check_ray_address", "load_settings", "masked"]
 
 
 class Settings(BaseSettings):
@@ -93,6 +94,11 @@ class Settings(BaseSettings):
         if secret is not None:
             check_secret(secret.get_secret_value())
         return secret
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, host: str) -> str:
+        return check_host(host)
 
     @field_validator("telegram_bot_username")
     @classmethod
@@ -175,10 +181,22 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_scheme(cls, url: str | None) -> str | None:
+    def _redis_url(cls, url: str | None) -> str | None:
         # redis-py would only say so inside a deployment, after Ray and Serve started.
-        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        if url is None:
+            return None
+        if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        from redis.asyncio.connection import parse_url  # what the stores connect with
+
+        try:
+            parts = parse_url(url)
+        except ValueError as exc:
+            # Python's own reasons may quote the URL's user-info (a non-ASCII password).
+            reason = _without_userinfo(str(exc), url)
+            raise ValueError(f"is not a Redis URL ({reason}): {_REDIS_FORM}") from None
+        if parts.get("port") == 0:
+            raise ValueError(f"is not a Redis URL (port 0): {_REDIS_FORM}")
         return url
 
 
@@ -189,18 +207,58 @@ ONE_WORD_RULE = "must be printable ASCII without spaces or line breaks"
 _NOT_IN_URL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 _RAY_ADDRESS = re.compile(r"auto|local|ray://\S+|(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}")
 _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD")
+_REDIS_FORM = "write redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB], a port of 1-65535"
+# A URL's user-info: what precedes the last "@" of its authority. Without a scheme, only a
+# "user:password@" (a URL that lost its scheme), so "@my_bot" or "a b@c" is kept as given.
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@|^[^\s/@:]*:[^\s/]*@")
+# What a host name is made of (RFC 1123 labels; "_" too, as in container names).
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 
 def masked(value: Any) -> Any:
-    """``value`` with whatever precedes the host of a URL (``user:password@``) masked, and
-    any ``password=...`` (libpq's keyword form, a query parameter)."""
+    """``value`` with the user-info of a URL (``user:password@``) masked, and any
+    ``password=...`` (libpq's keyword form, a query parameter)."""
     if isinstance(value, str):
         value = re.sub(r"(?i)(password\s*=\s*)('[^']*'|[^\s&;]+)", r"\1***", value)
-    if isinstance(value, str) and "@" in value:
-        scheme = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value)
-        prefix = scheme.group(0) if scheme else ""
-        return f"{prefix}***@{value.rsplit('@', 1)[1]}"
+        value = _USERINFO.sub(lambda found: f"{found.group(1) or ''}***@", value, count=1)
     return value
+
+
+def _without_userinfo(text: str, url: str) -> str:
+    """``text`` (an error about ``url``) without the URL's user-info."""
+    found = _USERINFO.match(url)
+    if found is None:
+        return text
+    userinfo = found.group(0).removeprefix(found.group(1) or "")
+    return text.replace(userinfo, "***@") if userinfo != "@" else text
+
+
+def check_host(host: str) -> str:
+    """``host`` if a server can bind to it (an IP address or a host name); ValueError saying
+    what is wrong otherwise."""
+    if not host:
+        raise ValueError("must not be empty: give an IP address (e.g. 127.0.0.1) or a host name")
+    if _NOT_IN_URL.search(host):
+        raise ValueError(
+            "must be an IP address or a host name without spaces, line breaks or control "
+            "characters: remove them"
+        )
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    if (
+        len(host) > 253
+        or not all(_HOST_LABEL.fullmatch(label) for label in labels)
+        or labels[-1].isdigit()  # an IPv4 address of the wrong shape: 10.0.0.256, 10.0.1
+    ):
+        raise ValueError(
+            "must be an IP address (e.g. 127.0.0.1, 0.0.0.0 or ::, without brackets) or a host "
+            "name (letters, digits, - and _, in labels separated by dots)"
+        )
+    return host
 
 
 def load_settings() -> Settings:

@@ -178,3 +178,51 @@ def test_stop_requests_during_start_up_wait_then_abort(capsys: pytest.CaptureFix
     up.request()  # once up, a request stops it, whatever came before
     up.request()
     up.wait()
+
+
+@pytest.mark.parametrize(("host", "fix"), [("0.0.0.0 ", "without spaces"), ("", "not be empty")])
+def test_serve_refuses_a_host_nothing_can_bind_to(
+    host: str, fix: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serve's proxy would fail on it after Ray started; "" is no request for the default."""
+    monkeypatch.setenv("STICKYRAY_PORT", "eighty")  # a host let through starts nothing either
+    with pytest.raises(SystemExit) as exit_:
+        cli(["serve", "--host", host])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --host: {host!r} must" in err and fix in err
+
+
+@pytest.mark.parametrize("command", [["serve"], ["memory", "reembed"]])
+def test_a_config_from_stickyray_config_says_so_when_it_cannot_be_read(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+) -> None:
+    missing = tmp_path / "agents.yaml"
+    monkeypatch.setenv("STICKYRAY_CONFIG", str(missing))
+    assert cli(command) == 2
+    assert (
+        f"stickyray: {missing} (from STICKYRAY_CONFIG): cannot read configuration"
+        in capsys.readouterr().err
+    )
+    assert cli([*command, "--config", str(missing)]) == 2  # given on the command line
+    assert f"stickyray: {missing}: cannot read" in capsys.readouterr().err
+
+
+def test_a_tool_module_that_exits_as_it_loads_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script's sys.exit() would end `check` with its own words, naming no tool."""
+    (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit('usage: run me')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = yaml.safe_load(sample_config_path().read_text())
+    config["specialists"][0]["tools"] = ["exits_on_import:lookup"]
+    path = tmp_path / "agents.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli(["check", str(path)]) == 2
+    assert (
+        "agent 'invoices' tools: tool 'exits_on_import:lookup': cannot import "
+        "'exits_on_import': it calls sys.exit('usage: run me') as it loads"
+    ) in capsys.readouterr().err

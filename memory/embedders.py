@@ -104,15 +104,33 @@ class LocalEmbedder:
         return self._model
 
     def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
-        """Blocking embed; the async method runs this in a worker thread."""
+        """Blocking embed; the async method runs this in a worker thread.
+
+        The model reads at most ``max_seq_length`` tokens (256) and drops the rest, so a
+        longer text is embedded in pieces that fit, cut between words; its vector is the
+        mean of theirs, weighted by their tokens, normalised again. A text that fits is
+        embedded whole, as it always was.
+        """
         found, missing = self._cache.lookup(texts)
         if missing:
             with self._model_lock:
-                vectors = self._load().encode(
-                    missing, normalize_embeddings=True, convert_to_numpy=True, batch_size=64
+                model = self._load()
+                window = model.max_seq_length - model.tokenizer.num_special_tokens_to_add()
+                pieces = [_pieces(model.tokenizer, text, window) for text in missing]
+                vectors = model.encode(
+                    [piece for text_pieces in pieces for piece, _ in text_pieces],
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    batch_size=64,
                 )
-            for text, vector in zip(missing, vectors, strict=True):
-                found[text] = vector.astype(np.float32)
+            start = 0
+            for text, text_pieces in zip(missing, pieces, strict=True):
+                rows = vectors[start : start + len(text_pieces)]
+                start += len(text_pieces)
+                if len(text_pieces) > 1:
+                    mean = np.asarray([tokens for _, tokens in text_pieces], np.float64) @ rows
+                    rows = mean[np.newaxis] / np.linalg.norm(mean)
+                found[text] = rows[0].astype(np.float32)
         self._cache.keep(found)
         return np.stack([found[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
 
@@ -120,6 +138,29 @@ class LocalEmbedder:
         # One encode at a time: the model is not re-entrant and the CPU is the bottleneck anyway.
         async with self._lock:
             return await asyncio.to_thread(self.embed_sync, list(texts))
+
+
+def _pieces(tokenizer: Any, text: str, window: int) -> list[tuple[str, int]]:
+    """``text`` as pieces of at most ``window`` tokens, each with its number of tokens.
+
+    A text that fits is its own one piece. Pieces are cut between words, so each tokenizes
+    alone as it did within the text; only a word longer than a window is cut inside.
+    """
+    # Not verbose: a text longer than the model reads is what this is for.
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    spans, words = encoding["offset_mapping"], encoding.word_ids()
+    if len(spans) <= window:
+        return [(text, len(spans))]
+    pieces, start = [], 0
+    while start < len(spans):
+        end = min(start + window, len(spans))
+        cut = end
+        while start < cut < len(spans) and words[cut] == words[cut - 1]:
+            cut -= 1
+        end = cut if cut > start else end
+        pieces.append((text[spans[start][0] : spans[end - 1][1]], end - start))
+        start = end
+    return pieces
 
 
 # OpenAI embeds at most 8,192 tokens of one input and refuses more. Its tokenizer works on

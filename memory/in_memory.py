@@ -10,6 +10,7 @@ from datetime import datetime
 import numpy as np
 
 from memory._records import (
+    check_names,
     check_new,
     check_room,
     core_block,
@@ -102,6 +103,7 @@ class InMemoryMemoryStore:
         weights: SearchWeights | None = None,
     ) -> list[MemoryHit]:
         """The k best memories of (tenant, user) by combined score, best first."""
+        check_names(tenant=tenant, user_id=user_id, agent=agent)
         query = unit_rows(embedding, self._dimension)[0]
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
@@ -133,6 +135,7 @@ class InMemoryMemoryStore:
 
     async def delete(self, tenant: str, user_id: str, memory_id: str) -> bool:
         """Delete one memory; False if (tenant, user) has no memory with that id."""
+        check_names(tenant=tenant, user_id=user_id)
         try:
             key = str(uuid.UUID(memory_id))  # any form of it, upper-case too, as Postgres reads it
         except ValueError:
@@ -149,6 +152,7 @@ class InMemoryMemoryStore:
 
     async def get_core(self, tenant: str, user_id: str) -> list[CoreBlock]:
         """Every core block of (tenant, user), by label."""
+        check_names(tenant=tenant, user_id=user_id)
         blocks = self._core.get((tenant, user_id), {})
         return [blocks[label] for label in sorted(blocks)]
 
@@ -162,6 +166,7 @@ class InMemoryMemoryStore:
         max_blocks: int | None = None,
     ) -> CoreBlock:
         """Create or replace a core block (see MemoryStore.put_core)."""
+        check_names(tenant=tenant, user_id=user_id)
         block = core_block(label, value, limit, self._clock())
         blocks = self._core.setdefault((tenant, user_id), {})
         check_room(block.label, list(blocks), max_blocks)
@@ -170,4 +175,5 @@ class InMemoryMemoryStore:
 
     async def delete_core(self, tenant: str, user_id: str, label: str) -> bool:
         """Delete one core block; False if (tenant, user) has none with that label."""
+        check_names(tenant=tenant, user_id=user_id, label=label)
         return self._core.get((tenant, user_id), {}).pop(label, None) is not None

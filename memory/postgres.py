@@ -46,6 +46,7 @@ from memory._pg_search import (
     score_rows,
 )
 from memory._records import (
+    check_names,
     check_new,
     check_room,
     core_block,
@@ -271,13 +272,15 @@ class PostgresMemoryStore:
 
         Candidates come from the HNSW index, then are re-ranked by ``combined_score``.
         """
+        check_names(tenant=tenant, user_id=user_id, agent=agent)
         query = unit_rows(embedding, self._dimension)[0]
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         if k == 0:
             return []
         weights = weights or SearchWeights()
-        wanted = max(OVERSAMPLE * k, MIN_CANDIDATES)
+        # LIMIT takes a bigint; a k past it asks for every row anyway.
+        wanted = min(max(OVERSAMPLE * k, MIN_CANDIDATES), 2**63 - 1)
         where = "tenant = $1 AND user_id = $2"
         args: list[Any] = [tenant, user_id, query, wanted]
         if kinds is not None:
@@ -364,6 +367,7 @@ class PostgresMemoryStore:
 
     async def delete(self, tenant: str, user_id: str, memory_id: str) -> bool:
         """Delete one memory; False if (tenant, user) has no memory with that id."""
+        check_names(tenant=tenant, user_id=user_id)
         try:
             key = uuid.UUID(memory_id)
         except ValueError:
@@ -379,6 +383,7 @@ class PostgresMemoryStore:
 
     async def get_core(self, tenant: str, user_id: str) -> list[CoreBlock]:
         """Every core block of (tenant, user), by label."""
+        check_names(tenant=tenant, user_id=user_id)
         async with self._scoped(tenant) as conn:
             rows = await conn.fetch(
                 'SELECT label, value, char_limit AS "limit", updated_at FROM core_blocks'
@@ -402,6 +407,7 @@ class PostgresMemoryStore:
         With ``max_blocks``, the user's blocks are counted under a transaction lock of that
         user's own, so two writers of new labels (two replicas, one turn each) take turns.
         """
+        check_names(tenant=tenant, user_id=user_id)
         block = core_block(label, value, limit, self._clock())
         async with self._scoped(tenant) as conn:
             if max_blocks is not None:
@@ -434,6 +440,7 @@ class PostgresMemoryStore:
 
     async def delete_core(self, tenant: str, user_id: str, label: str) -> bool:
         """Delete one core block; False if (tenant, user) has none with that label."""
+        check_names(tenant=tenant, user_id=user_id, label=label)
         async with self._scoped(tenant) as conn:
             status = await conn.execute(
                 "DELETE FROM core_blocks WHERE tenant = $1 AND user_id = $2 AND label = $3",

@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 
+from memory._records import unit_rows
 from memory.embedders import Embedder
 from memory.migrations import EMBEDDING_INDEX, MIGRATION_LOCK, migrate
 from stickyray.errors import ConfigError
@@ -269,6 +270,8 @@ async def _fill(conn: asyncpg.Connection, embedder: Embedder, rows: list[Any]) -
             f"the embedder gave {vectors.shape[0]} vectors of {vectors.shape[-1]} dimensions "
             f"for {len(rows)} texts, not {embedder.dimension} dimensions each"
         )
+    # Checked and normalised as the stores do every other embedding they are given.
+    vectors = unit_rows(vectors, embedder.dimension)
     await conn.executemany(
         "UPDATE memories SET embedding_next = $2 WHERE id = $1",
         [(row["id"], vector) for row, vector in zip(rows, vectors, strict=True)],

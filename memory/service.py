@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from memory.buffer import BufferEntry
 from memory.embedders import Embedder
 from memory.long_term import (
+    MAX_CONTENT_CHARS,
     CoreBlock,
     MemoryHit,
     MemoryKind,
@@ -97,22 +98,37 @@ class LongTermMemory:
         return await self.store.delete_core(tenant, user_id, label)
 
 
-def extractive_summary(entries: list[BufferEntry], max_chars: int = 4000) -> str:
-    """A summary with no model: the messages themselves, dated, the user's words first.
+def extractive_summary(entries: list[BufferEntry], max_chars: int = MAX_CONTENT_CHARS) -> str:
+    """A summary with no model: the messages themselves, dated, in at most ``max_chars``.
 
     What users tell an assistant (names, ids, preferences) is in their own messages, so
-    those are kept whole while there is room; replies are cut short.
+    those are kept whole and replies are cut short (to 200 characters). When that is still
+    too long, replies are left out, oldest first; the rest stays in time order. When the
+    user's messages alone are too long, their start is left out: the latest words stay, as
+    the likeliest to still be true.
     """
     if not entries:
         return ""
     turns = sorted({e.turn for e in entries})
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-    lines = [f"Conversation excerpt ({stamp}, turns {turns[0]}-{turns[-1]}):"]
+    head = f"Conversation excerpt ({stamp}, turns {turns[0]}-{turns[-1]}):"
+    lines = []
     for entry in entries:
         if entry.role == "user":
             lines.append(f"user: {entry.text}")
         else:
             reply = entry.text if len(entry.text) <= 200 else entry.text[:197] + "..."
             lines.append(f"{entry.agent or 'assistant'}: {reply}")
-    text = "\n".join(lines)
-    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+    size = len(head) + sum(len(line) + 1 for line in lines)
+    left_out = set()
+    for i, entry in enumerate(entries):
+        if size <= max_chars:
+            break
+        if entry.role != "user":
+            left_out.add(i)
+            size -= len(lines[i]) + 1
+    body = "\n".join(line for i, line in enumerate(lines) if i not in left_out)
+    if size > max_chars:
+        room = max(max_chars - len(head) - len("\n..."), 0)
+        body = "..." + body[len(body) - room :]
+    return f"{head}\n{body}"

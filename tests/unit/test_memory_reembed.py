@@ -273,6 +273,26 @@ async def test_an_embedder_giving_the_wrong_vectors_stops_the_run(database: Data
     assert await admin_reembed(database, HashEmbedder("b", 8)) == 2  # nothing was swapped
 
 
+@pytest.mark.parametrize("scale", [0.0, 1e20])
+async def test_reembedded_vectors_are_checked_and_normalised(
+    database: Database, scale: float
+) -> None:
+    class Scaled(HashEmbedder):
+        async def embed(self, texts: Sequence[str]) -> np.ndarray:
+            return (await super().embed(texts)) * np.float32(scale)
+
+    await set_up(database.url, "test/a", 8)
+    await remember(database.url, HashEmbedder("a", 8), "t1", ["one", "two"])
+    if scale == 0.0:  # cosine is undefined: stored, it would make every search's scores NaN
+        with pytest.raises(ValueError, match="zero vectors"):
+            await admin_reembed(database, Scaled("b", 8))
+        return
+    assert await admin_reembed(database, Scaled("b", 8)) == 2
+    await set_up(database.url, "test/b", 8)
+    hit = await top_hit(database.url, HashEmbedder("b", 8), "t1", "two")
+    assert hit == ("two", pytest.approx(1.0, abs=1e-5))
+
+
 async def test_reembed_to_another_width(database: Database) -> None:
     old, new = HashEmbedder("a", 8), HashEmbedder("c", 16)
     await set_up(database.url, "test/a", 8)

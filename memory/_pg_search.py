@@ -77,13 +77,16 @@ async def exact_pass(
     now: datetime,
     k: int,
     weights: SearchWeights,
+    widen_to: int = 0,
 ) -> list[MemoryHit]:
     """The k best by score among every matching row, given the index's candidates.
 
     Rows beyond the candidates are less similar, but recency and importance can add up
     to w_r + w_i: one of them still beats the k-th hit if its similarity reaches
-    (score_k - w_r - w_i) / w_s, and any row can when w_s is 0. All such rows are
-    scored, reading only what the score needs; only the winners are then read whole.
+    (score_k - w_r - w_i) / w_s, and any row can when w_s is 0. The index's next
+    ``widen_to`` candidates are looked at first (one more index scan); only when they do not
+    reach that far either are all such rows scored. Either way only what the score needs is
+    read, and only the winners are then read whole.
     """
     where, args = query
     hits = rank(scored, k)
@@ -96,11 +99,36 @@ async def exact_pass(
         reach = (hits[-1].score - weights.recency - weights.importance) / weights.similarity
         if reach >= min(similarity for _, _, similarity in scored):
             return hits  # every row in reach is a candidate already
+        if widen_to > len(scored):
+            wider = [*args[:3], widen_to, *args[4:]]
+            rows = await conn.fetch(f"{light} ORDER BY embedding <=> $3 LIMIT $4", *wider)
+            if len(rows) == widen_to and reach >= 1.0 - max(r["distance"] for r in rows):
+                return await _with_beyond(
+                    conn, tenant, user_id, scored, rows, query, now, k, weights
+                )
         exact.append(1.0 - reach)
         light += f" AND (embedding <=> $3) <= ${len(exact)}"
+    rows = await conn.fetch(f"{light} LIMIT $4", *exact)
+    return await _with_beyond(conn, tenant, user_id, scored, rows, query, now, k, weights)
+
+
+async def _with_beyond(
+    conn: asyncpg.Connection,
+    tenant: str,
+    user_id: str,
+    scored: list[tuple[float, MemoryRecord, float]],
+    beyond: list[asyncpg.Record],
+    query: tuple[str, list[Any]],
+    now: datetime,
+    k: int,
+    weights: SearchWeights,
+) -> list[MemoryHit]:
+    """The k best of the candidates and the ``beyond`` rows (read light), the winners among
+    those read whole."""
+    where, args = query
     seen = {record.id for _, record, _ in scored}
     best = [(score, record.id) for score, record, _ in scored]
-    for row in await conn.fetch(f"{light} LIMIT $4", *exact):
+    for row in beyond:
         if row["id"] not in seen:
             similarity = min(max(1.0 - float(row["distance"]), -1.0), 1.0)
             importance = real(row["importance"])
@@ -111,7 +139,7 @@ async def exact_pass(
     best.sort(key=lambda pair: (-pair[0], pair[1]))
     winners = [uuid.UUID(id_) for _, id_ in best[:k] if id_ not in seen]
     if not winners:
-        return hits
+        return rank(scored, k)
     whole = [*args[:3], None, *args[4:], winners]
     rows = await conn.fetch(
         f"SELECT {SELECT}, embedding <=> $3 AS distance FROM memories WHERE {where}"

@@ -290,10 +290,11 @@ class PostgresMemoryStore:
             args.append(agent)
             where += f" AND (agent IS NULL OR agent = ${len(args)})"
         select = f"SELECT {SELECT}, embedding <=> $3 AS distance FROM memories WHERE {where}"
+        # An HNSW scan yields at most ef_search rows, so it must cover the candidates; past
+        # pgvector's limit the scan comes back short and the exact pass below runs.
+        ef_search = min(max(self._ef_search, wanted), MAX_EF_SEARCH)
         settings = {
-            # An HNSW scan yields at most ef_search rows, so it must cover the candidates; past
-            # pgvector's limit the scan comes back short and the exact pass below runs.
-            "hnsw.ef_search": str(min(max(self._ef_search, wanted), MAX_EF_SEARCH)),
+            "hnsw.ef_search": str(ef_search),
             # The access-count UPDATE makes every search a write; waiting for its WAL flush
             # would cost more than the search. A crash may lose the last few counts, no more.
             "synchronous_commit": "off",
@@ -315,7 +316,9 @@ class PostgresMemoryStore:
             hits = rank(scored, k)
             if len(rows) == wanted and len(hits) == k:
                 query = (where, args)
-                hits = await exact_pass(conn, tenant, user_id, scored, query, now, k, weights)
+                hits = await exact_pass(
+                    conn, tenant, user_id, scored, query, now, k, weights, widen_to=ef_search
+                )
             ids = [uuid.UUID(hit.memory.id) for hit in hits]
             touched = await self._touch(conn, tenant, user_id, ids, now)
             if touched is None:

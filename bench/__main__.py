@@ -6,6 +6,7 @@ Without a name it runs ``compare``: stickyray against the raw Ray path and peer 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from bench import compare, memory_search, routing_eval, runs, thread_actors
@@ -26,14 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--latency-ms",
         type=float,
-        default=200.0,
         help="the fake LLM's latency per call, for compare (default 200)",
     )
     args = parser.parse_args(argv)
-    if args.latency_ms < 0:
-        parser.error("--latency-ms must be 0 or more")
+    if args.latency_ms is not None and args.name != "compare":
+        parser.error(f"--latency-ms is for compare only; {args.name} uses its own")
+    latency_ms = 200.0 if args.latency_ms is None else args.latency_ms
+    # Throughput is compared with what the latency allows (threads / latency): it is no 0.
+    if not math.isfinite(latency_ms) or latency_ms <= 0:
+        parser.error(f"--latency-ms must be a number above 0, not {args.latency_ms}")
     if args.name == "compare":
-        return compare.main(quick=args.quick, latency_s=args.latency_ms / 1000)
+        return compare.main(quick=args.quick, latency_s=latency_ms / 1000)
     return BENCHMARKS[args.name](quick=args.quick)
 
 

@@ -4,9 +4,13 @@ Loads clustered synthetic memories (1,000 random centres plus gaussian noise, no
 one tenant and user into an embedded Postgres, builds the HNSW index after loading (m=16,
 ef_construction=64), then runs the same queries through ``PostgresMemoryStore.search`` at
 several ``hnsw.ef_search`` values. Exact top-10 comes from brute force in numpy. All memories
-are semantic with one importance, so the store's combined score orders exactly as cosine does
-and recall measures the index alone. Latency is the whole ``search`` call: the transaction,
-the tenant setting, the index scan, the re-rank and the access-count UPDATE.
+are semantic with one importance, so the store's combined score orders exactly as cosine does.
+The sweep searches by similarity alone (recency and importance weighted 0), so recall
+measures the index alone. The default weights are measured apart, at the store's default
+ef_search: there recency and importance could lift a memory from beyond the candidates, so
+the store also looks further (the index's next candidates, then every row in reach), and
+that row says what the exact result costs. Latency is the whole ``search`` call: the
+transaction, the tenant setting, the index scan, the re-rank and the access-count UPDATE.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 import psutil
 
 from memory.embedded_postgres import EmbeddedPostgres
-from memory.long_term import NewMemory
+from memory.long_term import NewMemory, SearchWeights
 from memory.migrations import EMBEDDING_INDEX
 from memory.postgres import DEFAULT_EF_SEARCH, PostgresMemoryStore, init_connection
 
@@ -83,16 +87,22 @@ async def uses_hnsw(pool: asyncpg.Pool, query: np.ndarray) -> bool:
     return any("memories_embedding_idx" in row[0] for row in plan)
 
 
+SIMILARITY_ONLY = SearchWeights(recency=0.0, importance=0.0)
+
+
 async def measure(
-    store: PostgresMemoryStore, queries: np.ndarray, exact: list[set[str]]
+    store: PostgresMemoryStore,
+    queries: np.ndarray,
+    exact: list[set[str]],
+    weights: SearchWeights = SIMILARITY_ONLY,
 ) -> dict[str, float]:
     """recall@10 and latency of ``store.search`` over the queries."""
     for query in queries[:5]:  # warm the connection, the plan cache and the index pages
-        await store.search(TENANT, USER, query, K)
+        await store.search(TENANT, USER, query, K, weights=weights)
     latencies, recalls = [], []
     for query, truth in zip(queries, exact, strict=True):
         start = time.perf_counter()
-        hits = await store.search(TENANT, USER, query, K)
+        hits = await store.search(TENANT, USER, query, K, weights=weights)
         latencies.append(time.perf_counter() - start)
         recalls.append(len({hit.memory.id for hit in hits} & truth) / K)
     ordered = sorted(latencies)
@@ -124,6 +134,11 @@ async def run(url: str, memories: int, queries: int) -> dict[str, Any]:
         for ef_search in EF_SEARCH:
             store = PostgresMemoryStore(pool, DIMENSION, ef_search=ef_search)
             sweep.append({"ef_search": ef_search, **await measure(store, query_vectors, exact)})
+        store = PostgresMemoryStore(pool, DIMENSION)
+        default_weights = {
+            "ef_search": DEFAULT_EF_SEARCH,
+            **await measure(store, query_vectors, exact, SearchWeights()),
+        }
         hnsw = await uses_hnsw(pool, query_vectors[0])
     finally:
         await pool.close()
@@ -140,6 +155,7 @@ async def run(url: str, memories: int, queries: int) -> dict[str, Any]:
         "load_s": load_s,
         "index": {"m": 16, "ef_construction": 64, "build_s": build_s, "used_by_planner": hnsw},
         "sweep": sweep,
+        "default_weights": default_weights,
         "smallest_meeting_goal": meeting[0] if meeting else None,
         "store_default": next(row for row in sweep if row["ef_search"] == DEFAULT_EF_SEARCH),
         "goal_met_by_default": any(row["ef_search"] == DEFAULT_EF_SEARCH for row in meeting),
@@ -176,12 +192,19 @@ def _print(result: dict[str, Any]) -> None:
         f"load {result['load_s']:.1f} s, HNSW build {index['build_s']:.1f} s (m=16, ef_c=64), "
         f"planner uses the index: {'yes' if index['used_by_planner'] else 'NO'}"
     )
+    print("by similarity alone (the index):")
     print(f"{'ef_search':>10}{'recall@10':>12}{'p50 ms':>10}{'p95 ms':>10}")
     for row in result["sweep"]:
         print(
             f"{row['ef_search']:>10}{row['recall_at_10']:>12.3f}"
             f"{row['p50_ms']:>10.2f}{row['p95_ms']:>10.2f}"
         )
+    row = result["default_weights"]
+    print(
+        f"{'default weights (recency, importance) at ef_search':<52}{row['ef_search']}: "
+        f"recall@10 {row['recall_at_10']:.3f}, p50 {row['p50_ms']:.2f} ms, "
+        f"p95 {row['p95_ms']:.2f} ms"
+    )
     smallest, goal = result["smallest_meeting_goal"], result["goal"]
     print(
         f"goal {goal}: smallest ef_search meeting it", smallest["ef_search"] if smallest else "none"

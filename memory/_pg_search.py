@@ -36,10 +36,11 @@ COLUMNS = (
 )
 SELECT = COLUMNS.replace("id,", "id::text AS id,", 1)
 
-# The floor of hnsw.ef_search. bench/memory_search.py, recall@10 at ef_search 40/64/100/200:
-# ~0.97/0.99/1.0/1.0 on 100,000 clustered memories, ~0.90/0.91/0.93/0.96-0.98 on 10,000
-# sparser ones (less structure is harder for HNSW). 200 is the only one that clears 0.95 on
-# both, and costs ~1.5 ms more (p50 ~3 ms at 100,000, against ~1.6 ms at 40).
+# The floor of hnsw.ef_search. bench/memory_search.py, recall@10 by similarity alone at
+# ef_search 40/64/100/200: ~0.96/0.98/1.0/1.0 on 100,000 clustered memories,
+# ~0.90/0.91/0.93/0.96-0.98 on 10,000 sparser ones (less structure is harder for HNSW). 200
+# is the only one that clears 0.95 on both, and costs ~5 ms more (p50 ~9 ms at 100,000,
+# against ~4 ms at 40, on the 2026-12-06 run).
 DEFAULT_EF_SEARCH = 200
 
 # Candidates fetched from the index per result wanted, and never fewer than this floor:

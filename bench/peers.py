@@ -452,8 +452,9 @@ async def run_peers(
 ) -> dict[str, dict[str, Stat]]:
     """Measure every peer framework; a peer that fails gets ``{"error": ...}`` instead."""
     threads = min(threads, 50) if quick else threads
-    seq_threads, seq_follow_ups = (5, 2) if quick else (20, 3)
-    load_follow_ups, budget_s = (1, 120.0) if quick else (3, 300.0)
+    # The same scripts as stickyray's in bench/compare.py: threads, follow-ups, load.
+    seq_threads, seq_follow_ups = (4, 5) if quick else (12, 20)
+    load_follow_ups, budget_s = (2, 120.0) if quick else (5, 300.0)
     results: dict[str, dict[str, Stat]] = {}
     fake = await asyncio.to_thread(FakeLLMProcess, latency_s)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import statistics
 import tempfile
 import time
@@ -67,9 +68,17 @@ def _memory(pid: int) -> tuple[float, float]:
     return info.uss / 2**20, info.rss / 2**20
 
 
-def _thread_pid(thread: str) -> int:
-    name = ThreadKey.of(thread).actor_name
-    (actor,) = list_actors(filters=[("name", "=", name), ("state", "=", "ALIVE")], detail=True)
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def pid_of(name: str) -> int:
+    filters = [("name", "=", name), ("state", "=", "ALIVE")]
+    address = ray.get_runtime_context().gcs_address  # this cluster, not any other on the machine
+    (actor,) = list_actors(address=address, filters=filters, detail=True)  # type: ignore[arg-type]
     assert actor.pid is not None, name
     return int(actor.pid)
 
@@ -107,18 +116,22 @@ def measure_threads(client: httpx.Client, samples: int, warm_turns: int) -> dict
         thread = f"bench-{uuid.uuid4().hex[:10]}"
         new_thread.append(post(thread, "book a table"))  # creates the actor, routes
         warm.extend(post(thread, f"follow-up {i}") for i in range(warm_turns))
-        u, r = _memory(_thread_pid(thread))
+        u, r = _memory(pid_of(ThreadKey.of(thread).actor_name))
         uss.append(u)
         rss.append(r)
         # Cold: the thread exists in Redis but no actor is live (as after passivation).
         actor = ray.get_actor(ThreadKey.of(thread).actor_name, namespace=NAMESPACE)
         ray.get(actor.passivate.remote())
         ray.kill(actor, no_restart=True)
+        deadline = time.monotonic() + 60
         while True:  # until Ray has released the name, as the directory would see it
             try:
                 ray.get_actor(ThreadKey.of(thread).actor_name, namespace=NAMESPACE)
             except ValueError:
                 break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray kept the name of killed actor {thread} for 60 s")
+            time.sleep(0.01)
         cold.append(post(thread, "back again"))
         # Recovery: a live actor is killed; the next message pays detection plus restore.
         actor = ray.get_actor(ThreadKey.of(thread).actor_name, namespace=NAMESPACE)
@@ -148,11 +161,12 @@ def main(quick: bool = False) -> int:
         )
         ray.init(address="local", namespace=NAMESPACE, logging_level=logging.ERROR)
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": 8765})
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
             team = parse_config(TEAM, Path("<bench>"))
             serve.run(build_app(team, settings, app_name="bench"), name="bench", route_prefix="/")
             bare = measure_bare(samples)
-            with httpx.Client(base_url="http://127.0.0.1:8765", timeout=60) as client:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
                 threads = measure_threads(client, samples, warm_turns)
         finally:
             serve.shutdown()

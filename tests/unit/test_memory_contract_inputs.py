@@ -1,30 +1,27 @@
 """The memory store contract at the edges of its inputs: both stores take, give back and
 refuse the same things (huge vectors, numbers in metadata, names Postgres cannot hold)."""
 
+# ruff: noqa: F811 (the tests take the contract's fixtures by name)
+
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 
-from memory.in_memory import InMemoryMemoryStore
 from memory.long_term import NewMemory
-from memory.postgres import PostgresMemoryStore
-from tests.unit.test_memory_contract import DIM, Store, axis, scope, stack
-
-
-@pytest.fixture(params=["memory", "postgres"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield InMemoryMemoryStore(DIM)
-        return
-    url = request.getfixturevalue("postgres_url")
-    async with PostgresMemoryStore.from_url(url, DIM, pool_size=2) as pg:
-        await pg.setup()
-        yield pg
+from tests.unit.test_memory_contract import (  # noqa: F401 (clock and store are fixtures)
+    DIM,
+    Store,
+    axis,
+    clock,
+    scope,
+    stack,
+    store,
+)
 
 
 async def test_embeddings_of_any_finite_size_are_normalised(store: Store) -> None:

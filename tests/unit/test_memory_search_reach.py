@@ -2,6 +2,8 @@
 a memory: both stores find the k best by score, and Postgres looks at the index's next
 candidates before it scores every row of the user."""
 
+# ruff: noqa: F811 (the tests take the contract's fixtures by name)
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,7 +13,13 @@ import numpy as np
 import pytest
 
 from memory.long_term import NewMemory
-from tests.unit.test_memory_contract import DIM, Store, clock, scope, store  # noqa: F401
+from tests.unit.test_memory_contract import (  # noqa: F401 (clock and store are fixtures)
+    DIM,
+    Store,
+    clock,
+    scope,
+    store,
+)
 
 ROWS = 300
 LIFTED = 60  # its importance lifts it above the 60 more similar memories
@@ -36,7 +44,7 @@ def memories() -> tuple[np.ndarray, np.ndarray, list[NewMemory]]:
 
 
 async def test_a_memory_lifted_from_beyond_the_candidates_is_found_in_the_next_ones(
-    store: Store,  # noqa: F811
+    store: Store,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     tenant, user = scope()

@@ -18,13 +18,13 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from actors.commands import CHANGING, Command, parse_command, run_command
+from actors.compaction import compact
 from actors.key import ThreadKey
 from actors.store import Checkpoint, Incarnation, PendingTurn, ThreadStore
 from memory.buffer import BufferEntry, ShortTermBuffer
 from stickyray.config import TeamConfig
 from stickyray.errors import (
     CheckpointConflict,
-    CompressionNotStored,
     MessageIdReused,
     ThreadFenced,
     ThreadPassivated,
@@ -41,7 +41,6 @@ from stickyray.turns import (
     ThreadSnapshot,
     TurnResult,
     Usage,
-    anonymous_owner,
     done,
     fingerprint,
     sorry,
@@ -60,7 +59,7 @@ MAX_TURN_ATTEMPTS = 2
 
 _SORRY = SORRY_REPLY
 
-# Trimming is ``_compact``'s job; this cap only bounds memory if compression keeps failing.
+# Trimming is ``compact``'s job; this cap only bounds memory if compression keeps failing.
 _BUFFER_CAP = 4
 # What the commands that change the thread are fingerprinted as: a reset keeps their answers.
 _COMMANDS_SAID = frozenset(fingerprint(f"/{name}") for name in CHANGING)
@@ -315,7 +314,7 @@ class Thread:
                 actions=result.actions,
             )
             buffer.append(reply)
-        buffer, compressed = await self._compact(buffer, active, message)
+        buffer, compressed = await compact(self.key, self._team, self._agents, buffer, active)
         if compressed:  # the summaries were written by a model within this turn: its cost
             result = _with_usage(result, compressed)
         await self._commit(active, buffer, turn, result)
@@ -330,72 +329,6 @@ class Thread:
             self._observe(result, time.monotonic() - started)
         except Exception:
             log.debug("turn observer failed", exc_info=True)
-
-    async def _compact(
-        self, buffer: list[BufferEntry], active: str | None, message: InboundMessage
-    ) -> tuple[list[BufferEntry], dict[str, Usage]]:
-        """Trim the buffer to the active agent's window, keeping what leaves as memories.
-
-        A turn's messages become a memory of the agent that answered it, if that agent
-        compresses, else of the active agent, if it does (a failed turn has no answer);
-        otherwise they leave unkept. So a specialist's conversation is kept by its memory
-        also when it leaves the buffer after a handback, while the supervisor answers.
-        Each user's messages become a memory of that user (a thread can be shared, or learn
-        its user partway). Messages leave only once the agent has stored them; those whose
-        memory failed stay, and the next turn tries again. Returns the buffer and what
-        summarising cost, per agent.
-        """
-        limit = self._team.buffer_limit(active)
-        if len(buffer) <= limit:
-            return buffer, {}
-        leaving, kept = buffer[:-limit], buffer[-limit:]
-        answered_by = {e.turn: e.agent for e in buffer if e.role == "assistant" and e.agent}
-        keepers = [(self._keeper(answered_by.get(e.turn), active), e.user_id) for e in leaving]
-        groups: dict[tuple[str, str | None], list[BufferEntry]] = {}
-        for keeper, entry in zip(keepers, leaving, strict=True):
-            if keeper[0] is not None:
-                groups.setdefault((keeper[0], keeper[1]), []).append(entry)
-        unsaved: set[tuple[str | None, str | None]] = set()
-        spent: dict[str, Usage] = {}
-        for (agent, user_id), messages in groups.items():
-            request = CompressRequest(
-                thread=str(self.key),
-                tenant=self.key.tenant,
-                user_id=user_id or anonymous_owner(str(self.key)),
-                messages=messages,
-            )
-            cost = Usage()
-            try:
-                cost = (await self._agents.compress(agent, request)).usage
-            except Exception as exc:  # keep the messages; nothing leaves without its memory
-                if isinstance(exc, CompressionNotStored):  # the summary was paid for
-                    cost = Usage.model_validate(exc.usage)
-                log.warning(
-                    "thread %s: compression failed (%s: %s); keeping %d messages",
-                    self.key,
-                    type(exc).__name__,
-                    exc,
-                    len(messages),
-                )
-                unsaved.add((agent, user_id))
-            if cost != Usage():
-                spent[agent] = spent.get(agent, Usage()) + cost
-        stay = [e for keeper, e in zip(keepers, leaving, strict=True) if keeper in unsaved]
-        return stay + kept, spent
-
-    def _keeper(self, answered: str | None, active: str | None) -> str | None:
-        """The agent whose memory keeps a leaving turn that ``answered`` answered: that agent
-        if it compresses, else the active one if it does; None: the turn leaves unkept."""
-        for name in (answered, active or self._team.supervisor.name):
-            if name is None:
-                continue
-            try:
-                agent = self._team.agent(name)
-            except KeyError:  # an agent a deploy removed
-                continue
-            if agent.memory is not None and agent.memory.compression:
-                return agent.name
-        return None
 
     async def _record_failure(
         self, message: InboundMessage, turn: int, reason: str, started: float | None = None

@@ -10,14 +10,17 @@ import re
 from collections.abc import Hashable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
 
 from stickyray.errors import ConfigError
 
-__all__ = ["StrictLoader", "format_errors", "read_yaml"]
+if TYPE_CHECKING:
+    from stickyray.config import TeamConfig
+
+__all__ = ["StrictLoader", "format_errors", "load_team", "read_yaml"]
 
 
 def format_errors(path: Path, exc: ValidationError) -> str:
@@ -108,3 +111,18 @@ def read_yaml(source: Path) -> Any:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     except RecursionError:
         raise ConfigError(f"{source}: nested too deeply to read") from None
+
+
+def load_team(given: Path | None, from_env: Path | None) -> tuple[Path, TeamConfig]:
+    """The team of ``--config``, else of STICKYRAY_CONFIG, else the shipped sample; an error
+    about the file says when its path came from STICKYRAY_CONFIG."""
+    from stickyray.config import load_config, sample_config_path
+
+    if given is not None or from_env is None:
+        path = given or sample_config_path()
+        return path, load_config(path)
+    try:
+        return from_env, load_config(from_env)
+    except ConfigError as exc:
+        message = str(exc).replace(f"{from_env}:", f"{from_env} (from STICKYRAY_CONFIG):", 1)
+        raise ConfigError(message) from None

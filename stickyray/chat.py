@@ -113,8 +113,9 @@ def _converse(url: str, thread_id: str, source: TextIO, api_key: str | None) -> 
                 )
                 unanswered = True
                 continue
-            if response.status_code != 200:
+            if response.status_code != 200:  # refused, or a proxy's page: not answered
                 print(f"error {response.status_code}: {response.text}", file=sys.stderr)
+                unanswered = True
                 continue
             shown = _show(response)
             if shown is not None:

@@ -48,8 +48,14 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
-    def _send(self, data: bytes, content_type: str = "application/json", length: int = 0) -> None:
-        self.send_response(200)
+    def _send(
+        self,
+        data: bytes,
+        content_type: str = "application/json",
+        length: int = 0,
+        status: int = 200,
+    ) -> None:
+        self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(length or len(data)))
         self.end_headers()
@@ -63,6 +69,8 @@ class _Handler(BaseHTTPRequestHandler):
         turn: dict[str, object] = {"agent": "bookings", "reply": f"ok: {text}", "handoffs": []}
         if text == "html":  # a proxy's page in place of the server's answer
             self._send(b"<html>\n<body>502 Bad Gateway</body>\n</html>", "text/html")
+        elif text == "bad gateway":  # the same page with its status
+            self._send(b"<html>502 Bad Gateway</html>", "text/html", status=502)
         elif text == "latin-1":
             self._send(b'{"agent": "bookings", "reply": "caf\xe9", "handoffs": []}')
         elif text == "no reply":
@@ -114,6 +122,19 @@ def test_chat_says_what_came_back_when_it_is_no_turn(
     assert f"error: unexpected response {shown}" in err
     assert "Traceback" not in err
     assert "[bookings] ok: hello" in out
+
+
+def test_an_error_status_is_a_line_with_no_answer(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 502 page (or a 401, a 422) was shown and the chat still exited 0."""
+    lines = "bad gateway\nbad gateway\nhello\n"
+    assert run_chat(server.url, "t1", stdin=io.StringIO(lines)) == 1
+    out, err = capsys.readouterr()
+    assert "error 502: <html>502 Bad Gateway</html>" in err
+    assert "[bookings] ok: hello" in out
+    first, again = server.ids_of("bad gateway")
+    assert first == again  # typed again, the same message id: no second turn if it ran
 
 
 def test_chat_shows_a_handoff_without_a_reason(

@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -33,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = load_settings()
         check_ray_address(settings.ray_address)
+        _reach_ray(settings.ray_address)
         path, team = load_team(args.config, settings.config)
         check_providers(team, settings)
         check_tools(team)
@@ -155,6 +157,25 @@ def _serve(args: argparse.Namespace) -> int:
         if postgres is not None:
             postgres.stop()
     return 0
+
+
+def _reach_ray(address: str | None) -> None:
+    """ConfigError unless something listens at a HOST:PORT ``RAY_ADDRESS``: ray.init would
+    retry for about 14 minutes before saying no cluster is there."""
+    from stickyray.settings import masked
+
+    if not address or address in ("auto", "local") or address.startswith("ray://"):
+        return  # those fail fast in ray.init, or time out in Ray Client's own time
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot join the Ray cluster at RAY_ADDRESS={masked(address)}: nothing answers "
+            f"there ({exc.strerror or exc}): start its head (`ray start --head`) or unset "
+            "RAY_ADDRESS for a local cluster"
+        ) from None
 
 
 def _serve_http() -> tuple[str | None, int]:

@@ -12,6 +12,7 @@ from stickyray.chat import run_chat
 from stickyray.cli import StopRequests
 from stickyray.cli import main as cli
 from stickyray.config import sample_config_path
+from tests.conftest import free_port
 
 
 def test_check_resolves_tools(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -129,6 +130,24 @@ def test_serve_names_a_ray_cluster_it_cannot_join(
     assert cli(["serve", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "cannot join the Ray cluster at RAY_ADDRESS=auto: Could not find any" in err
+
+
+@pytest.mark.timeout(60)
+def test_serve_says_at_once_that_no_cluster_answers_at_ray_address(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    redis_url: str,
+) -> None:
+    """ray.init retried a HOST:PORT with nothing behind it for about 14 minutes."""
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    path = tmp_path / "agents.yaml"
+    path.write_text(yaml.safe_dump(no_memory_team()))
+    assert cli(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot join the Ray cluster at RAY_ADDRESS={address}: nothing answers there" in err
 
 
 def test_serve_never_repeats_the_ray_addresss_password(

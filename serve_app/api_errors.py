@@ -47,9 +47,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     # first few only, so a body of many mistakes does not get an answer many times its size.
     errors = exc.errors()
     shown = errors[:_ERRORS_SHOWN]
-    messages = [
-        f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}" for err in shown
-    ]
+    messages = [_said(err) for err in shown]
     if len(errors) > len(shown):
         messages.append(f"and {len(errors) - len(shown)} more")
     return JSONResponse(
@@ -59,6 +57,17 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 _ERRORS_SHOWN = 20
+
+
+def _said(err: Any) -> str:
+    """One validation error as "field: what is wrong"."""
+    loc = tuple(err.get("loc", ()))
+    if err.get("type") == "json_invalid":
+        # FastAPI puts the character where parsing stopped in the field's place (body.8).
+        at = f" at character {loc[1]}" if len(loc) > 1 else ""
+        why = (err.get("ctx") or {}).get("error") or err.get("msg")
+        return f"body: not valid JSON ({why}{at})"
+    return f"{'.'.join(str(p) for p in loc)}: {err.get('msg')}"
 
 
 async def http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:

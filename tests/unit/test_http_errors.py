@@ -230,6 +230,10 @@ def test_memory_outages_and_bad_fields(replica: types.SimpleNamespace) -> None:
     kept = client.post(users, json={"content": "shallow", "metadata": {"a": shallow}})
     assert kept.status_code == 201, kept.text
     assert client.get(f"{users}?query=deep&k=10").status_code == 200
+    # Malformed JSON names the body, not a character as if it were a field (body.8).
+    cut = client.post(users, content=b'{"content":', headers={"Content-Type": "application/json"})
+    assert cut.status_code == 422
+    assert cut.json()["error"] == "body: not valid JSON (Expecting value at character 11)"
     # JSON no parser reads is malformed JSON too: a 422 naming the body, not a bare 400.
     for raw in (b'{"content": "\xff\xfe"}', b'{"content": "x", "importance": 1' + b"0" * 5000):
         unread = client.post(users, content=raw, headers={"Content-Type": "application/json"})

@@ -36,11 +36,15 @@ def _serve(args: argparse.Namespace) -> int:
         check_ray_address(settings.ray_address)
         _reach_ray(settings.ray_address)
         path, team = load_team(args.config, settings.config)
+    except ConfigError as exc:
+        print(f"stickyray: {exc}", file=sys.stderr)
+        return 2
+    try:
         check_providers(team, settings)
         check_tools(team)
         check_webhooks(team, settings)
     except ConfigError as exc:
-        print(f"stickyray: {exc}", file=sys.stderr)
+        print(f"stickyray: {_in_file(exc, path)}", file=sys.stderr)
         return 2
     host = args.host if args.host is not None else settings.host
     port = args.port or settings.port
@@ -157,6 +161,12 @@ def _serve(args: argparse.Namespace) -> int:
         if postgres is not None:
             postgres.stop()
     return 0
+
+
+def _in_file(exc: ConfigError, path: Path) -> str:
+    """``exc``'s message, naming the file it is about unless it does already."""
+    message = str(exc)
+    return message if message.startswith(f"{path}") else f"{path}: {message}"
 
 
 def _reach_ray(address: str | None) -> None:
@@ -290,7 +300,7 @@ def _check(args: argparse.Namespace) -> int:
         team = load_config(args.config)
         check_tools(team)
     except ConfigError as exc:
-        print(f"stickyray: {exc}", file=sys.stderr)
+        print(f"stickyray: {_in_file(exc, args.config)}", file=sys.stderr)
         return 2
     names = ", ".join(s.name for s in team.specialists)
     print(f"{args.config}: ok (supervisor {team.supervisor.name}; specialists {names})")

@@ -21,7 +21,10 @@ def test_check_resolves_tools(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     path = tmp_path / "agents.yaml"
     path.write_text(yaml.safe_dump(config))
     assert cli(["check", str(path)]) == 2
-    assert "agent 'invoices' tools: unknown tool 'no_such_tool'" in capsys.readouterr().err
+    # Named with its file, as a schema error is.
+    assert f"{path}: agent 'invoices' tools: unknown tool 'no_such_tool'" in (
+        capsys.readouterr().err
+    )
     assert cli(["check", str(sample_config_path())]) == 0
 
 
@@ -40,7 +43,9 @@ def test_check_refuses_two_tools_with_one_name(
     path = tmp_path / "agents.yaml"
     path.write_text(yaml.safe_dump(config))
     assert cli(["check", str(path)]) == 2
-    assert f"two tools named {intent!r}" in capsys.readouterr().err
+    assert f"{path}: agent 'invoices' would offer two tools named {intent!r}" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize("port", ["0", "70000", "http"])

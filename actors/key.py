@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from stickyray.errors import InvalidThreadKey
 
-__all__ = ["DEFAULT_TENANT", "ID_PATTERN", "NAMESPACE", "ThreadKey"]
+__all__ = ["DEFAULT_TENANT", "ID_PATTERN", "ID_RULE", "NAMESPACE", "ThreadKey"]
 
 # The Ray namespace of thread actors and thread hosts, whichever process creates them.
 NAMESPACE = "stickyray"
@@ -15,7 +15,7 @@ DEFAULT_TENANT = "default"
 # Tenants, thread ids, user ids and message ids all follow this rule.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$"
 _ID = re.compile(ID_PATTERN)
-_ID_RULE = "1-128 characters: letters, digits and . _ : @ + = -, starting with a letter or digit"
+ID_RULE = "1-128 characters: letters, digits and . _ : @ + = -, starting with a letter or digit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,9 +27,9 @@ class ThreadKey:
 
     def __post_init__(self) -> None:
         if not _ID.fullmatch(self.tenant):
-            raise InvalidThreadKey("tenant", self.tenant, _ID_RULE)
+            raise InvalidThreadKey("tenant", self.tenant, ID_RULE)
         if not _ID.fullmatch(self.thread_id):
-            raise InvalidThreadKey("thread_id", self.thread_id, _ID_RULE)
+            raise InvalidThreadKey("thread_id", self.thread_id, ID_RULE)
 
     @classmethod
     def of(cls, thread_id: str, tenant: str = DEFAULT_TENANT) -> ThreadKey:

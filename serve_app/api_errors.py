@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.directory import root_cause
+from actors.key import ID_PATTERN, ID_RULE
 from stickyray.errors import (
     CheckpointConflict,
     MessageIdReused,
@@ -67,7 +68,11 @@ def _said(err: Any) -> str:
         at = f" at character {loc[1]}" if len(loc) > 1 else ""
         why = (err.get("ctx") or {}).get("error") or err.get("msg")
         return f"body: not valid JSON ({why}{at})"
-    return f"{'.'.join(str(p) for p in loc)}: {err.get('msg')}"
+    message = err.get("msg")
+    too_long = err.get("type") == "string_too_long" and loc[-1:] in (("thread_id",), ("user_id",))
+    if too_long or (err.get("ctx") or {}).get("pattern") == ID_PATTERN:
+        message = ID_RULE  # every id says the same, whichever endpoint checked it
+    return f"{'.'.join(str(p) for p in loc)}: {message}"
 
 
 async def http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -17,7 +17,7 @@ from ray import serve
 from ray.exceptions import RaySystemError
 
 import serve_app.ingress as ingress
-from actors.key import ThreadKey
+from actors.key import ID_RULE, ThreadKey
 from actors.store import Checkpoint
 from memory.in_memory import InMemoryMemoryStore
 from memory.service import LongTermMemory
@@ -230,6 +230,11 @@ def test_memory_outages_and_bad_fields(replica: types.SimpleNamespace) -> None:
     kept = client.post(users, json={"content": "shallow", "metadata": {"a": shallow}})
     assert kept.status_code == 201, kept.text
     assert client.get(f"{users}?query=deep&k=10").status_code == 200
+    # A user id that breaks the id rule is told the rule, as a thread id is.
+    for bad in ("-alice", "a" * 129):
+        refused = client.get(f"/v1/users/{bad}/memories?query=tea")
+        assert refused.status_code == 422
+        assert refused.json()["error"] == f"path.user_id: {ID_RULE}"
     # Malformed JSON names the body, not a character as if it were a field (body.8).
     cut = client.post(users, content=b'{"content":', headers={"Content-Type": "application/json"})
     assert cut.status_code == 422

@@ -176,7 +176,12 @@ class Settings(BaseSettings):
         if url is not None and not url.startswith(("postgresql://", "postgres://")):
             raise ValueError("must start with postgresql:// or postgres://")
         if url is not None:
-            urlsplit(url)  # ValueError for a URL no client can parse, e.g. "Invalid IPv6 URL"
+            # urlsplit: ValueError for a URL no client can parse, e.g. "Invalid IPv6 URL".
+            hosts = urlsplit(url).netloc.rpartition("@")[2]
+            for host in hosts.split(","):  # libpq and asyncpg take several: h1:5432,h2
+                port = host.rpartition(":")[2] if ":" in host.rpartition("]")[2] else ""
+                if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+                    raise ValueError(f"has port {port!r}: a port is 1-65535")
         return url
 
     @field_validator("redis_url")

@@ -157,6 +157,39 @@ def test_a_redis_urls_password_is_not_in_pythons_reason(monkeypatch: pytest.Monk
     assert "hunter" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:hunter2@db.internal:543200/memories",
+        "postgresql://app:hunter2@[::1]:0/memories",
+        "postgres://app:hunter2@db1:5432,db2:x/memories",
+    ],
+)
+def test_a_database_url_with_no_port_a_server_has_is_refused_first(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """asyncpg would refuse it when the first agent replica opens its pool, after Ray."""
+    monkeypatch.setenv("DATABASE_URL", url)
+    refused = "DATABASE_URL: has port '[^']+': a port is 1-65535"
+    with pytest.raises(ConfigError, match=refused) as err:
+        load_settings()
+    assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:pw@db.internal:5432/memories",
+        "postgresql://app:pw@[::1]/memories",
+        "postgres://app:pw@db1:5432,db2/memories",
+        "postgresql:///memories?host=/var/run/postgresql",
+    ],
+)
+def test_a_database_url_asyncpg_takes_is_taken(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("DATABASE_URL", url)
+    assert load_settings().database_url == url
+
+
 @pytest.mark.parametrize("url", ["redis://:pw@redis.internal:6379/0", "unix:///tmp/redis.sock"])
 def test_a_redis_url_redis_py_takes_is_taken(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     monkeypatch.setenv("REDIS_URL", url)

@@ -115,6 +115,14 @@ def no_memory_team() -> dict:
     return config
 
 
+def serve_without_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str) -> int:
+    """``stickyray serve`` of the sample team without memory, on the given Redis."""
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    path = tmp_path / "agents.yaml"
+    path.write_text(yaml.safe_dump(no_memory_team()))
+    return cli(["serve", "--config", str(path)])
+
+
 def test_serve_names_a_ray_cluster_it_cannot_join(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -129,10 +137,7 @@ def test_serve_names_a_ray_cluster_it_cannot_join(
 
     monkeypatch.setattr(ray, "init", no_cluster)
     monkeypatch.setenv("RAY_ADDRESS", "auto")
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    path = tmp_path / "agents.yaml"
-    path.write_text(yaml.safe_dump(no_memory_team()))
-    assert cli(["serve", "--config", str(path)]) == 2
+    assert serve_without_memory(tmp_path, monkeypatch, redis_url) == 2
     err = capsys.readouterr().err
     assert "cannot join the Ray cluster at RAY_ADDRESS=auto: Could not find any" in err
 
@@ -147,10 +152,7 @@ def test_serve_says_at_once_that_no_cluster_answers_at_ray_address(
     """ray.init retried a HOST:PORT with nothing behind it for about 14 minutes."""
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("RAY_ADDRESS", address)
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    path = tmp_path / "agents.yaml"
-    path.write_text(yaml.safe_dump(no_memory_team()))
-    assert cli(["serve", "--config", str(path)]) == 2
+    assert serve_without_memory(tmp_path, monkeypatch, redis_url) == 2
     err = capsys.readouterr().err
     assert f"cannot join the Ray cluster at RAY_ADDRESS={address}: nothing answers there" in err
 
@@ -171,10 +173,7 @@ def test_serve_never_repeats_the_ray_addresss_password(
 
     monkeypatch.setattr(ray, "init", unreachable)
     monkeypatch.setenv("RAY_ADDRESS", address)
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    path = tmp_path / "agents.yaml"
-    path.write_text(yaml.safe_dump(no_memory_team()))
-    assert cli(["serve", "--config", str(path)]) == 2
+    assert serve_without_memory(tmp_path, monkeypatch, redis_url) == 2
     err = capsys.readouterr().err
     assert "s3cret" not in err
     assert "RAY_ADDRESS=ray://***@head:10001: ray client connection to ray://***@head:10001" in err

@@ -141,6 +141,11 @@ class Outbox:
         self._reply_tails: dict[str, asyncio.Task[None]] = {}
         self._replies: dict[bool, dict[asyncio.Task[None], str]] = {False: {}, True: {}}
 
+    def sends(self, *, webhooks: bool) -> bool:
+        """Whether this outbox has a sender for the replies (or, with ``webhooks``, for the
+        webhooks): without one, that outbox is left for a worker that has."""
+        return (self._send_webhook if webhooks else self._send_reply) is not None
+
     def in_hand(self) -> list[asyncio.Task[None]]:
         """The sends in hand, of both outboxes."""
         return [*self._replies[False], *self._replies[True]]

@@ -150,8 +150,6 @@ class RunDispatcher:
         self._give_up_after_s = give_up_after_s
         self._idle_wait_ms = idle_wait_ms
         self._delivering = asyncio.Semaphore(max_in_flight)
-        self._send_reply = send_reply
-        self._send_webhook = send_webhook
         self._outbox = Outbox(
             queue,
             self,
@@ -191,14 +189,13 @@ class RunDispatcher:
         try:
             while await self._acquire():
                 self._lost.clear()
-                if self._send_webhook is not None:
+                if self._outbox.sends(webhooks=True):
                     await self.retrying(self._queue.mark_webhooks)
                 loop = asyncio.get_running_loop()
                 loops = [loop.create_task(self._drain())]
-                if self._send_reply is not None:
-                    loops.append(loop.create_task(self._outbox.drain(webhooks=False)))
-                if self._send_webhook is not None:
-                    loops.append(loop.create_task(self._outbox.drain(webhooks=True)))
+                for webhooks in (False, True):
+                    if self._outbox.sends(webhooks=webhooks):
+                        loops.append(loop.create_task(self._outbox.drain(webhooks=webhooks)))
                 try:
                     await self._hold(loops)
                 finally:

@@ -1,8 +1,9 @@
-"""The Lua scripts of the run queue (``actors.run_queue``), each one step in Redis.
+"""The Lua scripts of the run queue (``actors.run_queue``, ``actors.run_replies``), each one
+step in Redis.
 
-Each script's comment names its KEYS and ARGV, in the order ``RunQueue`` passes them; the
-keys themselves are described in ``actors.run_queue``. The scripts name the consumer group
-and its consumer literally ('workers', 'worker': ``GROUP`` and ``_CONSUMER`` there).
+Each script's comment names its KEYS and ARGV, in the order the Python side passes them; the
+keys themselves are described in ``actors.run_streams``. The scripts name the consumer group
+and its consumer literally ('workers', 'worker'; ``GROUP`` there).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The records of the run queue: a run as the API shows it, and the entries a worker reads.
 
 ``RunRecord`` is what GET /v1/threads/{thread_id}/runs/{message_id} returns; ``QueuedRun``
-is an entry of the queue, ``OutboundReply`` one of an outbox (``actors.run_queue``
-describes both streams, and reads the records from Redis).
+is an entry of the queue, ``OutboundReply`` one of an outbox (``actors.run_streams``
+describes the streams, and reads the records from Redis).
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ async def whatsapp_webhook(request: Request) -> dict:
     # before any is counted: refused (Redis down), Meta sends the whole call again.
     failures = failed_replies(payload)
     runs = [
-        await inbox.runs.not_delivered(failure.platform_id, f"not delivered: {failure.why}")
+        await inbox.runs.replies.not_delivered(failure.platform_id, f"not delivered: {failure.why}")
         if failure.platform_id is not None
         else None
         for failure in failures

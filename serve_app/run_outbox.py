@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from actors.run_queue import LeaseLost, RunQueue
 from actors.run_records import OutboundReply
+from actors.run_replies import RunReplies
+from actors.run_streams import LeaseLost
 from serve_app.channel_sender import split_text
 from stickyray.errors import ChannelSendFailed
 from stickyray.metrics import record_reply
@@ -111,7 +112,7 @@ class Outbox:
 
     def __init__(
         self,
-        queue: RunQueue,
+        replies: RunReplies,
         lease: Lease,
         *,
         max_in_flight: int,
@@ -122,7 +123,7 @@ class Outbox:
         retry_cap_s: float = 30.0,
         idle_wait_ms: int = 1000,
     ) -> None:
-        self._queue = queue
+        self._box = replies
         self._lease = lease
         self._app = app
         self._send_reply = send_reply
@@ -159,7 +160,7 @@ class Outbox:
             after: str | None = "0"
             while after is not None:  # the replies the previous reader left
                 replies, after, _ = await self._lease.retrying(
-                    self._queue.read_replies,
+                    self._box.read,
                     self._lease.token,
                     BATCH,
                     after=after,
@@ -167,12 +168,12 @@ class Outbox:
                 )
                 for reply in replies:
                     self._send_later(reply, in_hand)
-            seen = await self._lease.retrying(self._queue.last_read, outbox=True, webhooks=webhooks)
+            seen = await self._lease.retrying(self._box.last_read, webhooks=webhooks)
             while True:
                 while len(in_hand) >= _MAX_REPLIES_IN_HAND:
                     await asyncio.wait(list(in_hand), return_when=asyncio.FIRST_COMPLETED)
                 replies, last, delivered = await self._lease.retrying(
-                    self._queue.read_replies, self._lease.token, BATCH, seen=seen, webhooks=webhooks
+                    self._box.read, self._lease.token, BATCH, seen=seen, webhooks=webhooks
                 )
                 entries = set(in_hand.values()) if replies else set()
                 for reply in replies:
@@ -181,7 +182,7 @@ class Outbox:
                 seen = last or delivered
                 if last is None:
                     await self._lease.retrying(
-                        self._queue.wait, seen, self._idle_wait_ms, outbox=True, webhooks=webhooks
+                        self._box.wait, seen, self._idle_wait_ms, webhooks=webhooks
                     )
         except LeaseLost:
             self._lease.lose()
@@ -208,9 +209,7 @@ class Outbox:
             await asyncio.wait([before])
         try:
             error = await self._send_pieces(reply)
-            await self._lease.retrying(
-                self._queue.reply_done, self._lease.token, reply, error=error
-            )
+            await self._lease.retrying(self._box.done, self._lease.token, reply, error=error)
             channel = str(reply.to.get("channel", "unknown"))
             record_reply(self._app, channel, "failed" if error is not None else "sent")
         except LeaseLost:
@@ -233,7 +232,7 @@ class Outbox:
         if send_reply is None:
             return "no channel sender in this worker"
         pieces = split_text(reply.text)
-        sent = await self._lease.retrying(self._queue.pieces_sent, reply)
+        sent = await self._lease.retrying(self._box.pieces_sent, reply)
         named: list[str] = []  # the channel's id for the piece just sent, if it gave one
 
         async def send_piece(text: str) -> None:
@@ -250,10 +249,10 @@ class Outbox:
                     error += f" ({number} of {len(pieces)} pieces were sent)"
                 return error
             while named:  # so that the channel's later report of a failure finds the run
-                await self._lease.retrying(self._queue.sent_as, reply, named.pop())
+                await self._lease.retrying(self._box.sent_as, reply, named.pop())
             if number + 1 < len(pieces):
                 await self._lease.retrying(
-                    self._queue.piece_sent, self._lease.token, reply, number + 1
+                    self._box.piece_sent, self._lease.token, reply, number + 1
                 )
         return None
 
@@ -262,7 +261,7 @@ class Outbox:
         send_webhook = self._send_webhook
         if send_webhook is None:
             return "no webhook sender in this worker"
-        record = await self._lease.retrying(self._queue.record_of, reply)
+        record = await self._lease.retrying(self._box.record_of, reply)
         if record is None:
             log.warning(
                 "webhook of %s of %s dropped: its record expired", reply.message_id, reply.thread

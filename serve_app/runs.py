@@ -151,7 +151,7 @@ class RunDispatcher:
         self._idle_wait_ms = idle_wait_ms
         self._delivering = asyncio.Semaphore(max_in_flight)
         self._outbox = Outbox(
-            queue,
+            queue.replies,
             self,
             max_in_flight=max_in_flight,
             app=app,

@@ -4,15 +4,16 @@ real Threads (no Ray). The e2e tests add Ray, Serve and the HTTP platforms."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import Any
 
 import httpx
 import pytest
 
 from actors.run_queue import RunQueue
+from actors.run_replies import RunReplies
+from actors.run_streams import LeasedStreams
 from serve_app.channel_sender import http_refusal
-from stickyray.config import RunsConfig, load_config
+from stickyray.config import load_config
 from stickyray.errors import ChannelSendFailed
 from stickyray.turns import SORRY_REPLY, InboundMessage, TurnResult
 from tests.unit.test_runs import (
@@ -230,36 +231,38 @@ async def test_a_rate_limited_chat_holds_up_only_itself(client: Any) -> None:  #
         await worker.stop()
 
 
-class LosesOneReplyRead(RunQueue):
-    """A queue whose first read of new replies is lost on the way to the worker."""
+class LosesOneReplyRead(RunReplies):
+    """Outboxes whose first read of new replies is lost on the way to the worker."""
 
     lost: list[str] = []
 
-    async def read_replies(
+    async def read(
         self, token: str, count: int, *, after: str | None = None, seen: str = "0-0", **kw: Any
     ) -> Any:
-        got = await super().read_replies(token, count, after=after, seen=seen, **kw)
+        got = await super().read(token, count, after=after, seen=seen, **kw)
         if after is None and got[0] and not self.lost:
             self.lost.extend(r.message_id for r in got[0])
-            return await super().read_replies(token, count, after=after, seen=seen, **kw)
+            return await super().read(token, count, after=after, seen=seen, **kw)
         return got
 
 
 async def test_replies_read_and_lost_are_read_again(client: Any) -> None:  # noqa: F811
-    queue = LosesOneReplyRead(client, f"app-{uuid.uuid4().hex[:8]}", RunsConfig())
-    queue.lost = []
+    queue = queue_of(client)
+    lossy = LosesOneReplyRead(client, queue.keys, LeasedStreams(client, queue.keys))
+    lossy.lost = []
+    queue.replies = lossy
     channel = Channel()
     threads = Threads(client, load_config(None), booking_agents())
     key = fresh()
     await queue.submit(key, msg("book a table", "m1"), telegram(3))
     worker = Running(dispatcher(queue, threads, send_reply=channel, idle_wait_ms=50))
     try:
-        await until(lambda: queue.lost)
+        await until(lambda: lossy.lost)
         await queue.submit(key, msg("for 2", "m2"), telegram(3))
         await until(lambda: len(channel.sent) == 2)
     finally:
         await worker.stop()
-    assert queue.lost == ["m1"]
+    assert lossy.lost == ["m1"]
     replies = [(await queue.get(key, mid)) for mid in ("m1", "m2")]
     assert [text for _, text in channel.sent] == [r.result.reply for r in replies if r and r.result]
 
@@ -328,7 +331,7 @@ async def test_pieces_sent_are_not_sent_again_by_the_next_worker(
         await second.stop()
     assert first_channel.sent == [(8, "a" * 4000 + " ")]
     assert channel.sent == [(8, "b" * 3000)]  # only the piece not sent yet
-    assert await client.hlen(queue._progress) == 0  # nothing left behind
+    assert await client.hlen(queue.keys.progress) == 0  # nothing left behind
 
 
 class WhatsApp:
@@ -364,15 +367,16 @@ async def test_a_reply_whatsapp_fails_to_deliver_later_is_noted_on_its_run(
     finally:
         await worker.stop()
     assert len(channel.sent) == 2
-    assert await queue.not_delivered("wamid.elsewhere", "not delivered: 131026") is None
-    run = await queue.not_delivered("wamid.out2", "not delivered: 131047 Re-engagement message")
+    assert await queue.replies.not_delivered("wamid.elsewhere", "not delivered: 131026") is None
+    why = "not delivered: 131047 Re-engagement message"
+    run = await queue.replies.not_delivered("wamid.out2", why)
     assert run == f"{key}/m1"
     record = await queue.get(key, "m1")
     assert record is not None and record.reply == "failed"
     assert record.reply_error == "not delivered: 131047 Re-engagement message"
     # The id is kept as long as the record, and no longer.
-    sent_key = f"{queue._sent}wamid.out1"
-    assert 0 < await client.ttl(sent_key) <= await client.ttl(queue._record_key(key, "m1"))
+    sent_key = queue.keys.sent("wamid.out1")
+    assert 0 < await client.ttl(sent_key) <= await client.ttl(queue.keys.record(key, "m1"))
 
 
 async def test_a_failure_reported_before_the_reply_is_done_stands(
@@ -385,7 +389,8 @@ async def test_a_failure_reported_before_the_reply_is_done_stands(
 
     async def report_first_piece(sent: int) -> None:
         if sent == 2:
-            assert await queue.not_delivered("wamid.out1", "not delivered: 131026") is not None
+            run = await queue.replies.not_delivered("wamid.out1", "not delivered: 131026")
+            assert run is not None
 
     channel = WhatsApp(report_first_piece)
     await queue.submit(key, msg("tell me everything", "m1"), whatsapp())
@@ -403,7 +408,7 @@ async def test_a_failure_reported_before_the_reply_is_done_stands(
 
 async def reply_taken_off(queue: RunQueue, channel: WhatsApp) -> bool:
     """Both pieces sent, and the reply done with: off the outbox."""
-    return len(channel.sent) == 2 and await queue._client.xlen(queue._outbox) == 0
+    return len(channel.sent) == 2 and await queue._client.xlen(queue.keys.outbox) == 0
 
 
 async def test_a_reply_cut_short_says_how_much_was_sent(client: Any) -> None:  # noqa: F811
@@ -463,7 +468,7 @@ async def test_a_worker_that_lost_its_lease_sends_nothing_more(client: Any) -> N
     stalled.hold.clear()
     old = Running(dispatcher(queue, threads, send_reply=stalled))
     await until(lambda: stalled.calls == 1)  # m1's reply is on its way when the lease goes
-    await client.delete(queue._lease)  # it expired: the worker stalled past it
+    await client.delete(queue.keys.lease)  # it expired: the worker stalled past it
     channel = Channel()
     new = Running(dispatcher(queue, threads, send_reply=channel))
     try:

@@ -151,7 +151,7 @@ async def test_submit_records_and_queues_once(client: Any) -> None:
     assert await queue.get(key, "never-sent") is None
     assert await queue.get(fresh(), "m1") is None  # a message id is per thread
     # A waiting run's record does not expire, however long the queue takes.
-    assert await client.ttl(queue._record_key(key, "m1")) == -1
+    assert await client.ttl(queue.keys.record(key, "m1")) == -1
 
 
 async def test_a_full_queue_refuses_and_keeps_what_it_holds(client: Any) -> None:
@@ -196,7 +196,7 @@ async def test_runs_of_a_thread_run_in_order_and_threads_run_at_once(client: Any
     assert record.started_at is not None and record.finished_at is not None
     assert record.created_at <= record.started_at <= record.finished_at
     assert await queue.depth() == 0
-    ttl = await client.ttl(queue._record_key(first, "at 8 pm"))
+    ttl = await client.ttl(queue.keys.record(first, "at 8 pm"))
     assert 0 < ttl <= RunsConfig().result_ttl_s
 
 
@@ -226,7 +226,7 @@ async def test_open_runs_are_listed_a_page_at_a_time(client: Any) -> None:
     assert await page("m1") == ["m3", "m4"]
     assert await page("nothing like it") is None
     # A run queued by a release that kept no position is placed by its entry, as it was.
-    await client.hdel(queue._record_key(key, "m0"), "position")
+    await client.hdel(queue.keys.record(key, "m0"), "position")
     assert await page("m0") == ["m1", "m3"]
 
 
@@ -272,8 +272,8 @@ async def test_open_runs_are_listed_and_a_queued_one_can_be_cancelled(client: An
     assert await queue.depth() == 0
     # Finished or cancelled, no run is open, and the thread's open set is gone with the last.
     assert await queue.open_runs(key, 100) == []
-    assert await client.exists(queue._open_key(key)) == 0
-    assert 0 < await client.ttl(queue._record_key(key, "at 8 pm")) <= RunsConfig().result_ttl_s
+    assert await client.exists(queue.keys.open(key)) == 0
+    assert 0 < await client.ttl(queue.keys.record(key, "at 8 pm")) <= RunsConfig().result_ttl_s
     # Its message id stays taken while the record lasts: submitting it again queues nothing.
     record, queued = await queue.submit(key, msg("at 8 pm", "at 8 pm"))
     assert not queued and record.status == "cancelled"
@@ -286,11 +286,11 @@ async def test_a_run_queued_without_its_entry_id_is_cancelled_too(client: Any) -
     queue = queue_of(client)
     key = fresh()
     await queue.submit(key, msg("a table for 2", "old"), reply_to={"chat": 1})
-    await client.hdel(queue._record_key(key, "old"), "entry")
+    await client.hdel(queue.keys.record(key, "old"), "entry")
     record, cancelled = await queue.cancel(key, "old")
     assert cancelled and record is not None and record.status == "cancelled"
     # Kept while its entry waits: expired first, the entry would run as a new run.
-    assert await client.ttl(queue._record_key(key, "old")) == -1
+    assert await client.ttl(queue.keys.record(key, "old")) == -1
     await queue.submit(key, msg("a table for 4", "new"))
     worker = await running(dispatcher(queue, threads))
     try:
@@ -299,8 +299,8 @@ async def test_a_run_queued_without_its_entry_id_is_cancelled_too(client: Any) -
         await stop(worker)
     assert threads.delivered == [(key, "a table for 4")]
     assert await status_is(queue, key, "old", "cancelled")
-    assert await queue.depth() == 0 and await client.xlen(queue._outbox) == 0
-    assert 0 < await client.ttl(queue._record_key(key, "old")) <= RunsConfig().result_ttl_s
+    assert await queue.depth() == 0 and await client.xlen(queue.keys.outbox) == 0
+    assert 0 < await client.ttl(queue.keys.record(key, "old")) <= RunsConfig().result_ttl_s
 
 
 async def test_open_runs_are_listed_in_queue_order_and_only_while_open(
@@ -321,10 +321,10 @@ async def test_open_runs_are_listed_in_queue_order_and_only_while_open(
     assert [r.message_id for r in listed] == ["first", "second", "third"]
     # Finished by a worker that does not keep the index (an earlier release, mid-deploy),
     # and one whose record is gone: neither is open, and neither stays in the index.
-    await client.hset(queue._record_key(key, "first"), "status", "completed")
-    await client.delete(queue._record_key(key, "second"))
+    await client.hset(queue.keys.record(key, "first"), "status", "completed")
+    await client.delete(queue.keys.record(key, "second"))
     assert [r.message_id for r in await open_runs(queue, key, 2)] == ["third"]
-    assert await client.zrange(queue._open_key(key), 0, -1) == [b"third"]
+    assert await client.zrange(queue.keys.open(key), 0, -1) == [b"third"]
 
 
 async def test_runs_queued_in_one_millisecond_past_its_1000th_are_listed_in_order(
@@ -336,7 +336,7 @@ async def test_runs_queued_in_one_millisecond_past_its_1000th_are_listed_in_orde
     queue, key = queue_of(client), fresh()
     await queue.submit(fresh(), msg("makes the stream", "s0"))
     ahead = int(time.time() * 1000) + 600_000  # a minute ahead of Redis's clock: it lags
-    await client.execute_command("XSETID", queue._queue, f"{ahead}-997")
+    await client.execute_command("XSETID", queue.keys.queue, f"{ahead}-997")
     mids = ["z1", "a2", "m3", "b4"]  # entries ...-998, -999, -1000, -1001
     for mid in mids:
         await queue.submit(key, msg(mid, mid))
@@ -467,9 +467,9 @@ async def test_an_unreadable_entry_fails_its_run_and_the_rest_go_on(client: Any)
 
     async def rewritten(fields: dict[str, Any]) -> None:
         """The queue's last entry, as ``fields`` in place of its message."""
-        entries = await client.xrange(queue._queue)
-        await client.xadd(queue._queue, {"thread": str(key), "message": json.dumps(fields)})
-        await client.xdel(queue._queue, entries[-1][0])
+        entries = await client.xrange(queue.keys.queue)
+        await client.xadd(queue.keys.queue, {"thread": str(key), "message": json.dumps(fields)})
+        await client.xdel(queue.keys.queue, entries[-1][0])
 
     # An entry a later release might write, with a field this one does not know: still run.
     await queue.submit(key, msg("at 8 pm", "m2"))
@@ -477,7 +477,7 @@ async def test_an_unreadable_entry_fails_its_run_and_the_rest_go_on(client: Any)
     # One that cannot be a message (no text): failed.
     await queue.submit(key, msg("by the window", "m3"))
     await rewritten({"message_id": "m3", "channel": "api"})
-    await client.xadd(queue._queue, {"garbage": "1"})
+    await client.xadd(queue.keys.queue, {"garbage": "1"})
     await queue.submit(key, msg("yes please", "m4"))
     worker = await running(dispatcher(queue, threads))
     try:
@@ -519,7 +519,7 @@ async def test_a_worker_that_lost_its_lease_acts_on_nothing(client: Any) -> None
     assert not await queue.finish("b", again, error="late")
     record = await queue.get(key, "m1")
     assert record is not None and record.status == "completed" and record.attempts == 2
-    assert record.error is None and await client.ttl(queue._record_key(key, "m1")) > 0
+    assert record.error is None and await client.ttl(queue.keys.record(key, "m1")) > 0
 
 
 class LosesOneRead(RunQueue):
@@ -757,7 +757,8 @@ async def test_a_run_read_while_the_worker_stops_is_left_queued_behind_its_threa
 def test_stopping_does_not_spin_on_a_delivery_that_ended_but_is_still_listed() -> None:
     """A delivery can end while its removal from the in-hand map is still queued: stopping
     must wait for the ones running, not loop on that one without ever yielding."""
-    worker = RunDispatcher(Any, Any, max_in_flight=1)  # type: ignore[arg-type]
+    never_read = types.SimpleNamespace(replies=None)  # the test reaches no queue
+    worker = RunDispatcher(never_read, Any, max_in_flight=1)  # type: ignore[arg-type]
     stopped = threading.Event()
 
     async def stop_with_a_finished_task_listed() -> None:

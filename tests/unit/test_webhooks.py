@@ -350,7 +350,7 @@ async def test_a_run_whose_record_expired_is_not_posted(
     (run,), _, _ = await queue.read(token, 10)
     assert await queue.start(token, run)
     assert await queue.finish(token, run, error="failed")
-    (reply,), _, _ = await queue.read_replies(token, 10, webhooks=True)
+    (reply,), _, _ = await queue.replies.read(token, 10, webhooks=True)
     assert webhook_id(reply.record, reply.entry).startswith("msg_")
     await queue.release(token)
     await client.delete(reply.record)  # then the record's time ran out
@@ -366,7 +366,7 @@ async def test_a_run_whose_record_expired_is_not_posted(
 
 
 async def _outbox_empty(client: Any, queue: RunQueue) -> bool:  # noqa: F811
-    return await client.xlen(queue._webhook_box) == 0
+    return await client.xlen(queue.keys.webhook_outbox) == 0
 
 
 async def test_a_long_retry_after_still_gets_a_last_try_at_the_deadline(
@@ -437,17 +437,18 @@ async def test_a_webhook_done_keeps_a_chat_replys_count_of_pieces_sent(
     assert await queue.acquire(token, 10.0)
     await queue.join()
     replies = {}
-    for stream, to in ((queue._outbox, telegram(1)), (queue._webhook_box, webhook_to(fresh()))):
+    keys = queue.keys
+    for stream, to in ((keys.outbox, telegram(1)), (keys.webhook_outbox, webhook_to(fresh()))):
         body = {"to": to, "text": "a long reply", "thread": "default/t", "message_id": "m1"}
-        record = f"{queue._records}default/t/m1"
+        record = f"{queue.keys.record_prefix}default/t/m1"
         await client.xadd(stream, {"reply": json.dumps(body), "record": record}, id="1-1")
         replies[stream] = OutboundReply(
             "1-1", to, "a long reply", "default/t", "m1", record, stream
         )
-    chat, hook = replies[queue._outbox], replies[queue._webhook_box]
-    await queue.piece_sent(token, chat, 2)
-    await queue.reply_done(token, hook)
-    assert await queue.pieces_sent(chat) == 2
+    chat, hook = replies[queue.keys.outbox], replies[queue.keys.webhook_outbox]
+    await queue.replies.piece_sent(token, chat, 2)
+    await queue.replies.done(token, hook)
+    assert await queue.replies.pieces_sent(chat) == 2
 
 
 def webhook_to(key: ThreadKey) -> dict[str, Any]:

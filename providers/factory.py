@@ -7,7 +7,8 @@ from contextlib import AsyncExitStack
 
 from memory.embedders import Embedder, LocalEmbedder, OpenAIEmbedder
 from providers.model import Provider
-from stickyray.config import AgentConfig, MemoryConfig, TeamConfig
+from stickyray.agent_config import AgentConfig
+from stickyray.config import MemoryConfig, TeamConfig
 from stickyray.errors import ConfigError
 from stickyray.settings import Settings
 from stickyray.turns import Usage

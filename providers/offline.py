@@ -22,7 +22,8 @@ from providers.model import (
     ToolSpec,
 )
 from providers.routing import AgentProfile, EvidenceRouter, IntentProfile
-from stickyray.config import AgentConfig, TeamConfig
+from stickyray.agent_config import AgentConfig
+from stickyray.config import TeamConfig
 
 __all__ = ["OfflineProvider", "team_profiles"]
 

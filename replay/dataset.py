@@ -31,16 +31,14 @@ from pydantic import (
 )
 
 from actors.commands import parse_command
-from stickyray.config import (
+from stickyray.agent_config import (
     AGENT_NAME_PATTERN,
     INTENT_NAME_PATTERN,
     AgentConfig,
     SlotName,
-    TeamConfig,
     check_slots_once,
-    load_config,
-    parse_config,
 )
+from stickyray.config import TeamConfig, load_config, parse_config
 from stickyray.errors import ConfigError
 from stickyray.turns import message_text
 

@@ -16,7 +16,8 @@ from providers.offline import HANDOFF_NOTE, RETURN_TOOL, TRANSFER_PREFIX
 from providers.routing import EvidenceRouter
 from serve_app.agent_memory import MEMORY_TOOLS, AgentMemory, quoted
 from serve_app.tools import Tool, ToolOutcome
-from stickyray.config import AgentConfig, TeamConfig
+from stickyray.agent_config import AgentConfig
+from stickyray.config import TeamConfig
 from stickyray.errors import ConfigError, ProviderError
 from stickyray.turns import (
     AgentRequest,

@@ -11,7 +11,7 @@ from memory.long_term import MAX_CONTENT_CHARS, NewMemory
 from memory.service import LongTermMemory, extractive_summary
 from providers.model import ChatMessage, Provider, ToolSpec, valid_unicode
 from serve_app.tools import Tool
-from stickyray.config import AgentConfig, AgentMemoryConfig
+from stickyray.agent_config import AgentConfig, AgentMemoryConfig
 from stickyray.turns import AgentRequest, CompressRequest, CompressResult, Usage, anonymous_owner
 
 __all__ = ["AgentMemory", "SummaryNotStored", "memory_user", "quoted"]

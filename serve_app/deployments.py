@@ -28,7 +28,8 @@ from serve_app.agent import Agent
 from serve_app.agent_memory import AgentMemory, SummaryNotStored
 from serve_app.deltas import DeltaWriter
 from serve_app.tools import intent_tools, resolve_tools
-from stickyray.config import AgentConfig, EmbedderConfig, TeamConfig
+from stickyray.agent_config import AgentConfig
+from stickyray.config import EmbedderConfig, TeamConfig
 from stickyray.errors import CompressionNotStored, ConfigError
 from stickyray.metrics import record_model_calls
 from stickyray.settings import Settings

@@ -21,7 +21,7 @@ from memory.long_term import (
     storable_json,
 )
 from memory.service import LongTermMemory
-from stickyray.config import AGENT_NAME_PATTERN
+from stickyray.agent_config import AGENT_NAME_PATTERN
 from stickyray.errors import CoreBlocksFull, ProviderError, StoreUnavailable
 from stickyray.turns import anonymous_owner
 

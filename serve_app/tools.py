@@ -21,7 +21,8 @@ from typing import Any
 from pydantic import ConfigDict, ValidationError, create_model
 
 from providers.model import ToolSpec
-from stickyray.config import AgentConfig, TeamConfig
+from stickyray.agent_config import AgentConfig
+from stickyray.config import TeamConfig
 from stickyray.errors import ConfigError
 
 __all__ = [

@@ -1,6 +1,7 @@
 """stickyray: a sticky multi-agent assistant runtime on Ray."""
 
-from stickyray.config import AgentConfig, TeamConfig, load_config
+from stickyray.agent_config import AgentConfig
+from stickyray.config import TeamConfig, load_config
 from stickyray.errors import (
     CheckpointConflict,
     ConfigError,

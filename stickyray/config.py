@@ -1,25 +1,18 @@
 """The team configuration (``agents.yaml``): one supervisor, its specialists, thread settings.
 
-Every model forbids unknown keys, so a typo is an error that names the field instead of a
-silently ignored setting.
+Each agent is an ``AgentConfig`` (``stickyray.agent_config``). Every model forbids unknown
+keys, so a typo is an error that names the field instead of a silently ignored setting.
 """
 
 from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from stickyray.agent_config import AgentConfig, ModelName, StrictModel
 from stickyray.config_files import format_errors, read_yaml
 from stickyray.errors import ConfigError
 from stickyray.webhooks import normalize_prefix
@@ -28,196 +21,26 @@ if TYPE_CHECKING:
     from stickyray.turns import Usage
 
 __all__ = [
-    "AGENT_NAME_PATTERN",
-    "INTENT_NAME_PATTERN",
-    "AgentConfig",
-    "AgentMemoryConfig",
-    "AutoscalingConfig",
+    "MAX_TTL_S",
     "EmbedderConfig",
     "IngressConfig",
-    "IntentConfig",
     "MemoryConfig",
+    "ModelPrice",
     "RoutingConfig",
     "RunsConfig",
-    "SlotName",
     "TeamConfig",
     "ThreadsConfig",
-    "check_slots_once",
     "load_config",
+    "parse_config",
     "sample_config_path",
 ]
 
-AGENT_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
-INTENT_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
-ProviderName = Literal["openai", "anthropic", "offline"]
-SLOT_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
-SlotName = Annotated[str, Field(pattern=SLOT_NAME_PATTERN)]
 # Redis refuses an expiry past its clock's range ("invalid expire time") on every write: a
 # retention is at most ten years.
 MAX_TTL_S = 10 * 365 * 24 * 3600
 
 
-def _not_blank(value: str) -> str:
-    # min_length=1 takes " ": a description the model routes on that says nothing.
-    if not value.strip():
-        raise ValueError("must not be blank: write some text, not only spaces")
-    return value
-
-
-def _model_name(value: str) -> str:
-    # The provider answers "model not found" to every call of a name with spaces around it.
-    if not value.strip():
-        raise ValueError("must not be blank: name the model, e.g. gpt-4o-mini")
-    if value != value.strip():
-        raise ValueError(f"must not start or end with spaces: write {value.strip()!r}")
-    return value
-
-
-_Description = Annotated[str, AfterValidator(_not_blank)]
-_ModelName = Annotated[str, AfterValidator(_model_name)]
-
-
-class _Strict(BaseModel):
-    # No inf or nan: `.inf` is valid YAML, and an infinite timeout breaks what computes with it.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class AutoscalingConfig(_Strict):
-    """Ray Serve autoscaling for one deployment (a subset of Serve's own settings)."""
-
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=1, ge=1)
-    initial_replicas: int | None = Field(default=None, ge=0)
-    target_ongoing_requests: float = Field(default=16.0, gt=0)
-    upscale_delay_s: float = Field(default=5.0, ge=0)
-    downscale_delay_s: float = Field(default=60.0, ge=0)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> AutoscalingConfig:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError("min_replicas must not exceed max_replicas")
-        initial = self.initial_replicas
-        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
-            # Serve refuses it too, but only once Ray is up and the app deploys.
-            raise ValueError(
-                f"initial_replicas ({initial}) must be between min_replicas "
-                f"({self.min_replicas}) and max_replicas ({self.max_replicas})"
-            )
-        return self
-
-
-class AgentMemoryConfig(_Strict):
-    """An agent's long-term memory: what it is shown each turn and what it may do."""
-
-    # The thread keeps at most this many recent messages while this agent is active; older
-    # ones are summarised into an episodic memory (compression) before they leave.
-    short_window: int | None = Field(default=None, ge=2, le=10_000)
-    top_k: int = Field(default=5, ge=0, le=50)
-    compression: bool = True
-    decay_half_life_days: float = Field(default=30.0, gt=0)
-    tools: bool = True
-    core_block_limit: int = Field(default=2000, ge=1, le=100_000)
-
-
-class IntentConfig(_Strict):
-    """Something the user can ask an agent to do; offered to the model as a tool."""
-
-    name: str = Field(pattern=INTENT_NAME_PATTERN)
-    description: str = ""
-    required_slots: list[SlotName] = Field(default_factory=list)
-    optional_slots: list[SlotName] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _slots_once(self) -> IntentConfig:
-        check_slots_once(self.required_slots, self.optional_slots)
-        return self
-
-
-def check_slots_once(required: list[str], optional: list[str]) -> None:
-    """An intent's slots become one JSON schema's properties: a repeated one makes a schema
-    that providers refuse on the first call."""
-    seen: set[str] = set()
-    for slot in [*required, *optional]:
-        if slot in seen:
-            raise ValueError(f"slot {slot!r} is listed twice")
-        seen.add(slot)
-
-
-class AgentConfig(_Strict):
-    """One agent: its prompt, model, handoffs and how Ray Serve scales it."""
-
-    name: str = Field(pattern=AGENT_NAME_PATTERN)
-    description: _Description
-    instructions: str = ""
-    provider: ProviderName = "offline"
-    model: _ModelName | None = None
-    # None leaves sampling to the provider's default (some models reject the parameter).
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    max_iterations: int = Field(default=6, ge=1, le=50)
-    max_tokens: int = Field(default=1024, ge=1)
-    # One tool call's deadline: the thread runs one turn at a time, so a hung backend
-    # would hold the conversation.
-    tool_timeout_s: float = Field(default=30.0, gt=0)
-    # What one tool call may put into the conversation, which every later model call of the
-    # turn sends (and pays for) again; a longer output keeps its start and its end.
-    tool_output_max_chars: int = Field(default=20_000, ge=200)
-    handoffs: list[str] | None = None
-    can_return_to_supervisor: bool = True
-    tools: list[str] = Field(default_factory=list)
-    intents: list[IntentConfig] = Field(default_factory=list)
-    slots: dict[str, str] = Field(default_factory=dict)
-    memory: AgentMemoryConfig | None = None
-    # Serve scaling. An agent replica spends its time waiting on the model, so it can hold
-    # far more turns at once than Serve's default of 5 ongoing requests.
-    num_replicas: int | None = Field(default=None, ge=1)
-    autoscaling_config: AutoscalingConfig | None = None
-    max_ongoing_requests: int = Field(default=100, ge=1)
-    num_cpus: float = Field(default=0.0, ge=0.0)
-
-    @model_validator(mode="after")
-    def _check(self) -> AgentConfig:
-        if self.num_replicas is not None and self.autoscaling_config is not None:
-            raise ValueError("set num_replicas or autoscaling_config, not both")
-        if self.provider != "offline" and not self.model:
-            raise ValueError(f"model is required for provider {self.provider!r}")
-        if "provider" not in self.model_fields_set:
-            # The default provider answers offline: a model without a provider is one left
-            # out, and the agent would give canned replies, uncharged, under the model's name.
-            for field in ("model", "temperature"):
-                if getattr(self, field) is not None:
-                    raise ValueError(
-                        f"{field} is set but provider is offline (the default): add provider: "
-                        f"openai or anthropic, or remove {field}"
-                    )
-        if self.provider == "anthropic" and self.temperature is not None and self.temperature > 1:
-            # Anthropic's range is 0-1: every call would be refused.
-            raise ValueError("temperature: at most 1.0 for provider anthropic")
-        self._check_slot_names()
-        return self
-
-    def _check_slot_names(self) -> None:
-        used = list(
-            dict.fromkeys(s for i in self.intents for s in [*i.required_slots, *i.optional_slots])
-        )
-        unused = [slot for slot in self.slots if slot not in used]
-        undescribed = [slot for slot in used if slot not in self.slots]
-        # A slot no intent takes still describes the agent to the offline router; one beside
-        # an intent slot left without a description is a misspelling of it.
-        if unused and undescribed:
-            raise ValueError(
-                f"agent {self.name!r}: slots: {unused[0]!r} is not a slot of its intents (they "
-                f"take {', '.join(used)}), and {', '.join(undescribed)} has no description: "
-                "correct the name (a slot kept for routing only needs every intent slot "
-                "described)"
-            )
-
-    @property
-    def model_name(self) -> str:
-        """The model to ask for; the offline provider names its embedding model."""
-        return self.model or "offline-all-MiniLM-L6-v2"
-
-
-class ThreadsConfig(_Strict):
+class ThreadsConfig(StrictModel):
     """How thread actors keep conversations."""
 
     buffer_size: int = Field(default=20, ge=1, le=10_000)
@@ -240,11 +63,11 @@ class ThreadsConfig(_Strict):
     pool_size: int = Field(default=4, ge=1, le=1024)
 
 
-class MemoryConfig(_Strict):
+class MemoryConfig(StrictModel):
     """Long-term memory for the whole team: the embedder and how search scores combine."""
 
     embedder: Literal["local", "openai"] = "local"
-    embedding_model: _ModelName = "text-embedding-3-small"
+    embedding_model: ModelName = "text-embedding-3-small"
     # Unset: the model's own size (1536 for OpenAI's small and ada models), not asked for.
     # Set: asked for (text-embedding-3 models shorten their vectors). At most 2000, the most
     # pgvector's HNSW index takes.
@@ -279,7 +102,7 @@ class MemoryConfig(_Strict):
         return self
 
 
-class RoutingConfig(_Strict):
+class RoutingConfig(StrictModel):
     """Switch detection for specialists backed by a language model."""
 
     # Before each model call, a specialist runs the offline evidence router over the recent
@@ -288,14 +111,14 @@ class RoutingConfig(_Strict):
     precheck: bool = False
 
 
-class IngressConfig(_Strict):
+class IngressConfig(StrictModel):
     """Scaling of the HTTP ingress deployment."""
 
     num_replicas: int = Field(default=1, ge=1)
     max_ongoing_requests: int = Field(default=500, ge=1)
 
 
-class RunsConfig(_Strict):
+class RunsConfig(StrictModel):
     """Queued runs: messages answered in the background (POST /v1/threads/{id}/runs)."""
 
     # Runs of different threads that the run worker delivers at once.
@@ -326,7 +149,7 @@ class RunsConfig(_Strict):
         return checked
 
 
-class EmbedderConfig(_Strict):
+class EmbedderConfig(StrictModel):
     """Scaling of the shared local embedding model (offline routing, pre-checks, memory)."""
 
     num_replicas: int = Field(default=1, ge=1)
@@ -337,7 +160,7 @@ class EmbedderConfig(_Strict):
     num_cpus: float = Field(default=0.0, ge=0)
 
 
-class ModelPrice(_Strict):
+class ModelPrice(StrictModel):
     """What a model costs, in US dollars per million tokens: input, output, and input read
     from or written to the vendor's prompt cache (the input price when not given)."""
 
@@ -351,7 +174,7 @@ class ModelPrice(_Strict):
         return usage.priced(self.input, self.output, self.cached_input, self.cache_write)
 
 
-class TeamConfig(_Strict):
+class TeamConfig(StrictModel):
     """The whole ``agents.yaml``."""
 
     supervisor: AgentConfig

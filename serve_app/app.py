@@ -6,7 +6,7 @@ from ray.serve import Application
 
 from serve_app.deployments import agent_deployment, embedder_deployment
 from serve_app.ingress import INGRESS_DEPLOYMENT, Ingress
-from serve_app.runs import RUN_WORKER_DEPLOYMENT, RunWorker
+from serve_app.run_worker import RUN_WORKER_DEPLOYMENT, RunWorker
 from serve_app.tools import check_tools
 from stickyray.config import TeamConfig
 from stickyray.settings import Settings

@@ -1,9 +1,8 @@
-"""The run worker: it drains the app's run queue into the threads.
+"""The run dispatcher: it drains the app's run queue into the threads.
 
-A Serve deployment of the app (one replica, ``RunWorker``), so Serve starts it with the app
-and its config, restarts it if it fails, replaces it on a deploy and stops it when the app
-is deleted. It reads the queue and sends each run to its thread through the thread
-directory, as the ingress sends a posted message; the thread deduplicates by message id.
+The run worker (``serve_app.run_worker``) runs it. It reads the queue and sends each run to
+its thread through the thread directory, as the ingress sends a posted message; the thread
+deduplicates by message id.
 
 - A thread's runs are delivered one after another, in the order they were queued; runs of
   different threads go at once, up to ``runs.max_in_flight``.
@@ -28,20 +27,16 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ray.exceptions import ActorDiedError, RayError, RayTaskError
 
-from actors.directory import ThreadDirectory, pool_scope, root_cause
+from actors.directory import root_cause
 from actors.key import ThreadKey
-from actors.redis_store import connect_redis
 from actors.run_queue import LeaseLost, RunQueue
 from actors.run_records import QueuedRun
-from serve_app.channel_sender import ChannelSender
 from serve_app.run_outbox import BATCH, Outbox, SendReply, SendWebhook, Stopping
-from serve_app.webhooks import WebhookSender
-from stickyray.config import TeamConfig
 from stickyray.errors import (
     CheckpointConflict,
     ProviderError,
@@ -51,24 +46,20 @@ from stickyray.errors import (
     TurnPending,
 )
 from stickyray.metrics import record_run
-from stickyray.settings import Settings
 from stickyray.turns import InboundMessage, TurnResult
 
 __all__ = [
-    "RUN_WORKER_DEPLOYMENT",
     "Deliver",
     "RunDispatcher",
-    "RunWorker",
     "SendReply",
     "SendWebhook",
+    "cancel_until_done",
     "transient",
 ]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-RUN_WORKER_DEPLOYMENT = "RunWorker"
 
 Deliver = Callable[[ThreadKey, InboundMessage], Awaitable[TurnResult]]
 
@@ -86,7 +77,7 @@ _TRANSIENT = (
 )
 
 
-async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+async def cancel_until_done(tasks: list[asyncio.Task[Any]]) -> None:
     """Cancel ``tasks`` and wait for them; cancel again any that swallowed a cancel."""
     pending = [t for t in tasks if not t.done()]
     while pending:
@@ -111,10 +102,11 @@ def transient(exc: BaseException) -> bool:
 class RunDispatcher:
     """Delivers the queue's runs: in order per thread, concurrently across threads.
 
-    A plain class, run by ``RunWorker`` and tested without Ray. Every run read waits as a
-    task, behind the previous run of its thread; at most ``max_in_flight`` are delivering at
-    a time, so a thread with many runs waiting takes no room from the others. What is read
-    is bounded by the queue's own bound, ``runs.max_queued``.
+    A plain class, run by ``serve_app.run_worker.RunWorker`` and tested without Ray. Every
+    run read waits as a task, behind the previous run of its thread; at most
+    ``max_in_flight`` are delivering at a time, so a thread with many runs waiting takes no
+    room from the others. What is read is bounded by the queue's own bound,
+    ``runs.max_queued``.
 
     Every read, start and finish checks the lease in the same Redis script, so a worker
     that stalled past its lease acts on nothing once another has taken over. Every read
@@ -215,9 +207,9 @@ class RunDispatcher:
         """
         self._closing = True
         try:
-            await _cancel(loops)
+            await cancel_until_done(loops)
             # Only the readers dispatch, so what is in hand now is all there will be.
-            await _cancel([*self._tasks, *self._outbox.in_hand()])
+            await cancel_until_done([*self._tasks, *self._outbox.in_hand()])
         finally:
             self._closing = False
 
@@ -400,57 +392,3 @@ class RunDispatcher:
                 log.warning("run queue: %s; trying again in %.2f s", exc, delay)
             await self.pause(delay)
             delay = min(delay * 2, 5.0)
-
-
-class RunWorker:
-    """The Serve deployment that runs the app's ``RunDispatcher``; it takes no requests."""
-
-    async def __init__(  # type: ignore[misc]
-        self, team: TeamConfig, settings: Settings, agent_handles: dict[str, Any], app: str
-    ) -> None:
-        assert settings.redis_url, "the CLI resolves the Redis URL before deploying"
-        self._closed = False
-        self._directory = ThreadDirectory(
-            team, settings.redis_url, agent_handles, scope=pool_scope(app, team), app=app
-        )
-        self._redis = connect_redis(settings.redis_url)
-        self._sender = ChannelSender(settings)
-        secret = settings.webhook_secret
-        self._webhooks = WebhookSender(
-            secret.get_secret_value() if secret is not None else None, team.runs.webhook_urls
-        )
-        self._dispatcher = RunDispatcher(
-            RunQueue(self._redis, app, team.runs),
-            self._directory.send,
-            max_in_flight=team.runs.max_in_flight,
-            app=app,
-            give_up_after_s=team.runs.give_up_after_s,
-            send_reply=self._sender.send,
-            send_webhook=self._webhooks.send,
-            reply_give_up_after_s=team.runs.reply_give_up_after_s,
-        )
-        self._task = asyncio.get_running_loop().create_task(self._dispatcher.run())
-
-    async def check_health(self) -> None:
-        """Serve restarts a replica whose dispatcher stopped (a bug: outages are retried)."""
-        if self._task.done():
-            error = None if self._task.cancelled() else self._task.exception()
-            raise RuntimeError(f"the run dispatcher stopped: {error!r}")
-
-    def __del__(self) -> Coroutine[Any, Any, None] | None:
-        """Stop delivering (the runs in hand stay queued) and give the lease up; once.
-
-        Serve awaits what this returns when it stops the replica.
-        """
-        if getattr(self, "_closed", True):
-            return None
-        self._closed = True
-        return self._close()
-
-    async def _close(self) -> None:
-        self._dispatcher.stop()
-        await asyncio.wait([self._task], timeout=10)
-        await _cancel([self._task])  # if it did not stop in time
-        await self._redis.aclose()
-        await self._sender.aclose()
-        await self._webhooks.aclose()

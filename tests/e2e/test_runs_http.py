@@ -14,7 +14,7 @@ from ray.util.state import list_actors
 from actors.key import ThreadKey
 from actors.redis_store import connect_redis
 from actors.run_queue import RunQueue
-from serve_app.runs import RUN_WORKER_DEPLOYMENT
+from serve_app.run_worker import RUN_WORKER_DEPLOYMENT
 from stickyray.config import RunsConfig
 from stickyray.metrics import metrics_url
 from stickyray.settings import Settings

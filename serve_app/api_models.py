@@ -1,10 +1,13 @@
-"""The bodies the HTTP API takes and the answers it gives, beyond the turn records."""
+"""The bodies and path parameters the HTTP API takes, and the answers it gives beyond the
+turn records."""
 
+from fastapi import HTTPException, Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from actors.key import ID_PATTERN
+from actors.key import ID_PATTERN, ThreadKey
 from actors.run_records import RunRecord
 from serve_app.channel_messages import CHANNEL_ID_PREFIXES
+from stickyray.errors import InvalidThreadKey
 from stickyray.turns import TurnResult, message_text
 from stickyray.webhooks import MAX_URL_LENGTH
 
@@ -12,12 +15,26 @@ __all__ = [
     "AgentInfo",
     "ChatIn",
     "Health",
+    "MessageIdPath",
     "MessageIn",
     "OpenRuns",
     "ResetIn",
     "RunIn",
+    "ThreadIdPath",
     "TurnHistory",
+    "thread_key",
 ]
+
+ThreadIdPath = Path(description="The conversation thread.", max_length=128)
+MessageIdPath = Path(description="The message id of the run.", pattern=ID_PATTERN)
+
+
+def thread_key(thread_id: str) -> ThreadKey:
+    """The key of the thread a route's path names; a 422 naming the path if it is invalid."""
+    try:
+        return ThreadKey.of(thread_id)
+    except InvalidThreadKey as exc:
+        raise HTTPException(422, f"path.thread_id: {exc.reason}") from None
 
 
 def _api_id(value: str | None) -> str | None:

@@ -7,13 +7,13 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayError
 
 from actors.directory import ThreadDirectory, pool_scope, root_cause
-from actors.key import ID_PATTERN, ThreadKey
+from actors.key import ThreadKey
 from actors.redis_store import RedisThreadStore, connect_redis
 from actors.run_queue import RunQueue
 from actors.run_records import RunRecord
@@ -25,10 +25,11 @@ from serve_app.api_models import (
     ChatIn,
     Health,
     MessageIn,
-    OpenRuns,
     ResetIn,
     RunIn,
+    ThreadIdPath,
     TurnHistory,
+    thread_key,
 )
 from serve_app.channels import MAX_BODY, ChannelInbox
 from serve_app.channels import router as channels_router
@@ -36,9 +37,10 @@ from serve_app.deltas import read_deltas, sse
 from serve_app.deployments import MEMORY_API_LABEL, open_memory
 from serve_app.memory_api import thread_router as thread_memory_router
 from serve_app.memory_api import user_router as user_memory_router
+from serve_app.runs_api import RunsState
+from serve_app.runs_api import router as runs_router
 from stickyray.config import TeamConfig
-from stickyray.errors import InvalidThreadKey, StoreUnavailable
-from stickyray.metrics import record_run
+from stickyray.errors import StoreUnavailable
 from stickyray.settings import Settings
 from stickyray.turns import InboundMessage, ThreadSnapshot, TurnResult
 from stickyray.webhooks import WEBHOOK_CHANNEL, url_refusal
@@ -59,6 +61,7 @@ api = FastAPI(
 api.include_router(user_memory_router)
 api.include_router(thread_memory_router)
 api.include_router(channels_router)
+api.include_router(runs_router)
 # Errors first, then the guards: the last middleware added is the outermost, so from the
 # outside in a request meets HEAD as GET, the key check, the body's cap, then the error
 # middleware.
@@ -91,17 +94,6 @@ def body_cap(team: TeamConfig) -> int:
     )
     escaped = max(6 * team.threads.max_message_bytes, 12 * longest_chars)
     return max(MAX_BODY, escaped + 64 * 1024)
-
-
-def _key(thread_id: str) -> ThreadKey:
-    try:
-        return ThreadKey.of(thread_id)
-    except InvalidThreadKey as exc:
-        raise HTTPException(422, f"path.thread_id: {exc.reason}") from None
-
-
-ThreadIdPath = Path(description="The conversation thread.", max_length=128)
-MessageIdPath = Path(description="The message id of the run.", pattern=ID_PATTERN)
 
 
 @serve.ingress(api)
@@ -143,6 +135,7 @@ class Ingress:
             api.state.api_key = (
                 settings.api_key.get_secret_value() if settings.api_key is not None else None
             )
+            api.state.runs = RunsState(self._runs, app_name)
             api.state.channels = ChannelInbox(
                 self._runs, settings, app_name, team.threads.max_message_bytes
             )
@@ -189,7 +182,7 @@ class Ingress:
         self, body: ChatIn, thread_id: str = ThreadIdPath
     ) -> TurnResult | StreamingResponse:
         """Send a message; the thread's active agent (or the supervisor) answers."""
-        key = _key(thread_id)
+        key = thread_key(thread_id)
         message = self._inbound(body)
         if body.stream:
             return await self._streamed(key, message.model_copy(update={"stream": True}))
@@ -245,7 +238,7 @@ class Ingress:
         self, body: RunIn, response: Response, thread_id: str = ThreadIdPath
     ) -> RunRecord:
         """Queue a message: 202 at once; its turn runs in the background, in order per thread."""
-        key = _key(thread_id)
+        key = thread_key(thread_id)
         message = self._inbound(body)
         reply_to = None
         if body.webhook_url is not None:
@@ -280,74 +273,10 @@ class Ingress:
                 headers={"Retry-After": "5"},
             )
 
-    @api.get("/v1/threads/{thread_id}/runs", response_model=OpenRuns)
-    async def get_open_runs(
-        self,
-        thread_id: str = ThreadIdPath,
-        limit: int = Query(default=100, ge=1, le=1000),
-        after: str | None = Query(
-            default=None, max_length=128, description="The last run of the previous page."
-        ),
-    ) -> OpenRuns:
-        """The thread's runs that are queued or running, in the order they run (finished
-        ones are its turns), from the one after run ``after``."""
-        key = _key(thread_id)
-        after = after or None  # "after=" is the first page, as in the README's example
-        try:
-            runs = await self._runs.open_runs(key, limit, after)
-        except StoreUnavailable as exc:
-            raise http_error(exc) from None
-        if runs is None:
-            raise HTTPException(
-                422, f"query.after: thread {thread_id!r} has no run {after!r} (or it expired)"
-            )
-        return OpenRuns(thread_id=thread_id, runs=runs)
-
-    @api.get("/v1/threads/{thread_id}/runs/{message_id}", response_model=RunRecord)
-    async def get_run(
-        self, thread_id: str = ThreadIdPath, message_id: str = MessageIdPath
-    ) -> RunRecord:
-        """A queued run: its status and, once finished, its turn."""
-        key = _key(thread_id)
-        try:
-            record = await self._runs.get(key, message_id)
-        except StoreUnavailable as exc:
-            raise http_error(exc) from None
-        if record is None:
-            raise HTTPException(404, f"thread {thread_id!r} has no run {message_id!r}")
-        return record
-
-    @api.post(
-        "/v1/threads/{thread_id}/runs/{message_id}/cancel",
-        response_model=RunRecord,
-        responses={409: {"description": "The run started or finished: it cannot be cancelled"}},
-    )
-    async def cancel_run(
-        self, thread_id: str = ThreadIdPath, message_id: str = MessageIdPath
-    ) -> RunRecord:
-        """Take a run that has not started off the queue; it never runs (nor replies)."""
-        key = _key(thread_id)
-        try:
-            record, cancelled = await self._runs.cancel(key, message_id)
-        except StoreUnavailable as exc:
-            raise http_error(exc) from None
-        if record is None:
-            raise HTTPException(404, f"thread {thread_id!r} has no run {message_id!r}")
-        if cancelled:
-            record_run(self._app_name, status="cancelled")
-        elif record.status != "cancelled":
-            why = "is running" if record.status == "running" else f"has {record.status}"
-            raise HTTPException(
-                409,
-                f"run {message_id!r} of thread {thread_id!r} {why}: only a queued run "
-                "can be cancelled",
-            )
-        return record
-
     @api.get("/v1/threads/{thread_id}", response_model=ThreadSnapshot)
     async def get_thread(self, thread_id: str = ThreadIdPath) -> ThreadSnapshot:
         """The thread's active agent (null = supervisor), turn count and recent messages."""
-        key = _key(thread_id)
+        key = thread_key(thread_id)
         try:
             checkpoint = await self._store.load(key)
         except StoreUnavailable as exc:
@@ -370,7 +299,7 @@ class Ingress:
         limit: int = Query(default=100, ge=1, le=1000),
     ) -> TurnHistory:
         """Every turn of the thread in order: message id, agent, status, reply, error."""
-        key = _key(thread_id)
+        key = thread_key(thread_id)
         try:
             if await self._store.load(key) is None:
                 raise HTTPException(404, f"thread {thread_id!r} not found")
@@ -384,7 +313,7 @@ class Ingress:
         self, thread_id: str = ThreadIdPath, body: ResetIn | None = None
     ) -> TurnResult:
         """Delete the thread's history and recent messages; the supervisor answers next."""
-        key = _key(thread_id)
+        key = thread_key(thread_id)
         message_id = (body.message_id if body else None) or uuid.uuid4().hex
         try:
             if await self._store.load(key) is None:

@@ -21,6 +21,7 @@ from actors.key import ID_RULE, ThreadKey
 from actors.store import Checkpoint
 from memory.in_memory import InMemoryMemoryStore
 from memory.service import LongTermMemory
+from serve_app.runs_api import RunsState
 from stickyray.config import RunsConfig, load_config
 from stickyray.errors import ConfigError, MessageIdReused, ProviderError
 from stickyray.turns import InboundMessage, TurnResult, anonymous_owner
@@ -358,7 +359,9 @@ def test_a_body_of_many_mistakes_gets_an_answer_of_a_few(replica: types.SimpleNa
     assert len(response.content) < 10_000
 
 
-def test_an_empty_after_is_the_first_page_of_runs(replica: types.SimpleNamespace) -> None:
+def test_an_empty_after_is_the_first_page_of_runs(
+    replica: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
     asked: list[tuple[int, str | None]] = []
 
     class Runs:
@@ -366,7 +369,8 @@ def test_an_empty_after_is_the_first_page_of_runs(replica: types.SimpleNamespace
             asked.append((limit, after))
             return []
 
-    replica.instance._runs = Runs()
+    state = RunsState(Runs(), "stickyray")  # type: ignore[arg-type]
+    monkeypatch.setattr(ingress.api.state, "runs", state, raising=False)
     response = replica.client.get("/v1/threads/alice/runs?limit=100&after=")  # as in the README
     assert response.status_code == 200 and response.json() == {"thread_id": "alice", "runs": []}
     assert asked == [(100, None)]

@@ -28,6 +28,9 @@ __all__ = ["ThreadActor"]
 
 log = logging.getLogger(__name__)
 
+# How long a passivated actor waits for its caller to kill it (that takes milliseconds).
+_KILL_GRACE_S = 10.0
+
 
 class ThreadActor:
     """One conversation thread as a Ray actor."""
@@ -107,7 +110,16 @@ class ThreadActor:
         except Exception:
             log.debug("could not leave live set", exc_info=True)
         self._idle_watch.cancel()
+        # The caller kills this actor next. Should it never (it failed or was cancelled in
+        # between), the closed actor would keep the thread's name and bounce every message
+        # until the client gave up: it stops itself a while later.
+        self._idle_watch = asyncio.get_running_loop().create_task(self._stop_unless_killed())
         return True
+
+    async def _stop_unless_killed(self) -> None:
+        await asyncio.sleep(_KILL_GRACE_S)
+        log.warning("thread %s passivated but still running: stopping itself", self._key)
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     async def _watch_idle(self) -> None:
         # A timer, not a wait for a condition: it wakes a few times per timeout to compare.

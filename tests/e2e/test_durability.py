@@ -124,6 +124,21 @@ def test_killed_actor_recovers_with_everything(app: App, fake_llm: FakeLLMServer
     assert fake_llm.count(agent="triage") == 1
 
 
+def test_a_passivated_actor_nobody_kills_stops_itself(app: App, fake_llm: FakeLLMServer) -> None:
+    """Asked to passivate by a caller that never kills it (one that failed in between), a
+    closed actor must not keep the thread's name: every message would bounce off it."""
+    route_to_bookings(fake_llm)
+    thread = new_thread()
+    name = ThreadKey.of(thread).actor_name
+    with app.client() as client:
+        send(client, thread, "book a table")
+        actor = ray.get_actor(name, namespace=NAMESPACE)
+        assert ray.get(actor.passivate.remote(), timeout=30) is True
+        wait_for(lambda: not live_thread_actors(thread), timeout=60, what="the closed actor")
+        back = send(client, thread, "for two")
+    assert (back["turn"], back["agent"]) == (2, "bookings")
+
+
 def test_stale_incarnation_is_fenced(app: App, fake_llm: FakeLLMServer, redis_url: str) -> None:
     route_to_bookings(fake_llm)
     thread = new_thread()

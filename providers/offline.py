@@ -21,7 +21,7 @@ from providers.model import (
     ToolChoice,
     ToolSpec,
 )
-from providers.routing import AgentProfile, EvidenceRouter, IntentProfile
+from providers.routing import AgentProfile, EvidenceRouter, IntentProfile, in_words
 from stickyray.agent_config import AgentConfig
 from stickyray.config import TeamConfig
 
@@ -47,8 +47,7 @@ def _profile(agent: AgentConfig) -> AgentProfile:
             name=intent.name,
             description=intent.description,
             slots=tuple(
-                agent.slots.get(slot, slot)
-                for slot in [*intent.required_slots, *intent.optional_slots]
+                _slot_text(agent, slot) for slot in [*intent.required_slots, *intent.optional_slots]
             ),
         )
         for intent in agent.intents
@@ -57,8 +56,14 @@ def _profile(agent: AgentConfig) -> AgentProfile:
         name=agent.name,
         description=agent.description,
         intents=intents,
-        slots=tuple(agent.slots.values()),
+        slots=tuple(_slot_text(agent, slot) for slot in agent.slots),
     )
+
+
+def _slot_text(agent: AgentConfig, slot: str) -> str:
+    # A slot without a description (an agents.json entry's gives "") is embedded as its name
+    # in words, as the routing benchmark does: an empty text would match nothing.
+    return agent.slots.get(slot) or in_words(slot)
 
 
 class OfflineProvider:

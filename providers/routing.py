@@ -52,6 +52,7 @@ __all__ = [
     "NEW_REQUEST_CUE",
     "IntentProfile",
     "RouteDecision",
+    "in_words",
 ]
 
 RECENT_USER_MESSAGES = 5
@@ -63,7 +64,7 @@ NEW_REQUEST_CUE = r"\b(also|too|as well|in addition|additionally|another)\b"
 """Words with which users add a request ("I also need a cab"): such a message switches sooner."""
 
 
-def _words(identifier: str) -> str:
+def in_words(identifier: str) -> str:
     """``ReserveHotel`` / ``Hotels_1`` -> ``Reserve Hotel`` / ``Hotels``: embeddable words."""
     spaced = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", identifier.replace("_", " "))
     return re.sub(r"\s*\d+$", "", spaced).strip()
@@ -91,14 +92,14 @@ class AgentProfile:
     def from_dataset_entry(cls, entry: dict[str, Any]) -> AgentProfile:
         """Build from one entry of an ``agents.json`` (SGD schema: intents, slots)."""
         slot_text = {
-            s["name"]: s.get("description") or _words(s["name"]) for s in entry.get("slots", [])
+            s["name"]: s.get("description") or in_words(s["name"]) for s in entry.get("slots", [])
         }
         intents = tuple(
             IntentProfile(
                 name=intent["name"],
                 description=intent.get("description", ""),
                 slots=tuple(
-                    slot_text.get(s, _words(s))
+                    slot_text.get(s, in_words(s))
                     for s in [*intent.get("required_slots", []), *intent.get("optional_slots", [])]
                 ),
             )
@@ -113,8 +114,8 @@ class AgentProfile:
 
     def view_texts(self) -> dict[str, list[str]]:
         """The texts embedded for this agent, by view; empty views fall back to the description."""
-        head = f"{_words(self.name)}: {self.description}"
-        intents = [f"{_words(i.name)}: {i.description}" for i in self.intents]
+        head = f"{in_words(self.name)}: {self.description}"
+        intents = [f"{in_words(i.name)}: {i.description}" for i in self.intents]
         with_slots = [
             f"{i.description}. {'; '.join(i.slots)}" if i.slots else i.description
             for i in self.intents

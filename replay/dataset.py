@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from stickyray.agent_config import (
     check_slots_once,
 )
 from stickyray.config import TeamConfig, load_config, parse_config
+from stickyray.config_files import read_yaml
 from stickyray.errors import ConfigError
 from stickyray.turns import message_text
 
@@ -60,8 +62,10 @@ class Turn(BaseModel):
         """The agents the turn is scored against; none for a command, which is not routed."""
         if parse_command(self.user) is not None:
             return []
-        # Once each: a label written twice is still one agent to have answered.
-        return list(dict.fromkeys(service.lower() for service in self.services))
+        # Once each: a label written twice is still one agent to have answered. A blank one
+        # names no agent and would only be scored as wrong: the turn is unlabelled instead.
+        names = (service.strip().lower() for service in self.services)
+        return list(dict.fromkeys(name for name in names if name))
 
     @field_validator("user")
     @classmethod
@@ -99,7 +103,11 @@ def load_dialogues(
     dialogues: list[Dialogue] = []
     skipped: list[SkippedLine] = []
     first_seen: dict[str, int] = {}
-    for number, raw in _lines(path):
+    for position, (number, raw) in enumerate(_lines(path)):
+        if position == 0 and raw.removeprefix(_BOM).lstrip().startswith(b"["):
+            # Read as lines, a JSON array written one object per line would lose all but
+            # one dialogue to "invalid JSON" and still replay: refused, with the fix.
+            raise ConfigError(_array_not_lines(path))
         if limit is not None and len(dialogues) >= limit:
             break
         try:
@@ -113,7 +121,10 @@ def load_dialogues(
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "line"
-            skipped.append(SkippedLine(line=number, error=f"{where}: {first['msg']}"))
+            what = first["msg"]
+            if first["type"] == "model_type" and not first["loc"]:
+                what = "expected one dialogue object per line (JSON Lines)"
+            skipped.append(SkippedLine(line=number, error=f"{where}: {what}"))
             continue
         too_long = next(
             (
@@ -140,6 +151,18 @@ def load_dialogues(
         first_seen[dialogue.dialogue_id] = number
         dialogues.append(dialogue)
     return dialogues, skipped
+
+
+def _array_not_lines(path: Path) -> str:
+    """What to do with a dialogues file that holds a JSON array."""
+    converted = path.with_suffix(".jsonl")
+    if converted.name == path.name:  # jq's output must not overwrite its input
+        converted = path.with_name(f"{path.stem}-lines.jsonl")
+    command = f"jq -c '.[]' {shlex.quote(path.name)} > {shlex.quote(converted.name)}"
+    return (
+        f"{path}: holds a JSON array, but the dialogues file is JSON Lines, one dialogue "
+        f"object per line; convert it, e.g. `{command}`"
+    )
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -298,4 +321,10 @@ def load_team(path: Path) -> TeamConfig:
         if not isinstance(entries, list) or not entries:
             raise ConfigError(f"{path}: expected a non-empty JSON list of agents")
         return team_from_agents(entries, path)
+    if isinstance(read_yaml(path), list):
+        # YAML reads a JSON list too: say how to use it, not that agents.yaml needs a mapping.
+        raise ConfigError(
+            f"{path}: holds a list of services, which is read from a .json file: rename it "
+            "to end in .json, or write an agents.yaml (a supervisor and specialists)"
+        )
     return load_config(path)

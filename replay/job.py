@@ -17,7 +17,7 @@ import time
 import uuid
 from contextlib import ExitStack, suppress
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import httpx
 from pydantic import BaseModel, Field
@@ -313,7 +313,8 @@ def _label_warnings(team: TeamConfig, dialogues: list[Dialogue]) -> list[str]:
         ]
     unknown = sorted(labels - {a.name for a in team.agents})
     if unknown:
-        return [f"labels that name no agent, scored as wrong: {', '.join(unknown)}"]
+        # Quoted: a label with spaces or commas, or an odd character, stays readable.
+        return [f"labels that name no agent, scored as wrong: {', '.join(map(repr, unknown))}"]
     return []
 
 
@@ -387,64 +388,81 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings()
     run_id = uuid.uuid4().hex[:8]
     app_name = f"replay-{run_id}"
-    with ExitStack() as stack:
-        # Embedded servers keep their data in a temporary folder: a replay's threads and
-        # memories are not the deployment's.
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sr-")))
-        if settings.redis_url is None:
-            redis = EmbeddedRedis(tmp / "redis")
-            settings = settings.model_copy(update={"redis_url": redis.start()})
-            stack.callback(redis.stop)
-        if team.uses_memory:
-            from memory.embedded_postgres import prepare_database
+    report: dict[str, Any] | None = None
+    try:
+        with ExitStack() as stack:
+            # Embedded servers keep their data in a temporary folder: a replay's threads and
+            # memories are not the deployment's.
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sr-")))
+            if settings.redis_url is None:
+                redis = EmbeddedRedis(tmp / "redis")
+                settings = settings.model_copy(update={"redis_url": redis.start()})
+                stack.callback(redis.stop)
+            if team.uses_memory:
+                from memory.embedded_postgres import prepare_database
 
-            url, postgres = prepare_database(
-                settings.database_url,
-                tmp / "postgres",
-                team.memory.embedding_dimension,
-                team.memory.embedder_id,
+                url, postgres = prepare_database(
+                    settings.database_url,
+                    tmp / "postgres",
+                    team.memory.embedding_dimension,
+                    team.memory.embedder_id,
+                )
+                if postgres is not None:
+                    stack.callback(postgres.stop)
+                settings = settings.model_copy(update={"database_url": url})
+            context = ray.init(
+                namespace="stickyray", logging_level=logging.WARNING, log_to_driver=False
             )
-            if postgres is not None:
-                stack.callback(postgres.stop)
-            settings = settings.model_copy(update={"database_url": url})
-        context = ray.init(
-            namespace="stickyray", logging_level=logging.WARNING, log_to_driver=False
-        )
-        stack.callback(ray.shutdown)
-        serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
-        port = _serve_http_port(context.dashboard_url)
-        started = time.monotonic()
-        # Before serve.run: an app that fails to deploy is removed from the cluster too.
-        stack.callback(serve.delete, app_name)
-        serve.run(
-            build_app(team, settings, app_name=app_name), name=app_name, route_prefix=f"/{app_name}"
-        )
-        print(f"replay: app {app_name} deployed in {time.monotonic() - started:.1f} s", flush=True)
-        started = time.monotonic()
-        records = asyncio.run(
-            replay_dialogues(
-                f"http://127.0.0.1:{port}/{app_name}",
-                dialogues,
-                team,
-                args.concurrency,
-                run_id,
-                pool_scope(app_name, team),
-                settings.api_key.get_secret_value() if settings.api_key is not None else None,
+            stack.callback(ray.shutdown)
+            serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
+            port = _serve_http_port(context.dashboard_url)
+            started = time.monotonic()
+            # Before serve.run: an app that fails to deploy is removed from the cluster too.
+            stack.callback(serve.delete, app_name)
+            serve.run(
+                build_app(team, settings, app_name=app_name),
+                name=app_name,
+                route_prefix=f"/{app_name}",
             )
+            print(
+                f"replay: app {app_name} deployed in {time.monotonic() - started:.1f} s",
+                flush=True,
+            )
+            started = time.monotonic()
+            records = asyncio.run(
+                replay_dialogues(
+                    f"http://127.0.0.1:{port}/{app_name}",
+                    dialogues,
+                    team,
+                    args.concurrency,
+                    run_id,
+                    pool_scope(app_name, team),
+                    settings.api_key.get_secret_value() if settings.api_key is not None else None,
+                )
+            )
+            elapsed = time.monotonic() - started
+            # Written, and sent, before the teardown below: a failure to stop Serve, Ray or
+            # the embedded servers, or a job killed while it hangs, loses no finished replay.
+            written = write_report(args.out, team, dialogues, records, skipped, elapsed)
+            if args.report_to_log:
+                print(f"{REPORT_LINE}{pack_report(args.out)}", flush=True)
+            report = written
+    except Exception:
+        if report is None:
+            raise
+        # Only the teardown can fail once the report is out: the replay's results stay.
+        log.warning(
+            "cleaning up after the replay failed; the report is in %s", args.out, exc_info=True
         )
-        elapsed = time.monotonic() - started
-    # The turns are on disk before the baselines run, so a failure there loses no replay.
-    report = write_report(args.out, team, dialogues, records, skipped, elapsed)
     from replay.baselines import baselines
 
-    try:
-        started = time.monotonic()
-        compared = baselines(team, dialogues)
-        report = write_report(args.out, team, dialogues, records, skipped, elapsed, compared)
-        print(f"replay: baselines computed in {time.monotonic() - started:.0f} s", flush=True)
-    finally:
-        if args.report_to_log:
-            print(f"{REPORT_LINE}{pack_report(args.out)}", flush=True)
+    # A failure in the baselines fails the job, but the report above is written (and sent).
+    started = time.monotonic()
+    compared = baselines(team, dialogues)
+    report = write_report(args.out, team, dialogues, records, skipped, elapsed, compared)
+    print(f"replay: baselines computed in {time.monotonic() - started:.0f} s", flush=True)
+    if args.report_to_log:  # sent again, with the baselines: the last one is unpacked
+        print(f"{REPORT_LINE}{pack_report(args.out)}", flush=True)
     print(
         f"replay: accuracy {figure(report['routing']['accuracy'])}, "
         f"{report['routing']['supervisor_decisions_per_turn']:.3f} supervisor decisions/turn, "

@@ -91,6 +91,35 @@ def _by(records: list[TurnRecord], key: Any = None) -> dict[str, float]:
     }
 
 
+def _cost(team: TeamConfig, records: list[TurnRecord]) -> dict[str, Any] | None:
+    """The cost at agents.yaml's pricing (null when it sets none), in all and per agent.
+
+    Summed as ``Usage.__add__`` sums it: an agent with requests of unknown cost (their
+    replies reported no token usage) has an unknown cost, null, and so has the total, rather
+    than a figure that is too low; ``unmeasured_requests`` counts those requests per agent.
+    """
+    known: dict[str, float] = defaultdict(float)
+    unmeasured: Counter[str] = Counter()
+    for record in records:
+        for agent, usage in record.usage_by_agent.items():
+            if usage.get("cost_usd") is not None:
+                known[agent] += float(usage["cost_usd"] or 0.0)
+            elif any(usage.get(k) for k in ("requests", "input_tokens", "output_tokens")):
+                # Nothing spent costs nothing; something spent at no known cost is unknown.
+                unmeasured[agent] += int(
+                    usage.get("unmeasured_requests") or usage.get("requests") or 0
+                )
+    if not known and team.pricing is None:
+        return None
+    by_agent: dict[str, float | None] = {a: round(v, 6) for a, v in known.items()}
+    by_agent.update(dict.fromkeys(unmeasured))
+    return {
+        "total": None if unmeasured else round(sum(known.values()), 6),
+        "by_agent": dict(sorted(by_agent.items())),
+        "unmeasured_requests": dict(sorted(unmeasured.items())),
+    }
+
+
 def summarize(
     team: TeamConfig,
     dialogues: list[Dialogue],
@@ -105,15 +134,12 @@ def summarize(
     calls: Counter[str] = Counter()
     llm_calls: Counter[str] = Counter()
     tokens: dict[str, dict[str, int]] = defaultdict(lambda: {"input": 0, "output": 0})
-    cost: dict[str, float] = defaultdict(float)
     for record in records:
         calls.update(record.agents_called)
         for agent, usage in record.usage_by_agent.items():
             llm_calls[agent] += int(usage.get("requests") or 0)
             tokens[agent]["input"] += int(usage.get("input_tokens") or 0)
             tokens[agent]["output"] += int(usage.get("output_tokens") or 0)
-            if usage.get("cost_usd") is not None:
-                cost[agent] += float(usage["cost_usd"] or 0.0)
     wrong: dict[str, Counter[str]] = defaultdict(Counter)
     for record in records:
         if record.labels and record.agent not in record.labels:
@@ -150,15 +176,7 @@ def summarize(
         "agent_calls": dict(sorted(calls.items())),
         "llm_calls": dict(sorted(llm_calls.items())),
         "tokens": {k: v for k, v in sorted(tokens.items())},
-        # At agents.yaml's pricing; null when it sets none.
-        "cost_usd": (
-            {
-                "total": round(sum(cost.values()), 6),
-                "by_agent": {k: round(v, 6) for k, v in sorted(cost.items())},
-            }
-            if cost
-            else None
-        ),
+        "cost_usd": _cost(team, records),
         # Of turns that got an answer; null when none did (0 would read as instant).
         "latency_ms": {
             "p50": _pct_ms(latencies, 0.50),
@@ -249,8 +267,17 @@ def _markdown(report: dict[str, Any]) -> str:
             "| --- | --- | --- | --- | --- |",
         ]
     else:
+        if cost["total"] is None:
+            unknown = ", ".join(
+                f"{_inline(agent)} {n}" for agent, n in cost["unmeasured_requests"].items()
+            )
+            lines.append(
+                "Cost at the agents file's pricing: unknown, rather than too low: some model "
+                f"replies reported no token usage (requests of unknown cost: {unknown})."
+            )
+        else:
+            lines.append(f"Cost at the agents file's pricing: ${cost['total']:.4f} in all.")
         lines += [
-            f"Cost at the agents file's pricing: ${cost['total']:.4f} in all.",
             "",
             "| agent | agent calls | LLM calls | input tokens | output tokens | cost (USD) |",
             "| --- | --- | --- | --- | --- | --- |",
@@ -262,7 +289,8 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{report['llm_calls'].get(agent, 0)} | {t['input']} | {t['output']} |"
         )
         if cost is not None:
-            row += f" {cost['by_agent'].get(agent, 0.0):.4f} |"
+            spent = cost["by_agent"].get(agent, 0.0)
+            row += " unknown |" if spent is None else f" {spent:.4f} |"
         lines.append(row)
     lines += ["", "![accuracy vs supervisor calls](routing.png)", ""]
     return "\n".join(lines)
@@ -330,7 +358,9 @@ def pack_report(out: Path) -> str:
 def unpack_report(packed: str, out: Path) -> list[str]:
     """Write the files of a ``pack_report`` line into ``out``; returns their names.
 
-    Only the report's own file names are written, whatever else the archive holds.
+    Only the report's own file names are written, whatever else the archive holds. The new
+    report replaces an older one in ``out``: a report file it does not have is removed,
+    so no earlier run's chart stays beside it. Nothing else in ``out`` is touched.
     """
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -340,4 +370,9 @@ def unpack_report(packed: str, out: Path) -> list[str]:
             if member.name in REPORT_FILES and source is not None:
                 (out / member.name).write_bytes(source.read())
                 written.append(member.name)
+    # Removed last: an archive that cannot be opened leaves the old report as it was.
+    for name in REPORT_FILES:
+        stale = out / name
+        if name not in written and (stale.is_file() or stale.is_symlink()):
+            stale.unlink()
     return written

@@ -166,9 +166,21 @@ def submit_replay(
         asyncio.run(follow())
         status = client.get_job_status(job_id)
         # A job that failed after the replay (in the baselines) still sends what it has.
-        if _fetch_report(client, job_id, out):
+        fetched = _fetch_report(client, job_id, out)
+        if fetched:
             print(f"stickyray: report in {out}", flush=True)
         print(f"stickyray: replay job {job_id} {status.value}", flush=True)
+        if status == JobStatus.SUCCEEDED and not fetched:
+            # Nothing to show for a replay that ran: never a silent success.
+            print(
+                f"stickyray: the job succeeded but its log holds no report (no line starting "
+                f"{REPORT_LINE.strip()!r}), so none was written to {out}. The cluster's "
+                "stickyray may be another version than this one; `ray job logs "
+                f"{job_id}` shows what the job printed",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
         if status == JobStatus.SUCCEEDED:
             return 0
         return 2 if printer.refused else 1

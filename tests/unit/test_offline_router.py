@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from memory.embedders import LocalEmbedder
 from providers.model import ChatMessage, ToolSpec
-from providers.offline import OfflineProvider
+from providers.offline import OfflineProvider, team_profiles
+from providers.routing import AgentProfile
+from replay.dataset import team_from_agents
 from stickyray.config import TeamConfig, load_config
 
 
@@ -179,3 +183,18 @@ async def test_after_supervisor_the_new_request_is_routed_not_the_topic_left(
     # Handed back within a turn, the thread's recent history still counts.
     handed = "You route. The conversation was handed to you because: moved on"
     assert await routed(handed) == "transfer_to_bookings"
+
+
+def test_a_slot_without_a_description_is_embedded_as_its_name_in_words() -> None:
+    entry = {
+        "name": "RentalCars_1",
+        "description": "Car rental service",
+        "intents": [{"name": "GetCarsAvailable", "required_slots": ["pickup_city"]}],
+        "slots": [{"name": "pickup_city"}],  # SGD style: no description
+    }
+    team = team_from_agents([entry, {"name": "Hotels_1"}], Path("agents.json"))
+    texts = team_profiles(team)[0].view_texts()
+    # As the routing benchmark embeds the same entry, not "" and ". ".
+    assert texts["slot"] == AgentProfile.from_dataset_entry(entry).view_texts()["slot"]
+    assert texts["slot"] == ["pickup city"]
+    assert texts["intent_slots"] == [". pickup city"]

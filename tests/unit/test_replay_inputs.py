@@ -407,6 +407,7 @@ def test_cost_per_agent_when_the_agents_are_priced(tmp_path: Path) -> None:
     assert report["cost_usd"] == {
         "total": 0.7515,
         "by_agent": {"hotels_1": 0.75, "supervisor": 0.0015},
+        "unmeasured_requests": {},
     }
     markdown = (tmp_path / "b" / "report.md").read_text()
     assert "Cost at the agents file's pricing: $0.7515 in all." in markdown

@@ -72,7 +72,7 @@ def test_the_job_warns_when_no_turn_has_a_label() -> None:
     assert job._label_warnings(TEAM, labelled) == []
     unknown = dialogues_with({"user": "I need a hotel", "services": ["Hotels_9"]})
     assert job._label_warnings(TEAM, unknown) == [
-        "labels that name no agent, scored as wrong: hotels_9"
+        "labels that name no agent, scored as wrong: 'hotels_9'"
     ]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from replay.dataset import Dialogue, SkippedLine
-from replay.job import TurnRecord
+from replay.driver import TurnRecord
 from stickyray.config import TeamConfig
 
 __all__ = [

@@ -11,7 +11,7 @@ import pytest
 
 from replay import job
 from replay.dataset import Dialogue, load_dialogues, load_team, team_from_agents
-from replay.job import TurnRecord
+from replay.driver import TurnRecord
 from replay.report import summarize
 from stickyray.errors import ConfigError
 

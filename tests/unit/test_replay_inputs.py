@@ -15,7 +15,8 @@ import pytest
 from memory.embedders import LocalEmbedder
 from replay.baselines import baselines
 from replay.dataset import Dialogue, Turn, load_dialogues, load_team, team_from_agents
-from replay.job import TurnRecord, _record, check_inputs
+from replay.driver import TurnRecord, turn_record
+from replay.job import check_inputs
 from replay.report import pack_report, summarize, unpack_report, write_report
 from replay.submit import _stage, submit_replay
 from stickyray.errors import ConfigError
@@ -260,7 +261,7 @@ def test_a_command_in_a_recorded_dialogue_runs_but_is_not_scored() -> None:
         {"dialogue_id": "d", "turns": [{"user": "/supervisor", "services": ["Hotels_1"]}]}
     )
     body = {"agent": None, "reply": "Back to the supervisor.", "command": "supervisor"}
-    turn = _record(dialogue, 0, body, 0.01, "supervisor")
+    turn = turn_record(dialogue, 0, body, 0.01, "supervisor")
     assert (turn.command, turn.labels) == ("supervisor", [])
     team = team_from_agents(AGENTS, Path("agents.json"))
     report = summarize(team, [dialogue], [turn, record(["hotels_1"], "hotels_1")], [], 1.0)
@@ -356,7 +357,7 @@ def test_a_label_written_twice_counts_once() -> None:
     assert turn.labels == ["hotels_1"]
     dialogue = Dialogue(dialogue_id="d", turns=[turn, Turn(user="x", services=["Foo_1", "foo_1"])])
     body = {"agent": "travel_1", "reply": "...", "command": None}
-    records = [_record(dialogue, i, body, 0.01, "triage") for i in range(2)]
+    records = [turn_record(dialogue, i, body, 0.01, "triage") for i in range(2)]
     team = team_from_agents(AGENTS, Path("agents.json"))
     routing = summarize(team, [dialogue], records, [], 1.0)["routing"]
     assert routing["confusion"]["hotels_1"] == wrong("travel_1", 1)

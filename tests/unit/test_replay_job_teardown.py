@@ -14,6 +14,7 @@ from ray import serve
 import replay.baselines
 import serve_app.app
 from replay import job
+from replay.driver import TurnRecord
 from replay.report import unpack_report
 
 
@@ -31,8 +32,8 @@ def test_a_failing_teardown_loses_no_finished_replay(
         deleted.append(name)
         raise RuntimeError(f"timed out deleting app {name}")
 
-    async def replayed(*args: Any, **kwargs: Any) -> list[job.TurnRecord]:
-        return [job.TurnRecord(dialogue_id="a", index=0, labels=["hotels_1"], agent="hotels_1")]
+    async def replayed(*args: Any, **kwargs: Any) -> list[TurnRecord]:
+        return [TurnRecord(dialogue_id="a", index=0, labels=["hotels_1"], agent="hotels_1")]
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: Context())
     monkeypatch.setattr(ray, "shutdown", lambda: None)

@@ -8,7 +8,7 @@ import tarfile
 from pathlib import Path
 
 from replay.dataset import team_from_agents
-from replay.job import TurnRecord
+from replay.driver import TurnRecord
 from replay.report import summarize, unpack_report, write_report
 
 TEAM = team_from_agents([{"name": "Hotels_1"}, {"name": "Taxi_1"}], Path("agents.json"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from replay.dataset import team_from_agents
-from replay.job import TurnRecord
+from replay.driver import TurnRecord
 from replay.report import write_report
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +56,7 @@ _WRITER = """
 import sys
 from pathlib import Path
 from replay.dataset import team_from_agents
-from replay.job import TurnRecord
+from replay.driver import TurnRecord
 from replay.report import write_report
 
 team = team_from_agents([{"name": "Hotels_1"}], Path("agents.json"))

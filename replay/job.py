@@ -2,7 +2,8 @@
 
 Run inside a Ray job (``stickyray replay`` submits it; ``ray job submit -- python -m
 replay.job ...`` works too). It drives the same HTTP ingress and thread directory as live
-traffic: each dialogue is a new thread, its user turns sent in order, dialogues concurrently.
+traffic (``replay.driver``): each dialogue is a new thread, its user turns sent in order,
+dialogues concurrently.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ chat its run's ``reply_to`` names. Both platforms refuse a text over 4,096 chara
 ``split_text`` cuts a longer reply into pieces, each sent on its own. A refusal raises
 ``ChannelSendFailed``, permanent unless sending again can help (429, 5xx, Meta's throttling
 codes), with how long the platform asks to wait (``http_refusal``). A Telegram group that
-became a supergroup is sent to again under its new id.
+became a supergroup is sent to again under its new id. A WhatsApp user is sent to by phone
+number, or by business-scoped user id when that is all Meta gave.
 """
 
 from __future__ import annotations
@@ -124,10 +125,13 @@ class ChannelSender:
         if token is None:
             raise ChannelSendFailed("whatsapp", "WHATSAPP_ACCESS_TOKEN is not set", permanent=True)
         url = f"{self._settings.whatsapp_api_base.rstrip('/')}/{to['phone_number_id']}/messages"
+        # A phone number goes in ``to``; a business-scoped user id (a user known only by it)
+        # in ``recipient``.
+        recipient = {"to": to["to"]} if "to" in to else {"recipient": to["recipient"]}
         body = {
             "messaging_product": "whatsapp",
             "recipient_type": "individual",
-            "to": to["to"],
+            **recipient,
             "type": "text",
             "text": {"body": text},
         }

@@ -92,7 +92,8 @@ class TelegramUpdate(WireModel):
     message: _TelegramMessage | None = None
 
 
-_ADDRESSED = re.compile(r"^(/[A-Za-z0-9_]+)@([A-Za-z0-9_]+)(?=\s|$)")
+# The command may end in the punctuation the thread's command parser takes ("/reset@Bot.").
+_ADDRESSED = re.compile(r"^(/[A-Za-z0-9_]+)@([A-Za-z0-9_]+)(?=[.!?]*(?:\s|$))")
 
 
 def _command(text: str, username: str | None) -> str | None:

@@ -2,6 +2,9 @@
 
 Each message the agent can read becomes a run of the thread
 ``whatsapp:<business phone number id>:<user's WhatsApp id>``; user ``whatsapp:<WhatsApp id>``.
+The WhatsApp id is the user's phone number, or, for a user Meta names only by their
+business-scoped user id (a BSUID: a user with a username, who did not share their number),
+the BSUID (a hash of it when it is too long for an id); the reply goes to the same.
 Texts are read, a tapped button or list row as its title, a shared place or contact card,
 and captioned images, videos and documents; other types are left out. Of the delivery
 statuses only a failed one is read: a reply Meta accepted and then could not deliver.
@@ -11,10 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from actors.key import ThreadKey
 from serve_app.channel_messages import (
@@ -90,8 +94,19 @@ class _WhatsAppContact(WireModel):
     emails: list[_WhatsAppEmail] = Field(default_factory=list)
 
 
+# A business-scoped user id: a country code, a period and up to 128 letters and digits
+# ("US.13491208655302741918"; a parent BSUID has "ENT." after the country code).
+_BSUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.]{0,255}")
+# The longest user id kept as it is in thread and user ids (which hold 128 characters): the
+# thread's is ``whatsapp:<number id, up to 48>:<user id>``.
+_MAX_USER_ID = 64
+
+
 class _WhatsAppMessage(WireModel):
-    sender: str = Field(alias="from", pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,63}$")
+    # The user's phone number. Meta leaves it out for a user it names only by their BSUID
+    # (``from_user_id``): one who adopted a username and did not share their number.
+    sender: str | None = Field(None, alias="from", pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,63}$")
+    sender_user_id: str | None = Field(None, alias="from_user_id")
     id: str = Field(min_length=1)
     type: str
     text: _WhatsAppText | None = None
@@ -102,6 +117,26 @@ class _WhatsAppMessage(WireModel):
     interactive: _WhatsAppInteractive | None = None
     location: _WhatsAppLocation | None = None
     contacts: list[_WhatsAppContact] | None = None
+
+    @model_validator(mode="after")
+    def _has_a_sender(self) -> Self:
+        # The BSUID's form is checked only when the message is read by it (no phone number).
+        if self.sender is None and (
+            self.sender_user_id is None or not _BSUID.fullmatch(self.sender_user_id)
+        ):
+            raise ValueError("from: missing, and from_user_id missing or not a BSUID")
+        return self
+
+    def whom(self) -> tuple[str, dict[str, str]]:
+        """Who sent this, as the thread and user ids name them, and the reply's address:
+        ``to`` a phone number, or ``recipient`` a BSUID (the Cloud API's fields for each)."""
+        if self.sender is not None:
+            return self.sender, {"to": self.sender}
+        bsuid = self.sender_user_id or ""
+        if len(bsuid) <= _MAX_USER_ID:
+            return bsuid, {"recipient": bsuid}
+        # Too long for an id: a hash, marked by a "-" no BSUID holds.
+        return "bsuid-" + hashlib.sha256(bsuid.encode()).hexdigest()[:40], {"recipient": bsuid}
 
 
 class _WhatsAppMetadata(WireModel):
@@ -128,6 +163,7 @@ class _WhatsAppStatus(WireModel):
     status: str
     id: str | None = None  # the wamid Meta answered the send with
     recipient_id: str | None = None
+    recipient_user_id: str | None = None  # the BSUID, of a message sent to one
     errors: list[_WhatsAppError] = Field(default_factory=list)
 
 
@@ -202,20 +238,17 @@ def whatsapp_messages(payload: WhatsAppPayload) -> list[ChannelMessage]:
                     continue
                 # Message ids ("wamid.<base64>") may hold characters a run id cannot.
                 digest = hashlib.sha256(message.id.encode()).hexdigest()[:40]
+                who, address = message.whom()
                 found.append(
                     ChannelMessage(
-                        key=ThreadKey.of(f"whatsapp:{number}:{message.sender}"),
+                        key=ThreadKey.of(f"whatsapp:{number}:{who}"),
                         message=InboundMessage(
                             text=text,
                             message_id=f"whatsapp:{digest}",
-                            user_id=f"whatsapp:{message.sender}",
+                            user_id=f"whatsapp:{who}",
                             channel="whatsapp",
                         ),
-                        reply_to={
-                            "channel": "whatsapp",
-                            "phone_number_id": number,
-                            "to": message.sender,
-                        },
+                        reply_to={"channel": "whatsapp", "phone_number_id": number, **address},
                     )
                 )
     return found
@@ -268,7 +301,7 @@ def failed_replies(payload: WhatsAppPayload) -> list[FailedReply]:
                 )
                 failed.append(
                     FailedReply(
-                        status.recipient_id or "unknown recipient",
+                        status.recipient_id or status.recipient_user_id or "unknown recipient",
                         why or "no error given",
                         status.id,
                     )

@@ -60,8 +60,11 @@ log = logging.getLogger(__name__)
 
 Channel = Literal["telegram", "whatsapp"]
 
-# A webhook call is a few KB; WhatsApp batches at most a few messages in one.
+# The most a webhook call may hold, per platform. A Telegram update holds one message, a few
+# KB; Meta documents WhatsApp's calls (a batch of messages and statuses) as up to 3 MB, and a
+# call refused with 413 is sent again until Meta drops it, messages and all.
 MAX_BODY = 1024 * 1024
+_MAX_BODIES: dict[Channel, int] = {"telegram": MAX_BODY, "whatsapp": 3 * MAX_BODY}
 
 CHANNELS_PREFIX = "/v1/channels"
 router = APIRouter(prefix=CHANNELS_PREFIX, tags=["channels"])
@@ -131,17 +134,18 @@ def _inbox(request: Request) -> ChannelInbox:
     return inbox
 
 
-async def _body(request: Request) -> bytes:
-    """The request's body; 413 as soon as it passes what any platform sends, before it is
-    read whole (or authenticated)."""
+async def _body(request: Request, channel: Channel) -> bytes:
+    """The request's body; 413 as soon as it passes what ``channel``'s platform sends,
+    before it is read whole (or authenticated)."""
+    cap = _MAX_BODIES[channel]
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY:
-        raise HTTPException(413, f"body: over {MAX_BODY} bytes")
+    if declared.isdigit() and int(declared) > cap:
+        raise HTTPException(413, f"body: over {cap} bytes")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_BODY:
-            raise HTTPException(413, f"body: over {MAX_BODY} bytes")
+        if len(body) > cap:
+            raise HTTPException(413, f"body: over {cap} bytes")
     return bytes(body)
 
 
@@ -167,7 +171,7 @@ async def telegram_webhook(request: Request) -> dict:
     secret = settings.telegram_webhook_secret.get_secret_value()
     if not _same(request.headers.get("x-telegram-bot-api-secret-token"), secret):
         raise HTTPException(401, "header X-Telegram-Bot-Api-Secret-Token: missing or wrong")
-    update = _parse(TelegramUpdate, await _body(request))
+    update = _parse(TelegramUpdate, await _body(request, "telegram"))
     messages = telegram_messages(update, settings.telegram_bot_username)
     return await inbox.queue("telegram", messages, 1)
 
@@ -197,7 +201,7 @@ async def whatsapp_webhook(request: Request) -> dict:
     settings = inbox.settings
     if settings.whatsapp_access_token is None or settings.whatsapp_app_secret is None:
         raise HTTPException(404, "the whatsapp channel is not set up: set WHATSAPP_ACCESS_TOKEN")
-    body = await _body(request)
+    body = await _body(request, "whatsapp")
     expected = whatsapp_signature(body, settings.whatsapp_app_secret.get_secret_value())
     if not _same(request.headers.get("x-hub-signature-256"), expected):
         raise HTTPException(401, "header X-Hub-Signature-256: missing or wrong")

@@ -88,7 +88,9 @@ def _settled(turn: "asyncio.Future[TurnResult]") -> None:
 
 def body_cap(team: TeamConfig) -> int:
     """The most bytes a request body to the API may hold: room for the longest valid text in
-    its most escaped JSON (6 bytes per byte, 12 per character), at least the webhooks' cap."""
+    its most escaped JSON (6 bytes per byte, 12 per character), at least ``MAX_BODY`` (1 MiB).
+    The channels' webhooks are not held to it: each caps its own body at what its platform
+    sends (WhatsApp's at 3 MiB)."""
     longest_chars = max(
         [MAX_CONTENT_CHARS, *(a.memory.core_block_limit for a in team.agents if a.memory)]
     )

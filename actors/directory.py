@@ -27,7 +27,7 @@ from actors.key import NAMESPACE, ThreadKey
 from actors.thread_actor import ThreadActor
 from actors.thread_host import ThreadHost
 from stickyray.config import TeamConfig
-from stickyray.errors import ThreadFenced, ThreadPassivated
+from stickyray.errors import StoreUnavailable, ThreadFenced, ThreadPassivated
 from stickyray.turns import InboundMessage, TurnResult
 
 __all__ = [
@@ -260,7 +260,14 @@ class ThreadDirectory:
                     if isinstance(cause, ThreadFenced):
                         # A superseded incarnation must not keep the name; its state is safe.
                         ray.kill(actor, no_restart=True)
-                if _creation_failed(cause) or delivery == _MAX_DELIVERIES:
+                if isinstance(cause, ActorDiedError) and _creation_failed(cause):
+                    # Redis down as the actor opened the thread is an outage like any other
+                    # (a 503, a queued run retried), not an actor that can never start.
+                    outage = _creation_error(cause)
+                    if isinstance(outage, StoreUnavailable):
+                        raise outage from exc
+                    raise
+                if delivery == _MAX_DELIVERIES:
                     raise
                 log.info("thread %s: %s; delivering again", key, type(cause).__name__)
                 await asyncio.sleep(delay)  # back off while Ray releases the old name
@@ -269,5 +276,17 @@ class ThreadDirectory:
 
 
 def _creation_failed(exc: BaseException) -> bool:
-    """Whether the actor died in its constructor (e.g. Redis down): retrying will not help."""
+    """Whether the actor died in its constructor: delivering again at once will not help."""
     return isinstance(exc, ActorDiedError) and "creation task" in str(exc).lower()
+
+
+def _creation_error(exc: ActorDiedError) -> BaseException | None:
+    """The error an actor's constructor raised, when Ray kept it.
+
+    Ray builds the caller's ActorDiedError from the constructor's RayTaskError, which it
+    keeps only as the error's argument (the message has its text, not its class).
+    """
+    wrapped = exc.args[0] if exc.args else None
+    if isinstance(wrapped, RayTaskError):
+        return root_cause(wrapped)
+    return None

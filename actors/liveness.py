@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from stickyray.errors import StoreUnavailable
+from actors.redis_store import redis_outages
 
 __all__ = ["Incarnation", "LiveThreads", "live_set_key"]
 
@@ -101,13 +99,15 @@ class LiveThreads:
         self._touched: dict[str, float] = {}
 
     async def activate(self, me: Incarnation) -> list[Incarnation]:
-        """Register ``me``; return the incarnations that must go to keep the node at its cap."""
-        try:
+        """Register ``me``; return the incarnations that must go to keep the node at its cap.
+
+        Redis down or refusing writes (out of memory, a replica, loading) is StoreUnavailable,
+        here as in ``touch`` and ``remove``.
+        """
+        with redis_outages():
             victims: list[Any] = await self._activate(
                 keys=[self._key], args=[time.time(), me.member, self._cap, self._ttl_ms]
             )
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StoreUnavailable("redis", str(exc)) from exc
         self._touched[me.member] = time.monotonic()
         return [Incarnation.parse(v) for v in victims]
 
@@ -117,12 +117,14 @@ class LiveThreads:
         if now - self._touched.get(me.member, 0.0) < self.TOUCH_EVERY_S:
             return
         self._touched[me.member] = now
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.zadd(self._key, {me.member: time.time()}, xx=True)
-            pipe.pexpire(self._key, self._ttl_ms)
-            await pipe.execute()
+        with redis_outages():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.zadd(self._key, {me.member: time.time()}, xx=True)
+                pipe.pexpire(self._key, self._ttl_ms)
+                await pipe.execute()
 
     async def remove(self, me: Incarnation) -> None:
         """Unregister ``me``."""
         self._touched.pop(me.member, None)
-        await self._client.zrem(self._key, me.member)
+        with redis_outages():
+            await self._client.zrem(self._key, me.member)

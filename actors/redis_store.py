@@ -3,8 +3,9 @@
 Keys of one thread share a hash tag (``stickyray:{tenant/thread}:...``), so they live in one
 slot of a Redis Cluster and every script declares all the keys it touches:
 
-- ``epoch``       incarnation counter (INCR on open)
-- ``checkpoint``  hash: version, turn, data (Checkpoint JSON)
+- ``epoch``       incarnation counter (INCR on open), started from Redis's clock
+- ``checkpoint``  hash: version, turn, data (Checkpoint JSON); ``opened``: the token and epoch
+                  of the last open, so an open sent again (its answer lost) is not a new one
 - ``pending``     hash: seq, message, attempts; the accepted turn not yet stored
 - ``turns``       hash: turn number -> TurnResult JSON (the history)
 - ``msgs``        hash: message id -> seq, or the TurnResult JSON once stored (a turn's or a
@@ -21,6 +22,7 @@ slot of a Redis Cluster and every script declares all the keys it touches:
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Collection, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -65,16 +67,33 @@ for i = 1, 7 do redis.call('EXPIRE', KEYS[i], ARGV[{t}]) end
 """
 
 
-# KEYS: the seven keys above. ARGV[1]: ttl, ARGV[2]: '1' to count an attempt of a pending turn.
+# KEYS: the seven keys above. ARGV[1]: ttl, ARGV[2]: '1' to count an attempt of a pending turn,
+# ARGV[3]: the open's token. An epoch key that is missing (a new thread, or one whose keys
+# expired while an old incarnation may still hold it open) starts from Redis's clock, in
+# seconds times a million: an epoch is then the time its thread's state began and how many
+# opens it has had since. It is never handed out twice: the keys expire at least an hour
+# (checkpoint_ttl_s) after the last open, so a new start is past every epoch of the state
+# before, unless that one had a million opens a second. (Under 2^53 until the year 2255:
+# exact as a Lua number.) The same token as the last open's, with the epoch it took still
+# current, is that open sent again by the client after its answer was lost: it takes no new
+# epoch and counts no attempt.
 _OPEN = (
     """
-local epoch = redis.call('INCR', KEYS[1])
+local epoch = redis.call('GET', KEYS[1])
+if not (epoch and redis.call('HGET', KEYS[2], 'opened') == ARGV[3] .. ' ' .. epoch) then
+  if not epoch then
+    redis.call('SET', KEYS[1], redis.call('TIME')[1] .. '000000')
+  end
+  redis.call('INCR', KEYS[1])
+  epoch = redis.call('GET', KEYS[1])
+  redis.call('HSET', KEYS[2], 'opened', ARGV[3] .. ' ' .. epoch)
+  if redis.call('EXISTS', KEYS[3]) == 1 and ARGV[2] == '1' then
+    redis.call('HINCRBY', KEYS[3], 'attempts', 1)
+  end
+end
 """
     + _expire_all(1)
     + """
-if redis.call('EXISTS', KEYS[3]) == 1 and ARGV[2] == '1' then
-  redis.call('HINCRBY', KEYS[3], 'attempts', 1)
-end
 return {epoch, redis.call('HGET', KEYS[2], 'data') or false,
         redis.call('HMGET', KEYS[3], 'seq', 'message', 'attempts')}
 """
@@ -348,9 +367,15 @@ class RedisThreadStore:
             result: list[Any] = await script(keys=self._keys(key), args=list(args))
         return result
 
-    async def open(self, key: ThreadKey, count_attempt: bool = True) -> Incarnation:
+    async def open(
+        self, key: ThreadKey, count_attempt: bool = True, token: str | None = None
+    ) -> Incarnation:
         epoch, data, (seq, message, attempts) = await self._run(
-            self._open, key, self._ttl_s, "1" if count_attempt else "0"
+            self._open,
+            key,
+            self._ttl_s,
+            "1" if count_attempt else "0",
+            token or uuid.uuid4().hex,
         )
         checkpoint = Checkpoint.model_validate_json(data) if data else Checkpoint()
         pending = None

@@ -74,9 +74,17 @@ class Incarnation(BaseModel):
 class ThreadStore(Protocol):
     """The write side, used only by the thread's own actor."""
 
-    async def open(self, key: ThreadKey, count_attempt: bool = True) -> Incarnation:
+    async def open(
+        self, key: ThreadKey, count_attempt: bool = True, token: str | None = None
+    ) -> Incarnation:
         """Take a new epoch and read the state; a pending turn's attempt count goes up,
-        unless ``count_attempt`` is False (the caller knows the turn has not run since)."""
+        unless ``count_attempt`` is False (the caller knows the turn has not run since).
+
+        Epochs never repeat, even after the thread's state expired. ``token`` names this
+        open (None: a new one): the token of the last open, while the epoch it took is
+        still current, is that open again (its answer was lost), which takes no new epoch
+        and counts no attempt.
+        """
         ...
 
     async def accept(self, key: ThreadKey, epoch: int, message: InboundMessage) -> int | TurnResult:
@@ -156,6 +164,7 @@ class _Seen:
 @dataclass
 class _ThreadData:
     epoch: int = 0
+    opened: tuple[str, int] | None = None  # the last open's token and the epoch it took
     checkpoint: Checkpoint | None = None
     pending: PendingTurn | None = None
     turns: dict[int, TurnResult] = field(default_factory=dict)
@@ -181,11 +190,17 @@ class InMemoryThreadStore:
             raise ThreadFenced(str(key), epoch)
         return data
 
-    async def open(self, key: ThreadKey, count_attempt: bool = True) -> Incarnation:
+    async def open(
+        self, key: ThreadKey, count_attempt: bool = True, token: str | None = None
+    ) -> Incarnation:
+        # Nothing here expires, so the epoch counts on from 1 and never repeats.
         data = self._data(key)
-        data.epoch += 1
-        if data.pending is not None and count_attempt:
-            data.pending = data.pending.model_copy(update={"attempts": data.pending.attempts + 1})
+        if token is None or data.opened != (token, data.epoch):
+            data.epoch += 1
+            data.opened = (token, data.epoch) if token is not None else None
+            if data.pending is not None and count_attempt:
+                attempts = data.pending.attempts + 1
+                data.pending = data.pending.model_copy(update={"attempts": attempts})
         return Incarnation(
             epoch=data.epoch, checkpoint=data.checkpoint or Checkpoint(), pending=data.pending
         )

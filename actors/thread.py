@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
@@ -26,6 +27,7 @@ from stickyray.config import TeamConfig
 from stickyray.errors import (
     CheckpointConflict,
     MessageIdReused,
+    StoreUnavailable,
     ThreadFenced,
     ThreadPassivated,
     TurnPending,
@@ -54,7 +56,7 @@ T = TypeVar("T")
 
 # A turn interrupted this many times (its actor died, its request was cancelled) is recorded
 # as failed instead of run again, so a message that kills its actor cannot take the thread
-# down forever.
+# down forever. A store outage is no interruption: the turn runs again once the store is back.
 MAX_TURN_ATTEMPTS = 2
 
 _SORRY = SORRY_REPLY
@@ -110,6 +112,12 @@ class Thread:
         self._fenced = False
         self._closed = False
         self._stale = False
+        # Whether what left the thread stale may have been the turn's fault (a cancelled
+        # request), so the reopen counts an attempt; a store outage alone is not.
+        self._interrupted = False
+        # The token of a reopen that failed: the next one sends it again, so that if Redis
+        # ran the failed one (its answer lost), it does not take a second epoch or attempt.
+        self._open_token: str | None = None
         self._adopt(incarnation)
         self.last_active = clock()
 
@@ -194,19 +202,21 @@ class Thread:
                     return await self._handle(message)
             except (ThreadFenced, MessageIdReused):
                 raise  # superseded, or refused before anything was written
-            except BaseException:
+            except BaseException as exc:
                 # Whatever stopped this message midway (a cancelled request, a store error),
                 # the store may hold what this incarnation did not see: the turn may be
                 # accepted and not committed, which would block every later message.
                 # Reopening before the next one completes it, as after a crash.
                 self._stale = True
+                if not isinstance(exc, StoreUnavailable):
+                    self._interrupted = True
                 raise
             finally:  # idle time counts from the reply: a long turn is no idle time
                 self.last_active = self._clock()
 
     async def _handle(self, message: InboundMessage) -> TurnResult:
         if self._stale:
-            await self._reopen()
+            await self._reopen(count_attempt=self._interrupted)
         command = parse_command(message.text)
         if command is not None:
             return await self._command(command, message)
@@ -224,9 +234,13 @@ class Thread:
             raise
 
     async def _reopen(self, count_attempt: bool = True) -> None:
-        incarnation = await self._guard(self._store.open(self.key, count_attempt))
+        if self._open_token is None:
+            self._open_token = uuid.uuid4().hex
+        opening = self._store.open(self.key, count_attempt, self._open_token)
+        incarnation = await self._guard(opening)
+        self._open_token = None
         self._adopt(incarnation)
-        self._stale = False
+        self._stale = self._interrupted = False
         await self._resolve(incarnation.pending)
 
     async def _resolve(self, pending: PendingTurn | None) -> None:

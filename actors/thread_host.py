@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from typing import Any
 
@@ -41,6 +42,28 @@ log = logging.getLogger(__name__)
 # turn should take; past it the thread opens here anyway, fencing the other's turn.
 HANDOVER_TIMEOUT_S = 600.0
 _HOLDER = "host"  # the Redis key part naming the host that holds a thread
+# The key part remembering the last record's nonce and the holder it replaced, for as long as
+# the client may send that record again.
+_RECORDED = "host:recorded"
+_RECORDED_S = 600
+
+# KEYS[1]: the holder record, KEYS[2]: what the last record replaced. ARGV: this host's name,
+# the record's ttl, the call's nonce, how long to remember it. Returns the previous holder. The
+# client sends a script again when its answer is late, though Redis may have run it: the
+# second run must not answer with this host's own name, or the host it replaced is never
+# asked to close the thread. The record itself stays a plain name (hosts of the release
+# before read it).
+_RECORD_HOLDER = """
+local last = redis.call('HMGET', KEYS[2], 'nonce', 'previous')
+if last[1] == ARGV[3] then
+  return last[2]
+end
+local previous = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('HSET', KEYS[2], 'nonce', ARGV[3], 'previous', previous or '')
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return previous
+"""
 
 
 class ThreadHost:
@@ -58,6 +81,7 @@ class ThreadHost:
         self._name = name  # this host's actor name, recorded as the holder of its threads
         self._team = team
         self._redis = connect_redis(redis_url)
+        self._record_holder = self._redis.register_script(_RECORD_HOLDER)
         self._store = RedisThreadStore(
             self._redis, ttl_s=threads.checkpoint_ttl_s, message_id_ttl_s=threads.message_id_ttl_s
         )
@@ -161,16 +185,18 @@ class ThreadHost:
         if self._name is None:
             return None
         recorded = time.monotonic()
+        ttl, nonce = self._team.threads.checkpoint_ttl_s, uuid.uuid4().hex
         try:
-            previous = await self._redis.set(
-                key.redis_key(_HOLDER), self._name, ex=self._team.threads.checkpoint_ttl_s, get=True
+            previous = await self._record_holder(
+                keys=[key.redis_key(_HOLDER), key.redis_key(_RECORDED)],
+                args=[self._name, ttl, nonce, _RECORDED_S],
             )
         except Exception as exc:  # opening the thread reports Redis being down
             log.info("thread %s: holder not recorded: %s", key, exc)
             return None
         if isinstance(previous, bytes):
             previous = previous.decode()
-        if not isinstance(previous, str) or previous == self._name:
+        if not isinstance(previous, str) or previous in ("", self._name):
             return recorded
         holder = await asyncio.to_thread(self._lookup, previous)
         if holder is None:

@@ -46,8 +46,10 @@ class ThreadsConfig(StrictModel):
     buffer_size: int = Field(default=20, ge=1, le=10_000)
     max_handoffs_per_turn: int = Field(default=3, ge=0, le=10)
     max_message_bytes: int = Field(default=16 * 1024, ge=1)
-    # Retention: a thread's stored state lives this long after its last turn.
-    checkpoint_ttl_s: int = Field(default=30 * 24 * 3600, ge=60, le=MAX_TTL_S)
+    # Retention: a thread's stored state lives this long after its last turn. At least an
+    # hour, and longer than idle_timeout_s: state expiring under a thread still open (idle,
+    # or running a long turn) would be gone mid-turn, and the turn run again from nothing.
+    checkpoint_ttl_s: int = Field(default=30 * 24 * 3600, ge=3600, le=MAX_TTL_S)
     # A retried message id returns its first reply for this long.
     message_id_ttl_s: int = Field(default=24 * 3600, ge=1, le=MAX_TTL_S)
     # Passivation: an actor idle this long checkpoints and exits; at most this many live
@@ -61,6 +63,18 @@ class ThreadsConfig(StrictModel):
     # for many short conversations (replays). `max_live_threads` then caps each host.
     hosting: Literal["actor", "pooled"] = "actor"
     pool_size: int = Field(default=4, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _retention_outlives_idle_threads(self) -> ThreadsConfig:
+        if self.checkpoint_ttl_s <= self.idle_timeout_s:
+            idle = self.idle_timeout_s
+            raise ValueError(
+                f"checkpoint_ttl_s ({self.checkpoint_ttl_s}) must be above idle_timeout_s "
+                f"({int(idle) if idle.is_integer() else idle}): a thread's stored state would "
+                "expire while its actor still holds it open; raise checkpoint_ttl_s (an hour "
+                "at least, 30 days by default) or lower idle_timeout_s"
+            )
+        return self
 
 
 class MemoryConfig(StrictModel):

@@ -27,7 +27,7 @@ from tests.e2e.conftest import (
     wait_for,
 )
 from tests.e2e.teams import openai_team
-from tests.e2e.test_durability import epoch_in_redis, route_to_bookings, send
+from tests.e2e.test_durability import epoch_in_redis, opens, route_to_bookings, send
 
 
 def pooled_team(**threads: object) -> dict:
@@ -112,7 +112,7 @@ async def test_concurrent_first_messages_open_the_thread_once(
             )
         )
     assert sorted(r.json()["turn"] for r in responses) == list(range(1, 31))
-    assert epoch_in_redis(redis_url, thread) == 1
+    assert opens(epoch_in_redis(redis_url, thread)) == 1
 
 
 def test_stale_thread_in_a_host_is_fenced_and_reopened(
@@ -123,14 +123,14 @@ def test_stale_thread_in_a_host_is_fenced_and_reopened(
     with app.client() as client:
         send(client, thread, "book")
         usurper = start_usurper(thread, app.team, redis_url)
-        assert ray.get(usurper.epoch.remote()) == 2
+        assert opens(ray.get(usurper.epoch.remote())) == 2
         host = host_of(app, thread)
-        # The host's thread (epoch 1) is refused, dropped, and reopened in the same host.
+        # The host's thread (the first open) is refused, dropped, and reopened in the same host.
         reply = send(client, thread, "for two")
         history = client.get(f"/v1/threads/{thread}/turns").json()["turns"]
     assert (reply["turn"], reply["agent"]) == (2, "bookings")
     assert host_of(app, thread) == host
-    assert epoch_in_redis(redis_url, thread) == 3
+    assert opens(epoch_in_redis(redis_url, thread)) == 3
     assert [t["turn"] for t in history] == [1, 2]
     with pytest.raises(Exception, match="superseded"):
         ray.get(usurper.handle.remote(InboundMessage(text="late", message_id="late")))

@@ -80,6 +80,8 @@ def test_an_expiry_redis_would_refuse_is_an_error(
     with pytest.raises(ConfigError, match=f"{section}.{field}: Input should be less than"):
         load(tmp_path, data)
     data[section][field] = 30 * 24 * 3600 if field == "idle_timeout_s" else MAX_TTL_S
+    if field == "idle_timeout_s":  # the state must outlive a thread left open that long
+        data[section]["checkpoint_ttl_s"] = MAX_TTL_S
     assert getattr(getattr(load(tmp_path, data), section), field) == data[section][field]
 
 
@@ -239,3 +241,32 @@ def test_a_bad_telegram_username_is_quoted_as_given(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("TELEGRAM_BOT_USERNAME", "@my bot")
     with pytest.raises(ConfigError, match="TELEGRAM_BOT_USERNAME: .*got '@my bot'"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("threads", "message"),
+    [
+        (
+            {"checkpoint_ttl_s": 7200, "idle_timeout_s": 7200},
+            "threads: checkpoint_ttl_s (7200) must be above idle_timeout_s (7200)",
+        ),
+        (
+            {"idle_timeout_s": 30 * 24 * 3600},  # the retention's default is 30 days too
+            "raise checkpoint_ttl_s (an hour at least, 30 days by default) or lower idle_timeout_s",
+        ),
+        ({"checkpoint_ttl_s": 60}, "threads.checkpoint_ttl_s: Input should be greater than or"),
+    ],
+)
+def test_a_retention_a_thread_still_open_could_outlive_is_an_error(
+    tmp_path: Path, threads: dict[str, float], message: str
+) -> None:
+    """Stored state expiring under an open thread was gone mid-turn: the turn ran again from
+    nothing, again and again, and the epoch restarted under the incarnation still open."""
+    data = openai_team()
+    data.setdefault("threads", {}).update(threads)
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, data)
+    assert message in str(err.value)
+    data["threads"]["checkpoint_ttl_s"] = 3600  # an hour, the least
+    data["threads"]["idle_timeout_s"] = 3599
+    assert load(tmp_path, data).threads.checkpoint_ttl_s == 3600

@@ -5,9 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import Any, cast
 
+import pytest
+from redis.exceptions import ReadOnlyError
+
 from actors import directory
 from actors.liveness import Incarnation, LiveThreads, live_set_key
 from actors.redis_store import connect_redis
+from stickyray.errors import StoreUnavailable
 
 
 def node() -> str:
@@ -143,3 +147,33 @@ async def test_a_name_taken_again_at_once_ends_the_wait(monkeypatch, caplog) -> 
     await directory.passivate_actor("thread/default/alice", "a1", timeout_s=30)
     assert victim.calls == ["a1"] and back.calls == []
     assert "still registered" not in caplog.text
+
+
+async def test_redis_refusing_writes_is_store_unavailable(redis_url: str) -> None:
+    """A full Redis (-OOM), a replica after a failover (-READONLY) or one still loading came
+    out of a new thread actor's constructor as a raw ResponseError, not an outage."""
+    client, admin = connect_redis(redis_url), connect_redis(redis_url)
+    live = LiveThreads(client, node(), cap=5, idle_timeout_s=60)
+    live.TOUCH_EVERY_S = 0.0
+    await live.activate(me("a"))
+    await admin.config_set("maxmemory", "1")  # as a full Redis answers: -OOM
+    try:
+        with pytest.raises(StoreUnavailable, match="OOM"):
+            await live.activate(me("b"))
+        with pytest.raises(StoreUnavailable, match="maxmemory"):  # OOM, as a pipeline says it
+            await live.touch(me("a"))
+    finally:
+        await admin.config_set("maxmemory", "0")
+        await admin.aclose()
+        await client.aclose()
+
+    class Replica:
+        def register_script(self, script: str) -> None:
+            return None
+
+        async def zrem(self, *args: object) -> None:
+            raise ReadOnlyError("READONLY You can't write against a read only replica.")
+
+    replica = LiveThreads(Replica(), node(), cap=5, idle_timeout_s=60)  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable, match="READONLY"):
+        await replica.remove(me("a"))

@@ -63,8 +63,8 @@ def ckpt(turn: int, version: int, active: str | None = "bookings") -> Checkpoint
 async def test_open_new_thread(store: Store) -> None:
     key = fresh()
     first = await store.open(key)
-    assert (first.epoch, first.checkpoint, first.pending) == (1, Checkpoint(), None)
-    assert (await store.open(key)).epoch == 2
+    assert (first.checkpoint, first.pending) == (Checkpoint(), None) and first.epoch >= 1
+    assert (await store.open(key)).epoch == first.epoch + 1
     assert await store.load(key) is None
     assert await store.turns(key) == []
 

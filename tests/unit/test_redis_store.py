@@ -6,8 +6,9 @@ import uuid
 
 import redis.asyncio as aioredis
 
+from actors._thread_scripts import PARTS
 from actors.key import ThreadKey
-from actors.redis_store import _PARTS, RedisThreadStore, connect_redis
+from actors.redis_store import RedisThreadStore, connect_redis
 from actors.store import Checkpoint
 from stickyray.turns import InboundMessage, TurnResult
 
@@ -21,7 +22,7 @@ def done(key: ThreadKey, mid: str, turn: int) -> TurnResult:
 
 async def nearly_expired(client: aioredis.Redis, key: ThreadKey) -> list[str]:
     """Bring every key of the thread close to expiry; the parts it has."""
-    present = [part for part in _PARTS if await client.exists(key.redis_key(part))]
+    present = [part for part in PARTS if await client.exists(key.redis_key(part))]
     for part in present:
         await client.expire(key.redis_key(part), NEARLY_EXPIRED_S)
     return present

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from actors._thread_scripts import PARTS
 from actors.key import ThreadKey
-from actors.redis_store import _PARTS, RedisThreadStore, connect_redis
+from actors.redis_store import RedisThreadStore, connect_redis
 from actors.store import Checkpoint, InMemoryThreadStore
 from actors.thread import Thread
 from actors.thread_host import ThreadHost
@@ -72,7 +73,7 @@ async def test_an_epoch_is_never_handed_out_again_after_the_state_expired(
     assert old % 1_000_000 == 1001
     assert await store.accept(key, old, msg("m1")) == 1
     await store.commit(key, old, Checkpoint(turn=1, version=1), done(key, "m1", 1))
-    await client.delete(*(key.redis_key(part) for part in _PARTS))  # as their expiry does
+    await client.delete(*(key.redis_key(part) for part in PARTS))  # as their expiry does
 
     new = (await store.open(key)).epoch
     assert old < new < 2**53  # exact as a Lua number, so the fence compares it right

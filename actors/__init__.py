@@ -3,7 +3,8 @@
 from actors.key import ThreadKey
 from actors.redis_store import RedisThreadStore
 from actors.store import Checkpoint, InMemoryThreadStore, ThreadStore, ThreadView
-from actors.thread import AgentCaller, Thread
+from actors.thread import Thread
+from actors.turn_agents import AgentCaller
 
 __all__ = [
     "AgentCaller",

@@ -16,12 +16,13 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from actors.commands import CHANGING, Command, parse_command, run_command
 from actors.compaction import compact
 from actors.key import ThreadKey
 from actors.store import Checkpoint, Incarnation, PendingTurn, ThreadStore
+from actors.turn_agents import AgentCaller, run_agents
 from memory.buffer import BufferEntry, ShortTermBuffer
 from stickyray.config import TeamConfig
 from stickyray.errors import (
@@ -34,21 +35,14 @@ from stickyray.errors import (
 )
 from stickyray.turns import (
     SORRY_REPLY,
-    AgentRequest,
-    AgentResult,
-    CompressRequest,
-    CompressResult,
-    Handoff,
     InboundMessage,
     ThreadSnapshot,
     TurnResult,
     Usage,
-    done,
     fingerprint,
-    sorry,
 )
 
-__all__ = ["MAX_TURN_ATTEMPTS", "AgentCaller", "Thread"]
+__all__ = ["MAX_TURN_ATTEMPTS", "Thread"]
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +69,6 @@ def _with_usage(result: TurnResult, extra: dict[str, Usage]) -> TurnResult:
     return result.model_copy(
         update={"usage_by_agent": by_agent, "usage": sum(by_agent.values(), Usage())}
     )
-
-
-class AgentCaller(Protocol):
-    """Runs an agent by name: Serve handles in production, plain objects in unit tests."""
-
-    async def __call__(self, agent: str, request: AgentRequest) -> AgentResult:
-        """The agent's result for ``request``."""
-        ...
-
-    async def compress(self, agent: str, request: CompressRequest) -> CompressResult:
-        """Have ``agent`` keep messages leaving the buffer as a memory; its id and cost."""
-        ...
 
 
 class Thread:
@@ -303,7 +285,16 @@ class Thread:
     async def _run(self, message: InboundMessage, turn: int) -> TurnResult:
         started = time.monotonic()
         try:
-            result, active = await self._execute(message, turn)
+            result, active = await run_agents(
+                self.key,
+                self._team,
+                self._agents,
+                message,
+                turn,
+                active=self._active,
+                buffer=self._buffer.entries(),
+                clock=self._clock,
+            )
         except Exception as exc:  # any failure of an accepted turn is recorded, not lost
             log.warning("thread %s turn %d failed: %s", self.key, turn, type(exc).__name__)
             reason = f"{type(exc).__name__}: {exc}"
@@ -364,106 +355,6 @@ class Thread:
         await self._commit(self._active, buffer, turn, result)
         self._observed(result, started)
         return result
-
-    async def _execute(self, message: InboundMessage, turn: int) -> tuple[TurnResult, str | None]:
-        """Call agents, following handoffs; returns the result and the new active agent."""
-        supervisor = self._team.supervisor.name
-        agent = self._active or supervisor
-        limit = self._team.threads.max_handoffs_per_turn
-        handoffs: list[Handoff] = []
-        usage: dict[str, Usage] = {}
-        actions: list[str] = []  # the tool calls run so far, by any agent of the turn
-        reason: str | None = None
-        while True:
-            request = AgentRequest(
-                thread=str(self.key),
-                turn=turn,
-                text=message.text,
-                tenant=self.key.tenant,
-                user_id=message.user_id,
-                buffer=self._buffer.entries(),
-                handoff_reason=reason,
-                earlier=list(actions),
-                stream_to=(
-                    self.key.deltas_key(message.message_id, message.fingerprint)
-                    if message.stream
-                    else None
-                ),
-            )
-            try:
-                result = await self._agents(agent, request)
-            except Exception as exc:  # a replica or store failure: failed, with what came before
-                log.warning("thread %s turn %d: agent %s: %s", self.key, turn, agent, exc)
-                error = f"{type(exc).__name__}: {exc}"
-                return self._result(
-                    message, turn, agent, sorry(actions), handoffs, usage, error, "failed", actions
-                ), self._active
-            usage[agent] = usage.get(agent, Usage()) + result.usage
-            actions += result.actions
-            if result.failed:
-                # Recorded like any failed turn, with what the calls so far cost and did.
-                reply = sorry(actions)
-                return self._result(
-                    message, turn, agent, reply, handoffs, usage, result.error, "failed", actions
-                ), self._active
-            if result.handoff_to is None:
-                break
-            if len(handoffs) >= limit:
-                log.warning("thread %s turn %d exceeded %d handoffs", self.key, turn, limit)
-                reply = (
-                    f"Sorry, this request was passed between agents more than {limit} times "
-                    "without an answer, so I stopped. Please rephrase it, or type /supervisor "
-                    "to start over."
-                )
-                if actions:  # the tools named, as for any turn that failed after they ran
-                    reply += f" {done(actions)}"
-                return self._result(
-                    message, turn, agent, reply, handoffs, usage, "handoff_limit", "failed", actions
-                ), self._active
-            handoffs.append(
-                Handoff(from_agent=agent, to=result.handoff_to, reason=result.handoff_reason)
-            )
-            agent, reason = result.handoff_to, result.handoff_reason
-        active = None if agent == supervisor else agent
-        turn_result = self._result(
-            message,
-            turn,
-            agent,
-            result.reply or "",
-            handoffs,
-            usage,
-            result.error,
-            "completed",
-            actions,
-        )
-        return turn_result, active
-
-    def _result(
-        self,
-        message: InboundMessage,
-        turn: int,
-        agent: str,
-        reply: str,
-        handoffs: list[Handoff],
-        usage: dict[str, Usage],
-        error: str | None,
-        status: str,
-        actions: list[str] | None = None,
-    ) -> TurnResult:
-        return TurnResult(
-            thread_id=self.key.thread_id,
-            message_id=message.message_id,
-            turn=turn,
-            agent=agent,
-            reply=reply,
-            status="failed" if status == "failed" else "completed",
-            handoffs=handoffs,
-            usage=sum(usage.values(), Usage()),
-            usage_by_agent=usage,
-            error=error,
-            completed_at=self._clock(),
-            actions=actions or [],
-        )
 
     async def _commit(
         self,

@@ -90,6 +90,11 @@ class EmbeddedPostgres:
         self._server: Any = None
 
     @property
+    def data_dir(self) -> Path:
+        """The server's data directory."""
+        return self._data_dir
+
+    @property
     def url(self) -> str:
         """``postgresql://`` URL of the application role and database (after ``start``)."""
         return self._uri(self._role, self._database)
@@ -121,6 +126,7 @@ class EmbeddedPostgres:
             )
         self._data_dir.parent.mkdir(parents=True, exist_ok=True)
         self._forget_dead_handles()
+        self._forget_stale_postmaster_pid()
         ensure_useradd_on_path()
         self._server = pgserver.get_server(self._data_dir, cleanup_mode="stop")
         script = _BOOTSTRAP.format(role=self._role, database=self._database)
@@ -157,6 +163,42 @@ class EmbeddedPostgres:
                 if alive != pids:
                     handles.write_text(json.dumps(alive))
 
+    def _forget_stale_postmaster_pid(self) -> None:
+        # A server that died with its machine or container (power loss, OOM, kill -9) leaves
+        # postmaster.pid behind, and its pid may since belong to another process. pgserver
+        # would take that process for the server, fail to reach it, then SIGTERM it on clean-
+        # up; Postgres itself would refuse to start while it lives. Only a live postgres of
+        # this data dir keeps the file.
+        from pgserver.postgres_server import PostgresServer
+
+        pidfile = self._data_dir / "postmaster.pid"
+        with PostgresServer._lock:  # a start in another process may be writing it
+            try:
+                pid = int(pidfile.read_text().split("\n", 1)[0])
+            except (OSError, ValueError):
+                return  # none, or not one Postgres wrote: left to Postgres to judge
+            if _postmaster_of(pid, self._data_dir):
+                return
+            log.warning(
+                "removing %s: pid %d in it is no Postgres of this data dir (left by a server "
+                "that did not stop cleanly)",
+                pidfile,
+                pid,
+            )
+            pidfile.unlink(missing_ok=True)
+
+    def running(self) -> bool:
+        """Whether the server ``start`` reached is still running."""
+        import psutil
+
+        if self._server is None:
+            return False
+        process = self._server.get_postmaster_info().process
+        try:
+            return bool(process.is_running()) and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
     def _psql(self, uri: str, script: str) -> None:
         from pgserver._commands import POSTGRES_BIN_PATH
 
@@ -183,6 +225,32 @@ class EmbeddedPostgres:
 
         with PostgresServer._lock:
             PostgresServer._instances.pop(self._data_dir, None)
+
+
+def _postmaster_of(pid: int, data_dir: Path) -> bool:
+    """Whether ``pid`` is a live postgres serving ``data_dir`` (True when that cannot be
+    told: such a file is left alone)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if "postgres" not in process.name():
+            return False
+        cmdline = process.cmdline()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+    if str(data_dir) in cmdline:  # pg_ctl starts it as `postgres -D <data dir> ...`
+        return True
+    try:
+        return Path(process.cwd()) == data_dir  # the postmaster runs in its data dir
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
 
 
 def prepare_database(

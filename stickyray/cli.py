@@ -9,7 +9,8 @@ import os
 import signal
 import socket
 import sys
-import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,8 +65,8 @@ def _serve(args: argparse.Namespace) -> int:
     # start-up stops the app once it is up, a second aborts, stopping what started.
     stop = StopRequests()
     deploying = False
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.request())
+    code = 0
+    stop.catch_signals()
     try:
         if redis_url is None:
             embedded = EmbeddedRedis(settings.data_dir / "redis", settings.redis_appendfsync)
@@ -85,6 +86,12 @@ def _serve(args: argparse.Namespace) -> int:
             return 130
         if not isinstance(exc, Exception):
             raise
+        if stop.requested:
+            # A terminal's Ctrl-C reaches the whole process group: it also killed the
+            # server's own start-up commands (initdb, pg_ctl), which is why this step failed.
+            log.debug("start of %s failed after a stop request: %s", what, exc)
+            print("stickyray: start-up interrupted; stopped what started", file=sys.stderr)
+            return 130
         print(f"stickyray: cannot start {what}: {exc}", file=sys.stderr)
         return 2
 
@@ -96,6 +103,9 @@ def _serve(args: argparse.Namespace) -> int:
                 namespace="stickyray",
                 logging_level=logging.WARNING,
             )
+            # ray.init puts in its own SIGTERM handler (sys.exit(15)), which would skip the
+            # clean shutdown below: SIGTERM must stop the app as Ctrl-C does.
+            stop.catch_signals()
         except ConnectionError as exc:  # RAY_ADDRESS names a cluster that is not there
             address = settings.ray_address
             reason = str(exc)
@@ -139,8 +149,12 @@ def _serve(args: argparse.Namespace) -> int:
         metrics = metrics_url()
         if metrics is not None:
             print(f"stickyray: Prometheus metrics (ray_stickyray_*) at {metrics}", flush=True)
-        stop.wait()
-        print("stickyray: shutting down", flush=True)
+        failure = stop.wait(lambda: _dead_server(embedded, postgres), _SERVER_CHECK_S)
+        if failure is None:
+            print("stickyray: shutting down", flush=True)
+        else:  # exit non-zero, so a supervisor starts serve (and the server) again
+            print(f"stickyray: {failure}; shutting down", file=sys.stderr, flush=True)
+            code = 1
     except KeyboardInterrupt:
         print("stickyray: start-up aborted; stopping what started", file=sys.stderr, flush=True)
         return 130
@@ -160,7 +174,7 @@ def _serve(args: argparse.Namespace) -> int:
             embedded.stop()
         if postgres is not None:
             postgres.stop()
-    return 0
+    return code
 
 
 def _in_file(exc: ConfigError, path: Path) -> str:
@@ -214,6 +228,12 @@ def http_mismatch(host: str, port: int, running_host: str | None, running_port: 
     )
 
 
+# How often the serve loop checks that the embedded servers still run.
+_SERVER_CHECK_S = 5.0
+# The longest a stop request waits to be noticed while serving.
+_TICK_S = 0.1
+
+
 class StopRequests:
     """Ctrl-C and SIGTERM while serving, and during start-up.
 
@@ -221,33 +241,70 @@ class StopRequests:
     app to be up, so the shutdown runs against a settled deployment; a second one aborts
     the start-up at once (a deployment that never becomes healthy would otherwise hold the
     command until it is killed, leaving its servers behind).
+
+    ``request`` runs in a signal handler, between two bytecodes of whatever the main thread
+    was doing: it takes no lock (the main thread may hold it, as ``Event.wait`` holds its
+    Condition's, and would then never get it back). It sets plain flags, and ``wait`` polls.
     """
 
     def __init__(self) -> None:
-        self._stop = threading.Event()
+        self._requested = False
         self._up = False
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop was requested."""
+        return self._requested
+
+    def catch_signals(self) -> None:
+        """Route SIGINT and SIGTERM here (again after anything that replaced the handlers)."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.request())
 
     def request(self) -> None:
         """Called from the signal handler."""
         if self._up:
-            self._stop.set()
-        elif self._stop.is_set():
+            self._requested = True
+        elif self._requested:
             raise KeyboardInterrupt
         else:
-            self._stop.set()
-            print(
-                "stickyray: stopping once the app is up; Ctrl-C again to abort now",
-                file=sys.stderr,
-                flush=True,
-            )
+            self._requested = True
+            # os.write, not print: sys.stderr's buffer has a lock the main thread may hold.
+            try:
+                os.write(2, b"stickyray: stopping once the app is up; Ctrl-C again to abort now\n")
+            except OSError:
+                pass  # no stderr: the stop is no less requested
 
     def settled(self) -> None:
         """The app is up, or being stopped: from now on a request aborts nothing."""
         self._up = True
 
-    def wait(self) -> None:
-        """Until a stop is requested (at once if one came during start-up)."""
-        self._stop.wait()
+    def wait(
+        self, check: Callable[[], str | None] = lambda: None, every_s: float = _SERVER_CHECK_S
+    ) -> str | None:
+        """Until a stop is requested (None; at once if one came during start-up), or until
+        ``check``, called every ``every_s``, names a reason to stop (that reason)."""
+        next_check = time.monotonic() + every_s
+        while not self._requested:
+            # A signal's handler runs when this sleep is interrupted; the sleep then goes on
+            # for what is left of its tick, so a stop is seen within one tick.
+            time.sleep(_TICK_S)
+            if time.monotonic() >= next_check:
+                reason = check()
+                if reason is not None:
+                    return reason
+                next_check = time.monotonic() + every_s
+        return None
+
+
+def _dead_server(embedded: Any, postgres: Any) -> str | None:
+    """Which embedded server stopped while serving, if one did (every request needing it
+    would fail until serve is started again)."""
+    if embedded is not None and not embedded.running():
+        return f"the embedded Redis (data in {embedded.data_dir}) stopped while serving"
+    if postgres is not None and not postgres.running():
+        return f"the embedded Postgres (data in {postgres.data_dir}) stopped while serving"
+    return None
 
 
 def _start_memory(team: Any, settings: Any) -> tuple[Any, Any]:

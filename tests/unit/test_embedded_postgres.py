@@ -173,3 +173,31 @@ def test_a_second_start_in_one_process_counts_as_a_holder_again(tmp_path: Path) 
         holder.wait()
         if server is not None and _running(server):
             server.kill()
+
+
+def test_a_postmaster_pid_naming_another_process_is_left_behind(tmp_path: Path) -> None:
+    """After an unclean stop (power loss, a killed container) postmaster.pid stays, and its
+    pid may since belong to another process: that one is neither taken for the server nor
+    signalled."""
+    data = tmp_path / "pg"
+    postgres = embedded_postgres.EmbeddedPostgres(data)
+    postgres.start()
+    pidfile = (data / "postmaster.pid").read_text()
+    postgres.stop()
+    assert not (data / "postmaster.pid").exists()
+    bystander = subprocess.Popen(["sleep", "600"])
+    try:
+        (data / "postmaster.pid").write_text(
+            pidfile.replace(pidfile.split()[0], str(bystander.pid), 1)
+        )
+        postgres = embedded_postgres.EmbeddedPostgres(data)
+        postgres.start()
+        try:
+            server = postgres._server.get_postmaster_info().process
+            assert server.pid != bystander.pid and "postgres" in server.name()
+        finally:
+            postgres.stop()
+        assert bystander.poll() is None, "the other process was signalled"
+    finally:
+        bystander.kill()
+        bystander.wait()

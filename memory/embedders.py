@@ -220,8 +220,7 @@ class OpenAIEmbedder:
                 # The SDK's errors do not survive pickling across Ray; this one does.
                 raise ProviderError.of("openai", "embedder", exc) from None
             if self._on_usage is not None:
-                tokens = response.usage.prompt_tokens if response.usage is not None else 0
-                self._on_usage(Usage(input_tokens=tokens, requests=1))
+                self._on_usage(_spent(response))
             for item in response.data:
                 vector = np.asarray(item.embedding, dtype=np.float32)
                 if vector.shape != (self._dimension,):
@@ -232,3 +231,12 @@ class OpenAIEmbedder:
                 found[missing[item.index]] = vector / (np.linalg.norm(vector) or 1.0)
         self._cache.keep(found)
         return np.stack([found[t] for t in texts])
+
+
+def _spent(response: Any) -> Usage:
+    """What an embeddings request spent: its prompt tokens, or, when a compatible server
+    reports none, a request whose tokens (and so cost) are unknown, not a free one."""
+    tokens = getattr(response.usage, "prompt_tokens", None)
+    if tokens is None:
+        return Usage(requests=1, unmeasured_requests=1)
+    return Usage(input_tokens=tokens, requests=1)

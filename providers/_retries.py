@@ -4,8 +4,9 @@
 The SDKs retry a request until its response starts. A streamed reply can still fail after
 that: an overload or server error sent inside the stream, a dropped connection, a stream that
 ends before its finish. While none of its text has gone to the caller (who shows what it is
-told), the provider makes the whole call again, with backoff, as many times as the SDK retries
-a request.
+told), the provider makes the whole call again, with backoff. The SDK's retries and these share
+one budget: a model call makes at most ``max_retries + 1`` requests in all, each new attempt
+given only the SDK retries not yet used (not ``max_retries`` each, which multiplied them).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "StreamBroke",
     "error_type",
     "refuse_long_retry_after",
+    "requests_made",
     "retry_stream",
 ]
 
@@ -39,16 +41,28 @@ MAX_RETRY_AFTER_S = 120.0
 # not of the request: a new request may well succeed.
 SERVER_ERROR_TYPES = frozenset({"api_error", "overloaded_error", "server_error"})
 _MAX_DELAY_S = 8.0  # the SDKs' longest backoff
+_RETRY_COUNT_HEADER = "x-stainless-retry-count"
 
 
 class StreamBroke(Exception):
     """A streamed attempt that failed after its response began, in a way the next attempt may
-    not; ``usage`` is what the stream reported spending before it broke."""
+    not; ``usage`` is what the stream reported spending before it broke, ``requests`` how many
+    requests the attempt made (the SDK's retries before the response began, and itself)."""
 
-    def __init__(self, detail: str, usage: Usage) -> None:
-        super().__init__(detail, usage)
+    def __init__(self, detail: str, usage: Usage, requests: int = 1) -> None:
+        super().__init__(detail, usage, requests)
         self.detail = detail
         self.usage = usage
+        self.requests = requests
+
+
+def requests_made(response: Any) -> int:
+    """How many requests the SDK made to open ``response``: the retry count both SDKs send
+    with each request (``x-stainless-retry-count``), plus one."""
+    try:
+        return int(response.request.headers.get(_RETRY_COUNT_HEADER, 0)) + 1
+    except (AttributeError, RuntimeError, TypeError, ValueError):  # no request kept: say one
+        return 1
 
 
 def error_type(body: object) -> str | None:
@@ -64,18 +78,20 @@ def error_type(body: object) -> str | None:
 async def retry_stream(
     vendor: str,
     agent: str,
-    attempt: Callable[[TextSink], Awaitable[ModelResponse]],
+    attempt: Callable[[TextSink, int], Awaitable[ModelResponse]],
     on_text: TextSink,
     *,
     retries: int,
     delay_s: float,
 ) -> ModelResponse:
-    """``attempt(sink)``, made again after a StreamBroke at most ``retries`` times, but only
-    while ``on_text`` has been told nothing. What broken attempts spent counts in the reply,
-    or, when the last attempt breaks too or fails otherwise, in the ProviderError's
-    ``usage``."""
+    """``attempt(sink, sdk_retries)``, made again after a StreamBroke while ``on_text`` has
+    been told nothing and fewer than ``retries + 1`` requests were made in all: each attempt
+    may have the SDK retry ``sdk_retries`` times, the retries not yet used. What broken
+    attempts spent counts in the reply, or, when the last attempt breaks too or fails
+    otherwise, in the ProviderError's ``usage``."""
     told = False
     spent = Usage()
+    made = 0  # requests, the SDK's retries among them
 
     async def tell(text: str) -> None:
         nonlocal told
@@ -85,24 +101,25 @@ async def retry_stream(
     retry = 0
     while True:
         try:
-            response = await attempt(tell)
+            response = await attempt(tell, retries - made)
         except StreamBroke as broke:
             spent += broke.usage
-            if told or retry >= retries:
+            made += max(broke.requests, 1)
+            if told or made > retries:
                 raise ProviderError(vendor, agent, broke.detail, spent.model_dump()) from None
             retry += 1
             wait = min(delay_s * 2 ** (retry - 1), _MAX_DELAY_S) * (1 - 0.25 * random.random())
             log.warning(
                 "%s stream for agent %s broke before its text (%s; it spent %d input and %d "
-                "output tokens): retry %d of %d in %.1f s",
+                "output tokens): made again in %.1f s, %d of at most %d requests made",
                 vendor,
                 agent,
                 broke.detail,
                 broke.usage.input_tokens,
                 broke.usage.output_tokens,
-                retry,
-                retries,
                 wait,
+                made,
+                retries + 1,
             )
             await asyncio.sleep(wait)
             continue

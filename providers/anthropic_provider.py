@@ -13,6 +13,7 @@ from providers._retries import (
     StreamBroke,
     error_type,
     refuse_long_retry_after,
+    requests_made,
     retry_stream,
 )
 from providers._timeouts import unstreamed_timeout
@@ -102,8 +103,9 @@ def _read(response: anthropic.types.Message) -> ModelResponse:
             if not isinstance(args, dict):
                 args = {NOT_AN_OBJECT_KEY: args}
             calls.append(ToolCall(id=block.id, name=block.name, arguments=args))
-    if stop == "max_tokens":
-        # The last tool_use block may be incomplete, its input a fragment parsed to {}.
+    if stop in ("max_tokens", "refusal"):
+        # The last tool_use block may be incomplete, its input a fragment parsed to {}: the
+        # token limit, or a streaming classifier that stopped the reply, cut it off.
         calls = [call.cut_off() for call in calls]
     usage = _usage(response.usage)
     return ModelResponse(
@@ -117,16 +119,17 @@ def _read(response: anthropic.types.Message) -> ModelResponse:
 
 
 def _usage(tokens: anthropic.types.Usage | None) -> Usage:
-    # The SDK does not validate replies: a compatible server may send no usage at all.
-    if tokens is None:
+    # The SDK does not validate replies: a compatible server may send no usage at all, or
+    # leave out its counts (a count taken as 0 would make the cost too low, not unknown).
+    if tokens is None or tokens.input_tokens is None or tokens.output_tokens is None:
         return UNMEASURED
     # input_tokens leaves out what the prompt cache read or wrote; OpenAI's prompt_tokens
     # include cached tokens, so both count every token of the prompt.
     read = tokens.cache_read_input_tokens or 0
     written = tokens.cache_creation_input_tokens or 0
     return Usage(
-        input_tokens=(tokens.input_tokens or 0) + read + written,
-        output_tokens=tokens.output_tokens or 0,
+        input_tokens=tokens.input_tokens + read + written,
+        output_tokens=tokens.output_tokens,
         requests=1,
         cached_input_tokens=read,
         cache_write_tokens=written,
@@ -224,8 +227,8 @@ class AnthropicProvider:
         """The same call, streamed: ``on_text`` gets the text as it comes, and the SDK's
         stream gives the final message as an unstreamed call does."""
 
-        async def attempt(sink: TextSink) -> ModelResponse:
-            return await self._stream_once(agent, kwargs, sink)
+        async def attempt(sink: TextSink, sdk_retries: int) -> ModelResponse:
+            return await self._stream_once(agent, kwargs, sink, sdk_retries)
 
         retries, delay_s = self._client.max_retries, self._retry_delay_s
         return await retry_stream(
@@ -233,30 +236,40 @@ class AnthropicProvider:
         )
 
     async def _stream_once(
-        self, agent: str, kwargs: dict[str, Any], on_text: TextSink
+        self, agent: str, kwargs: dict[str, Any], on_text: TextSink, sdk_retries: int
     ) -> ModelResponse:
         opened = False
+        requests = 1
         started: anthropic.types.Message | None = None
+        client = self._client
+        if sdk_retries != client.max_retries:  # the retries earlier attempts left
+            client = client.with_options(max_retries=sdk_retries)
         try:
-            async with self._client.messages.stream(**kwargs) as stream:
+            async with client.messages.stream(**kwargs) as stream:
                 opened = True  # the SDK's retries are behind us
+                requests = requests_made(stream.response)
                 async for event in stream:
                     if event.type == "message_start":
                         started = event.message
                     elif event.type == "text" and event.text:
                         await on_text(event.text)
-                response = await stream.get_final_message()
+                # A 200 that ended before any event has no message: the SDK asserts one.
+                response = None if started is None else await stream.get_final_message()
         except Exception as exc:  # an error status, or a stream that broke off or was unreadable
             failed = ProviderError.of("anthropic", agent, exc)
             if opened and _transient(exc):  # an overload sent in the stream, a dropped connection
                 # message_start carries the usage so far; without it, a request of unknown tokens.
                 spent = _usage(started.usage if started is not None else None)
-                raise StreamBroke(failed.detail, spent) from None
+                raise StreamBroke(failed.detail, spent, requests) from None
             raise failed from None
+        if response is None:
+            # Ended cleanly before its message_start (a proxy's timeout, say): no tokens known.
+            raise StreamBroke("the stream ended before its message_start", UNMEASURED, requests)
         if response.stop_reason is None:
             # Ended cleanly, but before the reply did (a proxy's timeout, say): the SDK stops
             # iterating without an error, and the text so far is not the reply.
-            raise StreamBroke("the stream ended before its stop_reason", _usage(response.usage))
+            spent = _usage(response.usage)
+            raise StreamBroke("the stream ended before its stop_reason", spent, requests)
         return read_reply("anthropic", agent, _read, response)
 
     async def aclose(self) -> None:

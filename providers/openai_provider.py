@@ -10,7 +10,13 @@ import openai
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from providers._retries import SERVER_ERROR_TYPES, StreamBroke, error_type, retry_stream
+from providers._retries import (
+    SERVER_ERROR_TYPES,
+    StreamBroke,
+    error_type,
+    requests_made,
+    retry_stream,
+)
 from providers._timeouts import unstreamed_timeout
 from providers.model import (
     INVALID_JSON_KEY,
@@ -84,21 +90,31 @@ def _read(response: ChatCompletion) -> ModelResponse:
         for c in (choice.tool_calls or [])
         if c.type == "function"
     ]
-    if stop == "max_tokens":
-        calls = [call.cut_off() for call in calls]
     text = choice.content or ""
     if choice.refusal:
         text, stop = choice.refusal, "refusal"
-    usage = UNMEASURED  # a compatible server may send no usage, or ignore include_usage
-    if response.usage is not None:  # and nulls in it
-        details = response.usage.prompt_tokens_details
-        usage = Usage(
-            input_tokens=response.usage.prompt_tokens or 0,
-            output_tokens=response.usage.completion_tokens or 0,
-            requests=1,
-            cached_input_tokens=(details.cached_tokens or 0) if details is not None else 0,
-        )
-    return ModelResponse(text=text, tool_calls=calls, usage=usage, model=response.model, stop=stop)
+    if stop in ("max_tokens", "refusal", "content_filter"):
+        # Cut off by the token limit, or stopped by the model or the vendor's filter: the
+        # arguments may be incomplete, and the calls of a refused reply are not to run.
+        calls = [call.cut_off() for call in calls]
+    return ModelResponse(
+        text=text, tool_calls=calls, usage=_usage(response), model=response.model, stop=stop
+    )
+
+
+def _usage(response: ChatCompletion) -> Usage:
+    # A compatible server may send no usage, ignore include_usage, or leave out (or null) its
+    # counts: a count taken as 0 would make the cost too low, not unknown.
+    tokens = response.usage
+    if tokens is None or tokens.prompt_tokens is None or tokens.completion_tokens is None:
+        return UNMEASURED
+    details = tokens.prompt_tokens_details
+    return Usage(
+        input_tokens=tokens.prompt_tokens,
+        output_tokens=tokens.completion_tokens,
+        requests=1,
+        cached_input_tokens=(details.cached_tokens or 0) if details is not None else 0,
+    )
 
 
 def _transient(exc: Exception) -> bool:
@@ -198,8 +214,8 @@ class OpenAIProvider:
         the SDK's own accumulator makes the completion read as an unstreamed one is."""
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
 
-        async def attempt(sink: TextSink) -> ModelResponse:
-            return await self._stream_once(agent, body, sink)
+        async def attempt(sink: TextSink, sdk_retries: int) -> ModelResponse:
+            return await self._stream_once(agent, body, sink, sdk_retries)
 
         retries, delay_s = self._client.max_retries, self._retry_delay_s
         return await retry_stream(
@@ -207,22 +223,25 @@ class OpenAIProvider:
         )
 
     async def _stream_once(
-        self, agent: str, body: dict[str, Any], on_text: TextSink
+        self, agent: str, body: dict[str, Any], on_text: TextSink, sdk_retries: int
     ) -> ModelResponse:
         # Usage comes in the last chunk, after the finish: a stream that breaks reports none,
         # so it counts as a request whose tokens are unknown.
         state = ChatCompletionStreamState()
         opened = seen = False
+        requests = 1
         try:
             chunks = await self._client.post(
                 "/chat/completions",
                 body=body,
                 cast_to=ChatCompletion,
-                options={"headers": {AGENT_HEADER: agent}},
+                # Only the retries earlier attempts left (see providers._retries).
+                options={"headers": {AGENT_HEADER: agent}, "max_retries": sdk_retries},
                 stream=True,
                 stream_cls=openai.AsyncStream[ChatCompletionChunk],
             )
             opened = True  # the SDK's retries are behind us
+            requests = requests_made(chunks.response)
             async with chunks:
                 async for chunk in chunks:
                     state.handle_chunk(chunk)
@@ -234,7 +253,7 @@ class OpenAIProvider:
             failed = ProviderError.of("openai", agent, exc)
             # A server error sent in the stream, or a dropped connection: worth another try.
             if opened and _transient(exc):
-                raise StreamBroke(failed.detail, UNMEASURED) from None
+                raise StreamBroke(failed.detail, UNMEASURED, requests) from None
             raise failed from None
         # The snapshot, not get_final_completion(), which refuses a cut-off or filtered
         # reply: those read as they do unstreamed.
@@ -242,7 +261,7 @@ class OpenAIProvider:
         if response is None or not response.choices or response.choices[0].finish_reason is None:
             # Ended cleanly, but before the reply did (a proxy's timeout, say): the SDK stops
             # iterating without an error, and the text so far is not the reply.
-            raise StreamBroke("the stream ended before its finish_reason", UNMEASURED)
+            raise StreamBroke("the stream ended before its finish_reason", UNMEASURED, requests)
         return read_reply("openai", agent, _read, response)
 
     async def aclose(self) -> None:

@@ -198,6 +198,19 @@ class Agent:
                     failed=True,
                 )
             usage = usage + response.usage
+            if not response.tool_calls or response.stop in ("refusal", "content_filter"):
+                # A refused or filtered reply runs none of its calls (a handoff neither): they
+                # may be half-written, and a refused turn is not to be continued.
+                reply, error = _final_reply(name, response)
+                return AgentResult(
+                    agent=name,
+                    reply=reply,
+                    usage=usage,
+                    llm_calls=iteration,
+                    tool_calls=tool_log,
+                    actions=actions,
+                    error=error,
+                )
             handoffs = [c for c in response.tool_calls if c.name in self._handoffs]
             handoff = handoffs[0] if handoffs else None
             if handoff is not None and len(response.tool_calls) == 1 and not handoff.malformed:
@@ -209,17 +222,6 @@ class Agent:
                     llm_calls=iteration,
                     tool_calls=tool_log,
                     actions=actions,
-                )
-            if not response.tool_calls:
-                reply, error = _final_reply(name, response)
-                return AgentResult(
-                    agent=name,
-                    reply=reply,
-                    usage=usage,
-                    llm_calls=iteration,
-                    tool_calls=tool_log,
-                    actions=actions,
-                    error=error,
                 )
             if iteration == last:
                 # No step is left to read their results (a single allowed call, or a server

@@ -27,8 +27,14 @@ class Settings(BaseSettings):
 
     # An empty variable (``OPENAI_API_KEY=`` in a .env file or a unit) means unset, as in
     # most tools; taken as a value it would be an empty key or the current directory.
+    # Inputs hidden from a ValidationError's text: a URL may hold a password. load_settings
+    # shows them masked.
     model_config = SettingsConfigDict(
-        extra="ignore", frozen=True, env_ignore_empty=True, allow_inf_nan=False
+        extra="ignore",
+        frozen=True,
+        env_ignore_empty=True,
+        allow_inf_nan=False,
+        hide_input_in_errors=True,
     )
 
     config: Path | None = Field(default=None, alias="STICKYRAY_CONFIG")
@@ -160,6 +166,18 @@ class Settings(BaseSettings):
             raise ValueError(f"is not a URL ({exc})") from None
         if not parts.hostname:
             raise ValueError("must name a host: http(s)://HOST[:PORT][/PATH]")
+        return url
+
+    @field_validator("openai_base_url", "anthropic_base_url")
+    @classmethod
+    def _no_credentials(cls, url: str) -> str:
+        # The SDKs send the key in a header, and the HTTP client then refuses credentials in
+        # the URL on every call (the OpenAI SDK's ValueError, not even an API error).
+        if "@" in urlsplit(url).netloc:
+            raise ValueError(
+                "must not hold credentials (USER:PASSWORD@): remove them; the API key "
+                "variable carries the key"
+            )
         return url
 
     @field_validator("anthropic_base_url")

@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from stickyray.config import MAX_TTL_S, TeamConfig, load_config
 from stickyray.errors import ConfigError
-from stickyray.settings import check_host, load_settings, masked
+from stickyray.settings import Settings, check_host, load_settings, masked
 from tests.e2e.teams import openai_team
 
 
@@ -270,3 +271,28 @@ def test_a_retention_a_thread_still_open_could_outlive_is_an_error(
     data["threads"]["checkpoint_ttl_s"] = 3600  # an hour, the least
     data["threads"]["idle_timeout_s"] = 3599
     assert load(tmp_path, data).threads.checkpoint_ttl_s == 3600
+
+
+@pytest.mark.parametrize(
+    ("name", "url"),
+    [
+        ("OPENAI_BASE_URL", "https://proxy-user:hunter2@proxy.example/v1"),
+        ("ANTHROPIC_BASE_URL", "https://proxy-user:hunter2@proxy.example"),
+        ("OPENAI_BASE_URL", "http://hunter2@127.0.0.1:8080/v1"),
+    ],
+)
+def test_settings_refuse_credentials_in_an_llm_base_url_without_echoing_them(
+    monkeypatch: pytest.MonkeyPatch, name: str, url: str
+) -> None:
+    """The SDKs send the key in a header: the HTTP client then refuses every call (OpenAI's
+    with a ValueError that is not even a ProviderError)."""
+    monkeypatch.setenv(name, url)
+    with pytest.raises(
+        ConfigError, match=f"{name}: must not hold credentials[^;]*remove them"
+    ) as err:
+        load_settings()
+    assert "hunter2" not in str(err.value)
+    # Built in code, the ValidationError's text does not show it either.
+    with pytest.raises(ValidationError) as raw:
+        Settings.model_validate({name: url})
+    assert "hunter2" not in str(raw.value)

@@ -6,14 +6,16 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
+import httpx2
+import openai
 import pytest
 
 from memory.buffer import BufferEntry
-from memory.embedders import LocalEmbedder
+from memory.embedders import LocalEmbedder, OpenAIEmbedder
 from memory.postgres import PostgresMemoryStore
 from serve_app import deployments
 from serve_app.deployments import AgentDeployment
-from stickyray.config import TeamConfig
+from stickyray.config import ModelPrice, TeamConfig
 from stickyray.errors import CompressionNotStored, StoreUnavailable
 from stickyray.settings import Settings
 from stickyray.testing import FakeLLMServer, FakeReply
@@ -196,3 +198,46 @@ async def test_a_turn_whose_memory_search_fails_keeps_what_its_embedding_cost(
     spent = by_model(counted)
     assert spent[EMBEDDING_MODEL].requests == 1
     assert result.usage == spent[EMBEDDING_MODEL]
+
+
+@pytest.mark.parametrize(
+    ("usage", "counted"),
+    [
+        (None, Usage(requests=1, unmeasured_requests=1)),
+        ({"prompt_tokens": None, "total_tokens": None}, Usage(requests=1, unmeasured_requests=1)),
+        ({"prompt_tokens": 7, "total_tokens": 7}, Usage(input_tokens=7, requests=1)),
+    ],
+    ids=["no-usage", "null-tokens", "measured"],
+)
+async def test_an_embedding_reply_without_usage_is_unmeasured_not_free(
+    usage: dict[str, Any] | None, counted: Usage
+) -> None:
+    """A compatible embeddings server may report no usage: taken as 0 tokens, its request
+    would be priced at $0 and the turn's cost too low instead of unknown."""
+    body: dict[str, Any] = {
+        "object": "list",
+        "model": EMBEDDING_MODEL,
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.6, 0.8]}],
+    }
+    if usage is not None:
+        body["usage"] = usage
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, json=body)
+
+    told: list[Usage] = []
+    client = openai.AsyncOpenAI(
+        api_key="k",
+        base_url="http://x/v1",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(answer)),
+    )
+    try:
+        embedder = OpenAIEmbedder(client, EMBEDDING_MODEL, dimension=2, on_usage=told.append)
+        await embedder.embed(["hello"])
+    finally:
+        await client.close()
+    assert told == [counted]
+    assert ModelPrice(input=0.5, output=0).charge(told[0]).cost_usd == (
+        None if counted.unmeasured_requests else 7 * 0.5 / 1_000_000
+    )

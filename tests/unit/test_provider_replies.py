@@ -16,7 +16,7 @@ import pytest
 
 from providers.anthropic_provider import AnthropicProvider, to_anthropic
 from providers.factory import build_provider
-from providers.model import ChatMessage, ModelResponse
+from providers.model import UNMEASURED, ChatMessage, ModelResponse
 from providers.openai_provider import OpenAIProvider
 from serve_app.agent import Agent
 from serve_app.tools import Tool, resolve_tools
@@ -202,24 +202,68 @@ async def test_an_answer_in_no_known_shape_is_a_provider_error(kind: str) -> Non
         await complete(kind, canned(kind, b"<html>maintenance</html>", "text/html"))
 
 
-async def test_null_token_counts_from_a_compatible_server_count_as_zero() -> None:
-    body = {
-        "id": "c",
-        "object": "chat.completion",
-        "created": 0,
-        "model": "m",
-        "choices": [
-            {
-                "index": 0,
-                "finish_reason": "stop",
-                "message": {"role": "assistant", "content": "hello"},
-            }
-        ],
-        "usage": {"prompt_tokens": None, "completion_tokens": 3, "total_tokens": None},
-    }
-    response = await complete("openai", canned("openai", json.dumps(body).encode()))
+def reply_with_usage(kind: str, usage: dict[str, Any]) -> bytes:
+    """A plain answer of ``kind``'s API whose usage object is ``usage``."""
+    if kind == "openai":
+        body: dict[str, Any] = {
+            "id": "c",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "m",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": "hello"},
+                }
+            ],
+        }
+    else:
+        body = {
+            "id": "m",
+            "type": "message",
+            "role": "assistant",
+            "model": "m",
+            "content": [{"type": "text", "text": "hello"}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+        }
+    return json.dumps({**body, "usage": usage}).encode()
+
+
+@pytest.mark.parametrize(
+    ("kind", "usage"),
+    [
+        ("openai", {"prompt_tokens": None, "completion_tokens": 3, "total_tokens": None}),
+        ("openai", {"completion_tokens": 3}),
+        ("openai", {"prompt_tokens": 5}),
+        ("openai", {}),
+        ("anthropic", {"input_tokens": None, "output_tokens": 3}),
+        ("anthropic", {"output_tokens": 3}),
+        ("anthropic", {"input_tokens": 5}),
+        ("anthropic", {}),
+    ],
+)
+async def test_usage_without_its_token_counts_makes_the_request_unmeasured(
+    kind: str, usage: dict[str, Any]
+) -> None:
+    """A compatible server's usage that leaves out (or nulls) a count: taken as 0, the cost
+    would be too low; unmeasured, it is unknown."""
+    response = await complete(kind, canned(kind, reply_with_usage(kind, usage)))
     assert response.text == "hello"
-    assert (response.usage.input_tokens, response.usage.output_tokens) == (0, 3)
+    assert response.usage == UNMEASURED
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_usage_with_its_token_counts_is_measured(kind: str) -> None:
+    counts = (
+        {"prompt_tokens": 5, "completion_tokens": 3}
+        if kind == "openai"
+        else {"input_tokens": 5, "output_tokens": 3}
+    )
+    response = await complete(kind, canned(kind, reply_with_usage(kind, counts)))
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (5, 3)
+    assert response.usage.unmeasured_requests == 0
 
 
 async def test_anthropic_input_tokens_include_the_prompt_cache() -> None:

@@ -156,6 +156,84 @@ async def test_a_connection_dropped_before_the_text_is_made_again(kind: str) -> 
     assert calls == 2
 
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_stream_that_ends_before_any_event_is_made_again(kind: str) -> None:
+    """A 200 whose stream ends at once (a proxy's timeout): Anthropic's SDK has no message
+    to give (it asserts one); a broken stream, of unknown tokens, made again as OpenAI's."""
+    wire = _fake_openai if kind == "openai" else _fake_anthropic
+    calls = 0
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        nonlocal calls
+        calls += 1
+        body = await request.json()
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        if calls > 1:
+            for frame in wire.reply_stream(
+                body,
+                seq=calls,
+                model="m",
+                text=REPLY,
+                tool_calls=[],
+                input_tokens=4,
+                output_tokens=7,
+            ):
+                await response.write(frame.encode())
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    app.router.add_post("/v1/messages", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    provider = open_provider(kind, f"http://127.0.0.1:{runner.addresses[0][1]}", retries=2)
+    try:
+        pieces: list[str] = []
+        response = await call(provider, pieces)
+    finally:
+        await provider.aclose()
+        await runner.cleanup()
+    assert response.text == "".join(pieces) == REPLY
+    assert calls == 2
+    assert response.usage.requests == 2 and response.usage.unmeasured_requests == 1
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        # Two refusals the SDK retries, then a stream that breaks: the budget is spent.
+        [FakeReply.error(503, "busy", retry_after_s=0.01)] * 2 + [FakeReply.broken_off_text("")],
+        # A broken stream, then refusals: its new attempt retries once only.
+        [FakeReply.broken_off_text("")] + [FakeReply.error(503, "busy", retry_after_s=0.01)] * 2,
+    ],
+    ids=["refused-then-broken", "broken-then-refused"],
+)
+async def test_a_call_makes_at_most_max_retries_plus_one_requests_in_all(
+    script: list[FakeReply], provider: Provider, fake_llm: FakeLLMServer
+) -> None:
+    """The SDK's retries and the stream's new attempts share one budget: each attempt
+    retrying max_retries times would make up to (max_retries + 1) ** 2 requests."""
+    fake_llm.queue(*script)
+    fake_llm.on(reply=REPLY)
+    with pytest.raises(ProviderError):
+        await call(provider, [])
+    assert fake_llm.count() == 3  # max_retries (2) + 1
+
+
+async def test_a_stream_made_again_still_gets_the_retries_left(
+    provider: Provider, fake_llm: FakeLLMServer
+) -> None:
+    fake_llm.queue(FakeReply.broken_off_text(""), FakeReply.error(503, "busy", retry_after_s=0.01))
+    fake_llm.on(reply=REPLY)
+    pieces: list[str] = []
+    assert (await call(provider, pieces)).text == "".join(pieces) == REPLY
+    assert fake_llm.count() == 3
+
+
 @pytest.mark.parametrize("streamed", [False, True], ids=["unstreamed", "streamed"])
 async def test_a_long_retry_after_fails_the_call_instead_of_waiting(
     streamed: bool, provider: Provider, fake_llm: FakeLLMServer

@@ -20,7 +20,13 @@ from stickyray.errors import ConfigError
 if TYPE_CHECKING:
     from stickyray.config import TeamConfig
 
-__all__ = ["StrictLoader", "format_errors", "load_team", "read_yaml"]
+__all__ = ["StrictLoader", "format_errors", "in_file", "load_team", "read_yaml"]
+
+
+def in_file(exc: ConfigError, path: Path) -> str:
+    """``exc``'s message, naming the file it is about unless it does already."""
+    message = str(exc)
+    return message if message.startswith(f"{path}") else f"{path}: {message}"
 
 
 def format_errors(path: Path, exc: ValidationError) -> str:

@@ -19,6 +19,7 @@ from ray import serve
 import serve_app.app
 import stickyray.cli
 import stickyray.metrics
+import stickyray.serve_command
 
 _real_init = ray.init
 _initialized = [False]
@@ -45,8 +46,8 @@ def main() -> int:
     serve.run = lambda *_, **__: None  # type: ignore[assignment]
     serve_app.app.build_app = lambda *_, **__: None  # type: ignore[assignment]
     stickyray.metrics.metrics_url = lambda: None
-    stickyray.cli._serve_http = lambda: ("127.0.0.1", 8000)
-    stickyray.cli._SERVER_CHECK_S = 0.2
+    stickyray.serve_command._serve_http = lambda: ("127.0.0.1", 8000)
+    stickyray.serve_command._SERVER_CHECK_S = 0.2
     return stickyray.cli.main(sys.argv[1:])
 
 

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from stickyray.chat import run_chat
-from stickyray.cli import StopRequests
 from stickyray.cli import main as cli
 from stickyray.config import sample_config_path
+from stickyray.serve_command import StopRequests
 from tests.conftest import free_port
 
 

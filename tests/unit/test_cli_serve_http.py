@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stickyray.cli import http_mismatch
 from stickyray.cli import main as cli
 from stickyray.config import sample_config_path
+from stickyray.serve_command import http_mismatch
 
 
 def test_serve_at_the_address_asked_for_is_no_mismatch() -> None:

@@ -20,8 +20,9 @@ import redis
 import yaml
 
 import stickyray.cli
-from stickyray.cli import StopRequests
+import stickyray.serve_command
 from stickyray.config import sample_config_path
+from stickyray.serve_command import StopRequests
 from tests.unit.test_cli import no_memory_team
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -227,7 +228,7 @@ def test_a_start_step_that_fails_after_ctrl_c_is_an_interrupted_start(
     def no_ray(**_: object) -> None:
         raise AssertionError("Ray must not start")
 
-    monkeypatch.setattr(stickyray.cli, "_start_memory", killed_by_ctrl_c)
+    monkeypatch.setattr(stickyray.serve_command, "_start_memory", killed_by_ctrl_c)
     monkeypatch.setattr(ray, "init", no_ray)
     monkeypatch.setenv("REDIS_URL", redis_url)
     assert stickyray.cli.main(["serve", "--config", str(sample_config_path())]) == 130

@@ -117,6 +117,11 @@ def run_serve(args: argparse.Namespace) -> int:
                 flush=True,
             )
             return 2
+        if settings.ray_address:
+            unreachable = _embedded_beyond_this_node(embedded, postgres)
+            if unreachable is not None:
+                print(f"stickyray: {unreachable}", file=sys.stderr, flush=True)
+                return 2
         serve.start(http_options={"host": host, "port": port})
         # Serve already running on the cluster keeps its own host and port (Ray only logs
         # that the new ones are ignored): the app would not be where we say it is.
@@ -174,6 +179,27 @@ def run_serve(args: argparse.Namespace) -> int:
         if postgres is not None:
             postgres.stop()
     return code
+
+
+def _embedded_beyond_this_node(embedded: Any, postgres: Any) -> str | None:
+    """What is wrong when the cluster joined has other nodes and an embedded server runs:
+    it listens on this machine only (a unix socket), so the thread actors and agents Ray
+    places on the others could not reach it."""
+    import ray
+
+    unset = [name for name, on in (("REDIS_URL", embedded), ("DATABASE_URL", postgres)) if on]
+    if not unset:
+        return None
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes <= 1:
+        return None
+    names = " and ".join(unset)
+    return (
+        f"the Ray cluster at RAY_ADDRESS has {nodes} nodes, but {names} "
+        f"{'is' if len(unset) == 1 else 'are'} unset: the embedded servers listen on this "
+        f"machine only, where the other nodes' thread actors and agents cannot reach them; set "
+        f"{names} to servers every node reaches"
+    )
 
 
 def _reach_ray(address: str | None) -> None:

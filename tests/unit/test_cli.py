@@ -157,6 +157,32 @@ def test_serve_says_at_once_that_no_cluster_answers_at_ray_address(
     assert f"cannot join the Ray cluster at RAY_ADDRESS={address}: nothing answers there" in err
 
 
+def test_serve_refuses_its_embedded_redis_on_a_cluster_of_several_nodes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The embedded Redis listens on a unix socket of this machine: thread actors placed on
+    the cluster's other nodes could never reach their checkpoints."""
+    import ray
+    from ray import serve
+
+    def no_serve(**_: object) -> None:
+        raise RuntimeError("Serve started on a cluster its checkpoints are out of reach of")
+
+    monkeypatch.setattr(ray, "init", lambda **_: None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(serve, "start", no_serve)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("STICKYRAY_DATA_DIR", str(tmp_path / "data"))
+    path = tmp_path / "agents.yaml"
+    path.write_text(yaml.safe_dump(no_memory_team()))
+    assert cli(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "the Ray cluster at RAY_ADDRESS has 2 nodes, but REDIS_URL is unset" in err
+    assert not (tmp_path / "data" / "redis" / "redis.sock").exists()  # stopped again
+
+
 def test_serve_never_repeats_the_ray_addresss_password(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

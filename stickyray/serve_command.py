@@ -48,6 +48,13 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host if args.host is not None else settings.host
     port = args.port or settings.port
+    if not settings.ray_address:
+        # A new local cluster's Serve could not listen there, yet the app would deploy, and
+        # the requests sent to the address printed would reach whatever holds it.
+        taken = _port_taken(host, port)
+        if taken is not None:
+            print(f"stickyray: {taken}", file=sys.stderr)
+            return 2
 
     import ray
     from ray import serve
@@ -179,6 +186,30 @@ def run_serve(args: argparse.Namespace) -> int:
         if postgres is not None:
             postgres.stop()
     return code
+
+
+def _port_taken(host: str, port: int, grace_s: float = 5.0) -> str | None:
+    """What is wrong when ``host``:``port`` cannot be listened on (another serve, say).
+
+    A serve that just stopped may leave its proxy's socket a moment longer (its processes
+    exit after it): a port held for ``grace_s`` is taken."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            with socket.create_server((host, port), family=family):
+                return None
+        except socket.gaierror as exc:  # a host name that does not resolve
+            reason = str(exc.strerror or exc)
+        except OSError as exc:
+            reason = str(exc.strerror or exc)
+            if time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+        return (
+            f"cannot listen at http://{host}:{port}: {reason} (another stickyray serve?); "
+            "stop what holds it, or serve elsewhere with --port or STICKYRAY_PORT"
+        )
 
 
 def _embedded_beyond_this_node(embedded: Any, postgres: Any) -> str | None:

@@ -9,6 +9,7 @@ checks its servers every 0.2 s instead of every few seconds.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
@@ -46,7 +47,9 @@ def main() -> int:
     serve.run = lambda *_, **__: None  # type: ignore[assignment]
     serve_app.app.build_app = lambda *_, **__: None  # type: ignore[assignment]
     stickyray.metrics.metrics_url = lambda: None
-    stickyray.serve_command._serve_http = lambda: ("127.0.0.1", 8000)
+    # The stubbed Serve listens where it was asked to (the tests set STICKYRAY_PORT).
+    asked = ("127.0.0.1", int(os.environ.get("STICKYRAY_PORT", "8000")))
+    stickyray.serve_command._serve_http = lambda: asked
     stickyray.serve_command._SERVER_CHECK_S = 0.2
     return stickyray.cli.main(sys.argv[1:])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,30 @@ def test_serve_says_at_once_that_no_cluster_answers_at_ray_address(
     assert serve_without_memory(tmp_path, monkeypatch, redis_url) == 2
     err = capsys.readouterr().err
     assert f"cannot join the Ray cluster at RAY_ADDRESS={address}: nothing answers there" in err
+
+
+def test_serve_refuses_a_port_something_else_listens_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new local cluster's Serve could not listen there, yet the app would deploy and the
+    address printed would reach another server (a second stickyray serve, say)."""
+    import ray
+
+    def no_ray(**_: object) -> None:
+        raise AssertionError("Ray must not start")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("STICKYRAY_DATA_DIR", str(tmp_path / "data"))
+    path = tmp_path / "agents.yaml"
+    path.write_text(yaml.safe_dump(no_memory_team()))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert cli(["serve", "--config", str(path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen at http://127.0.0.1:{port}: Address already in use" in err
+    assert not (tmp_path / "data" / "redis").exists()  # refused before anything started
 
 
 def test_serve_refuses_its_embedded_redis_on_a_cluster_of_several_nodes(

@@ -23,6 +23,7 @@ import stickyray.cli
 import stickyray.serve_command
 from stickyray.config import sample_config_path
 from stickyray.serve_command import StopRequests
+from tests.conftest import free_port
 from tests.unit.test_cli import no_memory_team
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,7 +102,10 @@ class Serve:
         path = tmp_path / "agents.yaml"
         path.write_text(yaml.safe_dump(config))
         self.data = tmp_path / "data"
-        env = dict(os.environ, STICKYRAY_DATA_DIR=str(self.data), HF_HUB_OFFLINE="1")
+        port = str(free_port())  # never a port something on this machine holds
+        env = dict(
+            os.environ, STICKYRAY_DATA_DIR=str(self.data), STICKYRAY_PORT=port, HF_HUB_OFFLINE="1"
+        )
         for var in ("REDIS_URL", "DATABASE_URL", "RAY_ADDRESS", "STICKYRAY_CONFIG"):
             env.pop(var, None)
         self.process = subprocess.Popen(
@@ -231,6 +235,7 @@ def test_a_start_step_that_fails_after_ctrl_c_is_an_interrupted_start(
     monkeypatch.setattr(stickyray.serve_command, "_start_memory", killed_by_ctrl_c)
     monkeypatch.setattr(ray, "init", no_ray)
     monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("STICKYRAY_PORT", str(free_port()))
     assert stickyray.cli.main(["serve", "--config", str(sample_config_path())]) == 130
     err = capfd.readouterr().err
     assert "stickyray: start-up interrupted; stopped what started" in err

@@ -163,6 +163,8 @@ class Settings(BaseSettings):
             parts = urlsplit(url)
             parts.port  # noqa: B018 (ValueError for a port that is no number of 0-65535)
         except ValueError as exc:
+            if _userinfo_unencoded(url):
+                raise ValueError(_PERCENT_ENCODE) from None
             raise ValueError(f"is not a URL ({exc})") from None
         if not parts.hostname:
             raise ValueError("must name a host: http(s)://HOST[:PORT][/PATH]")
@@ -199,6 +201,8 @@ class Settings(BaseSettings):
             for host in hosts.split(","):  # libpq and asyncpg take several: h1:5432,h2
                 port = host.rpartition(":")[2] if ":" in host.rpartition("]")[2] else ""
                 if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+                    if _userinfo_unencoded(url):
+                        raise ValueError(_PERCENT_ENCODE)
                     raise ValueError(f"has port {port!r}: a port is 1-65535")
         return url
 
@@ -215,6 +219,8 @@ class Settings(BaseSettings):
         try:
             parts = parse_url(url)
         except ValueError as exc:
+            if _userinfo_unencoded(url):
+                raise ValueError(f"is not a Redis URL: it {_PERCENT_ENCODE}") from None
             # Python's own reasons may quote the URL's user-info (a non-ASCII password).
             reason = _without_userinfo(str(exc), url)
             raise ValueError(f"is not a Redis URL ({reason}): {_REDIS_FORM}") from None
@@ -233,9 +239,30 @@ _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD")
 _REDIS_FORM = "write redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB], a port of 1-65535"
 # A URL's user-info: what precedes the last "@" of its authority. Without a scheme, only a
 # "user:password@" (a URL that lost its scheme), so "@my_bot" or "a b@c" is kept as given.
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@|^[^\s/@:]*:[^\s/]*@")
+# With a scheme: up to the authority's last "@"; or, after a "user:" with no "@" in the
+# authority, up to the URL's last "@" (a password holding an unencoded "/", "?" or "#",
+# which ends the authority early for URL parsers, but is still the password).
+_USERINFO = re.compile(
+    r"^([A-Za-z][A-Za-z0-9+.-]*://)(?:[^/?#]*@|[^/?#@]*:\S*@)|^[^\s/@:]*:[^\s/]*@"
+)
+_UNENCODED_IN_USERINFO = "/?#"
 # What a host name is made of (RFC 1123 labels; "_" too, as in container names).
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _userinfo_unencoded(url: str) -> bool:
+    """Whether ``url`` has an "@" past its authority's end: a password holding "/", "?" or
+    "#" unencoded, which URL parsers read as host and port (an error about them would quote
+    it)."""
+    rest = url.partition("://")[2]
+    end = min((i for i in (rest.find(c) for c in _UNENCODED_IN_USERINFO) if i >= 0), default=-1)
+    return end >= 0 and "@" in rest[end:]
+
+
+_PERCENT_ENCODE = (
+    "has '/', '?' or '#' before its '@' (in the user name or password): percent-encode them "
+    "(%2F, %3F, %23)"
+)
 
 
 def masked(value: Any) -> Any:

@@ -296,3 +296,23 @@ def test_settings_refuse_credentials_in_an_llm_base_url_without_echoing_them(
     with pytest.raises(ValidationError) as raw:
         Settings.model_validate({name: url})
     assert "hunter2" not in str(raw.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "url"),
+    [
+        ("OPENAI_BASE_URL", "https://user:hunter2/x@api.example.com/v1"),
+        ("TELEGRAM_API_BASE", "https://user:hunter2?x@api.telegram.example"),
+        ("DATABASE_URL", "postgresql://user:hunter2/x@db.example/stickyray"),
+        ("REDIS_URL", "redis://user:hunter2#x@redis.example:6379/0"),
+    ],
+)
+def test_a_password_with_an_unencoded_slash_is_never_quoted(
+    monkeypatch: pytest.MonkeyPatch, name: str, url: str
+) -> None:
+    """A "/", "?" or "#" ends a URL's authority: parsers read the password as host and port,
+    and their errors ("port 'hunter2'") quoted it, as did the error's "(got ...)"."""
+    monkeypatch.setenv(name, url)
+    with pytest.raises(ConfigError, match=f"{name}: .*percent-encode them") as err:
+        load_settings()
+    assert "hunter2" not in str(err.value)

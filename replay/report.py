@@ -370,7 +370,10 @@ def unpack_report(packed: str, out: Path) -> list[str]:
             if member.name in REPORT_FILES and source is not None:
                 (out / member.name).write_bytes(source.read())
                 written.append(member.name)
-    # Removed last: an archive that cannot be opened leaves the old report as it was.
+    # Removed last: an archive that cannot be opened leaves the old report as it was, and so
+    # does one without a report.json (no report at all).
+    if "report.json" not in written:
+        return written
     for name in REPORT_FILES:
         stale = out / name
         if name not in written and (stale.is_file() or stale.is_symlink()):

@@ -89,7 +89,8 @@ class _LogPrinter:
 
 
 def _fetch_report(client: Any, job_id: str, out: Path) -> bool:
-    """Unpack the report the job printed into ``out``; False if it printed none."""
+    """Unpack the report the job printed into ``out``; False if it printed none (or one
+    without its report.json)."""
     packed = [
         line[len(REPORT_LINE) :]
         for line in client.get_job_logs(job_id).splitlines()
@@ -97,8 +98,8 @@ def _fetch_report(client: Any, job_id: str, out: Path) -> bool:
     ]
     if not packed:
         return False
-    unpack_report(packed[-1], out)
-    return True
+    # An archive without the report itself (from another version's job, say) is none.
+    return "report.json" in unpack_report(packed[-1], out)
 
 
 def submit_replay(

@@ -88,3 +88,8 @@ def test_a_succeeded_job_that_sent_no_report_is_an_error(
     monkeypatch.setattr(FakeJobs, "log", f"{REPORT_LINE}{pack_report(tmp_path / 'sent')}\n")
     assert submit_replay(dialogues, agents, tmp_path / "out", address=address) == 0
     assert (tmp_path / "out" / "report.json").read_text() == "{}"
+    # A report line whose archive holds no report.json is no report: the old one stays.
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(FakeJobs, "log", f"{REPORT_LINE}{pack_report(tmp_path / 'empty')}\n")
+    assert submit_replay(dialogues, agents, tmp_path / "out", address=address) == 1
+    assert (tmp_path / "out" / "report.json").read_text() == "{}"

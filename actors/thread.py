@@ -34,6 +34,7 @@ from stickyray.errors import (
     TurnPending,
 )
 from stickyray.turns import (
+    REFUSED_ERRORS,
     SORRY_REPLY,
     InboundMessage,
     ThreadSnapshot,
@@ -304,21 +305,24 @@ class Thread:
         # What the turn's tools did goes on its last entry: also when the turn failed after
         # doing it, so that the message sent again is not done twice.
         before_failing = result.actions if result.status == "failed" else []
-        buffer.append(
-            BufferEntry(
-                role="user", text=message.text, turn=turn, user_id=user, actions=before_failing
+        # A refused exchange is no context: later turns sent with it could be refused for it
+        # too (unless tools ran in it, which the next turns must know of). It stays a turn.
+        if result.error not in REFUSED_ERRORS or result.actions:
+            buffer.append(
+                BufferEntry(
+                    role="user", text=message.text, turn=turn, user_id=user, actions=before_failing
+                )
             )
-        )
-        if result.status == "completed":  # an apology is no context for the next turn
-            reply = BufferEntry(
-                role="assistant",
-                text=result.reply,
-                turn=turn,
-                agent=result.agent,
-                user_id=user,
-                actions=result.actions,
-            )
-            buffer.append(reply)
+            if result.status == "completed":  # an apology is no context for the next turn
+                reply = BufferEntry(
+                    role="assistant",
+                    text=result.reply,
+                    turn=turn,
+                    agent=result.agent,
+                    user_id=user,
+                    actions=result.actions,
+                )
+                buffer.append(reply)
         buffer, compressed = await compact(self.key, self._team, self._agents, buffer, active)
         if compressed:  # the summaries were written by a model within this turn: its cost
             result = _with_usage(result, compressed)

@@ -107,6 +107,10 @@ def _read(response: anthropic.types.Message) -> ModelResponse:
         # The last tool_use block may be incomplete, its input a fragment parsed to {}: the
         # token limit, or a streaming classifier that stopped the reply, cut it off.
         calls = [call.cut_off() for call in calls]
+    if stop == "refusal":
+        # Claude's refusal carries no message of its own: the text is what the classifier
+        # stopped mid-way, no reply to show (OpenAI's refusal is the model's own words).
+        texts = []
     usage = _usage(response.usage)
     return ModelResponse(
         text="".join(texts),

@@ -15,6 +15,7 @@ from memory.buffer import BufferEntry
 from memory.long_term import storable_text
 
 __all__ = [
+    "REFUSED_ERRORS",
     "AgentRequest",
     "AgentResult",
     "CompressRequest",
@@ -107,6 +108,14 @@ class Usage(_Record):
 # What a user is told when their message could not be answered (a turn or a run failed).
 SORRY_REPLY = (
     "Sorry, something went wrong and this message could not be answered. Please send it again."
+)
+
+
+# A turn's error when the model refused it or the vendor's filter stopped it (with the
+# refusal as the reply, or an apology when there was no text): such an exchange is not kept
+# as context, since later turns sent with it could be refused for it too.
+REFUSED_ERRORS = frozenset(
+    {"refusal", "content_filter", "empty reply (refusal)", "empty reply (content_filter)"}
 )
 
 

@@ -117,6 +117,28 @@ async def test_first_turn_routes_then_sticks(team: TeamConfig) -> None:
     ]
 
 
+@pytest.mark.parametrize("error", ["refusal", "empty reply (content_filter)"])
+async def test_a_refused_exchange_is_no_context_for_the_next_turns(
+    team: TeamConfig, error: str
+) -> None:
+    """Claude asks for the context to be reset after a refusal: sent again with every later
+    turn, the refused message could have them refused too."""
+    agents = booking_agents()
+    thread = await Thread.open(KEY, team, InMemoryThreadStore(), agents)
+    await thread.handle(msg("book a table"))
+    agents.behaviours["bookings"] = lambda req: AgentResult(
+        agent="bookings", reply="I can't help with that.", error=error
+    )
+    refused = await thread.handle(msg("something it refuses"))
+    assert (refused.turn, refused.status, refused.error) == (2, "completed", error)
+    agents.behaviours["bookings"] = reply("bookings")
+    later = await thread.handle(msg("for two"))
+    assert later.turn == 3
+    texts = [e.text for e in thread.snapshot().buffer]
+    assert "something it refuses" not in texts and "I can't help with that." not in texts
+    assert texts[-2:] == ["for two", "bookings: for two"]
+
+
 async def test_new_incarnation_continues_with_the_specialist(team: TeamConfig) -> None:
     agents, store = booking_agents(), InMemoryThreadStore()
     await (await Thread.open(KEY, team, store, agents)).handle(msg("book"))

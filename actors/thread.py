@@ -123,14 +123,17 @@ class Thread:
         agents: AgentCaller,
         clock: Callable[[], float] = time.time,
         observe: Callable[[TurnResult, float], None] | None = None,
+        token: str | None = None,
     ) -> Thread:
         """A new incarnation: takes an epoch, restores the checkpoint, resolves a pending turn.
 
         ``observe`` is called with each turn this incarnation stores, completed or failed,
         with the seconds it took: one left pending by a previous incarnation included, a
-        retried message's stored result and commands not.
+        retried message's stored result and commands not. ``token`` names the opening (the
+        store's ``open``): the caller passes the token of an opening that failed again, so
+        that one Redis ran (its answer lost) takes no second epoch or attempt.
         """
-        incarnation = await store.open(key)
+        incarnation = await store.open(key, token=token)
         thread = cls(key, team, store, agents, incarnation, clock, observe)
         await thread._resolve(incarnation.pending)
         return thread

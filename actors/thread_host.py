@@ -93,6 +93,8 @@ class ThreadHost:
         self._closing: dict[ThreadKey, asyncio.Task[None]] = {}
         # Threads whose open waits for the host that held them to close them.
         self._handing_over: set[ThreadKey] = set()
+        # Of each thread whose opening failed: its token, sent again by the next opening.
+        self._open_tokens: dict[ThreadKey, str] = {}
         # When this host last recorded itself as each open thread's holder (monotonic).
         self._held_at: dict[ThreadKey, float] = {}
         self._cap = threads.max_live_threads
@@ -160,9 +162,13 @@ class ThreadHost:
             held_at = await self._take_over(key)
         finally:
             self._handing_over.discard(key)
+        # The token of this thread's last opening that failed, sent again: if Redis ran it
+        # and its answer was lost, it counts once.
+        token = self._open_tokens.setdefault(key, uuid.uuid4().hex)
         thread = await Thread.open(
-            key, self._team, self._store, self._agents, observe=self._observe
+            key, self._team, self._store, self._agents, observe=self._observe, token=token
         )
+        del self._open_tokens[key]
         # Registered here, not by its waiters: an open they all gave up on still took an
         # epoch, and unregistered, the next message would open the thread again.
         self._threads[key] = thread

@@ -192,6 +192,33 @@ async def test_a_reopen_whose_answer_was_lost_is_not_counted_twice() -> None:
     ]
 
 
+async def test_a_hosts_opening_whose_answer_was_lost_is_not_counted_twice(
+    redis_url: str,
+) -> None:
+    """A turn left pending by a crashed incarnation: the host's opening counted its attempt,
+    but its answer was lost; the next delivery's opening counted it again and abandoned the
+    turn, which never ran."""
+    team = load_config(None)
+    threads = team.threads.model_copy(update={"hosting": "pooled"})
+    host = ThreadHost.__new__(ThreadHost)  # Ray awaits the async __init__; here we do
+    await host.__init__(team.model_copy(update={"threads": threads}), redis_url, {}, "t", None)  # type: ignore[misc]
+    store, agents = Outages(), Agents()
+    host._store, host._agents = store, agents
+    key = fresh("host-open")
+    crashed = await store.open(key)
+    await store.accept(key, crashed.epoch, msg("m1"))  # its actor died before the commit
+    store.open_lost = 1
+    try:
+        with pytest.raises(StoreUnavailable):
+            await host.handle(key, msg("m1"))
+        result = await host.handle(key, msg("m1"))  # delivered again
+    finally:
+        host._idle_watch.cancel()
+        await host._redis.aclose()
+    assert (result.turn, result.status, result.error) == (1, "completed", None)
+    assert agents.turns == [1]
+
+
 class OldHost:
     """The host holding the thread before, as another host reaches it through Ray."""
 

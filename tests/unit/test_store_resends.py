@@ -203,7 +203,7 @@ async def test_a_hosts_opening_whose_answer_was_lost_is_not_counted_twice(
     host = ThreadHost.__new__(ThreadHost)  # Ray awaits the async __init__; here we do
     await host.__init__(team.model_copy(update={"threads": threads}), redis_url, {}, "t", None)  # type: ignore[misc]
     store, agents = Outages(), Agents()
-    host._store, host._agents = store, agents
+    host._store, host._agents = store, agents  # type: ignore[assignment]
     key = fresh("host-open")
     crashed = await store.open(key)
     await store.accept(key, crashed.epoch, msg("m1"))  # its actor died before the commit

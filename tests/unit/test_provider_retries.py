@@ -7,7 +7,7 @@ import asyncio
 import email.utils
 import time
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
@@ -112,6 +112,25 @@ async def test_an_error_of_the_request_in_a_stream_is_not_retried(
     assert fake_llm.count() == 1
 
 
+async def call_served(
+    kind: str, answer: Callable[[web.Request], Awaitable[web.StreamResponse]], pieces: list[str]
+) -> ModelResponse:
+    """One streamed call of a provider (two SDK retries) to a server that answers both
+    vendors' paths with ``answer``."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    app.router.add_post("/v1/messages", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    provider = open_provider(kind, f"http://127.0.0.1:{runner.addresses[0][1]}", retries=2)
+    try:
+        return await call(provider, pieces)
+    finally:
+        await provider.aclose()
+        await runner.cleanup()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_connection_dropped_before_the_text_is_made_again(kind: str) -> None:
     """The 200 came, then the connection closed: the SDK does not retry that."""
@@ -137,21 +156,8 @@ async def test_a_connection_dropped_before_the_text_is_made_again(kind: str) -> 
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", answer)
-    app.router.add_post("/v1/messages", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    provider = open_provider(kind, f"http://127.0.0.1:{port}", retries=2)
-    try:
-        pieces: list[str] = []
-        response = await call(provider, pieces)
-    finally:
-        await provider.aclose()
-        await runner.cleanup()
+    pieces: list[str] = []
+    response = await call_served(kind, answer, pieces)
     assert response.text == "".join(pieces) == REPLY
     assert calls == 2
 
@@ -183,20 +189,8 @@ async def test_a_stream_that_ends_before_any_event_is_made_again(kind: str) -> N
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", answer)
-    app.router.add_post("/v1/messages", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    provider = open_provider(kind, f"http://127.0.0.1:{runner.addresses[0][1]}", retries=2)
-    try:
-        pieces: list[str] = []
-        response = await call(provider, pieces)
-    finally:
-        await provider.aclose()
-        await runner.cleanup()
+    pieces: list[str] = []
+    response = await call_served(kind, answer, pieces)
     assert response.text == "".join(pieces) == REPLY
     assert calls == 2
     assert response.usage.requests == 2 and response.usage.unmeasured_requests == 1

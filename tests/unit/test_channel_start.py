@@ -9,7 +9,8 @@ from actors.key import ThreadKey
 from serve_app.channel_telegram import TelegramUpdate, telegram_messages
 from serve_app.channels import ChannelInbox
 from stickyray.config import load_config
-from tests.unit.test_channels import channel_settings, texts_of, update
+from tests.unit.test_channel_messages import texts_of
+from tests.unit.test_channels import channel_settings, update
 from tests.unit.test_runs import (
     Running,
     Threads,

@@ -4,7 +4,7 @@ punctuation the thread's command parser takes (no Ray, no Redis)."""
 from __future__ import annotations
 
 from actors.commands import Command, parse_command
-from tests.unit.test_channels import texts_of
+from tests.unit.test_channel_messages import texts_of
 
 
 def test_a_command_to_another_bot_ending_in_punctuation_is_not_queued() -> None:

@@ -61,9 +61,10 @@ def _profile(agent: AgentConfig) -> AgentProfile:
 
 
 def _slot_text(agent: AgentConfig, slot: str) -> str:
-    # A slot without a description (an agents.json entry's gives "") is embedded as its name
-    # in words, as the routing benchmark does: an empty text would match nothing.
-    return agent.slots.get(slot) or in_words(slot)
+    # A slot without a description (an agents.json entry's gives "", or only spaces) is
+    # embedded as its name in words, as the routing benchmark does: an empty text would match
+    # nothing. A name with no words in it ("_1") is embedded as it is.
+    return (agent.slots.get(slot) or "").strip() or in_words(slot) or slot
 
 
 class OfflineProvider:

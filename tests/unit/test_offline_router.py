@@ -198,3 +198,8 @@ def test_a_slot_without_a_description_is_embedded_as_its_name_in_words() -> None
     assert texts["slot"] == AgentProfile.from_dataset_entry(entry).view_texts()["slot"]
     assert texts["slot"] == ["pickup city"]
     assert texts["intent_slots"] == [". pickup city"]
+    # Only spaces is no description either, and a name of no words stays as it is.
+    entry["slots"] = [{"name": "pickup_city", "description": "  "}, {"name": "_1"}]
+    entry["intents"][0]["optional_slots"] = ["_1"]
+    texts = team_profiles(team_from_agents([entry], Path("agents.json")))[0].view_texts()
+    assert texts["slot"] == ["pickup city", "_1"]

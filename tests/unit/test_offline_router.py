@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -186,7 +187,7 @@ async def test_after_supervisor_the_new_request_is_routed_not_the_topic_left(
 
 
 def test_a_slot_without_a_description_is_embedded_as_its_name_in_words() -> None:
-    entry = {
+    entry: dict[str, Any] = {
         "name": "RentalCars_1",
         "description": "Car rental service",
         "intents": [{"name": "GetCarsAvailable", "required_slots": ["pickup_city"]}],
